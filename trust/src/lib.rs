@@ -1,0 +1,39 @@
+//! fedmesh trust: SPIFFE identities, per-cluster CAs, trust bundles, and the
+//! rustls configurations every fedmesh hop uses for mutual TLS.
+#![forbid(unsafe_code)]
+
+pub mod bundle;
+pub mod ca;
+pub mod id;
+pub mod pem;
+pub mod svid;
+pub mod tls;
+pub mod verify;
+
+pub use bundle::{BundleError, SharedBundles, TrustBundle, TrustBundles};
+pub use ca::{CaError, CertificateAuthority};
+pub use id::{IdError, SpiffeId, TrustDomain};
+pub use svid::{LoadError, Svid, SvidError};
+pub use tls::{client_config, peer_id, provider, server_config, TlsError};
+pub use verify::{verify_svid, PeerPolicy, Usage, VerifyError};
+
+/// Writes `contents` to `path`, creating it with mode 0600 when `secret`
+/// (private keys must never be world-readable, not even for an instant).
+pub(crate) fn write_file(
+    path: &std::path::Path,
+    contents: &[u8],
+    secret: bool,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    if secret {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let _ = secret;
+    let mut f = opts.open(path)?;
+    f.write_all(contents)?;
+    f.sync_all()
+}
