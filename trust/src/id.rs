@@ -90,6 +90,22 @@ impl TrustDomain {
         SpiffeId::new(&s)
     }
 
+    /// The ID of a fedmesh component, `spiffe://<td>/ns/fedmesh-system/sa/<component>`.
+    /// Infallible: a component name that breaks the path rules becomes
+    /// `invalid-component`, which matches nothing anyone was issued.
+    pub fn system_id(&self, component: &'static str) -> SpiffeId {
+        let component = if validate_path(&format!("/{component}")).is_ok() && !component.contains('/') {
+            component
+        } else {
+            "invalid-component"
+        };
+        let uri = format!("{SCHEME}{}/ns/fedmesh-system/sa/{component}", self.0);
+        SpiffeId {
+            path_start: SCHEME.len() + self.0.len(),
+            uri,
+        }
+    }
+
     /// The Kubernetes-style workload ID `spiffe://<td>/ns/<ns>/sa/<sa>`.
     pub fn workload(&self, namespace: &str, service_account: &str) -> Result<SpiffeId, IdError> {
         self.id(&["ns", namespace, "sa", service_account])

@@ -1,1 +1,138 @@
+//! The service catalog a proxy routes by, and the pure routing decisions
+//! made from it ("decide, then do": no sockets here).
+//!
+//! A [`Catalog`] is one cluster's view: the services it serves (with their
+//! endpoints, each a sidecar's inbound listener), which of them it exports,
+//! which remote clusters serve which services, and how to reach each peer
+//! cluster's gateway. It is built from [`CatalogSpec`] (static YAML today,
+//! the controller's config stream later) and validated as a whole.
+#![forbid(unsafe_code)]
 
+mod route;
+mod spec;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+
+use fedmesh_trust::{SpiffeId, TrustDomain};
+use fedmesh_wire::ServiceName;
+
+pub use route::{Hop, RouteError};
+pub use spec::{CatalogSpec, EndpointSpec, ImportSpec, PeerSpec, ServiceSpec, SpecError};
+
+/// A cluster's name: a DNS-1123 label such as `east`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClusterName(String);
+
+impl ClusterName {
+    pub fn new(name: &str) -> Result<Self, fedmesh_wire::NameError> {
+        fedmesh_wire::check_label("cluster name", name)?;
+        Ok(Self(name.to_owned()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for ClusterName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for ClusterName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ClusterName({})", self.0)
+    }
+}
+
+/// The default identity of a cluster's gateway.
+pub fn gateway_identity(td: &TrustDomain) -> SpiffeId {
+    td.system_id("gateway")
+}
+
+/// One endpoint of a local service: a sidecar's inbound mTLS listener.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: SocketAddr,
+    /// Identity the sidecar must present.
+    pub identity: SpiffeId,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalService {
+    pub name: ServiceName,
+    pub ports: Vec<u16>,
+    pub exported: bool,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// A peer cluster's gateway, as this cluster reaches it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub cluster: ClusterName,
+    pub trust_domain: TrustDomain,
+    pub address: SocketAddr,
+    pub identity: SpiffeId,
+}
+
+/// This cluster's own gateway, as its sidecars reach it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalGateway {
+    pub address: SocketAddr,
+    pub identity: SpiffeId,
+}
+
+/// One cluster's routing view. Built only through [`CatalogSpec::build`],
+/// so every reference in it (import → peer, endpoint → identity) resolves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Catalog {
+    pub cluster: ClusterName,
+    pub trust_domain: TrustDomain,
+    services: BTreeMap<ServiceName, LocalService>,
+    /// Remote clusters serving each imported service, in preference order.
+    imports: BTreeMap<ServiceName, Vec<ClusterName>>,
+    peers: BTreeMap<ClusterName, Peer>,
+    gateway: Option<LocalGateway>,
+}
+
+impl Catalog {
+    pub fn service(&self, name: &ServiceName) -> Option<&LocalService> {
+        self.services.get(name)
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &LocalService> {
+        self.services.values()
+    }
+
+    pub fn peers(&self) -> impl Iterator<Item = &Peer> {
+        self.peers.values()
+    }
+
+    pub fn peer(&self, cluster: &ClusterName) -> Option<&Peer> {
+        self.peers.get(cluster)
+    }
+
+    /// The peer whose gateway presents `id`, if any.
+    pub fn peer_by_identity(&self, id: &SpiffeId) -> Option<&Peer> {
+        self.peers.values().find(|p| &p.identity == id)
+    }
+
+    pub fn imports(&self, name: &ServiceName) -> &[ClusterName] {
+        self.imports.get(name).map(Vec::as_slice).unwrap_or_default()
+    }
+
+    pub fn gateway(&self) -> Option<&LocalGateway> {
+        self.gateway.as_ref()
+    }
+
+    /// Identity of this cluster's gateway (whether or not its address is known).
+    pub fn gateway_identity(&self) -> SpiffeId {
+        self.gateway
+            .as_ref()
+            .map(|g| g.identity.clone())
+            .unwrap_or_else(|| gateway_identity(&self.trust_domain))
+    }
+}

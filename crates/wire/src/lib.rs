@@ -14,7 +14,7 @@ mod status;
 pub mod io;
 
 pub use header::{DecodeError, Header, Limits, Target, Traceparent, MAX_HOPS};
-pub use name::{NameError, ServiceName};
+pub use name::{check_label, NameError, ServiceName};
 pub use status::{Status, StatusCode, MAX_STATUS_MESSAGE};
 
 /// Size of the fixed prefix of both frames: magic (4), version (1),

@@ -22,7 +22,9 @@ pub struct ServiceName {
     namespace: String,
 }
 
-fn check_label(what: &'static str, label: &str) -> Result<(), NameError> {
+/// Checks a DNS-1123 label (what Kubernetes requires of names and
+/// namespaces, and fedmesh of cluster names).
+pub fn check_label(what: &'static str, label: &str) -> Result<(), NameError> {
     let b = label.as_bytes();
     let ok = !b.is_empty()
         && b.len() <= 63

@@ -1,0 +1,335 @@
+//! Routing decisions: given a catalog and a target, the ordered list of
+//! next hops to try. The caller moves to the next hop when one answers with
+//! a retryable status before any payload was sent.
+
+use std::net::SocketAddr;
+
+use fedmesh_trust::SpiffeId;
+use fedmesh_wire::{ServiceName, StatusCode, Target};
+
+use crate::{Catalog, ClusterName};
+
+/// One place a tunnel stream can go next.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hop {
+    /// A sidecar's inbound listener in this cluster (mTLS over TCP).
+    Endpoint { address: SocketAddr, identity: SpiffeId },
+    /// This cluster's gateway (mTLS over TCP), which goes on to a peer.
+    Gateway { address: SocketAddr, identity: SpiffeId },
+    /// A peer cluster's gateway (QUIC).
+    Peer { cluster: ClusterName },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouteError {
+    #[error("unknown service {0}")]
+    UnknownService(ServiceName),
+    #[error("service {service} has no port {port}")]
+    UnknownPort { service: ServiceName, port: u16 },
+    #[error("service {0} is not exported by this cluster")]
+    NotExported(ServiceName),
+    #[error("service {0} has no endpoints")]
+    NoEndpoints(ServiceName),
+    #[error("service {0} is served by other clusters, but this cluster has no gateway configured")]
+    NoGateway(ServiceName),
+    #[error("endpoint {0} is not an endpoint of an exported service")]
+    EndpointNotAllowed(SocketAddr),
+    #[error("endpoint targets are only accepted from peer gateways")]
+    EndpointFromLocal,
+}
+
+impl RouteError {
+    /// The status frame code that answers this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::UnknownService(_) | Self::UnknownPort { .. } | Self::NotExported(_) => {
+                StatusCode::UnknownService
+            }
+            Self::NoEndpoints(_) | Self::NoGateway(_) => StatusCode::NoHealthyEndpoint,
+            Self::EndpointNotAllowed(_) | Self::EndpointFromLocal => StatusCode::Denied,
+        }
+    }
+}
+
+/// `items` rotated left by `cursor`, so successive calls spread load.
+fn rotated<T: Clone>(items: &[T], cursor: usize) -> impl Iterator<Item = T> + '_ {
+    let n = items.len().max(1);
+    let k = cursor % n;
+    items[k.min(items.len())..]
+        .iter()
+        .chain(&items[..k.min(items.len())])
+        .cloned()
+}
+
+impl Catalog {
+    fn check_port(&self, name: &ServiceName, port: u16) -> Result<(), RouteError> {
+        match self.services.get(name) {
+            Some(s) if !s.ports.contains(&port) => Err(RouteError::UnknownPort {
+                service: name.clone(),
+                port,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// A sidecar's outbound decision: local endpoints first (direct, mTLS
+    /// sidecar to sidecar), then the local gateway if remote clusters serve
+    /// the service.
+    pub fn route_outbound(
+        &self,
+        name: &ServiceName,
+        port: u16,
+        cursor: usize,
+    ) -> Result<Vec<Hop>, RouteError> {
+        let local = self.services.get(name);
+        let remote = !self.imports(name).is_empty();
+        if local.is_none() && !remote {
+            return Err(RouteError::UnknownService(name.clone()));
+        }
+        self.check_port(name, port)?;
+        let mut hops: Vec<Hop> = local
+            .map(|s| {
+                rotated(&s.endpoints, cursor)
+                    .map(|e| Hop::Endpoint {
+                        address: e.address,
+                        identity: e.identity,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if remote {
+            match &self.gateway {
+                Some(g) => hops.push(Hop::Gateway {
+                    address: g.address,
+                    identity: g.identity.clone(),
+                }),
+                None if hops.is_empty() => return Err(RouteError::NoGateway(name.clone())),
+                None => {}
+            }
+        }
+        if hops.is_empty() {
+            return Err(RouteError::NoEndpoints(name.clone()));
+        }
+        Ok(hops)
+    }
+
+    /// A gateway's decision for a stream from a sidecar of its own cluster:
+    /// the peer clusters that serve the service, in preference order.
+    pub fn route_from_local(&self, target: &Target, cursor: usize) -> Result<Vec<Hop>, RouteError> {
+        let Target::Service { name, .. } = target else {
+            return Err(RouteError::EndpointFromLocal);
+        };
+        let clusters = self.imports(name);
+        if clusters.is_empty() {
+            return Err(RouteError::UnknownService(name.clone()));
+        }
+        Ok(rotated(clusters, cursor)
+            .map(|cluster| Hop::Peer { cluster })
+            .collect())
+    }
+
+    /// A gateway's decision for a stream from a peer cluster's gateway: only
+    /// exported services, only their local endpoints. Never onward to another
+    /// cluster: a cluster vouches only for its own workloads.
+    pub fn route_from_peer(&self, target: &Target, cursor: usize) -> Result<Vec<Hop>, RouteError> {
+        match target {
+            Target::Service { name, port } => {
+                let s = self
+                    .services
+                    .get(name)
+                    .ok_or_else(|| RouteError::UnknownService(name.clone()))?;
+                if !s.exported {
+                    return Err(RouteError::NotExported(name.clone()));
+                }
+                self.check_port(name, *port)?;
+                if s.endpoints.is_empty() {
+                    return Err(RouteError::NoEndpoints(name.clone()));
+                }
+                Ok(rotated(&s.endpoints, cursor)
+                    .map(|e| Hop::Endpoint {
+                        address: e.address,
+                        identity: e.identity,
+                    })
+                    .collect())
+            }
+            Target::Endpoint(addr) => {
+                let e = self
+                    .services
+                    .values()
+                    .filter(|s| s.exported)
+                    .flat_map(|s| &s.endpoints)
+                    .find(|e| e.address == *addr)
+                    .ok_or(RouteError::EndpointNotAllowed(*addr))?;
+                Ok(vec![Hop::Endpoint {
+                    address: e.address,
+                    identity: e.identity.clone(),
+                }])
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::CatalogSpec;
+
+    const YAML: &str = r#"
+cluster: east
+trust_domain: east.demo
+gateway: { address: "127.0.0.1:15008" }
+services:
+  - name: echo.demo
+    ports: [7000]
+    export: true
+    endpoints:
+      - { address: "127.0.0.1:9001", identity: "spiffe://east.demo/ns/demo/sa/echo" }
+      - { address: "127.0.0.1:9002", identity: "spiffe://east.demo/ns/demo/sa/echo" }
+  - name: secret.demo
+    ports: [7000]
+    endpoints:
+      - { address: "127.0.0.1:9003", identity: "spiffe://east.demo/ns/demo/sa/secret" }
+  - name: empty.demo
+    ports: [7000]
+    export: true
+imports:
+  - { service: echo.demo, clusters: [west] }
+  - { service: remote.demo, clusters: [north, west] }
+peers:
+  - { cluster: west, trust_domain: west.demo, gateway: "127.0.0.1:16443" }
+  - { cluster: north, trust_domain: north.demo, gateway: "127.0.0.1:17443" }
+"#;
+
+    fn cat() -> Catalog {
+        CatalogSpec::from_yaml(YAML).unwrap().build().unwrap()
+    }
+
+    fn svc(s: &str) -> ServiceName {
+        ServiceName::parse(s).unwrap()
+    }
+
+    fn target(s: &str, port: u16) -> Target {
+        Target::Service { name: svc(s), port }
+    }
+
+    #[test]
+    fn outbound_prefers_local_then_gateway_and_rotates() {
+        let c = cat();
+        let a = c.route_outbound(&svc("echo.demo"), 7000, 0).unwrap();
+        let b = c.route_outbound(&svc("echo.demo"), 7000, 1).unwrap();
+        assert_eq!(a.len(), 3);
+        assert!(matches!(&a[0], Hop::Endpoint { address, .. } if address.port() == 9001));
+        assert!(matches!(&b[0], Hop::Endpoint { address, .. } if address.port() == 9002));
+        assert!(matches!(&a[2], Hop::Gateway { identity, .. }
+            if identity.as_str() == "spiffe://east.demo/ns/fedmesh-system/sa/gateway"));
+        let r = c.route_outbound(&svc("remote.demo"), 1, 0).unwrap();
+        assert_eq!(r.len(), 1);
+        assert!(matches!(r[0], Hop::Gateway { .. }));
+    }
+
+    #[test]
+    fn outbound_errors() {
+        let c = cat();
+        assert_eq!(
+            c.route_outbound(&svc("nope.demo"), 1, 0).unwrap_err().status(),
+            StatusCode::UnknownService
+        );
+        assert!(matches!(
+            c.route_outbound(&svc("echo.demo"), 1, 0),
+            Err(RouteError::UnknownPort { .. })
+        ));
+        assert_eq!(
+            c.route_outbound(&svc("empty.demo"), 7000, 0).unwrap_err(),
+            RouteError::NoEndpoints(svc("empty.demo"))
+        );
+    }
+
+    #[test]
+    fn from_local_goes_to_peers_in_order() {
+        let c = cat();
+        let h = c.route_from_local(&target("remote.demo", 80), 0).unwrap();
+        assert_eq!(
+            h,
+            vec![
+                Hop::Peer { cluster: ClusterName::new("north").unwrap() },
+                Hop::Peer { cluster: ClusterName::new("west").unwrap() },
+            ]
+        );
+        assert_eq!(
+            c.route_from_local(&target("secret.demo", 7000), 0).unwrap_err().status(),
+            StatusCode::UnknownService
+        );
+        assert_eq!(
+            c.route_from_local(&Target::Endpoint("127.0.0.1:9001".parse().unwrap()), 0)
+                .unwrap_err(),
+            RouteError::EndpointFromLocal
+        );
+    }
+
+    #[test]
+    fn from_peer_only_exported_local_endpoints() {
+        let c = cat();
+        let h = c.route_from_peer(&target("echo.demo", 7000), 0).unwrap();
+        assert_eq!(h.len(), 2);
+        assert!(h.iter().all(|h| matches!(h, Hop::Endpoint { .. })));
+        assert_eq!(
+            c.route_from_peer(&target("secret.demo", 7000), 0).unwrap_err(),
+            RouteError::NotExported(svc("secret.demo"))
+        );
+        // Imported-only services are never forwarded onward.
+        assert_eq!(
+            c.route_from_peer(&target("remote.demo", 80), 0).unwrap_err(),
+            RouteError::UnknownService(svc("remote.demo"))
+        );
+        assert_eq!(
+            c.route_from_peer(&target("empty.demo", 7000), 0).unwrap_err().status(),
+            StatusCode::NoHealthyEndpoint
+        );
+        let ok = Target::Endpoint("127.0.0.1:9002".parse().unwrap());
+        assert!(c.route_from_peer(&ok, 0).is_ok());
+        let hidden = Target::Endpoint("127.0.0.1:9003".parse().unwrap());
+        assert_eq!(c.route_from_peer(&hidden, 0).unwrap_err().status(), StatusCode::Denied);
+    }
+
+    #[test]
+    fn spec_collects_every_error() {
+        let bad = r#"
+cluster: East
+trust_domain: east.demo
+services:
+  - name: echo
+    ports: [0, 0]
+    endpoints:
+      - { address: "127.0.0.1:1" }
+      - { address: "127.0.0.1:2", identity: "spiffe://west.demo/x" }
+imports:
+  - { service: a.b, clusters: [mars] }
+peers:
+  - { cluster: west, trust_domain: east.demo, gateway: "127.0.0.1:3" }
+"#;
+        let errs = CatalogSpec::from_yaml(bad).unwrap().build().unwrap_err().0;
+        let all = errs.join("\n");
+        for needle in [
+            "cluster name",
+            "services[0] (echo)",
+            "is not a configured peer",
+            "this cluster's own",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        let bad2 = r#"
+cluster: east
+trust_domain: east.demo
+services:
+  - name: echo.demo
+    ports: [0, 0]
+    endpoints:
+      - { address: "127.0.0.1:1" }
+      - { address: "127.0.0.1:2", identity: "spiffe://west.demo/x" }
+"#;
+        let errs = CatalogSpec::from_yaml(bad2).unwrap().build().unwrap_err().0;
+        assert_eq!(errs.len(), 4, "{errs:?}");
+        assert!(CatalogSpec::from_yaml("cluster: a\ntrust_domain: b\nbogus: 1").is_err());
+    }
+}

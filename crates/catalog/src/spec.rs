@@ -1,0 +1,247 @@
+//! The serialized form of a catalog (YAML or JSON) and its validation.
+//! `build` collects every problem before failing, so an operator fixes a
+//! config file in one pass.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use fedmesh_trust::{SpiffeId, TrustDomain};
+use fedmesh_wire::ServiceName;
+use serde::{Deserialize, Serialize};
+
+use crate::{gateway_identity, Catalog, ClusterName, Endpoint, LocalGateway, LocalService, Peer};
+
+/// Upper bounds on catalog sizes, so a bad config cannot exhaust memory.
+pub const MAX_SERVICES: usize = 100_000;
+pub const MAX_ENDPOINTS_PER_SERVICE: usize = 10_000;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogSpec {
+    pub cluster: String,
+    pub trust_domain: String,
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+    #[serde(default)]
+    pub imports: Vec<ImportSpec>,
+    #[serde(default)]
+    pub peers: Vec<PeerSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<EndpointSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// `NAME.NAMESPACE` (or the full `…svc.clusterset.local` form).
+    pub name: String,
+    pub ports: Vec<u16>,
+    /// Whether other clusters may reach it through the gateway.
+    #[serde(default)]
+    pub export: bool,
+    #[serde(default)]
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    pub address: SocketAddr,
+    /// Defaults: for a gateway, `spiffe://<td>/ns/fedmesh-system/sa/gateway`;
+    /// endpoints must name theirs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ImportSpec {
+    pub service: String,
+    /// Remote clusters serving it, most preferred first.
+    pub clusters: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerSpec {
+    pub cluster: String,
+    pub trust_domain: String,
+    pub gateway: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+}
+
+/// All problems found in a spec, one per line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid catalog:\n  - {}", .0.join("\n  - "))]
+pub struct SpecError(pub Vec<String>);
+
+impl CatalogSpec {
+    pub fn from_yaml(text: &str) -> Result<Self, SpecError> {
+        serde_yaml_ng::from_str(text).map_err(|e| SpecError(vec![e.to_string()]))
+    }
+
+    pub fn build(&self) -> Result<Catalog, SpecError> {
+        let mut errs = Vec::new();
+        let mut err = |s: String| errs.push(s);
+
+        let cluster = ClusterName::new(&self.cluster)
+            .map_err(|e| err(format!("cluster: {e}")))
+            .ok();
+        let trust_domain = TrustDomain::new(&self.trust_domain)
+            .map_err(|e| err(format!("trust_domain {:?}: {e}", self.trust_domain)))
+            .ok();
+
+        let id_in = |what: &str, raw: &str, td: Option<&TrustDomain>, err: &mut dyn FnMut(String)| {
+            match SpiffeId::new(raw) {
+                Ok(id) => {
+                    if let Some(td) = td {
+                        if id.trust_domain_name() != td.as_str() {
+                            err(format!(
+                                "{what}: identity {id} is not in trust domain {td}"
+                            ));
+                            return None;
+                        }
+                    }
+                    Some(id)
+                }
+                Err(e) => {
+                    err(format!("{what}: identity {raw:?}: {e}"));
+                    None
+                }
+            }
+        };
+
+        let mut peers = BTreeMap::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            let what = format!("peers[{i}] ({})", p.cluster);
+            let name = ClusterName::new(&p.cluster).map_err(|e| err(format!("{what}: {e}"))).ok();
+            let td = TrustDomain::new(&p.trust_domain)
+                .map_err(|e| err(format!("{what}: trust_domain: {e}")))
+                .ok();
+            if name.is_some() && name == cluster {
+                err(format!("{what}: a cluster cannot be its own peer"));
+            }
+            if td.is_some() && td == trust_domain {
+                err(format!("{what}: trust domain {} is this cluster's own; every cluster needs its own trust domain", p.trust_domain));
+            }
+            let identity = match (&p.identity, &td) {
+                (Some(raw), td) => id_in(&what, raw, td.as_ref(), &mut err),
+                (None, Some(td)) => Some(gateway_identity(td)),
+                (None, None) => None,
+            };
+            if let (Some(name), Some(td), Some(identity)) = (name, td, identity) {
+                if peers.contains_key(&name) {
+                    err(format!("{what}: duplicate peer cluster"));
+                }
+                peers.insert(
+                    name.clone(),
+                    Peer {
+                        cluster: name,
+                        trust_domain: td,
+                        address: p.gateway,
+                        identity,
+                    },
+                );
+            }
+        }
+
+        if self.services.len() > MAX_SERVICES {
+            err(format!("{} services, more than the limit of {MAX_SERVICES}", self.services.len()));
+        }
+        let mut services = BTreeMap::new();
+        for (i, s) in self.services.iter().enumerate() {
+            let what = format!("services[{i}] ({})", s.name);
+            let Ok(name) = ServiceName::parse(&s.name).map_err(|e| err(format!("{what}: {e}"))) else {
+                continue;
+            };
+            if s.ports.is_empty() {
+                err(format!("{what}: needs at least one port"));
+            }
+            if s.ports.contains(&0) {
+                err(format!("{what}: port 0 is not a port"));
+            }
+            let unique: BTreeSet<_> = s.ports.iter().collect();
+            if unique.len() != s.ports.len() {
+                err(format!("{what}: duplicate ports"));
+            }
+            if s.endpoints.len() > MAX_ENDPOINTS_PER_SERVICE {
+                err(format!("{what}: more than {MAX_ENDPOINTS_PER_SERVICE} endpoints"));
+            }
+            let mut endpoints = Vec::with_capacity(s.endpoints.len());
+            for (j, e) in s.endpoints.iter().enumerate() {
+                let ewhat = format!("{what}: endpoints[{j}]");
+                match &e.identity {
+                    Some(raw) => {
+                        if let Some(identity) = id_in(&ewhat, raw, trust_domain.as_ref(), &mut err) {
+                            endpoints.push(Endpoint {
+                                address: e.address,
+                                identity,
+                            });
+                        }
+                    }
+                    None => err(format!("{ewhat}: needs an identity (the SPIFFE ID its sidecar presents)")),
+                }
+            }
+            if services.contains_key(&name) {
+                err(format!("{what}: duplicate service"));
+            }
+            services.insert(
+                name.clone(),
+                LocalService {
+                    name,
+                    ports: s.ports.clone(),
+                    exported: s.export,
+                    endpoints,
+                },
+            );
+        }
+
+        let mut imports: BTreeMap<ServiceName, Vec<ClusterName>> = BTreeMap::new();
+        for (i, imp) in self.imports.iter().enumerate() {
+            let what = format!("imports[{i}] ({})", imp.service);
+            let Ok(name) = ServiceName::parse(&imp.service).map_err(|e| err(format!("{what}: {e}"))) else {
+                continue;
+            };
+            let list = imports.entry(name).or_default();
+            for c in &imp.clusters {
+                match ClusterName::new(c) {
+                    Ok(c) if peers.contains_key(&c) => {
+                        if !list.contains(&c) {
+                            list.push(c)
+                        }
+                    }
+                    Ok(c) => err(format!("{what}: cluster {c} is not a configured peer")),
+                    Err(e) => err(format!("{what}: {e}")),
+                }
+            }
+        }
+
+        let gateway = match (&self.gateway, &trust_domain) {
+            (Some(g), td) => {
+                let identity = match (&g.identity, td) {
+                    (Some(raw), td) => id_in("gateway", raw, td.as_ref(), &mut err),
+                    (None, Some(td)) => Some(gateway_identity(td)),
+                    (None, None) => None,
+                };
+                identity.map(|identity| LocalGateway {
+                    address: g.address,
+                    identity,
+                })
+            }
+            (None, _) => None,
+        };
+
+        match (cluster, trust_domain) {
+            (Some(cluster), Some(trust_domain)) if errs.is_empty() => Ok(Catalog {
+                cluster,
+                trust_domain,
+                services,
+                imports,
+                peers,
+                gateway,
+            }),
+            _ => Err(SpecError(errs)),
+        }
+    }
+}
