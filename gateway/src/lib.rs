@@ -1,1 +1,20 @@
+//! The fedmesh east-west gateway.
+//!
+//! One UDP port speaks QUIC (quinn, rustls mTLS with gateway SVIDs, ALPN
+//! `fedmesh/1`) to peer cluster gateways: one reused connection per peer,
+//! one bidirectional stream per tunneled connection. One TCP port accepts
+//! mTLS tunnels from this cluster's sidecars. Every stream opens with a
+//! tunnel header and is answered with a status frame before payload.
+//! Routing decisions come from [`fedmesh_catalog`]; this crate is the I/O.
+#![forbid(unsafe_code)]
 
+mod config;
+mod metrics;
+mod pool;
+mod quic;
+mod server;
+
+pub use config::{ConfigError, GatewayConfig, GatewaySettings, Listen};
+pub use metrics::GatewayMetrics;
+pub use quic::QuicError;
+pub use server::{Gateway, GatewayError};

@@ -1,0 +1,99 @@
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// The bounds every fedmesh listener enforces, named in config.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest tunnel header accepted.
+    pub max_header_bytes: usize,
+    /// How long a new stream may take to send its header.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// TCP connect + TLS handshake to the next hop.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long the next hop may take to answer with a status frame.
+    #[serde(with = "humantime_serde")]
+    pub status_timeout: Duration,
+    /// TLS handshake of an accepted connection.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Concurrent accepted TCP connections per listener.
+    pub max_connections: usize,
+    /// Concurrent tunnel streams per QUIC connection (the peer's cap).
+    pub max_streams_per_connection: u32,
+    /// QUIC keep-alive interval.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive: Duration,
+    /// QUIC idle timeout: a peer silent this long is gone.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Next hops tried for one stream before giving up.
+    pub max_attempts: usize,
+    /// Buffer size per direction when splicing bytes.
+    pub splice_buffer_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 16 * 1024,
+            header_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(2),
+            status_timeout: Duration::from_secs(5),
+            handshake_timeout: Duration::from_secs(5),
+            max_connections: 10_000,
+            max_streams_per_connection: 1_024,
+            keep_alive: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(10),
+            max_attempts: 4,
+            splice_buffer_bytes: 64 * 1024,
+        }
+    }
+}
+
+impl Limits {
+    pub fn wire(&self) -> fedmesh_wire::Limits {
+        fedmesh_wire::Limits {
+            max_header_bytes: self.max_header_bytes,
+        }
+    }
+
+    /// Every problem with these limits, for the caller's config report.
+    pub fn problems(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        if self.max_header_bytes < 64 || self.max_header_bytes > 65_535 + fedmesh_wire::PREFIX_LEN {
+            v.push(format!("limits.max_header_bytes {} must be within 64..=65543", self.max_header_bytes));
+        }
+        for (name, d) in [
+            ("header_timeout", self.header_timeout),
+            ("connect_timeout", self.connect_timeout),
+            ("status_timeout", self.status_timeout),
+            ("handshake_timeout", self.handshake_timeout),
+            ("keep_alive", self.keep_alive),
+            ("idle_timeout", self.idle_timeout),
+        ] {
+            if d.is_zero() {
+                v.push(format!("limits.{name} must be more than zero"));
+            }
+        }
+        if self.keep_alive >= self.idle_timeout {
+            v.push("limits.keep_alive must be shorter than limits.idle_timeout".into());
+        }
+        if self.max_connections == 0 {
+            v.push("limits.max_connections must be at least 1".into());
+        }
+        if self.max_streams_per_connection == 0 {
+            v.push("limits.max_streams_per_connection must be at least 1".into());
+        }
+        if self.max_attempts == 0 || self.max_attempts > 16 {
+            v.push("limits.max_attempts must be within 1..=16".into());
+        }
+        if self.splice_buffer_bytes < 1024 || self.splice_buffer_bytes > 16 << 20 {
+            v.push("limits.splice_buffer_bytes must be within 1KiB..=16MiB".into());
+        }
+        v
+    }
+}

@@ -1,0 +1,93 @@
+//! The gateway's config file (YAML) and its validation into settings.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use fedmesh_catalog::{Catalog, CatalogSpec};
+use fedmesh_transport::{load_trust, BundleFile, IdentityFiles, Limits};
+use fedmesh_trust::{SharedBundles, Svid};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub listen: Listen,
+    pub identity: IdentityFiles,
+    pub bundles: Vec<BundleFile>,
+    pub catalog: CatalogSpec,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listen {
+    /// UDP address for QUIC from peer gateways.
+    pub quic: SocketAddr,
+    /// TCP address for mTLS tunnels from this cluster's sidecars.
+    pub tunnel: SocketAddr,
+    /// Admin endpoint (`/metrics`, `/live`, `/ready`); off when absent.
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
+}
+
+/// Everything a gateway needs, validated and loaded.
+#[derive(Debug, Clone)]
+pub struct GatewaySettings {
+    pub catalog: Catalog,
+    pub identity: Svid,
+    pub bundles: SharedBundles,
+    pub quic: SocketAddr,
+    pub tunnel: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    pub limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("gateway config {path}:\n  - {}", .problems.join("\n  - "))]
+pub struct ConfigError {
+    pub path: String,
+    pub problems: Vec<String>,
+}
+
+impl GatewayConfig {
+    pub fn load(path: &Path) -> Result<GatewaySettings, ConfigError> {
+        let err = |problems| ConfigError {
+            path: path.display().to_string(),
+            problems,
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| err(vec![e.to_string()]))?;
+        let cfg: GatewayConfig = serde_yaml_ng::from_str(&text).map_err(|e| err(vec![e.to_string()]))?;
+        cfg.settings().map_err(err)
+    }
+
+    /// Validates every part, collecting all problems before failing.
+    pub fn settings(&self) -> Result<GatewaySettings, Vec<String>> {
+        let mut problems = self.limits.problems();
+        let catalog = self.catalog.build().map_err(|e| problems.extend(e.0)).ok();
+        let trust = load_trust(&self.identity, &self.bundles)
+            .map_err(|e| problems.extend(e))
+            .ok();
+        if let (Some(c), Some((svid, _))) = (&catalog, &trust) {
+            if svid.id() != &c.gateway_identity() {
+                problems.push(format!(
+                    "identity {} is not this cluster's gateway identity {} (set catalog.gateway.identity to match)",
+                    svid.id(),
+                    c.gateway_identity()
+                ));
+            }
+        }
+        match (catalog, trust) {
+            (Some(catalog), Some((identity, bundles))) if problems.is_empty() => Ok(GatewaySettings {
+                catalog,
+                identity,
+                bundles,
+                quic: self.listen.quic,
+                tunnel: self.listen.tunnel,
+                admin: self.listen.admin,
+                limits: self.limits.clone(),
+            }),
+            _ => Err(problems),
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Gateway metrics, registered in the caller's Prometheus registry.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    /// `from_sidecar` (outbound to a peer) or `from_peer` (inbound).
+    pub direction: &'static str,
+    /// Status answered to the stream's sender.
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabels {
+    pub direction: &'static str,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct GatewayMetrics {
+    pub streams: Family<StreamLabels, Counter>,
+    pub rejected: Family<ReasonLabels, Counter>,
+    pub bytes: Family<DirectionLabels, Counter>,
+    pub invalid_datagrams: Counter,
+    pub peer_connections: Gauge,
+    pub sidecar_connections: Gauge,
+}
+
+impl GatewayMetrics {
+    pub fn register(&self, reg: &mut Registry) {
+        let reg = reg.sub_registry_with_prefix("fedmesh_gateway");
+        reg.register("streams", "Tunnel streams by direction and answered status", self.streams.clone());
+        reg.register(
+            "rejected",
+            "Connections and streams refused, by reason",
+            self.rejected.clone(),
+        );
+        reg.register("bytes", "Payload bytes spliced, by direction", self.bytes.clone());
+        reg.register(
+            "invalid_datagrams",
+            "UDP datagrams on the QUIC port that cannot be QUIC packets",
+            self.invalid_datagrams.clone(),
+        );
+        reg.register("peer_connections", "Open QUIC connections to or from peer gateways", self.peer_connections.clone());
+        reg.register("sidecar_connections", "Open TLS connections from sidecars", self.sidecar_connections.clone());
+    }
+
+    pub fn reject(&self, reason: &'static str) {
+        self.rejected.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn rejected_count(&self, reason: &'static str) -> u64 {
+        self.rejected.get_or_create(&ReasonLabels { reason }).get()
+    }
+
+    pub fn stream(&self, direction: &'static str, status: &'static str) {
+        self.streams
+            .get_or_create(&StreamLabels { direction, status })
+            .inc();
+    }
+
+    pub fn stream_count(&self, direction: &'static str, status: &'static str) -> u64 {
+        self.streams
+            .get_or_create(&StreamLabels { direction, status })
+            .get()
+    }
+}

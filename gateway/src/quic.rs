@@ -1,0 +1,161 @@
+//! quinn endpoint construction: rustls mTLS with SPIFFE verification,
+//! ALPN `fedmesh/1`, keep-alives, idle timeout, stream caps, and a UDP
+//! socket wrapper that counts datagrams that cannot be QUIC.
+
+use std::fmt;
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use fedmesh_transport::Limits;
+use fedmesh_trust::{PeerPolicy, SharedBundles, Svid};
+use prometheus_client::metrics::counter::Counter;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::udp::{RecvMeta, Transmit};
+use quinn::{AsyncUdpSocket, Endpoint, EndpointConfig, TransportConfig, UdpPoller, VarInt};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum QuicError {
+    #[error(transparent)]
+    Tls(#[from] fedmesh_trust::TlsError),
+    #[error("QUIC TLS setup: {0}")]
+    Crypto(String),
+    #[error("binding UDP {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+}
+
+fn transport(limits: &Limits) -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(limits.max_streams_per_connection));
+    t.max_concurrent_uni_streams(VarInt::from_u32(0));
+    t.keep_alive_interval(Some(limits.keep_alive));
+    // Idle timeouts beyond QUIC's VarInt range are clamped to its maximum.
+    let idle = quinn::IdleTimeout::try_from(limits.idle_timeout)
+        .unwrap_or_else(|_| quinn::IdleTimeout::from(VarInt::MAX));
+    t.max_idle_timeout(Some(idle));
+    // Larger windows than quinn's defaults: one connection carries every
+    // tunneled connection to a peer cluster.
+    t.stream_receive_window(VarInt::from_u32(8 << 20));
+    t.receive_window(VarInt::from_u32(32 << 20));
+    t.send_window(32 << 20);
+    Arc::new(t)
+}
+
+pub fn server_config(
+    svid: &Svid,
+    bundles: SharedBundles,
+    limits: &Limits,
+) -> Result<quinn::ServerConfig, QuicError> {
+    // Any SVID that verifies against its own domain's bundle completes the
+    // handshake; which peer gateways are welcome is decided right after,
+    // against the catalog, so the peer set can change without a new config.
+    let tls = fedmesh_trust::server_config(svid, bundles, PeerPolicy::AnyTrusted, &[fedmesh_wire::ALPN])?;
+    let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(transport(limits));
+    // Address validation costs a round trip per connection; peers are few
+    // and authenticated by mTLS right after.
+    cfg.migration(false);
+    Ok(cfg)
+}
+
+pub fn client_config(
+    svid: &Svid,
+    bundles: SharedBundles,
+    limits: &Limits,
+) -> Result<quinn::ClientConfig, QuicError> {
+    let tls = fedmesh_trust::client_config(svid, bundles, PeerPolicy::AnyTrusted, &[fedmesh_wire::ALPN])?;
+    let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport(limits));
+    Ok(cfg)
+}
+
+/// Binds the gateway's one UDP port, serving and dialing from it.
+pub fn endpoint(
+    addr: SocketAddr,
+    server: quinn::ServerConfig,
+    invalid_datagrams: Counter,
+) -> Result<Endpoint, QuicError> {
+    let bind = |source| QuicError::Bind { addr, source };
+    let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let inner = quinn::Runtime::wrap_udp_socket(&*runtime, socket).map_err(bind)?;
+    let socket = Arc::new(CountingSocket {
+        inner,
+        invalid: invalid_datagrams,
+    });
+    let mut ep_cfg = EndpointConfig::default();
+    // With greasing off, every QUIC packet we accept has the fixed bit set,
+    // so a datagram without it is certainly not QUIC (RFC 9000 §17.2).
+    ep_cfg.grease_quic_bit(false);
+    Endpoint::new_with_abstract_socket(ep_cfg, Some(server), socket, runtime).map_err(bind)
+}
+
+/// Delegates to quinn's socket and counts received datagrams that cannot be
+/// QUIC packets. quinn drops them silently; operators want to see them.
+struct CountingSocket {
+    inner: Arc<dyn AsyncUdpSocket>,
+    invalid: Counter,
+}
+
+impl fmt::Debug for CountingSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CountingSocket").finish_non_exhaustive()
+    }
+}
+
+/// Shortest datagram that can hold a QUIC short-header packet with a
+/// 1-byte packet number and a 16-byte AEAD tag.
+const MIN_QUIC_DATAGRAM: usize = 1 + 1 + 16 + 3;
+
+impl AsyncUdpSocket for CountingSocket {
+    fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
+        self.inner.clone().create_io_poller()
+    }
+
+    fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        self.inner.try_send(transmit)
+    }
+
+    fn poll_recv(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        let r = self.inner.poll_recv(cx, bufs, meta);
+        if let Poll::Ready(Ok(n)) = &r {
+            for (buf, m) in bufs.iter().zip(meta.iter()).take(*n) {
+                let data = buf.get(..m.len).unwrap_or_default();
+                let stride = m.stride.max(1);
+                for dgram in data.chunks(stride) {
+                    let fixed_bit = dgram.first().is_some_and(|b| b & 0x40 != 0);
+                    if !fixed_bit || dgram.len() < MIN_QUIC_DATAGRAM {
+                        self.invalid.inc();
+                    }
+                }
+            }
+        }
+        r
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.inner.local_addr()
+    }
+
+    fn max_transmit_segments(&self) -> usize {
+        self.inner.max_transmit_segments()
+    }
+
+    fn max_receive_segments(&self) -> usize {
+        self.inner.max_receive_segments()
+    }
+
+    fn may_fragment(&self) -> bool {
+        self.inner.may_fragment()
+    }
+}

@@ -1,0 +1,580 @@
+//! The gateway app: binds the QUIC port (peers) and the TLS/TCP tunnel port
+//! (this cluster's sidecars), and forwards each tunnel stream to where the
+//! catalog says it goes.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use fedmesh_catalog::{Catalog, Hop, Peer};
+use fedmesh_transport::admin::{self, AdminState};
+use fedmesh_transport::{accept_tls, answer, dial_tls, open, read_request, splice, Limits, OpenError};
+use fedmesh_trust::{PeerPolicy, SpiffeId};
+use fedmesh_wire::{Header, Status, StatusCode, MAX_HOPS};
+use prometheus_client::registry::Registry;
+use quinn::{Connection, Endpoint};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::Instrument;
+
+use crate::config::GatewaySettings;
+use crate::metrics::GatewayMetrics;
+use crate::pool::{self, Pool, CLOSE_POLICY};
+use crate::quic;
+
+const FROM_SIDECAR: &str = "from_sidecar";
+const FROM_PEER: &str = "from_peer";
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum GatewayError {
+    #[error(transparent)]
+    Quic(#[from] quic::QuicError),
+    #[error(transparent)]
+    Tls(#[from] fedmesh_trust::TlsError),
+    #[error("binding {what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+struct Shared {
+    catalog: RwLock<Arc<Catalog>>,
+    limits: Limits,
+    metrics: GatewayMetrics,
+    endpoint: Endpoint,
+    quic_client: quinn::ClientConfig,
+    connector: TlsConnector,
+    pool: Pool,
+    cursor: AtomicUsize,
+    next_id: AtomicU64,
+}
+
+impl Shared {
+    fn catalog(&self) -> Arc<Catalog> {
+        match self.catalog.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn cursor(&self) -> usize {
+        self.cursor.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A running gateway. Dropping it stops its listeners.
+pub struct Gateway {
+    shared: Arc<Shared>,
+    quic_addr: SocketAddr,
+    tunnel_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Gateway {
+    /// Binds every listener and starts serving. Metrics go into `registry`.
+    pub async fn build(s: GatewaySettings, registry: &mut Registry) -> Result<Self, GatewayError> {
+        let metrics = GatewayMetrics::default();
+        metrics.register(registry);
+        let server = quic::server_config(&s.identity, s.bundles.clone(), &s.limits)?;
+        let endpoint = quic::endpoint(s.quic, server, metrics.invalid_datagrams.clone())?;
+        let quic_addr = endpoint.local_addr().map_err(|source| GatewayError::Bind {
+            what: "QUIC",
+            addr: s.quic,
+            source,
+        })?;
+        let quic_client = quic::client_config(&s.identity, s.bundles.clone(), &s.limits)?;
+        // Sidecars reach the gateway only from inside the cluster: the TLS
+        // handshake itself refuses any other trust domain.
+        let own = PeerPolicy::trust_domain(s.catalog.trust_domain.clone());
+        let tunnel_tls = fedmesh_trust::server_config(&s.identity, s.bundles.clone(), own, &[fedmesh_wire::ALPN])?;
+        let client_tls = fedmesh_trust::client_config(
+            &s.identity,
+            s.bundles.clone(),
+            PeerPolicy::AnyTrusted,
+            &[fedmesh_wire::ALPN],
+        )?;
+        let listener = TcpListener::bind(s.tunnel).await.map_err(|source| GatewayError::Bind {
+            what: "tunnel",
+            addr: s.tunnel,
+            source,
+        })?;
+        let tunnel_addr = listener.local_addr().map_err(|source| GatewayError::Bind {
+            what: "tunnel",
+            addr: s.tunnel,
+            source,
+        })?;
+        tracing::info!(
+            cluster = %s.catalog.cluster,
+            identity = %s.identity.id(),
+            %quic_addr,
+            %tunnel_addr,
+            peers = s.catalog.peers().count(),
+            "gateway listening"
+        );
+        let shared = Arc::new(Shared {
+            catalog: RwLock::new(Arc::new(s.catalog)),
+            limits: s.limits,
+            metrics,
+            endpoint,
+            quic_client,
+            connector: TlsConnector::from(Arc::new(client_tls)),
+            pool: Pool::default(),
+            cursor: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+        });
+        let mut tasks = vec![
+            tokio::spawn(accept_peers(shared.clone())),
+            tokio::spawn(accept_sidecars(
+                shared.clone(),
+                listener,
+                TlsAcceptor::from(Arc::new(tunnel_tls)),
+            )),
+        ];
+        let mut admin_addr = None;
+        if let Some(addr) = s.admin {
+            let mut reg = Registry::default();
+            shared.metrics.register(&mut reg);
+            let state = AdminState {
+                registry: Arc::new(tokio::sync::Mutex::new(reg)),
+                ready: Arc::new(AtomicBool::new(true)),
+            };
+            let (bound, task) = admin::spawn(addr, state).await.map_err(|source| GatewayError::Bind {
+                what: "admin",
+                addr,
+                source,
+            })?;
+            admin_addr = Some(bound);
+            tasks.push(task);
+        }
+        Ok(Self {
+            shared,
+            quic_addr,
+            tunnel_addr,
+            admin_addr,
+            tasks,
+        })
+    }
+
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        self.tunnel_addr
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    pub fn metrics(&self) -> &GatewayMetrics {
+        &self.shared.metrics
+    }
+
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.shared.catalog()
+    }
+
+    /// Replaces the catalog; streams already spliced are not affected.
+    pub fn set_catalog(&self, catalog: Catalog) {
+        let mut g = match self.shared.catalog.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *g = Arc::new(catalog);
+    }
+
+    /// Stops accepting, closes peer connections, and waits briefly for the
+    /// QUIC close to reach peers.
+    pub async fn shutdown(mut self) {
+        self.stop();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+    }
+
+    fn stop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+        self.shared.endpoint.close(0u32.into(), b"gateway shutting down");
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---- peers (QUIC) ----
+
+async fn accept_peers(shared: Arc<Shared>) {
+    while let Some(incoming) = shared.endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    shared.metrics.reject("handshake_failed");
+                    tracing::warn!(%remote, error = %e, "peer QUIC handshake failed");
+                    return;
+                }
+            };
+            let Some(id) = pool::peer_id(&conn) else {
+                shared.metrics.reject("no_identity");
+                conn.close(CLOSE_POLICY.into(), b"no SPIFFE ID");
+                return;
+            };
+            let catalog = shared.catalog();
+            let Some(peer) = catalog.peer_by_identity(&id).cloned() else {
+                shared.metrics.reject("unknown_peer");
+                tracing::warn!(%remote, %id, "QUIC connection from an identity that is no peer gateway; closing");
+                conn.close(CLOSE_POLICY.into(), b"not a peer gateway");
+                return;
+            };
+            let span = tracing::info_span!("peer", cluster = %peer.cluster, %remote);
+            serve_peer(shared, conn, peer).instrument(span).await;
+        });
+    }
+}
+
+async fn serve_peer(shared: Arc<Shared>, conn: Connection, peer: Peer) {
+    tracing::info!("peer gateway connected");
+    shared.metrics.peer_connections.inc();
+    loop {
+        match conn.accept_bi().await {
+            Ok((send, recv)) => {
+                let shared = shared.clone();
+                let peer = peer.clone();
+                tokio::spawn(async move {
+                    let mut down = tokio::io::join(recv, send);
+                    peer_stream(&shared, &peer, &mut down).await;
+                    let _ = down.shutdown().await;
+                });
+            }
+            Err(e) => {
+                tracing::info!(reason = %e, "peer connection ended");
+                break;
+            }
+        }
+    }
+    shared.metrics.peer_connections.dec();
+}
+
+async fn refuse<S: AsyncWrite + Unpin>(
+    shared: &Shared,
+    down: &mut S,
+    direction: &'static str,
+    code: StatusCode,
+    msg: String,
+) {
+    shared.metrics.stream(direction, code.as_str());
+    tracing::info!(direction, status = %code, reason = %msg, "stream refused");
+    answer(down, &Status::new(code, msg)).await;
+}
+
+async fn peer_stream<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, peer: &Peer, down: &mut S) {
+    let started = Instant::now();
+    let header = match read_request(down, &shared.limits).await {
+        Ok(h) => h,
+        Err(e) => {
+            shared.metrics.reject(e.reason());
+            let code = match e {
+                fedmesh_transport::RequestError::Timeout(_) => StatusCode::Timeout,
+                _ => StatusCode::BadHeader,
+            };
+            refuse(shared, down, FROM_PEER, code, e.to_string()).await;
+            return;
+        }
+    };
+    if header.hops >= MAX_HOPS {
+        shared.metrics.reject("loop");
+        refuse(shared, down, FROM_PEER, StatusCode::Loop, format!("hop count {} reached the limit {MAX_HOPS}", header.hops)).await;
+        return;
+    }
+    // A cluster vouches only for its own workloads.
+    let source = match header.source.as_deref().map(SpiffeId::new) {
+        Some(Ok(id)) if id.trust_domain_name() == peer.trust_domain.as_str() => id,
+        Some(Ok(id)) => {
+            shared.metrics.reject("source_denied");
+            let msg = format!(
+                "peer cluster {} (trust domain {}) may not vouch for {id}",
+                peer.cluster, peer.trust_domain
+            );
+            refuse(shared, down, FROM_PEER, StatusCode::Denied, msg).await;
+            return;
+        }
+        Some(Err(e)) => {
+            shared.metrics.reject("bad_header");
+            refuse(shared, down, FROM_PEER, StatusCode::BadHeader, format!("source identity: {e}")).await;
+            return;
+        }
+        None => {
+            shared.metrics.reject("source_denied");
+            refuse(shared, down, FROM_PEER, StatusCode::Denied, "peer streams must carry a source identity".into()).await;
+            return;
+        }
+    };
+    let catalog = shared.catalog();
+    let hops = match catalog.route_from_peer(&header.target, shared.cursor()) {
+        Ok(h) => h,
+        Err(e) => {
+            refuse(shared, down, FROM_PEER, e.status(), e.to_string()).await;
+            return;
+        }
+    };
+    let Some(next) = next_header(&header, started) else {
+        refuse(shared, down, FROM_PEER, StatusCode::Timeout, "deadline passed".into()).await;
+        return;
+    };
+    let span = tracing::debug_span!("stream", id = header.connection_id, %source, target = %header.target);
+    async {
+        match connect_endpoints(shared, hops, &next).await {
+            Ok(mut up) => forward(shared, FROM_PEER, down, &mut up).await,
+            Err((code, msg)) => refuse(shared, down, FROM_PEER, code, msg).await,
+        }
+    }
+    .instrument(span)
+    .await;
+}
+
+/// The header for the next hop, or `None` when the deadline has passed.
+fn next_header(h: &Header, started: Instant) -> Option<Header> {
+    let mut next = h.clone();
+    next.hops = h.hops.saturating_add(1);
+    if let Some(d) = h.deadline {
+        let left = d.checked_sub(started.elapsed()).filter(|l| !l.is_zero())?;
+        next.deadline = Some(left);
+    }
+    Some(next)
+}
+
+async fn connect_endpoints(
+    shared: &Shared,
+    hops: Vec<Hop>,
+    header: &Header,
+) -> Result<fedmesh_transport::TlsClient, (StatusCode, String)> {
+    let mut last = (StatusCode::NoHealthyEndpoint, "no endpoint to try".to_owned());
+    for hop in hops.into_iter().take(shared.limits.max_attempts) {
+        let Hop::Endpoint { address, identity } = hop else {
+            continue;
+        };
+        let mut tls = match dial_tls(address, &shared.connector, &identity, shared.limits.connect_timeout).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(error = %e, "endpoint unreachable; trying the next");
+                last = (StatusCode::UpstreamRefused, e.to_string());
+                continue;
+            }
+        };
+        match open(&mut tls, header, &shared.limits).await {
+            Ok(()) => return Ok(tls),
+            Err(e) if e.retryable() => {
+                tracing::debug!(error = %e, %address, "endpoint refused; trying the next");
+                last = (e.status(), format!("{address}: {e}"));
+            }
+            Err(e) => return Err((e.status(), format!("{address}: {e}"))),
+        }
+    }
+    Err(last)
+}
+
+async fn forward<D, U>(shared: &Shared, direction: &'static str, down: &mut D, up: &mut U)
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    shared.metrics.stream(direction, StatusCode::Ok.as_str());
+    if !answer(down, &Status::ok()).await {
+        return;
+    }
+    match splice(down, up, shared.limits.splice_buffer_bytes).await {
+        Ok((tx, rx)) => {
+            shared.metrics.bytes.get_or_create(&crate::metrics::DirectionLabels { direction: "tx" }).inc_by(tx);
+            shared.metrics.bytes.get_or_create(&crate::metrics::DirectionLabels { direction: "rx" }).inc_by(rx);
+            tracing::debug!(tx, rx, "stream done");
+        }
+        Err(e) => tracing::debug!(error = %e, "stream ended with an error"),
+    }
+}
+
+// ---- sidecars (TLS over TCP) ----
+
+async fn accept_sidecars(shared: Arc<Shared>, listener: TcpListener, acceptor: TlsAcceptor) {
+    let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "tunnel accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            shared.metrics.reject("connection_limit");
+            tracing::warn!(%remote, limit = shared.limits.max_connections, "tunnel connection over the limit; closing");
+            drop(tcp);
+            continue;
+        };
+        let shared = shared.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            sidecar_conn(&shared, tcp, remote, &acceptor).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn sidecar_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, acceptor: &TlsAcceptor) {
+    let started = Instant::now();
+    let (mut down, client) = match accept_tls(acceptor, tcp, shared.limits.handshake_timeout).await {
+        Ok(x) => x,
+        Err(e) => {
+            shared.metrics.reject(e.reason());
+            tracing::warn!(%remote, error = %e, "sidecar TLS handshake refused");
+            return;
+        }
+    };
+    shared.metrics.sidecar_connections.inc();
+    sidecar_stream(shared, &mut down, client, started).await;
+    let _ = down.shutdown().await;
+    shared.metrics.sidecar_connections.dec();
+}
+
+async fn sidecar_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    down: &mut S,
+    client: SpiffeId,
+    started: Instant,
+) {
+    let mut header = match read_request(down, &shared.limits).await {
+        Ok(h) => h,
+        Err(e) => {
+            shared.metrics.reject(e.reason());
+            let code = match e {
+                fedmesh_transport::RequestError::Timeout(_) => StatusCode::Timeout,
+                _ => StatusCode::BadHeader,
+            };
+            refuse(shared, down, FROM_SIDECAR, code, e.to_string()).await;
+            return;
+        }
+    };
+    if header.hops >= MAX_HOPS {
+        shared.metrics.reject("loop");
+        refuse(shared, down, FROM_SIDECAR, StatusCode::Loop, format!("hop count {} reached the limit {MAX_HOPS}", header.hops)).await;
+        return;
+    }
+    // The first gateway vouches for the caller: the source is the calling
+    // sidecar's certificate, whatever the header said.
+    if header.source.as_deref().is_some_and(|s| s != client.as_str()) {
+        tracing::debug!(claimed = ?header.source, %client, "sidecar set a source identity; replaced by its certificate's");
+    }
+    header.source = Some(client.to_string());
+    if header.connection_id.is_none() {
+        header.connection_id = Some(shared.next_id.fetch_add(1, Ordering::Relaxed));
+    }
+    let catalog = shared.catalog();
+    let hops = match catalog.route_from_local(&header.target, shared.cursor()) {
+        Ok(h) => h,
+        Err(e) => {
+            refuse(shared, down, FROM_SIDECAR, e.status(), e.to_string()).await;
+            return;
+        }
+    };
+    let Some(next) = next_header(&header, started) else {
+        refuse(shared, down, FROM_SIDECAR, StatusCode::Timeout, "deadline passed".into()).await;
+        return;
+    };
+    let span = tracing::debug_span!("stream", id = header.connection_id, source = %client, target = %header.target);
+    async {
+        let mut last = (StatusCode::NoHealthyEndpoint, "no peer cluster to try".to_owned());
+        for hop in hops.into_iter().take(shared.limits.max_attempts) {
+            let Hop::Peer { cluster } = hop else { continue };
+            let Some(peer) = catalog.peer(&cluster) else { continue };
+            match open_on_peer(shared, peer, &next).await {
+                Ok(mut up) => {
+                    forward(shared, FROM_SIDECAR, down, &mut up).await;
+                    return;
+                }
+                Err(e) if e.retryable() => {
+                    tracing::info!(peer = %cluster, error = %e, "peer cluster failed; trying the next");
+                    last = (e.status(), format!("cluster {cluster}: {e}"));
+                }
+                Err(e) => {
+                    last = (e.status(), format!("cluster {cluster}: {e}"));
+                    break;
+                }
+            }
+        }
+        refuse(shared, down, FROM_SIDECAR, last.0, last.1).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PeerOpenError {
+    #[error(transparent)]
+    Pool(#[from] pool::PoolError),
+    #[error("opening a stream: {0}")]
+    Stream(String),
+    #[error(transparent)]
+    Open(OpenError),
+}
+
+impl PeerOpenError {
+    fn retryable(&self) -> bool {
+        match self {
+            Self::Open(e) => e.retryable(),
+            _ => true,
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::Open(e) => e.status(),
+            _ => StatusCode::UpstreamRefused,
+        }
+    }
+}
+
+async fn open_on_peer(
+    shared: &Shared,
+    peer: &Peer,
+    header: &Header,
+) -> Result<tokio::io::Join<quinn::RecvStream, quinn::SendStream>, PeerOpenError> {
+    let conn = shared
+        .pool
+        .get(&shared.endpoint, &shared.quic_client, peer, shared.limits.connect_timeout)
+        .await?;
+    // open_bi waits while the peer's stream cap is reached; bound the wait.
+    let opened = tokio::time::timeout(shared.limits.status_timeout, conn.open_bi()).await;
+    let (send, recv) = match opened {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            shared.pool.failed(&peer.cluster, &conn).await;
+            return Err(PeerOpenError::Stream(e.to_string()));
+        }
+        Err(_) => return Err(PeerOpenError::Stream("stream cap reached and no stream freed in time".into())),
+    };
+    let mut up = tokio::io::join(recv, send);
+    if let Err(e) = open(&mut up, header, &shared.limits).await {
+        if conn.close_reason().is_some() {
+            // The peer closed the connection, for example because it refused
+            // our certificate (TLS 1.3 tells us only now).
+            tracing::warn!(peer = %peer.cluster, reason = ?conn.close_reason(), "peer connection closed");
+            shared.pool.failed(&peer.cluster, &conn).await;
+        }
+        return Err(PeerOpenError::Open(e));
+    }
+    Ok(up)
+}
