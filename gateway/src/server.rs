@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use fedmesh_catalog::{Catalog, Hop, Peer};
 use fedmesh_transport::admin::{self, AdminState};
-use fedmesh_transport::{accept_tls, answer, dial_tls, open, read_request, splice, Limits, OpenError};
+use fedmesh_transport::{accept_tls, answer, connect_first, open, read_request, splice, Limits, OpenError};
 use fedmesh_trust::{PeerPolicy, SpiffeId};
 use fedmesh_wire::{Header, Status, StatusCode, MAX_HOPS};
 use prometheus_client::registry::Registry;
@@ -337,9 +337,13 @@ async fn peer_stream<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, peer: &
     };
     let span = tracing::debug_span!("stream", id = header.connection_id, %source, target = %header.target);
     async {
-        match connect_endpoints(shared, hops, &next).await {
-            Ok(mut up) => forward(shared, FROM_PEER, down, &mut up).await,
-            Err((code, msg)) => refuse(shared, down, FROM_PEER, code, msg).await,
+        let targets = hops.into_iter().filter_map(|h| match h {
+            Hop::Endpoint { address, identity } => Some((address, identity)),
+            _ => None,
+        });
+        match connect_first(targets, &shared.connector, &next, &shared.limits).await {
+            Ok((mut up, _)) => forward(shared, FROM_PEER, down, &mut up).await,
+            Err(r) => refuse(shared, down, FROM_PEER, r.code, r.message).await,
         }
     }
     .instrument(span)
@@ -355,36 +359,6 @@ fn next_header(h: &Header, started: Instant) -> Option<Header> {
         next.deadline = Some(left);
     }
     Some(next)
-}
-
-async fn connect_endpoints(
-    shared: &Shared,
-    hops: Vec<Hop>,
-    header: &Header,
-) -> Result<fedmesh_transport::TlsClient, (StatusCode, String)> {
-    let mut last = (StatusCode::NoHealthyEndpoint, "no endpoint to try".to_owned());
-    for hop in hops.into_iter().take(shared.limits.max_attempts) {
-        let Hop::Endpoint { address, identity } = hop else {
-            continue;
-        };
-        let mut tls = match dial_tls(address, &shared.connector, &identity, shared.limits.connect_timeout).await {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::debug!(error = %e, "endpoint unreachable; trying the next");
-                last = (StatusCode::UpstreamRefused, e.to_string());
-                continue;
-            }
-        };
-        match open(&mut tls, header, &shared.limits).await {
-            Ok(()) => return Ok(tls),
-            Err(e) if e.retryable() => {
-                tracing::debug!(error = %e, %address, "endpoint refused; trying the next");
-                last = (e.status(), format!("{address}: {e}"));
-            }
-            Err(e) => return Err((e.status(), format!("{address}: {e}"))),
-        }
-    }
-    Err(last)
 }
 
 async fn forward<D, U>(shared: &Shared, direction: &'static str, down: &mut D, up: &mut U)

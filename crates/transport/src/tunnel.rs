@@ -231,3 +231,61 @@ where
 {
     tokio::io::copy_bidirectional_with_sizes(a, b, buffer, buffer).await
 }
+
+/// Why no next hop took a stream: the status to answer with, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: StatusCode,
+    pub message: String,
+}
+
+impl Refusal {
+    pub fn new(code: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.code, self.message)
+    }
+}
+
+/// Tries each `(address, identity)` in order, at most `limits.max_attempts`:
+/// dial with mTLS, check the identity, send `header`, await the status.
+/// Moves on after a transport failure or a retryable status (no payload has
+/// been sent yet); stops at a final one. Returns the open stream and the
+/// address that took it.
+pub async fn connect_first<I>(
+    targets: I,
+    connector: &TlsConnector,
+    header: &Header,
+    limits: &Limits,
+) -> Result<(TlsClient, SocketAddr), Refusal>
+where
+    I: IntoIterator<Item = (SocketAddr, SpiffeId)>,
+{
+    let mut last = Refusal::new(StatusCode::NoHealthyEndpoint, "no endpoint to try");
+    for (addr, identity) in targets.into_iter().take(limits.max_attempts) {
+        let mut tls = match dial_tls(addr, connector, &identity, limits.connect_timeout).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(error = %e, "next hop unreachable; trying the next");
+                last = Refusal::new(StatusCode::UpstreamRefused, e.to_string());
+                continue;
+            }
+        };
+        match open(&mut tls, header, limits).await {
+            Ok(()) => return Ok((tls, addr)),
+            Err(e) if e.retryable() => {
+                tracing::debug!(error = %e, %addr, "next hop refused; trying the next");
+                last = Refusal::new(e.status(), format!("{addr}: {e}"));
+            }
+            Err(e) => return Err(Refusal::new(e.status(), format!("{addr}: {e}"))),
+        }
+    }
+    Err(last)
+}

@@ -1,0 +1,377 @@
+//! The sidecar's listeners and per-connection logic.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use fedmesh_catalog::{Catalog, Hop};
+use fedmesh_transport::admin::{self, AdminState};
+use fedmesh_transport::{accept_tls, answer, connect_first, read_request, splice, Limits};
+use fedmesh_trust::{PeerPolicy, SpiffeId};
+use fedmesh_wire::{Header, ServiceName, Status, StatusCode, Target, Traceparent, MAX_HOPS};
+use prometheus_client::registry::Registry;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tracing::Instrument;
+
+use crate::config::SidecarSettings;
+use crate::metrics::SidecarMetrics;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SidecarError {
+    #[error(transparent)]
+    Tls(#[from] fedmesh_trust::TlsError),
+    #[error("binding {what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+struct Shared {
+    catalog: RwLock<Arc<Catalog>>,
+    identity: SpiffeId,
+    limits: Limits,
+    metrics: Arc<SidecarMetrics>,
+    connector: TlsConnector,
+    cursor: AtomicUsize,
+    inbound: Vec<(ServiceName, u16, SocketAddr)>,
+}
+
+impl Shared {
+    fn catalog(&self) -> Arc<Catalog> {
+        match self.catalog.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+}
+
+/// A running sidecar. Dropping it stops its listeners.
+pub struct Sidecar {
+    shared: Arc<Shared>,
+    outbound: Vec<(SocketAddr, ServiceName, u16)>,
+    inbound_addr: Option<SocketAddr>,
+    admin_addr: Option<SocketAddr>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), SidecarError> {
+    let err = |source| SidecarError::Bind { what, addr, source };
+    let l = TcpListener::bind(addr).await.map_err(err)?;
+    let local = l.local_addr().map_err(err)?;
+    Ok((l, local))
+}
+
+impl Sidecar {
+    pub async fn build(s: SidecarSettings, registry: &mut Registry) -> Result<Self, SidecarError> {
+        let metrics = Arc::new(SidecarMetrics::default());
+        metrics.register(registry);
+        let client_tls = fedmesh_trust::client_config(
+            &s.identity,
+            s.bundles.clone(),
+            PeerPolicy::AnyTrusted,
+            &[fedmesh_wire::ALPN],
+        )?;
+        let shared = Arc::new(Shared {
+            identity: s.identity.id().clone(),
+            limits: s.limits.clone(),
+            metrics,
+            connector: TlsConnector::from(Arc::new(client_tls)),
+            cursor: AtomicUsize::new(0),
+            inbound: s.inbound.as_ref().map(|i| i.1.clone()).unwrap_or_default(),
+            catalog: RwLock::new(Arc::new(s.catalog.clone())),
+        });
+        let mut tasks = Vec::new();
+        let mut outbound = Vec::new();
+        for (addr, service, port) in &s.outbound {
+            let (l, local) = bind("outbound", *addr).await?;
+            tracing::info!(listen = %local, %service, port, "outbound listener");
+            outbound.push((local, service.clone(), *port));
+            tasks.push(tokio::spawn(accept_outbound(shared.clone(), l, service.clone(), *port)));
+        }
+        let mut inbound_addr = None;
+        if let Some((addr, _)) = &s.inbound {
+            // Only this cluster's workloads and gateway may connect: remote
+            // callers always arrive through the gateway.
+            let own = PeerPolicy::trust_domain(s.catalog.trust_domain.clone());
+            let tls = fedmesh_trust::server_config(&s.identity, s.bundles.clone(), own, &[fedmesh_wire::ALPN])?;
+            let (l, local) = bind("inbound", *addr).await?;
+            tracing::info!(listen = %local, identity = %s.identity.id(), "inbound listener");
+            inbound_addr = Some(local);
+            tasks.push(tokio::spawn(accept_inbound(
+                shared.clone(),
+                l,
+                TlsAcceptor::from(Arc::new(tls)),
+            )));
+        }
+        let mut admin_addr = None;
+        if let Some(addr) = s.admin {
+            let mut reg = Registry::default();
+            shared.metrics.register(&mut reg);
+            let state = AdminState {
+                registry: Arc::new(tokio::sync::Mutex::new(reg)),
+                ready: Arc::new(AtomicBool::new(true)),
+            };
+            let (bound, task) = admin::spawn(addr, state)
+                .await
+                .map_err(|source| SidecarError::Bind { what: "admin", addr, source })?;
+            admin_addr = Some(bound);
+            tasks.push(task);
+        }
+        Ok(Self {
+            shared,
+            outbound,
+            inbound_addr,
+            admin_addr,
+            tasks,
+        })
+    }
+
+    /// Bound outbound listeners: (address, service, port).
+    pub fn outbound(&self) -> &[(SocketAddr, ServiceName, u16)] {
+        &self.outbound
+    }
+
+    /// The outbound listener for `service`, if there is one.
+    pub fn outbound_addr(&self, service: &ServiceName) -> Option<SocketAddr> {
+        self.outbound.iter().find(|o| &o.1 == service).map(|o| o.0)
+    }
+
+    pub fn inbound_addr(&self) -> Option<SocketAddr> {
+        self.inbound_addr
+    }
+
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    pub fn identity(&self) -> &SpiffeId {
+        &self.shared.identity
+    }
+
+    pub fn metrics(&self) -> &SidecarMetrics {
+        &self.shared.metrics
+    }
+
+    pub fn set_catalog(&self, catalog: Catalog) {
+        let mut g = match self.shared.catalog.write() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        *g = Arc::new(catalog);
+    }
+
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn new_traceparent() -> Option<Traceparent> {
+    let trace: u128 = rand::random::<u128>() | 1;
+    let span: u64 = rand::random::<u64>() | 1;
+    Traceparent::parse(&format!("00-{trace:032x}-{span:016x}-01")).ok()
+}
+
+async fn accept_outbound(shared: Arc<Shared>, listener: TcpListener, service: ServiceName, port: u16) {
+    let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "outbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            shared.metrics.reject("connection_limit");
+            tracing::warn!(%remote, "outbound connection over the limit; closing");
+            continue;
+        };
+        let shared = shared.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            let id: u64 = rand::random();
+            let span = tracing::debug_span!("outbound", id, %service, %remote);
+            outbound_conn(&shared, tcp, &service, port, id).instrument(span).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn outbound_conn(shared: &Shared, mut app: TcpStream, service: &ServiceName, port: u16, id: u64) {
+    let _ = app.set_nodelay(true);
+    let catalog = shared.catalog();
+    let hops = match catalog.route_outbound(service, port, shared.cursor.fetch_add(1, Ordering::Relaxed)) {
+        Ok(h) => h,
+        Err(e) => {
+            shared.metrics.outbound(service.name(), "failed");
+            tracing::warn!(error = %e, "no route; closing the app connection");
+            return;
+        }
+    };
+    let mut header = Header::new(Target::Service {
+        name: service.clone(),
+        port,
+    });
+    header.connection_id = Some(id);
+    header.traceparent = new_traceparent();
+    let targets: Vec<(SocketAddr, SpiffeId)> = hops
+        .into_iter()
+        .filter_map(|h| match h {
+            Hop::Endpoint { address, identity } | Hop::Gateway { address, identity } => {
+                Some((address, identity))
+            }
+            Hop::Peer { .. } => None,
+        })
+        .collect();
+    let (mut up, addr) = match connect_first(targets, &shared.connector, &header, &shared.limits).await {
+        Ok(x) => x,
+        Err(r) => {
+            shared.metrics.outbound(service.name(), "failed");
+            tracing::warn!(status = %r.code, reason = %r.message, "every hop refused; closing the app connection");
+            return;
+        }
+    };
+    let via_gateway = catalog.gateway().is_some_and(|g| g.address == addr);
+    shared
+        .metrics
+        .outbound(service.name(), if via_gateway { "gateway" } else { "local" });
+    match splice(&mut app, &mut up, shared.limits.splice_buffer_bytes).await {
+        Ok((a, b)) => {
+            shared.metrics.bytes.inc_by(a + b);
+        }
+        Err(e) => tracing::debug!(error = %e, "outbound stream ended with an error"),
+    }
+}
+
+async fn accept_inbound(shared: Arc<Shared>, listener: TcpListener, acceptor: TlsAcceptor) {
+    let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "inbound accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            shared.metrics.reject("connection_limit");
+            tracing::warn!(%remote, "inbound connection over the limit; closing");
+            continue;
+        };
+        let shared = shared.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            inbound_conn(&shared, tcp, remote, &acceptor).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, acceptor: &TlsAcceptor) {
+    let (mut down, peer) = match accept_tls(acceptor, tcp, shared.limits.handshake_timeout).await {
+        Ok(x) => x,
+        Err(e) => {
+            shared.metrics.reject(e.reason());
+            tracing::warn!(%remote, error = %e, "inbound TLS handshake refused");
+            return;
+        }
+    };
+    let refuse = |code: StatusCode, msg: String| {
+        tracing::info!(%remote, %peer, status = %code, reason = %msg, "inbound stream refused");
+        Status::new(code, msg)
+    };
+    let header = match read_request(&mut down, &shared.limits).await {
+        Ok(h) => h,
+        Err(e) => {
+            shared.metrics.reject(e.reason());
+            let code = match e {
+                fedmesh_transport::RequestError::Timeout(_) => StatusCode::Timeout,
+                _ => StatusCode::BadHeader,
+            };
+            answer(&mut down, &refuse(code, e.to_string())).await;
+            return;
+        }
+    };
+    if header.hops >= MAX_HOPS {
+        shared.metrics.reject("loop");
+        answer(&mut down, &refuse(StatusCode::Loop, format!("hop count {} reached the limit", header.hops))).await;
+        return;
+    }
+    // Only our own gateway may relay a caller's identity; from anyone else
+    // the caller is whoever the certificate says.
+    let gateway = shared.catalog().gateway_identity();
+    let (source, via) = if peer == gateway {
+        match header.source.as_deref().map(SpiffeId::new) {
+            Some(Ok(id)) => (id, "gateway"),
+            _ => {
+                shared.metrics.reject("bad_source");
+                answer(&mut down, &refuse(StatusCode::Denied, "gateway stream without a valid source identity".into())).await;
+                return;
+            }
+        }
+    } else {
+        (peer.clone(), "direct")
+    };
+    let app = match &header.target {
+        Target::Service { name, port } => shared
+            .inbound
+            .iter()
+            .find(|(n, p, _)| n == name && p == port)
+            .map(|(n, _, a)| (n.name().to_owned(), *a)),
+        Target::Endpoint(addr) => shared
+            .inbound
+            .iter()
+            .find(|(_, _, a)| a == addr)
+            .map(|(n, _, a)| (n.name().to_owned(), *a)),
+    };
+    let Some((service, app_addr)) = app else {
+        answer(&mut down, &refuse(StatusCode::UnknownService, format!("this sidecar does not serve {}", header.target))).await;
+        return;
+    };
+    let connect = tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(app_addr)).await;
+    let mut app = match connect {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            answer(&mut down, &refuse(StatusCode::UpstreamRefused, format!("app {app_addr}: {e}"))).await;
+            return;
+        }
+        Err(_) => {
+            answer(&mut down, &refuse(StatusCode::UpstreamRefused, format!("app {app_addr}: connect timed out"))).await;
+            return;
+        }
+    };
+    let _ = app.set_nodelay(true);
+    shared.metrics.inbound(&service, source.as_str(), via);
+    tracing::debug!(%source, via, %service, id = header.connection_id, "inbound stream accepted");
+    if !answer(&mut down, &Status::ok()).await {
+        return;
+    }
+    match splice(&mut down, &mut app, shared.limits.splice_buffer_bytes).await {
+        Ok((a, b)) => {
+            shared.metrics.bytes.inc_by(a + b);
+        }
+        Err(e) => tracing::debug!(error = %e, "inbound stream ended with an error"),
+    }
+    let _ = down.shutdown().await;
+}

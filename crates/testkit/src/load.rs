@@ -1,0 +1,183 @@
+//! A load generator for echo services: every response is checked byte for
+//! byte, every request timed.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    pub connections: usize,
+    pub requests_per_connection: usize,
+    pub request_bytes: usize,
+    /// Per-request bound; a request slower than this fails.
+    pub timeout: Duration,
+    /// Connections in flight at once.
+    pub concurrency: usize,
+}
+
+impl Default for LoadSpec {
+    fn default() -> Self {
+        Self {
+            connections: 20,
+            requests_per_connection: 20,
+            request_bytes: 1024,
+            timeout: Duration::from_secs(5),
+            concurrency: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct LoadReport {
+    pub ok: u64,
+    pub failed: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    /// Per-request round-trip times of successful requests.
+    pub latencies: Vec<Duration>,
+    /// Banner (which app instance answered) → connections.
+    pub served_by: BTreeMap<String, u64>,
+    /// Failure reason → count.
+    pub errors: BTreeMap<String, u64>,
+    pub elapsed: Duration,
+}
+
+impl LoadReport {
+    pub fn merge(&mut self, o: LoadReport) {
+        self.ok += o.ok;
+        self.failed += o.failed;
+        self.bytes_sent += o.bytes_sent;
+        self.bytes_received += o.bytes_received;
+        self.latencies.extend(o.latencies);
+        for (k, v) in o.served_by {
+            *self.served_by.entry(k).or_default() += v;
+        }
+        for (k, v) in o.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+    }
+
+    pub fn total(&self) -> u64 {
+        self.ok + self.failed
+    }
+}
+
+/// The `p`-th percentile (0..=100) of `v`, by nearest rank; `v` is sorted.
+pub fn percentile(v: &mut [Duration], p: f64) -> Duration {
+    if v.is_empty() {
+        return Duration::ZERO;
+    }
+    v.sort_unstable();
+    let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
+    v[rank.clamp(1, v.len()) - 1]
+}
+
+/// Runs `spec` against an echo service at `addr`.
+pub async fn run_load(addr: SocketAddr, spec: &LoadSpec) -> LoadReport {
+    let started = Instant::now();
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(spec.concurrency.max(1)));
+    let mut tasks = Vec::with_capacity(spec.connections);
+    for c in 0..spec.connections {
+        let spec = spec.clone();
+        let sem = sem.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            one_connection(addr, &spec, c as u64).await
+        }));
+    }
+    let mut report = LoadReport::default();
+    for t in tasks {
+        match t.await {
+            Ok(r) => report.merge(r),
+            Err(e) => {
+                report.failed += spec.requests_per_connection as u64;
+                *report.errors.entry(format!("task: {e}")).or_default() += 1;
+            }
+        }
+    }
+    report.elapsed = started.elapsed();
+    report
+}
+
+async fn one_connection(addr: SocketAddr, spec: &LoadSpec, seed: u64) -> LoadReport {
+    let mut r = LoadReport::default();
+    let fail_all = |r: &mut LoadReport, why: String, done: usize| {
+        r.failed += (spec.requests_per_connection - done) as u64;
+        *r.errors.entry(why).or_default() += 1;
+    };
+    let stream = match tokio::time::timeout(spec.timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            fail_all(&mut r, format!("connect: {e}"), 0);
+            return r;
+        }
+        Err(_) => {
+            fail_all(&mut r, "connect: timeout".into(), 0);
+            return r;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let mut stream = BufReader::new(stream);
+    let mut banner = String::new();
+    match tokio::time::timeout(spec.timeout, stream.read_line(&mut banner)).await {
+        Ok(Ok(n)) if n > 0 => {
+            *r.served_by.entry(banner.trim_end().to_owned()).or_default() += 1;
+        }
+        Ok(Ok(_)) => {
+            fail_all(&mut r, "closed before banner (no route or refused)".into(), 0);
+            return r;
+        }
+        Ok(Err(e)) => {
+            fail_all(&mut r, format!("banner: {e}"), 0);
+            return r;
+        }
+        Err(_) => {
+            fail_all(&mut r, "banner: timeout".into(), 0);
+            return r;
+        }
+    }
+    let mut payload = vec![0u8; spec.request_bytes];
+    let mut back = vec![0u8; spec.request_bytes];
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for i in 0..spec.requests_per_connection {
+        for b in payload.iter_mut() {
+            // xorshift: cheap, distinct bytes per request and connection.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        let t0 = Instant::now();
+        let io = async {
+            stream.get_mut().write_all(&payload).await?;
+            stream.read_exact(&mut back).await?;
+            Ok::<_, std::io::Error>(())
+        };
+        match tokio::time::timeout(spec.timeout, io).await {
+            Ok(Ok(())) if back == payload => {
+                r.latencies.push(t0.elapsed());
+                r.ok += 1;
+                r.bytes_sent += payload.len() as u64;
+                r.bytes_received += back.len() as u64;
+            }
+            Ok(Ok(())) => {
+                fail_all(&mut r, "response bytes differ from request".into(), i);
+                return r;
+            }
+            Ok(Err(e)) => {
+                fail_all(&mut r, format!("io: {e}"), i);
+                return r;
+            }
+            Err(_) => {
+                fail_all(&mut r, "request timeout".into(), i);
+                return r;
+            }
+        }
+    }
+    let _ = stream.get_mut().shutdown().await;
+    r
+}
