@@ -16,5 +16,5 @@ mod server;
 
 pub use config::{ConfigError, GatewayConfig, GatewaySettings, Listen};
 pub use metrics::GatewayMetrics;
-pub use quic::QuicError;
+pub use quic::{client_config as quic_client_config, QuicError};
 pub use server::{Gateway, GatewayError};

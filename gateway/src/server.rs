@@ -194,13 +194,15 @@ impl Gateway {
 
     /// Stops accepting, closes peer connections, and waits briefly for the
     /// QUIC close to reach peers.
-    pub async fn shutdown(mut self) {
-        self.stop();
+    pub async fn shutdown(self) {
+        self.close();
         let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
     }
 
-    fn stop(&mut self) {
-        for t in self.tasks.drain(..) {
+    /// Stops every listener and closes every QUIC connection at once, as a
+    /// crashed gateway would look to its peers (tests and drills use it).
+    pub fn close(&self) {
+        for t in &self.tasks {
             t.abort();
         }
         self.shared.endpoint.close(0u32.into(), b"gateway shutting down");
@@ -209,7 +211,7 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
-        self.stop();
+        self.close();
     }
 }
 

@@ -45,3 +45,23 @@ async fn cross_cluster_and_local_traffic_is_byte_exact() {
     // One QUIC connection per peer, reused by all 16 tunneled connections.
     assert_eq!(east.gateway.metrics().stream_count("from_sidecar", "ok"), 16);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_cluster_is_failed_over_at_connect_time() {
+    let mut topo = Topology::demo();
+    topo.limits.connect_timeout = std::time::Duration::from_millis(300);
+    let rig = Rig::start(&topo).await.unwrap();
+    let east = rig.cluster("east").unwrap();
+    let spec = LoadSpec {
+        connections: 8,
+        requests_per_connection: 5,
+        ..LoadSpec::default()
+    };
+    // Warm both peer connections, then kill west's gateway.
+    let warm = run_load(east.client_addr("echo.demo").unwrap(), &spec).await;
+    assert_eq!(warm.failed, 0, "{:?}", warm.errors);
+    rig.cluster("west").unwrap().gateway.close();
+    let after = run_load(east.client_addr("echo.demo").unwrap(), &spec).await;
+    assert_eq!(after.failed, 0, "{:?}", after.errors);
+    assert!(after.served_by.keys().all(|k| k.starts_with("north/")), "{:?}", after.served_by);
+}

@@ -8,6 +8,7 @@
 mod apps;
 mod load;
 mod rig;
+pub mod tls;
 
 pub use apps::{App, AppKind};
 pub use load::{percentile, run_load, LoadReport, LoadSpec};

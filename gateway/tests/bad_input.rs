@@ -1,0 +1,274 @@
+//! Every kind of bad input the gateway must answer: a specific status or
+//! close, a counter, and neighbours that keep working.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedmesh_gateway::quic_client_config;
+use fedmesh_testkit::{run_load, LoadSpec, Rig, RigCluster, Topology};
+use fedmesh_transport::Limits;
+use fedmesh_trust::{CertificateAuthority, SpiffeId, Svid, TrustDomain};
+use fedmesh_wire::io::read_status;
+use fedmesh_wire::{Header, ServiceName, StatusCode, Target, MAX_HOPS};
+use tokio::io::AsyncWriteExt;
+
+fn limits() -> Limits {
+    Limits {
+        header_timeout: Duration::from_millis(400),
+        max_streams_per_connection: 4,
+        ..Limits::default()
+    }
+}
+
+async fn rig() -> Rig {
+    let mut t = Topology::demo();
+    t.limits = limits();
+    Rig::start(&t).await.unwrap()
+}
+
+fn echo(port: u16) -> Target {
+    Target::Service {
+        name: ServiceName::new("echo", "demo").unwrap(),
+        port,
+    }
+}
+
+/// A QUIC client to `to`'s gateway presenting `svid`.
+async fn quic_client(rig: &Rig, to: &str, svid: &Svid) -> Result<quinn::Connection, String> {
+    let to = rig.cluster(to).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let cfg = quic_client_config(svid, to.bundles.clone(), &limits()).unwrap();
+    ep.set_default_client_config(cfg);
+    let conn = ep
+        .connect(to.gateway.quic_addr(), "fedmesh.invalid")
+        .unwrap()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(conn)
+}
+
+/// west's real gateway identity, as a fake peer for east.
+fn west_gateway(rig: &Rig) -> Svid {
+    let west = rig.cluster("west").unwrap();
+    west.ca.issue(&west.trust_domain.system_id("gateway"), Duration::from_secs(3600)).unwrap()
+}
+
+/// Sends raw bytes on a new stream and returns the status code answered.
+async fn send_raw(conn: &quinn::Connection, bytes: &[u8]) -> Result<StatusCode, String> {
+    let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    s.write_all(bytes).await.map_err(|e| e.to_string())?;
+    let st = tokio::time::timeout(Duration::from_secs(5), read_status(&mut r))
+        .await
+        .map_err(|_| "no status".to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(st.code)
+}
+
+fn header(target: Target, source: Option<&str>, hops: u8) -> Vec<u8> {
+    let mut h = Header::new(target);
+    h.source = source.map(str::to_owned);
+    h.hops = hops;
+    h.to_bytes(&fedmesh_wire::Limits::default()).unwrap()
+}
+
+/// Neighbours keep working: a normal cross-cluster load from east succeeds.
+async fn neighbours_ok(east: &RigCluster) {
+    let spec = LoadSpec {
+        connections: 4,
+        requests_per_connection: 5,
+        ..LoadSpec::default()
+    };
+    let r = run_load(east.client_addr("echo.demo").unwrap(), &spec).await;
+    assert_eq!(r.failed, 0, "{:?}", r.errors);
+}
+
+const CLIENT: &str = "spiffe://west.demo/ns/demo/sa/client";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_are_checked_and_answered() {
+    let rig = rig().await;
+    let east = rig.cluster("east").unwrap();
+    // Pose as east's gateway towards west, which exports echo.demo.
+    let west_rig = rig.cluster("west").unwrap();
+    let peer = {
+        let id = east.trust_domain.system_id("gateway");
+        east.ca.issue(&id, Duration::from_secs(3600)).unwrap()
+    };
+    let conn = quic_client(&rig, "west", &peer).await.unwrap();
+    let m = west_rig.gateway.metrics();
+    let east_src = "spiffe://east.demo/ns/demo/sa/client";
+
+    // A good header first: the real echo answers.
+    assert_eq!(send_raw(&conn, &header(echo(7000), Some(east_src), 1)).await, Ok(StatusCode::Ok));
+
+    // Malformed: not a header at all.
+    assert_eq!(send_raw(&conn, b"GET / HTTP/1.1\r\n\r\n").await, Ok(StatusCode::BadHeader));
+    // Oversized: the prefix claims 60000 bytes (limit 16 KiB).
+    assert_eq!(send_raw(&conn, &[b'F', b'M', b'T', b'H', 1, 0, 0xea, 0x60]).await, Ok(StatusCode::BadHeader));
+    // Truncated: half a header, then the stream is finished.
+    let good = header(echo(7000), Some(east_src), 1);
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    s.write_all(&good[..good.len() / 2]).await.unwrap();
+    s.finish().unwrap();
+    assert_eq!(read_status(&mut r).await.unwrap().code, StatusCode::BadHeader);
+    assert_eq!(m.rejected_count("bad_header"), 3);
+
+    // Unknown service, unknown port, service not exported.
+    let nope = Target::Service { name: ServiceName::new("nope", "demo").unwrap(), port: 7000 };
+    assert_eq!(send_raw(&conn, &header(nope, Some(east_src), 1)).await, Ok(StatusCode::UnknownService));
+    assert_eq!(send_raw(&conn, &header(echo(1), Some(east_src), 1)).await, Ok(StatusCode::UnknownService));
+    // An endpoint target that is not an exported endpoint: denied.
+    let ep = Target::Endpoint("127.0.0.1:1".parse().unwrap());
+    assert_eq!(send_raw(&conn, &header(ep, Some(east_src), 1)).await, Ok(StatusCode::Denied));
+
+    // Source identity outside the peer's trust domain: east may not vouch
+    // for a west (or north) workload.
+    assert_eq!(send_raw(&conn, &header(echo(7000), Some(CLIENT), 1)).await, Ok(StatusCode::Denied));
+    assert_eq!(
+        send_raw(&conn, &header(echo(7000), Some("spiffe://north.demo/x"), 1)).await,
+        Ok(StatusCode::Denied)
+    );
+    // No source at all.
+    assert_eq!(send_raw(&conn, &header(echo(7000), None, 1)).await, Ok(StatusCode::Denied));
+    assert_eq!(m.rejected_count("source_denied"), 3);
+
+    // Hop count at the limit: a loop.
+    assert_eq!(send_raw(&conn, &header(echo(7000), Some(east_src), MAX_HOPS)).await, Ok(StatusCode::Loop));
+    assert_eq!(m.rejected_count("loop"), 1);
+
+    // A stream that never sends a header is timed out.
+    let (mut s, mut r) = conn.open_bi().await.unwrap();
+    s.write_all(b"F").await.unwrap();
+    let st = tokio::time::timeout(Duration::from_secs(5), read_status(&mut r)).await.unwrap().unwrap();
+    assert_eq!(st.code, StatusCode::Timeout);
+    assert_eq!(m.rejected_count("header_timeout"), 1);
+
+    // The same connection still works after all that.
+    assert_eq!(send_raw(&conn, &header(echo(7000), Some(east_src), 1)).await, Ok(StatusCode::Ok));
+    neighbours_ok(east).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_flood_is_capped_per_connection() {
+    let rig = rig().await;
+    let east = rig.cluster("east").unwrap();
+    let conn = quic_client(&rig, "east", &west_gateway(&rig)).await.unwrap();
+    // Fill the cap (4) with streams that never finish their header.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let (mut s, r) = conn.open_bi().await.unwrap();
+        s.write_all(b"FM").await.unwrap();
+        held.push((s, r));
+    }
+    // The fifth waits for credit instead of being served...
+    let fifth = tokio::time::timeout(Duration::from_millis(200), conn.open_bi()).await;
+    assert!(fifth.is_err(), "a fifth concurrent stream was allowed");
+    // ...while other connections are unaffected.
+    neighbours_ok(east).await;
+    // Once the held streams time out, credit returns and streams flow again.
+    for (_, r) in held.iter_mut() {
+        let st = read_status(r).await.unwrap();
+        assert_eq!(st.code, StatusCode::Timeout);
+    }
+    drop(held);
+    let st = tokio::time::timeout(Duration::from_secs(5), send_raw(&conn, &header(echo(7000), None, 1)))
+        .await
+        .expect("stream credit came back");
+    // east does not serve echo.demo: the header is read and answered.
+    assert_eq!(st, Ok(StatusCode::Denied));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_quic_datagrams_are_counted_and_ignored() {
+    let rig = rig().await;
+    let east = rig.cluster("east").unwrap();
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for junk in [&b"hello"[..], &[0u8; 1200][..], &[0x00, 0x01, 0x02][..]] {
+        sock.send_to(junk, east.gateway.quic_addr()).await.unwrap();
+    }
+    // Traffic across the same UDP port still flows.
+    neighbours_ok(east).await;
+    let n = east.gateway.metrics().invalid_datagrams.get();
+    assert!(n >= 3, "invalid datagrams counted: {n}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_peer_certificates_are_refused() {
+    let rig = rig().await;
+    let east = rig.cluster("east").unwrap();
+    let m = east.gateway.metrics();
+    let ttl = Duration::from_secs(3600);
+    let west_td = TrustDomain::new("west.demo").unwrap();
+
+    // 1. A certificate from a CA nobody trusts, claiming west's gateway.
+    let rogue = CertificateAuthority::new_root(west_td.clone(), ttl).unwrap();
+    let svid = rogue.issue(&west_td.system_id("gateway"), ttl).unwrap();
+    // 2. A valid certificate of another trust domain than the one it claims:
+    //    north's CA signing a west gateway identity.
+    let north = rig.cluster("north").unwrap();
+    let params = CertificateAuthority::svid_params(&west_td.system_id("gateway"), ttl).unwrap();
+    let (chain, key) = north.ca.issue_custom(&params).unwrap();
+    let cross = Svid::new(chain, key).unwrap();
+
+    for (what, svid) in [("untrusted CA", svid), ("cross-domain", cross)] {
+        // TLS 1.3: the client may think it connected; the refusal shows at
+        // the first stream operation.
+        let outcome = match quic_client(&rig, "east", &svid).await {
+            Err(e) => Err(e),
+            Ok(conn) => send_raw(&conn, &header(echo(7000), None, 1)).await,
+        };
+        assert!(outcome.is_err(), "{what}: accepted: {outcome:?}");
+    }
+    assert!(m.rejected_count("handshake_failed") >= 2);
+
+    // 3. A trusted identity that is no peer gateway: handshake completes,
+    //    then the connection is closed.
+    let workload = rig.cluster("west").unwrap().ca.issue(&SpiffeId::new(CLIENT).unwrap(), ttl).unwrap();
+    let outcome = match quic_client(&rig, "east", &workload).await {
+        Err(e) => Err(e),
+        Ok(conn) => send_raw(&conn, &header(echo(7000), None, 1)).await,
+    };
+    assert!(outcome.is_err(), "non-gateway identity accepted: {outcome:?}");
+    assert_eq!(m.rejected_count("unknown_peer"), 1);
+    neighbours_ok(east).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_port_refuses_clients_without_a_valid_certificate() {
+    let rig = rig().await;
+    let east = rig.cluster("east").unwrap();
+    let m = east.gateway.metrics();
+    let addr = east.gateway.tunnel_addr();
+
+    // No client certificate at all.
+    let cfg = Arc::new(fedmesh_testkit::tls::client_without_certificate());
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("fedmesh.invalid").unwrap();
+    let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await;
+    // The handshake may "complete" client-side; the first read shows the refusal.
+    if let Ok(mut tls) = tls {
+        let _ = tls.write_all(&header(echo(7000), None, 0)).await;
+        assert!(read_status(&mut tls).await.is_err());
+    }
+
+    // A valid workload of another cluster may not use east's gateway.
+    let west = rig.cluster("west").unwrap();
+    let foreign = west.ca.issue(&SpiffeId::new(CLIENT).unwrap(), Duration::from_secs(3600)).unwrap();
+    let cfg = fedmesh_trust::client_config(&foreign, east.bundles.clone(), fedmesh_trust::PeerPolicy::AnyTrusted, &[fedmesh_wire::ALPN]).unwrap();
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("fedmesh.invalid").unwrap();
+    if let Ok(mut tls) = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await {
+        let _ = tls.write_all(&header(echo(7000), None, 0)).await;
+        assert!(read_status(&mut tls).await.is_err());
+    }
+    // Give the server a moment to count both refusals.
+    for _ in 0..50 {
+        if m.rejected_count("handshake_failed") >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(m.rejected_count("handshake_failed"), 2);
+    neighbours_ok(east).await;
+}
