@@ -57,7 +57,8 @@ impl GatewayConfig {
             problems,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(vec![e.to_string()]))?;
-        let cfg: GatewayConfig = serde_yaml_ng::from_str(&text).map_err(|e| err(vec![e.to_string()]))?;
+        let cfg: GatewayConfig =
+            serde_yaml_ng::from_str(&text).map_err(|e| err(vec![e.to_string()]))?;
         cfg.settings().map_err(err)
     }
 
@@ -78,15 +79,17 @@ impl GatewayConfig {
             }
         }
         match (catalog, trust) {
-            (Some(catalog), Some((identity, bundles))) if problems.is_empty() => Ok(GatewaySettings {
-                catalog,
-                identity,
-                bundles,
-                quic: self.listen.quic,
-                tunnel: self.listen.tunnel,
-                admin: self.listen.admin,
-                limits: self.limits.clone(),
-            }),
+            (Some(catalog), Some((identity, bundles))) if problems.is_empty() => {
+                Ok(GatewaySettings {
+                    catalog,
+                    identity,
+                    bundles,
+                    quic: self.listen.quic,
+                    tunnel: self.listen.tunnel,
+                    admin: self.listen.admin,
+                    limits: self.limits.clone(),
+                })
+            }
             _ => Err(problems),
         }
     }

@@ -37,20 +37,36 @@ pub struct GatewayMetrics {
 impl GatewayMetrics {
     pub fn register(&self, reg: &mut Registry) {
         let reg = reg.sub_registry_with_prefix("fedmesh_gateway");
-        reg.register("streams", "Tunnel streams by direction and answered status", self.streams.clone());
+        reg.register(
+            "streams",
+            "Tunnel streams by direction and answered status",
+            self.streams.clone(),
+        );
         reg.register(
             "rejected",
             "Connections and streams refused, by reason",
             self.rejected.clone(),
         );
-        reg.register("bytes", "Payload bytes spliced, by direction", self.bytes.clone());
+        reg.register(
+            "bytes",
+            "Payload bytes spliced, by direction",
+            self.bytes.clone(),
+        );
         reg.register(
             "invalid_datagrams",
             "UDP datagrams on the QUIC port that cannot be QUIC packets",
             self.invalid_datagrams.clone(),
         );
-        reg.register("peer_connections", "Open QUIC connections to or from peer gateways", self.peer_connections.clone());
-        reg.register("sidecar_connections", "Open TLS connections from sidecars", self.sidecar_connections.clone());
+        reg.register(
+            "peer_connections",
+            "Open QUIC connections to or from peer gateways",
+            self.peer_connections.clone(),
+        );
+        reg.register(
+            "sidecar_connections",
+            "Open TLS connections from sidecars",
+            self.sidecar_connections.clone(),
+        );
     }
 
     pub fn reject(&self, reason: &'static str) {

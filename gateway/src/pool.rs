@@ -125,7 +125,10 @@ impl Pool {
     pub async fn failed(&self, cluster: &ClusterName, conn: &Connection) {
         let slot = self.slot(cluster);
         let mut s = slot.lock().await;
-        if s.conn.as_ref().is_some_and(|c| c.stable_id() == conn.stable_id()) {
+        if s.conn
+            .as_ref()
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
             s.conn = None;
             s.failures = s.failures.saturating_add(1);
             s.retry_at = Some(Instant::now() + backoff(s.failures));
@@ -156,7 +159,9 @@ async fn connect(
         conn.close(CLOSE_POLICY.into(), b"unexpected peer identity");
         return Err(PoolError::WrongPeer {
             cluster: peer.cluster.clone(),
-            got: got.map(|g| g.to_string()).unwrap_or_else(|| "no SPIFFE ID".into()),
+            got: got
+                .map(|g| g.to_string())
+                .unwrap_or_else(|| "no SPIFFE ID".into()),
             expected: peer.identity.to_string(),
         });
     }

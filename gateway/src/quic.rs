@@ -52,7 +52,8 @@ pub fn server_config(
     // Any SVID that verifies against its own domain's bundle completes the
     // handshake; which peer gateways are welcome is decided right after,
     // against the catalog, so the peer set can change without a new config.
-    let tls = fedmesh_trust::server_config(svid, bundles, PeerPolicy::AnyTrusted, &[fedmesh_wire::ALPN])?;
+    let tls =
+        fedmesh_trust::server_config(svid, bundles, PeerPolicy::AnyTrusted, &[fedmesh_wire::ALPN])?;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport(limits));
@@ -67,7 +68,8 @@ pub fn client_config(
     bundles: SharedBundles,
     limits: &Limits,
 ) -> Result<quinn::ClientConfig, QuicError> {
-    let tls = fedmesh_trust::client_config(svid, bundles, PeerPolicy::AnyTrusted, &[fedmesh_wire::ALPN])?;
+    let tls =
+        fedmesh_trust::client_config(svid, bundles, PeerPolicy::AnyTrusted, &[fedmesh_wire::ALPN])?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport(limits));

@@ -9,7 +9,9 @@ use std::time::Instant;
 
 use fedmesh_catalog::{Catalog, Hop, Peer};
 use fedmesh_transport::admin::{self, AdminState};
-use fedmesh_transport::{accept_tls, answer, connect_first, open, read_request, splice, Limits, OpenError};
+use fedmesh_transport::{
+    accept_tls, answer, connect_first, open, read_request, splice, Limits, OpenError,
+};
 use fedmesh_trust::{PeerPolicy, SpiffeId};
 use fedmesh_wire::{Header, Status, StatusCode, MAX_HOPS};
 use prometheus_client::registry::Registry;
@@ -94,18 +96,25 @@ impl Gateway {
         // Sidecars reach the gateway only from inside the cluster: the TLS
         // handshake itself refuses any other trust domain.
         let own = PeerPolicy::trust_domain(s.catalog.trust_domain.clone());
-        let tunnel_tls = fedmesh_trust::server_config(&s.identity, s.bundles.clone(), own, &[fedmesh_wire::ALPN])?;
+        let tunnel_tls = fedmesh_trust::server_config(
+            &s.identity,
+            s.bundles.clone(),
+            own,
+            &[fedmesh_wire::ALPN],
+        )?;
         let client_tls = fedmesh_trust::client_config(
             &s.identity,
             s.bundles.clone(),
             PeerPolicy::AnyTrusted,
             &[fedmesh_wire::ALPN],
         )?;
-        let listener = TcpListener::bind(s.tunnel).await.map_err(|source| GatewayError::Bind {
-            what: "tunnel",
-            addr: s.tunnel,
-            source,
-        })?;
+        let listener = TcpListener::bind(s.tunnel)
+            .await
+            .map_err(|source| GatewayError::Bind {
+                what: "tunnel",
+                addr: s.tunnel,
+                source,
+            })?;
         let tunnel_addr = listener.local_addr().map_err(|source| GatewayError::Bind {
             what: "tunnel",
             addr: s.tunnel,
@@ -146,11 +155,14 @@ impl Gateway {
                 registry: Arc::new(tokio::sync::Mutex::new(reg)),
                 ready: Arc::new(AtomicBool::new(true)),
             };
-            let (bound, task) = admin::spawn(addr, state).await.map_err(|source| GatewayError::Bind {
-                what: "admin",
-                addr,
-                source,
-            })?;
+            let (bound, task) =
+                admin::spawn(addr, state)
+                    .await
+                    .map_err(|source| GatewayError::Bind {
+                        what: "admin",
+                        addr,
+                        source,
+                    })?;
             admin_addr = Some(bound);
             tasks.push(task);
         }
@@ -196,7 +208,11 @@ impl Gateway {
     /// QUIC close to reach peers.
     pub async fn shutdown(self) {
         self.close();
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.shared.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(1),
+            self.shared.endpoint.wait_idle(),
+        )
+        .await;
     }
 
     /// Stops every listener and closes every QUIC connection at once, as a
@@ -205,7 +221,9 @@ impl Gateway {
         for t in &self.tasks {
             t.abort();
         }
-        self.shared.endpoint.close(0u32.into(), b"gateway shutting down");
+        self.shared
+            .endpoint
+            .close(0u32.into(), b"gateway shutting down");
     }
 }
 
@@ -283,7 +301,11 @@ async fn refuse<S: AsyncWrite + Unpin>(
     answer(down, &Status::new(code, msg)).await;
 }
 
-async fn peer_stream<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, peer: &Peer, down: &mut S) {
+async fn peer_stream<S: AsyncRead + AsyncWrite + Unpin>(
+    shared: &Shared,
+    peer: &Peer,
+    down: &mut S,
+) {
     let started = Instant::now();
     let header = match read_request(down, &shared.limits).await {
         Ok(h) => h,
@@ -299,7 +321,14 @@ async fn peer_stream<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, peer: &
     };
     if header.hops >= MAX_HOPS {
         shared.metrics.reject("loop");
-        refuse(shared, down, FROM_PEER, StatusCode::Loop, format!("hop count {} reached the limit {MAX_HOPS}", header.hops)).await;
+        refuse(
+            shared,
+            down,
+            FROM_PEER,
+            StatusCode::Loop,
+            format!("hop count {} reached the limit {MAX_HOPS}", header.hops),
+        )
+        .await;
         return;
     }
     // A cluster vouches only for its own workloads.
@@ -316,12 +345,26 @@ async fn peer_stream<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, peer: &
         }
         Some(Err(e)) => {
             shared.metrics.reject("bad_header");
-            refuse(shared, down, FROM_PEER, StatusCode::BadHeader, format!("source identity: {e}")).await;
+            refuse(
+                shared,
+                down,
+                FROM_PEER,
+                StatusCode::BadHeader,
+                format!("source identity: {e}"),
+            )
+            .await;
             return;
         }
         None => {
             shared.metrics.reject("source_denied");
-            refuse(shared, down, FROM_PEER, StatusCode::Denied, "peer streams must carry a source identity".into()).await;
+            refuse(
+                shared,
+                down,
+                FROM_PEER,
+                StatusCode::Denied,
+                "peer streams must carry a source identity".into(),
+            )
+            .await;
             return;
         }
     };
@@ -334,10 +377,18 @@ async fn peer_stream<S: AsyncRead + AsyncWrite + Unpin>(shared: &Shared, peer: &
         }
     };
     let Some(next) = next_header(&header, started) else {
-        refuse(shared, down, FROM_PEER, StatusCode::Timeout, "deadline passed".into()).await;
+        refuse(
+            shared,
+            down,
+            FROM_PEER,
+            StatusCode::Timeout,
+            "deadline passed".into(),
+        )
+        .await;
         return;
     };
-    let span = tracing::debug_span!("stream", id = header.connection_id, %source, target = %header.target);
+    let span =
+        tracing::debug_span!("stream", id = header.connection_id, %source, target = %header.target);
     async {
         let targets = hops.into_iter().filter_map(|h| match h {
             Hop::Endpoint { address, identity } => Some((address, identity)),
@@ -374,8 +425,16 @@ where
     }
     match splice(down, up, shared.limits.splice_buffer_bytes).await {
         Ok((tx, rx)) => {
-            shared.metrics.bytes.get_or_create(&crate::metrics::DirectionLabels { direction: "tx" }).inc_by(tx);
-            shared.metrics.bytes.get_or_create(&crate::metrics::DirectionLabels { direction: "rx" }).inc_by(rx);
+            shared
+                .metrics
+                .bytes
+                .get_or_create(&crate::metrics::DirectionLabels { direction: "tx" })
+                .inc_by(tx);
+            shared
+                .metrics
+                .bytes
+                .get_or_create(&crate::metrics::DirectionLabels { direction: "rx" })
+                .inc_by(rx);
             tracing::debug!(tx, rx, "stream done");
         }
         Err(e) => tracing::debug!(error = %e, "stream ended with an error"),
@@ -412,7 +471,8 @@ async fn accept_sidecars(shared: Arc<Shared>, listener: TcpListener, acceptor: T
 
 async fn sidecar_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, acceptor: &TlsAcceptor) {
     let started = Instant::now();
-    let (mut down, client) = match accept_tls(acceptor, tcp, shared.limits.handshake_timeout).await {
+    let (mut down, client) = match accept_tls(acceptor, tcp, shared.limits.handshake_timeout).await
+    {
         Ok(x) => x,
         Err(e) => {
             shared.metrics.reject(e.reason());
@@ -446,12 +506,23 @@ async fn sidecar_stream<S: AsyncRead + AsyncWrite + Unpin>(
     };
     if header.hops >= MAX_HOPS {
         shared.metrics.reject("loop");
-        refuse(shared, down, FROM_SIDECAR, StatusCode::Loop, format!("hop count {} reached the limit {MAX_HOPS}", header.hops)).await;
+        refuse(
+            shared,
+            down,
+            FROM_SIDECAR,
+            StatusCode::Loop,
+            format!("hop count {} reached the limit {MAX_HOPS}", header.hops),
+        )
+        .await;
         return;
     }
     // The first gateway vouches for the caller: the source is the calling
     // sidecar's certificate, whatever the header said.
-    if header.source.as_deref().is_some_and(|s| s != client.as_str()) {
+    if header
+        .source
+        .as_deref()
+        .is_some_and(|s| s != client.as_str())
+    {
         tracing::debug!(claimed = ?header.source, %client, "sidecar set a source identity; replaced by its certificate's");
     }
     header.source = Some(client.to_string());
@@ -467,7 +538,14 @@ async fn sidecar_stream<S: AsyncRead + AsyncWrite + Unpin>(
         }
     };
     let Some(next) = next_header(&header, started) else {
-        refuse(shared, down, FROM_SIDECAR, StatusCode::Timeout, "deadline passed".into()).await;
+        refuse(
+            shared,
+            down,
+            FROM_SIDECAR,
+            StatusCode::Timeout,
+            "deadline passed".into(),
+        )
+        .await;
         return;
     };
     let span = tracing::debug_span!("stream", id = header.connection_id, source = %client, target = %header.target);
@@ -530,7 +608,12 @@ async fn open_on_peer(
 ) -> Result<tokio::io::Join<quinn::RecvStream, quinn::SendStream>, PeerOpenError> {
     let conn = shared
         .pool
-        .get(&shared.endpoint, &shared.quic_client, peer, shared.limits.connect_timeout)
+        .get(
+            &shared.endpoint,
+            &shared.quic_client,
+            peer,
+            shared.limits.connect_timeout,
+        )
         .await?;
     // open_bi waits while the peer's stream cap is reached; bound the wait.
     let opened = tokio::time::timeout(shared.limits.status_timeout, conn.open_bi()).await;
@@ -540,7 +623,11 @@ async fn open_on_peer(
             shared.pool.failed(&peer.cluster, &conn).await;
             return Err(PeerOpenError::Stream(e.to_string()));
         }
-        Err(_) => return Err(PeerOpenError::Stream("stream cap reached and no stream freed in time".into())),
+        Err(_) => {
+            return Err(PeerOpenError::Stream(
+                "stream cap reached and no stream freed in time".into(),
+            ))
+        }
     };
     let mut up = tokio::io::join(recv, send);
     if let Err(e) = open(&mut up, header, &shared.limits).await {

@@ -51,7 +51,12 @@ async fn quic_client(rig: &Rig, to: &str, svid: &Svid) -> Result<quinn::Connecti
 /// west's real gateway identity, as a fake peer for east.
 fn west_gateway(rig: &Rig) -> Svid {
     let west = rig.cluster("west").unwrap();
-    west.ca.issue(&west.trust_domain.system_id("gateway"), Duration::from_secs(3600)).unwrap()
+    west.ca
+        .issue(
+            &west.trust_domain.system_id("gateway"),
+            Duration::from_secs(3600),
+        )
+        .unwrap()
 }
 
 /// Sends raw bytes on a new stream and returns the status code answered.
@@ -100,52 +105,91 @@ async fn headers_are_checked_and_answered() {
     let east_src = "spiffe://east.demo/ns/demo/sa/client";
 
     // A good header first: the real echo answers.
-    assert_eq!(send_raw(&conn, &header(echo(7000), Some(east_src), 1)).await, Ok(StatusCode::Ok));
+    assert_eq!(
+        send_raw(&conn, &header(echo(7000), Some(east_src), 1)).await,
+        Ok(StatusCode::Ok)
+    );
 
     // Malformed: not a header at all.
-    assert_eq!(send_raw(&conn, b"GET / HTTP/1.1\r\n\r\n").await, Ok(StatusCode::BadHeader));
+    assert_eq!(
+        send_raw(&conn, b"GET / HTTP/1.1\r\n\r\n").await,
+        Ok(StatusCode::BadHeader)
+    );
     // Oversized: the prefix claims 60000 bytes (limit 16 KiB).
-    assert_eq!(send_raw(&conn, &[b'F', b'M', b'T', b'H', 1, 0, 0xea, 0x60]).await, Ok(StatusCode::BadHeader));
+    assert_eq!(
+        send_raw(&conn, &[b'F', b'M', b'T', b'H', 1, 0, 0xea, 0x60]).await,
+        Ok(StatusCode::BadHeader)
+    );
     // Truncated: half a header, then the stream is finished.
     let good = header(echo(7000), Some(east_src), 1);
     let (mut s, mut r) = conn.open_bi().await.unwrap();
     s.write_all(&good[..good.len() / 2]).await.unwrap();
     s.finish().unwrap();
-    assert_eq!(read_status(&mut r).await.unwrap().code, StatusCode::BadHeader);
+    assert_eq!(
+        read_status(&mut r).await.unwrap().code,
+        StatusCode::BadHeader
+    );
     assert_eq!(m.rejected_count("bad_header"), 3);
 
     // Unknown service, unknown port, service not exported.
-    let nope = Target::Service { name: ServiceName::new("nope", "demo").unwrap(), port: 7000 };
-    assert_eq!(send_raw(&conn, &header(nope, Some(east_src), 1)).await, Ok(StatusCode::UnknownService));
-    assert_eq!(send_raw(&conn, &header(echo(1), Some(east_src), 1)).await, Ok(StatusCode::UnknownService));
+    let nope = Target::Service {
+        name: ServiceName::new("nope", "demo").unwrap(),
+        port: 7000,
+    };
+    assert_eq!(
+        send_raw(&conn, &header(nope, Some(east_src), 1)).await,
+        Ok(StatusCode::UnknownService)
+    );
+    assert_eq!(
+        send_raw(&conn, &header(echo(1), Some(east_src), 1)).await,
+        Ok(StatusCode::UnknownService)
+    );
     // An endpoint target that is not an exported endpoint: denied.
     let ep = Target::Endpoint("127.0.0.1:1".parse().unwrap());
-    assert_eq!(send_raw(&conn, &header(ep, Some(east_src), 1)).await, Ok(StatusCode::Denied));
+    assert_eq!(
+        send_raw(&conn, &header(ep, Some(east_src), 1)).await,
+        Ok(StatusCode::Denied)
+    );
 
     // Source identity outside the peer's trust domain: east may not vouch
     // for a west (or north) workload.
-    assert_eq!(send_raw(&conn, &header(echo(7000), Some(CLIENT), 1)).await, Ok(StatusCode::Denied));
+    assert_eq!(
+        send_raw(&conn, &header(echo(7000), Some(CLIENT), 1)).await,
+        Ok(StatusCode::Denied)
+    );
     assert_eq!(
         send_raw(&conn, &header(echo(7000), Some("spiffe://north.demo/x"), 1)).await,
         Ok(StatusCode::Denied)
     );
     // No source at all.
-    assert_eq!(send_raw(&conn, &header(echo(7000), None, 1)).await, Ok(StatusCode::Denied));
+    assert_eq!(
+        send_raw(&conn, &header(echo(7000), None, 1)).await,
+        Ok(StatusCode::Denied)
+    );
     assert_eq!(m.rejected_count("source_denied"), 3);
 
     // Hop count at the limit: a loop.
-    assert_eq!(send_raw(&conn, &header(echo(7000), Some(east_src), MAX_HOPS)).await, Ok(StatusCode::Loop));
+    assert_eq!(
+        send_raw(&conn, &header(echo(7000), Some(east_src), MAX_HOPS)).await,
+        Ok(StatusCode::Loop)
+    );
     assert_eq!(m.rejected_count("loop"), 1);
 
     // A stream that never sends a header is timed out.
     let (mut s, mut r) = conn.open_bi().await.unwrap();
     s.write_all(b"F").await.unwrap();
-    let st = tokio::time::timeout(Duration::from_secs(5), read_status(&mut r)).await.unwrap().unwrap();
+    let st = tokio::time::timeout(Duration::from_secs(5), read_status(&mut r))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(st.code, StatusCode::Timeout);
     assert_eq!(m.rejected_count("header_timeout"), 1);
 
     // The same connection still works after all that.
-    assert_eq!(send_raw(&conn, &header(echo(7000), Some(east_src), 1)).await, Ok(StatusCode::Ok));
+    assert_eq!(
+        send_raw(&conn, &header(echo(7000), Some(east_src), 1)).await,
+        Ok(StatusCode::Ok)
+    );
     neighbours_ok(east).await;
 }
 
@@ -153,7 +197,9 @@ async fn headers_are_checked_and_answered() {
 async fn stream_flood_is_capped_per_connection() {
     let rig = rig().await;
     let east = rig.cluster("east").unwrap();
-    let conn = quic_client(&rig, "east", &west_gateway(&rig)).await.unwrap();
+    let conn = quic_client(&rig, "east", &west_gateway(&rig))
+        .await
+        .unwrap();
     // Fill the cap (4) with streams that never finish their header.
     let mut held = Vec::new();
     for _ in 0..4 {
@@ -172,9 +218,12 @@ async fn stream_flood_is_capped_per_connection() {
         assert_eq!(st.code, StatusCode::Timeout);
     }
     drop(held);
-    let st = tokio::time::timeout(Duration::from_secs(5), send_raw(&conn, &header(echo(7000), None, 1)))
-        .await
-        .expect("stream credit came back");
+    let st = tokio::time::timeout(
+        Duration::from_secs(5),
+        send_raw(&conn, &header(echo(7000), None, 1)),
+    )
+    .await
+    .expect("stream credit came back");
     // east does not serve echo.demo: the header is read and answered.
     assert_eq!(st, Ok(StatusCode::Denied));
 }
@@ -224,12 +273,20 @@ async fn bad_peer_certificates_are_refused() {
 
     // 3. A trusted identity that is no peer gateway: handshake completes,
     //    then the connection is closed.
-    let workload = rig.cluster("west").unwrap().ca.issue(&SpiffeId::new(CLIENT).unwrap(), ttl).unwrap();
+    let workload = rig
+        .cluster("west")
+        .unwrap()
+        .ca
+        .issue(&SpiffeId::new(CLIENT).unwrap(), ttl)
+        .unwrap();
     let outcome = match quic_client(&rig, "east", &workload).await {
         Err(e) => Err(e),
         Ok(conn) => send_raw(&conn, &header(echo(7000), None, 1)).await,
     };
-    assert!(outcome.is_err(), "non-gateway identity accepted: {outcome:?}");
+    assert!(
+        outcome.is_err(),
+        "non-gateway identity accepted: {outcome:?}"
+    );
     assert_eq!(m.rejected_count("unknown_peer"), 1);
     neighbours_ok(east).await;
 }
@@ -245,7 +302,9 @@ async fn tunnel_port_refuses_clients_without_a_valid_certificate() {
     let cfg = Arc::new(fedmesh_testkit::tls::client_without_certificate());
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("fedmesh.invalid").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await;
+    let tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await;
     // The handshake may "complete" client-side; the first read shows the refusal.
     if let Ok(mut tls) = tls {
         let _ = tls.write_all(&header(echo(7000), None, 0)).await;
@@ -254,11 +313,23 @@ async fn tunnel_port_refuses_clients_without_a_valid_certificate() {
 
     // A valid workload of another cluster may not use east's gateway.
     let west = rig.cluster("west").unwrap();
-    let foreign = west.ca.issue(&SpiffeId::new(CLIENT).unwrap(), Duration::from_secs(3600)).unwrap();
-    let cfg = fedmesh_trust::client_config(&foreign, east.bundles.clone(), fedmesh_trust::PeerPolicy::AnyTrusted, &[fedmesh_wire::ALPN]).unwrap();
+    let foreign = west
+        .ca
+        .issue(&SpiffeId::new(CLIENT).unwrap(), Duration::from_secs(3600))
+        .unwrap();
+    let cfg = fedmesh_trust::client_config(
+        &foreign,
+        east.bundles.clone(),
+        fedmesh_trust::PeerPolicy::AnyTrusted,
+        &[fedmesh_wire::ALPN],
+    )
+    .unwrap();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("fedmesh.invalid").unwrap();
-    if let Ok(mut tls) = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await {
+    if let Ok(mut tls) = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(name, tcp)
+        .await
+    {
         let _ = tls.write_all(&header(echo(7000), None, 0)).await;
         assert!(read_status(&mut tls).await.is_err());
     }

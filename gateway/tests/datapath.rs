@@ -33,17 +33,30 @@ async fn cross_cluster_and_local_traffic_is_byte_exact() {
     // their gateway; the local service saw it directly.
     for name in ["west", "north"] {
         let c = rig.cluster(name).unwrap();
-        let seen: Vec<_> = c.sidecars.iter().flat_map(|s| s.1.metrics().seen()).collect();
+        let seen: Vec<_> = c
+            .sidecars
+            .iter()
+            .flat_map(|s| s.1.metrics().seen())
+            .collect();
         assert!(!seen.is_empty());
         for s in seen {
             assert_eq!(s.source, "spiffe://east.demo/ns/demo/sa/client");
             assert_eq!(s.via, "gateway");
         }
     }
-    let seen: Vec<_> = east.sidecars.iter().flat_map(|s| s.1.metrics().seen()).collect();
-    assert!(seen.iter().all(|s| s.via == "direct" && s.source == "spiffe://east.demo/ns/demo/sa/client"));
+    let seen: Vec<_> = east
+        .sidecars
+        .iter()
+        .flat_map(|s| s.1.metrics().seen())
+        .collect();
+    assert!(seen
+        .iter()
+        .all(|s| s.via == "direct" && s.source == "spiffe://east.demo/ns/demo/sa/client"));
     // One QUIC connection per peer, reused by all 16 tunneled connections.
-    assert_eq!(east.gateway.metrics().stream_count("from_sidecar", "ok"), 16);
+    assert_eq!(
+        east.gateway.metrics().stream_count("from_sidecar", "ok"),
+        16
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,5 +76,9 @@ async fn a_dead_cluster_is_failed_over_at_connect_time() {
     rig.cluster("west").unwrap().gateway.close();
     let after = run_load(east.client_addr("echo.demo").unwrap(), &spec).await;
     assert_eq!(after.failed, 0, "{:?}", after.errors);
-    assert!(after.served_by.keys().all(|k| k.starts_with("north/")), "{:?}", after.served_by);
+    assert!(
+        after.served_by.keys().all(|k| k.starts_with("north/")),
+        "{:?}",
+        after.served_by
+    );
 }

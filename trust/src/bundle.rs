@@ -9,8 +9,8 @@ use std::sync::{Arc, RwLock};
 
 use base64::Engine;
 use rustls_pki_types::CertificateDer;
-use sha2::{Digest, Sha256};
 use rustls_pki_types::TrustAnchor;
+use sha2::{Digest, Sha256};
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
 use x509_parser::x509::SubjectPublicKeyInfo;
@@ -342,7 +342,9 @@ impl TrustBundles {
 
     pub(crate) fn get_by_name(&self, name: &str) -> Option<&TrustBundle> {
         // Trust domains are few; a linear scan avoids allocating a key.
-        self.by_domain.values().find(|b| b.trust_domain.as_str() == name)
+        self.by_domain
+            .values()
+            .find(|b| b.trust_domain.as_str() == name)
     }
 
     pub fn domains(&self) -> impl Iterator<Item = &TrustDomain> {

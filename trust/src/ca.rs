@@ -49,7 +49,10 @@ pub enum CaError {
     #[error("TTL {0:?} is out of range")]
     Ttl(Duration),
     #[error("SPIFFE ID {id} is not in this CA's trust domain {trust_domain}")]
-    ForeignId { id: SpiffeId, trust_domain: TrustDomain },
+    ForeignId {
+        id: SpiffeId,
+        trust_domain: TrustDomain,
+    },
 }
 
 /// A signing CA of one trust domain.
@@ -225,10 +228,20 @@ impl CertificateAuthority {
             path: dir.display().to_string(),
             source,
         })?;
-        write(dir, "ca.pem", &pem::encode_certs(std::slice::from_ref(&self.cert)), false)?;
+        write(
+            dir,
+            "ca.pem",
+            &pem::encode_certs(std::slice::from_ref(&self.cert)),
+            false,
+        )?;
         write(dir, "ca.key", &self.key.serialize_pem(), true)?;
         write(dir, "chain.pem", &pem::encode_certs(&self.chain), false)?;
-        write(dir, "bundle.pem", &pem::encode_certs(std::slice::from_ref(&self.root)), false)?;
+        write(
+            dir,
+            "bundle.pem",
+            &pem::encode_certs(std::slice::from_ref(&self.root)),
+            false,
+        )?;
         Ok(())
     }
 

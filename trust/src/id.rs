@@ -34,7 +34,9 @@ pub enum IdError {
     Port,
     #[error("trust domain must not carry userinfo (`user@`)")]
     UserInfo,
-    #[error("trust domain may only contain lowercase letters, digits, `.`, `-` and `_`; found {0:?}")]
+    #[error(
+        "trust domain may only contain lowercase letters, digits, `.`, `-` and `_`; found {0:?}"
+    )]
     TrustDomainChar(char),
     #[error("SPIFFE ID needs a path (`spiffe://domain/path`)")]
     MissingPath,
@@ -94,11 +96,12 @@ impl TrustDomain {
     /// Infallible: a component name that breaks the path rules becomes
     /// `invalid-component`, which matches nothing anyone was issued.
     pub fn system_id(&self, component: &'static str) -> SpiffeId {
-        let component = if validate_path(&format!("/{component}")).is_ok() && !component.contains('/') {
-            component
-        } else {
-            "invalid-component"
-        };
+        let component =
+            if validate_path(&format!("/{component}")).is_ok() && !component.contains('/') {
+                component
+            } else {
+                "invalid-component"
+            };
         let uri = format!("{SCHEME}{}/ns/fedmesh-system/sa/{component}", self.0);
         SpiffeId {
             path_start: SCHEME.len() + self.0.len(),

@@ -109,12 +109,10 @@ fn map_webpki(e: webpki::Error, td: &str, usage: Usage) -> VerifyError {
         E::CertNotValidYet { .. } => {
             VerifyError::Path("a certificate in the chain is not valid yet".into())
         }
-        E::RequiredEkuNotFoundContext(_) => {
-            VerifyError::WrongUsage(match usage {
-                Usage::Client => "client authentication",
-                Usage::Server => "server authentication",
-            })
-        }
+        E::RequiredEkuNotFoundContext(_) => VerifyError::WrongUsage(match usage {
+            Usage::Client => "client authentication",
+            Usage::Server => "server authentication",
+        }),
         other => VerifyError::Path(other.to_string()),
     }
 }

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 use std::time::Duration;
 
 use fedmesh_trust::*;
@@ -36,8 +37,7 @@ fn pem_and_json_round_trip_with_one_fingerprint() {
 #[test]
 fn json_skips_jwt_keys_and_rejects_bad_x509_entries() {
     let a = CertificateAuthority::new_root(td("east.acme"), DAY).unwrap();
-    let good: serde_json::Value =
-        serde_json::from_str(&a.bundle().to_spiffe_json()).unwrap();
+    let good: serde_json::Value = serde_json::from_str(&a.bundle().to_spiffe_json()).unwrap();
     let x5c = good["keys"][0]["x5c"][0].clone();
     let doc = serde_json::json!({"keys": [
         {"use": "jwt-svid", "kty": "EC", "kid": "k1", "crv": "P-256", "x": "AA", "y": "AA"},

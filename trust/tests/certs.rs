@@ -1,10 +1,13 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! One test per way a presented certificate can be wrong, plus the good paths.
 
 use std::time::{Duration, SystemTime};
 
 use fedmesh_trust::svid::SvidError;
 use fedmesh_trust::*;
-use rcgen::{CertificateParams, CustomExtension, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType};
+use rcgen::{
+    CertificateParams, CustomExtension, ExtendedKeyUsagePurpose, IsCa, KeyUsagePurpose, SanType,
+};
 use rustls_pki_types::CertificateDer;
 
 const DAY: Duration = Duration::from_secs(86_400);
@@ -154,8 +157,9 @@ fn no_uri_san() {
 fn two_uri_sans() {
     let f = fixture();
     let chain = custom(&f, |p| {
-        p.subject_alt_names
-            .push(SanType::URI("spiffe://east.acme/ns/x/sa/y".try_into().unwrap()))
+        p.subject_alt_names.push(SanType::URI(
+            "spiffe://east.acme/ns/x/sa/y".try_into().unwrap(),
+        ))
     });
     assert_eq!(
         check(&f, &chain).unwrap_err(),
@@ -167,7 +171,9 @@ fn two_uri_sans() {
 fn uri_san_is_not_a_spiffe_id() {
     let f = fixture();
     let chain = custom(&f, |p| {
-        p.subject_alt_names = vec![SanType::URI("spiffe://east.acme/a/../b".try_into().unwrap())]
+        p.subject_alt_names = vec![SanType::URI(
+            "spiffe://east.acme/a/../b".try_into().unwrap(),
+        )]
     });
     assert_eq!(
         check(&f, &chain).unwrap_err(),
@@ -204,7 +210,8 @@ fn key_usage_not_critical() {
         p.key_usages.clear();
         // keyUsage = BIT STRING { digitalSignature }, written by hand so it
         // can be non-critical (rcgen always marks its own critical).
-        let mut ext = CustomExtension::from_oid_content(&[2, 5, 29, 15], vec![0x03, 0x02, 0x07, 0x80]);
+        let mut ext =
+            CustomExtension::from_oid_content(&[2, 5, 29, 15], vec![0x03, 0x02, 0x07, 0x80]);
         ext.set_criticality(false);
         p.custom_extensions.push(ext);
     });
@@ -217,7 +224,9 @@ fn key_usage_not_critical() {
 #[test]
 fn key_usage_without_digital_signature() {
     let f = fixture();
-    let chain = custom(&f, |p| p.key_usages = vec![KeyUsagePurpose::KeyEncipherment]);
+    let chain = custom(&f, |p| {
+        p.key_usages = vec![KeyUsagePurpose::KeyEncipherment]
+    });
     assert_eq!(
         check(&f, &chain).unwrap_err(),
         VerifyError::Leaf(SvidError::NoDigitalSignature)
@@ -288,8 +297,12 @@ fn garbage_and_empty_and_overlong() {
 fn peer_policies() {
     let a = api();
     assert!(PeerPolicy::AnyTrusted.authorize(&a).is_ok());
-    assert!(PeerPolicy::trust_domain(td("east.acme")).authorize(&a).is_ok());
-    assert!(PeerPolicy::trust_domain(td("west.acme")).authorize(&a).is_err());
+    assert!(PeerPolicy::trust_domain(td("east.acme"))
+        .authorize(&a)
+        .is_ok());
+    assert!(PeerPolicy::trust_domain(td("west.acme"))
+        .authorize(&a)
+        .is_err());
     assert!(PeerPolicy::id(a.clone()).authorize(&a).is_ok());
     let err = PeerPolicy::id(id("spiffe://east.acme/gw"))
         .authorize(&a)
@@ -313,7 +326,10 @@ fn ca_save_load_round_trip() {
     {
         use std::os::unix::fs::PermissionsExt;
         for f in ["ca.key", "svid.key"] {
-            let mode = std::fs::metadata(dir.path().join(f)).unwrap().permissions().mode();
+            let mode = std::fs::metadata(dir.path().join(f))
+                .unwrap()
+                .permissions()
+                .mode();
             assert_eq!(mode & 0o077, 0, "{f} is readable by others");
         }
     }

@@ -42,7 +42,9 @@ enum Cmd {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     match cli.cmd {
         Cmd::Tunnel {
             bytes,
@@ -70,7 +72,10 @@ fn topology() -> Topology {
             },
             ClusterTopo {
                 name: "west".into(),
-                services: vec![svc("echo.bench", AppKind::Echo), svc("sink.bench", AppKind::Sink)],
+                services: vec![
+                    svc("echo.bench", AppKind::Echo),
+                    svc("sink.bench", AppKind::Sink),
+                ],
             },
         ],
         limits: fedmesh_transport::Limits::default(),
@@ -197,7 +202,12 @@ async fn tunnel(bytes: u64, runs: usize, round_trips: usize, as_json: bool) -> a
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&json!({"bytes_per_run": bytes, "round_trips": round_trips, "paths": v}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(
+                &json!({"bytes_per_run": bytes, "round_trips": round_trips, "paths": v})
+            )?
+        );
     } else {
         println!("fedmesh tunnel benchmark: {} MiB per goodput run (best of {runs}), {round_trips} x 64 B round trips\n", bytes >> 20);
         println!(

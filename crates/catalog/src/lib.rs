@@ -121,7 +121,10 @@ impl Catalog {
     }
 
     pub fn imports(&self, name: &ServiceName) -> &[ClusterName] {
-        self.imports.get(name).map(Vec::as_slice).unwrap_or_default()
+        self.imports
+            .get(name)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
     }
 
     pub fn gateway(&self) -> Option<&LocalGateway> {

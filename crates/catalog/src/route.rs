@@ -13,9 +13,15 @@ use crate::{Catalog, ClusterName};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Hop {
     /// A sidecar's inbound listener in this cluster (mTLS over TCP).
-    Endpoint { address: SocketAddr, identity: SpiffeId },
+    Endpoint {
+        address: SocketAddr,
+        identity: SpiffeId,
+    },
     /// This cluster's gateway (mTLS over TCP), which goes on to a peer.
-    Gateway { address: SocketAddr, identity: SpiffeId },
+    Gateway {
+        address: SocketAddr,
+        identity: SpiffeId,
+    },
     /// A peer cluster's gateway (QUIC).
     Peer { cluster: ClusterName },
 }
@@ -232,7 +238,9 @@ peers:
     fn outbound_errors() {
         let c = cat();
         assert_eq!(
-            c.route_outbound(&svc("nope.demo"), 1, 0).unwrap_err().status(),
+            c.route_outbound(&svc("nope.demo"), 1, 0)
+                .unwrap_err()
+                .status(),
             StatusCode::UnknownService
         );
         assert!(matches!(
@@ -252,12 +260,18 @@ peers:
         assert_eq!(
             h,
             vec![
-                Hop::Peer { cluster: ClusterName::new("north").unwrap() },
-                Hop::Peer { cluster: ClusterName::new("west").unwrap() },
+                Hop::Peer {
+                    cluster: ClusterName::new("north").unwrap()
+                },
+                Hop::Peer {
+                    cluster: ClusterName::new("west").unwrap()
+                },
             ]
         );
         assert_eq!(
-            c.route_from_local(&target("secret.demo", 7000), 0).unwrap_err().status(),
+            c.route_from_local(&target("secret.demo", 7000), 0)
+                .unwrap_err()
+                .status(),
             StatusCode::UnknownService
         );
         assert_eq!(
@@ -274,22 +288,29 @@ peers:
         assert_eq!(h.len(), 2);
         assert!(h.iter().all(|h| matches!(h, Hop::Endpoint { .. })));
         assert_eq!(
-            c.route_from_peer(&target("secret.demo", 7000), 0).unwrap_err(),
+            c.route_from_peer(&target("secret.demo", 7000), 0)
+                .unwrap_err(),
             RouteError::NotExported(svc("secret.demo"))
         );
         // Imported-only services are never forwarded onward.
         assert_eq!(
-            c.route_from_peer(&target("remote.demo", 80), 0).unwrap_err(),
+            c.route_from_peer(&target("remote.demo", 80), 0)
+                .unwrap_err(),
             RouteError::UnknownService(svc("remote.demo"))
         );
         assert_eq!(
-            c.route_from_peer(&target("empty.demo", 7000), 0).unwrap_err().status(),
+            c.route_from_peer(&target("empty.demo", 7000), 0)
+                .unwrap_err()
+                .status(),
             StatusCode::NoHealthyEndpoint
         );
         let ok = Target::Endpoint("127.0.0.1:9002".parse().unwrap());
         assert!(c.route_from_peer(&ok, 0).is_ok());
         let hidden = Target::Endpoint("127.0.0.1:9003".parse().unwrap());
-        assert_eq!(c.route_from_peer(&hidden, 0).unwrap_err().status(), StatusCode::Denied);
+        assert_eq!(
+            c.route_from_peer(&hidden, 0).unwrap_err().status(),
+            StatusCode::Denied
+        );
     }
 
     #[test]

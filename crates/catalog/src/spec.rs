@@ -92,30 +92,31 @@ impl CatalogSpec {
             .map_err(|e| err(format!("trust_domain {:?}: {e}", self.trust_domain)))
             .ok();
 
-        let id_in = |what: &str, raw: &str, td: Option<&TrustDomain>, err: &mut dyn FnMut(String)| {
-            match SpiffeId::new(raw) {
-                Ok(id) => {
-                    if let Some(td) = td {
-                        if id.trust_domain_name() != td.as_str() {
-                            err(format!(
-                                "{what}: identity {id} is not in trust domain {td}"
-                            ));
-                            return None;
+        let id_in =
+            |what: &str, raw: &str, td: Option<&TrustDomain>, err: &mut dyn FnMut(String)| {
+                match SpiffeId::new(raw) {
+                    Ok(id) => {
+                        if let Some(td) = td {
+                            if id.trust_domain_name() != td.as_str() {
+                                err(format!("{what}: identity {id} is not in trust domain {td}"));
+                                return None;
+                            }
                         }
+                        Some(id)
                     }
-                    Some(id)
+                    Err(e) => {
+                        err(format!("{what}: identity {raw:?}: {e}"));
+                        None
+                    }
                 }
-                Err(e) => {
-                    err(format!("{what}: identity {raw:?}: {e}"));
-                    None
-                }
-            }
-        };
+            };
 
         let mut peers = BTreeMap::new();
         for (i, p) in self.peers.iter().enumerate() {
             let what = format!("peers[{i}] ({})", p.cluster);
-            let name = ClusterName::new(&p.cluster).map_err(|e| err(format!("{what}: {e}"))).ok();
+            let name = ClusterName::new(&p.cluster)
+                .map_err(|e| err(format!("{what}: {e}")))
+                .ok();
             let td = TrustDomain::new(&p.trust_domain)
                 .map_err(|e| err(format!("{what}: trust_domain: {e}")))
                 .ok();
@@ -147,12 +148,16 @@ impl CatalogSpec {
         }
 
         if self.services.len() > MAX_SERVICES {
-            err(format!("{} services, more than the limit of {MAX_SERVICES}", self.services.len()));
+            err(format!(
+                "{} services, more than the limit of {MAX_SERVICES}",
+                self.services.len()
+            ));
         }
         let mut services = BTreeMap::new();
         for (i, s) in self.services.iter().enumerate() {
             let what = format!("services[{i}] ({})", s.name);
-            let Ok(name) = ServiceName::parse(&s.name).map_err(|e| err(format!("{what}: {e}"))) else {
+            let Ok(name) = ServiceName::parse(&s.name).map_err(|e| err(format!("{what}: {e}")))
+            else {
                 continue;
             };
             if s.ports.is_empty() {
@@ -166,21 +171,26 @@ impl CatalogSpec {
                 err(format!("{what}: duplicate ports"));
             }
             if s.endpoints.len() > MAX_ENDPOINTS_PER_SERVICE {
-                err(format!("{what}: more than {MAX_ENDPOINTS_PER_SERVICE} endpoints"));
+                err(format!(
+                    "{what}: more than {MAX_ENDPOINTS_PER_SERVICE} endpoints"
+                ));
             }
             let mut endpoints = Vec::with_capacity(s.endpoints.len());
             for (j, e) in s.endpoints.iter().enumerate() {
                 let ewhat = format!("{what}: endpoints[{j}]");
                 match &e.identity {
                     Some(raw) => {
-                        if let Some(identity) = id_in(&ewhat, raw, trust_domain.as_ref(), &mut err) {
+                        if let Some(identity) = id_in(&ewhat, raw, trust_domain.as_ref(), &mut err)
+                        {
                             endpoints.push(Endpoint {
                                 address: e.address,
                                 identity,
                             });
                         }
                     }
-                    None => err(format!("{ewhat}: needs an identity (the SPIFFE ID its sidecar presents)")),
+                    None => err(format!(
+                        "{ewhat}: needs an identity (the SPIFFE ID its sidecar presents)"
+                    )),
                 }
             }
             if services.contains_key(&name) {
@@ -200,7 +210,9 @@ impl CatalogSpec {
         let mut imports: BTreeMap<ServiceName, Vec<ClusterName>> = BTreeMap::new();
         for (i, imp) in self.imports.iter().enumerate() {
             let what = format!("imports[{i}] ({})", imp.service);
-            let Ok(name) = ServiceName::parse(&imp.service).map_err(|e| err(format!("{what}: {e}"))) else {
+            let Ok(name) =
+                ServiceName::parse(&imp.service).map_err(|e| err(format!("{what}: {e}")))
+            else {
                 continue;
             };
             let list = imports.entry(name).or_default();

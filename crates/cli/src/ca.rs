@@ -81,12 +81,22 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
                 ca.bundle().fingerprint()
             );
         }
-        Command::Intermediate { ca, out, ttl, force } => {
+        Command::Intermediate {
+            ca,
+            out,
+            ttl,
+            force,
+        } => {
             refuse_overwrite(&out, force)?;
-            let parent = CertificateAuthority::load(&ca).with_context(|| format!("loading CA from {}", ca.display()))?;
+            let parent = CertificateAuthority::load(&ca)
+                .with_context(|| format!("loading CA from {}", ca.display()))?;
             let inter = parent.new_intermediate(ttl)?;
             inter.save(&out)?;
-            println!("created intermediate CA for {} in {}", inter.trust_domain(), out.display());
+            println!(
+                "created intermediate CA for {} in {}",
+                inter.trust_domain(),
+                out.display()
+            );
         }
         Command::Issue {
             ca,
@@ -98,9 +108,15 @@ pub fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             let ca = CertificateAuthority::load(&ca_dir)
                 .with_context(|| format!("loading CA from {}", ca_dir.display()))?;
             let svid = ca.issue(&spiffe_id, ttl)?;
-            svid.save(&out).with_context(|| format!("writing {}", out.display()))?;
+            svid.save(&out)
+                .with_context(|| format!("writing {}", out.display()))?;
             std::fs::write(out.join("bundle.pem"), ca.bundle().to_pem())?;
-            println!("issued {} into {} (valid {})", svid.id(), out.display(), humantime::format_duration(ttl));
+            println!(
+                "issued {} into {} (valid {})",
+                svid.id(),
+                out.display(),
+                humantime::format_duration(ttl)
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

@@ -31,7 +31,11 @@ pub async fn gateway(args: Args) -> anyhow::Result<ExitCode> {
     let settings = GatewayConfig::load(&args.config)?;
     tracing::info!(?settings.limits, cluster = %settings.catalog.cluster, "effective gateway config");
     if args.check {
-        println!("config ok: gateway {} of cluster {}", settings.identity.id(), settings.catalog.cluster);
+        println!(
+            "config ok: gateway {} of cluster {}",
+            settings.identity.id(),
+            settings.catalog.cluster
+        );
         return Ok(ExitCode::SUCCESS);
     }
     let mut registry = Registry::default();
@@ -40,7 +44,9 @@ pub async fn gateway(args: Args) -> anyhow::Result<ExitCode> {
         "gateway up: quic {} tunnel {}{}",
         gw.quic_addr(),
         gw.tunnel_addr(),
-        gw.admin_addr().map(|a| format!(" admin http://{a}/metrics")).unwrap_or_default()
+        gw.admin_addr()
+            .map(|a| format!(" admin http://{a}/metrics"))
+            .unwrap_or_default()
     );
     until_signal().await?;
     gw.shutdown().await;
@@ -56,8 +62,8 @@ pub async fn sidecar(args: Args) -> anyhow::Result<ExitCode> {
     }
     let mut registry = Registry::default();
     let sc = Sidecar::build(settings, &mut registry).await?;
-    for (addr, svc, port) in sc.outbound() {
-        println!("outbound {addr} -> {}:{port}", svc.host());
+    for o in sc.outbound() {
+        println!("outbound {} -> {}:{}", o.listen, o.service.host(), o.port);
     }
     if let Some(a) = sc.inbound_addr() {
         println!("inbound {a} as {}", sc.identity());

@@ -47,7 +47,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let topo = Topology::demo();
     let rig = Rig::start(&topo).await?;
     let startup = started.elapsed();
-    let east = rig.cluster("east").ok_or_else(|| anyhow::anyhow!("no east cluster"))?;
+    let east = rig
+        .cluster("east")
+        .ok_or_else(|| anyhow::anyhow!("no east cluster"))?;
     let spec = LoadSpec {
         connections: args.connections,
         requests_per_connection: args.requests,
@@ -60,7 +62,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             .client_addr(service)
             .ok_or_else(|| anyhow::anyhow!("east has no outbound listener for {service}"))?;
         let report = run_load(addr, &spec).await;
-        flows.push(Flow { service, kind, report });
+        flows.push(Flow {
+            service,
+            kind,
+            report,
+        });
     }
 
     // Evidence of the path, from the gateways' own counters.
@@ -132,7 +138,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!("fedmesh demo: {} clusters in one process on loopback, real QUIC and mTLS\n", rig.clusters.len());
+        println!(
+            "fedmesh demo: {} clusters in one process on loopback, real QUIC and mTLS\n",
+            rig.clusters.len()
+        );
         println!("clusters (started in {} ms)", startup.as_millis());
         for c in &rig.clusters {
             println!(
@@ -178,7 +187,9 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 println!("  {n:>4}  {path}");
             }
         }
-        println!("  QUIC streams: {quic_out} opened by gateway(east), {quic_in} accepted by west+north");
+        println!(
+            "  QUIC streams: {quic_out} opened by gateway(east), {quic_in} accepted by west+north"
+        );
         println!("\ncaller identity as the server-side sidecar saw it");
         for (c, svc, s) in &identities {
             let how = if s.via == "gateway" {
@@ -186,7 +197,10 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             } else {
                 "peer certificate".to_owned()
             };
-            println!("  {svc:<14} saw {:<40} {how:<26} {:>4} connections", s.source, s.connections);
+            println!(
+                "  {svc:<14} saw {:<40} {how:<26} {:>4} connections",
+                s.source, s.connections
+            );
         }
         for f in flows.iter().filter(|f| !f.report.errors.is_empty()) {
             println!("\nerrors for {}:", f.service);
@@ -194,7 +208,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 println!("  {n:>4}  {e}");
             }
         }
-        let verdict = if failed == 0 && total > 0 { "PASS" } else { "FAIL" };
+        let verdict = if failed == 0 && total > 0 {
+            "PASS"
+        } else {
+            "FAIL"
+        };
         println!(
             "\n{verdict}: {ok}/{total} requests ok, {failed} failed; every response checked byte for byte ({:.1} s)",
             elapsed.as_secs_f64()

@@ -25,24 +25,79 @@ fn ca_init_issue_and_verify() {
     let east = dir.path().join("east-ca");
     let west = dir.path().join("west-ca");
     let svid = dir.path().join("api");
-    assert!(fedmesh(&["ca", "init", "--trust-domain", "east.acme", "--out", s(&east)]).status.success());
-    assert!(fedmesh(&["ca", "init", "--trust-domain", "west.acme", "--out", s(&west)]).status.success());
+    assert!(fedmesh(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "east.acme",
+        "--out",
+        s(&east)
+    ])
+    .status
+    .success());
+    assert!(fedmesh(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "west.acme",
+        "--out",
+        s(&west)
+    ])
+    .status
+    .success());
     // Refuses to overwrite a CA without --force.
-    let again = fedmesh(&["ca", "init", "--trust-domain", "east.acme", "--out", s(&east)]);
+    let again = fedmesh(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        "east.acme",
+        "--out",
+        s(&east),
+    ]);
     assert!(!again.status.success());
     let out = fedmesh(&[
-        "ca", "issue", "--ca", s(&east), "--spiffe-id", "spiffe://east.acme/ns/shop/sa/api", "--out", s(&svid), "--ttl", "1h",
+        "ca",
+        "issue",
+        "--ca",
+        s(&east),
+        "--spiffe-id",
+        "spiffe://east.acme/ns/shop/sa/api",
+        "--out",
+        s(&svid),
+        "--ttl",
+        "1h",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let eb = format!("east.acme={}", s(&east.join("bundle.pem")));
     let wb = format!("west.acme={}", s(&west.join("bundle.pem")));
     let cert = svid.join("svid.pem");
-    let ok = fedmesh(&["trust", "verify", "--bundle", &eb, "--bundle", &wb, "--cert", s(&cert)]);
+    let ok = fedmesh(&[
+        "trust",
+        "verify",
+        "--bundle",
+        &eb,
+        "--bundle",
+        &wb,
+        "--cert",
+        s(&cert),
+    ]);
     assert_eq!(ok.status.code(), Some(0));
     assert_eq!(stdout(&ok).trim(), "spiffe://east.acme/ns/shop/sa/api");
 
-    let json = fedmesh(&["trust", "verify", "--bundle", &eb, "--cert", s(&cert), "--json"]);
+    let json = fedmesh(&[
+        "trust",
+        "verify",
+        "--bundle",
+        &eb,
+        "--cert",
+        s(&cert),
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_str(&stdout(&json)).unwrap();
     assert_eq!(v["valid"], true);
     assert_eq!(v["trust_domain"], "east.acme");
@@ -50,14 +105,28 @@ fn ca_init_issue_and_verify() {
     // Only west's bundle: east's leaf has no bundle of its own domain.
     let bad = fedmesh(&["trust", "verify", "--bundle", &wb, "--cert", s(&cert)]);
     assert_eq!(bad.status.code(), Some(1));
-    assert!(stdout(&bad).contains("no trust bundle for trust domain east.acme"), "{}", stdout(&bad));
+    assert!(
+        stdout(&bad).contains("no trust bundle for trust domain east.acme"),
+        "{}",
+        stdout(&bad)
+    );
     // West's roots filed under east's name are refused as a bundle (usage).
     let wrong = format!("east.acme={}", s(&west.join("bundle.pem")));
     let o = fedmesh(&["trust", "verify", "--bundle", &wrong, "--cert", s(&cert)]);
     assert_eq!(o.status.code(), Some(2));
 
     // Expired as of a later time.
-    let later = fedmesh(&["trust", "verify", "--bundle", &eb, "--cert", s(&cert), "--at", "2099-01-01T00:00:00Z", "--json"]);
+    let later = fedmesh(&[
+        "trust",
+        "verify",
+        "--bundle",
+        &eb,
+        "--cert",
+        s(&cert),
+        "--at",
+        "2099-01-01T00:00:00Z",
+        "--json",
+    ]);
     assert_eq!(later.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_str(&stdout(&later)).unwrap();
     assert_eq!(v["valid"], false);
@@ -65,10 +134,32 @@ fn ca_init_issue_and_verify() {
 
     // An intermediate CA's SVIDs verify with the root bundle alone.
     let inter = dir.path().join("inter");
-    assert!(fedmesh(&["ca", "intermediate", "--ca", s(&east), "--out", s(&inter)]).status.success());
+    assert!(
+        fedmesh(&["ca", "intermediate", "--ca", s(&east), "--out", s(&inter)])
+            .status
+            .success()
+    );
     let isvid = dir.path().join("isvid");
-    assert!(fedmesh(&["ca", "issue", "--ca", s(&inter), "--spiffe-id", "spiffe://east.acme/x", "--out", s(&isvid)]).status.success());
-    let o = fedmesh(&["trust", "verify", "--bundle", &eb, "--cert", s(&isvid.join("svid.pem"))]);
+    assert!(fedmesh(&[
+        "ca",
+        "issue",
+        "--ca",
+        s(&inter),
+        "--spiffe-id",
+        "spiffe://east.acme/x",
+        "--out",
+        s(&isvid)
+    ])
+    .status
+    .success());
+    let o = fedmesh(&[
+        "trust",
+        "verify",
+        "--bundle",
+        &eb,
+        "--cert",
+        s(&isvid.join("svid.pem")),
+    ]);
     assert_eq!(o.status.code(), Some(0), "{}", stdout(&o));
 }
 
@@ -77,22 +168,66 @@ fn usage_errors_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     for args in [
         vec!["trust", "verify", "--bundle", "nodomain", "--cert", "x.pem"],
-        vec!["trust", "verify", "--bundle", "East.acme=x.pem", "--cert", "x.pem"],
-        vec!["trust", "verify", "--bundle", "east.acme=/nonexistent.pem", "--cert", "x.pem"],
+        vec![
+            "trust",
+            "verify",
+            "--bundle",
+            "East.acme=x.pem",
+            "--cert",
+            "x.pem",
+        ],
+        vec![
+            "trust",
+            "verify",
+            "--bundle",
+            "east.acme=/nonexistent.pem",
+            "--cert",
+            "x.pem",
+        ],
         vec!["trust", "verify", "--cert", "x.pem"],
-        vec!["ca", "init", "--trust-domain", "East", "--out", s(dir.path())],
-        vec!["ca", "issue", "--ca", s(dir.path()), "--spiffe-id", "spiffe://e/a/../b", "--out", s(dir.path())],
+        vec![
+            "ca",
+            "init",
+            "--trust-domain",
+            "East",
+            "--out",
+            s(dir.path()),
+        ],
+        vec![
+            "ca",
+            "issue",
+            "--ca",
+            s(dir.path()),
+            "--spiffe-id",
+            "spiffe://e/a/../b",
+            "--out",
+            s(dir.path()),
+        ],
     ] {
         let o = fedmesh(&args);
-        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
     }
     // A certificate file that is not a certificate: invalid, not usage.
     let ca = dir.path().join("ca");
-    assert!(fedmesh(&["ca", "init", "--trust-domain", "east.acme", "--out", s(&ca)]).status.success());
+    assert!(
+        fedmesh(&["ca", "init", "--trust-domain", "east.acme", "--out", s(&ca)])
+            .status
+            .success()
+    );
     let junk = dir.path().join("junk.pem");
     std::fs::write(&junk, "hello").unwrap();
     let b = format!("east.acme={}", s(&ca.join("bundle.pem")));
-    assert_eq!(fedmesh(&["trust", "verify", "--bundle", &b, "--cert", s(&junk)]).status.code(), Some(1));
+    assert_eq!(
+        fedmesh(&["trust", "verify", "--bundle", &b, "--cert", s(&junk)])
+            .status
+            .code(),
+        Some(1)
+    );
 }
 
 #[test]
@@ -108,7 +243,9 @@ fn demo_json_reports_quic_and_zero_failures() {
     assert_eq!(v["cross_cluster"]["transport"], "quic");
     assert_eq!(v["cross_cluster"]["quic_streams_out"], 8);
     let ids = v["identities"].as_array().unwrap();
-    assert!(ids.iter().any(|i| i["via"] == "gateway" && i["source"] == "spiffe://east.demo/ns/demo/sa/client"));
+    assert!(ids
+        .iter()
+        .any(|i| i["via"] == "gateway" && i["source"] == "spiffe://east.demo/ns/demo/sa/client"));
 }
 
 #[test]
@@ -129,7 +266,12 @@ limits: { header_timeout: 0s }
     let o = fedmesh(&["gateway", "--config", s(&cfg), "--check"]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    for needle in ["header_timeout", "cluster name", "identity", "trust_domain \"East\""] {
+    for needle in [
+        "header_timeout",
+        "cluster name",
+        "identity",
+        "trust_domain \"East\"",
+    ] {
         assert!(err.contains(needle), "missing {needle:?} in {err}");
     }
 }

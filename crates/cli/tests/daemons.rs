@@ -27,15 +27,25 @@ fn bin() -> &'static str {
 
 fn run(args: &[&str]) {
     let o = Command::new(bin()).args(args).output().unwrap();
-    assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 fn free_tcp() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 fn free_udp() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
 }
 
 fn p(path: &Path) -> String {
@@ -47,18 +57,49 @@ async fn gateways_and_sidecars_from_yaml_as_processes() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     for (td, name) in [("east.acme", "east-ca"), ("west.acme", "west-ca")] {
-        run(&["ca", "init", "--trust-domain", td, "--out", &p(&d.join(name))]);
+        run(&[
+            "ca",
+            "init",
+            "--trust-domain",
+            td,
+            "--out",
+            &p(&d.join(name)),
+        ]);
     }
     for (ca, id, out) in [
-        ("east-ca", "spiffe://east.acme/ns/fedmesh-system/sa/gateway", "east-gw"),
+        (
+            "east-ca",
+            "spiffe://east.acme/ns/fedmesh-system/sa/gateway",
+            "east-gw",
+        ),
         ("east-ca", "spiffe://east.acme/ns/shop/sa/web", "east-web"),
-        ("west-ca", "spiffe://west.acme/ns/fedmesh-system/sa/gateway", "west-gw"),
+        (
+            "west-ca",
+            "spiffe://west.acme/ns/fedmesh-system/sa/gateway",
+            "west-gw",
+        ),
         ("west-ca", "spiffe://west.acme/ns/shop/sa/echo", "west-echo"),
     ] {
-        run(&["ca", "issue", "--ca", &p(&d.join(ca)), "--spiffe-id", id, "--out", &p(&d.join(out))]);
+        run(&[
+            "ca",
+            "issue",
+            "--ca",
+            &p(&d.join(ca)),
+            "--spiffe-id",
+            id,
+            "--out",
+            &p(&d.join(out)),
+        ]);
     }
     let app = App::start(AppKind::Echo, "west/echo").await.unwrap();
-    let (q1, t1, q2, t2, i2, o1) = (free_udp(), free_tcp(), free_udp(), free_tcp(), free_tcp(), free_tcp());
+    let (q1, t1, q2, t2, i2, o1) = (
+        free_udp(),
+        free_tcp(),
+        free_udp(),
+        free_tcp(),
+        free_tcp(),
+        free_tcp(),
+    );
     let bundles = format!(
         "bundles:\n  - {{ trust_domain: east.acme, path: {} }}\n  - {{ trust_domain: west.acme, path: {} }}\n",
         p(&d.join("east-ca/bundle.pem")),
@@ -127,7 +168,11 @@ async fn gateways_and_sidecars_from_yaml_as_processes() {
         if r.ok == 1 {
             break;
         }
-        assert!(Instant::now() < deadline, "path never came up: {:?}", r.errors);
+        assert!(
+            Instant::now() < deadline,
+            "path never came up: {:?}",
+            r.errors
+        );
         for c in &mut procs.0 {
             assert!(c.try_wait().unwrap().is_none(), "a daemon exited early");
         }

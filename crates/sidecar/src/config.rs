@@ -54,14 +54,36 @@ pub struct InboundService {
     pub app: SocketAddr,
 }
 
+/// An outbound listener, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutboundRoute {
+    pub listen: SocketAddr,
+    pub service: ServiceName,
+    pub port: u16,
+}
+
+/// A served service port and its app, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundRoute {
+    pub service: ServiceName,
+    pub port: u16,
+    pub app: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundSettings {
+    pub listen: SocketAddr,
+    pub routes: Vec<InboundRoute>,
+}
+
 /// Validated settings.
 #[derive(Debug, Clone)]
 pub struct SidecarSettings {
     pub catalog: Catalog,
     pub identity: Svid,
     pub bundles: SharedBundles,
-    pub outbound: Vec<(SocketAddr, ServiceName, u16)>,
-    pub inbound: Option<(SocketAddr, Vec<(ServiceName, u16, SocketAddr)>)>,
+    pub outbound: Vec<OutboundRoute>,
+    pub inbound: Option<InboundSettings>,
     pub admin: Option<SocketAddr>,
     pub limits: Limits,
 }
@@ -80,7 +102,8 @@ impl SidecarConfig {
             problems,
         };
         let text = std::fs::read_to_string(path).map_err(|e| err(vec![e.to_string()]))?;
-        let cfg: SidecarConfig = serde_yaml_ng::from_str(&text).map_err(|e| err(vec![e.to_string()]))?;
+        let cfg: SidecarConfig =
+            serde_yaml_ng::from_str(&text).map_err(|e| err(vec![e.to_string()]))?;
         cfg.settings().map_err(err)
     }
 
@@ -114,7 +137,11 @@ impl SidecarConfig {
                             ));
                         }
                     }
-                    outbound.push((o.listen, name, o.port));
+                    outbound.push(OutboundRoute {
+                        listen: o.listen,
+                        service: name,
+                        port: o.port,
+                    });
                 }
                 Err(e) => problems.push(format!("outbound[{i}]: {e}")),
             }
@@ -126,25 +153,34 @@ impl SidecarConfig {
             let mut svcs = Vec::new();
             for (i, s) in inb.services.iter().enumerate() {
                 match ServiceName::parse(&s.service) {
-                    Ok(name) => svcs.push((name, s.port, s.app)),
+                    Ok(service) => svcs.push(InboundRoute {
+                        service,
+                        port: s.port,
+                        app: s.app,
+                    }),
                     Err(e) => problems.push(format!("inbound.services[{i}]: {e}")),
                 }
             }
             if svcs.is_empty() && inb.services.is_empty() {
                 problems.push("inbound: needs at least one service".into());
             }
-            (inb.listen, svcs)
+            InboundSettings {
+                listen: inb.listen,
+                routes: svcs,
+            }
         });
         match (catalog, trust) {
-            (Some(catalog), Some((identity, bundles))) if problems.is_empty() => Ok(SidecarSettings {
-                catalog,
-                identity,
-                bundles,
-                outbound,
-                inbound,
-                admin: self.admin,
-                limits: self.limits.clone(),
-            }),
+            (Some(catalog), Some((identity, bundles))) if problems.is_empty() => {
+                Ok(SidecarSettings {
+                    catalog,
+                    identity,
+                    bundles,
+                    outbound,
+                    inbound,
+                    admin: self.admin,
+                    limits: self.limits.clone(),
+                })
+            }
             _ => Err(problems),
         }
     }

@@ -13,6 +13,9 @@ mod config;
 mod metrics;
 mod proxy;
 
-pub use config::{ConfigError, Inbound, InboundService, Outbound, SidecarConfig, SidecarSettings};
+pub use config::{
+    ConfigError, Inbound, InboundRoute, InboundService, InboundSettings, Outbound, OutboundRoute,
+    SidecarConfig, SidecarSettings,
+};
 pub use metrics::{SeenCaller, SidecarMetrics};
 pub use proxy::{Sidecar, SidecarError};

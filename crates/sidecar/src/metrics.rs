@@ -50,10 +50,26 @@ pub struct SidecarMetrics {
 impl SidecarMetrics {
     pub fn register(&self, reg: &mut Registry) {
         let reg = reg.sub_registry_with_prefix("fedmesh_sidecar");
-        reg.register("outbound_connections", "Outbound connections by service and path taken", self.outbound.clone());
-        reg.register("inbound_connections", "Inbound connections by service, caller identity and path", self.inbound.clone());
-        reg.register("rejected", "Connections refused, by reason", self.rejected.clone());
-        reg.register("bytes", "Payload bytes spliced (both directions)", self.bytes.clone());
+        reg.register(
+            "outbound_connections",
+            "Outbound connections by service and path taken",
+            self.outbound.clone(),
+        );
+        reg.register(
+            "inbound_connections",
+            "Inbound connections by service, caller identity and path",
+            self.inbound.clone(),
+        );
+        reg.register(
+            "rejected",
+            "Connections refused, by reason",
+            self.rejected.clone(),
+        );
+        reg.register(
+            "bytes",
+            "Payload bytes spliced (both directions)",
+            self.bytes.clone(),
+        );
     }
 
     pub fn reject(&self, reason: &'static str) {
@@ -85,7 +101,9 @@ impl SidecarMetrics {
             Ok(g) => g,
             Err(p) => p.into_inner(),
         };
-        *seen.entry((service.to_owned(), source.to_owned(), via)).or_default() += 1;
+        *seen
+            .entry((service.to_owned(), source.to_owned(), via))
+            .or_default() += 1;
     }
 
     /// Every distinct inbound caller seen so far.

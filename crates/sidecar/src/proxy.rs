@@ -17,7 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::Instrument;
 
-use crate::config::SidecarSettings;
+use crate::config::{InboundRoute, OutboundRoute, SidecarSettings};
 use crate::metrics::SidecarMetrics;
 
 #[derive(Debug, thiserror::Error)]
@@ -40,7 +40,7 @@ struct Shared {
     metrics: Arc<SidecarMetrics>,
     connector: TlsConnector,
     cursor: AtomicUsize,
-    inbound: Vec<(ServiceName, u16, SocketAddr)>,
+    inbound: Vec<InboundRoute>,
 }
 
 impl Shared {
@@ -55,13 +55,16 @@ impl Shared {
 /// A running sidecar. Dropping it stops its listeners.
 pub struct Sidecar {
     shared: Arc<Shared>,
-    outbound: Vec<(SocketAddr, ServiceName, u16)>,
+    outbound: Vec<OutboundRoute>,
     inbound_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), SidecarError> {
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), SidecarError> {
     let err = |source| SidecarError::Bind { what, addr, source };
     let l = TcpListener::bind(addr).await.map_err(err)?;
     let local = l.local_addr().map_err(err)?;
@@ -84,24 +87,41 @@ impl Sidecar {
             metrics,
             connector: TlsConnector::from(Arc::new(client_tls)),
             cursor: AtomicUsize::new(0),
-            inbound: s.inbound.as_ref().map(|i| i.1.clone()).unwrap_or_default(),
+            inbound: s
+                .inbound
+                .as_ref()
+                .map(|i| i.routes.clone())
+                .unwrap_or_default(),
             catalog: RwLock::new(Arc::new(s.catalog.clone())),
         });
         let mut tasks = Vec::new();
         let mut outbound = Vec::new();
-        for (addr, service, port) in &s.outbound {
-            let (l, local) = bind("outbound", *addr).await?;
-            tracing::info!(listen = %local, %service, port, "outbound listener");
-            outbound.push((local, service.clone(), *port));
-            tasks.push(tokio::spawn(accept_outbound(shared.clone(), l, service.clone(), *port)));
+        for o in &s.outbound {
+            let (l, local) = bind("outbound", o.listen).await?;
+            tracing::info!(listen = %local, service = %o.service, port = o.port, "outbound listener");
+            outbound.push(OutboundRoute {
+                listen: local,
+                ..o.clone()
+            });
+            tasks.push(tokio::spawn(accept_outbound(
+                shared.clone(),
+                l,
+                o.service.clone(),
+                o.port,
+            )));
         }
         let mut inbound_addr = None;
-        if let Some((addr, _)) = &s.inbound {
+        if let Some(inbound) = &s.inbound {
             // Only this cluster's workloads and gateway may connect: remote
             // callers always arrive through the gateway.
             let own = PeerPolicy::trust_domain(s.catalog.trust_domain.clone());
-            let tls = fedmesh_trust::server_config(&s.identity, s.bundles.clone(), own, &[fedmesh_wire::ALPN])?;
-            let (l, local) = bind("inbound", *addr).await?;
+            let tls = fedmesh_trust::server_config(
+                &s.identity,
+                s.bundles.clone(),
+                own,
+                &[fedmesh_wire::ALPN],
+            )?;
+            let (l, local) = bind("inbound", inbound.listen).await?;
             tracing::info!(listen = %local, identity = %s.identity.id(), "inbound listener");
             inbound_addr = Some(local);
             tasks.push(tokio::spawn(accept_inbound(
@@ -118,9 +138,14 @@ impl Sidecar {
                 registry: Arc::new(tokio::sync::Mutex::new(reg)),
                 ready: Arc::new(AtomicBool::new(true)),
             };
-            let (bound, task) = admin::spawn(addr, state)
-                .await
-                .map_err(|source| SidecarError::Bind { what: "admin", addr, source })?;
+            let (bound, task) =
+                admin::spawn(addr, state)
+                    .await
+                    .map_err(|source| SidecarError::Bind {
+                        what: "admin",
+                        addr,
+                        source,
+                    })?;
             admin_addr = Some(bound);
             tasks.push(task);
         }
@@ -133,14 +158,17 @@ impl Sidecar {
         })
     }
 
-    /// Bound outbound listeners: (address, service, port).
-    pub fn outbound(&self) -> &[(SocketAddr, ServiceName, u16)] {
+    /// Outbound listeners, with the addresses actually bound.
+    pub fn outbound(&self) -> &[OutboundRoute] {
         &self.outbound
     }
 
     /// The outbound listener for `service`, if there is one.
     pub fn outbound_addr(&self, service: &ServiceName) -> Option<SocketAddr> {
-        self.outbound.iter().find(|o| &o.1 == service).map(|o| o.0)
+        self.outbound
+            .iter()
+            .find(|o| &o.service == service)
+            .map(|o| o.listen)
     }
 
     pub fn inbound_addr(&self) -> Option<SocketAddr> {
@@ -190,7 +218,12 @@ fn new_traceparent() -> Option<Traceparent> {
     Traceparent::parse(&format!("00-{trace:032x}-{span:016x}-01")).ok()
 }
 
-async fn accept_outbound(shared: Arc<Shared>, listener: TcpListener, service: ServiceName, port: u16) {
+async fn accept_outbound(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    service: ServiceName,
+    port: u16,
+) {
     let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
     loop {
         let (tcp, remote) = match listener.accept().await {
@@ -211,16 +244,28 @@ async fn accept_outbound(shared: Arc<Shared>, listener: TcpListener, service: Se
         tokio::spawn(async move {
             let id: u64 = rand::random();
             let span = tracing::debug_span!("outbound", id, %service, %remote);
-            outbound_conn(&shared, tcp, &service, port, id).instrument(span).await;
+            outbound_conn(&shared, tcp, &service, port, id)
+                .instrument(span)
+                .await;
             drop(permit);
         });
     }
 }
 
-async fn outbound_conn(shared: &Shared, mut app: TcpStream, service: &ServiceName, port: u16, id: u64) {
+async fn outbound_conn(
+    shared: &Shared,
+    mut app: TcpStream,
+    service: &ServiceName,
+    port: u16,
+    id: u64,
+) {
     let _ = app.set_nodelay(true);
     let catalog = shared.catalog();
-    let hops = match catalog.route_outbound(service, port, shared.cursor.fetch_add(1, Ordering::Relaxed)) {
+    let hops = match catalog.route_outbound(
+        service,
+        port,
+        shared.cursor.fetch_add(1, Ordering::Relaxed),
+    ) {
         Ok(h) => h,
         Err(e) => {
             shared.metrics.outbound(service.name(), "failed");
@@ -243,7 +288,9 @@ async fn outbound_conn(shared: &Shared, mut app: TcpStream, service: &ServiceNam
             Hop::Peer { .. } => None,
         })
         .collect();
-    let (mut up, addr) = match connect_first(targets, &shared.connector, &header, &shared.limits).await {
+    let (mut up, addr) = match connect_first(targets, &shared.connector, &header, &shared.limits)
+        .await
+    {
         Ok(x) => x,
         Err(r) => {
             shared.metrics.outbound(service.name(), "failed");
@@ -252,9 +299,10 @@ async fn outbound_conn(shared: &Shared, mut app: TcpStream, service: &ServiceNam
         }
     };
     let via_gateway = catalog.gateway().is_some_and(|g| g.address == addr);
-    shared
-        .metrics
-        .outbound(service.name(), if via_gateway { "gateway" } else { "local" });
+    shared.metrics.outbound(
+        service.name(),
+        if via_gateway { "gateway" } else { "local" },
+    );
     match splice(&mut app, &mut up, shared.limits.splice_buffer_bytes).await {
         Ok((a, b)) => {
             shared.metrics.bytes.inc_by(a + b);
@@ -315,7 +363,14 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
     };
     if header.hops >= MAX_HOPS {
         shared.metrics.reject("loop");
-        answer(&mut down, &refuse(StatusCode::Loop, format!("hop count {} reached the limit", header.hops))).await;
+        answer(
+            &mut down,
+            &refuse(
+                StatusCode::Loop,
+                format!("hop count {} reached the limit", header.hops),
+            ),
+        )
+        .await;
         return;
     }
     // Only our own gateway may relay a caller's identity; from anyone else
@@ -326,7 +381,14 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
             Some(Ok(id)) => (id, "gateway"),
             _ => {
                 shared.metrics.reject("bad_source");
-                answer(&mut down, &refuse(StatusCode::Denied, "gateway stream without a valid source identity".into())).await;
+                answer(
+                    &mut down,
+                    &refuse(
+                        StatusCode::Denied,
+                        "gateway stream without a valid source identity".into(),
+                    ),
+                )
+                .await;
                 return;
             }
         }
@@ -337,27 +399,46 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
         Target::Service { name, port } => shared
             .inbound
             .iter()
-            .find(|(n, p, _)| n == name && p == port)
-            .map(|(n, _, a)| (n.name().to_owned(), *a)),
+            .find(|r| &r.service == name && r.port == *port)
+            .map(|r| (r.service.name().to_owned(), r.app)),
         Target::Endpoint(addr) => shared
             .inbound
             .iter()
-            .find(|(_, _, a)| a == addr)
-            .map(|(n, _, a)| (n.name().to_owned(), *a)),
+            .find(|r| r.app == *addr)
+            .map(|r| (r.service.name().to_owned(), r.app)),
     };
     let Some((service, app_addr)) = app else {
-        answer(&mut down, &refuse(StatusCode::UnknownService, format!("this sidecar does not serve {}", header.target))).await;
+        answer(
+            &mut down,
+            &refuse(
+                StatusCode::UnknownService,
+                format!("this sidecar does not serve {}", header.target),
+            ),
+        )
+        .await;
         return;
     };
-    let connect = tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(app_addr)).await;
+    let connect =
+        tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(app_addr)).await;
     let mut app = match connect {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            answer(&mut down, &refuse(StatusCode::UpstreamRefused, format!("app {app_addr}: {e}"))).await;
+            answer(
+                &mut down,
+                &refuse(StatusCode::UpstreamRefused, format!("app {app_addr}: {e}")),
+            )
+            .await;
             return;
         }
         Err(_) => {
-            answer(&mut down, &refuse(StatusCode::UpstreamRefused, format!("app {app_addr}: connect timed out"))).await;
+            answer(
+                &mut down,
+                &refuse(
+                    StatusCode::UpstreamRefused,
+                    format!("app {app_addr}: connect timed out"),
+                ),
+            )
+            .await;
             return;
         }
     };

@@ -29,7 +29,11 @@ async fn dead_endpoint_is_skipped_before_any_payload() {
         l.local_addr().unwrap()
     };
     let mut spec_c = east.catalog_spec().clone();
-    let svc = spec_c.services.iter_mut().find(|s| s.name == "hello.demo").unwrap();
+    let svc = spec_c
+        .services
+        .iter_mut()
+        .find(|s| s.name == "hello.demo")
+        .unwrap();
     svc.endpoints.insert(
         0,
         EndpointSpec {
@@ -50,15 +54,29 @@ async fn endpoint_with_the_wrong_identity_is_skipped() {
     // Expect an identity the real endpoints do not have: every local hop
     // fails the identity check and nothing reaches the app.
     let mut spec_c = east.catalog_spec().clone();
-    for e in &mut spec_c.services.iter_mut().find(|s| s.name == "hello.demo").unwrap().endpoints {
+    for e in &mut spec_c
+        .services
+        .iter_mut()
+        .find(|s| s.name == "hello.demo")
+        .unwrap()
+        .endpoints
+    {
         e.identity = Some("spiffe://east.demo/ns/demo/sa/impostor".into());
     }
     east.client.set_catalog(spec_c.build().unwrap());
     let r = run_load(east.client_addr("hello.demo").unwrap(), &spec(3)).await;
     assert_eq!(r.ok, 0);
     assert_eq!(r.failed, 15);
-    let seen: u64 = east.sidecars.iter().flat_map(|s| s.1.metrics().seen()).map(|s| s.connections).sum();
-    assert_eq!(seen, 0, "a connection reached an endpoint with the wrong identity");
+    let seen: u64 = east
+        .sidecars
+        .iter()
+        .flat_map(|s| s.1.metrics().seen())
+        .map(|s| s.connections)
+        .sum();
+    assert_eq!(
+        seen, 0,
+        "a connection reached an endpoint with the wrong identity"
+    );
 }
 
 async fn raw_inbound(
@@ -68,9 +86,17 @@ async fn raw_inbound(
     header: &Header,
 ) -> Result<StatusCode, String> {
     let c = rig.cluster(cluster).unwrap();
-    let issuer = rig.cluster(caller.trust_domain_name().split('.').next().unwrap()).unwrap();
+    let issuer = rig
+        .cluster(caller.trust_domain_name().split('.').next().unwrap())
+        .unwrap();
     let svid = issuer.ca.issue(caller, Duration::from_secs(600)).unwrap();
-    let cfg = fedmesh_trust::client_config(&svid, c.bundles.clone(), PeerPolicy::AnyTrusted, &[fedmesh_wire::ALPN]).unwrap();
+    let cfg = fedmesh_trust::client_config(
+        &svid,
+        c.bundles.clone(),
+        PeerPolicy::AnyTrusted,
+        &[fedmesh_wire::ALPN],
+    )
+    .unwrap();
     let addr = c.sidecars[0].1.inbound_addr().unwrap();
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("fedmesh.invalid").unwrap();
@@ -78,8 +104,13 @@ async fn raw_inbound(
         .connect(name, tcp)
         .await
         .map_err(|e| e.to_string())?;
-    write_header(&mut tls, header, &fedmesh_wire::Limits::default()).await.map_err(|e| e.to_string())?;
-    read_status(&mut tls).await.map(|s| s.code).map_err(|e| e.to_string())
+    write_header(&mut tls, header, &fedmesh_wire::Limits::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    read_status(&mut tls)
+        .await
+        .map(|s| s.code)
+        .map_err(|e| e.to_string())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,7 +125,10 @@ async fn only_the_own_gateway_may_relay_a_source_identity() {
     // A west workload claims to relay an east admin: the claim is ignored,
     // the caller is the workload itself.
     let workload = SpiffeId::new("spiffe://west.demo/ns/demo/sa/batch").unwrap();
-    assert_eq!(raw_inbound(&rig, "west", &workload, &h).await, Ok(StatusCode::Ok));
+    assert_eq!(
+        raw_inbound(&rig, "west", &workload, &h).await,
+        Ok(StatusCode::Ok)
+    );
     let seen = west.sidecars[0].1.metrics().seen();
     assert_eq!(seen.len(), 1);
     assert_eq!(seen[0].source, workload.as_str());
@@ -103,12 +137,21 @@ async fn only_the_own_gateway_may_relay_a_source_identity() {
     // An east workload may not connect to a west sidecar at all.
     let foreign = SpiffeId::new("spiffe://east.demo/ns/demo/sa/client").unwrap();
     assert!(raw_inbound(&rig, "west", &foreign, &h).await.is_err());
-    assert_eq!(west.sidecars[0].1.metrics().rejected_count("handshake_failed"), 1);
+    assert_eq!(
+        west.sidecars[0]
+            .1
+            .metrics()
+            .rejected_count("handshake_failed"),
+        1
+    );
 
     // A service this sidecar does not serve.
     let other = Header::new(Target::Service {
         name: ServiceName::new("other", "demo").unwrap(),
         port: 7000,
     });
-    assert_eq!(raw_inbound(&rig, "west", &workload, &other).await, Ok(StatusCode::UnknownService));
+    assert_eq!(
+        raw_inbound(&rig, "west", &workload, &other).await,
+        Ok(StatusCode::UnknownService)
+    );
 }

@@ -128,7 +128,11 @@ async fn one_connection(addr: SocketAddr, spec: &LoadSpec, seed: u64) -> LoadRep
             *r.served_by.entry(banner.trim_end().to_owned()).or_default() += 1;
         }
         Ok(Ok(_)) => {
-            fail_all(&mut r, "closed before banner (no route or refused)".into(), 0);
+            fail_all(
+                &mut r,
+                "closed before banner (no route or refused)".into(),
+                0,
+            );
             return r;
         }
         Ok(Err(e)) => {

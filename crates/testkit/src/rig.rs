@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use fedmesh_catalog::{CatalogSpec, EndpointSpec, ImportSpec, PeerSpec, ServiceSpec};
 use fedmesh_gateway::{Gateway, GatewaySettings};
-use fedmesh_sidecar::{Sidecar, SidecarSettings};
+use fedmesh_sidecar::{InboundRoute, InboundSettings, OutboundRoute, Sidecar, SidecarSettings};
 use fedmesh_transport::Limits;
 use fedmesh_trust::{CertificateAuthority, SharedBundles, TrustBundles, TrustDomain};
 use fedmesh_wire::ServiceName;
@@ -141,7 +141,8 @@ impl Rig {
         let mut parts = Vec::new();
         for (c, (td, ca)) in topo.clusters.iter().zip(cas) {
             let bundles = SharedBundles::new(all.clone());
-            let reg = registry.sub_registry_with_label((Cow::Borrowed("cluster"), Cow::Owned(c.name.clone())));
+            let reg = registry
+                .sub_registry_with_label((Cow::Borrowed("cluster"), Cow::Owned(c.name.clone())));
             let bare = CatalogSpec {
                 cluster: c.name.clone(),
                 trust_domain: td.to_string(),
@@ -177,7 +178,14 @@ impl Rig {
                             identity: ca.issue(&id, CERT_TTL)?,
                             bundles: bundles.clone(),
                             outbound: Vec::new(),
-                            inbound: Some((ANY.parse()?, vec![(name.clone(), s.port, app.addr)])),
+                            inbound: Some(InboundSettings {
+                                listen: ANY.parse()?,
+                                routes: vec![InboundRoute {
+                                    service: name.clone(),
+                                    port: s.port,
+                                    app: app.addr,
+                                }],
+                            }),
                             admin: None,
                             limits: topo.limits.clone(),
                         },
@@ -251,22 +259,35 @@ impl Rig {
 
         let mut out = Vec::new();
         for (p, spec) in parts.into_iter().zip(clusters) {
-            let catalog = spec.build().map_err(|e| anyhow::anyhow!("{}: {e}", p.topo.name))?;
+            let catalog = spec
+                .build()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", p.topo.name))?;
             p.gateway.set_catalog(catalog.clone());
             for s in &p.sidecars {
                 s.3.set_catalog(catalog.clone());
             }
             let mut outbound = Vec::new();
-            let mut names: Vec<(String, u16)> = spec.services.iter().map(|s| (s.name.clone(), s.ports[0])).collect();
+            let mut names: Vec<(String, u16)> = spec
+                .services
+                .iter()
+                .map(|s| (s.name.clone(), s.ports[0]))
+                .collect();
             for i in &spec.imports {
                 if !names.iter().any(|n| n.0 == i.service) {
                     names.push((i.service.clone(), 7000));
                 }
             }
             for (n, port) in names {
-                outbound.push((ANY.parse()?, ServiceName::parse(&n)?, port));
+                outbound.push(OutboundRoute {
+                    listen: ANY.parse()?,
+                    service: ServiceName::parse(&n)?,
+                    port,
+                });
             }
-            let reg = registry.sub_registry_with_label((Cow::Borrowed("cluster"), Cow::Owned(p.topo.name.clone())));
+            let reg = registry.sub_registry_with_label((
+                Cow::Borrowed("cluster"),
+                Cow::Owned(p.topo.name.clone()),
+            ));
             let client = Sidecar::build(
                 SidecarSettings {
                     catalog,

@@ -52,7 +52,13 @@ async fn handle(mut stream: TcpStream, state: &AdminState) {
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
         if buf.len() > MAX_REQUEST {
-            let _ = respond(&mut stream, "431 Request Header Fields Too Large", "text/plain", "").await;
+            let _ = respond(
+                &mut stream,
+                "431 Request Header Fields Too Large",
+                "text/plain",
+                "",
+            )
+            .await;
             return;
         }
     }
@@ -61,7 +67,13 @@ async fn handle(mut stream: TcpStream, state: &AdminState) {
     let mut parts = line.split(' ');
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     if method != "GET" {
-        let _ = respond(&mut stream, "405 Method Not Allowed", "text/plain", "GET only\n").await;
+        let _ = respond(
+            &mut stream,
+            "405 Method Not Allowed",
+            "text/plain",
+            "GET only\n",
+        )
+        .await;
         return;
     }
     let r = match path {
@@ -84,7 +96,15 @@ async fn handle(mut stream: TcpStream, state: &AdminState) {
         "/ready" if state.ready.load(Ordering::Relaxed) => {
             respond(&mut stream, "200 OK", "text/plain", "ready\n").await
         }
-        "/ready" => respond(&mut stream, "503 Service Unavailable", "text/plain", "not ready\n").await,
+        "/ready" => {
+            respond(
+                &mut stream,
+                "503 Service Unavailable",
+                "text/plain",
+                "not ready\n",
+            )
+            .await
+        }
         _ => respond(&mut stream, "404 Not Found", "text/plain", "not found\n").await,
     };
     if let Err(e) = r {
@@ -92,7 +112,12 @@ async fn handle(mut stream: TcpStream, state: &AdminState) {
     }
 }
 
-async fn respond(stream: &mut TcpStream, status: &str, ctype: &str, body: &str) -> std::io::Result<()> {
+async fn respond(
+    stream: &mut TcpStream,
+    status: &str,
+    ctype: &str,
+    body: &str,
+) -> std::io::Result<()> {
     let head = format!(
         "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
@@ -103,7 +128,10 @@ async fn respond(stream: &mut TcpStream, status: &str, ctype: &str, body: &str) 
 }
 
 /// Binds the admin endpoint and serves it in the background.
-pub async fn spawn(addr: SocketAddr, state: AdminState) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn spawn(
+    addr: SocketAddr,
+    state: AdminState,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let l = TcpListener::bind(addr).await?;
     let local = l.local_addr()?;
     Ok((local, tokio::spawn(serve(l, state))))

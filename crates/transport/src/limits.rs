@@ -65,7 +65,10 @@ impl Limits {
     pub fn problems(&self) -> Vec<String> {
         let mut v = Vec::new();
         if self.max_header_bytes < 64 || self.max_header_bytes > 65_535 + fedmesh_wire::PREFIX_LEN {
-            v.push(format!("limits.max_header_bytes {} must be within 64..=65543", self.max_header_bytes));
+            v.push(format!(
+                "limits.max_header_bytes {} must be within 64..=65543",
+                self.max_header_bytes
+            ));
         }
         for (name, d) in [
             ("header_timeout", self.header_timeout),

@@ -76,7 +76,8 @@ impl Traceparent {
             b.get(r)
                 .is_some_and(|x| x.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')))
         };
-        let zero = |r: std::ops::Range<usize>| b.get(r).is_some_and(|x| x.iter().all(|c| *c == b'0'));
+        let zero =
+            |r: std::ops::Range<usize>| b.get(r).is_some_and(|x| x.iter().all(|c| *c == b'0'));
         let ok = b.len() == TRACEPARENT_LEN
             && hex(0..2)
             && &b[0..2] != b"ff"
@@ -267,11 +268,11 @@ impl Header {
                 needed: PREFIX_LEN - buf.len(),
             })?;
         let len = Self::body_len(prefix, limits)?;
-        let body = buf
-            .get(PREFIX_LEN..PREFIX_LEN + len)
-            .ok_or_else(|| DecodeError::Incomplete {
-                needed: PREFIX_LEN + len - buf.len(),
-            })?;
+        let body =
+            buf.get(PREFIX_LEN..PREFIX_LEN + len)
+                .ok_or_else(|| DecodeError::Incomplete {
+                    needed: PREFIX_LEN + len - buf.len(),
+                })?;
         Ok((Self::decode_body(body)?, PREFIX_LEN + len))
     }
 
@@ -292,10 +293,9 @@ impl Header {
                 });
             };
             let len = usize::from(u16::from_be_bytes([*l0, *l1]));
-            let value = rest.get(..len).ok_or(DecodeError::FieldOverrun {
-                field: *ty,
-                len,
-            })?;
+            let value = rest
+                .get(..len)
+                .ok_or(DecodeError::FieldOverrun { field: *ty, len })?;
             body = &rest[len..];
             let ty = *ty;
             if ty & F_IGNORABLE != 0 {
@@ -375,12 +375,15 @@ fn decode_target(v: &[u8]) -> Result<Target, DecodeError> {
         T_ENDPOINT => {
             let ip = match rest.len() {
                 4 => {
-                    let b: [u8; 4] = rest.try_into().map_err(|_| DecodeError::TargetKind(*kind))?;
+                    let b: [u8; 4] = rest
+                        .try_into()
+                        .map_err(|_| DecodeError::TargetKind(*kind))?;
                     IpAddr::V4(Ipv4Addr::from(b))
                 }
                 16 => {
-                    let b: [u8; 16] =
-                        rest.try_into().map_err(|_| DecodeError::TargetKind(*kind))?;
+                    let b: [u8; 16] = rest
+                        .try_into()
+                        .map_err(|_| DecodeError::TargetKind(*kind))?;
                     IpAddr::V6(Ipv6Addr::from(b))
                 }
                 n => {
@@ -441,8 +444,14 @@ mod tests {
         let dec = |b: &[u8]| Header::decode(b, &l).unwrap_err();
 
         assert_eq!(dec(&good[..3]), DecodeError::Incomplete { needed: 5 });
-        assert!(matches!(dec(&good[..good.len() - 1]), DecodeError::Incomplete { needed: 1 }));
-        assert!(matches!(dec(b"GET / HTTP/1.1\r\n"), DecodeError::BadMagic(_)));
+        assert!(matches!(
+            dec(&good[..good.len() - 1]),
+            DecodeError::Incomplete { needed: 1 }
+        ));
+        assert!(matches!(
+            dec(b"GET / HTTP/1.1\r\n"),
+            DecodeError::BadMagic(_)
+        ));
         let mut v = good.clone();
         v[4] = 9;
         assert_eq!(dec(&v), DecodeError::UnsupportedVersion(9));
@@ -470,32 +479,101 @@ mod tests {
         assert_eq!(dec(&with_body(&hops)), DecodeError::MissingTarget);
         assert_eq!(dec(&with_body(&t)), DecodeError::MissingHops);
         assert!(Header::decode(&with_body(&cat(&[&t, &hops])), &l).is_ok());
-        assert_eq!(dec(&with_body(&cat(&[&t, &hops, &hops]))), DecodeError::DuplicateField(F_HOPS));
-        assert_eq!(dec(&with_body(&cat(&[&t, &hops, &[0x33, 0, 0]]))), DecodeError::UnknownField(0x33));
+        assert_eq!(
+            dec(&with_body(&cat(&[&t, &hops, &hops]))),
+            DecodeError::DuplicateField(F_HOPS)
+        );
+        assert_eq!(
+            dec(&with_body(&cat(&[&t, &hops, &[0x33, 0, 0]]))),
+            DecodeError::UnknownField(0x33)
+        );
         // Ignorable unknown fields are skipped.
         assert!(Header::decode(&with_body(&cat(&[&t, &hops, &[0xb3, 0, 1, 9]])), &l).is_ok());
-        assert!(matches!(dec(&with_body(&cat(&[&t, &hops, &[F_SOURCE, 0, 9, b'x']]))), DecodeError::FieldOverrun { .. }));
-        assert!(matches!(dec(&with_body(&cat(&[&t, &hops, &[F_SOURCE]]))), DecodeError::FieldOverrun { .. }));
-        assert!(matches!(dec(&with_body(&cat(&[&t, &[F_HOPS, 0, 2, 1, 1]]))), DecodeError::FieldLength { .. }));
-        assert_eq!(dec(&with_body(&cat(&[&t, &hops, &[F_SOURCE, 0, 2, b'a', b' ']]))), DecodeError::BadSource);
-        assert_eq!(dec(&with_body(&cat(&[&t, &hops, &[F_TRACEPARENT, 0, 1, b'0']]))), DecodeError::BadTraceparent);
-        assert!(matches!(dec(&with_body(&cat(&[&t, &hops, &[F_DEADLINE, 0, 1, 0]]))), DecodeError::FieldLength { .. }));
-        assert!(matches!(dec(&with_body(&cat(&[&t, &hops, &[F_CONN_ID, 0, 1, 0]]))), DecodeError::FieldLength { .. }));
-        assert_eq!(dec(&with_body(&cat(&[&[F_TARGET, 0, 7, 9, 0, 80, 1, 2, 3, 4], &hops]))), DecodeError::TargetKind(9));
-        assert_eq!(dec(&with_body(&cat(&[&[F_TARGET, 0, 7, T_ENDPOINT, 0, 0, 1, 2, 3, 4], &hops]))), DecodeError::ZeroPort);
-        assert!(matches!(dec(&with_body(&cat(&[&[F_TARGET, 0, 5, T_ENDPOINT, 0, 1, 1, 2], &hops]))), DecodeError::FieldLength { .. }));
-        assert!(matches!(dec(&with_body(&cat(&[&[F_TARGET, 0, 2, T_ENDPOINT, 0], &hops]))), DecodeError::FieldLength { .. }));
-        assert_eq!(dec(&with_body(&cat(&[&[F_TARGET, 0, 5, T_SERVICE, 0, 1, 0xff, 0xfe], &hops]))), DecodeError::TargetUtf8);
-        assert!(matches!(dec(&with_body(&cat(&[&[F_TARGET, 0, 7, T_SERVICE, 0, 1, b'a', b'.', b'B', b'c'], &hops]))), DecodeError::TargetName(_)));
+        assert!(matches!(
+            dec(&with_body(&cat(&[&t, &hops, &[F_SOURCE, 0, 9, b'x']]))),
+            DecodeError::FieldOverrun { .. }
+        ));
+        assert!(matches!(
+            dec(&with_body(&cat(&[&t, &hops, &[F_SOURCE]]))),
+            DecodeError::FieldOverrun { .. }
+        ));
+        assert!(matches!(
+            dec(&with_body(&cat(&[&t, &[F_HOPS, 0, 2, 1, 1]]))),
+            DecodeError::FieldLength { .. }
+        ));
+        assert_eq!(
+            dec(&with_body(&cat(&[
+                &t,
+                &hops,
+                &[F_SOURCE, 0, 2, b'a', b' ']
+            ]))),
+            DecodeError::BadSource
+        );
+        assert_eq!(
+            dec(&with_body(&cat(&[&t, &hops, &[F_TRACEPARENT, 0, 1, b'0']]))),
+            DecodeError::BadTraceparent
+        );
+        assert!(matches!(
+            dec(&with_body(&cat(&[&t, &hops, &[F_DEADLINE, 0, 1, 0]]))),
+            DecodeError::FieldLength { .. }
+        ));
+        assert!(matches!(
+            dec(&with_body(&cat(&[&t, &hops, &[F_CONN_ID, 0, 1, 0]]))),
+            DecodeError::FieldLength { .. }
+        ));
+        assert_eq!(
+            dec(&with_body(&cat(&[
+                &[F_TARGET, 0, 7, 9, 0, 80, 1, 2, 3, 4],
+                &hops
+            ]))),
+            DecodeError::TargetKind(9)
+        );
+        assert_eq!(
+            dec(&with_body(&cat(&[
+                &[F_TARGET, 0, 7, T_ENDPOINT, 0, 0, 1, 2, 3, 4],
+                &hops
+            ]))),
+            DecodeError::ZeroPort
+        );
+        assert!(matches!(
+            dec(&with_body(&cat(&[
+                &[F_TARGET, 0, 5, T_ENDPOINT, 0, 1, 1, 2],
+                &hops
+            ]))),
+            DecodeError::FieldLength { .. }
+        ));
+        assert!(matches!(
+            dec(&with_body(&cat(&[&[F_TARGET, 0, 2, T_ENDPOINT, 0], &hops]))),
+            DecodeError::FieldLength { .. }
+        ));
+        assert_eq!(
+            dec(&with_body(&cat(&[
+                &[F_TARGET, 0, 5, T_SERVICE, 0, 1, 0xff, 0xfe],
+                &hops
+            ]))),
+            DecodeError::TargetUtf8
+        );
+        assert!(matches!(
+            dec(&with_body(&cat(&[
+                &[F_TARGET, 0, 7, T_SERVICE, 0, 1, b'a', b'.', b'B', b'c'],
+                &hops
+            ]))),
+            DecodeError::TargetName(_)
+        ));
     }
 
     #[test]
     fn encode_refuses_oversized_header() {
         let mut h = sample();
         h.source = Some("x".repeat(100));
-        let small = Limits { max_header_bytes: 64 };
+        let small = Limits {
+            max_header_bytes: 64,
+        };
         let mut out = b"keep".to_vec();
-        assert!(matches!(h.encode(&mut out, &small), Err(DecodeError::TooLarge { .. })));
+        assert!(matches!(
+            h.encode(&mut out, &small),
+            Err(DecodeError::TooLarge { .. })
+        ));
         assert_eq!(out, b"keep");
     }
 

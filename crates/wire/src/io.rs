@@ -79,7 +79,10 @@ pub async fn write_header<W: AsyncWrite + Unpin>(
     w.flush().await
 }
 
-pub async fn write_status<W: AsyncWrite + Unpin>(w: &mut W, status: &Status) -> std::io::Result<()> {
+pub async fn write_status<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    status: &Status,
+) -> std::io::Result<()> {
     w.write_all(&status.to_bytes()).await?;
     w.flush().await
 }
@@ -108,7 +111,9 @@ mod tests {
         let mut p = [0u8; 5];
         b.read_exact(&mut p).await.unwrap();
         assert_eq!(&p, b"hello");
-        write_status(&mut b, &Status::new(StatusCode::Denied, "no")).await.unwrap();
+        write_status(&mut b, &Status::new(StatusCode::Denied, "no"))
+            .await
+            .unwrap();
         w.await.unwrap();
     }
 
@@ -116,7 +121,10 @@ mod tests {
     async fn closed_truncated_and_oversized() {
         let l = Limits::default();
         let mut empty: &[u8] = b"";
-        assert!(matches!(read_header(&mut empty, &l).await, Err(ReadError::Closed)));
+        assert!(matches!(
+            read_header(&mut empty, &l).await,
+            Err(ReadError::Closed)
+        ));
         let mut short: &[u8] = b"FMT";
         assert!(matches!(
             read_header(&mut short, &l).await,

@@ -8,7 +8,9 @@ const SUFFIX: &str = ".svc.clusterset.local";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum NameError {
-    #[error("service host {0:?} must look like NAME.NAMESPACE.svc.clusterset.local or NAME.NAMESPACE")]
+    #[error(
+        "service host {0:?} must look like NAME.NAMESPACE.svc.clusterset.local or NAME.NAMESPACE"
+    )]
     Shape(String),
     #[error("{what} {label:?} is not a valid DNS-1123 label (lowercase letters, digits and `-`, 1-63 chars, starting and ending with a letter or digit)")]
     Label { what: &'static str, label: String },

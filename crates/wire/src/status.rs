@@ -63,7 +63,10 @@ impl StatusCode {
     pub fn is_retryable_elsewhere(self) -> bool {
         matches!(
             self,
-            Self::NoHealthyEndpoint | Self::UpstreamRefused | Self::Timeout | Self::Overloaded
+            Self::NoHealthyEndpoint
+                | Self::UpstreamRefused
+                | Self::Timeout
+                | Self::Overloaded
                 | Self::UnknownService
         )
     }
@@ -220,10 +223,25 @@ mod tests {
 
     #[test]
     fn bad_status_bytes() {
-        assert!(matches!(Status::decode(b"FMTH\x01\x00\x00\x00"), Err(DecodeError::BadMagic(_))));
-        assert!(matches!(Status::decode(b"FMTS\x02\x00\x00\x00"), Err(DecodeError::UnsupportedVersion(2))));
-        assert!(matches!(Status::decode(b"FMTS\x01\x00\xff\xff"), Err(DecodeError::TooLarge { .. })));
-        assert!(matches!(Status::decode(b"FMTS\x01\x00\x00\x02\xff\xfe"), Err(DecodeError::StatusUtf8)));
-        assert!(matches!(Status::decode(b"FMTS\x01\x00\x00\x02a"), Err(DecodeError::Incomplete { needed: 1 })));
+        assert!(matches!(
+            Status::decode(b"FMTH\x01\x00\x00\x00"),
+            Err(DecodeError::BadMagic(_))
+        ));
+        assert!(matches!(
+            Status::decode(b"FMTS\x02\x00\x00\x00"),
+            Err(DecodeError::UnsupportedVersion(2))
+        ));
+        assert!(matches!(
+            Status::decode(b"FMTS\x01\x00\xff\xff"),
+            Err(DecodeError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            Status::decode(b"FMTS\x01\x00\x00\x02\xff\xfe"),
+            Err(DecodeError::StatusUtf8)
+        ));
+        assert!(matches!(
+            Status::decode(b"FMTS\x01\x00\x00\x02a"),
+            Err(DecodeError::Incomplete { needed: 1 })
+        ));
     }
 }

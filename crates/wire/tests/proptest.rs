@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 //! Property tests: valid headers round-trip; random and mutated bytes never
 //! panic and never decode past their own length.
 
@@ -26,21 +27,27 @@ fn header() -> impl Strategy<Value = Header> {
         target(),
         proptest::option::of("spiffe://[a-z]{1,10}/[a-z]{1,10}"),
         proptest::option::of(
-            ("[0-9a-f]{31}[1-9a-f]", "[0-9a-f]{15}[1-9a-f]", "[0-9a-f]{2}")
+            (
+                "[0-9a-f]{31}[1-9a-f]",
+                "[0-9a-f]{15}[1-9a-f]",
+                "[0-9a-f]{2}",
+            )
                 .prop_map(|(t, p, f)| Traceparent::parse(&format!("00-{t}-{p}-{f}")).unwrap()),
         ),
         proptest::option::of(0u32..).prop_map(|d| d.map(|ms| Duration::from_millis(ms.into()))),
         any::<u8>(),
         proptest::option::of(any::<u64>()),
     )
-        .prop_map(|(target, source, traceparent, deadline, hops, connection_id)| Header {
-            target,
-            source,
-            traceparent,
-            deadline,
-            hops,
-            connection_id,
-        })
+        .prop_map(
+            |(target, source, traceparent, deadline, hops, connection_id)| Header {
+                target,
+                source,
+                traceparent,
+                deadline,
+                hops,
+                connection_id,
+            },
+        )
 }
 
 proptest! {
