@@ -82,3 +82,57 @@ async fn a_dead_cluster_is_failed_over_at_connect_time() {
         after.served_by
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoint_serves_metrics() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rig = Rig::start(&Topology::demo()).await.unwrap();
+    let east = rig.cluster("east").unwrap();
+    // A gateway with an admin port, sharing east's identity and catalog.
+    let any = "127.0.0.1:0".parse().unwrap();
+    let settings = fedmesh_gateway::GatewaySettings {
+        catalog: east.gateway.catalog().as_ref().clone(),
+        identity: east
+            .ca
+            .issue(
+                &east.trust_domain.system_id("gateway"),
+                std::time::Duration::from_secs(60),
+            )
+            .unwrap(),
+        bundles: east.bundles.clone(),
+        quic: any,
+        tunnel: any,
+        admin: Some(any),
+        limits: Default::default(),
+    };
+    let mut reg = prometheus_client::registry::Registry::default();
+    let gw = fedmesh_gateway::Gateway::build(settings, &mut reg)
+        .await
+        .unwrap();
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    sock.send_to(b"junk", gw.quic_addr()).await.unwrap();
+    let admin = gw.admin_addr().unwrap();
+    let get = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    for _ in 0..50 {
+        if gw.metrics().invalid_datagrams.get() > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let m = get("/metrics").await;
+    assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+    assert!(
+        m.contains("fedmesh_gateway_invalid_datagrams_total 1"),
+        "{m}"
+    );
+    assert!(get("/ready").await.starts_with("HTTP/1.1 200"));
+    assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+}
