@@ -57,8 +57,8 @@ pub fn server_config(
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport(limits));
-    // Address validation costs a round trip per connection; peers are few
-    // and authenticated by mTLS right after.
+    // Gateways have stable addresses; refusing migration means a peer's
+    // connection cannot be moved to another address mid-flight.
     cfg.migration(false);
     Ok(cfg)
 }

@@ -237,6 +237,14 @@ impl Drop for Gateway {
 
 async fn accept_peers(shared: Arc<Shared>) {
     while let Some(incoming) = shared.endpoint.accept().await {
+        // Peers are few; a burst of handshakes beyond the connection limit
+        // is refused before any crypto work is done for it.
+        if shared.endpoint.open_connections() >= shared.limits.max_connections {
+            shared.metrics.reject("connection_limit");
+            tracing::warn!(remote = %incoming.remote_address(), "QUIC connection over the limit; refusing");
+            incoming.refuse();
+            continue;
+        }
         let shared = shared.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();

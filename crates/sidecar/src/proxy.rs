@@ -41,6 +41,9 @@ struct Shared {
     connector: TlsConnector,
     cursor: AtomicUsize,
     inbound: Vec<InboundRoute>,
+    /// Where the inbound listener is bound; an endpoint target naming it
+    /// means "this sidecar's (only) service".
+    inbound_addr: std::sync::OnceLock<SocketAddr>,
 }
 
 impl Shared {
@@ -93,6 +96,7 @@ impl Sidecar {
                 .map(|i| i.routes.clone())
                 .unwrap_or_default(),
             catalog: RwLock::new(Arc::new(s.catalog.clone())),
+            inbound_addr: std::sync::OnceLock::new(),
         });
         let mut tasks = Vec::new();
         let mut outbound = Vec::new();
@@ -124,6 +128,7 @@ impl Sidecar {
             let (l, local) = bind("inbound", inbound.listen).await?;
             tracing::info!(listen = %local, identity = %s.identity.id(), "inbound listener");
             inbound_addr = Some(local);
+            let _ = shared.inbound_addr.set(local);
             tasks.push(tokio::spawn(accept_inbound(
                 shared.clone(),
                 l,
@@ -401,10 +406,16 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
             .iter()
             .find(|r| &r.service == name && r.port == *port)
             .map(|r| (r.service.name().to_owned(), r.app)),
+        // An endpoint target names either an app directly, or this sidecar's
+        // listener as the catalog lists it (unambiguous only with one route).
         Target::Endpoint(addr) => shared
             .inbound
             .iter()
             .find(|r| r.app == *addr)
+            .or_else(|| match shared.inbound.as_slice() {
+                [only] if shared.inbound_addr.get() == Some(addr) => Some(only),
+                _ => None,
+            })
             .map(|r| (r.service.name().to_owned(), r.app)),
     };
     let Some((service, app_addr)) = app else {
