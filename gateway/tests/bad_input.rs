@@ -343,3 +343,73 @@ async fn tunnel_port_refuses_clients_without_a_valid_certificate() {
     assert_eq!(m.rejected_count("handshake_failed"), 2);
     neighbours_ok(east).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_peer_backs_off_instead_of_retrying_every_stream() {
+    let mut topo = Topology::demo();
+    topo.limits.connect_timeout = Duration::from_millis(300);
+    let rig = Rig::start(&topo).await.unwrap();
+    let east = rig.cluster("east").unwrap();
+    // A peer whose UDP port swallows everything and never answers.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let mut spec = east.catalog_spec().clone();
+    spec.peers.push(fedmesh_catalog::PeerSpec {
+        cluster: "south".into(),
+        trust_domain: "south.demo".into(),
+        gateway: silent.local_addr().unwrap(),
+        identity: None,
+    });
+    spec.imports.push(fedmesh_catalog::ImportSpec {
+        service: "ghost.demo".into(),
+        clusters: vec!["south".into()],
+    });
+    east.gateway.set_catalog(spec.build().unwrap());
+
+    let me = east
+        .ca
+        .issue(
+            &SpiffeId::new("spiffe://east.demo/ns/demo/sa/client").unwrap(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    let cfg = Arc::new(
+        fedmesh_trust::client_config(
+            &me,
+            east.bundles.clone(),
+            fedmesh_trust::PeerPolicy::AnyTrusted,
+            &[fedmesh_wire::ALPN],
+        )
+        .unwrap(),
+    );
+    let ghost = Target::Service {
+        name: ServiceName::new("ghost", "demo").unwrap(),
+        port: 80,
+    };
+    let attempt = || {
+        let cfg = cfg.clone();
+        let ghost = ghost.clone();
+        async move {
+            let tcp = tokio::net::TcpStream::connect(east.gateway.tunnel_addr())
+                .await
+                .unwrap();
+            let name = rustls::pki_types::ServerName::try_from("fedmesh.invalid").unwrap();
+            let mut tls = tokio_rustls::TlsConnector::from(cfg)
+                .connect(name, tcp)
+                .await
+                .unwrap();
+            tls.write_all(&header(ghost, None, 0)).await.unwrap();
+            let t0 = std::time::Instant::now();
+            let st = read_status(&mut tls).await.unwrap();
+            (st, t0.elapsed())
+        }
+    };
+    let (first, took) = attempt().await;
+    assert_eq!(first.code, StatusCode::UpstreamRefused, "{first}");
+    assert!(first.message.contains("timed out"), "{first}");
+    assert!(took >= Duration::from_millis(250), "{took:?}");
+    // The next stream fails fast: the peer is backing off.
+    let (second, took) = attempt().await;
+    assert_eq!(second.code, StatusCode::UpstreamRefused);
+    assert!(second.message.contains("backing off"), "{second}");
+    assert!(took < Duration::from_millis(100), "{took:?}");
+}
