@@ -16,5 +16,7 @@ mod server;
 
 pub use config::{ConfigError, GatewayConfig, GatewaySettings, Listen};
 pub use metrics::GatewayMetrics;
-pub use quic::{client_config as quic_client_config, QuicError};
+pub use quic::{
+    client_config as quic_client_config, server_config as quic_server_config, QuicError,
+};
 pub use server::{Gateway, GatewayError};

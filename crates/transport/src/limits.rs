@@ -34,6 +34,10 @@ pub struct Limits {
     pub max_attempts: usize,
     /// Buffer size per direction when splicing bytes.
     pub splice_buffer_bytes: usize,
+    /// Largest UDP payload QUIC path-MTU discovery may probe up to. 1452
+    /// fits any Ethernet path; 8952 suits jumbo-frame networks. Discovery
+    /// only ever uses what the path proves it carries.
+    pub quic_max_udp_payload: u16,
 }
 
 impl Default for Limits {
@@ -50,6 +54,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(10),
             max_attempts: 4,
             splice_buffer_bytes: 64 * 1024,
+            quic_max_udp_payload: 8952,
         }
     }
 }
@@ -93,6 +98,9 @@ impl Limits {
         }
         if self.max_attempts == 0 || self.max_attempts > 16 {
             v.push("limits.max_attempts must be within 1..=16".into());
+        }
+        if !(1200..=65527).contains(&self.quic_max_udp_payload) {
+            v.push("limits.quic_max_udp_payload must be within 1200..=65527".into());
         }
         if self.splice_buffer_bytes < 1024 || self.splice_buffer_bytes > 16 << 20 {
             v.push("limits.splice_buffer_bytes must be within 1KiB..=16MiB".into());
