@@ -83,10 +83,7 @@ fn topology(splice_buffer: usize) -> Topology {
             },
         ],
         limits: fedmesh_transport::Limits {
-            splice_buffer_bytes: std::env::var("SPLICE")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(64 * 1024),
+            splice_buffer_bytes: splice_buffer,
             ..Default::default()
         },
     }
