@@ -5,10 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the tests need, as "command:debian-package" pairs.
-# The data-path suite needs none; the federation suite will add
-# etcd-server (etcd) and protobuf-compiler (protoc) here.
-NEEDS=()
+# System packages the tests need, as "command:debian-package" pairs:
+# a real etcd for the store tests, protoc for etcd-client's codegen.
+NEEDS=("etcd:etcd-server" "protoc:protobuf-compiler")
 
 missing=()
 for pair in "${NEEDS[@]+"${NEEDS[@]}"}"; do
@@ -28,11 +27,11 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 
 echo "== cargo clippy"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
 
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
-  cargo nextest run --workspace --locked --no-fail-fast
+  cargo nextest run --workspace --all-features --locked --no-fail-fast
 else
-  cargo test --workspace --locked --no-fail-fast
+  cargo test --workspace --all-features --locked --no-fail-fast
 fi

@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod apps;
+pub mod etcd;
 mod load;
 mod rig;
 pub mod tls;

@@ -1,0 +1,250 @@
+//! The store over a real etcd cluster (etcd-client).
+
+use std::time::Duration;
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
+use tokio::sync::mpsc;
+
+use super::{
+    KeyValue, LeaseId, Listing, Revision, Store, StoreError, WatchEvent, WatchStream, WATCH_CHANNEL,
+};
+
+/// Connection settings for [`EtcdStore`].
+#[derive(Debug, Clone)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+impl Default for EtcdOptions {
+    fn default() -> Self {
+        Self {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+}
+
+fn err(e: etcd_client::Error) -> StoreError {
+    match e {
+        etcd_client::Error::GRpcStatus(s) if s.code() == tonic::Code::Unavailable => {
+            StoreError::Unavailable(s.message().to_owned())
+        }
+        etcd_client::Error::TransportError(t) => StoreError::Unavailable(t.to_string()),
+        other => StoreError::Other(other.to_string()),
+    }
+}
+
+fn kv(k: &etcd_client::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(k.key()).into_owned(),
+        value: k.value().to_vec(),
+        create_revision: k.create_revision(),
+        mod_revision: k.mod_revision(),
+        lease: (k.lease() != 0).then_some(k.lease()),
+    }
+}
+
+impl EtcdStore {
+    pub async fn connect(opts: &EtcdOptions) -> Result<Self, StoreError> {
+        let co = ConnectOptions::new()
+            .with_connect_timeout(opts.connect_timeout)
+            .with_timeout(opts.request_timeout)
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        let client = Client::connect(&opts.endpoints, Some(co))
+            .await
+            .map_err(err)?;
+        Ok(Self { client })
+    }
+
+    /// Compacts etcd's history up to `revision` (tests and maintenance).
+    pub async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        self.client
+            .clone()
+            .compact(revision, None)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let r = self.client.clone().get(key, None).await.map_err(err)?;
+        Ok(r.kvs().first().map(kv))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
+        let r = self
+            .client
+            .clone()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(err)?;
+        Ok(Listing {
+            revision: r.header().map(|h| h.revision()).unwrap_or(0),
+            kvs: r.kvs().iter().map(kv).collect(),
+        })
+    }
+
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+    ) -> Result<Revision, StoreError> {
+        let opts = lease.map(|l| PutOptions::new().with_lease(l));
+        let r = self
+            .client
+            .clone()
+            .put(key, value, opts)
+            .await
+            .map_err(|e| lease_err(e, lease))?;
+        Ok(r.header().map(|h| h.revision()).unwrap_or(0))
+    }
+
+    async fn put_if(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<LeaseId>,
+        expected: Revision,
+    ) -> Result<bool, StoreError> {
+        let opts = lease.map(|l| PutOptions::new().with_lease(l));
+        let txn = Txn::new()
+            .when([Compare::mod_revision(key, CompareOp::Equal, expected)])
+            .and_then([TxnOp::put(key, value, opts)]);
+        let r = self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(|e| lease_err(e, lease))?;
+        Ok(r.succeeded())
+    }
+
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        let r = self.client.clone().delete(key, None).await.map_err(err)?;
+        Ok(r.deleted() > 0)
+    }
+
+    async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
+        // etcd leases are whole seconds; round up so a lease never lives
+        // shorter than asked.
+        let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        let r = self
+            .client
+            .clone()
+            .lease_grant(secs.max(1) as i64, None)
+            .await
+            .map_err(err)?;
+        Ok(r.id())
+    }
+
+    async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
+        let lerr = |e| lease_err(e, Some(lease));
+        let (mut keeper, mut stream) = self
+            .client
+            .clone()
+            .lease_keep_alive(lease)
+            .await
+            .map_err(lerr)?;
+        keeper.keep_alive().await.map_err(lerr)?;
+        match stream.message().await.map_err(lerr)? {
+            Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
+            _ => Err(StoreError::LeaseNotFound(lease)),
+        }
+    }
+
+    async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
+        self.client
+            .clone()
+            .lease_revoke(lease)
+            .await
+            .map_err(|e| lease_err(e, Some(lease)))?;
+        Ok(())
+    }
+
+    async fn watch(&self, prefix: &str, from: Revision) -> Result<WatchStream, StoreError> {
+        let opts = WatchOptions::new().with_prefix().with_start_revision(from);
+        let mut stream = self
+            .client
+            .clone()
+            .watch(prefix, Some(opts))
+            .await
+            .map_err(err)?;
+        let (tx, rx) = mpsc::channel(WATCH_CHANNEL);
+        tokio::spawn(async move {
+            loop {
+                let msg = match stream.message().await {
+                    Ok(Some(m)) => m,
+                    Ok(None) => {
+                        let _ = tx
+                            .send(Err(StoreError::Unavailable("watch stream ended".into())))
+                            .await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(err(e))).await;
+                        return;
+                    }
+                };
+                if msg.canceled() {
+                    let e = if msg.compact_revision() > 0 {
+                        StoreError::Compacted {
+                            requested: from,
+                            compact_revision: msg.compact_revision(),
+                        }
+                    } else {
+                        StoreError::Other(format!("watch canceled: {}", msg.cancel_reason()))
+                    };
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+                let events: Vec<WatchEvent> = msg
+                    .events()
+                    .iter()
+                    .filter_map(|e| {
+                        let k = e.kv()?;
+                        Some(match e.event_type() {
+                            EventType::Put => WatchEvent::Put(kv(k)),
+                            EventType::Delete => WatchEvent::Delete {
+                                key: String::from_utf8_lossy(k.key()).into_owned(),
+                                mod_revision: k.mod_revision(),
+                            },
+                        })
+                    })
+                    .collect();
+                if events.is_empty() {
+                    continue;
+                }
+                // Bounded: a consumer that stops reading ends the watch.
+                if tx.try_send(Ok(events)).is_err() {
+                    tracing::warn!("etcd watch consumer lagging; closing the watch");
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
+/// etcd reports an unknown lease in several error shapes (gRPC status,
+/// keep-alive error); they all say "lease not found".
+fn lease_err(e: etcd_client::Error, lease: Option<LeaseId>) -> StoreError {
+    match lease {
+        Some(l) if e.to_string().contains("lease not found") => StoreError::LeaseNotFound(l),
+        _ => err(e),
+    }
+}
