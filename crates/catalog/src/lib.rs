@@ -8,6 +8,7 @@
 //! the controller's config stream later) and validated as a whole.
 #![forbid(unsafe_code)]
 
+pub mod mcs;
 mod route;
 mod spec;
 
