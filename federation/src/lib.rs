@@ -3,6 +3,10 @@
 //! cluster's catalog and trusted bundles.
 #![forbid(unsafe_code)]
 
+pub mod controller;
+pub mod keys;
+pub mod records;
 pub mod store;
 
+pub use controller::{Controller, ControllerSettings, LocalService, Status};
 pub use store::{KeyValue, LeaseId, Listing, Revision, Store, StoreError, WatchEvent};

@@ -166,6 +166,11 @@ impl CertificateAuthority {
         &self.cert
     }
 
+    /// The CA's signing key (endorsements of rotated bundles).
+    pub(crate) fn key_pair(&self) -> &KeyPair {
+        &self.key
+    }
+
     /// The trust bundle other parties need to verify what this CA issues.
     pub fn bundle(&self) -> TrustBundle {
         // Built from our own root, which always parses as a CA.

@@ -6,6 +6,7 @@ pub mod bundle;
 pub mod ca;
 pub mod id;
 pub mod pem;
+pub mod rotation;
 pub mod svid;
 pub mod tls;
 pub mod verify;

@@ -100,6 +100,18 @@ pub struct Catalog {
 }
 
 impl Catalog {
+    /// A catalog with no services, imports, peers or gateway.
+    pub fn empty(cluster: ClusterName, trust_domain: TrustDomain) -> Self {
+        Self {
+            cluster,
+            trust_domain,
+            services: BTreeMap::new(),
+            imports: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            gateway: None,
+        }
+    }
+
     pub fn service(&self, name: &ServiceName) -> Option<&LocalService> {
         self.services.get(name)
     }

@@ -51,7 +51,9 @@ pub struct Export {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub enum ConflictKind {
     /// Two clusters export the same port with different protocols.
-    PortProtocol { port: u16 },
+    PortProtocol {
+        port: u16,
+    },
     ServiceType,
 }
 
@@ -140,14 +142,24 @@ pub fn merge(viewer: &ClusterName, exports: &[Export]) -> BTreeMap<ServiceName, 
             }
             members.push(e);
         }
-        let mut serving: Vec<&Export> = members.into_iter().filter(|e| e.ready_endpoints > 0).collect();
-        serving.sort_by(|a, b| b.weight.cmp(&a.weight).then_with(|| a.cluster.cmp(&b.cluster)));
+        let mut serving: Vec<&Export> = members
+            .into_iter()
+            .filter(|e| e.ready_endpoints > 0)
+            .collect();
+        serving.sort_by(|a, b| {
+            b.weight
+                .cmp(&a.weight)
+                .then_with(|| a.cluster.cmp(&b.cluster))
+        });
         out.insert(
             service.clone(),
             Import {
                 service: service.clone(),
                 service_type: oldest.service_type,
-                ports: ports.into_iter().map(|(p, (proto, _))| (p, proto)).collect(),
+                ports: ports
+                    .into_iter()
+                    .map(|(p, (proto, _))| (p, proto))
+                    .collect(),
                 clusters: serving.into_iter().map(|e| e.cluster.clone()).collect(),
                 conflicts,
             },
@@ -208,7 +220,10 @@ mod tests {
         assert_eq!(i.clusters, [c("north")]);
         assert_eq!(i.conflicts.len(), 2);
 
-        let e = [exp("west", 10, &[(80, Protocol::Tcp)]), exp("south", 20, &[(80, Protocol::Udp)])];
+        let e = [
+            exp("west", 10, &[(80, Protocol::Tcp)]),
+            exp("south", 20, &[(80, Protocol::Udp)]),
+        ];
         let i = merge(&c("east"), &e).into_values().next().unwrap();
         assert_eq!(i.clusters, [c("west")]);
         assert_eq!(
@@ -246,7 +261,10 @@ mod tests {
         heavy.weight = 10;
         let mut light = exp("north", 2, &[(80, Protocol::Tcp)]);
         light.weight = 1;
-        let i = merge(&c("east"), &[light, heavy]).into_values().next().unwrap();
+        let i = merge(&c("east"), &[light, heavy])
+            .into_values()
+            .next()
+            .unwrap();
         assert_eq!(i.clusters, [c("west"), c("north")]);
     }
 }

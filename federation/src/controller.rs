@@ -1,0 +1,642 @@
+//! The federation controller of one cluster: publishes the cluster's info
+//! and exports under a lease it keeps alive, reflects every cluster's keys,
+//! and computes this cluster's catalog and trusted bundles from them.
+//!
+//! Level-driven: every change recomputes the whole view from the cache;
+//! nothing is published before the first full listing arrived.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use fedmesh_catalog::mcs::{self, Conflict, Protocol, ServiceType};
+use fedmesh_catalog::{
+    Catalog, CatalogSpec, ClusterName, EndpointSpec, ImportSpec, PeerSpec, ServiceSpec,
+};
+use fedmesh_trust::rotation::{self, Acceptance, Endorsement};
+use fedmesh_trust::{TrustBundle, TrustBundles, TrustDomain};
+use fedmesh_wire::ServiceName;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::keys::{self, Key};
+use crate::records::{ClusterInfo, Locality, PortRecord, ServiceRecord, ValidInfo};
+use crate::store::{reflect, CacheEvent, LeaseId, Store, StoreError, WatchEvent};
+
+/// A service this cluster serves, as its source (Kubernetes, a file) says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalService {
+    pub name: ServiceName,
+    pub ports: Vec<(u16, Protocol)>,
+    pub service_type: ServiceType,
+    /// A ServiceExport exists for it.
+    pub export: bool,
+    pub audience: Option<Vec<ClusterName>>,
+    /// Sidecar inbound listeners and the identities they present.
+    pub endpoints: Vec<(SocketAddr, fedmesh_trust::SpiffeId)>,
+    /// When the export was created; `None` lets the controller keep the
+    /// time already in the store (or use now).
+    pub exported_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ControllerSettings {
+    pub cluster: ClusterName,
+    pub trust_domain: TrustDomain,
+    pub locality: Locality,
+    /// QUIC addresses peers dial.
+    pub gateways: Vec<SocketAddr>,
+    /// Where this cluster's sidecars reach the gateway.
+    pub gateway_tunnel: Option<SocketAddr>,
+    pub lease_ttl: Duration,
+    /// This cluster's bundle and the endorsements that let others rotate to it.
+    pub bundle: TrustBundle,
+    pub endorsements: Vec<Endorsement>,
+    /// Bundles an operator admitted (`fedmesh cluster join`), by cluster.
+    pub pinned: BTreeMap<ClusterName, TrustBundle>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct ControllerMetrics {
+    rejected: Family<ReasonLabels, Counter>,
+    recomputes: Counter,
+    publishes: Counter,
+}
+
+impl ControllerMetrics {
+    pub fn register(&self, reg: &mut Registry) {
+        let reg = reg.sub_registry_with_prefix("fedmesh_controller");
+        reg.register(
+            "rejected",
+            "Store entries refused, by reason",
+            self.rejected.clone(),
+        );
+        reg.register(
+            "recomputes",
+            "Catalog recomputations",
+            self.recomputes.clone(),
+        );
+        reg.register(
+            "publishes",
+            "Writes of this cluster's keys",
+            self.publishes.clone(),
+        );
+    }
+
+    fn reject(&self, reason: &'static str) {
+        self.rejected.get_or_create(&ReasonLabels { reason }).inc();
+    }
+
+    pub fn rejected_count(&self, reason: &'static str) -> u64 {
+        self.rejected.get_or_create(&ReasonLabels { reason }).get()
+    }
+}
+
+/// One row of `fedmesh status`.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub struct ClusterStatus {
+    pub cluster: String,
+    pub trust_domain: String,
+    pub gateways: Vec<SocketAddr>,
+    pub region: String,
+    pub zone: String,
+    pub exported: usize,
+    pub bundle_fingerprint: String,
+    pub bundle_trusted: bool,
+    pub published_at_ms: u64,
+}
+
+/// What the controller knows, for status commands and tests.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Status {
+    pub cluster: String,
+    pub synced: bool,
+    pub clusters: Vec<ClusterStatus>,
+    pub imported: usize,
+    pub conflicts: Vec<(String, Conflict)>,
+    pub rejected: Vec<String>,
+    pub last_sync_ms: u64,
+    pub catalog_version: u64,
+}
+
+/// A running controller. Dropping it stops it; its lease then expires and
+/// its keys vanish from every other cluster's view.
+pub struct Controller {
+    catalog: watch::Receiver<Option<Arc<Catalog>>>,
+    bundles: watch::Receiver<Arc<TrustBundles>>,
+    status: Arc<Mutex<Status>>,
+    local: watch::Sender<Vec<LocalService>>,
+    metrics: ControllerMetrics,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl Controller {
+    pub fn start(
+        store: Arc<dyn Store>,
+        settings: ControllerSettings,
+        local: Vec<LocalService>,
+        registry: &mut Registry,
+    ) -> Self {
+        let metrics = ControllerMetrics::default();
+        metrics.register(registry);
+        let (local_tx, local_rx) = watch::channel(local);
+        let mut own = TrustBundles::new();
+        own.insert(settings.bundle.clone());
+        let (bundles_tx, bundles_rx) = watch::channel(Arc::new(own));
+        let (catalog_tx, catalog_rx) = watch::channel(None);
+        let status = Arc::new(Mutex::new(Status {
+            cluster: settings.cluster.to_string(),
+            ..Status::default()
+        }));
+        let settings = Arc::new(settings);
+        let publisher = tokio::spawn(publish_loop(
+            store.clone(),
+            settings.clone(),
+            local_rx.clone(),
+            metrics.clone(),
+        ));
+        let watcher = tokio::spawn(watch_loop(
+            store,
+            settings,
+            local_rx,
+            catalog_tx,
+            bundles_tx,
+            status.clone(),
+            metrics.clone(),
+        ));
+        Self {
+            catalog: catalog_rx,
+            bundles: bundles_rx,
+            status,
+            local: local_tx,
+            metrics,
+            tasks: vec![publisher, watcher],
+        }
+    }
+
+    /// The latest catalog; `None` until the first full listing was seen.
+    pub fn catalog(&self) -> watch::Receiver<Option<Arc<Catalog>>> {
+        self.catalog.clone()
+    }
+
+    pub fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>> {
+        self.bundles.clone()
+    }
+
+    pub fn status(&self) -> Status {
+        match self.status.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    pub fn metrics(&self) -> &ControllerMetrics {
+        &self.metrics
+    }
+
+    /// Stops gracefully: revokes the lease so this cluster's keys vanish
+    /// from every view at once, instead of after the TTL.
+    pub async fn shutdown(mut self) {
+        let (dummy, _) = watch::channel(Vec::new());
+        drop(std::mem::replace(&mut self.local, dummy));
+        if let Some(publisher) = self.tasks.first_mut() {
+            let _ = tokio::time::timeout(Duration::from_secs(2), publisher).await;
+        }
+    }
+
+    /// Replaces the local services (a source saw a change).
+    pub fn set_local(&self, services: Vec<LocalService>) {
+        self.local.send_replace(services);
+    }
+}
+
+// ---- publishing ----
+
+fn info_record(s: &ControllerSettings) -> Vec<u8> {
+    let r = ClusterInfo {
+        cluster: s.cluster.to_string(),
+        trust_domain: s.trust_domain.to_string(),
+        gateways: s.gateways.clone(),
+        locality: s.locality.clone(),
+        bundle_pem: s.bundle.to_pem(),
+        bundle_endorsements: s.endorsements.clone(),
+        published_at_ms: now_ms(),
+    };
+    serde_json::to_vec(&r).unwrap_or_default()
+}
+
+fn service_record(svc: &LocalService, exported_at: u64) -> Vec<u8> {
+    let r = ServiceRecord {
+        name: svc.name.name().to_owned(),
+        namespace: svc.name.namespace().to_owned(),
+        ports: svc
+            .ports
+            .iter()
+            .map(|(port, protocol)| PortRecord {
+                port: *port,
+                protocol: *protocol,
+            })
+            .collect(),
+        service_type: svc.service_type,
+        exported_at_ms: exported_at,
+        audience: svc
+            .audience
+            .as_ref()
+            .map(|a| a.iter().map(|c| c.to_string()).collect()),
+        ready_endpoints: svc.endpoints.len() as u32,
+        weight: 100,
+    };
+    serde_json::to_vec(&r).unwrap_or_default()
+}
+
+/// Publishes under a lease until dropped; re-grants and republishes
+/// everything whenever the lease was lost (store restart, long partition).
+async fn publish_loop(
+    store: Arc<dyn Store>,
+    s: Arc<ControllerSettings>,
+    mut local: watch::Receiver<Vec<LocalService>>,
+    metrics: ControllerMetrics,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match publish_session(&*store, &s, &mut local, &metrics).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(cluster = %s.cluster, error = %e, "publishing to the store failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+async fn publish_session(
+    store: &dyn Store,
+    s: &ControllerSettings,
+    local: &mut watch::Receiver<Vec<LocalService>>,
+    metrics: &ControllerMetrics,
+) -> Result<(), StoreError> {
+    let lease: LeaseId = store.grant(s.lease_ttl).await?;
+    // Export times survive controller restarts: reuse what the store holds.
+    let prefix = keys::cluster_prefix(&s.cluster);
+    let mut exported_at: BTreeMap<ServiceName, u64> = BTreeMap::new();
+    for kv in store.list(&prefix).await?.kvs {
+        if let Ok(Key::Service(_, name)) = Key::parse(&kv.key) {
+            if let Ok(r) = serde_json::from_slice::<ServiceRecord>(&kv.value) {
+                exported_at.insert(name, r.exported_at_ms);
+            }
+        }
+    }
+    store
+        .put(&keys::info_key(&s.cluster), info_record(s), Some(lease))
+        .await?;
+    let mut published: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let keepalive = s.lease_ttl / 3;
+    let mut tick = tokio::time::interval(keepalive.max(Duration::from_millis(100)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut dirty = true;
+    loop {
+        if dirty {
+            let services = local.borrow_and_update().clone();
+            let mut want: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+            for svc in services.iter().filter(|s| s.export) {
+                let at = svc
+                    .exported_at_ms
+                    .or_else(|| exported_at.get(&svc.name).copied())
+                    .unwrap_or_else(now_ms);
+                exported_at.insert(svc.name.clone(), at);
+                want.insert(
+                    keys::service_key(&s.cluster, &svc.name),
+                    service_record(svc, at),
+                );
+            }
+            for (k, v) in &want {
+                if published.get(k) != Some(v) {
+                    store.put(k, v.clone(), Some(lease)).await?;
+                    metrics.publishes.inc();
+                }
+            }
+            // Also delete keys a previous run left behind under our prefix.
+            for kv in store.list(&prefix).await?.kvs {
+                if kv.key != keys::info_key(&s.cluster) && !want.contains_key(&kv.key) {
+                    store.delete(&kv.key).await?;
+                    metrics.publishes.inc();
+                }
+            }
+            published = want;
+            dirty = false;
+        }
+        tokio::select! {
+            _ = tick.tick() => {
+                match store.keep_alive(lease).await {
+                    Ok(_) => {}
+                    Err(StoreError::LeaseNotFound(_)) => {
+                        return Err(StoreError::LeaseNotFound(lease));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            changed = local.changed() => {
+                if changed.is_err() {
+                    // Controller dropped: give the keys up at once.
+                    let _ = store.revoke(lease).await;
+                    return Ok(());
+                }
+                dirty = true;
+            }
+        }
+    }
+}
+
+// ---- watching and computing ----
+
+#[allow(clippy::too_many_arguments)]
+async fn watch_loop(
+    store: Arc<dyn Store>,
+    s: Arc<ControllerSettings>,
+    mut local: watch::Receiver<Vec<LocalService>>,
+    catalog_tx: watch::Sender<Option<Arc<Catalog>>>,
+    bundles_tx: watch::Sender<Arc<TrustBundles>>,
+    status: Arc<Mutex<Status>>,
+    metrics: ControllerMetrics,
+) {
+    let mut events = reflect(store, keys::ROOT.to_owned(), 256);
+    let mut cache: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut synced = false;
+    // Bundles accepted per remote cluster; kept when a cluster's lease
+    // expires, so it can come back without a new pin.
+    let mut trusted: BTreeMap<ClusterName, TrustBundle> = BTreeMap::new();
+    let mut version = 0u64;
+    loop {
+        tokio::select! {
+            ev = events.recv() => {
+                let Some(ev) = ev else { return };
+                match ev {
+                    CacheEvent::Replace { entries, .. } => {
+                        cache = entries;
+                        synced = true;
+                    }
+                    CacheEvent::Apply(list) => {
+                        for e in list {
+                            match e {
+                                WatchEvent::Put(kv) => { cache.insert(kv.key, kv.value); }
+                                WatchEvent::Delete { key, .. } => { cache.remove(&key); }
+                            }
+                        }
+                    }
+                }
+                // Drain what is already queued before recomputing once.
+                while let Ok(ev) = events.try_recv() {
+                    match ev {
+                        CacheEvent::Replace { entries, .. } => cache = entries,
+                        CacheEvent::Apply(list) => for e in list {
+                            match e {
+                                WatchEvent::Put(kv) => { cache.insert(kv.key, kv.value); }
+                                WatchEvent::Delete { key, .. } => { cache.remove(&key); }
+                            }
+                        }
+                    }
+                }
+            }
+            changed = local.changed() => {
+                if changed.is_err() { return; }
+            }
+        }
+        if !synced {
+            continue;
+        }
+        metrics.recomputes.inc();
+        let services = local.borrow().clone();
+        let view = compute(&s, &cache, &services, &mut trusted, &metrics);
+        let changed_catalog = catalog_tx.borrow().as_deref() != Some(&view.catalog);
+        if changed_catalog {
+            version += 1;
+            catalog_tx.send_replace(Some(Arc::new(view.catalog)));
+        }
+        if bundles_tx.borrow().domains().count() != view.bundles.domains().count()
+            || view
+                .bundles
+                .domains()
+                .any(|d| bundles_tx.borrow().get(d) != view.bundles.get(d))
+        {
+            bundles_tx.send_replace(Arc::new(view.bundles));
+        }
+        let mut st = match status.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        st.synced = true;
+        st.clusters = view.clusters;
+        st.imported = view.imported;
+        st.conflicts = view.conflicts;
+        st.rejected = view.rejected;
+        st.last_sync_ms = now_ms();
+        st.catalog_version = version;
+    }
+}
+
+struct View {
+    catalog: Catalog,
+    bundles: TrustBundles,
+    clusters: Vec<ClusterStatus>,
+    imported: usize,
+    conflicts: Vec<(String, Conflict)>,
+    rejected: Vec<String>,
+}
+
+/// The whole view from the cache. Pure apart from `trusted` (bundles
+/// accepted so far) and counters.
+fn compute(
+    s: &ControllerSettings,
+    cache: &BTreeMap<String, Vec<u8>>,
+    local: &[LocalService],
+    trusted: &mut BTreeMap<ClusterName, TrustBundle>,
+    metrics: &ControllerMetrics,
+) -> View {
+    let mut rejected = Vec::new();
+    let mut infos: BTreeMap<ClusterName, ValidInfo> = BTreeMap::new();
+    let mut exports = Vec::new();
+    let mut export_counts: BTreeMap<ClusterName, usize> = BTreeMap::new();
+    for (k, v) in cache {
+        let key = match Key::parse(k) {
+            Ok(key) => key,
+            Err(e) => {
+                metrics.reject("bad_key");
+                rejected.push(e.to_string());
+                continue;
+            }
+        };
+        match &key {
+            Key::Info(c) => match ClusterInfo::decode(&key, v) {
+                Ok(info) => {
+                    infos.insert(c.clone(), info);
+                }
+                Err(e) => {
+                    metrics.reject("bad_record");
+                    rejected.push(format!("{k}: {e}"));
+                }
+            },
+            Key::Service(c, _) => match ServiceRecord::decode(&key, v) {
+                Ok(exp) => {
+                    *export_counts.entry(c.clone()).or_default() += 1;
+                    exports.push(exp);
+                }
+                Err(e) => {
+                    metrics.reject("bad_record");
+                    rejected.push(format!("{k}: {e}"));
+                }
+            },
+        }
+    }
+
+    // Trust: each remote cluster's bundle, accepted only if pinned or
+    // endorsed by a root already trusted for that cluster.
+    let mut bundles = TrustBundles::new();
+    bundles.insert(s.bundle.clone());
+    let mut usable: BTreeSet<ClusterName> = BTreeSet::new();
+    let mut statuses = Vec::new();
+    for (c, info) in &infos {
+        if c == &s.cluster {
+            continue;
+        }
+        if info.trust_domain == s.trust_domain {
+            metrics.reject("trust_domain_clash");
+            rejected.push(format!(
+                "cluster {c} claims this cluster's trust domain {}",
+                s.trust_domain
+            ));
+            continue;
+        }
+        let ok = match rotation::accept(
+            trusted.get(c),
+            s.pinned.get(c),
+            &info.bundle,
+            &info.endorsements,
+        ) {
+            Ok(Acceptance::Unchanged) => true,
+            Ok(Acceptance::Accept) => {
+                tracing::info!(cluster = %c, fingerprint = %info.bundle.fingerprint(), "trust bundle accepted");
+                trusted.insert(c.clone(), info.bundle.clone());
+                true
+            }
+            Err(e) => {
+                metrics.reject("bundle_not_trusted");
+                rejected.push(format!("cluster {c}: {e}"));
+                false
+            }
+        };
+        statuses.push(ClusterStatus {
+            cluster: c.to_string(),
+            trust_domain: info.trust_domain.to_string(),
+            gateways: info.gateways.clone(),
+            region: info.locality.region.clone(),
+            zone: info.locality.zone.clone(),
+            exported: export_counts.get(c).copied().unwrap_or(0),
+            bundle_fingerprint: info.bundle.fingerprint(),
+            bundle_trusted: ok,
+            published_at_ms: info.published_at_ms,
+        });
+        if ok {
+            usable.insert(c.clone());
+        }
+    }
+    for b in trusted.values() {
+        bundles.insert(b.clone());
+    }
+
+    // Routing: only clusters that are alive (info present) and trusted.
+    exports.retain(|e| e.cluster == s.cluster || usable.contains(&e.cluster));
+    let imports = mcs::merge(&s.cluster, &exports);
+    let mut conflicts = Vec::new();
+    let mut spec = CatalogSpec {
+        cluster: s.cluster.to_string(),
+        trust_domain: s.trust_domain.to_string(),
+        gateway: s.gateway_tunnel.map(|address| EndpointSpec {
+            address,
+            identity: None,
+        }),
+        ..CatalogSpec::default()
+    };
+    for svc in local {
+        spec.services.push(ServiceSpec {
+            name: svc.name.to_string(),
+            ports: svc.ports.iter().map(|p| p.0).collect(),
+            export: svc.export,
+            endpoints: svc
+                .endpoints
+                .iter()
+                .map(|(address, id)| EndpointSpec {
+                    address: *address,
+                    identity: Some(id.to_string()),
+                })
+                .collect(),
+        });
+    }
+    for (name, imp) in &imports {
+        for c in &imp.conflicts {
+            conflicts.push((name.to_string(), c.clone()));
+        }
+        if !imp.clusters.is_empty() {
+            spec.imports.push(ImportSpec {
+                service: name.to_string(),
+                clusters: imp.clusters.iter().map(|c| c.to_string()).collect(),
+            });
+        }
+    }
+    for c in &usable {
+        if let Some(info) = infos.get(c) {
+            spec.peers.push(PeerSpec {
+                cluster: c.to_string(),
+                trust_domain: info.trust_domain.to_string(),
+                gateway: info.gateways[0],
+                identity: None,
+            });
+        }
+    }
+    let catalog = match spec.build() {
+        Ok(c) => c,
+        Err(e) => {
+            // Local services are validated by their source and remote data
+            // above; reaching here is a bug. Keep routing what is valid.
+            tracing::error!(error = %e, "computed catalog did not validate; serving local services only");
+            metrics.reject("catalog_invalid");
+            spec.imports.clear();
+            spec.peers.clear();
+            spec.build()
+                .unwrap_or_else(|_| Catalog::empty(s.cluster.clone(), s.trust_domain.clone()))
+        }
+    };
+    View {
+        catalog,
+        bundles,
+        clusters: statuses,
+        imported: imports.len(),
+        conflicts,
+        rejected,
+    }
+}

@@ -1,0 +1,204 @@
+//! The values stored under each key (JSON), with strict decoding: a value
+//! that does not decode, is too large, or disagrees with its key is
+//! rejected with a typed error and never reaches a catalog.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+
+use fedmesh_catalog::mcs::{Export, Protocol, ServiceType};
+use fedmesh_catalog::ClusterName;
+use fedmesh_trust::{TrustBundle, TrustDomain};
+use fedmesh_wire::ServiceName;
+use serde::{Deserialize, Serialize};
+
+use crate::keys::Key;
+
+/// Largest record accepted from the store.
+pub const MAX_RECORD_BYTES: usize = 256 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Locality {
+    #[serde(default)]
+    pub region: String,
+    #[serde(default)]
+    pub zone: String,
+}
+
+/// `/fedmesh/v1/clusters/<cluster>/info`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterInfo {
+    pub cluster: String,
+    pub trust_domain: String,
+    /// QUIC addresses of the cluster's east-west gateways.
+    pub gateways: Vec<SocketAddr>,
+    #[serde(default)]
+    pub locality: Locality,
+    /// PEM roots of the cluster's trust domain.
+    pub bundle_pem: String,
+    /// Signatures over the bundle by roots of the previous bundle, so
+    /// others can accept a rotation without an operator.
+    #[serde(default)]
+    pub bundle_endorsements: Vec<fedmesh_trust::rotation::Endorsement>,
+    pub published_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortRecord {
+    pub port: u16,
+    #[serde(default = "tcp")]
+    pub protocol: Protocol,
+}
+
+fn tcp() -> Protocol {
+    Protocol::Tcp
+}
+
+fn weight() -> u32 {
+    100
+}
+
+/// `/fedmesh/v1/clusters/<cluster>/services/<ns>/<name>`: one export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceRecord {
+    pub name: String,
+    pub namespace: String,
+    pub ports: Vec<PortRecord>,
+    #[serde(default)]
+    pub service_type: ServiceType,
+    pub exported_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<Vec<String>>,
+    pub ready_endpoints: u32,
+    #[serde(default = "weight")]
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    #[error("record of {0} bytes exceeds the limit of {MAX_RECORD_BYTES}")]
+    TooLarge(usize),
+    #[error("record does not decode: {0}")]
+    Decode(String),
+    #[error("record says {field} {got:?}, but its key says {want:?}")]
+    KeyMismatch {
+        field: &'static str,
+        got: String,
+        want: String,
+    },
+    #[error("record field {field}: {why}")]
+    Invalid { field: &'static str, why: String },
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, RecordError> {
+    if bytes.len() > MAX_RECORD_BYTES {
+        return Err(RecordError::TooLarge(bytes.len()));
+    }
+    serde_json::from_slice(bytes).map_err(|e| RecordError::Decode(e.to_string()))
+}
+
+/// A cluster info that decoded and validated.
+#[derive(Debug, Clone)]
+pub struct ValidInfo {
+    pub cluster: ClusterName,
+    pub trust_domain: TrustDomain,
+    pub gateways: Vec<SocketAddr>,
+    pub locality: Locality,
+    pub bundle: TrustBundle,
+    pub endorsements: Vec<fedmesh_trust::rotation::Endorsement>,
+    pub published_at_ms: u64,
+}
+
+impl ClusterInfo {
+    pub fn decode(key: &Key, bytes: &[u8]) -> Result<ValidInfo, RecordError> {
+        let r: ClusterInfo = decode(bytes)?;
+        let want = key.cluster();
+        if r.cluster != want.as_str() {
+            return Err(RecordError::KeyMismatch {
+                field: "cluster",
+                got: r.cluster,
+                want: want.to_string(),
+            });
+        }
+        let td = TrustDomain::new(&r.trust_domain).map_err(|e| RecordError::Invalid {
+            field: "trust_domain",
+            why: e.to_string(),
+        })?;
+        if r.gateways.is_empty() || r.gateways.len() > 16 {
+            return Err(RecordError::Invalid {
+                field: "gateways",
+                why: format!("{} addresses; 1 to 16 expected", r.gateways.len()),
+            });
+        }
+        let bundle =
+            TrustBundle::from_pem(td.clone(), &r.bundle_pem).map_err(|e| RecordError::Invalid {
+                field: "bundle_pem",
+                why: e.to_string(),
+            })?;
+        Ok(ValidInfo {
+            cluster: want.clone(),
+            trust_domain: td,
+            gateways: r.gateways,
+            locality: r.locality,
+            bundle,
+            endorsements: r.bundle_endorsements,
+            published_at_ms: r.published_at_ms,
+        })
+    }
+}
+
+impl ServiceRecord {
+    pub fn decode(key: &Key, bytes: &[u8]) -> Result<Export, RecordError> {
+        let Key::Service(cluster, service) = key else {
+            return Err(RecordError::Invalid {
+                field: "key",
+                why: "not a service key".into(),
+            });
+        };
+        let r: ServiceRecord = decode(bytes)?;
+        let got = ServiceName::new(&r.name, &r.namespace).map_err(|e| RecordError::Invalid {
+            field: "name",
+            why: e.to_string(),
+        })?;
+        if &got != service {
+            return Err(RecordError::KeyMismatch {
+                field: "name",
+                got: got.to_string(),
+                want: service.to_string(),
+            });
+        }
+        if r.ports.is_empty() || r.ports.len() > 100 || r.ports.iter().any(|p| p.port == 0) {
+            return Err(RecordError::Invalid {
+                field: "ports",
+                why: "1 to 100 non-zero ports expected".into(),
+            });
+        }
+        let audience = match r.audience {
+            None => None,
+            Some(list) => {
+                let mut set = BTreeSet::new();
+                for c in list {
+                    set.insert(ClusterName::new(&c).map_err(|e| RecordError::Invalid {
+                        field: "audience",
+                        why: e.to_string(),
+                    })?);
+                }
+                Some(set)
+            }
+        };
+        Ok(Export {
+            cluster: cluster.clone(),
+            service: got,
+            ports: r.ports.iter().map(|p| (p.port, p.protocol)).collect(),
+            service_type: r.service_type,
+            exported_at: r.exported_at_ms,
+            audience,
+            ready_endpoints: r.ready_endpoints,
+            weight: r.weight,
+        })
+    }
+}

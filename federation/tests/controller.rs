@@ -1,0 +1,352 @@
+//! Controllers converging through a store: catalogs, failover by lease
+//! expiry, bad store values, and trust bundle admission and rotation.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cloned_ref_to_slice_refs)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedmesh_catalog::mcs::{Protocol, ServiceType};
+use fedmesh_catalog::{Catalog, ClusterName};
+use fedmesh_federation::records::Locality;
+use fedmesh_federation::store::{EmbeddedLimits, EmbeddedStore};
+use fedmesh_federation::{Controller, ControllerSettings, LocalService, Store};
+use fedmesh_trust::{CertificateAuthority, TrustDomain};
+use fedmesh_wire::ServiceName;
+use prometheus_client::registry::Registry;
+
+const TTL: Duration = Duration::from_secs(1);
+
+struct Member {
+    name: ClusterName,
+    ca: CertificateAuthority,
+}
+
+fn member(name: &str) -> Member {
+    let td = TrustDomain::new(&format!("{name}.acme")).unwrap();
+    Member {
+        name: ClusterName::new(name).unwrap(),
+        ca: CertificateAuthority::new_root(td, Duration::from_secs(86_400)).unwrap(),
+    }
+}
+
+fn echo(m: &Member, export: bool) -> LocalService {
+    LocalService {
+        name: ServiceName::new("echo", "shop").unwrap(),
+        ports: vec![(8080, Protocol::Tcp)],
+        service_type: ServiceType::ClusterSetIP,
+        export,
+        audience: None,
+        endpoints: vec![(
+            "127.0.0.1:9000".parse().unwrap(),
+            m.ca.trust_domain().workload("shop", "echo").unwrap(),
+        )],
+        exported_at_ms: None,
+    }
+}
+
+fn settings(m: &Member, all: &[&Member], port: u16) -> ControllerSettings {
+    ControllerSettings {
+        cluster: m.name.clone(),
+        trust_domain: m.ca.trust_domain().clone(),
+        locality: Locality::default(),
+        gateways: vec![format!("127.0.0.1:{port}").parse().unwrap()],
+        gateway_tunnel: Some(format!("127.0.0.1:{}", port + 1).parse().unwrap()),
+        lease_ttl: TTL,
+        bundle: m.ca.bundle(),
+        endorsements: vec![],
+        // The operator joined every other cluster.
+        pinned: all
+            .iter()
+            .filter(|o| o.name != m.name)
+            .map(|o| (o.name.clone(), o.ca.bundle()))
+            .collect::<BTreeMap<_, _>>(),
+    }
+}
+
+/// Waits (bounded) until `pred` holds for the controller's catalog.
+async fn until(
+    c: &Controller,
+    what: &str,
+    limit: Duration,
+    pred: impl Fn(&Catalog) -> bool,
+) -> Duration {
+    let t0 = Instant::now();
+    let mut rx = c.catalog();
+    loop {
+        if rx.borrow().as_deref().is_some_and(&pred) {
+            return t0.elapsed();
+        }
+        let left = limit
+            .checked_sub(t0.elapsed())
+            .unwrap_or_else(|| panic!("{what}: not within {limit:?}"));
+        let _ = tokio::time::timeout(left, rx.changed()).await;
+    }
+}
+
+fn svc() -> ServiceName {
+    ServiceName::new("echo", "shop").unwrap()
+}
+
+async fn three_converge_then_one_dies(store: Arc<dyn Store>) {
+    let (e, w, n) = (member("east"), member("west"), member("north"));
+    let all = [&e, &w, &n];
+    let mut reg = Registry::default();
+    let ce = Controller::start(store.clone(), settings(&e, &all, 1000), vec![], &mut reg);
+    let cw = Controller::start(
+        store.clone(),
+        settings(&w, &all, 2000),
+        vec![echo(&w, true)],
+        &mut reg,
+    );
+    let cn = Controller::start(
+        store.clone(),
+        settings(&n, &all, 3000),
+        vec![echo(&n, true)],
+        &mut reg,
+    );
+    let took = until(
+        &ce,
+        "east imports echo from west and north",
+        Duration::from_secs(10),
+        |c| c.imports(&svc()).len() == 2 && c.peers().count() == 2,
+    )
+    .await;
+    eprintln!("converged in {took:?}");
+    // west sees north's export (and serves its own locally).
+    until(
+        &cw,
+        "west imports from north",
+        Duration::from_secs(5),
+        |c| c.imports(&svc()) == [n.name.clone()] && c.service(&svc()).is_some(),
+    )
+    .await;
+    // Trust followed the pins: east trusts all three domains.
+    assert_eq!(ce.bundles().borrow().len(), 3);
+    let st = ce.status();
+    assert!(st.synced);
+    assert_eq!(st.clusters.len(), 2);
+    assert!(st
+        .clusters
+        .iter()
+        .all(|c| c.bundle_trusted && c.exported == 1));
+
+    // north dies without a word: its lease expires and it drops out.
+    let t0 = Instant::now();
+    drop(cn);
+    until(
+        &ce,
+        "north's export expires",
+        TTL + Duration::from_secs(3),
+        |c| c.imports(&svc()) == [w.name.clone()] && c.peers().count() == 1,
+    )
+    .await;
+    let gone = t0.elapsed();
+    assert!(gone <= TTL + Duration::from_millis(2500), "took {gone:?}");
+    // west leaves gracefully: gone at once, not after the TTL.
+    let t0 = Instant::now();
+    cw.shutdown().await;
+    until(&ce, "west's export revoked", Duration::from_secs(1), |c| {
+        c.imports(&svc()).is_empty()
+    })
+    .await;
+    assert!(t0.elapsed() < Duration::from_millis(900));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_three_controllers_converge_and_expire() {
+    three_converge_then_one_dies(Arc::new(EmbeddedStore::new(EmbeddedLimits::default()))).await;
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_three_controllers_converge_and_expire() {
+    use fedmesh_federation::store::{EtcdOptions, EtcdStore};
+    let Some(bin) =
+        fedmesh_testkit::etcd::etcd_or_skip("etcd_three_controllers_converge_and_expire")
+    else {
+        return;
+    };
+    let etcd = fedmesh_testkit::etcd::EtcdCluster::start(bin, 1).unwrap();
+    let store = EtcdStore::connect(&EtcdOptions {
+        endpoints: etcd.endpoints(),
+        ..EtcdOptions::default()
+    })
+    .await
+    .unwrap();
+    three_converge_then_one_dies(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_store_values_are_rejected_and_nothing_else_is_lost() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new(EmbeddedLimits::default()));
+    let (e, w) = (member("east"), member("west"));
+    let all = [&e, &w];
+    let mut reg = Registry::default();
+    let ce = Controller::start(store.clone(), settings(&e, &all, 1000), vec![], &mut reg);
+    let _cw = Controller::start(
+        store.clone(),
+        settings(&w, &all, 2000),
+        vec![echo(&w, true)],
+        &mut reg,
+    );
+    until(&ce, "east imports from west", Duration::from_secs(5), |c| {
+        c.imports(&svc()).len() == 1
+    })
+    .await;
+    // Garbage from someone with write access to the store.
+    store
+        .put(
+            "/fedmesh/v1/clusters/west/services/shop/broken",
+            b"{not json".to_vec(),
+            None,
+        )
+        .await
+        .unwrap();
+    store.put("/fedmesh/v1/clusters/west/services/shop/liar", br#"{"name":"echo","namespace":"shop","ports":[{"port":1}],"exported_at_ms":0,"ready_endpoints":1}"#.to_vec(), None).await.unwrap();
+    store
+        .put("/fedmesh/v1/clusters/west/what", b"?".to_vec(), None)
+        .await
+        .unwrap();
+    store
+        .put("/fedmesh/v1/clusters/mars/info", b"{}".to_vec(), None)
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    while ce.metrics().rejected_count("bad_record") < 3
+        || ce.metrics().rejected_count("bad_key") < 1
+    {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "rejections not counted: {:?}",
+            ce.status().rejected
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let st = ce.status();
+    assert!(
+        st.rejected.iter().any(|r| r.contains("does not decode")),
+        "{:?}",
+        st.rejected
+    );
+    assert!(
+        st.rejected.iter().any(|r| r.contains("its key says")),
+        "{:?}",
+        st.rejected
+    );
+    // What was accepted before is still there.
+    assert_eq!(
+        ce.catalog().borrow().as_ref().unwrap().imports(&svc()),
+        [w.name.clone()]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpinned_or_unendorsed_bundles_are_not_trusted() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new(EmbeddedLimits::default()));
+    let (e, w, n) = (member("east"), member("west"), member("north"));
+    let mut reg = Registry::default();
+    // east pinned west only; north is not joined.
+    let ce = Controller::start(
+        store.clone(),
+        settings(&e, &[&e, &w], 1000),
+        vec![],
+        &mut reg,
+    );
+    let cw = Controller::start(
+        store.clone(),
+        settings(&w, &[&e, &w], 2000),
+        vec![echo(&w, true)],
+        &mut reg,
+    );
+    let _cn = Controller::start(
+        store.clone(),
+        settings(&n, &[&n], 3000),
+        vec![echo(&n, true)],
+        &mut reg,
+    );
+    until(&ce, "west imported", Duration::from_secs(5), |c| {
+        c.imports(&svc()).len() == 1
+    })
+    .await;
+    let t0 = Instant::now();
+    let north = loop {
+        if let Some(n) = ce
+            .status()
+            .clusters
+            .into_iter()
+            .find(|c| c.cluster == "north")
+        {
+            break n;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "north never seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(!north.bundle_trusted);
+    assert_eq!(
+        ce.catalog().borrow().as_ref().unwrap().imports(&svc()),
+        [w.name.clone()]
+    );
+    assert!(ce.metrics().rejected_count("bundle_not_trusted") >= 1);
+
+    // west rotates: overlap bundle endorsed by its old root is accepted.
+    cw.shutdown().await;
+    let new_root =
+        CertificateAuthority::new_root(w.ca.trust_domain().clone(), Duration::from_secs(3600))
+            .unwrap();
+    let overlap = fedmesh_trust::TrustBundle::new(
+        w.ca.trust_domain().clone(),
+        vec![w.ca.certificate().clone(), new_root.certificate().clone()],
+    )
+    .unwrap();
+    let mut s = settings(&w, &[&e, &w], 2000);
+    s.bundle = overlap.clone();
+    s.endorsements = vec![fedmesh_trust::rotation::endorse(&w.ca, &overlap).unwrap()];
+    let _cw2 = Controller::start(store.clone(), s, vec![echo(&w, true)], &mut reg);
+    let t0 = Instant::now();
+    loop {
+        if ce.bundles().borrow().get(w.ca.trust_domain()) == Some(&overlap) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "rotation not accepted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A writer to the store forging west's info with a rogue root, no
+    // endorsement: refused, the overlap bundle stays trusted.
+    let rogue =
+        CertificateAuthority::new_root(w.ca.trust_domain().clone(), Duration::from_secs(3600))
+            .unwrap();
+    let forged = serde_json::json!({
+        "cluster": "west", "trust_domain": "west.acme", "gateways": ["127.0.0.1:2000"],
+        "bundle_pem": rogue.bundle().to_pem(), "published_at_ms": 1,
+    });
+    let before = ce.metrics().rejected_count("bundle_not_trusted");
+    store
+        .put(
+            "/fedmesh/v1/clusters/west/info",
+            forged.to_string().into_bytes(),
+            None,
+        )
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    while ce.metrics().rejected_count("bundle_not_trusted") == before {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        ce.bundles().borrow().get(w.ca.trust_domain()),
+        Some(&overlap)
+    );
+    // And west is no longer routable while its info is untrusted.
+    until(
+        &ce,
+        "forged west dropped from routing",
+        Duration::from_secs(2),
+        |c| c.imports(&svc()).is_empty(),
+    )
+    .await;
+}
