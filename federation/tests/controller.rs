@@ -1,6 +1,10 @@
 //! Controllers converging through a store: catalogs, failover by lease
 //! expiry, bad store values, and trust bundle admission and rotation.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::cloned_ref_to_slice_refs)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::cloned_ref_to_slice_refs
+)]
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -136,3 +136,35 @@ async fn admin_endpoint_serves_metrics() {
     assert!(get("/ready").await.starts_with("HTTP/1.1 200"));
     assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controllers_drive_the_data_path_and_proxies_survive_their_loss() {
+    let mut topo = Topology::demo();
+    topo.control_plane = fedmesh_testkit::ControlPlane::Embedded;
+    let mut rig = Rig::start(&topo).await.unwrap();
+    assert!(rig.converged_in.is_some());
+    let spec = LoadSpec {
+        connections: 8,
+        requests_per_connection: 5,
+        ..LoadSpec::default()
+    };
+    let addr = rig
+        .cluster("east")
+        .unwrap()
+        .client_addr("echo.demo")
+        .unwrap();
+    let r = run_load(addr, &spec).await;
+    assert_eq!(r.failed, 0, "{:?}", r.errors);
+    assert!(
+        r.served_by.keys().any(|k| k.starts_with("west/"))
+            && r.served_by.keys().any(|k| k.starts_with("north/"))
+    );
+    // Static stability: every controller (and the store) gone, proxies
+    // keep serving with the last config they have.
+    for c in &mut rig.clusters {
+        c.controller = None;
+    }
+    rig.store = None;
+    let r = run_load(addr, &spec).await;
+    assert_eq!(r.failed, 0, "{:?}", r.errors);
+}

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
-use fedmesh_testkit::{percentile, AppKind, ClusterTopo, Rig, ServiceTopo, Topology};
+use fedmesh_testkit::{percentile, AppKind, ClusterTopo, ControlPlane, Rig, ServiceTopo, Topology};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -86,6 +86,7 @@ fn topology(splice_buffer: usize) -> Topology {
             splice_buffer_bytes: splice_buffer,
             ..Default::default()
         },
+        control_plane: ControlPlane::Static,
     }
 }
 

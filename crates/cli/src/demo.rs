@@ -5,7 +5,7 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use fedmesh_testkit::{percentile, run_load, LoadReport, LoadSpec, Rig, Topology};
+use fedmesh_testkit::{percentile, run_load, ControlPlane, LoadReport, LoadSpec, Rig, Topology};
 use serde_json::json;
 
 #[derive(clap::Args)]
@@ -22,6 +22,9 @@ pub struct Args {
     /// Bytes per request (echoed back and compared).
     #[arg(long, default_value_t = 1024)]
     bytes: usize,
+    /// Skip the federation controllers: catalogs computed up front.
+    #[arg(long)]
+    static_config: bool,
 }
 
 struct Flow {
@@ -42,9 +45,22 @@ fn human_bytes(n: u64) -> String {
     }
 }
 
+/// Appends a line to the report; the report is written once at the end, so
+/// a closed pipe (`| head`) ends the output instead of panicking.
+macro_rules! say {
+    ($out:expr, $($t:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($out, $($t)*);
+    }};
+}
+
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let mut out = String::new();
     let started = Instant::now();
-    let topo = Topology::demo();
+    let mut topo = Topology::demo();
+    if !args.static_config {
+        topo.control_plane = ControlPlane::Embedded;
+    }
     let rig = Rig::start(&topo).await?;
     let startup = started.elapsed();
     let east = rig
@@ -133,18 +149,27 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 "bundle_fingerprint": c.ca.bundle().fingerprint(),
             })).collect::<Vec<_>>(),
             "startup_ms": startup.as_millis() as u64,
+            "control_plane": if args.static_config { "static" } else { "embedded-store" },
+            "catalog_converged_ms": rig.converged_in.map(|d| d.as_secs_f64() * 1e3),
             "elapsed_ms": elapsed.as_millis() as u64,
             "pass": failed == 0 && total > 0,
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        say!(out, "{}", serde_json::to_string_pretty(&v)?);
     } else {
-        println!(
+        say!(out, 
             "fedmesh demo: {} clusters in one process on loopback, real QUIC and mTLS\n",
             rig.clusters.len()
         );
-        println!("clusters (started in {} ms)", startup.as_millis());
+        say!(out, "clusters (started in {} ms)", startup.as_millis());
+        match rig.converged_in {
+            Some(d) => say!(out, 
+                "  control plane: one federation controller per cluster on the embedded store; catalogs and trust bundles converged in {:.1} ms",
+                d.as_secs_f64() * 1e3
+            ),
+            None => say!(out, "  control plane: static (--static-config)"),
+        }
         for c in &rig.clusters {
-            println!(
+            say!(out, 
                 "  {:<6} trust domain {:<11} gateway quic {} / tunnel {}  {} sidecars",
                 c.name,
                 c.trust_domain.as_str(),
@@ -153,17 +178,17 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 c.sidecars.len() + 1
             );
         }
-        println!(
+        say!(out, 
             "\ntraffic from east ({} connections x {} requests x {} bytes per service)",
             spec.connections, spec.requests_per_connection, spec.request_bytes
         );
-        println!(
+        say!(out, 
             "  {:<12} {:<14} {:>8} {:>8} {:>7} {:>9} {:>9} {:>10}",
             "service", "path", "requests", "ok", "failed", "p50", "p99", "bytes"
         );
         for f in &flows {
             let mut l = f.report.latencies.clone();
-            println!(
+            say!(out, 
                 "  {:<12} {:<14} {:>8} {:>8} {:>7} {:>7}µs {:>7}µs {:>10}",
                 f.service,
                 f.kind,
@@ -175,7 +200,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 human_bytes(f.report.bytes_sent + f.report.bytes_received)
             );
         }
-        println!("\npaths taken (connections)");
+        say!(out, "\npaths taken (connections)");
         for f in &flows {
             for (by, n) in &f.report.served_by {
                 let cluster = by.split('/').next().unwrap_or("?");
@@ -184,28 +209,28 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 } else {
                     format!("app → sidecar(east) ─mTLS→ gateway(east) ═QUIC═ gateway({cluster}) ─mTLS→ sidecar({cluster}) → {by}")
                 };
-                println!("  {n:>4}  {path}");
+                say!(out, "  {n:>4}  {path}");
             }
         }
-        println!(
+        say!(out, 
             "  QUIC streams: {quic_out} opened by gateway(east), {quic_in} accepted by west+north"
         );
-        println!("\ncaller identity as the server-side sidecar saw it");
+        say!(out, "\ncaller identity as the server-side sidecar saw it");
         for (c, svc, s) in &identities {
             let how = if s.via == "gateway" {
                 format!("relayed by gateway({c})")
             } else {
                 "peer certificate".to_owned()
             };
-            println!(
+            say!(out, 
                 "  {svc:<14} saw {:<40} {how:<26} {:>4} connections",
                 s.source, s.connections
             );
         }
         for f in flows.iter().filter(|f| !f.report.errors.is_empty()) {
-            println!("\nerrors for {}:", f.service);
+            say!(out, "\nerrors for {}:", f.service);
             for (e, n) in &f.report.errors {
-                println!("  {n:>4}  {e}");
+                say!(out, "  {n:>4}  {e}");
             }
         }
         let verdict = if failed == 0 && total > 0 {
@@ -213,11 +238,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         } else {
             "FAIL"
         };
-        println!(
+        say!(out, 
             "\n{verdict}: {ok}/{total} requests ok, {failed} failed; every response checked byte for byte ({:.1} s)",
             elapsed.as_secs_f64()
         );
     }
+    crate::emit(&out);
     Ok(if failed == 0 && total > 0 {
         ExitCode::SUCCESS
     } else {

@@ -67,6 +67,14 @@ fn main() -> ExitCode {
     }
 }
 
+/// Writes command output to stdout; a reader that went away (`| head`)
+/// is not an error worth a panic.
+pub(crate) fn emit(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()

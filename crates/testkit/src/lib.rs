@@ -13,4 +13,4 @@ pub mod tls;
 
 pub use apps::{App, AppKind};
 pub use load::{percentile, run_load, LoadReport, LoadSpec};
-pub use rig::{ClusterTopo, Rig, RigCluster, ServiceTopo, Topology};
+pub use rig::{ClusterTopo, ControlPlane, Rig, RigCluster, ServiceTopo, Topology};

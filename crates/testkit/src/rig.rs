@@ -9,13 +9,22 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
+use fedmesh_catalog::mcs::{Protocol, ServiceType};
+use fedmesh_catalog::{Catalog, ClusterName};
 use fedmesh_catalog::{CatalogSpec, EndpointSpec, ImportSpec, PeerSpec, ServiceSpec};
+use fedmesh_federation::records::Locality;
+use fedmesh_federation::store::{EmbeddedLimits, EmbeddedStore};
+use fedmesh_federation::{Controller, ControllerSettings, LocalService};
 use fedmesh_gateway::{Gateway, GatewaySettings};
 use fedmesh_sidecar::{InboundRoute, InboundSettings, OutboundRoute, Sidecar, SidecarSettings};
 use fedmesh_transport::Limits;
+use fedmesh_trust::TrustBundles as Bundles;
 use fedmesh_trust::{CertificateAuthority, SharedBundles, TrustBundles, TrustDomain};
 use fedmesh_wire::ServiceName;
 use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::watch;
 
 use crate::apps::{App, AppKind};
 
@@ -37,12 +46,23 @@ pub struct ClusterTopo {
     pub services: Vec<ServiceTopo>,
 }
 
+/// Where catalogs and trust bundles come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ControlPlane {
+    /// Computed by the rig from the topology (static config).
+    Static,
+    /// One federation controller per cluster on a shared embedded store;
+    /// proxies follow their controller's catalog and bundles.
+    Embedded,
+}
+
 #[derive(Debug, Clone)]
 pub struct Topology {
     /// Trust domains are `<cluster>.<mesh>`.
     pub mesh: String,
     pub clusters: Vec<ClusterTopo>,
     pub limits: Limits,
+    pub control_plane: ControlPlane,
 }
 
 impl Topology {
@@ -73,6 +93,7 @@ impl Topology {
                 },
             ],
             limits: Limits::default(),
+            control_plane: ControlPlane::Static,
         }
     }
 }
@@ -83,13 +104,24 @@ pub struct RigCluster {
     pub trust_domain: TrustDomain,
     pub ca: CertificateAuthority,
     pub bundles: SharedBundles,
-    pub gateway: Gateway,
+    pub gateway: Arc<Gateway>,
     /// Sidecars in front of app replicas, with their service.
-    pub sidecars: Vec<(ServiceName, Sidecar)>,
+    pub sidecars: Vec<(ServiceName, Arc<Sidecar>)>,
     /// A sidecar with outbound listeners for every reachable service.
-    pub client: Sidecar,
+    pub client: Arc<Sidecar>,
     pub apps: Vec<App>,
+    /// The cluster's federation controller (control plane `Embedded`).
+    pub controller: Option<Controller>,
     spec: CatalogSpec,
+    agent: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for RigCluster {
+    fn drop(&mut self) {
+        if let Some(a) = &self.agent {
+            a.abort();
+        }
+    }
 }
 
 impl RigCluster {
@@ -107,6 +139,10 @@ impl RigCluster {
 pub struct Rig {
     pub clusters: Vec<RigCluster>,
     pub registry: Registry,
+    /// With controllers: time from their start until every cluster's
+    /// catalog imported every service exported elsewhere.
+    pub converged_in: Option<Duration>,
+    pub store: Option<EmbeddedStore>,
 }
 
 impl Rig {
@@ -134,13 +170,18 @@ impl Rig {
             td: TrustDomain,
             ca: CertificateAuthority,
             bundles: SharedBundles,
-            gateway: Gateway,
-            sidecars: Vec<(ServiceName, u16, bool, Sidecar)>,
+            gateway: Arc<Gateway>,
+            sidecars: Vec<(ServiceName, u16, bool, Arc<Sidecar>)>,
             apps: Vec<App>,
         }
         let mut parts = Vec::new();
         for (c, (td, ca)) in topo.clusters.iter().zip(cas) {
-            let bundles = SharedBundles::new(all.clone());
+            // With controllers, each cluster starts out trusting only itself
+            // and learns the others through federation.
+            let bundles = match topo.control_plane {
+                ControlPlane::Static => SharedBundles::new(all.clone()),
+                ControlPlane::Embedded => SharedBundles::new(TrustBundles::new().with(ca.bundle())),
+            };
             let reg = registry
                 .sub_registry_with_label((Cow::Borrowed("cluster"), Cow::Owned(c.name.clone())));
             let bare = CatalogSpec {
@@ -165,6 +206,7 @@ impl Rig {
             )
             .await
             .with_context(|| format!("gateway of {}", c.name))?;
+            let gateway = Arc::new(gateway);
             let mut apps = Vec::new();
             let mut sidecars = Vec::new();
             for s in &c.services {
@@ -193,7 +235,7 @@ impl Rig {
                     )
                     .await?;
                     apps.push(app);
-                    sidecars.push((name.clone(), s.port, s.export, sc));
+                    sidecars.push((name.clone(), s.port, s.export, Arc::new(sc)));
                 }
             }
             parts.push(Partial {
@@ -257,15 +299,20 @@ impl Rig {
             clusters.push(spec);
         }
 
+        let store = match topo.control_plane {
+            ControlPlane::Static => None,
+            ControlPlane::Embedded => Some(EmbeddedStore::new(EmbeddedLimits::default())),
+        };
+        let all_bundles: Vec<(ClusterName, fedmesh_trust::TrustBundle)> = parts
+            .iter()
+            .map(|p| Ok((ClusterName::new(&p.topo.name)?, p.ca.bundle())))
+            .collect::<anyhow::Result<_>>()?;
+        let started = Instant::now();
         let mut out = Vec::new();
         for (p, spec) in parts.into_iter().zip(clusters) {
             let catalog = spec
                 .build()
                 .map_err(|e| anyhow::anyhow!("{}: {e}", p.topo.name))?;
-            p.gateway.set_catalog(catalog.clone());
-            for s in &p.sidecars {
-                s.3.set_catalog(catalog.clone());
-            }
             let mut outbound = Vec::new();
             let mut names: Vec<(String, u16)> = spec
                 .services
@@ -274,7 +321,14 @@ impl Rig {
                 .collect();
             for i in &spec.imports {
                 if !names.iter().any(|n| n.0 == i.service) {
-                    names.push((i.service.clone(), 7000));
+                    let port = topo
+                        .clusters
+                        .iter()
+                        .flat_map(|c| &c.services)
+                        .find(|s| s.name == i.service)
+                        .map(|s| s.port)
+                        .unwrap_or(7000);
+                    names.push((i.service.clone(), port));
                 }
             }
             for (n, port) in names {
@@ -288,19 +342,63 @@ impl Rig {
                 Cow::Borrowed("cluster"),
                 Cow::Owned(p.topo.name.clone()),
             ));
-            let client = Sidecar::build(
-                SidecarSettings {
-                    catalog,
-                    identity: p.ca.issue(&p.td.workload("demo", "client")?, CERT_TTL)?,
-                    bundles: p.bundles.clone(),
-                    outbound,
-                    inbound: None,
-                    admin: None,
-                    limits: topo.limits.clone(),
-                },
-                reg,
-            )
-            .await?;
+            let client = Arc::new(
+                Sidecar::build(
+                    SidecarSettings {
+                        catalog: catalog.clone(),
+                        identity: p.ca.issue(&p.td.workload("demo", "client")?, CERT_TTL)?,
+                        bundles: p.bundles.clone(),
+                        outbound,
+                        inbound: None,
+                        admin: None,
+                        limits: topo.limits.clone(),
+                    },
+                    reg,
+                )
+                .await?,
+            );
+            let (controller, agent) = match &store {
+                None => {
+                    p.gateway.set_catalog(catalog.clone());
+                    for s in &p.sidecars {
+                        s.3.set_catalog(catalog.clone());
+                    }
+                    (None, None)
+                }
+                Some(store) => {
+                    let name = ClusterName::new(&p.topo.name)?;
+                    let settings = ControllerSettings {
+                        cluster: name.clone(),
+                        trust_domain: p.td.clone(),
+                        locality: Locality::default(),
+                        gateways: vec![p.gateway.quic_addr()],
+                        gateway_tunnel: Some(p.gateway.tunnel_addr()),
+                        lease_ttl: Duration::from_secs(3),
+                        bundle: p.ca.bundle(),
+                        endorsements: Vec::new(),
+                        // The rig is the operator: it joined every cluster.
+                        pinned: all_bundles
+                            .iter()
+                            .filter(|(c, _)| c != &name)
+                            .cloned()
+                            .collect(),
+                    };
+                    let local = local_services(&p.topo, &p.sidecars)?;
+                    let ctrl = Controller::start(Arc::new(store.clone()), settings, local, reg);
+                    let agent = tokio::spawn(follow(
+                        ctrl.catalog(),
+                        ctrl.bundles(),
+                        p.bundles.clone(),
+                        p.gateway.clone(),
+                        p.sidecars
+                            .iter()
+                            .map(|s| s.3.clone())
+                            .chain([client.clone()])
+                            .collect(),
+                    ));
+                    (Some(ctrl), Some(agent))
+                }
+            };
             out.push(RigCluster {
                 name: p.topo.name,
                 trust_domain: p.td,
@@ -310,12 +408,101 @@ impl Rig {
                 sidecars: p.sidecars.into_iter().map(|s| (s.0, s.3)).collect(),
                 client,
                 apps: p.apps,
+                controller,
                 spec,
+                agent,
             });
         }
+        let converged_in = match &store {
+            None => None,
+            Some(_) => {
+                // Converged when every cluster imports what the static
+                // computation says it should, and trusts every domain.
+                let deadline = Duration::from_secs(20);
+                loop {
+                    let done = out.iter().all(|c| {
+                        let Some(ctrl) = &c.controller else {
+                            return true;
+                        };
+                        let cat = ctrl.catalog();
+                        let cat = cat.borrow();
+                        let Some(cat) = cat.as_deref() else {
+                            return false;
+                        };
+                        c.spec.imports.iter().all(|i| {
+                            ServiceName::parse(&i.service)
+                                .map(|n| cat.imports(&n).len() == i.clusters.len())
+                                .unwrap_or(false)
+                        }) && c.bundles.load().len() == out.len()
+                    });
+                    if done {
+                        break Some(started.elapsed());
+                    }
+                    if started.elapsed() > deadline {
+                        anyhow::bail!("control plane did not converge within {deadline:?}");
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        };
         Ok(Rig {
             clusters: out,
             registry,
+            converged_in,
+            store,
         })
+    }
+}
+
+/// The local services a controller publishes, from the rig's sidecars.
+fn local_services(
+    topo: &ClusterTopo,
+    sidecars: &[(ServiceName, u16, bool, Arc<Sidecar>)],
+) -> anyhow::Result<Vec<LocalService>> {
+    let mut out = Vec::new();
+    for s in &topo.services {
+        let name = ServiceName::parse(&s.name)?;
+        let endpoints = sidecars
+            .iter()
+            .filter(|x| x.0 == name)
+            .filter_map(|x| Some((x.3.inbound_addr()?, x.3.identity().clone())))
+            .collect();
+        out.push(LocalService {
+            name,
+            ports: vec![(s.port, Protocol::Tcp)],
+            service_type: ServiceType::ClusterSetIP,
+            export: s.export,
+            audience: None,
+            endpoints,
+            exported_at_ms: None,
+        });
+    }
+    Ok(out)
+}
+
+/// Applies a controller's catalog and bundles to a cluster's proxies, as
+/// the config stream will for proxies in other processes.
+async fn follow(
+    mut catalog: watch::Receiver<Option<Arc<Catalog>>>,
+    mut bundles: watch::Receiver<Arc<Bundles>>,
+    shared: SharedBundles,
+    gateway: Arc<Gateway>,
+    sidecars: Vec<Arc<Sidecar>>,
+) {
+    loop {
+        // Bundles first: a catalog may name peers only the new bundles trust.
+        let b = bundles.borrow_and_update().clone();
+        shared.store((*b).clone());
+        let c = catalog.borrow_and_update().clone();
+        if let Some(c) = c {
+            gateway.set_catalog((*c).clone());
+            for s in &sidecars {
+                s.set_catalog((*c).clone());
+            }
+        }
+        tokio::select! {
+            r = catalog.changed() => if r.is_err() { return },
+            r = bundles.changed() => if r.is_err() { return },
+        }
     }
 }
