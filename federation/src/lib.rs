@@ -3,9 +3,11 @@
 //! cluster's catalog and trusted bundles.
 #![forbid(unsafe_code)]
 
+pub mod config;
 pub mod controller;
 pub mod keys;
 pub mod records;
+pub mod source;
 pub mod store;
 
 pub use controller::{Controller, ControllerSettings, LocalService, Status};

@@ -37,6 +37,13 @@ impl ClusterName {
     }
 }
 
+impl std::str::FromStr for ClusterName {
+    type Err = fedmesh_wire::NameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::new(s)
+    }
+}
+
 impl fmt::Display for ClusterName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)

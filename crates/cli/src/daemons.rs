@@ -18,7 +18,7 @@ pub struct Args {
     check: bool,
 }
 
-async fn until_signal() -> anyhow::Result<()> {
+pub(crate) async fn until_signal() -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         r = tokio::signal::ctrl_c() => r?,

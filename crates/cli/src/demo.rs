@@ -156,20 +156,22 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         });
         say!(out, "{}", serde_json::to_string_pretty(&v)?);
     } else {
-        say!(out, 
+        say!(
+            out,
             "fedmesh demo: {} clusters in one process on loopback, real QUIC and mTLS\n",
             rig.clusters.len()
         );
         say!(out, "clusters (started in {} ms)", startup.as_millis());
         match rig.converged_in {
-            Some(d) => say!(out, 
+            Some(d) => say!(out,
                 "  control plane: one federation controller per cluster on the embedded store; catalogs and trust bundles converged in {:.1} ms",
                 d.as_secs_f64() * 1e3
             ),
             None => say!(out, "  control plane: static (--static-config)"),
         }
         for c in &rig.clusters {
-            say!(out, 
+            say!(
+                out,
                 "  {:<6} trust domain {:<11} gateway quic {} / tunnel {}  {} sidecars",
                 c.name,
                 c.trust_domain.as_str(),
@@ -178,17 +180,29 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 c.sidecars.len() + 1
             );
         }
-        say!(out, 
+        say!(
+            out,
             "\ntraffic from east ({} connections x {} requests x {} bytes per service)",
-            spec.connections, spec.requests_per_connection, spec.request_bytes
+            spec.connections,
+            spec.requests_per_connection,
+            spec.request_bytes
         );
-        say!(out, 
+        say!(
+            out,
             "  {:<12} {:<14} {:>8} {:>8} {:>7} {:>9} {:>9} {:>10}",
-            "service", "path", "requests", "ok", "failed", "p50", "p99", "bytes"
+            "service",
+            "path",
+            "requests",
+            "ok",
+            "failed",
+            "p50",
+            "p99",
+            "bytes"
         );
         for f in &flows {
             let mut l = f.report.latencies.clone();
-            say!(out, 
+            say!(
+                out,
                 "  {:<12} {:<14} {:>8} {:>8} {:>7} {:>7}µs {:>7}µs {:>10}",
                 f.service,
                 f.kind,
@@ -212,7 +226,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 say!(out, "  {n:>4}  {path}");
             }
         }
-        say!(out, 
+        say!(
+            out,
             "  QUIC streams: {quic_out} opened by gateway(east), {quic_in} accepted by west+north"
         );
         say!(out, "\ncaller identity as the server-side sidecar saw it");
@@ -222,9 +237,11 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             } else {
                 "peer certificate".to_owned()
             };
-            say!(out, 
+            say!(
+                out,
                 "  {svc:<14} saw {:<40} {how:<26} {:>4} connections",
-                s.source, s.connections
+                s.source,
+                s.connections
             );
         }
         for f in flows.iter().filter(|f| !f.report.errors.is_empty()) {
@@ -238,7 +255,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         } else {
             "FAIL"
         };
-        say!(out, 
+        say!(out,
             "\n{verdict}: {ok}/{total} requests ok, {failed} failed; every response checked byte for byte ({:.1} s)",
             elapsed.as_secs_f64()
         );

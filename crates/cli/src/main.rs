@@ -5,6 +5,7 @@
 mod ca;
 mod daemons;
 mod demo;
+mod federation;
 mod trust;
 
 use std::process::ExitCode;
@@ -46,6 +47,16 @@ enum Command {
     Gateway(daemons::Args),
     /// Run a sidecar from a static YAML config.
     Sidecar(daemons::Args),
+    /// Run a cluster's federation controller.
+    Controller(federation::ControllerArgs),
+    /// Admit clusters and list the federation.
+    #[command(subcommand)]
+    Cluster(federation::ClusterCmd),
+    /// List exported services.
+    #[command(subcommand)]
+    Services(federation::ServicesCmd),
+    /// One table: clusters, gateways, exports, imports, bundles, last publish, conflicts.
+    Status(federation::StatusArgs),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +68,17 @@ fn main() -> ExitCode {
         Command::Demo(a) => runtime().and_then(|rt| rt.block_on(demo::run(a))),
         Command::Gateway(a) => runtime().and_then(|rt| rt.block_on(daemons::gateway(a))),
         Command::Sidecar(a) => runtime().and_then(|rt| rt.block_on(daemons::sidecar(a))),
+        Command::Controller(a) => runtime().and_then(|rt| rt.block_on(federation::controller(a))),
+        Command::Cluster(federation::ClusterCmd::Join { pins, name, bundle }) => {
+            federation::join(pins, name, bundle)
+        }
+        Command::Cluster(federation::ClusterCmd::List(a)) => {
+            runtime().and_then(|rt| rt.block_on(federation::cluster_list(a)))
+        }
+        Command::Services(federation::ServicesCmd::List { store, cluster }) => {
+            runtime().and_then(|rt| rt.block_on(federation::services_list(store, cluster)))
+        }
+        Command::Status(a) => runtime().and_then(|rt| rt.block_on(federation::status(a))),
     };
     match result {
         Ok(code) => code,

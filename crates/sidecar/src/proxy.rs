@@ -142,6 +142,7 @@ impl Sidecar {
             let state = AdminState {
                 registry: Arc::new(tokio::sync::Mutex::new(reg)),
                 ready: Arc::new(AtomicBool::new(true)),
+                status: None,
             };
             let (bound, task) =
                 admin::spawn(addr, state)

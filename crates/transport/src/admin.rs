@@ -15,11 +15,16 @@ use tokio::sync::Mutex;
 const MAX_REQUEST: usize = 8 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A JSON document produced on demand (e.g. a controller's `/status`).
+pub type JsonFn = Arc<dyn Fn() -> String + Send + Sync>;
+
 /// What the admin endpoint serves.
 #[derive(Clone)]
 pub struct AdminState {
     pub registry: Arc<Mutex<Registry>>,
     pub ready: Arc<AtomicBool>,
+    /// Served at `/status` when set.
+    pub status: Option<JsonFn>,
 }
 
 /// Serves the admin endpoint on `listener` until the task is dropped.
@@ -93,6 +98,10 @@ async fn handle(mut stream: TcpStream, state: &AdminState) {
             .await
         }
         "/live" => respond(&mut stream, "200 OK", "text/plain", "live\n").await,
+        "/status" if state.status.is_some() => {
+            let body = state.status.as_ref().map(|f| f()).unwrap_or_default();
+            respond(&mut stream, "200 OK", "application/json", &body).await
+        }
         "/ready" if state.ready.load(Ordering::Relaxed) => {
             respond(&mut stream, "200 OK", "text/plain", "ready\n").await
         }

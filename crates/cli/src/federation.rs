@@ -1,0 +1,443 @@
+//! `fedmesh controller`, `fedmesh cluster`, `fedmesh services`, `fedmesh status`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context};
+use clap::{Subcommand, ValueEnum};
+use fedmesh_catalog::mcs;
+use fedmesh_catalog::ClusterName;
+use fedmesh_federation::config::{open_store, read_pin, ControllerConfig, StoreConfig};
+use fedmesh_federation::keys::{Key, ROOT};
+use fedmesh_federation::records::{ClusterInfo, ServiceRecord};
+use fedmesh_federation::{source, Controller, Store};
+use fedmesh_transport::admin::{self, AdminState};
+use prometheus_client::registry::Registry;
+use serde_json::json;
+
+#[derive(Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
+pub enum Output {
+    #[default]
+    Table,
+    Json,
+}
+
+/// Where to read the federation from.
+#[derive(clap::Args)]
+pub struct StoreArgs {
+    /// etcd endpoints, comma-separated (`http://10.0.0.1:2379,http://10.0.0.2:2379`).
+    #[arg(long, env = "FEDMESH_STORE")]
+    store: String,
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(Subcommand)]
+pub enum ClusterCmd {
+    /// Admit a cluster: pin its trust bundle in the controller's pins directory.
+    Join {
+        /// The controller's `pins_dir`.
+        #[arg(long)]
+        pins: PathBuf,
+        /// The cluster to admit.
+        #[arg(long)]
+        name: ClusterName,
+        /// Its root bundle (PEM), obtained out of band.
+        #[arg(long)]
+        bundle: PathBuf,
+    },
+    /// Clusters in the federation store.
+    List(StoreArgs),
+}
+
+#[derive(Subcommand)]
+pub enum ServicesCmd {
+    /// Exported services, per cluster, and what they merge into.
+    List {
+        #[command(flatten)]
+        store: StoreArgs,
+        /// Only this cluster's exports.
+        #[arg(long)]
+        cluster: Option<ClusterName>,
+    },
+}
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// etcd endpoints, comma-separated.
+    #[arg(long, env = "FEDMESH_STORE", conflicts_with = "controller")]
+    store: Option<String>,
+    /// A controller's admin address: ask it for its own view.
+    #[arg(long)]
+    controller: Option<std::net::SocketAddr>,
+    #[arg(long, value_enum, default_value_t = Output::Table)]
+    output: Output,
+}
+
+#[derive(clap::Args)]
+pub struct ControllerArgs {
+    #[arg(long)]
+    config: PathBuf,
+    /// Validate the config and exit.
+    #[arg(long)]
+    check: bool,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
+    let cfg =
+        ControllerConfig::load(&args.config).map_err(|e| anyhow::anyhow!(e.join("\n  - ")))?;
+    let settings = cfg.settings().map_err(|e| {
+        anyhow::anyhow!(
+            "controller config {}:\n  - {}",
+            args.config.display(),
+            e.join("\n  - ")
+        )
+    })?;
+    let (local, _source) = source::watch_file(
+        cfg.services.clone(),
+        settings.trust_domain.clone(),
+        Duration::from_secs(1),
+    )
+    .map_err(|e| {
+        anyhow::anyhow!(
+            "services file {}:\n  - {}",
+            cfg.services.display(),
+            e.join("\n  - ")
+        )
+    })?;
+    if args.check {
+        crate::emit(&format!(
+            "config ok: cluster {} ({} services, {} pinned clusters)\n",
+            settings.cluster,
+            local.borrow().len(),
+            settings.pinned.len()
+        ));
+        return Ok(ExitCode::SUCCESS);
+    }
+    tracing::info!(cluster = %settings.cluster, lease_ttl = ?settings.lease_ttl, pinned = settings.pinned.len(), "effective controller config");
+    let store = open_store(&cfg.store).await?;
+    let mut registry = Registry::default();
+    let ctrl = Arc::new(Controller::start(
+        store,
+        settings,
+        local.borrow().clone(),
+        &mut registry,
+    ));
+    // Follow the services file.
+    let follower = {
+        let ctrl = ctrl.clone();
+        let mut local = local.clone();
+        tokio::spawn(async move {
+            while local.changed().await.is_ok() {
+                ctrl.set_local(local.borrow_and_update().clone());
+            }
+        })
+    };
+    if let Some(addr) = cfg.admin {
+        let c = ctrl.clone();
+        let state = AdminState {
+            registry: Arc::new(tokio::sync::Mutex::new(registry)),
+            ready: Arc::new(AtomicBool::new(true)),
+            status: Some(Arc::new(move || {
+                serde_json::to_string_pretty(&c.status()).unwrap_or_default()
+            })),
+        };
+        let (bound, _task) = admin::spawn(addr, state).await?;
+        crate::emit(&format!("controller admin http://{bound}/status\n"));
+    }
+    crate::emit(&format!("controller up: cluster {}\n", cfg.cluster));
+    crate::daemons::until_signal().await?;
+    follower.abort();
+    if let Ok(c) = Arc::try_unwrap(ctrl) {
+        c.shutdown().await;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn join(pins: PathBuf, name: ClusterName, bundle: PathBuf) -> anyhow::Result<ExitCode> {
+    let b = read_pin(&bundle).map_err(|e| anyhow::anyhow!("{}: {e}", bundle.display()))?;
+    std::fs::create_dir_all(&pins)?;
+    let dest = pins.join(format!("{name}.pem"));
+    std::fs::write(&dest, b.to_pem()).with_context(|| format!("writing {}", dest.display()))?;
+    crate::emit(&format!(
+        "pinned cluster {name} (trust domain {}, {} roots, {}) in {}\n",
+        b.trust_domain(),
+        b.roots().len(),
+        b.fingerprint(),
+        dest.display()
+    ));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn store_from(arg: &str) -> anyhow::Result<Arc<dyn Store>> {
+    if arg == "embedded" {
+        bail!("the embedded store lives inside one process; point --store at etcd, or use `fedmesh status --controller ADMIN`");
+    }
+    let endpoints: Vec<String> = arg
+        .split(',')
+        .map(|e| e.trim().replacen("etcd://", "http://", 1))
+        .filter(|e| !e.is_empty())
+        .collect();
+    Ok(open_store(&StoreConfig::etcd(endpoints)).await?)
+}
+
+/// Everything decodable in the store, and what was not.
+struct Snapshot {
+    infos: BTreeMap<ClusterName, fedmesh_federation::records::ValidInfo>,
+    exports: Vec<mcs::Export>,
+    rejected: Vec<String>,
+}
+
+async fn snapshot(store: &dyn Store) -> anyhow::Result<Snapshot> {
+    let listing = store.list(ROOT).await?;
+    let mut s = Snapshot {
+        infos: BTreeMap::new(),
+        exports: Vec::new(),
+        rejected: Vec::new(),
+    };
+    for kv in listing.kvs {
+        let key = match Key::parse(&kv.key) {
+            Ok(k) => k,
+            Err(e) => {
+                s.rejected.push(e.to_string());
+                continue;
+            }
+        };
+        match &key {
+            Key::Info(c) => match ClusterInfo::decode(&key, &kv.value) {
+                Ok(i) => {
+                    s.infos.insert(c.clone(), i);
+                }
+                Err(e) => s.rejected.push(format!("{}: {e}", kv.key)),
+            },
+            Key::Service(..) => match ServiceRecord::decode(&key, &kv.value) {
+                Ok(e) => s.exports.push(e),
+                Err(e) => s.rejected.push(format!("{}: {e}", kv.key)),
+            },
+        }
+    }
+    Ok(s)
+}
+
+fn age(ms: u64) -> String {
+    let secs = now_ms().saturating_sub(ms) / 1000;
+    format!("{secs}s ago")
+}
+
+pub async fn cluster_list(a: StoreArgs) -> anyhow::Result<ExitCode> {
+    let store = store_from(&a.store).await?;
+    let snap = snapshot(&*store).await?;
+    let rows: Vec<_> = snap
+        .infos
+        .values()
+        .map(|i| {
+            json!({
+                "cluster": i.cluster.as_str(),
+                "trust_domain": i.trust_domain.as_str(),
+                "gateways": i.gateways,
+                "region": i.locality.region,
+                "zone": i.locality.zone,
+                "bundle_fingerprint": i.bundle.fingerprint(),
+                "published_at_ms": i.published_at_ms,
+            })
+        })
+        .collect();
+    if a.output == Output::Json {
+        crate::emit(&format!("{}\n", serde_json::to_string_pretty(&rows)?));
+    } else {
+        let mut out = format!(
+            "{:<12} {:<16} {:<24} {:<10} {:<20}\n",
+            "CLUSTER", "TRUST DOMAIN", "GATEWAYS", "REGION", "PUBLISHED"
+        );
+        for i in snap.infos.values() {
+            let gws: Vec<String> = i.gateways.iter().map(|g| g.to_string()).collect();
+            out.push_str(&format!(
+                "{:<12} {:<16} {:<24} {:<10} {:<20}\n",
+                i.cluster.as_str(),
+                i.trust_domain.as_str(),
+                gws.join(","),
+                i.locality.region,
+                age(i.published_at_ms)
+            ));
+        }
+        crate::emit(&out);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn services_list(a: StoreArgs, cluster: Option<ClusterName>) -> anyhow::Result<ExitCode> {
+    let store = store_from(&a.store).await?;
+    let snap = snapshot(&*store).await?;
+    let rows: Vec<_> = snap
+        .exports
+        .iter()
+        .filter(|e| cluster.as_ref().is_none_or(|c| &e.cluster == c))
+        .map(|e| {
+            json!({
+                "service": e.service.to_string(),
+                "cluster": e.cluster.as_str(),
+                "ports": e.ports.iter().map(|(p, proto)| format!("{p}/{proto:?}")).collect::<Vec<_>>(),
+                "ready_endpoints": e.ready_endpoints,
+                "exported_at_ms": e.exported_at,
+                "audience": e.audience.as_ref().map(|a| a.iter().map(|c| c.to_string()).collect::<Vec<_>>()),
+            })
+        })
+        .collect();
+    if a.output == Output::Json {
+        crate::emit(&format!("{}\n", serde_json::to_string_pretty(&rows)?));
+    } else {
+        let mut out = format!(
+            "{:<28} {:<12} {:<20} {:>6}\n",
+            "SERVICE", "CLUSTER", "PORTS", "READY"
+        );
+        for r in &rows {
+            out.push_str(&format!(
+                "{:<28} {:<12} {:<20} {:>6}\n",
+                r["service"].as_str().unwrap_or_default(),
+                r["cluster"].as_str().unwrap_or_default(),
+                r["ports"]
+                    .as_array()
+                    .map(|p| p
+                        .iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","))
+                    .unwrap_or_default(),
+                r["ready_endpoints"]
+            ));
+        }
+        crate::emit(&out);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
+    if let Some(addr) = a.controller {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s =
+            tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
+                .await
+                .context("controller admin: connect timed out")??;
+        s.write_all(b"GET /status HTTP/1.1\r\nhost: fedmesh\r\n\r\n")
+            .await?;
+        let mut body = String::new();
+        tokio::time::timeout(Duration::from_secs(3), s.read_to_string(&mut body))
+            .await
+            .context("controller admin: no answer")??;
+        let json = body.split_once("\r\n\r\n").map(|x| x.1).unwrap_or_default();
+        let v: serde_json::Value =
+            serde_json::from_str(json).context("controller /status is not JSON")?;
+        if a.output == Output::Json {
+            crate::emit(&format!("{}\n", serde_json::to_string_pretty(&v)?));
+        } else {
+            let mut out = format!(
+                "controller of {} — synced: {}, imported services: {}, catalog version {}\n{:<12} {:<16} {:<24} {:>8} {:<8} {:<20}\n",
+                v["cluster"].as_str().unwrap_or("?"),
+                v["synced"],
+                v["imported"],
+                v["catalog_version"],
+                "CLUSTER",
+                "TRUST DOMAIN",
+                "GATEWAYS",
+                "EXPORTS",
+                "TRUSTED",
+                "PUBLISHED"
+            );
+            for c in v["clusters"].as_array().cloned().unwrap_or_default() {
+                out.push_str(&format!(
+                    "{:<12} {:<16} {:<24} {:>8} {:<8} {:<20}\n",
+                    c["cluster"].as_str().unwrap_or_default(),
+                    c["trust_domain"].as_str().unwrap_or_default(),
+                    c["gateways"].to_string(),
+                    c["exported"],
+                    c["bundle_trusted"],
+                    age(c["published_at_ms"].as_u64().unwrap_or(0))
+                ));
+            }
+            for r in v["rejected"].as_array().cloned().unwrap_or_default() {
+                out.push_str(&format!("rejected: {}\n", r.as_str().unwrap_or_default()));
+            }
+            crate::emit(&out);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(store_arg) = a.store else {
+        bail!("give --store ETCD_ENDPOINTS or --controller ADMIN_ADDRESS");
+    };
+    let store = store_from(&store_arg).await?;
+    let snap = snapshot(&*store).await?;
+    let mut rows = Vec::new();
+    for (c, i) in &snap.infos {
+        let exported = snap.exports.iter().filter(|e| &e.cluster == c).count();
+        let imports = mcs::merge(c, &snap.exports);
+        let conflicts: Vec<String> = imports
+            .iter()
+            .flat_map(|(n, imp)| imp.conflicts.iter().map(move |x| format!("{n}: {x}")))
+            .collect();
+        rows.push(json!({
+            "cluster": c.as_str(),
+            "trust_domain": i.trust_domain.as_str(),
+            "gateways": i.gateways,
+            "exported": exported,
+            "imported": imports.len(),
+            "bundle_fingerprint": i.bundle.fingerprint(),
+            "last_publish_ms_ago": now_ms().saturating_sub(i.published_at_ms),
+            "conflicts": conflicts,
+        }));
+    }
+    if a.output == Output::Json {
+        crate::emit(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&json!({"clusters": rows, "rejected": snap.rejected}))?
+        ));
+    } else {
+        let mut out = format!(
+            "{:<12} {:<16} {:<24} {:>8} {:>8} {:<18} {:<12} {}\n",
+            "CLUSTER",
+            "TRUST DOMAIN",
+            "GATEWAYS",
+            "EXPORTED",
+            "IMPORTED",
+            "BUNDLE",
+            "PUBLISHED",
+            "CONFLICTS"
+        );
+        for r in &rows {
+            out.push_str(&format!(
+                "{:<12} {:<16} {:<24} {:>8} {:>8} {:<18} {:<12} {}\n",
+                r["cluster"].as_str().unwrap_or_default(),
+                r["trust_domain"].as_str().unwrap_or_default(),
+                r["gateways"].to_string(),
+                r["exported"],
+                r["imported"],
+                r["bundle_fingerprint"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .chars()
+                    .take(18)
+                    .collect::<String>(),
+                format!(
+                    "{}s ago",
+                    r["last_publish_ms_ago"].as_u64().unwrap_or(0) / 1000
+                ),
+                r["conflicts"].as_array().map(|c| c.len()).unwrap_or(0)
+            ));
+        }
+        for r in &snap.rejected {
+            out.push_str(&format!("rejected: {r}\n"));
+        }
+        crate::emit(&out);
+    }
+    Ok(ExitCode::SUCCESS)
+}

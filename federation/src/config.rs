@@ -1,0 +1,215 @@
+//! The controller's config file (YAML) and the store it names.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedmesh_catalog::ClusterName;
+use fedmesh_trust::rotation::Endorsement;
+use fedmesh_trust::{TrustBundle, TrustDomain};
+use serde::{Deserialize, Serialize};
+
+use crate::controller::ControllerSettings;
+use crate::records::Locality;
+use crate::store::{EmbeddedLimits, EmbeddedStore, Store, StoreError};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    pub cluster: String,
+    pub trust_domain: String,
+    #[serde(default)]
+    pub locality: Locality,
+    /// QUIC addresses of this cluster's gateways, as peers reach them.
+    pub gateways: Vec<SocketAddr>,
+    /// Where this cluster's sidecars reach its gateway.
+    #[serde(default)]
+    pub gateway_tunnel: Option<SocketAddr>,
+    #[serde(default = "default_ttl", with = "humantime_serde")]
+    pub lease_ttl: Duration,
+    pub store: StoreConfig,
+    /// PEM roots of this cluster's trust domain.
+    pub bundle: PathBuf,
+    /// JSON list of endorsements of `bundle` (after a rotation).
+    #[serde(default)]
+    pub endorsements: Option<PathBuf>,
+    /// `<cluster>.pem` bundles admitted with `fedmesh cluster join`.
+    pub pins_dir: PathBuf,
+    /// The services file (file source).
+    pub services: PathBuf,
+    /// Admin endpoint: `/metrics`, `/live`, `/ready`, `/status`.
+    #[serde(default)]
+    pub admin: Option<SocketAddr>,
+}
+
+fn default_ttl() -> Duration {
+    Duration::from_secs(10)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// In this process only: for one machine and tests.
+    Embedded,
+    Etcd,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    pub kind: StoreKind,
+    /// etcd client URLs (`http://10.0.0.1:2379`); required for etcd.
+    #[serde(default)]
+    pub endpoints: Vec<String>,
+    #[serde(default = "default_connect", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+}
+
+impl StoreConfig {
+    pub fn etcd(endpoints: Vec<String>) -> Self {
+        Self {
+            kind: StoreKind::Etcd,
+            endpoints,
+            connect_timeout: default_connect(),
+        }
+    }
+}
+
+fn default_connect() -> Duration {
+    Duration::from_secs(3)
+}
+
+/// Opens the store a config names.
+pub async fn open_store(cfg: &StoreConfig) -> Result<Arc<dyn Store>, StoreError> {
+    match cfg.kind {
+        StoreKind::Embedded => Ok(Arc::new(EmbeddedStore::new(EmbeddedLimits::default()))),
+        StoreKind::Etcd if cfg.endpoints.is_empty() => Err(StoreError::Other(
+            "store.endpoints: etcd needs at least one endpoint".into(),
+        )),
+        #[cfg(feature = "etcd")]
+        StoreKind::Etcd => {
+            let s = crate::store::EtcdStore::connect(&crate::store::EtcdOptions {
+                endpoints: cfg.endpoints.clone(),
+                connect_timeout: cfg.connect_timeout,
+                ..Default::default()
+            })
+            .await?;
+            Ok(Arc::new(s))
+        }
+        #[cfg(not(feature = "etcd"))]
+        StoreKind::Etcd => Err(StoreError::Other(
+            "this fedmesh was built without etcd support; rebuild with `--features etcd`".into(),
+        )),
+    }
+}
+
+/// Reads every `<cluster>.pem` in `dir` as that cluster's pinned bundle.
+/// The trust domain comes from the roots' SPIFFE URI SAN.
+pub fn load_pins(dir: &Path) -> Result<BTreeMap<ClusterName, TrustBundle>, Vec<String>> {
+    let mut pins = BTreeMap::new();
+    let mut errs = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(pins),
+        Err(e) => return Err(vec![format!("pins_dir {}: {e}", dir.display())]),
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "pem") {
+            continue;
+        }
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or_default();
+        let cluster = match ClusterName::new(stem) {
+            Ok(c) => c,
+            Err(e) => {
+                errs.push(format!("{}: {e}", path.display()));
+                continue;
+            }
+        };
+        match read_pin(&path) {
+            Ok(b) => {
+                pins.insert(cluster, b);
+            }
+            Err(e) => errs.push(format!("{}: {e}", path.display())),
+        }
+    }
+    if errs.is_empty() {
+        Ok(pins)
+    } else {
+        Err(errs)
+    }
+}
+
+/// A pinned bundle file: PEM roots whose URI SAN names their trust domain.
+pub fn read_pin(path: &Path) -> Result<TrustBundle, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let certs = fedmesh_trust::pem::decode_certs(&text).map_err(|e| e.to_string())?;
+    let first = certs.first().ok_or("no certificate")?;
+    let td = fedmesh_trust::svid::inspect_ca(first)
+        .map_err(|e| format!("root does not name its trust domain: {e}"))?;
+    TrustBundle::new(td, certs).map_err(|e| e.to_string())
+}
+
+impl ControllerConfig {
+    pub fn load(path: &Path) -> Result<Self, Vec<String>> {
+        let text =
+            std::fs::read_to_string(path).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+        serde_yaml_ng::from_str(&text).map_err(|e| vec![format!("{}: {e}", path.display())])
+    }
+
+    /// Validates and loads everything but the store and the services.
+    pub fn settings(&self) -> Result<ControllerSettings, Vec<String>> {
+        let mut errs = Vec::new();
+        let cluster = ClusterName::new(&self.cluster)
+            .map_err(|e| errs.push(format!("cluster: {e}")))
+            .ok();
+        let td = TrustDomain::new(&self.trust_domain)
+            .map_err(|e| errs.push(format!("trust_domain: {e}")))
+            .ok();
+        if self.gateways.is_empty() || self.gateways.len() > 16 {
+            errs.push("gateways: 1 to 16 addresses".into());
+        }
+        if self.lease_ttl < Duration::from_secs(1) {
+            errs.push("lease_ttl: at least 1s (etcd leases are whole seconds)".into());
+        }
+        let bundle = td.as_ref().and_then(|td| {
+            std::fs::read_to_string(&self.bundle)
+                .map_err(|e| e.to_string())
+                .and_then(|t| TrustBundle::from_pem(td.clone(), &t).map_err(|e| e.to_string()))
+                .map_err(|e| errs.push(format!("bundle {}: {e}", self.bundle.display())))
+                .ok()
+        });
+        let endorsements: Vec<Endorsement> = match &self.endorsements {
+            None => Vec::new(),
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| e.to_string())
+                .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()))
+                .map_err(|e| errs.push(format!("endorsements {}: {e}", p.display())))
+                .unwrap_or_default(),
+        };
+        let pinned = load_pins(&self.pins_dir)
+            .map_err(|e| errs.extend(e))
+            .unwrap_or_default();
+        match (cluster, td, bundle) {
+            (Some(cluster), Some(trust_domain), Some(bundle)) if errs.is_empty() => {
+                Ok(ControllerSettings {
+                    cluster,
+                    trust_domain,
+                    locality: self.locality.clone(),
+                    gateways: self.gateways.clone(),
+                    gateway_tunnel: self.gateway_tunnel,
+                    lease_ttl: self.lease_ttl,
+                    bundle,
+                    endorsements,
+                    pinned,
+                })
+            }
+            _ => Err(errs),
+        }
+    }
+}
