@@ -282,6 +282,9 @@ async fn publish_loop(
     mut local: watch::Receiver<Vec<LocalService>>,
     metrics: ControllerMetrics,
 ) {
+    // Retries never wait longer than a third of the lease: a cluster that
+    // is alive must not drop out of the federation because of its backoff.
+    let cap = (s.lease_ttl / 3).clamp(Duration::from_millis(100), Duration::from_secs(5));
     let mut backoff = Duration::from_millis(100);
     loop {
         match publish_session(&*store, &s, &mut local, &metrics).await {
@@ -289,7 +292,7 @@ async fn publish_loop(
             Err(e) => {
                 tracing::warn!(cluster = %s.cluster, error = %e, "publishing to the store failed; retrying");
                 tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                backoff = (backoff * 2).min(cap);
             }
         }
     }
@@ -353,12 +356,24 @@ async fn publish_session(
         }
         tokio::select! {
             _ = tick.tick() => {
-                match store.keep_alive(lease).await {
-                    Ok(_) => {}
-                    Err(StoreError::LeaseNotFound(_)) => {
-                        return Err(StoreError::LeaseNotFound(lease));
+                // A failed refresh (one store member down, a blip) is retried
+                // until the next tick; only a lost lease ends the session, so
+                // a transient error never lets our keys expire.
+                let deadline = tokio::time::Instant::now() + keepalive;
+                let attempt = (keepalive / 2).max(Duration::from_millis(200));
+                loop {
+                    let r = tokio::time::timeout(attempt, store.keep_alive(lease))
+                        .await
+                        .unwrap_or_else(|_| Err(StoreError::Unavailable("lease refresh timed out".into())));
+                    match r {
+                        Ok(_) => break,
+                        Err(StoreError::LeaseNotFound(_)) => return Err(StoreError::LeaseNotFound(lease)),
+                        Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "lease refresh failed; retrying");
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                        }
                     }
-                    Err(e) => return Err(e),
                 }
             }
             changed = local.changed() => {

@@ -354,3 +354,141 @@ async fn unpinned_or_unendorsed_bundles_are_not_trusted() {
     )
     .await;
 }
+
+#[cfg(feature = "etcd")]
+async fn etcd_store(endpoints: Vec<String>) -> Arc<dyn Store> {
+    use fedmesh_federation::store::{EtcdOptions, EtcdStore};
+    Arc::new(
+        EtcdStore::connect(&EtcdOptions {
+            endpoints,
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_secs(2),
+        })
+        .await
+        .unwrap(),
+    )
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_restart_loses_nothing_and_everyone_resyncs() {
+    let Some(bin) =
+        fedmesh_testkit::etcd::etcd_or_skip("etcd_restart_loses_nothing_and_everyone_resyncs")
+    else {
+        return;
+    };
+    let mut etcd = fedmesh_testkit::etcd::EtcdCluster::start(bin, 1).unwrap();
+    let (e, w, n) = (member("east"), member("west"), member("north"));
+    let all = [&e, &w, &n];
+    let mut reg = Registry::default();
+    let mk = |m: &Member, port| settings(m, &all, port);
+    let ce = Controller::start(
+        etcd_store(etcd.endpoints()).await,
+        mk(&e, 1000),
+        vec![],
+        &mut reg,
+    );
+    let cw = Controller::start(
+        etcd_store(etcd.endpoints()).await,
+        mk(&w, 2000),
+        vec![echo(&w, true)],
+        &mut reg,
+    );
+    let _cn = Controller::start(
+        etcd_store(etcd.endpoints()).await,
+        mk(&n, 3000),
+        vec![echo(&n, true)],
+        &mut reg,
+    );
+    until(&ce, "converged", Duration::from_secs(10), |c| {
+        c.imports(&svc()).len() == 2
+    })
+    .await;
+    etcd.kill(0);
+    // While etcd is down, the last catalog stays (static stability).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        ce.catalog()
+            .borrow()
+            .as_ref()
+            .unwrap()
+            .imports(&svc())
+            .len(),
+        2
+    );
+    // A change made during the outage reaches everyone after the restart.
+    cw.set_local(vec![]);
+    etcd.restart(0).unwrap();
+    let took = until(
+        &ce,
+        "resynced after the restart",
+        Duration::from_secs(20),
+        |c| c.imports(&svc()) == [n.name.clone()],
+    )
+    .await;
+    eprintln!("resynced {took:?} after restart");
+    cw.set_local(vec![echo(&w, true)]);
+    until(&ce, "west exports again", Duration::from_secs(10), |c| {
+        c.imports(&svc()).len() == 2
+    })
+    .await;
+}
+
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_member_etcd_survives_losing_one() {
+    let Some(bin) = fedmesh_testkit::etcd::etcd_or_skip("three_member_etcd_survives_losing_one")
+    else {
+        return;
+    };
+    let mut etcd = fedmesh_testkit::etcd::EtcdCluster::start(bin, 3).unwrap();
+    let (e, w) = (member("east"), member("west"));
+    let all = [&e, &w];
+    let mut reg = Registry::default();
+    // A realistic ratio of lease to request time (production default: 10 s).
+    let ttl = Duration::from_secs(3);
+    let mut se = settings(&e, &all, 1000);
+    se.lease_ttl = ttl;
+    let mut sw = settings(&w, &all, 2000);
+    sw.lease_ttl = ttl;
+    let ce = Controller::start(etcd_store(etcd.endpoints()).await, se, vec![], &mut reg);
+    let cw = Controller::start(
+        etcd_store(etcd.endpoints()).await,
+        sw,
+        vec![echo(&w, true)],
+        &mut reg,
+    );
+    until(&ce, "converged", Duration::from_secs(15), |c| {
+        c.imports(&svc()).len() == 1
+    })
+    .await;
+    etcd.kill(0);
+    // Catalog updates keep flowing through the two remaining members.
+    cw.set_local(vec![]);
+    until(
+        &ce,
+        "withdrawal seen with a member down",
+        Duration::from_secs(15),
+        |c| c.imports(&svc()).is_empty(),
+    )
+    .await;
+    cw.set_local(vec![echo(&w, true)]);
+    until(
+        &ce,
+        "export seen with a member down",
+        Duration::from_secs(15),
+        |c| c.imports(&svc()).len() == 1,
+    )
+    .await;
+    // And nothing expired: west's lease is kept alive throughout.
+    tokio::time::sleep(ttl * 2).await;
+    assert_eq!(
+        ce.catalog()
+            .borrow()
+            .as_ref()
+            .unwrap()
+            .imports(&svc())
+            .len(),
+        1
+    );
+}

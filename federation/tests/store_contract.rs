@@ -212,3 +212,82 @@ async fn etcd_store_meets_the_contract() {
     });
     contract(Arc::new(store), compact).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflector_recovers_from_a_dropped_and_compacted_watch_exactly() {
+    use std::collections::BTreeMap;
+    let store = EmbeddedStore::new(EmbeddedLimits {
+        history: 50,
+        ..EmbeddedLimits::default()
+    });
+    let dyn_store: Arc<dyn Store> = Arc::new(store.clone());
+    for i in 0..20 {
+        store
+            .put(&format!("/r/{i:03}"), b"v0".to_vec(), None)
+            .await
+            .unwrap();
+    }
+    let mut rx = reflect(dyn_store.clone(), "/r/".into(), 4);
+    let mut cache: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut replaces = 0;
+    let apply =
+        |cache: &mut BTreeMap<String, Vec<u8>>, ev: CacheEvent, replaces: &mut usize| match ev {
+            CacheEvent::Replace { entries, .. } => {
+                *replaces += 1;
+                *cache = entries;
+            }
+            CacheEvent::Apply(list) => {
+                for e in list {
+                    match e {
+                        WatchEvent::Put(kv) => {
+                            cache.insert(kv.key, kv.value);
+                        }
+                        WatchEvent::Delete { key, .. } => {
+                            cache.remove(&key);
+                        }
+                    }
+                }
+            }
+        };
+    let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    apply(&mut cache, ev, &mut replaces);
+    // Far more changes than the watch channel (1024) and the history (50)
+    // hold, while the consumer is not reading: the store drops the watch
+    // and compacts past it.
+    for round in 0..1500 {
+        let k = format!("/r/{:03}", round % 40);
+        if round % 7 == 0 {
+            store.delete(&k).await.unwrap();
+        } else {
+            store
+                .put(&k, format!("v{round}").into_bytes(), None)
+                .await
+                .unwrap();
+        }
+    }
+    let truth: BTreeMap<String, Vec<u8>> = store
+        .list("/r/")
+        .await
+        .unwrap()
+        .kvs
+        .into_iter()
+        .map(|kv| (kv.key, kv.value))
+        .collect();
+    let t0 = Instant::now();
+    while cache != truth {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "cache never matched the store"
+        );
+        if let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            apply(&mut cache, ev, &mut replaces);
+        }
+    }
+    assert!(
+        replaces >= 2,
+        "the broken watch should have been replaced by a re-list"
+    );
+}
