@@ -11,9 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fedmesh_catalog::mcs::{self, Conflict, Protocol, ServiceType};
-use fedmesh_catalog::{
-    Catalog, CatalogSpec, ClusterName, EndpointSpec, ImportSpec, PeerSpec, ServiceSpec,
-};
+use fedmesh_catalog::{Catalog, ClusterName};
 use fedmesh_trust::rotation::{self, Acceptance, Endorsement};
 use fedmesh_trust::{TrustBundle, TrustBundles, TrustDomain};
 use fedmesh_wire::ServiceName;
@@ -26,7 +24,7 @@ use tokio::task::JoinHandle;
 
 use crate::keys::{self, Key};
 use crate::records::{ClusterInfo, Locality, PortRecord, ServiceRecord, ValidInfo};
-use crate::store::{reflect, CacheEvent, LeaseId, Store, StoreError, WatchEvent};
+use crate::store::{reflect, Delta, LeaseId, Store, StoreError};
 
 /// A service this cluster serves, as its source (Kubernetes, a file) says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -338,10 +336,17 @@ async fn publish_session(
                     service_record(svc, at),
                 );
             }
+            let mut refreshed = tokio::time::Instant::now();
             for (k, v) in &want {
                 if published.get(k) != Some(v) {
                     store.put(k, v.clone(), Some(lease)).await?;
                     metrics.publishes.inc();
+                }
+                // Publishing thousands of services can outlast the lease:
+                // keep it alive along the way.
+                if refreshed.elapsed() >= keepalive {
+                    store.keep_alive(lease).await?;
+                    refreshed = tokio::time::Instant::now();
                 }
             }
             // Also delete keys a previous run left behind under our prefix.
@@ -390,6 +395,50 @@ async fn publish_session(
 
 // ---- watching and computing ----
 
+/// A store value after decoding: usable, or why not.
+enum Decoded {
+    Info(Box<ValidInfo>),
+    Export(mcs::Export),
+    Rejected(String),
+}
+
+fn decode(k: &str, v: &[u8], metrics: &ControllerMetrics) -> Decoded {
+    let key = match Key::parse(k) {
+        Ok(key) => key,
+        Err(e) => {
+            metrics.reject("bad_key");
+            tracing::warn!(error = %e, "store key refused");
+            return Decoded::Rejected(e.to_string());
+        }
+    };
+    let r = match &key {
+        Key::Info(_) => ClusterInfo::decode(&key, v).map(|i| Decoded::Info(Box::new(i))),
+        Key::Service(..) => ServiceRecord::decode(&key, v).map(Decoded::Export),
+    };
+    r.unwrap_or_else(|e| {
+        metrics.reject("bad_record");
+        tracing::warn!(key = k, error = %e, "store value refused");
+        Decoded::Rejected(format!("{k}: {e}"))
+    })
+}
+
+fn apply_delta(cache: &mut BTreeMap<String, Decoded>, delta: Delta, metrics: &ControllerMetrics) {
+    if delta.replaced {
+        cache.clear();
+    }
+    for (k, v) in delta.changes {
+        match v {
+            Some(v) => {
+                let d = decode(&k, &v, metrics);
+                cache.insert(k, d);
+            }
+            None => {
+                cache.remove(&k);
+            }
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn watch_loop(
     store: Arc<dyn Store>,
@@ -400,49 +449,22 @@ async fn watch_loop(
     status: Arc<Mutex<Status>>,
     metrics: ControllerMetrics,
 ) {
-    let mut events = reflect(store, keys::ROOT.to_owned(), 256);
-    let mut cache: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut synced = false;
+    let reflected = reflect(store, keys::ROOT.to_owned());
+    // Values are decoded once, when they arrive; a recompute only reads.
+    let mut cache: BTreeMap<String, Decoded> = BTreeMap::new();
     // Bundles accepted per remote cluster; kept when a cluster's lease
     // expires, so it can come back without a new pin.
     let mut trusted: BTreeMap<ClusterName, TrustBundle> = BTreeMap::new();
     let mut version = 0u64;
     loop {
         tokio::select! {
-            ev = events.recv() => {
-                let Some(ev) = ev else { return };
-                match ev {
-                    CacheEvent::Replace { entries, .. } => {
-                        cache = entries;
-                        synced = true;
-                    }
-                    CacheEvent::Apply(list) => {
-                        for e in list {
-                            match e {
-                                WatchEvent::Put(kv) => { cache.insert(kv.key, kv.value); }
-                                WatchEvent::Delete { key, .. } => { cache.remove(&key); }
-                            }
-                        }
-                    }
-                }
-                // Drain what is already queued before recomputing once.
-                while let Ok(ev) = events.try_recv() {
-                    match ev {
-                        CacheEvent::Replace { entries, .. } => cache = entries,
-                        CacheEvent::Apply(list) => for e in list {
-                            match e {
-                                WatchEvent::Put(kv) => { cache.insert(kv.key, kv.value); }
-                                WatchEvent::Delete { key, .. } => { cache.remove(&key); }
-                            }
-                        }
-                    }
-                }
-            }
+            _ = reflected.changed() => {}
             changed = local.changed() => {
                 if changed.is_err() { return; }
             }
         }
-        if !synced {
+        apply_delta(&mut cache, reflected.take(), &metrics);
+        if !reflected.synced() {
             continue;
         }
         metrics.recomputes.inc();
@@ -461,19 +483,28 @@ async fn watch_loop(
         {
             bundles_tx.send_replace(Arc::new(view.bundles));
         }
-        let mut st = match status.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        st.synced = true;
-        st.clusters = view.clusters;
-        st.imported = view.imported;
-        st.conflicts = view.conflicts;
-        st.rejected = view.rejected;
-        st.last_sync_ms = now_ms();
-        st.catalog_version = version;
+        {
+            let mut st = match status.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            st.synced = true;
+            st.clusters = view.clusters;
+            st.imported = view.imported;
+            st.conflicts = view.conflicts;
+            st.rejected = view.rejected;
+            st.last_sync_ms = now_ms();
+            st.catalog_version = version;
+        }
+        // At most one recompute per interval: a burst of changes (a cluster
+        // joining with 10,000 services) costs a few recomputes, not 10,000.
+        // Changes keep accumulating in the reflector meanwhile.
+        tokio::time::sleep(RECOMPUTE_INTERVAL).await;
     }
 }
+
+/// Minimum time between two recomputations of the view.
+const RECOMPUTE_INTERVAL: Duration = Duration::from_millis(20);
 
 struct View {
     catalog: Catalog,
@@ -488,44 +519,25 @@ struct View {
 /// accepted so far) and counters.
 fn compute(
     s: &ControllerSettings,
-    cache: &BTreeMap<String, Vec<u8>>,
+    cache: &BTreeMap<String, Decoded>,
     local: &[LocalService],
     trusted: &mut BTreeMap<ClusterName, TrustBundle>,
     metrics: &ControllerMetrics,
 ) -> View {
     let mut rejected = Vec::new();
-    let mut infos: BTreeMap<ClusterName, ValidInfo> = BTreeMap::new();
-    let mut exports = Vec::new();
-    let mut export_counts: BTreeMap<ClusterName, usize> = BTreeMap::new();
-    for (k, v) in cache {
-        let key = match Key::parse(k) {
-            Ok(key) => key,
-            Err(e) => {
-                metrics.reject("bad_key");
-                rejected.push(e.to_string());
-                continue;
+    let mut infos: BTreeMap<&ClusterName, &ValidInfo> = BTreeMap::new();
+    let mut exports: Vec<mcs::Export> = Vec::new();
+    let mut export_counts: BTreeMap<&ClusterName, usize> = BTreeMap::new();
+    for d in cache.values() {
+        match d {
+            Decoded::Info(i) => {
+                infos.insert(&i.cluster, i);
             }
-        };
-        match &key {
-            Key::Info(c) => match ClusterInfo::decode(&key, v) {
-                Ok(info) => {
-                    infos.insert(c.clone(), info);
-                }
-                Err(e) => {
-                    metrics.reject("bad_record");
-                    rejected.push(format!("{k}: {e}"));
-                }
-            },
-            Key::Service(c, _) => match ServiceRecord::decode(&key, v) {
-                Ok(exp) => {
-                    *export_counts.entry(c.clone()).or_default() += 1;
-                    exports.push(exp);
-                }
-                Err(e) => {
-                    metrics.reject("bad_record");
-                    rejected.push(format!("{k}: {e}"));
-                }
-            },
+            Decoded::Export(e) => {
+                *export_counts.entry(&e.cluster).or_default() += 1;
+                exports.push(e.clone());
+            }
+            Decoded::Rejected(why) => rejected.push(why.clone()),
         }
     }
 
@@ -535,7 +547,7 @@ fn compute(
     bundles.insert(s.bundle.clone());
     let mut usable: BTreeSet<ClusterName> = BTreeSet::new();
     let mut statuses = Vec::new();
-    for (c, info) in &infos {
+    for (&c, &info) in &infos {
         if c == &s.cluster {
             continue;
         }
@@ -588,69 +600,61 @@ fn compute(
     exports.retain(|e| e.cluster == s.cluster || usable.contains(&e.cluster));
     let imports = mcs::merge(&s.cluster, &exports);
     let mut conflicts = Vec::new();
-    let mut spec = CatalogSpec {
-        cluster: s.cluster.to_string(),
-        trust_domain: s.trust_domain.to_string(),
-        gateway: s.gateway_tunnel.map(|address| EndpointSpec {
-            address,
-            identity: None,
-        }),
-        ..CatalogSpec::default()
-    };
-    for svc in local {
-        spec.services.push(ServiceSpec {
-            name: svc.name.to_string(),
-            ports: svc.ports.iter().map(|p| p.0).collect(),
-            export: svc.export,
-            endpoints: svc
-                .endpoints
-                .iter()
-                .map(|(address, id)| EndpointSpec {
-                    address: *address,
-                    identity: Some(id.to_string()),
-                })
-                .collect(),
-        });
-    }
-    for (name, imp) in &imports {
+    let imported = imports.len();
+    let mut import_map: BTreeMap<ServiceName, Vec<ClusterName>> = BTreeMap::new();
+    for (name, imp) in imports {
         for c in &imp.conflicts {
             conflicts.push((name.to_string(), c.clone()));
         }
-        if !imp.clusters.is_empty() {
-            spec.imports.push(ImportSpec {
-                service: name.to_string(),
-                clusters: imp.clusters.iter().map(|c| c.to_string()).collect(),
-            });
-        }
+        import_map.insert(name, imp.clusters);
     }
-    for c in &usable {
-        if let Some(info) = infos.get(c) {
-            spec.peers.push(PeerSpec {
-                cluster: c.to_string(),
-                trust_domain: info.trust_domain.to_string(),
-                gateway: info.gateways[0],
-                identity: None,
-            });
-        }
-    }
-    let catalog = match spec.build() {
-        Ok(c) => c,
-        Err(e) => {
-            // Local services are validated by their source and remote data
-            // above; reaching here is a bug. Keep routing what is valid.
+    let services = local
+        .iter()
+        .map(|svc| fedmesh_catalog::LocalService {
+            name: svc.name.clone(),
+            ports: svc.ports.iter().map(|p| p.0).collect(),
+            exported: svc.export,
+            endpoints: svc
+                .endpoints
+                .iter()
+                .map(|(address, identity)| fedmesh_catalog::Endpoint {
+                    address: *address,
+                    identity: identity.clone(),
+                })
+                .collect(),
+        })
+        .collect();
+    let peers = usable
+        .iter()
+        .filter_map(|c| infos.get(c))
+        .filter_map(|info| {
+            Some(fedmesh_catalog::Peer {
+                cluster: info.cluster.clone(),
+                trust_domain: info.trust_domain.clone(),
+                address: *info.gateways.first()?,
+                identity: fedmesh_catalog::gateway_identity(&info.trust_domain),
+            })
+        })
+        .collect();
+    let gateway = s
+        .gateway_tunnel
+        .map(|address| fedmesh_catalog::LocalGateway {
+            address,
+            identity: fedmesh_catalog::gateway_identity(&s.trust_domain),
+        });
+    let catalog = Catalog::assemble(s.cluster.clone(), s.trust_domain.clone(), gateway, services, import_map, peers)
+        .unwrap_or_else(|e| {
+            // Imports only name usable peers, so this is a bug; keep routing
+            // local services rather than nothing.
             tracing::error!(error = %e, "computed catalog did not validate; serving local services only");
             metrics.reject("catalog_invalid");
-            spec.imports.clear();
-            spec.peers.clear();
-            spec.build()
-                .unwrap_or_else(|_| Catalog::empty(s.cluster.clone(), s.trust_domain.clone()))
-        }
-    };
+            Catalog::empty(s.cluster.clone(), s.trust_domain.clone())
+        });
     View {
         catalog,
         bundles,
         clusters: statuses,
-        imported: imports.len(),
+        imported,
         conflicts,
         rejected,
     }

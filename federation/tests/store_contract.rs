@@ -7,7 +7,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedmesh_federation::store::{reflect, CacheEvent, EmbeddedLimits, EmbeddedStore};
+use fedmesh_federation::store::{reflect, EmbeddedLimits, EmbeddedStore};
 use fedmesh_federation::{Revision, Store, StoreError, WatchEvent};
 
 type Compact = Box<dyn Fn(Revision) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
@@ -148,24 +148,42 @@ async fn contract(store: Arc<dyn Store>, compact: Compact) {
         Err(e) => panic!("expected Compacted, got {e}"),
     }
 
-    // the reflector turns all of this into Replace + Apply, exactly
-    let mut r = reflect(store.clone(), p.to_owned(), 16);
-    let first = tokio::time::timeout(Duration::from_secs(5), r.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    let CacheEvent::Replace { entries, .. } = first else {
-        panic!("reflector must start with Replace")
-    };
-    let mut keys: Vec<_> = entries.keys().cloned().collect();
-    keys.sort();
+    // the reflector: a full listing first, then exactly what changed
+    let r = reflect(store.clone(), p.to_owned());
+    let t0 = Instant::now();
+    while !r.synced() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "reflector never synced"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let first = r.take();
+    assert!(first.replaced);
+    let keys: Vec<_> = first.changes.iter().map(|c| c.0.as_str()).collect();
     assert_eq!(keys, ["/t/a", "/t/d", "/t/e"]);
     store.put("/t/f", b"6".to_vec(), None).await.unwrap();
-    let next = tokio::time::timeout(Duration::from_secs(5), r.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(matches!(next, CacheEvent::Apply(ev) if ev[0].key() == "/t/f"));
+    store.delete("/t/a").await.unwrap();
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "reflector missed changes: {got:?}"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(200), r.changed()).await;
+        let d = r.take();
+        assert!(!d.replaced);
+        got.extend(d.changes);
+    }
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("/t/a".to_owned(), None),
+            ("/t/f".to_owned(), Some(b"6".to_vec()))
+        ]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -213,51 +231,96 @@ async fn etcd_store_meets_the_contract() {
     contract(Arc::new(store), compact).await;
 }
 
+/// A store whose watches can be cut on demand, as a network fault would.
+struct Flaky {
+    inner: EmbeddedStore,
+    cut: Arc<tokio::sync::Notify>,
+}
+
+#[async_trait::async_trait]
+impl Store for Flaky {
+    async fn get(&self, key: &str) -> Result<Option<fedmesh_federation::KeyValue>, StoreError> {
+        self.inner.get(key).await
+    }
+    async fn list(&self, prefix: &str) -> Result<fedmesh_federation::Listing, StoreError> {
+        self.inner.list(prefix).await
+    }
+    async fn put(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<i64>,
+    ) -> Result<Revision, StoreError> {
+        self.inner.put(key, value, lease).await
+    }
+    async fn put_if(
+        &self,
+        key: &str,
+        value: Vec<u8>,
+        lease: Option<i64>,
+        expected: Revision,
+    ) -> Result<bool, StoreError> {
+        self.inner.put_if(key, value, lease, expected).await
+    }
+    async fn delete(&self, key: &str) -> Result<bool, StoreError> {
+        self.inner.delete(key).await
+    }
+    async fn grant(&self, ttl: Duration) -> Result<i64, StoreError> {
+        self.inner.grant(ttl).await
+    }
+    async fn keep_alive(&self, lease: i64) -> Result<Duration, StoreError> {
+        self.inner.keep_alive(lease).await
+    }
+    async fn revoke(&self, lease: i64) -> Result<(), StoreError> {
+        self.inner.revoke(lease).await
+    }
+    async fn watch(
+        &self,
+        prefix: &str,
+        from: Revision,
+    ) -> Result<fedmesh_federation::store::WatchStream, StoreError> {
+        let mut inner = self.inner.watch(prefix, from).await?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let cut = self.cut.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cut.notified() => return,
+                    ev = inner.recv() => match ev {
+                        Some(ev) => if tx.send(ev).await.is_err() { return },
+                        None => return,
+                    },
+                }
+            }
+        });
+        Ok(rx)
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn reflector_recovers_from_a_dropped_and_compacted_watch_exactly() {
-    use std::collections::BTreeMap;
-    let store = EmbeddedStore::new(EmbeddedLimits {
-        history: 50,
-        ..EmbeddedLimits::default()
+async fn reflector_recovers_from_a_cut_and_compacted_watch_exactly() {
+    let inner = EmbeddedStore::new(EmbeddedLimits::default());
+    let cut = Arc::new(tokio::sync::Notify::new());
+    let store: Arc<dyn Store> = Arc::new(Flaky {
+        inner: inner.clone(),
+        cut: cut.clone(),
     });
-    let dyn_store: Arc<dyn Store> = Arc::new(store.clone());
     for i in 0..20 {
         store
             .put(&format!("/r/{i:03}"), b"v0".to_vec(), None)
             .await
             .unwrap();
     }
-    let mut rx = reflect(dyn_store.clone(), "/r/".into(), 4);
-    let mut cache: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut replaces = 0;
-    let apply =
-        |cache: &mut BTreeMap<String, Vec<u8>>, ev: CacheEvent, replaces: &mut usize| match ev {
-            CacheEvent::Replace { entries, .. } => {
-                *replaces += 1;
-                *cache = entries;
-            }
-            CacheEvent::Apply(list) => {
-                for e in list {
-                    match e {
-                        WatchEvent::Put(kv) => {
-                            cache.insert(kv.key, kv.value);
-                        }
-                        WatchEvent::Delete { key, .. } => {
-                            cache.remove(&key);
-                        }
-                    }
-                }
-            }
-        };
-    let ev = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-        .await
-        .unwrap()
-        .unwrap();
-    apply(&mut cache, ev, &mut replaces);
-    // Far more changes than the watch channel (1024) and the history (50)
-    // hold, while the consumer is not reading: the store drops the watch
-    // and compacts past it.
-    for round in 0..1500 {
+    let r = reflect(store.clone(), "/r/".into());
+    let t0 = Instant::now();
+    while !r.synced() {
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Cut the watch, change things while it is down, and compact history
+    // past the point it would resume from: only a re-list can recover.
+    cut.notify_one();
+    for round in 0..300 {
         let k = format!("/r/{:03}", round % 40);
         if round % 7 == 0 {
             store.delete(&k).await.unwrap();
@@ -268,7 +331,8 @@ async fn reflector_recovers_from_a_dropped_and_compacted_watch_exactly() {
                 .unwrap();
         }
     }
-    let truth: BTreeMap<String, Vec<u8>> = store
+    inner.compact(inner.revision());
+    let truth: std::collections::BTreeMap<String, Vec<u8>> = store
         .list("/r/")
         .await
         .unwrap()
@@ -277,17 +341,21 @@ async fn reflector_recovers_from_a_dropped_and_compacted_watch_exactly() {
         .map(|kv| (kv.key, kv.value))
         .collect();
     let t0 = Instant::now();
-    while cache != truth {
+    while r.snapshot() != truth {
         assert!(
             t0.elapsed() < Duration::from_secs(10),
-            "cache never matched the store"
+            "reflector never matched the store"
         );
-        if let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
-            apply(&mut cache, ev, &mut replaces);
-        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        replaces >= 2,
-        "the broken watch should have been replaced by a re-list"
-    );
+    assert!(r.relists() >= 1, "recovery must have been a re-list");
+    // And a reader sees one replacement carrying exactly the truth.
+    let d = r.take();
+    assert!(d.replaced);
+    let got: std::collections::BTreeMap<String, Vec<u8>> = d
+        .changes
+        .into_iter()
+        .map(|(k, v)| (k, v.unwrap()))
+        .collect();
+    assert_eq!(got, truth);
 }

@@ -5,6 +5,8 @@
 //!
 //! `cargo run --release -p fedmesh-bench -- tunnel [--json]`
 
+mod propagation;
+
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -41,10 +43,35 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Control-plane propagation at federation scale.
+    Propagation {
+        #[arg(long, default_value_t = 10)]
+        clusters: usize,
+        /// Exported services across the whole federation.
+        #[arg(long, default_value_t = 10_000)]
+        services: usize,
+        /// Subscribed proxies per cluster.
+        #[arg(long, default_value_t = 100)]
+        subscribers: usize,
+        /// Service changes measured.
+        #[arg(long, default_value_t = 20)]
+        changes: usize,
+        /// `embedded`, `etcd` (build with `--features etcd`) or `both`.
+        #[arg(long, default_value = "both")]
+        stores: String,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Ok(filter) = std::env::var("FEDMESH_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_writer(std::io::stderr)
+            .init();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -56,6 +83,23 @@ fn main() -> anyhow::Result<()> {
             splice_buffer,
             json,
         } => rt.block_on(tunnel(bytes, runs, round_trips, splice_buffer, json)),
+        Cmd::Propagation {
+            clusters,
+            services,
+            subscribers,
+            changes,
+            stores,
+            json,
+        } => rt.block_on(propagation::run(
+            propagation::Params {
+                clusters,
+                services,
+                subscribers,
+                changes,
+            },
+            &stores,
+            json,
+        )),
     }
 }
 

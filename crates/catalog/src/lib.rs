@@ -140,6 +140,46 @@ impl Catalog {
         self.peers.values().find(|p| &p.identity == id)
     }
 
+    /// Builds a catalog from typed parts (a controller's computed view),
+    /// without a round trip through the string spec. Imports may only name
+    /// clusters in `peers`; the first such problem is returned.
+    pub fn assemble(
+        cluster: ClusterName,
+        trust_domain: TrustDomain,
+        gateway: Option<LocalGateway>,
+        services: Vec<LocalService>,
+        imports: BTreeMap<ServiceName, Vec<ClusterName>>,
+        peers: Vec<Peer>,
+    ) -> Result<Self, SpecError> {
+        let peers: BTreeMap<ClusterName, Peer> =
+            peers.into_iter().map(|p| (p.cluster.clone(), p)).collect();
+        for (svc, clusters) in &imports {
+            if let Some(c) = clusters.iter().find(|c| !peers.contains_key(*c)) {
+                return Err(SpecError(vec![format!(
+                    "import {svc}: cluster {c} is not a peer"
+                )]));
+            }
+        }
+        if peers.contains_key(&cluster) {
+            return Err(SpecError(vec![format!(
+                "cluster {cluster} cannot be its own peer"
+            )]));
+        }
+        Ok(Self {
+            cluster,
+            trust_domain,
+            services: services.into_iter().map(|s| (s.name.clone(), s)).collect(),
+            imports: imports.into_iter().filter(|(_, c)| !c.is_empty()).collect(),
+            peers,
+            gateway,
+        })
+    }
+
+    /// Services imported from at least one other cluster.
+    pub fn import_count(&self) -> usize {
+        self.imports.len()
+    }
+
     pub fn imports(&self, name: &ServiceName) -> &[ClusterName] {
         self.imports
             .get(name)

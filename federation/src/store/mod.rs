@@ -13,7 +13,7 @@ use std::time::Duration;
 pub use embedded::{EmbeddedLimits, EmbeddedStore};
 #[cfg(feature = "etcd")]
 pub use etcd::{EtcdOptions, EtcdStore};
-pub use reflector::{reflect, CacheEvent};
+pub use reflector::{reflect, Delta, Reflected};
 
 /// A store revision: increases with every change.
 pub type Revision = i64;

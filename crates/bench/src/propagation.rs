@@ -1,0 +1,305 @@
+//! `propagation`: time from a service change in one cluster to the changed
+//! catalog in every subscribed proxy of every other cluster, at federation
+//! scale, on the embedded store and on etcd, beside one etcd put.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use fedmesh_catalog::mcs::{Protocol, ServiceType};
+use fedmesh_catalog::{Catalog, ClusterName};
+use fedmesh_federation::records::Locality;
+use fedmesh_federation::store::{EmbeddedLimits, EmbeddedStore};
+use fedmesh_federation::{Controller, ControllerSettings, LocalService, Store};
+use fedmesh_testkit::percentile;
+use fedmesh_trust::{CertificateAuthority, TrustDomain};
+use fedmesh_wire::ServiceName;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+
+pub struct Params {
+    pub clusters: usize,
+    pub services: usize,
+    pub subscribers: usize,
+    pub changes: usize,
+}
+
+fn rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+struct Cluster {
+    name: ClusterName,
+    ctrl: Controller,
+    local: Vec<LocalService>,
+}
+
+fn service(c: usize, i: usize, td: &TrustDomain) -> anyhow::Result<LocalService> {
+    Ok(LocalService {
+        name: ServiceName::new(&format!("svc-{c}-{i}"), "bench")?,
+        ports: vec![(8080, Protocol::Tcp)],
+        service_type: ServiceType::ClusterSetIP,
+        export: true,
+        audience: None,
+        endpoints: vec![(
+            format!("10.{c}.{}.{}:15006", i / 250, i % 250).parse()?,
+            td.workload("bench", "app")?,
+        )],
+        exported_at_ms: None,
+    })
+}
+
+/// Runs one scenario on `make_store` (one store handle per controller).
+async fn scenario<F, Fut>(
+    p: &Params,
+    label: &str,
+    make_store: F,
+) -> anyhow::Result<serde_json::Value>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Arc<dyn Store>>>,
+{
+    let rss0 = rss_mb();
+    let per = p.services / p.clusters;
+    let mut cas = Vec::new();
+    for c in 0..p.clusters {
+        let td = TrustDomain::new(&format!("c{c}.bench"))?;
+        cas.push((
+            ClusterName::new(&format!("c{c}"))?,
+            CertificateAuthority::new_root(td, Duration::from_secs(3600))?,
+        ));
+    }
+    let t0 = Instant::now();
+    let mut clusters = Vec::new();
+    for (c, (name, ca)) in cas.iter().enumerate() {
+        let local: Vec<LocalService> = (0..per)
+            .map(|i| service(c, i, ca.trust_domain()))
+            .collect::<anyhow::Result<_>>()?;
+        let settings = ControllerSettings {
+            cluster: name.clone(),
+            trust_domain: ca.trust_domain().clone(),
+            locality: Locality::default(),
+            gateways: vec![format!("127.0.0.{}:15443", c + 1).parse()?],
+            gateway_tunnel: None,
+            lease_ttl: Duration::from_secs(10),
+            bundle: ca.bundle(),
+            endorsements: vec![],
+            pinned: cas
+                .iter()
+                .filter(|(n, _)| n != name)
+                .map(|(n, ca)| (n.clone(), ca.bundle()))
+                .collect(),
+        };
+        let mut reg = Registry::default();
+        let ctrl = Controller::start(make_store().await?, settings, local.clone(), &mut reg);
+        clusters.push(Cluster {
+            name: name.clone(),
+            ctrl,
+            local,
+        });
+    }
+    // Converged: every cluster imports every other cluster's services.
+    let want = per * (p.clusters - 1);
+    loop {
+        let done = clusters.iter().all(|c| {
+            let rx = c.ctrl.catalog();
+            let cat = rx.borrow();
+            cat.as_ref()
+                .is_some_and(|cat| cat.peers().count() == p.clusters - 1 && imported(cat) == want)
+        });
+        if done {
+            break;
+        }
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(300),
+            "{label}: no convergence in 300 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let converge = t0.elapsed();
+    let rss = rss_mb();
+
+    // Subscribers: `subscribers` per cluster, each holding the catalog the
+    // way a proxy would and reporting when a change reached it.
+    let mut latencies = Vec::new();
+    for k in 0..p.changes {
+        let src = k % p.clusters;
+        let idx = (k * 7919) % per;
+        let target = clusters[src].local[idx].name.clone();
+        let src_name = clusters[src].name.clone();
+        let mut waiters = Vec::new();
+        for (ci, c) in clusters.iter().enumerate() {
+            if ci == src {
+                continue;
+            }
+            for _ in 0..p.subscribers {
+                let mut rx = c.ctrl.catalog();
+                let target = target.clone();
+                let src_name = src_name.clone();
+                waiters.push(tokio::spawn(async move {
+                    loop {
+                        let seen = {
+                            let cat = rx.borrow_and_update();
+                            cat.as_ref()
+                                .is_some_and(|cat| !cat.imports(&target).contains(&src_name))
+                        };
+                        if seen {
+                            return Instant::now();
+                        }
+                        if rx.changed().await.is_err() {
+                            return Instant::now();
+                        }
+                    }
+                }));
+            }
+        }
+        let start = Instant::now();
+        let mut local = clusters[src].local.clone();
+        local[idx].export = false;
+        clusters[src].ctrl.set_local(local);
+        for w in waiters {
+            let at = tokio::time::timeout(Duration::from_secs(30), w)
+                .await
+                .context("subscriber timed out")??;
+            latencies.push(at.saturating_duration_since(start));
+        }
+        // Restore, and wait for it to settle before the next change.
+        clusters[src].ctrl.set_local(clusters[src].local.clone());
+        let t = Instant::now();
+        loop {
+            let back = clusters
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != src)
+                .all(|(_, c)| {
+                    let rx = c.ctrl.catalog();
+                    let cat = rx.borrow();
+                    cat.as_ref()
+                        .is_some_and(|cat| cat.imports(&target).contains(&src_name))
+                });
+            if back {
+                break;
+            }
+            anyhow::ensure!(
+                t.elapsed() < Duration::from_secs(30),
+                "restore did not settle"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let n = latencies.len();
+    let p50 = percentile(&mut latencies, 50.0);
+    let p99 = percentile(&mut latencies, 99.0);
+    let max = latencies.last().copied().unwrap_or_default();
+    drop(clusters);
+    Ok(json!({
+        "store": label,
+        "clusters": p.clusters,
+        "services": p.services,
+        "subscribers_per_cluster": p.subscribers,
+        "changes": p.changes,
+        "observations": n,
+        "initial_convergence_ms": converge.as_secs_f64() * 1e3,
+        "p50_ms": p50.as_secs_f64() * 1e3,
+        "p99_ms": p99.as_secs_f64() * 1e3,
+        "max_ms": max.as_secs_f64() * 1e3,
+        "rss_mb_all_controllers": rss,
+        "rss_mb_before": rss0,
+    }))
+}
+
+fn imported(cat: &Catalog) -> usize {
+    cat.import_count()
+}
+
+pub async fn run(p: Params, stores: &str, as_json: bool) -> anyhow::Result<()> {
+    let mut results = Vec::new();
+    if stores == "embedded" || stores == "both" {
+        let store = EmbeddedStore::new(EmbeddedLimits::default());
+        let r = scenario(&p, "embedded", || {
+            let s = store.clone();
+            async move { Ok(Arc::new(s) as Arc<dyn Store>) }
+        })
+        .await?;
+        results.push(r);
+    }
+    #[cfg(feature = "etcd")]
+    if stores == "etcd" || stores == "both" {
+        use fedmesh_federation::store::{EtcdOptions, EtcdStore};
+        let bin = fedmesh_testkit::etcd::etcd_binary()
+            .context("etcd not installed (apt-get install etcd-server)")?;
+        let etcd = fedmesh_testkit::etcd::EtcdCluster::start(bin, 1)?;
+        let opts = EtcdOptions {
+            endpoints: etcd.endpoints(),
+            ..EtcdOptions::default()
+        };
+        // One etcd put, for scale.
+        let s = EtcdStore::connect(&opts).await?;
+        let mut puts = Vec::new();
+        for i in 0..200 {
+            let t = Instant::now();
+            s.put(&format!("/bench/put/{i}"), vec![0u8; 200], None)
+                .await?;
+            puts.push(t.elapsed());
+        }
+        let put_p50 = percentile(&mut puts, 50.0);
+        let mut r = scenario(&p, "etcd", || {
+            let opts = opts.clone();
+            async move { Ok(Arc::new(EtcdStore::connect(&opts).await?) as Arc<dyn Store>) }
+        })
+        .await?;
+        r["etcd_put_p50_ms"] = json!(put_p50.as_secs_f64() * 1e3);
+        results.push(r);
+    }
+    #[cfg(not(feature = "etcd"))]
+    if stores == "etcd" || stores == "both" {
+        eprintln!("etcd skipped: build with `--features etcd`");
+    }
+    if as_json {
+        println!("{}", serde_json::to_string_pretty(&results)?);
+    } else {
+        println!(
+            "{:<9} {:>8} {:>9} {:>5} {:>12} {:>9} {:>9} {:>9} {:>10} {:>12}",
+            "store",
+            "clusters",
+            "services",
+            "subs",
+            "converge ms",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "RSS MB",
+            "etcd put ms"
+        );
+        for r in &results {
+            println!(
+                "{:<9} {:>8} {:>9} {:>5} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>10.0} {:>12}",
+                r["store"].as_str().unwrap_or_default(),
+                r["clusters"].as_u64().unwrap_or(0),
+                r["services"].as_u64().unwrap_or(0),
+                r["subscribers_per_cluster"].as_u64().unwrap_or(0),
+                r["initial_convergence_ms"].as_f64().unwrap_or(0.0),
+                r["p50_ms"].as_f64().unwrap_or(0.0),
+                r["p99_ms"].as_f64().unwrap_or(0.0),
+                r["max_ms"].as_f64().unwrap_or(0.0),
+                r["rss_mb_all_controllers"].as_f64().unwrap_or(0.0),
+                r["etcd_put_p50_ms"]
+                    .as_f64()
+                    .map(|v| format!("{v:.2}"))
+                    .unwrap_or_else(|| "-".into()),
+            );
+        }
+        println!("\nlatency: a service withdrawn in one cluster until every subscriber in every other cluster holds a catalog without it");
+        println!("RSS: the whole benchmark process, i.e. all controllers together (one controller is at most that)");
+    }
+    Ok(())
+}
