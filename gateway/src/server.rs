@@ -3,17 +3,17 @@
 //! catalog says it goes.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use fedmesh_catalog::{Catalog, Hop, Peer};
-use fedmesh_transport::admin::{self, AdminState};
+use fedmesh_transport::admin;
 use fedmesh_transport::{
-    accept_tls, answer, connect_first, open, read_request, splice, Limits, OpenError,
+    accept_tls, answer, check_hops, connect_first, open, read_request, splice, Limits, OpenError,
 };
 use fedmesh_trust::{PeerPolicy, SpiffeId};
-use fedmesh_wire::{Header, Status, StatusCode, MAX_HOPS};
+use fedmesh_wire::{Header, Status, StatusCode};
 use prometheus_client::registry::Registry;
 use quinn::{Connection, Endpoint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -149,21 +149,14 @@ impl Gateway {
         ];
         let mut admin_addr = None;
         if let Some(addr) = s.admin {
-            let mut reg = Registry::default();
-            shared.metrics.register(&mut reg);
-            let state = AdminState {
-                registry: Arc::new(tokio::sync::Mutex::new(reg)),
-                ready: Arc::new(AtomicBool::new(true)),
-                status: None,
-            };
-            let (bound, task) =
-                admin::spawn(addr, state)
-                    .await
-                    .map_err(|source| GatewayError::Bind {
-                        what: "admin",
-                        addr,
-                        source,
-                    })?;
+            let m = shared.metrics.clone();
+            let (bound, task) = admin::spawn_with(addr, |reg| m.register(reg), None)
+                .await
+                .map_err(|source| GatewayError::Bind {
+                    what: "admin",
+                    addr,
+                    source,
+                })?;
             admin_addr = Some(bound);
             tasks.push(task);
         }
@@ -320,24 +313,14 @@ async fn peer_stream<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(h) => h,
         Err(e) => {
             shared.metrics.reject(e.reason());
-            let code = match e {
-                fedmesh_transport::RequestError::Timeout(_) => StatusCode::Timeout,
-                _ => StatusCode::BadHeader,
-            };
+            let code = e.status();
             refuse(shared, down, FROM_PEER, code, e.to_string()).await;
             return;
         }
     };
-    if header.hops >= MAX_HOPS {
+    if let Err(why) = check_hops(&header) {
         shared.metrics.reject("loop");
-        refuse(
-            shared,
-            down,
-            FROM_PEER,
-            StatusCode::Loop,
-            format!("hop count {} reached the limit {MAX_HOPS}", header.hops),
-        )
-        .await;
+        refuse(shared, down, FROM_PEER, StatusCode::Loop, why).await;
         return;
     }
     // A cluster vouches only for its own workloads.
@@ -505,24 +488,14 @@ async fn sidecar_stream<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(h) => h,
         Err(e) => {
             shared.metrics.reject(e.reason());
-            let code = match e {
-                fedmesh_transport::RequestError::Timeout(_) => StatusCode::Timeout,
-                _ => StatusCode::BadHeader,
-            };
+            let code = e.status();
             refuse(shared, down, FROM_SIDECAR, code, e.to_string()).await;
             return;
         }
     };
-    if header.hops >= MAX_HOPS {
+    if let Err(why) = check_hops(&header) {
         shared.metrics.reject("loop");
-        refuse(
-            shared,
-            down,
-            FROM_SIDECAR,
-            StatusCode::Loop,
-            format!("hop count {} reached the limit {MAX_HOPS}", header.hops),
-        )
-        .await;
+        refuse(shared, down, FROM_SIDECAR, StatusCode::Loop, why).await;
         return;
     }
     // The first gateway vouches for the caller: the source is the calling

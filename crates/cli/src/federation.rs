@@ -3,7 +3,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -15,7 +14,7 @@ use fedmesh_federation::config::{open_store, read_pin, ControllerConfig, StoreCo
 use fedmesh_federation::keys::{Key, ROOT};
 use fedmesh_federation::records::{ClusterInfo, ServiceRecord};
 use fedmesh_federation::{source, Controller, Store};
-use fedmesh_transport::admin::{self, AdminState};
+use fedmesh_transport::admin;
 use prometheus_client::registry::Registry;
 use serde_json::json;
 
@@ -146,14 +145,9 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     };
     if let Some(addr) = cfg.admin {
         let c = ctrl.clone();
-        let state = AdminState {
-            registry: Arc::new(tokio::sync::Mutex::new(registry)),
-            ready: Arc::new(AtomicBool::new(true)),
-            status: Some(Arc::new(move || {
-                serde_json::to_string_pretty(&c.status()).unwrap_or_default()
-            })),
-        };
-        let (bound, _task) = admin::spawn(addr, state).await?;
+        let status: admin::JsonFn =
+            Arc::new(move || serde_json::to_string_pretty(&c.status()).unwrap_or_default());
+        let (bound, _task) = admin::spawn_with(addr, |reg| *reg = registry, Some(status)).await?;
         crate::emit(&format!("controller admin http://{bound}/status\n"));
     }
     crate::emit(&format!("controller up: cluster {}\n", cfg.cluster));

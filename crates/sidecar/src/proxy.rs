@@ -1,14 +1,16 @@
 //! The sidecar's listeners and per-connection logic.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 
 use fedmesh_catalog::{Catalog, Hop};
-use fedmesh_transport::admin::{self, AdminState};
-use fedmesh_transport::{accept_tls, answer, connect_first, read_request, splice, Limits};
+use fedmesh_transport::admin;
+use fedmesh_transport::{
+    accept_tls, answer, check_hops, connect_first, read_request, splice, Limits,
+};
 use fedmesh_trust::{PeerPolicy, SpiffeId};
-use fedmesh_wire::{Header, ServiceName, Status, StatusCode, Target, Traceparent, MAX_HOPS};
+use fedmesh_wire::{Header, ServiceName, Status, StatusCode, Target, Traceparent};
 use prometheus_client::registry::Registry;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -137,21 +139,14 @@ impl Sidecar {
         }
         let mut admin_addr = None;
         if let Some(addr) = s.admin {
-            let mut reg = Registry::default();
-            shared.metrics.register(&mut reg);
-            let state = AdminState {
-                registry: Arc::new(tokio::sync::Mutex::new(reg)),
-                ready: Arc::new(AtomicBool::new(true)),
-                status: None,
-            };
-            let (bound, task) =
-                admin::spawn(addr, state)
-                    .await
-                    .map_err(|source| SidecarError::Bind {
-                        what: "admin",
-                        addr,
-                        source,
-                    })?;
+            let m = shared.metrics.clone();
+            let (bound, task) = admin::spawn_with(addr, |reg| m.register(reg), None)
+                .await
+                .map_err(|source| SidecarError::Bind {
+                    what: "admin",
+                    addr,
+                    source,
+                })?;
             admin_addr = Some(bound);
             tasks.push(task);
         }
@@ -359,24 +354,14 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
         Ok(h) => h,
         Err(e) => {
             shared.metrics.reject(e.reason());
-            let code = match e {
-                fedmesh_transport::RequestError::Timeout(_) => StatusCode::Timeout,
-                _ => StatusCode::BadHeader,
-            };
+            let code = e.status();
             answer(&mut down, &refuse(code, e.to_string())).await;
             return;
         }
     };
-    if header.hops >= MAX_HOPS {
+    if let Err(why) = check_hops(&header) {
         shared.metrics.reject("loop");
-        answer(
-            &mut down,
-            &refuse(
-                StatusCode::Loop,
-                format!("hop count {} reached the limit", header.hops),
-            ),
-        )
-        .await;
+        answer(&mut down, &refuse(StatusCode::Loop, why)).await;
         return;
     }
     // Only our own gateway may relay a caller's identity; from anyone else

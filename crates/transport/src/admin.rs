@@ -136,6 +136,23 @@ async fn respond(
     stream.shutdown().await
 }
 
+/// Binds an admin endpoint serving the metrics `register` puts in a fresh
+/// registry (and `/status` when given), always ready.
+pub async fn spawn_with(
+    addr: SocketAddr,
+    register: impl FnOnce(&mut Registry),
+    status: Option<JsonFn>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let mut reg = Registry::default();
+    register(&mut reg);
+    let state = AdminState {
+        registry: Arc::new(Mutex::new(reg)),
+        ready: Arc::new(AtomicBool::new(true)),
+        status,
+    };
+    spawn(addr, state).await
+}
+
 /// Binds the admin endpoint and serves it in the background.
 pub async fn spawn(
     addr: SocketAddr,

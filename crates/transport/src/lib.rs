@@ -12,6 +12,6 @@ mod tunnel;
 pub use identity::{load_trust, BundleFile, IdentityFiles};
 pub use limits::Limits;
 pub use tunnel::{
-    accept_tls, answer, connect_first, dial_tls, expect_peer, open, read_request, splice,
-    AcceptError, DialError, OpenError, Refusal, RequestError, TlsClient, TlsServer,
+    accept_tls, answer, check_hops, connect_first, dial_tls, expect_peer, open, read_request,
+    splice, AcceptError, DialError, OpenError, Refusal, RequestError, TlsClient, TlsServer,
 };

@@ -187,6 +187,14 @@ pub enum RequestError {
 }
 
 impl RequestError {
+    /// The status that answers a stream whose header failed this way.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::Timeout(_) => StatusCode::Timeout,
+            _ => StatusCode::BadHeader,
+        }
+    }
+
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Timeout(_) => "header_timeout",
@@ -206,6 +214,19 @@ pub async fn read_request<R: AsyncRead + Unpin>(
         Ok(Err(ReadError::Closed)) => Err(RequestError::Closed),
         Ok(Err(e)) => Err(RequestError::Bad(e)),
         Ok(Ok(h)) => Ok(h),
+    }
+}
+
+/// Refuses a header that has taken too many hops (a routing loop).
+pub fn check_hops(h: &Header) -> Result<(), String> {
+    if h.hops >= fedmesh_wire::MAX_HOPS {
+        Err(format!(
+            "hop count {} reached the limit {}",
+            h.hops,
+            fedmesh_wire::MAX_HOPS
+        ))
+    } else {
+        Ok(())
     }
 }
 
