@@ -45,6 +45,29 @@ fn err(e: etcd_client::Error) -> StoreError {
     }
 }
 
+/// Retries an operation that failed because the member it reached is
+/// unavailable: the client's balancer sends the next try to another member,
+/// so losing one member of a cluster costs a retry, not an error.
+async fn retry<T, F, Fut>(mut op: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    const ATTEMPTS: u32 = 4;
+    let mut delay = Duration::from_millis(25);
+    for attempt in 1..=ATTEMPTS {
+        match op().await {
+            Err(StoreError::Unavailable(why)) if attempt < ATTEMPTS => {
+                tracing::debug!(%why, attempt, "etcd member unavailable; retrying");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            r => return r,
+        }
+    }
+    Err(StoreError::Unavailable("retries exhausted".into()))
+}
+
 fn kv(k: &etcd_client::KeyValue) -> KeyValue {
     KeyValue {
         key: String::from_utf8_lossy(k.key()).into_owned(),
@@ -81,21 +104,27 @@ impl EtcdStore {
 #[async_trait::async_trait]
 impl Store for EtcdStore {
     async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
-        let r = self.client.clone().get(key, None).await.map_err(err)?;
-        Ok(r.kvs().first().map(kv))
+        retry(|| async {
+            let r = self.client.clone().get(key, None).await.map_err(err)?;
+            Ok(r.kvs().first().map(kv))
+        })
+        .await
     }
 
     async fn list(&self, prefix: &str) -> Result<Listing, StoreError> {
-        let r = self
-            .client
-            .clone()
-            .get(prefix, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(err)?;
-        Ok(Listing {
-            revision: r.header().map(|h| h.revision()).unwrap_or(0),
-            kvs: r.kvs().iter().map(kv).collect(),
+        retry(|| async {
+            let r = self
+                .client
+                .clone()
+                .get(prefix, Some(GetOptions::new().with_prefix()))
+                .await
+                .map_err(err)?;
+            Ok(Listing {
+                revision: r.header().map(|h| h.revision()).unwrap_or(0),
+                kvs: r.kvs().iter().map(kv).collect(),
+            })
         })
+        .await
     }
 
     async fn put(
@@ -104,14 +133,17 @@ impl Store for EtcdStore {
         value: Vec<u8>,
         lease: Option<LeaseId>,
     ) -> Result<Revision, StoreError> {
-        let opts = lease.map(|l| PutOptions::new().with_lease(l));
-        let r = self
-            .client
-            .clone()
-            .put(key, value, opts)
-            .await
-            .map_err(|e| lease_err(e, lease))?;
-        Ok(r.header().map(|h| h.revision()).unwrap_or(0))
+        retry(|| async {
+            let opts = lease.map(|l| PutOptions::new().with_lease(l));
+            let r = self
+                .client
+                .clone()
+                .put(key, value.clone(), opts)
+                .await
+                .map_err(|e| lease_err(e, lease))?;
+            Ok(r.header().map(|h| h.revision()).unwrap_or(0))
+        })
+        .await
     }
 
     async fn put_if(
@@ -135,36 +167,45 @@ impl Store for EtcdStore {
     }
 
     async fn delete(&self, key: &str) -> Result<bool, StoreError> {
-        let r = self.client.clone().delete(key, None).await.map_err(err)?;
-        Ok(r.deleted() > 0)
+        retry(|| async {
+            let r = self.client.clone().delete(key, None).await.map_err(err)?;
+            Ok(r.deleted() > 0)
+        })
+        .await
     }
 
     async fn grant(&self, ttl: Duration) -> Result<LeaseId, StoreError> {
         // etcd leases are whole seconds; round up so a lease never lives
         // shorter than asked.
         let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
-        let r = self
-            .client
-            .clone()
-            .lease_grant(secs.max(1) as i64, None)
-            .await
-            .map_err(err)?;
-        Ok(r.id())
+        retry(|| async {
+            let r = self
+                .client
+                .clone()
+                .lease_grant(secs.max(1) as i64, None)
+                .await
+                .map_err(err)?;
+            Ok(r.id())
+        })
+        .await
     }
 
     async fn keep_alive(&self, lease: LeaseId) -> Result<Duration, StoreError> {
-        let lerr = |e| lease_err(e, Some(lease));
-        let (mut keeper, mut stream) = self
-            .client
-            .clone()
-            .lease_keep_alive(lease)
-            .await
-            .map_err(lerr)?;
-        keeper.keep_alive().await.map_err(lerr)?;
-        match stream.message().await.map_err(lerr)? {
-            Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
-            _ => Err(StoreError::LeaseNotFound(lease)),
-        }
+        retry(|| async {
+            let lerr = |e| lease_err(e, Some(lease));
+            let (mut keeper, mut stream) = self
+                .client
+                .clone()
+                .lease_keep_alive(lease)
+                .await
+                .map_err(lerr)?;
+            keeper.keep_alive().await.map_err(lerr)?;
+            match stream.message().await.map_err(lerr)? {
+                Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl() as u64)),
+                _ => Err(StoreError::LeaseNotFound(lease)),
+            }
+        })
+        .await
     }
 
     async fn revoke(&self, lease: LeaseId) -> Result<(), StoreError> {
