@@ -10,7 +10,8 @@ use std::time::Instant;
 use fedmesh_catalog::{Catalog, Hop, Peer};
 use fedmesh_transport::admin;
 use fedmesh_transport::{
-    accept_tls, answer, check_hops, connect_first, open, read_request, splice, Limits, OpenError,
+    accept_tls, answer, check_hops, connect_first, open, read_request, serve_tcp, splice, Limits,
+    OpenError,
 };
 use fedmesh_trust::{PeerPolicy, SpiffeId};
 use fedmesh_wire::{Header, Status, StatusCode};
@@ -18,7 +19,6 @@ use prometheus_client::registry::Registry;
 use quinn::{Connection, Endpoint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::Instrument;
@@ -436,29 +436,20 @@ where
 // ---- sidecars (TLS over TCP) ----
 
 async fn accept_sidecars(shared: Arc<Shared>, listener: TcpListener, acceptor: TlsAcceptor) {
-    let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
-    loop {
-        let (tcp, remote) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "tunnel accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            shared.metrics.reject("connection_limit");
-            tracing::warn!(%remote, limit = shared.limits.max_connections, "tunnel connection over the limit; closing");
-            drop(tcp);
-            continue;
-        };
-        let shared = shared.clone();
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            sidecar_conn(&shared, tcp, remote, &acceptor).await;
-            drop(permit);
-        });
-    }
+    let m = shared.metrics.clone();
+    let limit = shared.limits.max_connections;
+    serve_tcp(
+        listener,
+        "tunnel",
+        limit,
+        move |_| m.reject("connection_limit"),
+        |tcp, remote| {
+            let shared = shared.clone();
+            let acceptor = acceptor.clone();
+            async move { sidecar_conn(&shared, tcp, remote, &acceptor).await }
+        },
+    )
+    .await
 }
 
 async fn sidecar_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, acceptor: &TlsAcceptor) {

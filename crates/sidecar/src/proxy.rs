@@ -7,14 +7,13 @@ use std::sync::{Arc, RwLock};
 use fedmesh_catalog::{Catalog, Hop};
 use fedmesh_transport::admin;
 use fedmesh_transport::{
-    accept_tls, answer, check_hops, connect_first, read_request, splice, Limits,
+    accept_tls, answer, check_hops, connect_first, read_request, serve_tcp, splice, Limits,
 };
 use fedmesh_trust::{PeerPolicy, SpiffeId};
 use fedmesh_wire::{Header, ServiceName, Status, StatusCode, Target, Traceparent};
 use prometheus_client::registry::Registry;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::Instrument;
@@ -225,32 +224,26 @@ async fn accept_outbound(
     service: ServiceName,
     port: u16,
 ) {
-    let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
-    loop {
-        let (tcp, remote) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "outbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
+    let m = shared.metrics.clone();
+    let limit = shared.limits.max_connections;
+    serve_tcp(
+        listener,
+        "outbound",
+        limit,
+        move |_| m.reject("connection_limit"),
+        |tcp, remote| {
+            let shared = shared.clone();
+            let service = service.clone();
+            async move {
+                let id: u64 = rand::random();
+                let span = tracing::debug_span!("outbound", id, %service, %remote);
+                outbound_conn(&shared, tcp, &service, port, id)
+                    .instrument(span)
+                    .await
             }
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            shared.metrics.reject("connection_limit");
-            tracing::warn!(%remote, "outbound connection over the limit; closing");
-            continue;
-        };
-        let shared = shared.clone();
-        let service = service.clone();
-        tokio::spawn(async move {
-            let id: u64 = rand::random();
-            let span = tracing::debug_span!("outbound", id, %service, %remote);
-            outbound_conn(&shared, tcp, &service, port, id)
-                .instrument(span)
-                .await;
-            drop(permit);
-        });
-    }
+        },
+    )
+    .await
 }
 
 async fn outbound_conn(
@@ -313,28 +306,20 @@ async fn outbound_conn(
 }
 
 async fn accept_inbound(shared: Arc<Shared>, listener: TcpListener, acceptor: TlsAcceptor) {
-    let slots = Arc::new(Semaphore::new(shared.limits.max_connections));
-    loop {
-        let (tcp, remote) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::warn!(error = %e, "inbound accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            shared.metrics.reject("connection_limit");
-            tracing::warn!(%remote, "inbound connection over the limit; closing");
-            continue;
-        };
-        let shared = shared.clone();
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            inbound_conn(&shared, tcp, remote, &acceptor).await;
-            drop(permit);
-        });
-    }
+    let m = shared.metrics.clone();
+    let limit = shared.limits.max_connections;
+    serve_tcp(
+        listener,
+        "inbound",
+        limit,
+        move |_| m.reject("connection_limit"),
+        |tcp, remote| {
+            let shared = shared.clone();
+            let acceptor = acceptor.clone();
+            async move { inbound_conn(&shared, tcp, remote, &acceptor).await }
+        },
+    )
+    .await
 }
 
 async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, acceptor: &TlsAcceptor) {

@@ -15,3 +15,40 @@ pub use tunnel::{
     accept_tls, answer, check_hops, connect_first, dial_tls, expect_peer, open, read_request,
     splice, AcceptError, DialError, OpenError, Refusal, RequestError, TlsClient, TlsServer,
 };
+
+/// Accepts TCP connections on `listener` until the task is dropped and runs
+/// `handle` for each, at most `limit` at once. A connection over the limit
+/// is closed at once and reported to `over_limit`; accept errors (out of
+/// descriptors) back off briefly instead of spinning.
+pub async fn serve_tcp<H, Fut>(
+    listener: tokio::net::TcpListener,
+    what: &'static str,
+    limit: usize,
+    over_limit: impl Fn(std::net::SocketAddr) + Send + 'static,
+    handle: H,
+) where
+    H: Fn(tokio::net::TcpStream, std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(limit));
+    loop {
+        let (tcp, remote) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, listener = what, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%remote, limit, listener = what, "connection over the limit; closing");
+            over_limit(remote);
+            continue;
+        };
+        let fut = handle(tcp, remote);
+        tokio::spawn(async move {
+            fut.await;
+            drop(permit);
+        });
+    }
+}
