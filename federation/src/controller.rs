@@ -470,18 +470,12 @@ async fn watch_loop(
         metrics.recomputes.inc();
         let services = local.borrow().clone();
         let view = compute(&s, &cache, &services, &mut trusted, &metrics);
+        // Order matters to readers: status and bundles first, the catalog
+        // last, so whoever sees a new catalog already trusts every peer it
+        // names (and `status` agrees with it).
         let changed_catalog = catalog_tx.borrow().as_deref() != Some(&view.catalog);
         if changed_catalog {
             version += 1;
-            catalog_tx.send_replace(Some(Arc::new(view.catalog)));
-        }
-        if bundles_tx.borrow().domains().count() != view.bundles.domains().count()
-            || view
-                .bundles
-                .domains()
-                .any(|d| bundles_tx.borrow().get(d) != view.bundles.get(d))
-        {
-            bundles_tx.send_replace(Arc::new(view.bundles));
         }
         {
             let mut st = match status.lock() {
@@ -495,6 +489,17 @@ async fn watch_loop(
             st.rejected = view.rejected;
             st.last_sync_ms = now_ms();
             st.catalog_version = version;
+        }
+        if bundles_tx.borrow().domains().count() != view.bundles.domains().count()
+            || view
+                .bundles
+                .domains()
+                .any(|d| bundles_tx.borrow().get(d) != view.bundles.get(d))
+        {
+            bundles_tx.send_replace(Arc::new(view.bundles));
+        }
+        if changed_catalog {
+            catalog_tx.send_replace(Some(Arc::new(view.catalog)));
         }
         // At most one recompute per interval: a burst of changes (a cluster
         // joining with 10,000 services) costs a few recomputes, not 10,000.
