@@ -56,9 +56,7 @@ impl GatewayConfig {
             path: path.display().to_string(),
             problems,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| err(vec![e.to_string()]))?;
-        let cfg: GatewayConfig =
-            serde_yaml_ng::from_str(&text).map_err(|e| err(vec![e.to_string()]))?;
+        let cfg: GatewayConfig = fedmesh_transport::read_yaml(path).map_err(err)?;
         cfg.settings().map_err(err)
     }
 

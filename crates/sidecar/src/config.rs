@@ -101,9 +101,7 @@ impl SidecarConfig {
             path: path.display().to_string(),
             problems,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| err(vec![e.to_string()]))?;
-        let cfg: SidecarConfig =
-            serde_yaml_ng::from_str(&text).map_err(|e| err(vec![e.to_string()]))?;
+        let cfg: SidecarConfig = fedmesh_transport::read_yaml(path).map_err(err)?;
         cfg.settings().map_err(err)
     }
 

@@ -28,24 +28,27 @@ pub struct AdminState {
 }
 
 /// Serves the admin endpoint on `listener` until the task is dropped.
+/// Admin connections served at once; scrapes and probes need a handful.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+/// Serves the admin endpoint on `listener` until the task is dropped.
 pub async fn serve(listener: TcpListener, state: AdminState) {
-    loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                // Out of descriptors and the like: back off instead of spinning.
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+    crate::serve_tcp(
+        listener,
+        "admin",
+        MAX_ADMIN_CONNECTIONS,
+        |_| {},
+        move |stream, peer| {
+            let state = state.clone();
+            async move {
+                if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &state)).await
+                {
+                    tracing::debug!(%peer, error = %e, "admin request timed out");
+                }
             }
-        };
-        let state = state.clone();
-        tokio::spawn(async move {
-            if let Err(e) = tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &state)).await {
-                tracing::debug!(%peer, error = %e, "admin request timed out");
-            }
-        });
-    }
+        },
+    )
+    .await
 }
 
 async fn handle(mut stream: TcpStream, state: &AdminState) {

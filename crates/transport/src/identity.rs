@@ -70,3 +70,9 @@ pub fn load_trust(
         _ => Err(errs),
     }
 }
+
+/// Reads and parses a YAML config file; the error says which file and why.
+pub fn read_yaml<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> Result<T, Vec<String>> {
+    let text = std::fs::read_to_string(path).map_err(|e| vec![e.to_string()])?;
+    serde_yaml_ng::from_str(&text).map_err(|e| vec![e.to_string()])
+}

@@ -9,7 +9,7 @@ mod identity;
 mod limits;
 mod tunnel;
 
-pub use identity::{load_trust, BundleFile, IdentityFiles};
+pub use identity::{load_trust, read_yaml, BundleFile, IdentityFiles};
 pub use limits::Limits;
 pub use tunnel::{
     accept_tls, answer, check_hops, connect_first, dial_tls, expect_peer, open, read_request,

@@ -261,12 +261,7 @@ impl Header {
     /// Decodes one header from the start of `buf`, returning it and the
     /// number of bytes it used. Bytes after it (payload) are not touched.
     pub fn decode(buf: &[u8], limits: &Limits) -> Result<(Header, usize), DecodeError> {
-        let prefix: &[u8; PREFIX_LEN] = buf
-            .get(..PREFIX_LEN)
-            .and_then(|p| p.try_into().ok())
-            .ok_or_else(|| DecodeError::Incomplete {
-                needed: PREFIX_LEN - buf.len(),
-            })?;
+        let prefix = crate::split_prefix(buf)?;
         let len = Self::body_len(prefix, limits)?;
         let body =
             buf.get(PREFIX_LEN..PREFIX_LEN + len)

@@ -22,5 +22,14 @@ pub use status::{Status, StatusCode, MAX_STATUS_MESSAGE};
 pub const PREFIX_LEN: usize = 8;
 /// Protocol version spoken by this crate; ALPN names it too.
 pub const VERSION: u8 = 1;
+/// The fixed prefix at the start of `buf`, or how many bytes are missing.
+pub(crate) fn split_prefix(buf: &[u8]) -> Result<&[u8; PREFIX_LEN], DecodeError> {
+    buf.get(..PREFIX_LEN)
+        .and_then(|p| p.try_into().ok())
+        .ok_or(DecodeError::Incomplete {
+            needed: PREFIX_LEN.saturating_sub(buf.len()),
+        })
+}
+
 /// ALPN protocol id for tunnel connections (QUIC and TLS/TCP).
 pub const ALPN: &[u8] = b"fedmesh/1";

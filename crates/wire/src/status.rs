@@ -163,12 +163,7 @@ impl Status {
     }
 
     pub fn decode(buf: &[u8]) -> Result<(Status, usize), DecodeError> {
-        let prefix: &[u8; PREFIX_LEN] = buf
-            .get(..PREFIX_LEN)
-            .and_then(|p| p.try_into().ok())
-            .ok_or_else(|| DecodeError::Incomplete {
-                needed: PREFIX_LEN - buf.len(),
-            })?;
+        let prefix = crate::split_prefix(buf)?;
         let len = Self::message_len(prefix)?;
         let msg = buf
             .get(PREFIX_LEN..PREFIX_LEN + len)
