@@ -316,7 +316,7 @@ fn jwk_params(der: &[u8]) -> Jwk {
 
 /// The bundles one party trusts, one per trust domain. Never merged into one
 /// pool: a chain is checked only against the bundle of its leaf's domain.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct TrustBundles {
     by_domain: BTreeMap<TrustDomain, TrustBundle>,
 }
@@ -349,6 +349,11 @@ impl TrustBundles {
 
     pub fn domains(&self) -> impl Iterator<Item = &TrustDomain> {
         self.by_domain.keys()
+    }
+
+    /// The bundles, ordered by trust domain.
+    pub fn iter(&self) -> impl Iterator<Item = &TrustBundle> {
+        self.by_domain.values()
     }
 
     pub fn len(&self) -> usize {

@@ -180,20 +180,8 @@ impl CertificateAuthority {
 
     /// Issues an X.509-SVID for `id` with a fresh P-256 key.
     pub fn issue(&self, id: &SpiffeId, ttl: Duration) -> Result<Svid, CaError> {
-        if id.trust_domain_name() != self.trust_domain.as_str() {
-            return Err(CaError::ForeignId {
-                id: id.clone(),
-                trust_domain: self.trust_domain.clone(),
-            });
-        }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let params = leaf_params(id, ttl)?;
-        let leaf = params.signed_by(&key, &self.issuer()?)?.der().clone();
-        let mut chain = vec![leaf];
-        if !self.is_root() {
-            chain.push(self.cert.clone());
-        }
-        chain.extend(self.chain.iter().cloned());
+        let chain = self.sign_key(id, ttl, &key)?;
         let key_der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         Svid::new(chain, key_der).map_err(|e| CaError::NotACa {
             path: "<issued>".into(),
@@ -219,6 +207,30 @@ impl CertificateAuthority {
             chain,
             PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
         ))
+    }
+
+    /// Signs an SVID for `id` over a key someone else holds (a CSR's),
+    /// with this CA's chain appended.
+    pub(crate) fn sign_key(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+        public_key: &impl rcgen::PublicKeyData,
+    ) -> Result<Vec<CertificateDer<'static>>, CaError> {
+        if id.trust_domain_name() != self.trust_domain.as_str() {
+            return Err(CaError::ForeignId {
+                id: id.clone(),
+                trust_domain: self.trust_domain.clone(),
+            });
+        }
+        let params = leaf_params(id, ttl)?;
+        let leaf = params.signed_by(public_key, &self.issuer()?)?.der().clone();
+        let mut chain = vec![leaf];
+        if !self.is_root() {
+            chain.push(self.cert.clone());
+        }
+        chain.extend(self.chain.iter().cloned());
+        Ok(chain)
     }
 
     /// The parameters [`issue`](Self::issue) uses, for callers of

@@ -4,6 +4,7 @@
 
 pub mod bundle;
 pub mod ca;
+pub mod csr;
 pub mod id;
 pub mod pem;
 pub mod rotation;
@@ -13,9 +14,13 @@ pub mod verify;
 
 pub use bundle::{BundleError, SharedBundles, TrustBundle, TrustBundles};
 pub use ca::{CaError, CertificateAuthority};
+pub use csr::{Csr, CsrError};
 pub use id::{IdError, SpiffeId, TrustDomain};
 pub use svid::{LoadError, Svid, SvidError};
-pub use tls::{client_config, peer_id, provider, server_config, TlsError};
+pub use tls::{
+    anonymous_client_config, client_config, client_config_from, peer_id, provider, server_config,
+    server_config_from, ClientAuth, SvidSource, TlsError,
+};
 pub use verify::{verify_svid, PeerPolicy, Usage, VerifyError};
 
 /// Writes `contents` to `path`, creating it with mode 0600 when `secret`

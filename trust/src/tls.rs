@@ -3,13 +3,16 @@
 //! domain (never a merged pool), then the SPIFFE ID against a [`PeerPolicy`].
 //! TLS 1.3 only, ring only.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::ResolvesClientCert;
 use rustls::crypto::{verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::ResolvesServerCert;
+use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::bundle::SharedBundles;
@@ -22,6 +25,8 @@ use crate::verify::{verify_svid, PeerPolicy, Usage, VerifyError};
 pub enum TlsError {
     #[error("TLS configuration: {0}")]
     Config(#[from] rustls::Error),
+    #[error("a renewed SVID must keep the identity {was}, got {now}")]
+    IdentityChange { was: SpiffeId, now: SpiffeId },
 }
 
 /// The one crypto provider of fedmesh (rustls and quinn both use it):
@@ -62,6 +67,9 @@ struct SpiffeVerifier {
     bundles: SharedBundles,
     policy: PeerPolicy,
     provider: Arc<CryptoProvider>,
+    /// Servers only: a client may also come without a certificate (and is
+    /// then anonymous to the application, which must check for that).
+    optional: bool,
 }
 
 impl SpiffeVerifier {
@@ -111,6 +119,10 @@ impl SpiffeVerifier {
 impl ClientCertVerifier for SpiffeVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        !self.optional
     }
 
     fn verify_client_cert(
@@ -188,6 +200,97 @@ impl ServerCertVerifier for SpiffeVerifier {
     }
 }
 
+/// Whether a server requires a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    Required,
+    /// Certificate-less clients are let in anonymous (bootstrap endpoints,
+    /// where the application authenticates them another way).
+    Optional,
+}
+
+/// The identity a TLS config presents. Storing a renewed SVID takes effect
+/// at the next handshake, without rebuilding any config.
+#[derive(Clone)]
+pub struct SvidSource {
+    current: Arc<RwLock<(Svid, Arc<CertifiedKey>)>>,
+}
+
+impl std::fmt::Debug for SvidSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SvidSource")
+            .field("id", self.current().id())
+            .finish()
+    }
+}
+
+fn certified(svid: &Svid) -> Result<Arc<CertifiedKey>, TlsError> {
+    let key = provider().key_provider.load_private_key(svid.key())?;
+    Ok(Arc::new(CertifiedKey::new(svid.chain().to_vec(), key)))
+}
+
+impl SvidSource {
+    pub fn new(svid: Svid) -> Result<Self, TlsError> {
+        let key = certified(&svid)?;
+        Ok(Self {
+            current: Arc::new(RwLock::new((svid, key))),
+        })
+    }
+
+    /// The SVID presented now.
+    pub fn current(&self) -> Svid {
+        match self.current.read() {
+            Ok(g) => g.0.clone(),
+            Err(p) => p.into_inner().0.clone(),
+        }
+    }
+
+    fn key(&self) -> Arc<CertifiedKey> {
+        match self.current.read() {
+            Ok(g) => g.1.clone(),
+            Err(p) => p.into_inner().1.clone(),
+        }
+    }
+
+    /// Replaces the SVID (renewal). The identity may not change: a process
+    /// is one workload for its whole life.
+    pub fn store(&self, svid: Svid) -> Result<(), TlsError> {
+        let was = self.current();
+        if svid.id() != was.id() {
+            return Err(TlsError::IdentityChange {
+                was: was.id().clone(),
+                now: svid.id().clone(),
+            });
+        }
+        let key = certified(&svid)?;
+        match self.current.write() {
+            Ok(mut g) => *g = (svid, key),
+            Err(p) => *p.into_inner() = (svid, key),
+        }
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for SvidSource {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.key())
+    }
+}
+
+impl ResolvesClientCert for SvidSource {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.key())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 /// A server config presenting `identity` and requiring a client SVID that
 /// verifies against `bundles` and satisfies `policy`.
 pub fn server_config(
@@ -196,16 +299,34 @@ pub fn server_config(
     policy: PeerPolicy,
     alpn: &[&[u8]],
 ) -> Result<rustls::ServerConfig, TlsError> {
+    server_config_from(
+        &SvidSource::new(identity.clone())?,
+        bundles,
+        policy,
+        alpn,
+        ClientAuth::Required,
+    )
+}
+
+/// [`server_config`] with a renewable identity and a choice of client auth.
+pub fn server_config_from(
+    identity: &SvidSource,
+    bundles: SharedBundles,
+    policy: PeerPolicy,
+    alpn: &[&[u8]],
+    client_auth: ClientAuth,
+) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
     let verifier = Arc::new(SpiffeVerifier {
         bundles,
         policy,
         provider: provider.clone(),
+        optional: client_auth == ClientAuth::Optional,
     });
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.chain().to_vec(), identity.key())?;
+        .with_cert_resolver(Arc::new(identity.clone()));
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(cfg)
 }
@@ -218,17 +339,40 @@ pub fn client_config(
     policy: PeerPolicy,
     alpn: &[&[u8]],
 ) -> Result<rustls::ClientConfig, TlsError> {
+    client_config_from(&SvidSource::new(identity.clone())?, bundles, policy, alpn)
+}
+
+/// [`client_config`] with a renewable identity.
+pub fn client_config_from(
+    identity: &SvidSource,
+    bundles: SharedBundles,
+    policy: PeerPolicy,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, TlsError> {
+    let mut cfg = anonymous_client_config(bundles, policy, alpn)?;
+    cfg.client_auth_cert_resolver = Arc::new(identity.clone());
+    Ok(cfg)
+}
+
+/// A client config without a certificate that still verifies the server's
+/// SVID (first contact, before this process has an identity).
+pub fn anonymous_client_config(
+    bundles: SharedBundles,
+    policy: PeerPolicy,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, TlsError> {
     let provider = provider();
     let verifier = Arc::new(SpiffeVerifier {
         bundles,
         policy,
         provider: provider.clone(),
+        optional: false,
     });
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_auth_cert(identity.chain().to_vec(), identity.key())?;
+        .with_no_client_auth();
     cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(cfg)
 }

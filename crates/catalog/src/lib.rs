@@ -180,6 +180,11 @@ impl Catalog {
         self.imports.len()
     }
 
+    /// Every import with its clusters, ordered by service name.
+    pub fn import_entries(&self) -> impl Iterator<Item = (&ServiceName, &[ClusterName])> {
+        self.imports.iter().map(|(k, v)| (k, v.as_slice()))
+    }
+
     pub fn imports(&self, name: &ServiceName) -> &[ClusterName] {
         self.imports
             .get(name)

@@ -1,0 +1,145 @@
+//! The proxy's side of SVID issuance: first contact with a bootstrap
+//! token, then renewal with its current SVID at two thirds of the
+//! lifetime, retried with backoff until the old one expires.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fedmesh_trust::{csr, PeerPolicy, SharedBundles, SpiffeId, Svid, SvidSource, TrustBundle};
+use tokio::task::JoinHandle;
+
+use crate::{controller_identity, net, pb};
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertError {
+    #[error("making the CSR: {0}")]
+    Csr(#[from] fedmesh_trust::CsrError),
+    #[error("TLS: {0}")]
+    Tls(#[from] fedmesh_trust::TlsError),
+    #[error("controller: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("connecting: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("controller returned an unusable certificate: {0}")]
+    Response(String),
+}
+
+/// How to reach the controller that signs.
+#[derive(Debug, Clone)]
+pub struct SignerAddress {
+    pub controller: SocketAddr,
+    /// The bundle of this cluster's trust domain: the controller's SVID
+    /// must chain to it (and the issued SVID too).
+    pub bundle: TrustBundle,
+    pub timeout: Duration,
+}
+
+fn tls_for(
+    at: &SignerAddress,
+    identity: Option<&SvidSource>,
+) -> Result<Arc<rustls::ClientConfig>, CertError> {
+    let bundles = SharedBundles::new(fedmesh_trust::TrustBundles::new().with(at.bundle.clone()));
+    let policy = PeerPolicy::id(controller_identity(at.bundle.trust_domain()));
+    let alpn: &[&[u8]] = &[b"h2"];
+    let cfg = match identity {
+        Some(src) => fedmesh_trust::client_config_from(src, bundles, policy, alpn)?,
+        None => fedmesh_trust::anonymous_client_config(bundles, policy, alpn)?,
+    };
+    Ok(Arc::new(cfg))
+}
+
+async fn sign(
+    at: &SignerAddress,
+    identity: Option<&SvidSource>,
+    id: &SpiffeId,
+    token: &str,
+) -> Result<Svid, CertError> {
+    let (csr_pem, key) = csr::new_request(id)?;
+    let channel = net::channel(at.controller, tls_for(at, identity)?, at.timeout)?;
+    let mut client = pb::certificates_client::CertificatesClient::new(channel);
+    let req = pb::SignRequest {
+        csr_pem,
+        token: token.to_owned(),
+    };
+    let resp = tokio::time::timeout(at.timeout, client.sign(req))
+        .await
+        .map_err(|_| tonic::Status::deadline_exceeded("no answer from the controller"))??
+        .into_inner();
+    let chain = fedmesh_trust::pem::decode_certs(&resp.chain_pem)
+        .map_err(|e| CertError::Response(e.to_string()))?;
+    // Never install something our own peers would refuse.
+    let bundles = fedmesh_trust::TrustBundles::new().with(at.bundle.clone());
+    let got = fedmesh_trust::verify_svid(
+        &bundles,
+        &chain,
+        SystemTime::now(),
+        fedmesh_trust::Usage::Client,
+    )
+    .map_err(|e| CertError::Response(e.to_string()))?;
+    if &got != id {
+        return Err(CertError::Response(format!("asked for {id}, got {got}")));
+    }
+    Svid::new(chain, key).map_err(|e| CertError::Response(e.to_string()))
+}
+
+/// First contact: a fresh SVID for `id` in exchange for a bootstrap token.
+pub async fn bootstrap(at: &SignerAddress, id: &SpiffeId, token: &str) -> Result<Svid, CertError> {
+    sign(at, None, id, token).await
+}
+
+/// A fresh SVID for the identity `current` presents, authenticated by it.
+pub async fn renew(at: &SignerAddress, current: &SvidSource) -> Result<Svid, CertError> {
+    let id = current.current().id().clone();
+    sign(at, Some(current), &id, "").await
+}
+
+/// When to renew an SVID received at `got`: at two thirds of what was left.
+pub fn renew_at(got: SystemTime, not_after: SystemTime) -> SystemTime {
+    let life = not_after.duration_since(got).unwrap_or_default();
+    got + life * 2 / 3
+}
+
+/// Keeps `source` fresh until dropped: renews at two thirds of the
+/// lifetime; on failure retries with backoff (never later than the old
+/// SVID's expiry allows). `on_renew` sees every new SVID (to save it).
+pub fn keep_renewed(
+    at: SignerAddress,
+    source: SvidSource,
+    on_renew: impl Fn(&Svid) + Send + 'static,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut got = SystemTime::now();
+        loop {
+            let due = renew_at(got, source.current().not_after());
+            let wait = due.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::sleep(wait).await;
+            let mut backoff = Duration::from_millis(200);
+            loop {
+                match renew(&at, &source).await {
+                    Ok(svid) => {
+                        tracing::info!(id = %svid.id(), "SVID renewed");
+                        on_renew(&svid);
+                        if let Err(e) = source.store(svid) {
+                            tracing::error!(error = %e, "renewed SVID refused");
+                        }
+                        got = SystemTime::now();
+                        break;
+                    }
+                    Err(e) => {
+                        let left = source
+                            .current()
+                            .not_after()
+                            .duration_since(SystemTime::now())
+                            .unwrap_or_default();
+                        tracing::warn!(error = %e, ?left, "SVID renewal failed; retrying");
+                        tokio::time::sleep(backoff.min(left / 4).max(Duration::from_millis(50)))
+                            .await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        }
+    })
+}

@@ -1,0 +1,591 @@
+//! The config a proxy runs on, its wire form, and the two pure halves of
+//! the protocol: the controller's diff between two configs, and the
+//! proxy's validation and application of an update.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use fedmesh_catalog::{Catalog, ClusterName, Endpoint, LocalGateway, LocalService, Peer};
+use fedmesh_trust::{SpiffeId, TrustBundle, TrustBundles, TrustDomain};
+use fedmesh_wire::ServiceName;
+
+use crate::pb;
+
+/// What every proxy of a cluster is configured with: the catalog it routes
+/// by and the bundles it verifies peers with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyConfig {
+    pub catalog: Arc<Catalog>,
+    pub bundles: Arc<TrustBundles>,
+}
+
+/// Why a proxy refused an update (sent back as the NACK's text).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ApplyError {
+    #[error("delta on version {base}, but the applied version is {have:?}")]
+    Base { base: u64, have: Option<u64> },
+    #[error("{what} {key:?}: {error}")]
+    Field {
+        what: &'static str,
+        key: String,
+        error: String,
+    },
+    #[error("update is for cluster {got}, this proxy belongs to {want}")]
+    Cluster { want: String, got: String },
+    #[error("peer {cluster} has no trust bundle for {trust_domain}")]
+    NoBundle {
+        cluster: String,
+        trust_domain: String,
+    },
+    #[error("catalog does not validate: {0}")]
+    Catalog(String),
+}
+
+impl ApplyError {
+    /// A short label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Base { .. } => "base_version",
+            Self::Field { .. } => "bad_field",
+            Self::Cluster { .. } => "wrong_cluster",
+            Self::NoBundle { .. } => "peer_without_bundle",
+            Self::Catalog(_) => "invalid_catalog",
+        }
+    }
+}
+
+// ---- controller side: encode and diff ----
+
+fn service_pb(s: &LocalService) -> pb::Service {
+    pb::Service {
+        name: s.name.to_string(),
+        ports: s.ports.iter().map(|p| u32::from(*p)).collect(),
+        exported: s.exported,
+        endpoints: s
+            .endpoints
+            .iter()
+            .map(|e| pb::Endpoint {
+                address: e.address.to_string(),
+                identity: e.identity.to_string(),
+            })
+            .collect(),
+    }
+}
+
+fn peer_pb(p: &Peer) -> pb::Peer {
+    pb::Peer {
+        cluster: p.cluster.to_string(),
+        trust_domain: p.trust_domain.to_string(),
+        address: p.address.to_string(),
+        identity: p.identity.to_string(),
+    }
+}
+
+fn bundle_pb(b: &TrustBundle) -> pb::Bundle {
+    pb::Bundle {
+        trust_domain: b.trust_domain().to_string(),
+        pem: b.to_pem(),
+    }
+}
+
+/// Merge-joins two key-ordered sequences: what is new or changed in
+/// `next` goes to `upserts`, keys only `base` has go to `removed`. O(n), no
+/// allocation besides the output.
+fn keyed_diff<K: Ord + ToString, V: PartialEq, P>(
+    base: impl Iterator<Item = (K, V)>,
+    next: impl Iterator<Item = (K, V)>,
+    encode: impl Fn(&K, &V) -> P,
+    upserts: &mut Vec<P>,
+    removed: &mut Vec<String>,
+) {
+    let mut base = base.peekable();
+    for (k, v) in next {
+        loop {
+            match base.peek() {
+                Some((bk, _)) if *bk < k => {
+                    removed.push(bk.to_string());
+                    base.next();
+                }
+                _ => break,
+            }
+        }
+        match base.peek() {
+            Some((bk, bv)) if *bk == k => {
+                if *bv != v {
+                    upserts.push(encode(&k, &v));
+                }
+                base.next();
+            }
+            _ => upserts.push(encode(&k, &v)),
+        }
+    }
+    removed.extend(base.map(|(k, _)| k.to_string()));
+}
+
+/// The update that takes a proxy from `base` (None: nothing) to `next`.
+pub(crate) fn diff(
+    version: u64,
+    base: Option<(u64, &ProxyConfig)>,
+    next: &ProxyConfig,
+) -> pb::ConfigUpdate {
+    let c = &next.catalog;
+    let mut u = pb::ConfigUpdate {
+        version,
+        full: base.is_none(),
+        base_version: base.map(|b| b.0).unwrap_or(0),
+        cluster: c.cluster.to_string(),
+        trust_domain: c.trust_domain.to_string(),
+        gateway: c.gateway().map(|g| pb::Gateway {
+            address: g.address.to_string(),
+            identity: g.identity.to_string(),
+        }),
+        ..Default::default()
+    };
+    let empty = Catalog::empty(c.cluster.clone(), c.trust_domain.clone());
+    let empty_bundles = TrustBundles::new();
+    let (bc, bb) = match base {
+        Some((_, b)) => (&*b.catalog, &*b.bundles),
+        None => (&empty, &empty_bundles),
+    };
+    keyed_diff(
+        bc.services().map(|s| (&s.name, s)),
+        c.services().map(|s| (&s.name, s)),
+        |_, s| service_pb(s),
+        &mut u.services,
+        &mut u.removed_services,
+    );
+    keyed_diff(
+        bc.import_entries(),
+        c.import_entries(),
+        |name: &&ServiceName, clusters: &&[ClusterName]| pb::Import {
+            service: name.to_string(),
+            clusters: clusters.iter().map(|c| c.to_string()).collect(),
+        },
+        &mut u.imports,
+        &mut u.removed_imports,
+    );
+    keyed_diff(
+        bc.peers().map(|p| (&p.cluster, p)),
+        c.peers().map(|p| (&p.cluster, p)),
+        |_, p| peer_pb(p),
+        &mut u.peers,
+        &mut u.removed_peers,
+    );
+    keyed_diff(
+        bb.iter().map(|b| (b.trust_domain(), b)),
+        next.bundles.iter().map(|b| (b.trust_domain(), b)),
+        |_, b| bundle_pb(b),
+        &mut u.bundles,
+        &mut u.removed_bundles,
+    );
+    u
+}
+
+// ---- proxy side: validate and apply ----
+
+/// A proxy's applied config, kept by key so a delta is checked against
+/// exactly what the proxy has.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    /// The cluster this proxy belongs to, when it knows (from its own config).
+    expect_cluster: Option<ClusterName>,
+    version: Option<u64>,
+    cluster: Option<(ClusterName, TrustDomain)>,
+    gateway: Option<LocalGateway>,
+    services: BTreeMap<ServiceName, LocalService>,
+    imports: BTreeMap<ServiceName, Vec<ClusterName>>,
+    peers: BTreeMap<ClusterName, Peer>,
+    bundles: BTreeMap<TrustDomain, TrustBundle>,
+}
+
+fn field<T, E: std::fmt::Display>(
+    what: &'static str,
+    key: &str,
+    r: Result<T, E>,
+) -> Result<T, ApplyError> {
+    r.map_err(|e| ApplyError::Field {
+        what,
+        key: key.to_owned(),
+        error: e.to_string(),
+    })
+}
+
+fn parse_addr(what: &'static str, key: &str, s: &str) -> Result<SocketAddr, ApplyError> {
+    field(what, key, s.parse::<SocketAddr>())
+}
+
+fn parse_id(what: &'static str, key: &str, s: &str) -> Result<SpiffeId, ApplyError> {
+    field(what, key, s.parse::<SpiffeId>())
+}
+
+/// Removes `key` or fails: removing what the proxy does not have means the
+/// controller's idea of this proxy's state is wrong.
+fn remove<K: Ord, V>(
+    map: &mut BTreeMap<K, V>,
+    what: &'static str,
+    raw: &str,
+    key: Result<K, ApplyError>,
+) -> Result<(), ApplyError> {
+    map.remove(&key?)
+        .map(|_| ())
+        .ok_or_else(|| ApplyError::Field {
+            what,
+            key: raw.to_owned(),
+            error: "removed but not present".into(),
+        })
+}
+
+impl Applied {
+    pub fn new(expect_cluster: Option<ClusterName>) -> Self {
+        Self {
+            expect_cluster,
+            version: None,
+            cluster: None,
+            gateway: None,
+            services: BTreeMap::new(),
+            imports: BTreeMap::new(),
+            peers: BTreeMap::new(),
+            bundles: BTreeMap::new(),
+        }
+    }
+
+    /// The version applied last, if any.
+    pub fn version(&self) -> Option<u64> {
+        self.version
+    }
+
+    /// Checks `u` against what is applied and, only if all of it is valid,
+    /// applies it and returns the resulting config. On error nothing changes.
+    pub fn apply(&mut self, u: &pb::ConfigUpdate) -> Result<ProxyConfig, ApplyError> {
+        let cluster = field("cluster", &u.cluster, u.cluster.parse::<ClusterName>())?;
+        if let Some(want) = &self.expect_cluster {
+            if want != &cluster {
+                return Err(ApplyError::Cluster {
+                    want: want.to_string(),
+                    got: cluster.to_string(),
+                });
+            }
+        }
+        let td = field(
+            "trust_domain",
+            &u.trust_domain,
+            u.trust_domain.parse::<TrustDomain>(),
+        )?;
+        let mut next = if u.full {
+            Self::new(self.expect_cluster.clone())
+        } else {
+            if self.version != Some(u.base_version) {
+                return Err(ApplyError::Base {
+                    base: u.base_version,
+                    have: self.version,
+                });
+            }
+            if self.cluster.as_ref() != Some(&(cluster.clone(), td.clone())) {
+                return Err(ApplyError::Cluster {
+                    want: self
+                        .cluster
+                        .as_ref()
+                        .map(|c| c.0.to_string())
+                        .unwrap_or_default(),
+                    got: cluster.to_string(),
+                });
+            }
+            self.clone()
+        };
+        next.version = Some(u.version);
+        next.cluster = Some((cluster.clone(), td.clone()));
+        next.gateway = match &u.gateway {
+            None => None,
+            Some(g) => Some(LocalGateway {
+                address: parse_addr("gateway", &g.address, &g.address)?,
+                identity: parse_id("gateway", &g.address, &g.identity)?,
+            }),
+        };
+        for raw in &u.removed_services {
+            let key = field("removed service", raw, raw.parse::<ServiceName>());
+            remove(&mut next.services, "removed service", raw, key)?;
+        }
+        for s in &u.services {
+            let name = field("service", &s.name, s.name.parse::<ServiceName>())?;
+            let ports = s
+                .ports
+                .iter()
+                .map(|p| match u16::try_from(*p) {
+                    Ok(p) if p != 0 => Ok(p),
+                    _ => Err(ApplyError::Field {
+                        what: "service",
+                        key: s.name.clone(),
+                        error: format!("port {p} out of range"),
+                    }),
+                })
+                .collect::<Result<Vec<u16>, _>>()?;
+            let endpoints = s
+                .endpoints
+                .iter()
+                .map(|e| {
+                    Ok(Endpoint {
+                        address: parse_addr("endpoint", &s.name, &e.address)?,
+                        identity: parse_id("endpoint", &s.name, &e.identity)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, ApplyError>>()?;
+            next.services.insert(
+                name.clone(),
+                LocalService {
+                    name,
+                    ports,
+                    exported: s.exported,
+                    endpoints,
+                },
+            );
+        }
+        for raw in &u.removed_imports {
+            let key = field("removed import", raw, raw.parse::<ServiceName>());
+            remove(&mut next.imports, "removed import", raw, key)?;
+        }
+        for i in &u.imports {
+            let name = field("import", &i.service, i.service.parse::<ServiceName>())?;
+            let clusters = i
+                .clusters
+                .iter()
+                .map(|c| field("import", &i.service, c.parse::<ClusterName>()))
+                .collect::<Result<Vec<_>, _>>()?;
+            next.imports.insert(name, clusters);
+        }
+        for raw in &u.removed_peers {
+            let key = field("removed peer", raw, raw.parse::<ClusterName>());
+            remove(&mut next.peers, "removed peer", raw, key)?;
+        }
+        for p in &u.peers {
+            let name = field("peer", &p.cluster, p.cluster.parse::<ClusterName>())?;
+            let peer = Peer {
+                cluster: name.clone(),
+                trust_domain: field("peer", &p.cluster, p.trust_domain.parse::<TrustDomain>())?,
+                address: parse_addr("peer", &p.cluster, &p.address)?,
+                identity: parse_id("peer", &p.cluster, &p.identity)?,
+            };
+            next.peers.insert(name, peer);
+        }
+        for raw in &u.removed_bundles {
+            let key = field("removed bundle", raw, raw.parse::<TrustDomain>());
+            remove(&mut next.bundles, "removed bundle", raw, key)?;
+        }
+        for b in &u.bundles {
+            let btd = field(
+                "bundle",
+                &b.trust_domain,
+                b.trust_domain.parse::<TrustDomain>(),
+            )?;
+            let bundle = field(
+                "bundle",
+                &b.trust_domain,
+                TrustBundle::from_pem(btd.clone(), &b.pem),
+            )?;
+            next.bundles.insert(btd, bundle);
+        }
+
+        // Whole-config checks: every peer is verifiable, and so is this
+        // cluster; the catalog's own invariants (imports name peers).
+        if !next.bundles.contains_key(&td) {
+            return Err(ApplyError::NoBundle {
+                cluster: cluster.to_string(),
+                trust_domain: td.to_string(),
+            });
+        }
+        if let Some(p) = next
+            .peers
+            .values()
+            .find(|p| !next.bundles.contains_key(&p.trust_domain))
+        {
+            return Err(ApplyError::NoBundle {
+                cluster: p.cluster.to_string(),
+                trust_domain: p.trust_domain.to_string(),
+            });
+        }
+        let catalog = Catalog::assemble(
+            cluster,
+            td,
+            next.gateway.clone(),
+            next.services.values().cloned().collect(),
+            next.imports.clone(),
+            next.peers.values().cloned().collect(),
+        )
+        .map_err(|e| ApplyError::Catalog(e.to_string()))?;
+        let mut bundles = TrustBundles::new();
+        for b in next.bundles.values() {
+            bundles.insert(b.clone());
+        }
+        *self = next;
+        Ok(ProxyConfig {
+            catalog: Arc::new(catalog),
+            bundles: Arc::new(bundles),
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use fedmesh_trust::CertificateAuthority;
+    use std::time::Duration;
+
+    struct Fixture {
+        td: TrustDomain,
+        bundles: TrustBundles,
+        east: TrustDomain,
+    }
+
+    fn fixture() -> Fixture {
+        let td: TrustDomain = "west.mesh".parse().unwrap();
+        let east: TrustDomain = "east.mesh".parse().unwrap();
+        let ca = CertificateAuthority::new_root(td.clone(), Duration::from_secs(600)).unwrap();
+        let eca = CertificateAuthority::new_root(east.clone(), Duration::from_secs(600)).unwrap();
+        Fixture {
+            bundles: TrustBundles::new().with(ca.bundle()).with(eca.bundle()),
+            td,
+            east,
+        }
+    }
+
+    /// A config from a bit mask: which of 8 services exist, which import
+    /// from `east`, and whether `east` is a peer at all.
+    fn config(f: &Fixture, services: u8, imports: u8, port: u16) -> ProxyConfig {
+        let svc = |i: u8| -> ServiceName {
+            format!("s{i}.default.svc.clusterset.local")
+                .parse()
+                .unwrap()
+        };
+        let east = ClusterName::new("east").unwrap();
+        let services = (0..8)
+            .filter(|i| services & (1 << i) != 0)
+            .map(|i| LocalService {
+                name: svc(i),
+                ports: vec![port],
+                exported: i % 2 == 0,
+                endpoints: vec![Endpoint {
+                    address: "127.0.0.1:9000".parse().unwrap(),
+                    identity: f.td.workload("default", "x").unwrap(),
+                }],
+            })
+            .collect();
+        let imports: BTreeMap<_, _> = (0..8)
+            .filter(|i| imports & (1 << i) != 0)
+            .map(|i| (svc(i), vec![east.clone()]))
+            .collect();
+        let peers = if imports.is_empty() {
+            vec![]
+        } else {
+            vec![Peer {
+                cluster: east,
+                trust_domain: f.east.clone(),
+                address: "127.0.0.1:7000".parse().unwrap(),
+                identity: fedmesh_catalog::gateway_identity(&f.east),
+            }]
+        };
+        let catalog = Catalog::assemble(
+            ClusterName::new("west").unwrap(),
+            f.td.clone(),
+            None,
+            services,
+            imports,
+            peers,
+        )
+        .unwrap();
+        ProxyConfig {
+            catalog: Arc::new(catalog),
+            bundles: Arc::new(f.bundles.clone()),
+        }
+    }
+
+    #[test]
+    fn every_delta_between_configs_reproduces_the_target() {
+        let f = fixture();
+        // A deterministic walk over many pairs of configs.
+        let mut x: u32 = 12345;
+        let mut next = || {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (x >> 8) as u8
+        };
+        let mut proxy = Applied::new(Some(ClusterName::new("west").unwrap()));
+        let mut prev = config(&f, 0b1010_1010, 0b11, 80);
+        assert_eq!(proxy.apply(&diff(1, None, &prev)).unwrap(), prev);
+        for v in 2..200u64 {
+            let target = config(&f, next(), next(), 80 + (next() % 3) as u16);
+            let u = diff(v, Some((v - 1, &prev)), &target);
+            assert!(!u.full);
+            assert_eq!(proxy.apply(&u).unwrap(), target, "step {v}");
+            prev = target;
+        }
+        // Nothing changed: an empty delta.
+        let same = diff(500, Some((199, &prev)), &prev);
+        assert!(same.services.is_empty() && same.removed_services.is_empty());
+        assert!(same.imports.is_empty() && same.peers.is_empty() && same.bundles.is_empty());
+    }
+
+    fn rejects(proxy: &mut Applied, u: &pb::ConfigUpdate) -> ApplyError {
+        let before = proxy.clone();
+        let e = proxy.apply(u).unwrap_err();
+        assert_eq!(proxy.version, before.version, "state changed on error");
+        assert_eq!(proxy.services.len(), before.services.len());
+        e
+    }
+
+    #[test]
+    fn bad_updates_are_refused_and_change_nothing() {
+        let f = fixture();
+        let a = config(&f, 0b11, 0b1, 80);
+        let mut proxy = Applied::new(Some(ClusterName::new("west").unwrap()));
+        proxy.apply(&diff(1, None, &a)).unwrap();
+
+        let b = config(&f, 0b111, 0b1, 80);
+        let mut u = diff(2, Some((1, &a)), &b);
+        u.base_version = 7;
+        assert!(matches!(
+            rejects(&mut proxy, &u),
+            ApplyError::Base {
+                base: 7,
+                have: Some(1)
+            }
+        ));
+
+        let mut u = diff(2, Some((1, &a)), &b);
+        u.removed_services
+            .push("ghost.default.svc.clusterset.local".into());
+        assert_eq!(rejects(&mut proxy, &u).reason(), "bad_field");
+
+        let mut u = diff(2, Some((1, &a)), &b);
+        u.services[0].ports = vec![70000];
+        assert_eq!(rejects(&mut proxy, &u).reason(), "bad_field");
+
+        let mut u = diff(2, Some((1, &a)), &b);
+        u.services[0].endpoints[0].identity = "https://not-spiffe".into();
+        assert_eq!(rejects(&mut proxy, &u).reason(), "bad_field");
+
+        // An import that names a cluster the proxy has never heard of.
+        let mut u = diff(2, Some((1, &a)), &b);
+        u.imports.push(pb::Import {
+            service: "s5.default.svc.clusterset.local".into(),
+            clusters: vec!["north".into()],
+        });
+        assert_eq!(rejects(&mut proxy, &u).reason(), "invalid_catalog");
+
+        // Removing the peer's bundle while the peer stays.
+        let mut u = diff(2, Some((1, &a)), &b);
+        u.removed_bundles.push(f.east.to_string());
+        assert_eq!(rejects(&mut proxy, &u).reason(), "peer_without_bundle");
+
+        let mut u = diff(2, None, &b);
+        u.cluster = "south".into();
+        assert_eq!(rejects(&mut proxy, &u).reason(), "wrong_cluster");
+
+        let mut u = diff(2, None, &b);
+        u.bundles[0].pem = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into();
+        assert_eq!(rejects(&mut proxy, &u).reason(), "bad_field");
+
+        // After all that, a good delta on the untouched state still applies.
+        assert_eq!(proxy.apply(&diff(2, Some((1, &a)), &b)).unwrap(), b);
+    }
+}
