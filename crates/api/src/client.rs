@@ -198,3 +198,20 @@ async fn stream_once(
     }
     Ok(progressed)
 }
+
+/// Calls `apply` with every config the subscription applied (the latest
+/// one when several arrive at once), until the subscription is dropped.
+pub async fn follow(
+    mut config: watch::Receiver<Option<ProxyConfig>>,
+    apply: impl Fn(&ProxyConfig) + Send,
+) {
+    loop {
+        let current = config.borrow_and_update().clone();
+        if let Some(c) = current {
+            apply(&c);
+        }
+        if config.changed().await.is_err() {
+            return;
+        }
+    }
+}

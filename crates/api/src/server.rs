@@ -331,7 +331,11 @@ async fn session(
         };
         let update = shared.update_for(base.as_deref(), &next);
         let kind = if update.full { "full" } else { "delta" };
-        shared.metrics.updates.get_or_create(&UpdateKind { kind }).inc();
+        shared
+            .metrics
+            .updates
+            .get_or_create(&UpdateKind { kind })
+            .inc();
         if tx.send(Ok((*update).clone())).await.is_err() {
             return;
         }

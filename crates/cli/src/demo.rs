@@ -164,7 +164,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         say!(out, "clusters (started in {} ms)", startup.as_millis());
         match rig.converged_in {
             Some(d) => say!(out,
-                "  control plane: one federation controller per cluster on the embedded store; catalogs and trust bundles converged in {:.1} ms",
+                "  control plane: one federation controller per cluster on the embedded store, config streamed to every proxy over gRPC+mTLS; converged in {:.1} ms",
                 d.as_secs_f64() * 1e3
             ),
             None => say!(out, "  control plane: static (--static-config)"),

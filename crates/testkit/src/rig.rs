@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use fedmesh_catalog::mcs::{Protocol, ServiceType};
-use fedmesh_catalog::{Catalog, ClusterName};
+use fedmesh_catalog::ClusterName;
 use fedmesh_catalog::{CatalogSpec, EndpointSpec, ImportSpec, PeerSpec, ServiceSpec};
 use fedmesh_federation::records::Locality;
 use fedmesh_federation::store::{EmbeddedLimits, EmbeddedStore};
@@ -18,15 +18,17 @@ use fedmesh_federation::{Controller, ControllerSettings, LocalService};
 use fedmesh_gateway::{Gateway, GatewaySettings};
 use fedmesh_sidecar::{InboundRoute, InboundSettings, OutboundRoute, Sidecar, SidecarSettings};
 use fedmesh_transport::Limits;
-use fedmesh_trust::TrustBundles as Bundles;
 use fedmesh_trust::{CertificateAuthority, SharedBundles, TrustBundles, TrustDomain};
 use fedmesh_wire::ServiceName;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::sync::watch;
 
 use crate::apps::{App, AppKind};
+use fedmesh_api::client::{self, ClientSettings, Subscription};
+use fedmesh_api::controller_identity;
+use fedmesh_api::server::{self, ApiHandle, ApiLimits, ApiMetrics, ConfigApi};
+use fedmesh_trust::{ClientAuth, PeerPolicy, SvidSource};
 
 const ANY: &str = "127.0.0.1:0";
 const CERT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -112,15 +114,22 @@ pub struct RigCluster {
     pub apps: Vec<App>,
     /// The cluster's federation controller (control plane `Embedded`).
     pub controller: Option<Controller>,
+    /// The controller's config API (control plane `Embedded`); the
+    /// cluster's proxies subscribe to it over mTLS. Dropping it stops it.
+    pub api: Option<ApiHandle>,
     spec: CatalogSpec,
-    agent: Option<tokio::task::JoinHandle<()>>,
+    _links: Vec<ProxyLink>,
 }
 
-impl Drop for RigCluster {
+/// One proxy's subscription and the task applying what it receives.
+struct ProxyLink {
+    _subscription: Subscription,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ProxyLink {
     fn drop(&mut self) {
-        if let Some(a) = &self.agent {
-            a.abort();
-        }
+        self.follower.abort();
     }
 }
 
@@ -134,6 +143,17 @@ impl RigCluster {
         let name = ServiceName::parse(service).ok()?;
         self.client.outbound_addr(&name)
     }
+}
+
+/// A cluster whose listeners are bound but whose catalog is not set yet.
+struct Partial {
+    topo: ClusterTopo,
+    td: TrustDomain,
+    ca: CertificateAuthority,
+    bundles: SharedBundles,
+    gateway: Arc<Gateway>,
+    sidecars: Vec<(ServiceName, u16, bool, Arc<Sidecar>)>,
+    apps: Vec<App>,
 }
 
 pub struct Rig {
@@ -165,15 +185,6 @@ impl Rig {
 
         // Bind everything with a minimal catalog, then hand out the real
         // catalogs once every address is known.
-        struct Partial {
-            topo: ClusterTopo,
-            td: TrustDomain,
-            ca: CertificateAuthority,
-            bundles: SharedBundles,
-            gateway: Arc<Gateway>,
-            sidecars: Vec<(ServiceName, u16, bool, Arc<Sidecar>)>,
-            apps: Vec<App>,
-        }
         let mut parts = Vec::new();
         for (c, (td, ca)) in topo.clusters.iter().zip(cas) {
             // With controllers, each cluster starts out trusting only itself
@@ -385,19 +396,13 @@ impl Rig {
                     };
                     let local = local_services(&p.topo, &p.sidecars)?;
                     let ctrl = Controller::start(Arc::new(store.clone()), settings, local, reg);
-                    let agent = tokio::spawn(follow(
-                        ctrl.catalog(),
-                        ctrl.bundles(),
-                        p.bundles.clone(),
-                        p.gateway.clone(),
-                        p.sidecars
-                            .iter()
-                            .map(|s| s.3.clone())
-                            .chain([client.clone()])
-                            .collect(),
-                    ));
-                    (Some(ctrl), Some(agent))
+                    let (api, links) = serve_config(&p, &ctrl, &client, reg).await?;
+                    (Some(ctrl), Some((api, links)))
                 }
+            };
+            let (api, links) = match agent {
+                Some((api, links)) => (Some(api), links),
+                None => (None, Vec::new()),
             };
             out.push(RigCluster {
                 name: p.topo.name,
@@ -409,8 +414,9 @@ impl Rig {
                 client,
                 apps: p.apps,
                 controller,
+                api,
                 spec,
-                agent,
+                _links: links,
             });
         }
         let converged_in = match &store {
@@ -421,14 +427,12 @@ impl Rig {
                 let deadline = Duration::from_secs(20);
                 loop {
                     let done = out.iter().all(|c| {
-                        let Some(ctrl) = &c.controller else {
+                        if c.controller.is_none() {
                             return true;
-                        };
-                        let cat = ctrl.catalog();
-                        let cat = cat.borrow();
-                        let Some(cat) = cat.as_deref() else {
-                            return false;
-                        };
+                        }
+                        // What the proxies run on, not what the controller
+                        // computed: the config stream is part of the path.
+                        let cat = c.gateway.catalog();
                         c.spec.imports.iter().all(|i| {
                             ServiceName::parse(&i.service)
                                 .map(|n| cat.imports(&n).len() == i.clusters.len())
@@ -480,29 +484,67 @@ fn local_services(
     Ok(out)
 }
 
-/// Applies a controller's catalog and bundles to a cluster's proxies, as
-/// the config stream will for proxies in other processes.
-async fn follow(
-    mut catalog: watch::Receiver<Option<Arc<Catalog>>>,
-    mut bundles: watch::Receiver<Arc<Bundles>>,
-    shared: SharedBundles,
-    gateway: Arc<Gateway>,
-    sidecars: Vec<Arc<Sidecar>>,
-) {
-    loop {
-        // Bundles first: a catalog may name peers only the new bundles trust.
-        let b = bundles.borrow_and_update().clone();
-        shared.store((*b).clone());
-        let c = catalog.borrow_and_update().clone();
-        if let Some(c) = c {
-            gateway.set_catalog((*c).clone());
-            for s in &sidecars {
-                s.set_catalog((*c).clone());
-            }
-        }
-        tokio::select! {
-            r = catalog.changed() => if r.is_err() { return },
-            r = bundles.changed() => if r.is_err() { return },
-        }
+/// Serves `ctrl`'s catalog and bundles over the config API and subscribes
+/// the cluster's gateway and sidecars to it, each with its own SVID, the
+/// way proxies in other processes do.
+async fn serve_config(
+    p: &Partial,
+    ctrl: &Controller,
+    client: &Arc<Sidecar>,
+    reg: &mut Registry,
+) -> anyhow::Result<(ApiHandle, Vec<ProxyLink>)> {
+    let own = || SharedBundles::new(TrustBundles::new().with(p.ca.bundle()));
+    let api_id = p.ca.issue(&controller_identity(&p.td), CERT_TTL)?;
+    let tls = fedmesh_trust::server_config_from(
+        &SvidSource::new(api_id)?,
+        own(),
+        PeerPolicy::trust_domain(p.td.clone()),
+        &[b"h2"],
+        ClientAuth::Required,
+    )?;
+    let metrics = ApiMetrics::default();
+    metrics.register(reg);
+    let source = server::versioned(ctrl.catalog(), ctrl.bundles());
+    let api = ConfigApi::new(source, ApiLimits::default(), metrics);
+    let handle = server::spawn(ANY.parse()?, tls, api, None).await?;
+    let cluster = ClusterName::new(&p.topo.name)?;
+    let subscribe = |id: &fedmesh_trust::SpiffeId, node: String| -> anyhow::Result<Subscription> {
+        let svid = p.ca.issue(id, CERT_TTL)?;
+        let tls = fedmesh_trust::client_config(
+            &svid,
+            own(),
+            PeerPolicy::id(controller_identity(&p.td)),
+            &[b"h2"],
+        )?;
+        let mut settings = ClientSettings::new(handle.addr, node);
+        settings.cluster = Some(cluster.clone());
+        settings.backoff_max = Duration::from_millis(500);
+        Ok(client::subscribe(settings, Arc::new(tls)))
+    };
+    let mut links = Vec::new();
+    // Bundles first: a catalog may name peers only the new bundles trust.
+    let gw = p.gateway.clone();
+    let bundles = p.bundles.clone();
+    let sub = subscribe(&fedmesh_catalog::gateway_identity(&p.td), "gateway".into())?;
+    let follower = tokio::spawn(client::follow(sub.config(), move |c| {
+        bundles.store((*c.bundles).clone());
+        gw.set_catalog((*c.catalog).clone());
+    }));
+    links.push(ProxyLink {
+        _subscription: sub,
+        follower,
+    });
+    for sc in p.sidecars.iter().map(|s| &s.3).chain([client]) {
+        let sub = subscribe(sc.identity(), format!("sidecar/{}", sc.identity()))?;
+        let (sc, bundles) = (sc.clone(), p.bundles.clone());
+        let follower = tokio::spawn(client::follow(sub.config(), move |c| {
+            bundles.store((*c.bundles).clone());
+            sc.set_catalog((*c.catalog).clone());
+        }));
+        links.push(ProxyLink {
+            _subscription: sub,
+            follower,
+        });
     }
+    Ok((handle, links))
 }
