@@ -42,6 +42,9 @@ pub struct ControllerConfig {
     /// Admin endpoint: `/metrics`, `/live`, `/ready`, `/status`.
     #[serde(default)]
     pub admin: Option<SocketAddr>,
+    /// The config and certificate API for this cluster's proxies.
+    #[serde(default)]
+    pub api: Option<fedmesh_api::server::ApiConfig>,
 }
 
 fn default_ttl() -> Duration {

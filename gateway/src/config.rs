@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use fedmesh_api::client::{initial_catalog, ControllerLink};
 use fedmesh_catalog::{Catalog, CatalogSpec};
 use fedmesh_transport::{load_trust, BundleFile, IdentityFiles, Limits};
 use fedmesh_trust::{SharedBundles, Svid};
@@ -14,7 +15,12 @@ pub struct GatewayConfig {
     pub listen: Listen,
     pub identity: IdentityFiles,
     pub bundles: Vec<BundleFile>,
-    pub catalog: CatalogSpec,
+    /// Static catalog; absent when `controller` provides it.
+    #[serde(default)]
+    pub catalog: Option<CatalogSpec>,
+    /// Follow this cluster's controller for config and SVID renewal.
+    #[serde(default)]
+    pub controller: Option<ControllerLink>,
     #[serde(default)]
     pub limits: Limits,
 }
@@ -41,6 +47,7 @@ pub struct GatewaySettings {
     pub tunnel: SocketAddr,
     pub admin: Option<SocketAddr>,
     pub limits: Limits,
+    pub controller: Option<ControllerLink>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,8 +70,13 @@ impl GatewayConfig {
     /// Validates every part, collecting all problems before failing.
     pub fn settings(&self) -> Result<GatewaySettings, Vec<String>> {
         let mut problems = self.limits.problems();
-        let catalog = self.catalog.build().map_err(|e| problems.extend(e.0)).ok();
         let trust = load_trust(&self.identity, &self.bundles)
+            .map_err(|e| problems.extend(e))
+            .ok();
+        let td = trust
+            .as_ref()
+            .and_then(|(svid, _)| svid.id().trust_domain_name().parse().ok());
+        let catalog = initial_catalog(self.catalog.as_ref(), self.controller.as_ref(), td.as_ref())
             .map_err(|e| problems.extend(e))
             .ok();
         if let (Some(c), Some((svid, _))) = (&catalog, &trust) {
@@ -86,6 +98,7 @@ impl GatewayConfig {
                     tunnel: self.listen.tunnel,
                     admin: self.listen.admin,
                     limits: self.limits.clone(),
+                    controller: self.controller.clone(),
                 })
             }
             _ => Err(problems),

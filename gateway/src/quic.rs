@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use fedmesh_transport::Limits;
-use fedmesh_trust::{PeerPolicy, SharedBundles, Svid};
+use fedmesh_trust::{ClientAuth, PeerPolicy, SharedBundles, SvidSource};
 use prometheus_client::metrics::counter::Counter;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::udp::{RecvMeta, Transmit};
@@ -51,15 +51,20 @@ fn transport(limits: &Limits) -> Arc<TransportConfig> {
 }
 
 pub fn server_config(
-    svid: &Svid,
+    svid: &SvidSource,
     bundles: SharedBundles,
     limits: &Limits,
 ) -> Result<quinn::ServerConfig, QuicError> {
     // Any SVID that verifies against its own domain's bundle completes the
     // handshake; which peer gateways are welcome is decided right after,
     // against the catalog, so the peer set can change without a new config.
-    let tls =
-        fedmesh_trust::server_config(svid, bundles, PeerPolicy::AnyTrusted, &[fedmesh_wire::ALPN])?;
+    let tls = fedmesh_trust::server_config_from(
+        svid,
+        bundles,
+        PeerPolicy::AnyTrusted,
+        &[fedmesh_wire::ALPN],
+        ClientAuth::Required,
+    )?;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(transport(limits));
@@ -70,12 +75,16 @@ pub fn server_config(
 }
 
 pub fn client_config(
-    svid: &Svid,
+    svid: &SvidSource,
     bundles: SharedBundles,
     limits: &Limits,
 ) -> Result<quinn::ClientConfig, QuicError> {
-    let tls =
-        fedmesh_trust::client_config(svid, bundles, PeerPolicy::AnyTrusted, &[fedmesh_wire::ALPN])?;
+    let tls = fedmesh_trust::client_config_from(
+        svid,
+        bundles,
+        PeerPolicy::AnyTrusted,
+        &[fedmesh_wire::ALPN],
+    )?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport(limits));

@@ -13,7 +13,7 @@ use fedmesh_transport::{
     accept_tls, answer, check_hops, connect_first, open, read_request, serve_tcp, splice, Limits,
     OpenError,
 };
-use fedmesh_trust::{PeerPolicy, SpiffeId};
+use fedmesh_trust::{ClientAuth, PeerPolicy, SpiffeId, SvidSource};
 use fedmesh_wire::{Header, Status, StatusCode};
 use prometheus_client::registry::Registry;
 use quinn::{Connection, Endpoint};
@@ -74,6 +74,7 @@ impl Shared {
 /// A running gateway. Dropping it stops its listeners.
 pub struct Gateway {
     shared: Arc<Shared>,
+    identity: SvidSource,
     quic_addr: SocketAddr,
     tunnel_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
@@ -85,25 +86,29 @@ impl Gateway {
     pub async fn build(s: GatewaySettings, registry: &mut Registry) -> Result<Self, GatewayError> {
         let metrics = GatewayMetrics::default();
         metrics.register(registry);
-        let server = quic::server_config(&s.identity, s.bundles.clone(), &s.limits)?;
+        // Renewal stores a new SVID here; every listener and dialer below
+        // presents it from the next handshake on.
+        let identity = SvidSource::new(s.identity.clone())?;
+        let server = quic::server_config(&identity, s.bundles.clone(), &s.limits)?;
         let endpoint = quic::endpoint(s.quic, server, metrics.invalid_datagrams.clone())?;
         let quic_addr = endpoint.local_addr().map_err(|source| GatewayError::Bind {
             what: "QUIC",
             addr: s.quic,
             source,
         })?;
-        let quic_client = quic::client_config(&s.identity, s.bundles.clone(), &s.limits)?;
+        let quic_client = quic::client_config(&identity, s.bundles.clone(), &s.limits)?;
         // Sidecars reach the gateway only from inside the cluster: the TLS
         // handshake itself refuses any other trust domain.
         let own = PeerPolicy::trust_domain(s.catalog.trust_domain.clone());
-        let tunnel_tls = fedmesh_trust::server_config(
-            &s.identity,
+        let tunnel_tls = fedmesh_trust::server_config_from(
+            &identity,
             s.bundles.clone(),
             own,
             &[fedmesh_wire::ALPN],
+            ClientAuth::Required,
         )?;
-        let client_tls = fedmesh_trust::client_config(
-            &s.identity,
+        let client_tls = fedmesh_trust::client_config_from(
+            &identity,
             s.bundles.clone(),
             PeerPolicy::AnyTrusted,
             &[fedmesh_wire::ALPN],
@@ -162,11 +167,17 @@ impl Gateway {
         }
         Ok(Self {
             shared,
+            identity,
             quic_addr,
             tunnel_addr,
             admin_addr,
             tasks,
         })
+    }
+
+    /// The SVID the gateway presents; store a renewed one here.
+    pub fn identity_source(&self) -> &SvidSource {
+        &self.identity
     }
 
     pub fn quic_addr(&self) -> SocketAddr {

@@ -260,6 +260,12 @@ impl Svid {
         )
     }
 
+    /// Writes the chain and the key (mode 0600) to the given paths.
+    pub fn save_to(&self, cert_path: &Path, key_path: &Path) -> std::io::Result<()> {
+        crate::write_file(cert_path, pem::encode_certs(&self.chain).as_bytes(), false)?;
+        crate::write_file(key_path, pem::encode_key(&self.key).as_bytes(), true)
+    }
+
     pub fn id(&self) -> &SpiffeId {
         &self.id
     }

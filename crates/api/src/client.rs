@@ -114,11 +114,19 @@ async fn run(
     // whichever stream it came from.
     let mut applied = Applied::new(s.cluster.clone());
     let mut backoff = s.backoff_min;
+    let mut failures = 0u64;
     loop {
         let progressed = match stream_once(&s, &tls, &mut applied, &config_tx, &status).await {
             Ok(p) => p,
             Err(e) => {
-                tracing::warn!(controller = %s.controller, error = %e, "config stream failed; keeping the last good config");
+                failures += 1;
+                // A controller that is down for long is logged, not shouted
+                // about at every retry.
+                if failures == 1 || failures.is_multiple_of(20) {
+                    tracing::warn!(controller = %s.controller, error = %e, failures, "config stream failed; keeping the last good config");
+                } else {
+                    tracing::debug!(controller = %s.controller, error = %e, failures, "config stream failed again");
+                }
                 update_status(&status, |st| st.last_error = Some(e.to_string()));
                 false
             }
@@ -126,6 +134,7 @@ async fn run(
         update_status(&status, |st| st.connected = false);
         if progressed {
             backoff = s.backoff_min;
+            failures = 0;
         }
         // Jitter spreads a fleet's reconnects after a controller restart.
         let jitter = rand::random::<f64>() * 0.5 + 0.75;
@@ -213,5 +222,45 @@ pub async fn follow(
         if config.changed().await.is_err() {
             return;
         }
+    }
+}
+
+/// The `controller` section of a gateway's or sidecar's config file: where
+/// its config (and SVID renewals) come from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerLink {
+    pub address: SocketAddr,
+    /// The cluster this proxy belongs to: updates for another are refused.
+    pub cluster: String,
+    /// Renew the SVID from the controller at two thirds of its lifetime
+    /// (and write it back to the identity files).
+    #[serde(default = "yes")]
+    pub renew: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// The catalog a proxy starts with: its static one, or (when it follows a
+/// controller) an empty one for its cluster until the first update.
+/// `trust_domain` is the proxy's own, from its SVID.
+pub fn initial_catalog(
+    spec: Option<&fedmesh_catalog::CatalogSpec>,
+    link: Option<&ControllerLink>,
+    trust_domain: Option<&fedmesh_trust::TrustDomain>,
+) -> Result<fedmesh_catalog::Catalog, Vec<String>> {
+    match (spec, link) {
+        (Some(spec), _) => spec.build().map_err(|e| e.0),
+        (None, Some(link)) => {
+            let cluster = ClusterName::new(&link.cluster)
+                .map_err(|e| vec![format!("controller.cluster: {e}")])?;
+            let td = trust_domain.ok_or_else(|| vec!["no identity to take the trust domain from".to_string()])?;
+            Ok(fedmesh_catalog::Catalog::empty(cluster, td.clone()))
+        }
+        (None, None) => Err(vec![
+            "either `catalog` (static config) or `controller` (config from the controller) is required".into(),
+        ]),
     }
 }

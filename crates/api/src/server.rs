@@ -637,3 +637,32 @@ pub async fn spawn(
         task: Some(task),
     })
 }
+
+/// The `api` section of a controller's config file.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiConfig {
+    /// TCP address proxies reach the controller at.
+    pub listen: SocketAddr,
+    /// The cluster CA (`fedmesh ca init --out DIR`). With it the controller
+    /// issues its own SVID and signs proxies' CSRs.
+    #[serde(default)]
+    pub ca_dir: Option<std::path::PathBuf>,
+    /// The controller's SVID (PEM chain and key) when it does not hold
+    /// the CA; then no CSRs are signed.
+    #[serde(default)]
+    pub cert: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub key: Option<std::path::PathBuf>,
+    /// YAML `tokens: [{token, identities}]`: bootstrap tokens.
+    #[serde(default)]
+    pub tokens: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub limits: ApiLimits,
+}
+
+#[derive(Debug, Clone, Default, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensFile {
+    pub tokens: Vec<BootstrapToken>,
+}

@@ -194,9 +194,11 @@ async fn raw_quic_goodput(
     let server_id = west
         .ca
         .issue(&west.trust_domain.system_id("gateway"), day)?;
+    let server_id = fedmesh_trust::SvidSource::new(server_id)?;
     let client_id = east
         .ca
         .issue(&east.trust_domain.system_id("gateway"), day)?;
+    let client_id = fedmesh_trust::SvidSource::new(client_id)?;
     let server_cfg =
         fedmesh_gateway::quic_server_config(&server_id, west.bundles.clone(), &limits)?;
     let server = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse()?)?;

@@ -28,7 +28,13 @@ pub(crate) async fn until_signal() -> anyhow::Result<()> {
 }
 
 pub async fn gateway(args: Args) -> anyhow::Result<ExitCode> {
-    let settings = GatewayConfig::load(&args.config)?;
+    let err = |problems| fedmesh_gateway::ConfigError {
+        path: args.config.display().to_string(),
+        problems,
+    };
+    // Kept raw too: renewed SVIDs are written back to its identity files.
+    let raw: GatewayConfig = fedmesh_transport::read_yaml(&args.config).map_err(err)?;
+    let settings = raw.settings().map_err(err)?;
     tracing::info!(?settings.limits, cluster = %settings.catalog.cluster, "effective gateway config");
     if args.check {
         println!(
@@ -39,7 +45,23 @@ pub async fn gateway(args: Args) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let mut registry = Registry::default();
-    let gw = Gateway::build(settings, &mut registry).await?;
+    let link = settings.controller.clone();
+    let bundles = settings.bundles.clone();
+    let gw = std::sync::Arc::new(Gateway::build(settings, &mut registry).await?);
+    let _follower = match &link {
+        Some(link) => {
+            let g = gw.clone();
+            Some(crate::control::follow(
+                link,
+                "gateway",
+                gw.identity_source(),
+                bundles,
+                &raw.identity,
+                move |c| g.set_catalog(c),
+            )?)
+        }
+        None => None,
+    };
     println!(
         "gateway up: quic {} tunnel {}{}",
         gw.quic_addr(),
@@ -49,19 +71,45 @@ pub async fn gateway(args: Args) -> anyhow::Result<ExitCode> {
             .unwrap_or_default()
     );
     until_signal().await?;
-    gw.shutdown().await;
+    drop(_follower);
+    match std::sync::Arc::try_unwrap(gw) {
+        Ok(gw) => gw.shutdown().await,
+        Err(gw) => gw.close(),
+    }
     Ok(ExitCode::SUCCESS)
 }
 
 pub async fn sidecar(args: Args) -> anyhow::Result<ExitCode> {
-    let settings = SidecarConfig::load(&args.config)?;
+    let err = |problems| fedmesh_sidecar::ConfigError {
+        path: args.config.display().to_string(),
+        problems,
+    };
+    // Kept raw too: renewed SVIDs are written back to its identity files.
+    let raw: SidecarConfig = fedmesh_transport::read_yaml(&args.config).map_err(err)?;
+    let settings = raw.settings().map_err(err)?;
     tracing::info!(?settings.limits, identity = %settings.identity.id(), "effective sidecar config");
     if args.check {
         println!("config ok: sidecar {}", settings.identity.id());
         return Ok(ExitCode::SUCCESS);
     }
     let mut registry = Registry::default();
-    let sc = Sidecar::build(settings, &mut registry).await?;
+    let link = settings.controller.clone();
+    let bundles = settings.bundles.clone();
+    let sc = std::sync::Arc::new(Sidecar::build(settings, &mut registry).await?);
+    let _follower = match &link {
+        Some(link) => {
+            let s = sc.clone();
+            Some(crate::control::follow(
+                link,
+                &format!("sidecar/{}", sc.identity()),
+                sc.identity_source(),
+                bundles,
+                &raw.identity,
+                move |c| s.set_catalog(c),
+            )?)
+        }
+        None => None,
+    };
     for o in sc.outbound() {
         println!("outbound {} -> {}:{}", o.listen, o.service.host(), o.port);
     }
@@ -69,6 +117,9 @@ pub async fn sidecar(args: Args) -> anyhow::Result<ExitCode> {
         println!("inbound {a} as {}", sc.identity());
     }
     until_signal().await?;
-    sc.shutdown();
+    drop(_follower);
+    if let Ok(sc) = std::sync::Arc::try_unwrap(sc) {
+        sc.shutdown();
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -127,12 +127,22 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     tracing::info!(cluster = %settings.cluster, lease_ttl = ?settings.lease_ttl, pinned = settings.pinned.len(), "effective controller config");
     let store = open_store(&cfg.store).await?;
     let mut registry = Registry::default();
+    let (td, own_bundle) = (settings.trust_domain.clone(), settings.bundle.clone());
     let ctrl = Arc::new(Controller::start(
         store,
         settings,
         local.borrow().clone(),
         &mut registry,
     ));
+    let api = match &cfg.api {
+        Some(api) => {
+            let (handle, renewer) =
+                crate::control::serve(api, &td, &own_bundle, &ctrl, &mut registry).await?;
+            crate::emit(&format!("controller api {}\n", handle.addr));
+            Some((handle, renewer))
+        }
+        None => None,
+    };
     // Follow the services file.
     let follower = {
         let ctrl = ctrl.clone();
@@ -153,6 +163,12 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     crate::emit(&format!("controller up: cluster {}\n", cfg.cluster));
     crate::daemons::until_signal().await?;
     follower.abort();
+    if let Some((handle, renewer)) = api {
+        if let Some(r) = renewer {
+            r.abort();
+        }
+        handle.shutdown().await;
+    }
     if let Ok(c) = Arc::try_unwrap(ctrl) {
         c.shutdown().await;
     }

@@ -3,6 +3,7 @@
 //! libraries; see `fedmesh --help`.
 
 mod ca;
+mod control;
 mod daemons;
 mod demo;
 mod federation;
@@ -40,12 +41,15 @@ enum Command {
     /// Create root CAs and issue X.509-SVIDs.
     #[command(subcommand)]
     Ca(ca::Command),
+    /// Get an SVID from a cluster's controller with a bootstrap token.
+    #[command(subcommand)]
+    Cert(CertCmd),
     /// Inspect and verify certificates against trust bundles.
     #[command(subcommand)]
     Trust(trust::Command),
-    /// Run an east-west gateway from a static YAML config.
+    /// Run an east-west gateway from YAML (static catalog, or following a controller).
     Gateway(daemons::Args),
-    /// Run a sidecar from a static YAML config.
+    /// Run a sidecar from YAML (static catalog, or following a controller).
     Sidecar(daemons::Args),
     /// Run a cluster's federation controller.
     Controller(federation::ControllerArgs),
@@ -59,12 +63,49 @@ enum Command {
     Status(federation::StatusArgs),
 }
 
+#[derive(Subcommand)]
+enum CertCmd {
+    /// First contact: a CSR for `--spiffe-id`, authorized by a bootstrap
+    /// token; writes svid.pem, svid.key (0600) and bundle.pem into `--out`.
+    /// Renewal afterwards is automatic for proxies with a `controller` section.
+    Request {
+        /// The controller's API address.
+        #[arg(long)]
+        controller: std::net::SocketAddr,
+        /// This cluster's trust bundle (PEM): the controller must chain to it.
+        #[arg(long)]
+        bundle: std::path::PathBuf,
+        #[arg(long)]
+        spiffe_id: fedmesh_trust::SpiffeId,
+        /// File holding the bootstrap token.
+        #[arg(long)]
+        token_file: std::path::PathBuf,
+        #[arg(long)]
+        out: std::path::PathBuf,
+    },
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(&cli.log, cli.log_json);
     let result = match cli.command {
         Command::Ca(c) => ca::run(c),
         Command::Trust(c) => return trust::run(c),
+        Command::Cert(CertCmd::Request {
+            controller,
+            bundle,
+            spiffe_id,
+            token_file,
+            out,
+        }) => runtime().and_then(|rt| {
+            rt.block_on(control::request(
+                controller,
+                &bundle,
+                spiffe_id,
+                &token_file,
+                out,
+            ))
+        }),
         Command::Demo(a) => runtime().and_then(|rt| rt.block_on(demo::run(a))),
         Command::Gateway(a) => runtime().and_then(|rt| rt.block_on(daemons::gateway(a))),
         Command::Sidecar(a) => runtime().and_then(|rt| rt.block_on(daemons::sidecar(a))),

@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
 
+use fedmesh_api::client::{initial_catalog, ControllerLink};
 use fedmesh_catalog::{Catalog, CatalogSpec};
 use fedmesh_transport::{load_trust, BundleFile, IdentityFiles, Limits};
 use fedmesh_trust::{SharedBundles, Svid};
@@ -15,7 +16,12 @@ use serde::{Deserialize, Serialize};
 pub struct SidecarConfig {
     pub identity: IdentityFiles,
     pub bundles: Vec<BundleFile>,
-    pub catalog: CatalogSpec,
+    /// Static catalog; absent when `controller` provides it.
+    #[serde(default)]
+    pub catalog: Option<CatalogSpec>,
+    /// Follow this cluster's controller for config and SVID renewal.
+    #[serde(default)]
+    pub controller: Option<ControllerLink>,
     #[serde(default)]
     pub outbound: Vec<Outbound>,
     #[serde(default)]
@@ -86,6 +92,7 @@ pub struct SidecarSettings {
     pub inbound: Option<InboundSettings>,
     pub admin: Option<SocketAddr>,
     pub limits: Limits,
+    pub controller: Option<ControllerLink>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,8 +114,13 @@ impl SidecarConfig {
 
     pub fn settings(&self) -> Result<SidecarSettings, Vec<String>> {
         let mut problems = self.limits.problems();
-        let catalog = self.catalog.build().map_err(|e| problems.extend(e.0)).ok();
         let trust = load_trust(&self.identity, &self.bundles)
+            .map_err(|e| problems.extend(e))
+            .ok();
+        let td = trust
+            .as_ref()
+            .and_then(|(svid, _)| svid.id().trust_domain_name().parse().ok());
+        let catalog = initial_catalog(self.catalog.as_ref(), self.controller.as_ref(), td.as_ref())
             .map_err(|e| problems.extend(e))
             .ok();
         if let (Some(c), Some((svid, _))) = (&catalog, &trust) {
@@ -128,7 +140,9 @@ impl SidecarConfig {
                     if o.port == 0 {
                         problems.push(format!("outbound[{i}]: port 0"));
                     }
-                    if let Some(c) = &catalog {
+                    // A controller-fed catalog is empty until the first
+                    // update; only a static one can be checked here.
+                    if let (Some(c), Some(_)) = (&catalog, &self.catalog) {
                         if c.service(&name).is_none() && c.imports(&name).is_empty() {
                             problems.push(format!(
                                 "outbound[{i}]: service {name} is neither served here nor imported"
@@ -177,6 +191,7 @@ impl SidecarConfig {
                     inbound,
                     admin: self.admin,
                     limits: self.limits.clone(),
+                    controller: self.controller.clone(),
                 })
             }
             _ => Err(problems),

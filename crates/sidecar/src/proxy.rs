@@ -9,7 +9,7 @@ use fedmesh_transport::admin;
 use fedmesh_transport::{
     accept_tls, answer, check_hops, connect_first, read_request, serve_tcp, splice, Limits,
 };
-use fedmesh_trust::{PeerPolicy, SpiffeId};
+use fedmesh_trust::{ClientAuth, PeerPolicy, SpiffeId, SvidSource};
 use fedmesh_wire::{Header, ServiceName, Status, StatusCode, Target, Traceparent};
 use prometheus_client::registry::Registry;
 use tokio::io::AsyncWriteExt;
@@ -59,6 +59,7 @@ impl Shared {
 /// A running sidecar. Dropping it stops its listeners.
 pub struct Sidecar {
     shared: Arc<Shared>,
+    identity: SvidSource,
     outbound: Vec<OutboundRoute>,
     inbound_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
@@ -79,8 +80,11 @@ impl Sidecar {
     pub async fn build(s: SidecarSettings, registry: &mut Registry) -> Result<Self, SidecarError> {
         let metrics = Arc::new(SidecarMetrics::default());
         metrics.register(registry);
-        let client_tls = fedmesh_trust::client_config(
-            &s.identity,
+        // Renewal stores a new SVID here; every listener and dialer below
+        // presents it from the next handshake on.
+        let source = SvidSource::new(s.identity.clone())?;
+        let client_tls = fedmesh_trust::client_config_from(
+            &source,
             s.bundles.clone(),
             PeerPolicy::AnyTrusted,
             &[fedmesh_wire::ALPN],
@@ -120,11 +124,12 @@ impl Sidecar {
             // Only this cluster's workloads and gateway may connect: remote
             // callers always arrive through the gateway.
             let own = PeerPolicy::trust_domain(s.catalog.trust_domain.clone());
-            let tls = fedmesh_trust::server_config(
-                &s.identity,
+            let tls = fedmesh_trust::server_config_from(
+                &source,
                 s.bundles.clone(),
                 own,
                 &[fedmesh_wire::ALPN],
+                ClientAuth::Required,
             )?;
             let (l, local) = bind("inbound", inbound.listen).await?;
             tracing::info!(listen = %local, identity = %s.identity.id(), "inbound listener");
@@ -151,6 +156,7 @@ impl Sidecar {
         }
         Ok(Self {
             shared,
+            identity: source,
             outbound,
             inbound_addr,
             admin_addr,
@@ -177,6 +183,11 @@ impl Sidecar {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// The SVID the sidecar presents; store a renewed one here.
+    pub fn identity_source(&self) -> &SvidSource {
+        &self.identity
     }
 
     pub fn identity(&self) -> &SpiffeId {

@@ -212,6 +212,7 @@ impl Rig {
                     tunnel: ANY.parse()?,
                     admin: None,
                     limits: topo.limits.clone(),
+                    controller: None,
                 },
                 reg,
             )
@@ -241,6 +242,7 @@ impl Rig {
                             }),
                             admin: None,
                             limits: topo.limits.clone(),
+                            controller: None,
                         },
                         reg,
                     )
@@ -363,6 +365,7 @@ impl Rig {
                         inbound: None,
                         admin: None,
                         limits: topo.limits.clone(),
+                        controller: None,
                     },
                     reg,
                 )
