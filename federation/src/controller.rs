@@ -129,8 +129,19 @@ pub struct Status {
 
 /// A running controller. Dropping it stops it; its lease then expires and
 /// its keys vanish from every other cluster's view.
+/// The Multi-Cluster Services view of this cluster: what a Kubernetes
+/// source writes back as ServiceImports and ServiceExport conditions.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct McsView {
+    /// Every import this cluster sees, with merged ports, type, conflicts.
+    pub imports: BTreeMap<ServiceName, mcs::Import>,
+    /// Conflicts this cluster's own exports lose, by service.
+    pub export_conflicts: BTreeMap<ServiceName, Vec<Conflict>>,
+}
+
 pub struct Controller {
     catalog: watch::Receiver<Option<Arc<Catalog>>>,
+    imports: watch::Receiver<Arc<McsView>>,
     bundles: watch::Receiver<Arc<TrustBundles>>,
     status: Arc<Mutex<Status>>,
     local: watch::Sender<Vec<LocalService>>,
@@ -167,6 +178,7 @@ impl Controller {
         own.insert(settings.bundle.clone());
         let (bundles_tx, bundles_rx) = watch::channel(Arc::new(own));
         let (catalog_tx, catalog_rx) = watch::channel(None);
+        let (imports_tx, imports_rx) = watch::channel(Arc::new(McsView::default()));
         let status = Arc::new(Mutex::new(Status {
             cluster: settings.cluster.to_string(),
             ..Status::default()
@@ -182,13 +194,17 @@ impl Controller {
             store,
             settings,
             local_rx,
-            catalog_tx,
-            bundles_tx,
+            Outputs {
+                catalog: catalog_tx,
+                imports: imports_tx,
+                bundles: bundles_tx,
+            },
             status.clone(),
             metrics.clone(),
         ));
         Self {
             catalog: catalog_rx,
+            imports: imports_rx,
             bundles: bundles_rx,
             status,
             local: local_tx,
@@ -200,6 +216,12 @@ impl Controller {
     /// The latest catalog; `None` until the first full listing was seen.
     pub fn catalog(&self) -> watch::Receiver<Option<Arc<Catalog>>> {
         self.catalog.clone()
+    }
+
+    /// The imports behind the catalog (ports, type, conflicts) and the
+    /// conflicts of this cluster's own exports.
+    pub fn mcs(&self) -> watch::Receiver<Arc<McsView>> {
+        self.imports.clone()
     }
 
     pub fn bundles(&self) -> watch::Receiver<Arc<TrustBundles>> {
@@ -439,13 +461,18 @@ fn apply_delta(cache: &mut BTreeMap<String, Decoded>, delta: Delta, metrics: &Co
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What the watch loop publishes.
+struct Outputs {
+    catalog: watch::Sender<Option<Arc<Catalog>>>,
+    imports: watch::Sender<Arc<McsView>>,
+    bundles: watch::Sender<Arc<TrustBundles>>,
+}
+
 async fn watch_loop(
     store: Arc<dyn Store>,
     s: Arc<ControllerSettings>,
     mut local: watch::Receiver<Vec<LocalService>>,
-    catalog_tx: watch::Sender<Option<Arc<Catalog>>>,
-    bundles_tx: watch::Sender<Arc<TrustBundles>>,
+    out: Outputs,
     status: Arc<Mutex<Status>>,
     metrics: ControllerMetrics,
 ) {
@@ -473,7 +500,7 @@ async fn watch_loop(
         // Order matters to readers: status and bundles first, the catalog
         // last, so whoever sees a new catalog already trusts every peer it
         // names (and `status` agrees with it).
-        let changed_catalog = catalog_tx.borrow().as_deref() != Some(&view.catalog);
+        let changed_catalog = out.catalog.borrow().as_deref() != Some(&view.catalog);
         if changed_catalog {
             version += 1;
         }
@@ -490,16 +517,14 @@ async fn watch_loop(
             st.last_sync_ms = now_ms();
             st.catalog_version = version;
         }
-        if bundles_tx.borrow().domains().count() != view.bundles.domains().count()
-            || view
-                .bundles
-                .domains()
-                .any(|d| bundles_tx.borrow().get(d) != view.bundles.get(d))
-        {
-            bundles_tx.send_replace(Arc::new(view.bundles));
+        if **out.bundles.borrow() != view.bundles {
+            out.bundles.send_replace(Arc::new(view.bundles));
+        }
+        if **out.imports.borrow() != view.mcs {
+            out.imports.send_replace(Arc::new(view.mcs));
         }
         if changed_catalog {
-            catalog_tx.send_replace(Some(Arc::new(view.catalog)));
+            out.catalog.send_replace(Some(Arc::new(view.catalog)));
         }
         // At most one recompute per interval: a burst of changes (a cluster
         // joining with 10,000 services) costs a few recomputes, not 10,000.
@@ -513,6 +538,7 @@ const RECOMPUTE_INTERVAL: Duration = Duration::from_millis(20);
 
 struct View {
     catalog: Catalog,
+    mcs: McsView,
     bundles: TrustBundles,
     clusters: Vec<ClusterStatus>,
     imported: usize,
@@ -604,14 +630,15 @@ fn compute(
     // Routing: only clusters that are alive (info present) and trusted.
     exports.retain(|e| e.cluster == s.cluster || usable.contains(&e.cluster));
     let imports = mcs::merge(&s.cluster, &exports);
+    let export_conflicts = mcs::export_conflicts(&s.cluster, &exports);
     let mut conflicts = Vec::new();
     let imported = imports.len();
     let mut import_map: BTreeMap<ServiceName, Vec<ClusterName>> = BTreeMap::new();
-    for (name, imp) in imports {
+    for (name, imp) in &imports {
         for c in &imp.conflicts {
             conflicts.push((name.to_string(), c.clone()));
         }
-        import_map.insert(name, imp.clusters);
+        import_map.insert(name.clone(), imp.clusters.clone());
     }
     let services = local
         .iter()
@@ -657,6 +684,10 @@ fn compute(
         });
     View {
         catalog,
+        mcs: McsView {
+            imports,
+            export_conflicts,
+        },
         bundles,
         clusters: statuses,
         imported,

@@ -5,10 +5,12 @@
 
 pub mod config;
 pub mod controller;
+#[cfg(feature = "kube")]
+pub mod k8s;
 pub mod keys;
 pub mod records;
 pub mod source;
 pub mod store;
 
-pub use controller::{Controller, ControllerSettings, LocalService, Status};
+pub use controller::{Controller, ControllerSettings, LocalService, McsView, Status};
 pub use store::{KeyValue, LeaseId, Listing, Revision, Store, StoreError, WatchEvent};

@@ -109,39 +109,9 @@ pub fn merge(viewer: &ClusterName, exports: &[Export]) -> BTreeMap<ServiceName, 
     }
     let mut out = BTreeMap::new();
     for (service, mut list) in by_service {
-        list.sort_by(|a, b| (a.exported_at, &a.cluster).cmp(&(b.exported_at, &b.cluster)));
-        let Some(oldest) = list.first() else { continue };
-        let mut ports: BTreeMap<u16, (Protocol, &ClusterName)> = BTreeMap::new();
-        let mut conflicts = Vec::new();
-        let mut members: Vec<&Export> = Vec::new();
-        for e in &list {
-            if e.service_type != oldest.service_type {
-                conflicts.push(Conflict {
-                    kind: ConflictKind::ServiceType,
-                    winner: oldest.cluster.to_string(),
-                    loser: e.cluster.to_string(),
-                });
-                continue;
-            }
-            let clash = e.ports.iter().find_map(|(port, proto)| {
-                ports
-                    .get(port)
-                    .filter(|(p, _)| p != proto)
-                    .map(|(_, owner)| (*port, (*owner).clone()))
-            });
-            if let Some((port, owner)) = clash {
-                conflicts.push(Conflict {
-                    kind: ConflictKind::PortProtocol { port },
-                    winner: owner.to_string(),
-                    loser: e.cluster.to_string(),
-                });
-                continue;
-            }
-            for (port, proto) in &e.ports {
-                ports.entry(*port).or_insert((*proto, &e.cluster));
-            }
-            members.push(e);
-        }
+        let Some((oldest, ports, conflicts, members)) = resolve(&mut list) else {
+            continue;
+        };
         let mut serving: Vec<&Export> = members
             .into_iter()
             .filter(|e| e.ready_endpoints > 0)
@@ -155,15 +125,84 @@ pub fn merge(viewer: &ClusterName, exports: &[Export]) -> BTreeMap<ServiceName, 
             service.clone(),
             Import {
                 service: service.clone(),
-                service_type: oldest.service_type,
-                ports: ports
-                    .into_iter()
-                    .map(|(p, (proto, _))| (p, proto))
-                    .collect(),
+                service_type: oldest,
+                ports,
                 clusters: serving.into_iter().map(|e| e.cluster.clone()).collect(),
                 conflicts,
             },
         );
+    }
+    out
+}
+
+type Resolved<'a> = (ServiceType, Vec<(u16, Protocol)>, Vec<Conflict>, Vec<&'a Export>);
+
+/// Applies the conflict rules to one service's exports: the oldest export
+/// decides the type, the first to claim a port its protocol; returns the
+/// type, the merged ports, the conflicts and the exports that stay in.
+fn resolve<'a>(list: &mut [&'a Export]) -> Option<Resolved<'a>> {
+    list.sort_by(|a, b| (a.exported_at, &a.cluster).cmp(&(b.exported_at, &b.cluster)));
+    let oldest = *list.first()?;
+    let mut ports: BTreeMap<u16, (Protocol, &ClusterName)> = BTreeMap::new();
+    let mut conflicts = Vec::new();
+    let mut members: Vec<&Export> = Vec::new();
+    for e in list.iter() {
+        if e.service_type != oldest.service_type {
+            conflicts.push(Conflict {
+                kind: ConflictKind::ServiceType,
+                winner: oldest.cluster.to_string(),
+                loser: e.cluster.to_string(),
+            });
+            continue;
+        }
+        let clash = e.ports.iter().find_map(|(port, proto)| {
+            ports
+                .get(port)
+                .filter(|(p, _)| p != proto)
+                .map(|(_, owner)| (*port, (*owner).clone()))
+        });
+        if let Some((port, owner)) = clash {
+            conflicts.push(Conflict {
+                kind: ConflictKind::PortProtocol { port },
+                winner: owner.to_string(),
+                loser: e.cluster.to_string(),
+            });
+            continue;
+        }
+        for (port, proto) in &e.ports {
+            ports.entry(*port).or_insert((*proto, &e.cluster));
+        }
+        members.push(e);
+    }
+    let ports = ports.into_iter().map(|(p, (proto, _))| (p, proto)).collect();
+    Some((oldest.service_type, ports, conflicts, members))
+}
+
+/// The conflicts `cluster`'s own exports lose, by service, judged against
+/// every cluster's exports (audiences aside: a conflict is a conflict for
+/// whoever sees both). What a ServiceExport's Conflict condition reports.
+pub fn export_conflicts(
+    cluster: &ClusterName,
+    exports: &[Export],
+) -> BTreeMap<ServiceName, Vec<Conflict>> {
+    let mut by_service: BTreeMap<&ServiceName, Vec<&Export>> = BTreeMap::new();
+    for e in exports {
+        by_service.entry(&e.service).or_default().push(e);
+    }
+    let mut out = BTreeMap::new();
+    for (service, mut list) in by_service {
+        if !list.iter().any(|e| &e.cluster == cluster) {
+            continue;
+        }
+        if let Some((_, _, conflicts, _)) = resolve(&mut list) {
+            let lost: Vec<Conflict> = conflicts
+                .into_iter()
+                .filter(|c| c.loser == cluster.as_str())
+                .collect();
+            if !lost.is_empty() {
+                out.insert(service.clone(), lost);
+            }
+        }
     }
     out
 }
@@ -187,6 +226,18 @@ mod tests {
             ready_endpoints: 2,
             weight: 100,
         }
+    }
+
+    #[test]
+    fn a_cluster_learns_which_of_its_exports_lose() {
+        let e = [
+            exp("west", 10, &[(80, Protocol::Tcp)]),
+            exp("east", 20, &[(80, Protocol::Udp)]),
+        ];
+        let lost = export_conflicts(&c("east"), &e);
+        assert_eq!(lost.len(), 1);
+        assert_eq!(lost.values().next().unwrap()[0].winner, "west");
+        assert!(export_conflicts(&c("west"), &e).is_empty());
     }
 
     #[test]

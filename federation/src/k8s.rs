@@ -1,0 +1,660 @@
+//! The Kubernetes source: a cluster's services from its API server, and
+//! the Multi-Cluster Services objects written back.
+//!
+//! In: Services, EndpointSlices and `ServiceExport`s
+//! (`multicluster.x-k8s.io/v1alpha1`), each through a kube-runtime watcher
+//! (list, then watch from the list's resourceVersion with bookmarks; a
+//! `410 Gone` re-lists and the re-list replaces the cache whole, so nothing
+//! deleted during the gap survives). Nothing is reported before all three
+//! have listed once. The local services are a pure function of the three
+//! caches, recomputed on every change (level-driven).
+//!
+//! Out: a `ServiceImport` per import the controller computed (server-side
+//! apply, so re-applying the same object is a no-op), deleted when the
+//! import goes away; `Valid` and `Conflict` conditions on each
+//! `ServiceExport`.
+//!
+//! Endpoints: each ready address of a Service's EndpointSlices is a pod
+//! whose sidecar listens for mTLS on `inbound_port`; its identity is the
+//! SPIFFE ID of the service account named by the Service's
+//! `fedmesh.io/service-account` annotation (default: `default`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fedmesh_catalog::mcs::{Protocol, ServiceType};
+use fedmesh_catalog::ClusterName;
+use fedmesh_trust::TrustDomain;
+use fedmesh_wire::ServiceName;
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::WatchStreamExt;
+use kube::{Client, Resource, ResourceExt};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+
+use crate::controller::{LocalService, McsView};
+
+/// Annotation naming the service account a Service's pods run as.
+pub const SERVICE_ACCOUNT_ANNOTATION: &str = "fedmesh.io/service-account";
+/// Annotation on a ServiceExport: comma-separated clusters that may import it.
+pub const AUDIENCE_ANNOTATION: &str = "fedmesh.io/audience";
+/// Label on every object fedmesh writes.
+pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "fedmesh");
+const FIELD_MANAGER: &str = "fedmesh";
+
+fn mcs_resource(kind: &str, plural: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("multicluster.x-k8s.io", "v1alpha1", kind),
+        plural,
+    )
+}
+
+pub fn service_export_resource() -> ApiResource {
+    mcs_resource("ServiceExport", "serviceexports")
+}
+
+pub fn service_import_resource() -> ApiResource {
+    mcs_resource("ServiceImport", "serviceimports")
+}
+
+#[derive(Debug, Clone)]
+pub struct KubeSettings {
+    pub cluster: ClusterName,
+    pub trust_domain: TrustDomain,
+    /// Port of every pod's sidecar inbound mTLS listener.
+    pub inbound_port: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Labels {
+    kind: &'static str,
+    what: &'static str,
+}
+
+/// `fedmesh_kube_*` metrics.
+#[derive(Clone, Debug, Default)]
+pub struct KubeMetrics {
+    /// Watch stream errors (including `410 Gone`), by kind.
+    errors: Family<Labels, Counter>,
+    /// Completed (re-)lists, by kind.
+    lists: Family<Labels, Counter>,
+    /// Objects skipped as unusable, by kind.
+    skipped: Family<Labels, Counter>,
+    /// Writes to the API server, by kind and verb.
+    writes: Family<Labels, Counter>,
+}
+
+impl KubeMetrics {
+    pub fn register(&self, reg: &mut Registry) {
+        let reg = reg.sub_registry_with_prefix("fedmesh_kube");
+        reg.register("watch_errors", "Watch stream errors", self.errors.clone());
+        reg.register("lists", "Completed lists and re-lists", self.lists.clone());
+        reg.register("skipped", "Objects skipped as unusable", self.skipped.clone());
+        reg.register("writes", "Objects written back", self.writes.clone());
+    }
+
+    fn inc(f: &Family<Labels, Counter>, kind: &'static str, what: &'static str) {
+        f.get_or_create(&Labels { kind, what }).inc();
+    }
+
+    pub fn lists(&self, kind: &'static str) -> u64 {
+        self.lists.get_or_create(&Labels { kind, what: "" }).get()
+    }
+
+    pub fn errors(&self, kind: &'static str) -> u64 {
+        self.errors.get_or_create(&Labels { kind, what: "" }).get()
+    }
+
+    pub fn writes(&self, kind: &'static str, what: &'static str) -> u64 {
+        self.writes.get_or_create(&Labels { kind, what }).get()
+    }
+
+    pub fn skipped(&self, kind: &'static str, what: &'static str) -> u64 {
+        self.skipped.get_or_create(&Labels { kind, what }).get()
+    }
+}
+
+/// One kind's objects by `namespace/name`, as the last (re-)list and the
+/// watch events since say.
+struct Cache<K> {
+    live: BTreeMap<String, K>,
+    /// Filled between `Init` and `InitDone`; replaces `live` whole.
+    pending: Option<BTreeMap<String, K>>,
+    synced: bool,
+}
+
+impl<K> Default for Cache<K> {
+    fn default() -> Self {
+        Self {
+            live: BTreeMap::new(),
+            pending: None,
+            synced: false,
+        }
+    }
+}
+
+fn key<K: Resource>(o: &K) -> String {
+    format!(
+        "{}/{}",
+        o.meta().namespace.as_deref().unwrap_or_default(),
+        o.meta().name.as_deref().unwrap_or_default()
+    )
+}
+
+impl<K: Resource> Cache<K> {
+    /// Applies one event; true if `live` may have changed.
+    fn apply(&mut self, ev: Event<K>) -> bool {
+        match ev {
+            Event::Init => {
+                self.pending = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply(o) => {
+                if let Some(p) = &mut self.pending {
+                    p.insert(key(&o), o);
+                }
+                false
+            }
+            Event::InitDone => {
+                self.live = self.pending.take().unwrap_or_default();
+                self.synced = true;
+                true
+            }
+            Event::Apply(o) => {
+                self.live.insert(key(&o), o);
+                true
+            }
+            Event::Delete(o) => {
+                self.live.remove(&key(&o));
+                true
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Caches {
+    services: Cache<Service>,
+    slices: Cache<EndpointSlice>,
+    exports: Cache<DynamicObject>,
+}
+
+/// A running Kubernetes source. Dropping it stops it.
+pub struct KubeSource {
+    local: watch::Receiver<Option<Vec<LocalService>>>,
+    metrics: KubeMetrics,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl KubeSource {
+    /// Starts the three watchers and the computation. Metrics go to `registry`.
+    pub fn start(client: Client, settings: KubeSettings, registry: &mut Registry) -> Self {
+        let metrics = KubeMetrics::default();
+        metrics.register(registry);
+        let caches = Arc::new(Mutex::new(Caches::default()));
+        let changed = Arc::new(Notify::new());
+        let (tx, rx) = watch::channel(None);
+        let exports: Api<DynamicObject> =
+            Api::all_with(client.clone(), &service_export_resource());
+        let tasks = vec![
+            tokio::spawn(run_watcher(
+                Api::<Service>::all(client.clone()),
+                "service",
+                caches.clone(),
+                |c| &mut c.services,
+                changed.clone(),
+                metrics.clone(),
+            )),
+            tokio::spawn(run_watcher(
+                Api::<EndpointSlice>::all(client.clone()),
+                "endpointslice",
+                caches.clone(),
+                |c| &mut c.slices,
+                changed.clone(),
+                metrics.clone(),
+            )),
+            tokio::spawn(run_watcher(
+                exports,
+                "serviceexport",
+                caches.clone(),
+                |c| &mut c.exports,
+                changed.clone(),
+                metrics.clone(),
+            )),
+            tokio::spawn(compute_loop(caches, changed, settings, tx, metrics.clone())),
+        ];
+        Self {
+            local: rx,
+            metrics,
+            tasks,
+        }
+    }
+
+    /// The cluster's services; `None` until every kind has listed once.
+    pub fn local(&self) -> watch::Receiver<Option<Vec<LocalService>>> {
+        self.local.clone()
+    }
+
+    pub fn metrics(&self) -> &KubeMetrics {
+        &self.metrics
+    }
+}
+
+fn lock(c: &Mutex<Caches>) -> std::sync::MutexGuard<'_, Caches> {
+    match c.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+async fn run_watcher<K>(
+    api: Api<K>,
+    kind: &'static str,
+    caches: Arc<Mutex<Caches>>,
+    pick: fn(&mut Caches) -> &mut Cache<K>,
+    changed: Arc<Notify>,
+    metrics: KubeMetrics,
+) where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Clone + Eq + std::hash::Hash,
+{
+    let cfg = watcher::Config::default().timeout(290);
+    let mut stream = watcher::watcher(api, cfg).default_backoff().boxed();
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(ev) => {
+                let done = matches!(ev, Event::InitDone);
+                let touched = pick(&mut lock(&caches)).apply(ev);
+                if done {
+                    KubeMetrics::inc(&metrics.lists, kind, "");
+                    tracing::info!(kind, "listed");
+                }
+                if touched {
+                    changed.notify_one();
+                }
+            }
+            Err(e) => {
+                // Includes 410 Gone: the watcher re-lists by itself next.
+                KubeMetrics::inc(&metrics.errors, kind, "");
+                tracing::warn!(kind, error = %e, "watch failed; retrying (a 410 Gone re-lists)");
+            }
+        }
+    }
+}
+
+async fn compute_loop(
+    caches: Arc<Mutex<Caches>>,
+    changed: Arc<Notify>,
+    settings: KubeSettings,
+    tx: watch::Sender<Option<Vec<LocalService>>>,
+    metrics: KubeMetrics,
+) {
+    loop {
+        changed.notified().await;
+        let computed = {
+            let c = lock(&caches);
+            if !(c.services.synced && c.slices.synced && c.exports.synced) {
+                continue;
+            }
+            local_services(
+                &c.services.live,
+                &c.slices.live,
+                &c.exports.live,
+                &settings,
+                &metrics,
+            )
+        };
+        tx.send_if_modified(|cur| {
+            if cur.as_ref() == Some(&computed) {
+                false
+            } else {
+                *cur = Some(computed);
+                true
+            }
+        });
+    }
+}
+
+fn protocol(p: Option<&str>) -> Option<Protocol> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Some(Protocol::Tcp),
+        "UDP" => Some(Protocol::Udp),
+        "SCTP" => Some(Protocol::Sctp),
+        _ => None,
+    }
+}
+
+/// The local services the three caches describe. Pure apart from counters
+/// and logs for objects that cannot be used.
+pub fn local_services(
+    services: &BTreeMap<String, Service>,
+    slices: &BTreeMap<String, EndpointSlice>,
+    exports: &BTreeMap<String, DynamicObject>,
+    settings: &KubeSettings,
+    metrics: &KubeMetrics,
+) -> Vec<LocalService> {
+    // Ready endpoint addresses by (namespace, service name).
+    let mut ready: BTreeMap<(String, String), BTreeSet<IpAddr>> = BTreeMap::new();
+    for s in slices.values() {
+        let Some(svc) = s.labels().get("kubernetes.io/service-name") else {
+            continue;
+        };
+        let ns = s.namespace().unwrap_or_default();
+        let set = ready.entry((ns, svc.clone())).or_default();
+        for e in &s.endpoints {
+            // Unknown readiness counts as ready, as kube-proxy does.
+            if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
+                continue;
+            }
+            for a in &e.addresses {
+                match a.parse::<IpAddr>() {
+                    Ok(ip) => {
+                        set.insert(ip);
+                    }
+                    Err(_) => {
+                        KubeMetrics::inc(&metrics.skipped, "endpointslice", "bad_address");
+                        tracing::warn!(slice = %key(s), address = %a, "endpoint address is not an IP; skipped");
+                    }
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for svc in services.values() {
+        let (name, ns) = (svc.name_any(), svc.namespace().unwrap_or_default());
+        let Some(spec) = &svc.spec else { continue };
+        if spec.type_.as_deref() == Some("ExternalName") {
+            continue;
+        }
+        let service = match ServiceName::new(&name, &ns) {
+            Ok(s) => s,
+            Err(e) => {
+                KubeMetrics::inc(&metrics.skipped, "service", "bad_name");
+                tracing::warn!(service = %key(svc), error = %e, "service name not usable; skipped");
+                continue;
+            }
+        };
+        let mut ports = Vec::new();
+        for p in spec.ports.iter().flatten() {
+            match (u16::try_from(p.port), protocol(p.protocol.as_deref())) {
+                (Ok(port), Some(proto)) if port != 0 => ports.push((port, proto)),
+                _ => {
+                    KubeMetrics::inc(&metrics.skipped, "service", "bad_port");
+                    tracing::warn!(service = %key(svc), port = p.port, protocol = ?p.protocol, "service port not usable; skipped");
+                }
+            }
+        }
+        let sa = svc
+            .annotations()
+            .get(SERVICE_ACCOUNT_ANNOTATION)
+            .map(String::as_str)
+            .unwrap_or("default");
+        let identity = match settings.trust_domain.workload(&ns, sa) {
+            Ok(id) => id,
+            Err(e) => {
+                KubeMetrics::inc(&metrics.skipped, "service", "bad_service_account");
+                tracing::warn!(service = %key(svc), error = %e, "service account not usable; skipped");
+                continue;
+            }
+        };
+        let endpoints = ready
+            .get(&(ns.clone(), name.clone()))
+            .into_iter()
+            .flatten()
+            .map(|ip| (SocketAddr::new(*ip, settings.inbound_port), identity.clone()))
+            .collect();
+        let export = exports.get(&format!("{ns}/{name}"));
+        let audience = export
+            .and_then(|e| e.annotations().get(AUDIENCE_ANNOTATION))
+            .map(|a| {
+                a.split(',')
+                    .map(str::trim)
+                    .filter(|c| !c.is_empty())
+                    .filter_map(|c| ClusterName::new(c).ok())
+                    .collect()
+            });
+        let exported_at_ms = export
+            .and_then(|e| e.meta().creation_timestamp.as_ref())
+            .and_then(|t| u64::try_from(t.0.as_millisecond()).ok());
+        out.push(LocalService {
+            name: service,
+            ports,
+            service_type: if spec.cluster_ip.as_deref() == Some("None") {
+                ServiceType::Headless
+            } else {
+                ServiceType::ClusterSetIP
+            },
+            export: export.is_some(),
+            audience,
+            endpoints,
+            exported_at_ms,
+        });
+    }
+    out
+}
+
+// ---- writing back ----
+
+fn service_import(name: &ServiceName, imp: &fedmesh_catalog::mcs::Import) -> serde_json::Value {
+    let proto = |p: Protocol| match p {
+        Protocol::Tcp => "TCP",
+        Protocol::Udp => "UDP",
+        Protocol::Sctp => "SCTP",
+    };
+    serde_json::json!({
+        "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+        "kind": "ServiceImport",
+        "metadata": {
+            "name": name.name(),
+            "namespace": name.namespace(),
+            "labels": { MANAGED_BY.0: MANAGED_BY.1 },
+        },
+        "spec": {
+            "type": match imp.service_type {
+                ServiceType::ClusterSetIP => "ClusterSetIP",
+                ServiceType::Headless => "Headless",
+            },
+            "ports": imp.ports.iter().map(|(port, p)| serde_json::json!({
+                "port": port,
+                "protocol": proto(*p),
+            })).collect::<Vec<_>>(),
+        },
+        "status": {
+            "clusters": imp.clusters.iter().map(|c| serde_json::json!({ "cluster": c.as_str() })).collect::<Vec<_>>(),
+        },
+    })
+}
+
+fn export_status(conflicts: Option<&Vec<fedmesh_catalog::mcs::Conflict>>) -> serde_json::Value {
+    let conflict = match conflicts {
+        Some(c) if !c.is_empty() => serde_json::json!({
+            "type": "Conflict",
+            "status": "True",
+            "reason": "ConflictFound",
+            "message": c.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+        }),
+        _ => serde_json::json!({
+            "type": "Conflict",
+            "status": "False",
+            "reason": "NoConflicts",
+            "message": "",
+        }),
+    };
+    serde_json::json!({
+        "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+        "kind": "ServiceExport",
+        "status": {
+            "conditions": [
+                { "type": "Valid", "status": "True", "reason": "Exported", "message": "" },
+                conflict,
+            ],
+        },
+    })
+}
+
+/// Writes the controller's MCS view back: ServiceImports (applied,
+/// deleted when gone) and ServiceExport conditions. Retries a failed write
+/// on the next change or after `retry`; only writes what changed.
+pub fn write_back(
+    client: Client,
+    mut mcs: watch::Receiver<Arc<McsView>>,
+    mut local: watch::Receiver<Option<Vec<LocalService>>>,
+    metrics: KubeMetrics,
+    retry: Duration,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let imports: Api<DynamicObject> = Api::all_with(client.clone(), &service_import_resource());
+        // What we applied, by namespace/name, so unchanged objects are not
+        // re-sent and vanished imports are deleted. Seeded from the server
+        // so a restart cleans up after the previous run.
+        let mut applied_imports: BTreeMap<(String, String), serde_json::Value> = BTreeMap::new();
+        let mut applied_status: BTreeMap<(String, String), serde_json::Value> = BTreeMap::new();
+        let mut seeded = false;
+        loop {
+            if !seeded {
+                let lp = ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+                match imports.list(&lp).await {
+                    Ok(list) => {
+                        for o in list.items {
+                            let k = (o.namespace().unwrap_or_default(), o.name_any());
+                            applied_imports.insert(k, serde_json::Value::Null);
+                        }
+                        seeded = true;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "listing ServiceImports failed; retrying"),
+                }
+            }
+            let view = mcs.borrow_and_update().clone();
+            let exported: Vec<ServiceName> = local
+                .borrow_and_update()
+                .iter()
+                .flatten()
+                .filter(|s| s.export)
+                .map(|s| s.name.clone())
+                .collect();
+            let mut failed = !seeded;
+            if seeded {
+                failed |= !sync_imports(&client, &view, &mut applied_imports, &metrics).await;
+                failed |= !sync_exports(&client, &view, &exported, &mut applied_status, &metrics).await;
+            }
+            let wait = async {
+                tokio::select! {
+                    r = mcs.changed() => r.is_ok(),
+                    r = local.changed() => r.is_ok(),
+                }
+            };
+            if failed {
+                let _ = tokio::time::timeout(retry, wait).await;
+            } else if !wait.await {
+                return;
+            }
+        }
+    })
+}
+
+/// Returns false if any write failed (it is retried later).
+async fn sync_imports(
+    client: &Client,
+    view: &McsView,
+    applied: &mut BTreeMap<(String, String), serde_json::Value>,
+    metrics: &KubeMetrics,
+) -> bool {
+    let mut ok = true;
+    let mut want = BTreeSet::new();
+    for (name, imp) in &view.imports {
+        let k = (name.namespace().to_owned(), name.name().to_owned());
+        want.insert(k.clone());
+        let obj = service_import(name, imp);
+        if applied.get(&k) == Some(&obj) {
+            continue;
+        }
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &k.0, &service_import_resource());
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        let r = api.patch(&k.1, &pp, &Patch::Apply(&obj)).await;
+        let r = match r {
+            Ok(_) => api.patch_status(&k.1, &pp, &Patch::Apply(&obj)).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => {
+                KubeMetrics::inc(&metrics.writes, "serviceimport", "apply");
+                applied.insert(k, obj);
+            }
+            Err(e) => {
+                ok = false;
+                tracing::warn!(service = %name, error = %e, "applying ServiceImport failed");
+            }
+        }
+    }
+    let stale: Vec<_> = applied.keys().filter(|k| !want.contains(*k)).cloned().collect();
+    for k in stale {
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &k.0, &service_import_resource());
+        match api.delete(&k.1, &DeleteParams::default()).await {
+            Ok(_) => {
+                KubeMetrics::inc(&metrics.writes, "serviceimport", "delete");
+                applied.remove(&k);
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                applied.remove(&k);
+            }
+            Err(e) => {
+                ok = false;
+                tracing::warn!(namespace = %k.0, name = %k.1, error = %e, "deleting ServiceImport failed");
+            }
+        }
+    }
+    ok
+}
+
+async fn sync_exports(
+    client: &Client,
+    view: &McsView,
+    exported: &[ServiceName],
+    applied: &mut BTreeMap<(String, String), serde_json::Value>,
+    metrics: &KubeMetrics,
+) -> bool {
+    let mut ok = true;
+    applied.retain(|k, _| exported.iter().any(|n| n.namespace() == k.0 && n.name() == k.1));
+    for name in exported {
+        let k = (name.namespace().to_owned(), name.name().to_owned());
+        let obj = export_status(view.export_conflicts.get(name));
+        if applied.get(&k) == Some(&obj) {
+            continue;
+        }
+        let api: Api<DynamicObject> =
+            Api::namespaced_with(client.clone(), &k.0, &service_export_resource());
+        let pp = PatchParams::apply(FIELD_MANAGER).force();
+        match api.patch_status(&k.1, &pp, &Patch::Apply(&obj)).await {
+            Ok(_) => {
+                KubeMetrics::inc(&metrics.writes, "serviceexport", "status");
+                applied.insert(k, obj);
+            }
+            Err(e) => {
+                ok = false;
+                tracing::warn!(service = %name, error = %e, "writing ServiceExport status failed");
+            }
+        }
+    }
+    ok
+}
