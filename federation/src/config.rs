@@ -37,14 +37,39 @@ pub struct ControllerConfig {
     pub endorsements: Option<PathBuf>,
     /// `<cluster>.pem` bundles admitted with `fedmesh cluster join`.
     pub pins_dir: PathBuf,
-    /// The services file (file source).
-    pub services: PathBuf,
+    /// The services file (file source). Exactly one of `services` and
+    /// `kubernetes` names where the cluster's services come from.
+    #[serde(default)]
+    pub services: Option<PathBuf>,
+    /// Read services from the cluster's Kubernetes API (in-cluster config
+    /// or `KUBECONFIG`); needs a build with the `kube` feature.
+    #[serde(default)]
+    pub kubernetes: Option<KubernetesSource>,
     /// Admin endpoint: `/metrics`, `/live`, `/ready`, `/status`.
     #[serde(default)]
     pub admin: Option<SocketAddr>,
     /// The config and certificate API for this cluster's proxies.
     #[serde(default)]
     pub api: Option<fedmesh_api::server::ApiConfig>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesSource {
+    /// Port of every pod's sidecar inbound mTLS listener.
+    #[serde(default = "default_inbound_port")]
+    pub inbound_port: u16,
+    /// Write ServiceImports and ServiceExport conditions back.
+    #[serde(default = "yes")]
+    pub write_back: bool,
+}
+
+fn default_inbound_port() -> u16 {
+    15006
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_ttl() -> Duration {
@@ -195,6 +220,9 @@ impl ControllerConfig {
                 .map_err(|e| errs.push(format!("endorsements {}: {e}", p.display())))
                 .unwrap_or_default(),
         };
+        if self.services.is_some() == self.kubernetes.is_some() {
+            errs.push("set exactly one of `services` (a file) and `kubernetes`".into());
+        }
         let pinned = load_pins(&self.pins_dir)
             .map_err(|e| errs.extend(e))
             .unwrap_or_default();

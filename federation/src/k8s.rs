@@ -39,6 +39,7 @@ use kube::{Client, Resource, ResourceExt};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
@@ -89,8 +90,8 @@ pub struct KubeMetrics {
     errors: Family<Labels, Counter>,
     /// Completed (re-)lists, by kind.
     lists: Family<Labels, Counter>,
-    /// Objects skipped as unusable, by kind.
-    skipped: Family<Labels, Counter>,
+    /// Objects (or parts of them) unusable right now, by kind and reason.
+    skipped: Family<Labels, Gauge>,
     /// Writes to the API server, by kind and verb.
     writes: Family<Labels, Counter>,
 }
@@ -100,7 +101,11 @@ impl KubeMetrics {
         let reg = reg.sub_registry_with_prefix("fedmesh_kube");
         reg.register("watch_errors", "Watch stream errors", self.errors.clone());
         reg.register("lists", "Completed lists and re-lists", self.lists.clone());
-        reg.register("skipped", "Objects skipped as unusable", self.skipped.clone());
+        reg.register(
+            "skipped",
+            "Objects skipped as unusable",
+            self.skipped.clone(),
+        );
         reg.register("writes", "Objects written back", self.writes.clone());
     }
 
@@ -120,7 +125,7 @@ impl KubeMetrics {
         self.writes.get_or_create(&Labels { kind, what }).get()
     }
 
-    pub fn skipped(&self, kind: &'static str, what: &'static str) -> u64 {
+    pub fn skipped(&self, kind: &'static str, what: &'static str) -> i64 {
         self.skipped.get_or_create(&Labels { kind, what }).get()
     }
 }
@@ -213,8 +218,7 @@ impl KubeSource {
         let caches = Arc::new(Mutex::new(Caches::default()));
         let changed = Arc::new(Notify::new());
         let (tx, rx) = watch::channel(None);
-        let exports: Api<DynamicObject> =
-            Api::all_with(client.clone(), &service_export_resource());
+        let exports: Api<DynamicObject> = Api::all_with(client.clone(), &service_export_resource());
         let tasks = vec![
             tokio::spawn(run_watcher(
                 Api::<Service>::all(client.clone()),
@@ -308,8 +312,10 @@ async fn compute_loop(
     tx: watch::Sender<Option<Vec<LocalService>>>,
     metrics: KubeMetrics,
 ) {
+    let mut last_problems: Vec<Problem> = Vec::new();
     loop {
         changed.notified().await;
+        let mut problems = Vec::new();
         let computed = {
             let c = lock(&caches);
             if !(c.services.synced && c.slices.synced && c.exports.synced) {
@@ -320,9 +326,23 @@ async fn compute_loop(
                 &c.slices.live,
                 &c.exports.live,
                 &settings,
-                &metrics,
+                &mut problems,
             )
         };
+        if problems != last_problems {
+            // Level, not edge: the gauges say what is unusable now, and
+            // each problem is logged once when it appears.
+            for (kind, what, _) in &last_problems {
+                metrics.skipped.get_or_create(&Labels { kind, what }).set(0);
+            }
+            for (kind, what, text) in &problems {
+                metrics.skipped.get_or_create(&Labels { kind, what }).inc();
+                if !last_problems.iter().any(|p| &p.2 == text) {
+                    tracing::warn!(kind, reason = what, "{text}; skipped");
+                }
+            }
+            last_problems = problems;
+        }
         tx.send_if_modified(|cur| {
             if cur.as_ref() == Some(&computed) {
                 false
@@ -345,12 +365,15 @@ fn protocol(p: Option<&str>) -> Option<Protocol> {
 
 /// The local services the three caches describe. Pure apart from counters
 /// and logs for objects that cannot be used.
+/// Something in the cluster that could not be used: (kind, reason, text).
+pub type Problem = (&'static str, &'static str, String);
+
 pub fn local_services(
     services: &BTreeMap<String, Service>,
     slices: &BTreeMap<String, EndpointSlice>,
     exports: &BTreeMap<String, DynamicObject>,
     settings: &KubeSettings,
-    metrics: &KubeMetrics,
+    problems: &mut Vec<Problem>,
 ) -> Vec<LocalService> {
     // Ready endpoint addresses by (namespace, service name).
     let mut ready: BTreeMap<(String, String), BTreeSet<IpAddr>> = BTreeMap::new();
@@ -370,10 +393,11 @@ pub fn local_services(
                     Ok(ip) => {
                         set.insert(ip);
                     }
-                    Err(_) => {
-                        KubeMetrics::inc(&metrics.skipped, "endpointslice", "bad_address");
-                        tracing::warn!(slice = %key(s), address = %a, "endpoint address is not an IP; skipped");
-                    }
+                    Err(_) => problems.push((
+                        "endpointslice",
+                        "bad_address",
+                        format!("{}: address {a} is not an IP", key(s)),
+                    )),
                 }
             }
         }
@@ -388,8 +412,7 @@ pub fn local_services(
         let service = match ServiceName::new(&name, &ns) {
             Ok(s) => s,
             Err(e) => {
-                KubeMetrics::inc(&metrics.skipped, "service", "bad_name");
-                tracing::warn!(service = %key(svc), error = %e, "service name not usable; skipped");
+                problems.push(("service", "bad_name", format!("{}: {e}", key(svc))));
                 continue;
             }
         };
@@ -397,10 +420,11 @@ pub fn local_services(
         for p in spec.ports.iter().flatten() {
             match (u16::try_from(p.port), protocol(p.protocol.as_deref())) {
                 (Ok(port), Some(proto)) if port != 0 => ports.push((port, proto)),
-                _ => {
-                    KubeMetrics::inc(&metrics.skipped, "service", "bad_port");
-                    tracing::warn!(service = %key(svc), port = p.port, protocol = ?p.protocol, "service port not usable; skipped");
-                }
+                _ => problems.push((
+                    "service",
+                    "bad_port",
+                    format!("{}: port {} {:?} not usable", key(svc), p.port, p.protocol),
+                )),
             }
         }
         let sa = svc
@@ -411,8 +435,11 @@ pub fn local_services(
         let identity = match settings.trust_domain.workload(&ns, sa) {
             Ok(id) => id,
             Err(e) => {
-                KubeMetrics::inc(&metrics.skipped, "service", "bad_service_account");
-                tracing::warn!(service = %key(svc), error = %e, "service account not usable; skipped");
+                problems.push((
+                    "service",
+                    "bad_service_account",
+                    format!("{}: {e}", key(svc)),
+                ));
                 continue;
             }
         };
@@ -420,7 +447,12 @@ pub fn local_services(
             .get(&(ns.clone(), name.clone()))
             .into_iter()
             .flatten()
-            .map(|ip| (SocketAddr::new(*ip, settings.inbound_port), identity.clone()))
+            .map(|ip| {
+                (
+                    SocketAddr::new(*ip, settings.inbound_port),
+                    identity.clone(),
+                )
+            })
             .collect();
         let export = exports.get(&format!("{ns}/{name}"));
         let audience = export
@@ -531,7 +563,8 @@ pub fn write_back(
         let mut seeded = false;
         loop {
             if !seeded {
-                let lp = ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
+                let lp =
+                    ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
                 match imports.list(&lp).await {
                     Ok(list) => {
                         for o in list.items {
@@ -554,7 +587,8 @@ pub fn write_back(
             let mut failed = !seeded;
             if seeded {
                 failed |= !sync_imports(&client, &view, &mut applied_imports, &metrics).await;
-                failed |= !sync_exports(&client, &view, &exported, &mut applied_status, &metrics).await;
+                failed |=
+                    !sync_exports(&client, &view, &exported, &mut applied_status, &metrics).await;
             }
             let wait = async {
                 tokio::select! {
@@ -592,7 +626,10 @@ async fn sync_imports(
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         let r = api.patch(&k.1, &pp, &Patch::Apply(&obj)).await;
         let r = match r {
-            Ok(_) => api.patch_status(&k.1, &pp, &Patch::Apply(&obj)).await.map(|_| ()),
+            Ok(_) => api
+                .patch_status(&k.1, &pp, &Patch::Apply(&obj))
+                .await
+                .map(|_| ()),
             Err(e) => Err(e),
         };
         match r {
@@ -606,7 +643,11 @@ async fn sync_imports(
             }
         }
     }
-    let stale: Vec<_> = applied.keys().filter(|k| !want.contains(*k)).cloned().collect();
+    let stale: Vec<_> = applied
+        .keys()
+        .filter(|k| !want.contains(*k))
+        .cloned()
+        .collect();
     for k in stale {
         let api: Api<DynamicObject> =
             Api::namespaced_with(client.clone(), &k.0, &service_import_resource());
@@ -635,7 +676,11 @@ async fn sync_exports(
     metrics: &KubeMetrics,
 ) -> bool {
     let mut ok = true;
-    applied.retain(|k, _| exported.iter().any(|n| n.namespace() == k.0 && n.name() == k.1));
+    applied.retain(|k, _| {
+        exported
+            .iter()
+            .any(|n| n.namespace() == k.0 && n.name() == k.1)
+    });
     for name in exported {
         let k = (name.namespace().to_owned(), name.name().to_owned());
         let obj = export_status(view.export_conflicts.get(name));

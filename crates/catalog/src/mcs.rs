@@ -135,7 +135,12 @@ pub fn merge(viewer: &ClusterName, exports: &[Export]) -> BTreeMap<ServiceName, 
     out
 }
 
-type Resolved<'a> = (ServiceType, Vec<(u16, Protocol)>, Vec<Conflict>, Vec<&'a Export>);
+type Resolved<'a> = (
+    ServiceType,
+    Vec<(u16, Protocol)>,
+    Vec<Conflict>,
+    Vec<&'a Export>,
+);
 
 /// Applies the conflict rules to one service's exports: the oldest export
 /// decides the type, the first to claim a port its protocol; returns the
@@ -174,7 +179,10 @@ fn resolve<'a>(list: &mut [&'a Export]) -> Option<Resolved<'a>> {
         }
         members.push(e);
     }
-    let ports = ports.into_iter().map(|(p, (proto, _))| (p, proto)).collect();
+    let ports = ports
+        .into_iter()
+        .map(|(p, (proto, _))| (p, proto))
+        .collect();
     Some((oldest.service_type, ports, conflicts, members))
 }
 

@@ -13,10 +13,11 @@ use fedmesh_catalog::ClusterName;
 use fedmesh_federation::config::{open_store, read_pin, ControllerConfig, StoreConfig};
 use fedmesh_federation::keys::{Key, ROOT};
 use fedmesh_federation::records::{ClusterInfo, ServiceRecord};
-use fedmesh_federation::{source, Controller, Store};
+use fedmesh_federation::{source, Controller, LocalService, Store};
 use fedmesh_transport::admin;
 use prometheus_client::registry::Registry;
 use serde_json::json;
+use tokio::sync::watch;
 
 #[derive(Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
 pub enum Output {
@@ -103,37 +104,77 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             e.join("\n  - ")
         )
     })?;
-    let (local, _source) = source::watch_file(
-        cfg.services.clone(),
-        settings.trust_domain.clone(),
-        Duration::from_secs(1),
-    )
-    .map_err(|e| {
-        anyhow::anyhow!(
-            "services file {}:\n  - {}",
-            cfg.services.display(),
-            e.join("\n  - ")
-        )
-    })?;
+    let mut registry = Registry::default();
+    // Where the cluster's services come from; `None` until known.
+    // `_source` keeps the source running for the life of the process.
+    let (local, _source): (watch::Receiver<Option<Vec<LocalService>>>, Keep) =
+        match (&cfg.services, &cfg.kubernetes) {
+            (Some(path), _) => {
+                let (rx, task) = source::watch_file(
+                    path.clone(),
+                    settings.trust_domain.clone(),
+                    Duration::from_secs(1),
+                )
+                .map_err(|e| {
+                    anyhow::anyhow!(
+                        "services file {}:\n  - {}",
+                        path.display(),
+                        e.join("\n  - ")
+                    )
+                })?;
+                let (tx, out) = watch::channel(Some(rx.borrow().clone()));
+                let relay = tokio::spawn(async move {
+                    let mut rx = rx;
+                    while rx.changed().await.is_ok() {
+                        tx.send_replace(Some(rx.borrow_and_update().clone()));
+                    }
+                });
+                (out, Box::new((task, AbortOnDrop(relay))))
+            }
+            (None, Some(k)) => {
+                if args.check {
+                    crate::emit(&format!(
+                        "config ok: cluster {} (Kubernetes source)\n",
+                        settings.cluster
+                    ));
+                    return Ok(ExitCode::SUCCESS);
+                }
+                kube_source(&settings, k, &mut registry).await?
+            }
+            (None, None) => anyhow::bail!("no service source"),
+        };
     if args.check {
         crate::emit(&format!(
             "config ok: cluster {} ({} services, {} pinned clusters)\n",
             settings.cluster,
-            local.borrow().len(),
+            local.borrow().as_ref().map(Vec::len).unwrap_or(0),
             settings.pinned.len()
         ));
         return Ok(ExitCode::SUCCESS);
     }
+    // Nothing is published before the source has listed everything.
+    let mut first = local.clone();
+    let initial = first
+        .wait_for(Option::is_some)
+        .await
+        .map_err(|_| anyhow::anyhow!("the service source stopped"))?
+        .clone()
+        .unwrap_or_default();
     tracing::info!(cluster = %settings.cluster, lease_ttl = ?settings.lease_ttl, pinned = settings.pinned.len(), "effective controller config");
     let store = open_store(&cfg.store).await?;
-    let mut registry = Registry::default();
     let (td, own_bundle) = (settings.trust_domain.clone(), settings.bundle.clone());
-    let ctrl = Arc::new(Controller::start(
-        store,
-        settings,
-        local.borrow().clone(),
-        &mut registry,
-    ));
+    let ctrl = Arc::new(Controller::start(store, settings, initial, &mut registry));
+    #[cfg(feature = "kube")]
+    let _write_back = match &cfg.kubernetes {
+        Some(k) if k.write_back => Some(fedmesh_federation::k8s::write_back(
+            kube::Client::try_default().await?,
+            ctrl.mcs(),
+            local.clone(),
+            fedmesh_federation::k8s::KubeMetrics::default(),
+            Duration::from_secs(5),
+        )),
+        _ => None,
+    };
     let api = match &cfg.api {
         Some(api) => {
             let (handle, renewer) =
@@ -143,13 +184,15 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    // Follow the services file.
+    // Follow the source.
     let follower = {
         let ctrl = ctrl.clone();
         let mut local = local.clone();
         tokio::spawn(async move {
             while local.changed().await.is_ok() {
-                ctrl.set_local(local.borrow_and_update().clone());
+                if let Some(l) = local.borrow_and_update().clone() {
+                    ctrl.set_local(l);
+                }
             }
         })
     };
@@ -450,4 +493,46 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         crate::emit(&out);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Something kept alive until the controller stops (a source's tasks).
+type Keep = Box<dyn std::any::Any + Send>;
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// The Kubernetes source, when this build has it.
+#[cfg(feature = "kube")]
+async fn kube_source(
+    settings: &fedmesh_federation::ControllerSettings,
+    k: &fedmesh_federation::config::KubernetesSource,
+    registry: &mut Registry,
+) -> anyhow::Result<(watch::Receiver<Option<Vec<LocalService>>>, Keep)> {
+    let client = kube::Client::try_default().await?;
+    let src = fedmesh_federation::k8s::KubeSource::start(
+        client,
+        fedmesh_federation::k8s::KubeSettings {
+            cluster: settings.cluster.clone(),
+            trust_domain: settings.trust_domain.clone(),
+            inbound_port: k.inbound_port,
+        },
+        registry,
+    );
+    Ok((src.local(), Box::new(src)))
+}
+
+#[cfg(not(feature = "kube"))]
+async fn kube_source(
+    _: &fedmesh_federation::ControllerSettings,
+    _: &fedmesh_federation::config::KubernetesSource,
+    _: &mut Registry,
+) -> anyhow::Result<(watch::Receiver<Option<Vec<LocalService>>>, Keep)> {
+    anyhow::bail!(
+        "this fedmesh was built without Kubernetes support; rebuild with `--features kube`"
+    )
 }

@@ -7,6 +7,7 @@
 
 mod apps;
 pub mod etcd;
+pub mod fake_kube;
 mod load;
 mod rig;
 pub mod tls;

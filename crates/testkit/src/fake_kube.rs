@@ -1,0 +1,458 @@
+//! A Kubernetes API server stand-in that speaks the list/watch protocol
+//! over HTTP/1.1: lists carry a resourceVersion; watches stream events
+//! after the one asked for, send bookmarks, and answer a resourceVersion
+//! older than the last compaction with a `410 Gone` ERROR event, as the
+//! real server does. Also takes server-side-apply PATCHes and DELETEs and
+//! records them. Only what the Kubernetes source uses is implemented.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+/// Resource kinds by URL path (all-namespace collections).
+const KINDS: &[(&str, &str, &str)] = &[
+    ("/api/v1/services", "v1", "Service"),
+    (
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "discovery.k8s.io/v1",
+        "EndpointSlice",
+    ),
+    (
+        "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports",
+        "multicluster.x-k8s.io/v1alpha1",
+        "ServiceExport",
+    ),
+    (
+        "/apis/multicluster.x-k8s.io/v1alpha1/serviceimports",
+        "multicluster.x-k8s.io/v1alpha1",
+        "ServiceImport",
+    ),
+];
+
+/// A write the server received.
+#[derive(Debug, Clone)]
+pub struct Write {
+    pub method: String,
+    pub path: String,
+    pub body: Value,
+}
+
+#[derive(Default)]
+struct State {
+    rv: u64,
+    /// Objects by kind path, then `ns/name`.
+    objects: BTreeMap<String, BTreeMap<String, Value>>,
+    /// Events by kind path: (resourceVersion, type, object).
+    events: BTreeMap<String, Vec<(u64, String, Value)>>,
+    /// Watches from a resourceVersion below this get 410 Gone.
+    compacted_below: u64,
+    /// Every request line, in order.
+    requests: Vec<String>,
+    writes: Vec<Write>,
+    /// Kind paths whose lists are held back until released.
+    held: Vec<String>,
+    /// A broken event to send once on the next watch of a kind path.
+    poison: Option<String>,
+}
+
+/// The running fake. Dropping it stops accepting; open watches end.
+pub struct FakeKube {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    /// Bumped on every change (and to end every open watch).
+    tick: watch::Sender<(u64, u64)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakeKube {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn meta(o: &Value) -> (String, String) {
+    let m = &o["metadata"];
+    (
+        m["namespace"].as_str().unwrap_or_default().to_owned(),
+        m["name"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+fn kind_of(path: &str) -> Option<(&'static str, &'static str, &'static str)> {
+    KINDS.iter().copied().find(|(p, _, _)| *p == path)
+}
+
+impl FakeKube {
+    pub async fn start() -> std::io::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(State::default()));
+        let (tick, _) = watch::channel((0u64, 0u64));
+        let (s, t) = (state.clone(), tick.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (s, t) = (s.clone(), t.clone());
+                tokio::spawn(async move {
+                    let _ = serve(stream, s, t).await;
+                });
+            }
+        });
+        Ok(Self {
+            addr,
+            state,
+            tick,
+            task,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn changed(&self) {
+        self.tick.send_modify(|t| t.0 += 1);
+    }
+
+    /// Creates or replaces an object of the kind at `kind_path`.
+    pub fn put(&self, kind_path: &str, mut obj: Value) {
+        {
+            let mut st = self.lock();
+            st.rv += 1;
+            let rv = st.rv;
+            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+            let (ns, name) = meta(&obj);
+            let key = format!("{ns}/{name}");
+            let objects = st.objects.entry(kind_path.to_owned()).or_default();
+            let kind = if objects.insert(key, obj.clone()).is_some() {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
+            st.events
+                .entry(kind_path.to_owned())
+                .or_default()
+                .push((rv, kind.into(), obj));
+        }
+        self.changed();
+    }
+
+    pub fn delete(&self, kind_path: &str, ns: &str, name: &str) {
+        {
+            let mut st = self.lock();
+            st.rv += 1;
+            let rv = st.rv;
+            if let Some(mut obj) = st
+                .objects
+                .entry(kind_path.to_owned())
+                .or_default()
+                .remove(&format!("{ns}/{name}"))
+            {
+                obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+                st.events.entry(kind_path.to_owned()).or_default().push((
+                    rv,
+                    "DELETED".into(),
+                    obj,
+                ));
+            }
+        }
+        self.changed();
+    }
+
+    /// Forgets the event history: watches from before now get 410 Gone.
+    pub fn compact(&self) {
+        let mut st = self.lock();
+        st.compacted_below = st.rv + 1;
+        st.events.clear();
+    }
+
+    /// Ends every open watch (as an API server restart or timeout does).
+    pub fn break_watches(&self) {
+        self.tick.send_modify(|t| t.1 += 1);
+    }
+
+    /// Holds lists of `kind_path` until [`release`](Self::release).
+    pub fn hold(&self, kind_path: &str) {
+        self.lock().held.push(kind_path.to_owned());
+    }
+
+    pub fn release(&self) {
+        self.lock().held.clear();
+        self.changed();
+    }
+
+    /// The next watch of `kind_path` gets one undecodable event first.
+    pub fn poison_next_watch(&self, kind_path: &str) {
+        self.lock().poison = Some(kind_path.to_owned());
+    }
+
+    pub fn requests(&self) -> Vec<String> {
+        self.lock().requests.clone()
+    }
+
+    pub fn writes(&self) -> Vec<Write> {
+        self.lock().writes.clone()
+    }
+
+    pub fn resource_version(&self) -> u64 {
+        self.lock().rv
+    }
+}
+
+const MAX_HEAD: usize = 64 * 1024;
+
+async fn serve(
+    stream: TcpStream,
+    state: Arc<Mutex<State>>,
+    tick: watch::Sender<(u64, u64)>,
+) -> std::io::Result<()> {
+    let mut stream = BufReader::new(stream);
+    loop {
+        // Request head.
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let b = match stream.read_u8().await {
+                Ok(b) => b,
+                Err(_) => return Ok(()),
+            };
+            head.push(b);
+            if head.len() > MAX_HEAD {
+                return Ok(());
+            }
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        let mut lines = head.split("\r\n");
+        let line = lines.next().unwrap_or_default().to_owned();
+        let mut parts = line.split(' ');
+        let method = parts.next().unwrap_or_default().to_owned();
+        let target = parts.next().unwrap_or_default().to_owned();
+        let len = lines
+            .filter_map(|l| l.split_once(':'))
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+            .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+            .unwrap_or(0);
+        let mut body = vec![0u8; len.min(1 << 20)];
+        stream.read_exact(&mut body).await?;
+        let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let q: BTreeMap<&str, &str> = query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .collect();
+        lock(&state).requests.push(format!("{method} {target}"));
+
+        match (method.as_str(), kind_of(path)) {
+            ("GET", Some(kind))
+                if q.get("watch") == Some(&"true") || q.get("watch") == Some(&"1") =>
+            {
+                let from = q
+                    .get("resourceVersion")
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+                watch_stream(stream.get_mut(), &state, &tick, kind, from).await?;
+                return Ok(());
+            }
+            ("GET", Some((kpath, api_version, kind))) => {
+                // Held lists wait (bounded) for a release.
+                for _ in 0..600 {
+                    if !lock(&state).held.iter().any(|h| h == kpath) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                let selector = q.get("labelSelector").map(|s| s.replace("%3D", "="));
+                let list = {
+                    let st = lock(&state);
+                    let items: Vec<Value> = st
+                        .objects
+                        .get(kpath)
+                        .into_iter()
+                        .flat_map(|m| m.values())
+                        .filter(|o| match &selector {
+                            Some(sel) => sel.split(',').all(|kv| {
+                                let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+                                o["metadata"]["labels"][k] == json!(v)
+                            }),
+                            None => true,
+                        })
+                        .cloned()
+                        .collect();
+                    json!({
+                        "apiVersion": api_version,
+                        "kind": format!("{kind}List"),
+                        "metadata": { "resourceVersion": st.rv.to_string() },
+                        "items": items,
+                    })
+                };
+                respond(stream.get_mut(), 200, &list).await?;
+            }
+            ("PATCH", _) | ("DELETE", _) => {
+                let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+                let answer = {
+                    let mut st = lock(&state);
+                    st.writes.push(Write {
+                        method: method.clone(),
+                        path: path.to_owned(),
+                        body: value.clone(),
+                    });
+                    // .../namespaces/NS/serviceimports/NAME[/status]
+                    let segs: Vec<&str> = path.split('/').collect();
+                    match segs.iter().position(|s| *s == "namespaces") {
+                        Some(i) if segs.len() > i + 3 => {
+                            let (ns, plural, name) = (segs[i + 1], segs[i + 2], segs[i + 3]);
+                            let kpath = format!("/apis/multicluster.x-k8s.io/v1alpha1/{plural}");
+                            let key = format!("{ns}/{name}");
+                            if method == "DELETE" {
+                                st.objects.entry(kpath).or_default().remove(&key)
+                            } else {
+                                st.rv += 1;
+                                let mut obj = value;
+                                obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+                                obj["metadata"]["namespace"] = json!(ns);
+                                obj["metadata"]["name"] = json!(name);
+                                st.objects
+                                    .entry(kpath)
+                                    .or_default()
+                                    .insert(key, obj.clone());
+                                Some(obj)
+                            }
+                        }
+                        _ => None,
+                    }
+                };
+                match answer {
+                    Some(o) => respond(stream.get_mut(), 200, &o).await?,
+                    None => {
+                        respond(stream.get_mut(), 404, &status(404, "NotFound", "not found"))
+                            .await?
+                    }
+                }
+            }
+            _ => {
+                respond(
+                    stream.get_mut(),
+                    404,
+                    &status(404, "NotFound", "no such path"),
+                )
+                .await?
+            }
+        }
+    }
+}
+
+fn lock(s: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    s.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn status(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+}
+
+async fn respond(s: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<()> {
+    let body = serde_json::to_vec(body).unwrap_or_default();
+    let head = format!(
+        "HTTP/1.1 {code} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).await?;
+    s.write_all(&body).await
+}
+
+async fn chunk(s: &mut TcpStream, line: &[u8]) -> std::io::Result<()> {
+    s.write_all(format!("{:x}\r\n", line.len() + 1).as_bytes())
+        .await?;
+    s.write_all(line).await?;
+    s.write_all(b"\n\r\n").await
+}
+
+async fn watch_stream(
+    s: &mut TcpStream,
+    state: &Mutex<State>,
+    tick: &watch::Sender<(u64, u64)>,
+    (kpath, api_version, kind): (&str, &str, &str),
+    from: u64,
+) -> std::io::Result<()> {
+    s.write_all(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    let mut rx = tick.subscribe();
+    let generation = rx.borrow_and_update().1;
+    let mut sent = from;
+    let (gone, poisoned) = {
+        let mut st = lock(state);
+        let poisoned = st.poison.as_deref() == Some(kpath);
+        if poisoned {
+            st.poison = None;
+        }
+        (from < st.compacted_below, poisoned)
+    };
+    if gone {
+        let ev = json!({ "type": "ERROR", "object": status(410, "Expired", "too old resource version") });
+        chunk(s, &serde_json::to_vec(&ev).unwrap_or_default()).await?;
+        return s.write_all(b"0\r\n\r\n").await;
+    }
+    if poisoned {
+        // Complete JSON of the wrong shape (a truncated line would be
+        // taken for an incomplete read and skipped).
+        chunk(
+            s,
+            br#"{"type":"ADDED","object":{"kind":"Service","metadata":{"name":5}}}"#,
+        )
+        .await?;
+    }
+    // Bounded: a watch lasts at most a minute here (real servers time out too).
+    for _ in 0..1200 {
+        let pending: Vec<(u64, Value)> = {
+            let st = lock(state);
+            st.events
+                .get(kpath)
+                .into_iter()
+                .flatten()
+                .filter(|(rv, _, _)| *rv > sent)
+                .map(|(rv, t, o)| (*rv, json!({ "type": t, "object": o })))
+                .collect()
+        };
+        if let Some((rv, _)) = pending.last() {
+            sent = *rv;
+        }
+        let pending = pending.into_iter().map(|(_, ev)| ev);
+        for ev in pending {
+            chunk(s, &serde_json::to_vec(&ev).unwrap_or_default()).await?;
+        }
+        // A bookmark moves the client's resourceVersion on without events.
+        let rv = { lock(state).rv };
+        if rv > sent {
+            sent = rv;
+            let bm = json!({
+                "type": "BOOKMARK",
+                "object": { "apiVersion": api_version, "kind": kind, "metadata": { "resourceVersion": rv.to_string() } },
+            });
+            chunk(s, &serde_json::to_vec(&bm).unwrap_or_default()).await?;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+        if rx.borrow_and_update().1 != generation {
+            break;
+        }
+    }
+    s.write_all(b"0\r\n\r\n").await
+}

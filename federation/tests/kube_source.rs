@@ -1,0 +1,443 @@
+//! The Kubernetes source against an API server stand-in that speaks
+//! list/watch (resourceVersions, bookmarks, 410 Gone) over real HTTP.
+#![cfg(feature = "kube")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedmesh_catalog::mcs::{self, Protocol, ServiceType};
+use fedmesh_catalog::ClusterName;
+use fedmesh_federation::k8s::{self, KubeSettings, KubeSource};
+use fedmesh_federation::{LocalService, McsView};
+use fedmesh_testkit::fake_kube::FakeKube;
+use fedmesh_wire::ServiceName;
+use prometheus_client::registry::Registry;
+use serde_json::json;
+use tokio::sync::watch;
+
+const SERVICES: &str = "/api/v1/services";
+const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+const EXPORTS: &str = "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports";
+const WAIT: Duration = Duration::from_secs(10);
+
+fn service(ns: &str, name: &str, ports: serde_json::Value, sa: Option<&str>) -> serde_json::Value {
+    let mut annotations = serde_json::Map::new();
+    if let Some(sa) = sa {
+        annotations.insert("fedmesh.io/service-account".into(), json!(sa));
+    }
+    json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": { "name": name, "namespace": ns, "annotations": annotations },
+        "spec": { "type": "ClusterIP", "clusterIP": "10.0.0.1", "ports": ports },
+    })
+}
+
+fn slice(ns: &str, name: &str, svc: &str, endpoints: &[(&str, bool)]) -> serde_json::Value {
+    json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": { "name": name, "namespace": ns, "labels": { "kubernetes.io/service-name": svc } },
+        "addressType": "IPv4",
+        "endpoints": endpoints.iter().map(|(ip, ready)| json!({
+            "addresses": [ip], "conditions": { "ready": ready },
+        })).collect::<Vec<_>>(),
+    })
+}
+
+fn export(ns: &str, name: &str, audience: Option<&str>) -> serde_json::Value {
+    let mut annotations = serde_json::Map::new();
+    if let Some(a) = audience {
+        annotations.insert("fedmesh.io/audience".into(), json!(a));
+    }
+    json!({
+        "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+        "metadata": { "name": name, "namespace": ns, "annotations": annotations,
+                      "creationTimestamp": "2026-01-02T03:04:05Z" },
+    })
+}
+
+fn settings() -> KubeSettings {
+    KubeSettings {
+        cluster: ClusterName::new("west").unwrap(),
+        trust_domain: "west.mesh".parse().unwrap(),
+        inbound_port: 15006,
+    }
+}
+
+async fn client(fake: &FakeKube) -> kube::Client {
+    kube::Client::try_from(kube::Config::new(fake.url().parse().unwrap())).unwrap()
+}
+
+/// A cluster with: shop/cart (exported to east, two ports, one ready and
+/// one unready endpoint, own service account), shop/internal (not
+/// exported), an ExternalName service, and a service with an unusable port.
+fn seed(fake: &FakeKube) {
+    fake.put(
+        SERVICES,
+        service(
+            "shop",
+            "cart",
+            json!([{ "port": 80, "protocol": "TCP" }, { "port": 5353, "protocol": "UDP" }]),
+            Some("cart"),
+        ),
+    );
+    fake.put(
+        SERVICES,
+        service("shop", "internal", json!([{ "port": 8080 }]), None),
+    );
+    fake.put(
+        SERVICES,
+        json!({ "apiVersion": "v1", "kind": "Service", "metadata": { "name": "ext", "namespace": "shop" },
+                "spec": { "type": "ExternalName", "externalName": "example.com" } }),
+    );
+    fake.put(
+        SERVICES,
+        service(
+            "shop",
+            "odd",
+            json!([{ "port": 70000, "protocol": "TCP" }, { "port": 81, "protocol": "HTTP" }]),
+            None,
+        ),
+    );
+    fake.put(
+        SLICES,
+        slice(
+            "shop",
+            "cart-abc",
+            "cart",
+            &[("10.1.0.5", true), ("10.1.0.6", false)],
+        ),
+    );
+    fake.put(
+        SLICES,
+        slice("shop", "internal-x", "internal", &[("10.1.0.9", true)]),
+    );
+    fake.put(EXPORTS, export("shop", "cart", Some("east, north")));
+}
+
+async fn next_local(
+    rx: &mut watch::Receiver<Option<Vec<LocalService>>>,
+    what: &str,
+    f: impl Fn(&[LocalService]) -> bool,
+) -> Vec<LocalService> {
+    let got = tokio::time::timeout(WAIT, rx.wait_for(|l| l.as_deref().is_some_and(&f)))
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+        .unwrap();
+    got.clone().unwrap()
+}
+
+fn find<'a>(l: &'a [LocalService], name: &str) -> Option<&'a LocalService> {
+    l.iter().find(|s| s.name.to_string() == name)
+}
+
+const CART: &str = "cart.shop";
+const INTERNAL: &str = "internal.shop";
+
+#[tokio::test]
+async fn lists_then_follows_watch_events() {
+    let fake = FakeKube::start().await.unwrap();
+    seed(&fake);
+    let src = KubeSource::start(client(&fake).await, settings(), &mut Registry::default());
+    let mut rx = src.local();
+    let l = next_local(&mut rx, "the first listing", |l| !l.is_empty()).await;
+
+    let cart = find(&l, CART).unwrap();
+    assert!(cart.export);
+    assert_eq!(cart.ports, vec![(80, Protocol::Tcp), (5353, Protocol::Udp)]);
+    assert_eq!(cart.service_type, ServiceType::ClusterSetIP);
+    assert_eq!(
+        cart.endpoints,
+        vec![(
+            "10.1.0.5:15006".parse().unwrap(),
+            "spiffe://west.mesh/ns/shop/sa/cart".parse().unwrap()
+        )],
+        "only ready endpoints, at the sidecar port, as the annotated service account"
+    );
+    assert_eq!(
+        cart.audience
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>(),
+        ["east", "north"]
+    );
+    assert_eq!(cart.exported_at_ms, Some(1_767_323_045_000));
+    let internal = find(&l, INTERNAL).unwrap();
+    assert!(!internal.export);
+    assert_eq!(
+        internal.endpoints[0].1.to_string(),
+        "spiffe://west.mesh/ns/shop/sa/default"
+    );
+    assert!(find(&l, "ext.shop").is_none(), "ExternalName is not served");
+    assert!(find(&l, "odd.shop").unwrap().ports.is_empty());
+    assert_eq!(src.metrics().skipped("service", "bad_port"), 2);
+
+    // Watch events: a new export, an endpoint turning ready, a deletion.
+    fake.put(EXPORTS, export("shop", "internal", None));
+    next_local(&mut rx, "internal exported", |l| {
+        find(l, INTERNAL).is_some_and(|s| s.export)
+    })
+    .await;
+    fake.put(
+        SLICES,
+        slice(
+            "shop",
+            "cart-abc",
+            "cart",
+            &[("10.1.0.5", true), ("10.1.0.6", true)],
+        ),
+    );
+    next_local(&mut rx, "two cart endpoints", |l| {
+        find(l, CART).is_some_and(|s| s.endpoints.len() == 2)
+    })
+    .await;
+    fake.delete(SERVICES, "shop", "internal");
+    next_local(&mut rx, "internal gone", |l| find(l, INTERNAL).is_none()).await;
+
+    // A broken watch resumes from the last resourceVersion it saw (a
+    // bookmark's), without a new list.
+    let rv = fake.resource_version();
+    let lists_before = src.metrics().lists("service");
+    fake.break_watches();
+    tokio::time::timeout(WAIT, async {
+        while !fake.requests().iter().any(|r| {
+            r.starts_with(&format!("GET {SERVICES}?"))
+                && r.contains("watch=true")
+                && r.contains(&format!("resourceVersion={rv}"))
+        }) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the watch did not resume from the bookmark's resourceVersion");
+    assert_eq!(
+        src.metrics().lists("service"),
+        lists_before,
+        "resuming must not re-list"
+    );
+    assert!(fake
+        .requests()
+        .iter()
+        .any(|r| r.contains("allowWatchBookmarks=true")));
+}
+
+#[tokio::test]
+async fn gone_forces_a_relist_that_leaves_nothing_stale() {
+    let fake = FakeKube::start().await.unwrap();
+    seed(&fake);
+    let src = KubeSource::start(client(&fake).await, settings(), &mut Registry::default());
+    let mut rx = src.local();
+    next_local(&mut rx, "the first listing", |l| find(l, CART).is_some()).await;
+    let lists = src.metrics().lists("service");
+
+    // While the watch is down, cart is deleted and history compacted: the
+    // DELETED event can never be delivered. Only a re-list can tell.
+    fake.delete(SERVICES, "shop", "cart");
+    fake.put(
+        SERVICES,
+        service("shop", "fresh", json!([{ "port": 1 }]), None),
+    );
+    fake.compact();
+    fake.break_watches();
+    let l = next_local(&mut rx, "the re-list", |l| find(l, "fresh.shop").is_some()).await;
+    assert!(
+        find(&l, CART).is_none(),
+        "a deleted service survived the re-list"
+    );
+    assert!(src.metrics().lists("service") > lists);
+    assert!(src.metrics().errors("service") >= 1, "the 410 was not seen");
+}
+
+#[tokio::test]
+async fn nothing_is_reported_before_every_kind_has_listed() {
+    let fake = FakeKube::start().await.unwrap();
+    seed(&fake);
+    fake.hold(SLICES);
+    let src = KubeSource::start(client(&fake).await, settings(), &mut Registry::default());
+    let mut rx = src.local();
+    // Services and exports list at once; without the slices every service
+    // would look endpoint-less, so nothing may be reported yet.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        rx.borrow().is_none(),
+        "reported before EndpointSlices were listed"
+    );
+    fake.release();
+    let l = next_local(&mut rx, "the listing", |l| !l.is_empty()).await;
+    assert_eq!(find(&l, CART).unwrap().endpoints.len(), 1);
+}
+
+#[tokio::test]
+async fn an_undecodable_watch_event_is_survived() {
+    let fake = FakeKube::start().await.unwrap();
+    seed(&fake);
+    let src = KubeSource::start(client(&fake).await, settings(), &mut Registry::default());
+    let mut rx = src.local();
+    next_local(&mut rx, "the first listing", |l| !l.is_empty()).await;
+    fake.poison_next_watch(SERVICES);
+    fake.break_watches();
+    fake.put(
+        SERVICES,
+        service("shop", "after", json!([{ "port": 2 }]), None),
+    );
+    next_local(&mut rx, "a change after the bad event", |l| {
+        find(l, "after.shop").is_some()
+    })
+    .await;
+    assert!(src.metrics().errors("service") >= 1);
+}
+
+fn view(imports: &[(&str, &[&str])], conflict: bool) -> McsView {
+    let mut v = McsView::default();
+    for (name, clusters) in imports {
+        let service: ServiceName = name.parse().unwrap();
+        v.imports.insert(
+            service.clone(),
+            mcs::Import {
+                service,
+                service_type: ServiceType::ClusterSetIP,
+                ports: vec![(80, Protocol::Tcp)],
+                clusters: clusters
+                    .iter()
+                    .map(|c| ClusterName::new(c).unwrap())
+                    .collect(),
+                conflicts: vec![],
+            },
+        );
+    }
+    if conflict {
+        v.export_conflicts.insert(
+            CART.parse().unwrap(),
+            vec![mcs::Conflict {
+                kind: mcs::ConflictKind::PortProtocol { port: 80 },
+                winner: "east".into(),
+                loser: "west".into(),
+            }],
+        );
+    }
+    v
+}
+
+#[tokio::test]
+async fn service_imports_and_export_conditions_are_written_back_once() {
+    let fake = FakeKube::start().await.unwrap();
+    let metrics = k8s::KubeMetrics::default();
+    let local = vec![LocalService {
+        name: CART.parse().unwrap(),
+        ports: vec![(80, Protocol::Tcp)],
+        service_type: ServiceType::ClusterSetIP,
+        export: true,
+        audience: None,
+        endpoints: vec![],
+        exported_at_ms: None,
+    }];
+    let (mcs_tx, mcs_rx) = watch::channel(Arc::new(view(
+        &[("web.shop.svc.clusterset.local", &["east"])],
+        false,
+    )));
+    let (_local_tx, local_rx) = watch::channel(Some(local));
+    let _w = k8s::write_back(
+        client(&fake).await,
+        mcs_rx,
+        local_rx,
+        metrics.clone(),
+        Duration::from_millis(200),
+    );
+
+    let wait = |what: &'static str,
+                f: Box<dyn Fn(&[fedmesh_testkit::fake_kube::Write]) -> bool>| {
+        let fake = &fake;
+        async move {
+            tokio::time::timeout(WAIT, async {
+                while !f(&fake.writes()) {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:#?}", fake.writes()));
+        }
+    };
+    wait(
+        "ServiceImport web applied",
+        Box::new(|w| {
+            w.iter().any(|w| {
+                w.method == "PATCH"
+                    && w.path
+                        .ends_with("/namespaces/shop/serviceimports/web/status")
+            })
+        }),
+    )
+    .await;
+    let applied = fake
+        .writes()
+        .into_iter()
+        .find(|w| w.path.ends_with("/serviceimports/web"))
+        .unwrap();
+    assert_eq!(applied.body["spec"]["ports"][0]["port"], 80);
+    assert_eq!(applied.body["status"]["clusters"][0]["cluster"], "east");
+    assert_eq!(
+        applied.body["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "fedmesh"
+    );
+    wait(
+        "cart's export conditions",
+        Box::new(|w| {
+            w.iter()
+                .any(|w| w.path.ends_with("/serviceexports/cart/status"))
+        }),
+    )
+    .await;
+    let cond = fake
+        .writes()
+        .into_iter()
+        .find(|w| w.path.ends_with("/serviceexports/cart/status"))
+        .unwrap();
+    assert_eq!(cond.body["status"]["conditions"][1]["status"], "False");
+
+    // The same view again: nothing is re-sent.
+    let n = fake.writes().len();
+    mcs_tx.send_replace(Arc::new(view(
+        &[("web.shop.svc.clusterset.local", &["east"])],
+        false,
+    )));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        fake.writes().len(),
+        n,
+        "an unchanged view was written again"
+    );
+
+    // web goes away, api arrives, cart's export now loses a conflict.
+    mcs_tx.send_replace(Arc::new(view(
+        &[("api.shop.svc.clusterset.local", &["north"])],
+        true,
+    )));
+    wait(
+        "web deleted",
+        Box::new(|w| {
+            w.iter()
+                .any(|w| w.method == "DELETE" && w.path.ends_with("/serviceimports/web"))
+        }),
+    )
+    .await;
+    wait(
+        "api applied",
+        Box::new(|w| w.iter().any(|w| w.path.ends_with("/serviceimports/api"))),
+    )
+    .await;
+    wait(
+        "Conflict=True",
+        Box::new(|w| {
+            w.iter().any(|w| {
+                w.path.ends_with("/serviceexports/cart/status")
+                    && w.body["status"]["conditions"][1]["status"] == "True"
+            })
+        }),
+    )
+    .await;
+    assert_eq!(metrics.writes("serviceimport", "delete"), 1);
+    let _ = BTreeMap::<u8, u8>::new();
+}
