@@ -104,6 +104,7 @@ async fn admin_endpoint_serves_metrics() {
         tunnel: any,
         admin: Some(any),
         limits: Default::default(),
+        controller: None,
     };
     let mut reg = prometheus_client::registry::Registry::default();
     let gw = fedmesh_gateway::Gateway::build(settings, &mut reg)

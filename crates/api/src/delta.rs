@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use fedmesh_catalog::{Catalog, ClusterName, Endpoint, LocalGateway, LocalService, Peer};
+use fedmesh_catalog::{
+    Catalog, CatalogEdit, ClusterName, Endpoint, LocalGateway, LocalService, Peer,
+};
 use fedmesh_trust::{SpiffeId, TrustBundle, TrustBundles, TrustDomain};
 use fedmesh_wire::ServiceName;
 
@@ -185,18 +187,14 @@ pub(crate) fn diff(
 
 // ---- proxy side: validate and apply ----
 
-/// A proxy's applied config, kept by key so a delta is checked against
-/// exactly what the proxy has.
+/// A proxy's applied config. Deltas edit the catalog's persistent maps,
+/// so applying one costs what it changes, not the size of the catalog.
 #[derive(Debug, Clone)]
 pub struct Applied {
     /// The cluster this proxy belongs to, when it knows (from its own config).
     expect_cluster: Option<ClusterName>,
     version: Option<u64>,
-    cluster: Option<(ClusterName, TrustDomain)>,
-    gateway: Option<LocalGateway>,
-    services: BTreeMap<ServiceName, LocalService>,
-    imports: BTreeMap<ServiceName, Vec<ClusterName>>,
-    peers: BTreeMap<ClusterName, Peer>,
+    catalog: Option<Catalog>,
     bundles: BTreeMap<TrustDomain, TrustBundle>,
 }
 
@@ -220,33 +218,12 @@ fn parse_id(what: &'static str, key: &str, s: &str) -> Result<SpiffeId, ApplyErr
     field(what, key, s.parse::<SpiffeId>())
 }
 
-/// Removes `key` or fails: removing what the proxy does not have means the
-/// controller's idea of this proxy's state is wrong.
-fn remove<K: Ord, V>(
-    map: &mut BTreeMap<K, V>,
-    what: &'static str,
-    raw: &str,
-    key: Result<K, ApplyError>,
-) -> Result<(), ApplyError> {
-    map.remove(&key?)
-        .map(|_| ())
-        .ok_or_else(|| ApplyError::Field {
-            what,
-            key: raw.to_owned(),
-            error: "removed but not present".into(),
-        })
-}
-
 impl Applied {
     pub fn new(expect_cluster: Option<ClusterName>) -> Self {
         Self {
             expect_cluster,
             version: None,
-            cluster: None,
-            gateway: None,
-            services: BTreeMap::new(),
-            imports: BTreeMap::new(),
-            peers: BTreeMap::new(),
+            catalog: None,
             bundles: BTreeMap::new(),
         }
     }
@@ -273,104 +250,92 @@ impl Applied {
             &u.trust_domain,
             u.trust_domain.parse::<TrustDomain>(),
         )?;
-        let mut next = if u.full {
-            Self::new(self.expect_cluster.clone())
+        let (base, mut bundles) = if u.full {
+            (Catalog::empty(cluster.clone(), td.clone()), BTreeMap::new())
         } else {
-            if self.version != Some(u.base_version) {
-                return Err(ApplyError::Base {
+            let have = self
+                .catalog
+                .as_ref()
+                .filter(|_| self.version == Some(u.base_version))
+                .ok_or(ApplyError::Base {
                     base: u.base_version,
                     have: self.version,
-                });
-            }
-            if self.cluster.as_ref() != Some(&(cluster.clone(), td.clone())) {
+                })?;
+            if have.cluster != cluster || have.trust_domain != td {
                 return Err(ApplyError::Cluster {
-                    want: self
-                        .cluster
-                        .as_ref()
-                        .map(|c| c.0.to_string())
-                        .unwrap_or_default(),
+                    want: have.cluster.to_string(),
                     got: cluster.to_string(),
                 });
             }
-            self.clone()
+            (have.clone(), self.bundles.clone())
         };
-        next.version = Some(u.version);
-        next.cluster = Some((cluster.clone(), td.clone()));
-        next.gateway = match &u.gateway {
-            None => None,
-            Some(g) => Some(LocalGateway {
-                address: parse_addr("gateway", &g.address, &g.address)?,
-                identity: parse_id("gateway", &g.address, &g.identity)?,
-            }),
-        };
-        for raw in &u.removed_services {
-            let key = field("removed service", raw, raw.parse::<ServiceName>());
-            remove(&mut next.services, "removed service", raw, key)?;
-        }
-        for s in &u.services {
-            let name = field("service", &s.name, s.name.parse::<ServiceName>())?;
-            let ports = s
-                .ports
+        let edit = CatalogEdit {
+            gateway: match &u.gateway {
+                None => None,
+                Some(g) => Some(LocalGateway {
+                    address: parse_addr("gateway", &g.address, &g.address)?,
+                    identity: parse_id("gateway", &g.address, &g.identity)?,
+                }),
+            },
+            remove_services: u
+                .removed_services
                 .iter()
-                .map(|p| match u16::try_from(*p) {
-                    Ok(p) if p != 0 => Ok(p),
-                    _ => Err(ApplyError::Field {
-                        what: "service",
-                        key: s.name.clone(),
-                        error: format!("port {p} out of range"),
-                    }),
+                .map(|raw| field("removed service", raw, raw.parse::<ServiceName>()))
+                .collect::<Result<_, _>>()?,
+            upsert_services: u
+                .services
+                .iter()
+                .map(decode_service)
+                .collect::<Result<_, _>>()?,
+            remove_imports: u
+                .removed_imports
+                .iter()
+                .map(|raw| field("removed import", raw, raw.parse::<ServiceName>()))
+                .collect::<Result<_, _>>()?,
+            upsert_imports: u
+                .imports
+                .iter()
+                .map(|i| {
+                    let name = field("import", &i.service, i.service.parse::<ServiceName>())?;
+                    let clusters = i
+                        .clusters
+                        .iter()
+                        .map(|c| field("import", &i.service, c.parse::<ClusterName>()))
+                        .collect::<Result<Vec<_>, _>>()?;
+                    Ok((name, clusters))
                 })
-                .collect::<Result<Vec<u16>, _>>()?;
-            let endpoints = s
-                .endpoints
+                .collect::<Result<_, ApplyError>>()?,
+            remove_peers: u
+                .removed_peers
                 .iter()
-                .map(|e| {
-                    Ok(Endpoint {
-                        address: parse_addr("endpoint", &s.name, &e.address)?,
-                        identity: parse_id("endpoint", &s.name, &e.identity)?,
+                .map(|raw| field("removed peer", raw, raw.parse::<ClusterName>()))
+                .collect::<Result<_, _>>()?,
+            upsert_peers: u
+                .peers
+                .iter()
+                .map(|p| {
+                    Ok(Peer {
+                        cluster: field("peer", &p.cluster, p.cluster.parse::<ClusterName>())?,
+                        trust_domain: field(
+                            "peer",
+                            &p.cluster,
+                            p.trust_domain.parse::<TrustDomain>(),
+                        )?,
+                        address: parse_addr("peer", &p.cluster, &p.address)?,
+                        identity: parse_id("peer", &p.cluster, &p.identity)?,
                     })
                 })
-                .collect::<Result<Vec<_>, ApplyError>>()?;
-            next.services.insert(
-                name.clone(),
-                LocalService {
-                    name,
-                    ports,
-                    exported: s.exported,
-                    endpoints,
-                },
-            );
-        }
-        for raw in &u.removed_imports {
-            let key = field("removed import", raw, raw.parse::<ServiceName>());
-            remove(&mut next.imports, "removed import", raw, key)?;
-        }
-        for i in &u.imports {
-            let name = field("import", &i.service, i.service.parse::<ServiceName>())?;
-            let clusters = i
-                .clusters
-                .iter()
-                .map(|c| field("import", &i.service, c.parse::<ClusterName>()))
-                .collect::<Result<Vec<_>, _>>()?;
-            next.imports.insert(name, clusters);
-        }
-        for raw in &u.removed_peers {
-            let key = field("removed peer", raw, raw.parse::<ClusterName>());
-            remove(&mut next.peers, "removed peer", raw, key)?;
-        }
-        for p in &u.peers {
-            let name = field("peer", &p.cluster, p.cluster.parse::<ClusterName>())?;
-            let peer = Peer {
-                cluster: name.clone(),
-                trust_domain: field("peer", &p.cluster, p.trust_domain.parse::<TrustDomain>())?,
-                address: parse_addr("peer", &p.cluster, &p.address)?,
-                identity: parse_id("peer", &p.cluster, &p.identity)?,
-            };
-            next.peers.insert(name, peer);
-        }
+                .collect::<Result<_, ApplyError>>()?,
+        };
         for raw in &u.removed_bundles {
-            let key = field("removed bundle", raw, raw.parse::<TrustDomain>());
-            remove(&mut next.bundles, "removed bundle", raw, key)?;
+            let key = field("removed bundle", raw, raw.parse::<TrustDomain>())?;
+            if bundles.remove(&key).is_none() {
+                return Err(ApplyError::Field {
+                    what: "removed bundle",
+                    key: raw.clone(),
+                    error: "removed but not present".into(),
+                });
+            }
         }
         for b in &u.bundles {
             let btd = field(
@@ -383,46 +348,72 @@ impl Applied {
                 &b.trust_domain,
                 TrustBundle::from_pem(btd.clone(), &b.pem),
             )?;
-            next.bundles.insert(btd, bundle);
+            bundles.insert(btd, bundle);
         }
+        let catalog = base
+            .edited(edit)
+            .map_err(|e| ApplyError::Catalog(e.to_string()))?;
 
-        // Whole-config checks: every peer is verifiable, and so is this
-        // cluster; the catalog's own invariants (imports name peers).
-        if !next.bundles.contains_key(&td) {
+        // Whole-config checks: this cluster and every peer are verifiable.
+        if !bundles.contains_key(&td) {
             return Err(ApplyError::NoBundle {
                 cluster: cluster.to_string(),
                 trust_domain: td.to_string(),
             });
         }
-        if let Some(p) = next
-            .peers
-            .values()
-            .find(|p| !next.bundles.contains_key(&p.trust_domain))
+        if let Some(p) = catalog
+            .peers()
+            .find(|p| !bundles.contains_key(&p.trust_domain))
         {
             return Err(ApplyError::NoBundle {
                 cluster: p.cluster.to_string(),
                 trust_domain: p.trust_domain.to_string(),
             });
         }
-        let catalog = Catalog::assemble(
-            cluster,
-            td,
-            next.gateway.clone(),
-            next.services.values().cloned().collect(),
-            next.imports.clone(),
-            next.peers.values().cloned().collect(),
-        )
-        .map_err(|e| ApplyError::Catalog(e.to_string()))?;
-        let mut bundles = TrustBundles::new();
-        for b in next.bundles.values() {
-            bundles.insert(b.clone());
+        let mut set = TrustBundles::new();
+        for b in bundles.values() {
+            set.insert(b.clone());
         }
-        *self = next;
+        self.version = Some(u.version);
+        self.catalog = Some(catalog.clone());
+        self.bundles = bundles;
         Ok(ProxyConfig {
             catalog: Arc::new(catalog),
-            bundles: Arc::new(bundles),
+            bundles: Arc::new(set),
         })
     }
+}
+
+fn decode_service(s: &pb::Service) -> Result<LocalService, ApplyError> {
+    let name = field("service", &s.name, s.name.parse::<ServiceName>())?;
+    let ports = s
+        .ports
+        .iter()
+        .map(|p| match u16::try_from(*p) {
+            Ok(p) if p != 0 => Ok(p),
+            _ => Err(ApplyError::Field {
+                what: "service",
+                key: s.name.clone(),
+                error: format!("port {p} out of range"),
+            }),
+        })
+        .collect::<Result<Vec<u16>, _>>()?;
+    let endpoints = s
+        .endpoints
+        .iter()
+        .map(|e| {
+            Ok(Endpoint {
+                address: parse_addr("endpoint", &s.name, &e.address)?,
+                identity: parse_id("endpoint", &s.name, &e.identity)?,
+            })
+        })
+        .collect::<Result<Vec<_>, ApplyError>>()?;
+    Ok(LocalService {
+        name,
+        ports,
+        exported: s.exported,
+        endpoints,
+    })
 }
 
 #[cfg(test)]
@@ -529,7 +520,8 @@ mod tests {
         let before = proxy.clone();
         let e = proxy.apply(u).unwrap_err();
         assert_eq!(proxy.version, before.version, "state changed on error");
-        assert_eq!(proxy.services.len(), before.services.len());
+        assert_eq!(proxy.catalog, before.catalog, "state changed on error");
+        assert_eq!(proxy.bundles, before.bundles, "state changed on error");
         e
     }
 
@@ -554,7 +546,8 @@ mod tests {
         let mut u = diff(2, Some((1, &a)), &b);
         u.removed_services
             .push("ghost.default.svc.clusterset.local".into());
-        assert_eq!(rejects(&mut proxy, &u).reason(), "bad_field");
+        let e = rejects(&mut proxy, &u);
+        assert!(e.to_string().contains("not present"), "{e}");
 
         let mut u = diff(2, Some((1, &a)), &b);
         u.services[0].ports = vec![70000];

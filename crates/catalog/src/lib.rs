@@ -14,6 +14,8 @@ mod spec;
 
 use std::collections::BTreeMap;
 use std::fmt;
+
+use imbl::OrdMap;
 use std::net::SocketAddr;
 
 use fedmesh_trust::{SpiffeId, TrustDomain};
@@ -94,16 +96,34 @@ pub struct LocalGateway {
 }
 
 /// One cluster's routing view. Built only through [`CatalogSpec::build`],
-/// so every reference in it (import → peer, endpoint → identity) resolves.
+/// [`Catalog::assemble`] or [`Catalog::edited`], so every reference in it
+/// (import → peer) resolves.
+///
+/// The maps are persistent (structure-sharing): cloning a catalog is
+/// O(1) and an edit costs O(changes × log n), so a proxy applying a small
+/// delta to a catalog of 10,000 services does not copy 10,000 services,
+/// and comparing two versions skips the subtrees they share.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Catalog {
     pub cluster: ClusterName,
     pub trust_domain: TrustDomain,
-    services: BTreeMap<ServiceName, LocalService>,
+    services: OrdMap<ServiceName, LocalService>,
     /// Remote clusters serving each imported service, in preference order.
-    imports: BTreeMap<ServiceName, Vec<ClusterName>>,
-    peers: BTreeMap<ClusterName, Peer>,
+    imports: OrdMap<ServiceName, Vec<ClusterName>>,
+    peers: OrdMap<ClusterName, Peer>,
     gateway: Option<LocalGateway>,
+}
+
+/// A change to a catalog: what to add or replace, what to remove (by key).
+#[derive(Debug, Clone, Default)]
+pub struct CatalogEdit {
+    pub gateway: Option<LocalGateway>,
+    pub upsert_services: Vec<LocalService>,
+    pub remove_services: Vec<ServiceName>,
+    pub upsert_imports: Vec<(ServiceName, Vec<ClusterName>)>,
+    pub remove_imports: Vec<ServiceName>,
+    pub upsert_peers: Vec<Peer>,
+    pub remove_peers: Vec<ClusterName>,
 }
 
 impl Catalog {
@@ -112,9 +132,9 @@ impl Catalog {
         Self {
             cluster,
             trust_domain,
-            services: BTreeMap::new(),
-            imports: BTreeMap::new(),
-            peers: BTreeMap::new(),
+            services: OrdMap::new(),
+            imports: OrdMap::new(),
+            peers: OrdMap::new(),
             gateway: None,
         }
     }
@@ -151,7 +171,7 @@ impl Catalog {
         imports: BTreeMap<ServiceName, Vec<ClusterName>>,
         peers: Vec<Peer>,
     ) -> Result<Self, SpecError> {
-        let peers: BTreeMap<ClusterName, Peer> =
+        let peers: OrdMap<ClusterName, Peer> =
             peers.into_iter().map(|p| (p.cluster.clone(), p)).collect();
         for (svc, clusters) in &imports {
             if let Some(c) = clusters.iter().find(|c| !peers.contains_key(*c)) {
@@ -173,6 +193,71 @@ impl Catalog {
             peers,
             gateway,
         })
+    }
+
+    /// This catalog with `edit` applied, checked: removing what is not
+    /// there, an import naming a cluster that is no peer (after the edit),
+    /// or this cluster as its own peer is an error and changes nothing.
+    pub fn edited(&self, edit: CatalogEdit) -> Result<Self, SpecError> {
+        let mut next = self.clone();
+        let mut errs = Vec::new();
+        next.gateway = edit.gateway;
+        for name in &edit.remove_services {
+            if next.services.remove(name).is_none() {
+                errs.push(format!("removed service {name} is not present"));
+            }
+        }
+        for s in edit.upsert_services {
+            next.services.insert(s.name.clone(), s);
+        }
+        for name in &edit.remove_imports {
+            if next.imports.remove(name).is_none() {
+                errs.push(format!("removed import {name} is not present"));
+            }
+        }
+        let mut changed_imports = Vec::new();
+        for (name, clusters) in edit.upsert_imports {
+            changed_imports.push(name.clone());
+            if clusters.is_empty() {
+                next.imports.remove(&name);
+            } else {
+                next.imports.insert(name, clusters);
+            }
+        }
+        for c in &edit.remove_peers {
+            if next.peers.remove(c).is_none() {
+                errs.push(format!("removed peer {c} is not present"));
+            }
+        }
+        for p in edit.upsert_peers {
+            next.peers.insert(p.cluster.clone(), p);
+        }
+        if next.peers.contains_key(&next.cluster) {
+            errs.push(format!("cluster {} cannot be its own peer", next.cluster));
+        }
+        // Only what the edit touched can break references: changed imports
+        // always, every import only when a peer went away.
+        let dangling = |name: &ServiceName, clusters: &[ClusterName], errs: &mut Vec<String>| {
+            if let Some(c) = clusters.iter().find(|c| !next.peers.contains_key(*c)) {
+                errs.push(format!("import {name}: cluster {c} is not a peer"));
+            }
+        };
+        if edit.remove_peers.is_empty() {
+            for name in &changed_imports {
+                if let Some(clusters) = next.imports.get(name) {
+                    dangling(name, clusters, &mut errs);
+                }
+            }
+        } else {
+            for (name, clusters) in &next.imports {
+                dangling(name, clusters, &mut errs);
+            }
+        }
+        if errs.is_empty() {
+            Ok(next)
+        } else {
+            Err(SpecError(errs))
+        }
     }
 
     /// Services imported from at least one other cluster.

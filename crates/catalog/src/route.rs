@@ -235,6 +235,53 @@ peers:
     }
 
     #[test]
+    fn edits_keep_every_import_pointing_at_a_peer() {
+        use crate::{CatalogEdit, ClusterName};
+        let c = cat();
+        let west = ClusterName::new("west").unwrap();
+        // Removing a peer that an import still names is refused whole.
+        let e = c
+            .edited(CatalogEdit {
+                gateway: c.gateway().cloned(),
+                remove_peers: vec![west.clone()],
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("is not a peer"), "{e}");
+        // Removing the imports with it is fine, and leaves `c` untouched.
+        let imports: Vec<ServiceName> = c.import_entries().map(|(n, _)| n.clone()).collect();
+        let d = c
+            .edited(CatalogEdit {
+                gateway: c.gateway().cloned(),
+                remove_peers: vec![west],
+                remove_imports: imports,
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(d.import_count(), 0);
+        assert!(c.import_count() > 0);
+        // An import naming an unknown cluster, a cluster as its own peer.
+        let e = c
+            .edited(CatalogEdit {
+                upsert_imports: vec![(svc("new.demo"), vec![ClusterName::new("south").unwrap()])],
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("south"), "{e}");
+        let own = c.peer(&ClusterName::new("west").unwrap()).unwrap().clone();
+        let e = c
+            .edited(CatalogEdit {
+                upsert_peers: vec![crate::Peer {
+                    cluster: c.cluster.clone(),
+                    ..own
+                }],
+                ..Default::default()
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("own peer"), "{e}");
+    }
+
+    #[test]
     fn outbound_errors() {
         let c = cat();
         assert_eq!(

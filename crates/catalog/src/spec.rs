@@ -248,9 +248,9 @@ impl CatalogSpec {
             (Some(cluster), Some(trust_domain)) if errs.is_empty() => Ok(Catalog {
                 cluster,
                 trust_domain,
-                services,
-                imports,
-                peers,
+                services: services.into_iter().collect(),
+                imports: imports.into_iter().collect(),
+                peers: peers.into_iter().collect(),
                 gateway,
             }),
             _ => Err(SpecError(errs)),
