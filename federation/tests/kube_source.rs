@@ -3,7 +3,6 @@
 #![cfg(feature = "kube")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -290,6 +289,9 @@ async fn an_undecodable_watch_event_is_survived() {
     assert!(src.metrics().errors("service") >= 1);
 }
 
+/// A condition on the writes the fake API server received.
+type WriteCheck = Box<dyn Fn(&[fedmesh_testkit::fake_kube::Write]) -> bool>;
+
 fn view(imports: &[(&str, &[&str])], conflict: bool) -> McsView {
     let mut v = McsView::default();
     for (name, clusters) in imports {
@@ -347,8 +349,7 @@ async fn service_imports_and_export_conditions_are_written_back_once() {
         Duration::from_millis(200),
     );
 
-    let wait = |what: &'static str,
-                f: Box<dyn Fn(&[fedmesh_testkit::fake_kube::Write]) -> bool>| {
+    let wait = |what: &'static str, f: WriteCheck| {
         let fake = &fake;
         async move {
             tokio::time::timeout(WAIT, async {
@@ -439,5 +440,4 @@ async fn service_imports_and_export_conditions_are_written_back_once() {
     )
     .await;
     assert_eq!(metrics.writes("serviceimport", "delete"), 1);
-    let _ = BTreeMap::<u8, u8>::new();
 }

@@ -1,11 +1,16 @@
 //! `propagation`: time from a service change in one cluster to the changed
-//! catalog in every subscribed proxy of every other cluster, at federation
-//! scale, on the embedded store and on etcd, beside one etcd put.
+//! config applied in every subscribed proxy of every other cluster, at
+//! federation scale, on the embedded store and on etcd, beside one etcd
+//! put. Proxies are real config-API subscribers (gRPC over mTLS, snapshot
+//! then deltas, validate, ACK), all in this process.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use fedmesh_api::client::{self, ClientSettings, Subscription};
+use fedmesh_api::controller_identity;
+use fedmesh_api::server::{self, ApiHandle, ApiLimits, ApiMetrics, ConfigApi};
 use fedmesh_catalog::mcs::{Protocol, ServiceType};
 use fedmesh_catalog::{Catalog, ClusterName};
 use fedmesh_federation::records::Locality;
@@ -13,6 +18,7 @@ use fedmesh_federation::store::{EmbeddedLimits, EmbeddedStore};
 use fedmesh_federation::{Controller, ControllerSettings, LocalService, Store};
 use fedmesh_testkit::percentile;
 use fedmesh_trust::{CertificateAuthority, TrustDomain};
+use fedmesh_trust::{ClientAuth, PeerPolicy, SharedBundles, SvidSource, TrustBundles};
 use fedmesh_wire::ServiceName;
 use prometheus_client::registry::Registry;
 use serde_json::json;
@@ -41,6 +47,47 @@ struct Cluster {
     name: ClusterName,
     ctrl: Controller,
     local: Vec<LocalService>,
+    _api: Option<ApiHandle>,
+    subs: Vec<Subscription>,
+}
+
+/// Serves `ctrl`'s config API and subscribes `n` proxies to it.
+async fn subscribe_all(
+    ca: &CertificateAuthority,
+    ctrl: &Controller,
+    n: usize,
+) -> anyhow::Result<(ApiHandle, Vec<Subscription>)> {
+    let td = ca.trust_domain();
+    let own = || SharedBundles::new(TrustBundles::new().with(ca.bundle()));
+    let tls = fedmesh_trust::server_config_from(
+        &SvidSource::new(ca.issue(&controller_identity(td), Duration::from_secs(3600))?)?,
+        own(),
+        PeerPolicy::trust_domain(td.clone()),
+        &[b"h2"],
+        ClientAuth::Required,
+    )?;
+    let api = ConfigApi::new(
+        server::versioned(ctrl.catalog(), ctrl.bundles()),
+        ApiLimits::default(),
+        ApiMetrics::default(),
+    );
+    let handle = server::spawn("127.0.0.1:0".parse()?, tls, api, None).await?;
+    let svid = ca.issue(&td.system_id("gateway"), Duration::from_secs(3600))?;
+    let client_tls = Arc::new(fedmesh_trust::client_config(
+        &svid,
+        own(),
+        PeerPolicy::id(controller_identity(td)),
+        &[b"h2"],
+    )?);
+    let subs = (0..n)
+        .map(|i| {
+            client::subscribe(
+                ClientSettings::new(handle.addr, format!("bench-{i}")),
+                client_tls.clone(),
+            )
+        })
+        .collect();
+    Ok((handle, subs))
 }
 
 fn service(c: usize, i: usize, td: &TrustDomain) -> anyhow::Result<LocalService> {
@@ -105,6 +152,8 @@ where
             name: name.clone(),
             ctrl,
             local,
+            _api: None,
+            subs: Vec::new(),
         });
     }
     // Converged: every cluster imports every other cluster's services.
@@ -126,7 +175,32 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let converge = t0.elapsed();
+    // Controllers only: measured before any proxy subscribes.
     let rss = rss_mb();
+
+    // Proxies subscribe and take their full snapshots.
+    let t1 = Instant::now();
+    for (c, (_, ca)) in clusters.iter_mut().zip(&cas) {
+        let (api, subs) = subscribe_all(ca, &c.ctrl, p.subscribers).await?;
+        c._api = Some(api);
+        c.subs = subs;
+    }
+    for c in &clusters {
+        for s in &c.subs {
+            let mut rx = s.config();
+            tokio::time::timeout(
+                Duration::from_secs(300),
+                rx.wait_for(|cfg| {
+                    cfg.as_ref()
+                        .is_some_and(|cfg| imported(&cfg.catalog) == want)
+                }),
+            )
+            .await
+            .context("a proxy never got the full config")??;
+        }
+    }
+    let proxies_synced = t1.elapsed();
+    let rss_with_proxies = rss_mb();
 
     // Subscribers: `subscribers` per cluster, each holding the catalog the
     // way a proxy would and reporting when a change reached it.
@@ -141,16 +215,17 @@ where
             if ci == src {
                 continue;
             }
-            for _ in 0..p.subscribers {
-                let mut rx = c.ctrl.catalog();
+            for sub in &c.subs {
+                let mut rx = sub.config();
                 let target = target.clone();
                 let src_name = src_name.clone();
                 waiters.push(tokio::spawn(async move {
                     loop {
                         let seen = {
-                            let cat = rx.borrow_and_update();
-                            cat.as_ref()
-                                .is_some_and(|cat| !cat.imports(&target).contains(&src_name))
+                            let cfg = rx.borrow_and_update();
+                            cfg.as_ref().is_some_and(|cfg| {
+                                !cfg.catalog.imports(&target).contains(&src_name)
+                            })
                         };
                         if seen {
                             return Instant::now();
@@ -181,10 +256,12 @@ where
                 .enumerate()
                 .filter(|(i, _)| *i != src)
                 .all(|(_, c)| {
-                    let rx = c.ctrl.catalog();
-                    let cat = rx.borrow();
-                    cat.as_ref()
-                        .is_some_and(|cat| cat.imports(&target).contains(&src_name))
+                    c.subs.iter().all(|s| {
+                        let rx = s.config();
+                        let cfg = rx.borrow();
+                        cfg.as_ref()
+                            .is_some_and(|cfg| cfg.catalog.imports(&target).contains(&src_name))
+                    })
                 });
             if back {
                 break;
@@ -209,6 +286,8 @@ where
         "changes": p.changes,
         "observations": n,
         "initial_convergence_ms": converge.as_secs_f64() * 1e3,
+        "proxies_synced_ms": proxies_synced.as_secs_f64() * 1e3,
+        "rss_mb_with_proxies": rss_with_proxies,
         "p50_ms": p50.as_secs_f64() * 1e3,
         "p99_ms": p99.as_secs_f64() * 1e3,
         "max_ms": max.as_secs_f64() * 1e3,
@@ -268,12 +347,13 @@ pub async fn run(p: Params, stores: &str, as_json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&results)?);
     } else {
         println!(
-            "{:<9} {:>8} {:>9} {:>5} {:>12} {:>9} {:>9} {:>9} {:>10} {:>12}",
+            "{:<9} {:>8} {:>9} {:>5} {:>12} {:>10} {:>9} {:>9} {:>9} {:>10} {:>12}",
             "store",
             "clusters",
             "services",
             "subs",
             "converge ms",
+            "proxies ms",
             "p50 ms",
             "p99 ms",
             "max ms",
@@ -282,12 +362,13 @@ pub async fn run(p: Params, stores: &str, as_json: bool) -> anyhow::Result<()> {
         );
         for r in &results {
             println!(
-                "{:<9} {:>8} {:>9} {:>5} {:>12.0} {:>9.1} {:>9.1} {:>9.1} {:>10.0} {:>12}",
+                "{:<9} {:>8} {:>9} {:>5} {:>12.0} {:>10.0} {:>9.1} {:>9.1} {:>9.1} {:>10.0} {:>12}",
                 r["store"].as_str().unwrap_or_default(),
                 r["clusters"].as_u64().unwrap_or(0),
                 r["services"].as_u64().unwrap_or(0),
                 r["subscribers_per_cluster"].as_u64().unwrap_or(0),
                 r["initial_convergence_ms"].as_f64().unwrap_or(0.0),
+                r["proxies_synced_ms"].as_f64().unwrap_or(0.0),
                 r["p50_ms"].as_f64().unwrap_or(0.0),
                 r["p99_ms"].as_f64().unwrap_or(0.0),
                 r["max_ms"].as_f64().unwrap_or(0.0),
@@ -298,8 +379,9 @@ pub async fn run(p: Params, stores: &str, as_json: bool) -> anyhow::Result<()> {
                     .unwrap_or_else(|| "-".into()),
             );
         }
-        println!("\nlatency: a service withdrawn in one cluster until every subscriber in every other cluster holds a catalog without it");
-        println!("RSS: the whole benchmark process, i.e. all controllers together (one controller is at most that)");
+        println!("\nconverge: controllers start until every controller imports everything; proxies: subscriptions start until every proxy applied its full snapshot");
+        println!("latency: a service withdrawn in one cluster until every subscribed proxy (gRPC, mTLS) in every other cluster applied a config without it");
+        println!("RSS: all controllers together, measured before any proxy subscribed (one controller is at most that)");
     }
     Ok(())
 }
