@@ -93,6 +93,24 @@ pub struct StoreConfig {
     pub endpoints: Vec<String>,
     #[serde(default = "default_connect", with = "humantime_serde")]
     pub connect_timeout: Duration,
+    /// TLS to etcd; endpoints must then be `https://`.
+    #[serde(default)]
+    pub tls: Option<StoreTls>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreTls {
+    /// PEM CA bundle that signs etcd's server certificates.
+    pub ca: PathBuf,
+    /// Client certificate and key (for etcd's `--client-cert-auth`).
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// Name to check in etcd's certificate (default: the endpoint host).
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 impl StoreConfig {
@@ -101,6 +119,7 @@ impl StoreConfig {
             kind: StoreKind::Etcd,
             endpoints,
             connect_timeout: default_connect(),
+            tls: None,
         }
     }
 }
@@ -118,9 +137,34 @@ pub async fn open_store(cfg: &StoreConfig) -> Result<Arc<dyn Store>, StoreError>
         )),
         #[cfg(feature = "etcd")]
         StoreKind::Etcd => {
+            let tls = match &cfg.tls {
+                None => None,
+                Some(t) => {
+                    let read = |p: &Path| {
+                        std::fs::read_to_string(p).map_err(|e| {
+                            StoreError::Other(format!("store.tls {}: {e}", p.display()))
+                        })
+                    };
+                    let identity = match (&t.cert, &t.key) {
+                        (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+                        (None, None) => None,
+                        _ => {
+                            return Err(StoreError::Other(
+                                "store.tls: cert and key go together".into(),
+                            ))
+                        }
+                    };
+                    Some(crate::store::EtcdTls {
+                        ca_pem: read(&t.ca)?,
+                        identity,
+                        server_name: t.server_name.clone(),
+                    })
+                }
+            };
             let s = crate::store::EtcdStore::connect(&crate::store::EtcdOptions {
                 endpoints: cfg.endpoints.clone(),
                 connect_timeout: cfg.connect_timeout,
+                tls,
                 ..Default::default()
             })
             .await?;

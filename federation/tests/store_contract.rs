@@ -231,6 +231,86 @@ async fn etcd_store_meets_the_contract() {
     contract(Arc::new(store), compact).await;
 }
 
+#[cfg(feature = "etcd")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_store_meets_the_contract_over_mutual_tls() {
+    use fedmesh_federation::store::{EtcdOptions, EtcdStore, EtcdTls};
+    let Some(bin) = fedmesh_testkit::etcd::etcd_or_skip("etcd_store_over_mutual_tls") else {
+        return;
+    };
+    let cluster = fedmesh_testkit::etcd::EtcdCluster::start_tls(bin, 1).unwrap();
+    let m = cluster.tls().unwrap().clone();
+    let opts = |tls: Option<EtcdTls>| EtcdOptions {
+        endpoints: cluster.endpoints(),
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(2),
+        tls,
+    };
+    let good = EtcdTls {
+        ca_pem: m.ca_pem.clone(),
+        identity: Some((m.client_cert_pem.clone(), m.client_key_pem.clone())),
+        server_name: None,
+    };
+    let store = EtcdStore::connect(&opts(Some(good.clone()))).await.unwrap();
+    let s2 = store.clone();
+    let compact: Compact = Box::new(move |rev| {
+        let s = s2.clone();
+        Box::pin(async move { s.compact(rev).await.unwrap() })
+    });
+    contract(Arc::new(store), compact).await;
+
+    // Refused: no client certificate; a CA that did not sign etcd's
+    // certificate; plaintext to a TLS port.
+    let without_cert = EtcdTls {
+        identity: None,
+        ..good.clone()
+    };
+    let other_ca = {
+        let k = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.self_signed(&k).unwrap().pem()
+    };
+    let wrong_ca = EtcdTls {
+        ca_pem: other_ca,
+        ..good.clone()
+    };
+    for (what, tls) in [
+        ("no client certificate", Some(without_cert)),
+        ("wrong CA", Some(wrong_ca)),
+    ] {
+        let r = async {
+            let s = EtcdStore::connect(&opts(tls)).await?;
+            s.put("/fedmesh/v1/x", b"y".to_vec(), None).await
+        };
+        let r = tokio::time::timeout(Duration::from_secs(20), r)
+            .await
+            .expect("hung");
+        assert!(r.is_err(), "{what}: accepted");
+    }
+    let plain = EtcdOptions {
+        endpoints: cluster
+            .endpoints()
+            .iter()
+            .map(|e| e.replace("https://", "http://"))
+            .collect(),
+        ..opts(None)
+    };
+    let r = tokio::time::timeout(Duration::from_secs(20), async {
+        let s = EtcdStore::connect(&plain).await?;
+        s.put("/fedmesh/v1/x", b"y".to_vec(), None).await
+    })
+    .await
+    .expect("hung");
+    assert!(r.is_err(), "plaintext accepted by a TLS etcd");
+    // TLS options with an http:// endpoint are a config error, not a downgrade.
+    let mixed = EtcdOptions {
+        endpoints: vec!["http://127.0.0.1:1".into()],
+        ..opts(Some(good))
+    };
+    assert!(EtcdStore::connect(&mixed).await.is_err());
+}
+
 /// A store whose watches can be cut on demand, as a network fault would.
 struct Flaky {
     inner: EmbeddedStore,

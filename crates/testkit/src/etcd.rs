@@ -52,15 +52,82 @@ struct Member {
     child: Option<Child>,
 }
 
+/// PEM material of a TLS etcd: its CA, and a client certificate it accepts.
+#[derive(Clone)]
+pub struct EtcdTlsMaterial {
+    pub ca_pem: String,
+    pub client_cert_pem: String,
+    pub client_key_pem: String,
+    /// Directory holding `ca.pem`, `server.pem`, `server.key`, `client.pem`, `client.key`.
+    pub dir: PathBuf,
+}
+
 /// One or more etcd members forming a cluster.
 pub struct EtcdCluster {
     bin: PathBuf,
     members: Vec<Member>,
+    tls: Option<(tempfile::TempDir, EtcdTlsMaterial)>,
+}
+
+/// A CA, a server certificate for 127.0.0.1/localhost and a client
+/// certificate, written into a fresh directory.
+fn tls_material() -> anyhow::Result<(tempfile::TempDir, EtcdTlsMaterial)> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    };
+    let dir = tempfile::tempdir()?;
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::new(Vec::<String>::new())?;
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "fedmesh test etcd CA");
+    let ca_cert = ca.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf = |sans: Vec<String>, eku| -> anyhow::Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut p = CertificateParams::new(sans)?;
+        p.extended_key_usages = vec![eku];
+        Ok((p.signed_by(&key, &issuer)?.pem(), key.serialize_pem()))
+    };
+    let (server_pem, server_key) = leaf(
+        vec!["127.0.0.1".into(), "localhost".into()],
+        ExtendedKeyUsagePurpose::ServerAuth,
+    )?;
+    let (client_pem, client_key) =
+        leaf(vec!["fedmesh".into()], ExtendedKeyUsagePurpose::ClientAuth)?;
+    let d = dir.path();
+    std::fs::write(d.join("ca.pem"), ca_cert.pem())?;
+    std::fs::write(d.join("server.pem"), &server_pem)?;
+    std::fs::write(d.join("server.key"), &server_key)?;
+    std::fs::write(d.join("client.pem"), &client_pem)?;
+    std::fs::write(d.join("client.key"), &client_key)?;
+    let m = EtcdTlsMaterial {
+        ca_pem: ca_cert.pem(),
+        client_cert_pem: client_pem,
+        client_key_pem: client_key,
+        dir: d.to_path_buf(),
+    };
+    Ok((dir, m))
 }
 
 impl EtcdCluster {
     /// Starts `n` members and waits (bounded) until every one answers.
     pub fn start(bin: PathBuf, n: usize) -> anyhow::Result<Self> {
+        Self::start_with(bin, n, false)
+    }
+
+    /// Like [`start`](Self::start), but clients must use TLS and present a
+    /// certificate of the test CA (`--client-cert-auth`).
+    pub fn start_tls(bin: PathBuf, n: usize) -> anyhow::Result<Self> {
+        Self::start_with(bin, n, true)
+    }
+
+    /// The TLS material, for a cluster started with [`start_tls`](Self::start_tls).
+    pub fn tls(&self) -> Option<&EtcdTlsMaterial> {
+        self.tls.as_ref().map(|t| &t.1)
+    }
+
+    fn start_with(bin: PathBuf, n: usize, tls: bool) -> anyhow::Result<Self> {
         let mut members = Vec::new();
         for i in 0..n {
             members.push(Member {
@@ -71,7 +138,8 @@ impl EtcdCluster {
                 child: None,
             });
         }
-        let mut c = Self { bin, members };
+        let tls = if tls { Some(tls_material()?) } else { None };
+        let mut c = Self { bin, members, tls };
         for i in 0..n {
             c.spawn(i, "new")?;
         }
@@ -91,17 +159,31 @@ impl EtcdCluster {
 
     fn spawn(&mut self, i: usize, state: &str) -> anyhow::Result<()> {
         let ic = self.initial_cluster();
+        let scheme = self.scheme();
+        let tls_args: Vec<String> = match &self.tls {
+            None => Vec::new(),
+            Some((_, t)) => vec![
+                "--cert-file".into(),
+                t.dir.join("server.pem").display().to_string(),
+                "--key-file".into(),
+                t.dir.join("server.key").display().to_string(),
+                "--trusted-ca-file".into(),
+                t.dir.join("ca.pem").display().to_string(),
+                "--client-cert-auth".into(),
+            ],
+        };
         let m = &mut self.members[i];
         let child = Command::new(&self.bin)
+            .args(tls_args)
             .args([
                 "--name",
                 &m.name,
                 "--data-dir",
                 &m.dir.path().display().to_string(),
                 "--listen-client-urls",
-                &format!("http://{}", m.client),
+                &format!("{scheme}://{}", m.client),
                 "--advertise-client-urls",
-                &format!("http://{}", m.client),
+                &format!("{scheme}://{}", m.client),
                 "--listen-peer-urls",
                 &format!("http://{}", m.peer),
                 "--initial-advertise-peer-urls",
@@ -145,12 +227,21 @@ impl EtcdCluster {
         }
     }
 
+    fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// Client URLs of the members that are running.
     pub fn endpoints(&self) -> Vec<String> {
+        let scheme = self.scheme();
         self.members
             .iter()
             .filter(|m| m.child.is_some())
-            .map(|m| format!("http://{}", m.client))
+            .map(|m| format!("{scheme}://{}", m.client))
             .collect()
     }
 

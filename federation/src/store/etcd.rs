@@ -18,6 +18,29 @@ pub struct EtcdOptions {
     pub endpoints: Vec<String>,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// TLS to etcd (`https://` endpoints); `None` for plaintext.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS material for etcd, as PEM text.
+#[derive(Clone)]
+pub struct EtcdTls {
+    /// CA(s) that sign etcd's server certificates.
+    pub ca_pem: String,
+    /// Client certificate and key, for etcd's `--client-cert-auth`.
+    pub identity: Option<(String, String)>,
+    /// Name to verify in the server certificate; defaults to the
+    /// endpoint's host.
+    pub server_name: Option<String>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.identity.is_some())
+            .field("server_name", &self.server_name)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for EtcdOptions {
@@ -26,6 +49,7 @@ impl Default for EtcdOptions {
             endpoints: vec!["http://127.0.0.1:2379".into()],
             connect_timeout: Duration::from_secs(3),
             request_timeout: Duration::from_secs(5),
+            tls: None,
         }
     }
 }
@@ -80,10 +104,26 @@ fn kv(k: &etcd_client::KeyValue) -> KeyValue {
 
 impl EtcdStore {
     pub async fn connect(opts: &EtcdOptions) -> Result<Self, StoreError> {
-        let co = ConnectOptions::new()
+        let mut co = ConnectOptions::new()
             .with_connect_timeout(opts.connect_timeout)
             .with_timeout(opts.request_timeout)
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3));
+        if let Some(tls) = &opts.tls {
+            if let Some(e) = opts.endpoints.iter().find(|e| !e.starts_with("https://")) {
+                return Err(StoreError::Other(format!(
+                    "etcd endpoint {e}: TLS is configured, so endpoints must be https://"
+                )));
+            }
+            let mut t = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&tls.ca_pem));
+            if let Some((cert, key)) = &tls.identity {
+                t = t.identity(etcd_client::Identity::from_pem(cert, key));
+            }
+            if let Some(name) = &tls.server_name {
+                t = t.domain_name(name.clone());
+            }
+            co = co.with_tls(t);
+        }
         let client = Client::connect(&opts.endpoints, Some(co))
             .await
             .map_err(err)?;

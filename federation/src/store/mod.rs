@@ -12,7 +12,7 @@ use std::time::Duration;
 
 pub use embedded::{EmbeddedLimits, EmbeddedStore};
 #[cfg(feature = "etcd")]
-pub use etcd::{EtcdOptions, EtcdStore};
+pub use etcd::{EtcdOptions, EtcdStore, EtcdTls};
 pub use reflector::{reflect, Delta, Reflected};
 
 /// A store revision: increases with every change.
