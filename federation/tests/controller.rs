@@ -365,6 +365,7 @@ async fn etcd_store(endpoints: Vec<String>) -> Arc<dyn Store> {
             endpoints,
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(2),
+            tls: None,
         })
         .await
         .unwrap(),
