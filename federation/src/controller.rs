@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fedmesh_catalog::mcs::{self, Conflict, Protocol, ServiceType};
-use fedmesh_catalog::{Catalog, ClusterName};
+use fedmesh_catalog::{Catalog, CatalogEdit, ClusterName};
 use fedmesh_trust::rotation::{self, Acceptance, Endorsement};
 use fedmesh_trust::{TrustBundle, TrustBundles, TrustDomain};
 use fedmesh_wire::ServiceName;
@@ -134,9 +134,9 @@ pub struct Status {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct McsView {
     /// Every import this cluster sees, with merged ports, type, conflicts.
-    pub imports: BTreeMap<ServiceName, mcs::Import>,
+    pub imports: imbl::OrdMap<ServiceName, mcs::Import>,
     /// Conflicts this cluster's own exports lose, by service.
-    pub export_conflicts: BTreeMap<ServiceName, Vec<Conflict>>,
+    pub export_conflicts: imbl::OrdMap<ServiceName, Vec<Conflict>>,
 }
 
 pub struct Controller {
@@ -444,18 +444,83 @@ fn decode(k: &str, v: &[u8], metrics: &ControllerMetrics) -> Decoded {
     })
 }
 
-fn apply_delta(cache: &mut BTreeMap<String, Decoded>, delta: Delta, metrics: &ControllerMetrics) {
-    if delta.replaced {
-        cache.clear();
-    }
-    for (k, v) in delta.changes {
-        match v {
-            Some(v) => {
-                let d = decode(&k, &v, metrics);
-                cache.insert(k, d);
+/// What the controller knows from the store, indexed for the computation:
+/// values are decoded once, when they arrive, and every change notes what
+/// it touched, so a recompute redoes only that.
+#[derive(Default)]
+struct Cache {
+    /// Every key's decoded value (to undo it when the key changes).
+    by_key: BTreeMap<String, Decoded>,
+    infos: BTreeMap<ClusterName, ValidInfo>,
+    exports: BTreeMap<ServiceName, BTreeMap<ClusterName, mcs::Export>>,
+    export_counts: BTreeMap<ClusterName, usize>,
+    rejected: BTreeMap<String, String>,
+    /// Services whose exports changed since the last computation.
+    dirty: BTreeSet<ServiceName>,
+    /// Something beyond single services changed (a cluster's info, a
+    /// re-list, local services): the next computation is a full one.
+    structural: bool,
+}
+
+impl Cache {
+    fn forget(&mut self, key: &str) {
+        match self.by_key.remove(key) {
+            Some(Decoded::Info(i)) => {
+                self.infos.remove(&i.cluster);
+                self.structural = true;
             }
-            None => {
-                cache.remove(&k);
+            Some(Decoded::Export(e)) => {
+                if let Some(m) = self.exports.get_mut(&e.service) {
+                    m.remove(&e.cluster);
+                    if m.is_empty() {
+                        self.exports.remove(&e.service);
+                    }
+                }
+                if let Some(n) = self.export_counts.get_mut(&e.cluster) {
+                    *n = n.saturating_sub(1);
+                }
+                self.dirty.insert(e.service);
+            }
+            Some(Decoded::Rejected(_)) => {
+                self.rejected.remove(key);
+            }
+            None => {}
+        }
+    }
+
+    fn learn(&mut self, key: String, d: Decoded) {
+        match &d {
+            Decoded::Info(i) => {
+                self.infos.insert(i.cluster.clone(), (**i).clone());
+                self.structural = true;
+            }
+            Decoded::Export(e) => {
+                self.exports
+                    .entry(e.service.clone())
+                    .or_default()
+                    .insert(e.cluster.clone(), e.clone());
+                *self.export_counts.entry(e.cluster.clone()).or_default() += 1;
+                self.dirty.insert(e.service.clone());
+            }
+            Decoded::Rejected(why) => {
+                self.rejected.insert(key.clone(), why.clone());
+            }
+        }
+        self.by_key.insert(key, d);
+    }
+
+    fn apply(&mut self, delta: Delta, metrics: &ControllerMetrics) {
+        if delta.replaced {
+            *self = Cache {
+                structural: true,
+                ..Cache::default()
+            };
+        }
+        for (k, v) in delta.changes {
+            self.forget(&k);
+            if let Some(v) = v {
+                let d = decode(&k, &v, metrics);
+                self.learn(k, d);
             }
         }
     }
@@ -477,26 +542,37 @@ async fn watch_loop(
     metrics: ControllerMetrics,
 ) {
     let reflected = reflect(store, keys::ROOT.to_owned());
-    // Values are decoded once, when they arrive; a recompute only reads.
-    let mut cache: BTreeMap<String, Decoded> = BTreeMap::new();
+    let mut cache = Cache::default();
     // Bundles accepted per remote cluster; kept when a cluster's lease
     // expires, so it can come back without a new pin.
     let mut trusted: BTreeMap<ClusterName, TrustBundle> = BTreeMap::new();
     let mut version = 0u64;
+    let mut prev: Option<View> = None;
     loop {
         tokio::select! {
             _ = reflected.changed() => {}
             changed = local.changed() => {
                 if changed.is_err() { return; }
+                cache.structural = true;
             }
         }
-        apply_delta(&mut cache, reflected.take(), &metrics);
+        cache.apply(reflected.take(), &metrics);
         if !reflected.synced() {
             continue;
         }
         metrics.recomputes.inc();
-        let services = local.borrow().clone();
-        let view = compute(&s, &cache, &services, &mut trusted, &metrics);
+        // Exports of single services changed: redo those services only.
+        // Anything else (a cluster's info, trust, a re-list, local
+        // services): the whole view, level-driven from the cache.
+        let view = match prev.take() {
+            Some(p) if !cache.structural => incremental(&s, &mut cache, p, &metrics),
+            _ => {
+                cache.structural = false;
+                cache.dirty.clear();
+                let services = local.borrow().clone();
+                compute(&s, &cache, &services, &mut trusted, &metrics)
+            }
+        };
         // Order matters to readers: status and bundles first, the catalog
         // last, so whoever sees a new catalog already trusts every peer it
         // names (and `status` agrees with it).
@@ -510,22 +586,33 @@ async fn watch_loop(
                 Err(p) => p.into_inner(),
             };
             st.synced = true;
-            st.clusters = view.clusters;
-            st.imported = view.imported;
-            st.conflicts = view.conflicts;
-            st.rejected = view.rejected;
+            st.clusters = view.clusters.clone();
+            st.imported = view.mcs.imports.len();
+            st.conflicts = view
+                .conflicts
+                .iter()
+                .flat_map(|(name, cs)| cs.iter().map(move |c| (name.to_string(), c.clone())))
+                .collect();
+            st.rejected = cache
+                .rejected
+                .values()
+                .chain(&view.trust_rejected)
+                .cloned()
+                .collect();
             st.last_sync_ms = now_ms();
             st.catalog_version = version;
         }
         if **out.bundles.borrow() != view.bundles {
-            out.bundles.send_replace(Arc::new(view.bundles));
+            out.bundles.send_replace(Arc::new(view.bundles.clone()));
         }
         if **out.imports.borrow() != view.mcs {
-            out.imports.send_replace(Arc::new(view.mcs));
+            out.imports.send_replace(Arc::new(view.mcs.clone()));
         }
         if changed_catalog {
-            out.catalog.send_replace(Some(Arc::new(view.catalog)));
+            out.catalog
+                .send_replace(Some(Arc::new(view.catalog.clone())));
         }
+        prev = Some(view);
         // At most one recompute per interval: a burst of changes (a cluster
         // joining with 10,000 services) costs a few recomputes, not 10,000.
         // Changes keep accumulating in the reflector meanwhile.
@@ -533,44 +620,104 @@ async fn watch_loop(
     }
 }
 
+/// Redoes the services whose exports changed, on top of `v`. Catalog and
+/// MCS view are persistent maps, so this costs what changed.
+fn incremental(
+    s: &ControllerSettings,
+    cache: &mut Cache,
+    mut v: View,
+    metrics: &ControllerMetrics,
+) -> View {
+    let dirty = std::mem::take(&mut cache.dirty);
+    let mut edit = CatalogEdit {
+        gateway: v.catalog.gateway().cloned(),
+        ..CatalogEdit::default()
+    };
+    for svc in dirty {
+        let list: Vec<mcs::Export> = cache
+            .exports
+            .get(&svc)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter(|e| e.cluster == s.cluster || v.usable.contains(&e.cluster))
+            .cloned()
+            .collect();
+        match mcs::merge(&s.cluster, &list).remove(&svc) {
+            Some(imp) => {
+                if imp.conflicts.is_empty() {
+                    v.conflicts.remove(&svc);
+                } else {
+                    v.conflicts.insert(svc.clone(), imp.conflicts.clone());
+                }
+                edit.upsert_imports
+                    .push((svc.clone(), imp.clusters.clone()));
+                v.mcs.imports.insert(svc.clone(), imp);
+            }
+            None => {
+                v.conflicts.remove(&svc);
+                v.mcs.imports.remove(&svc);
+                // An empty list removes the import if there is one.
+                edit.upsert_imports.push((svc.clone(), Vec::new()));
+            }
+        }
+        match mcs::export_conflicts(&s.cluster, &list).remove(&svc) {
+            Some(c) => {
+                v.mcs.export_conflicts.insert(svc, c);
+            }
+            None => {
+                v.mcs.export_conflicts.remove(&svc);
+            }
+        }
+    }
+    for st in &mut v.clusters {
+        st.exported = ClusterName::new(&st.cluster)
+            .ok()
+            .and_then(|c| cache.export_counts.get(&c).copied())
+            .unwrap_or(0);
+    }
+    match v.catalog.edited(edit) {
+        Ok(c) => v.catalog = c,
+        Err(e) => {
+            // Imports only name usable peers, so this is a bug: keep the
+            // last catalog and redo everything next time.
+            tracing::error!(error = %e, "incremental catalog edit did not validate; recomputing fully next");
+            metrics.reject("catalog_invalid");
+            cache.structural = true;
+        }
+    }
+    v
+}
+
 /// Minimum time between two recomputations of the view.
 const RECOMPUTE_INTERVAL: Duration = Duration::from_millis(20);
 
+/// The computed view, kept between computations (its maps are persistent,
+/// so keeping and editing it is cheap).
 struct View {
     catalog: Catalog,
     mcs: McsView,
     bundles: TrustBundles,
     clusters: Vec<ClusterStatus>,
-    imported: usize,
-    conflicts: Vec<(String, Conflict)>,
-    rejected: Vec<String>,
+    /// Clusters routed to: alive and trusted.
+    usable: BTreeSet<ClusterName>,
+    /// Import conflicts by service (only services that have some).
+    conflicts: imbl::OrdMap<ServiceName, Vec<Conflict>>,
+    /// Clusters refused on trust grounds.
+    trust_rejected: Vec<String>,
 }
 
 /// The whole view from the cache. Pure apart from `trusted` (bundles
 /// accepted so far) and counters.
 fn compute(
     s: &ControllerSettings,
-    cache: &BTreeMap<String, Decoded>,
+    cache: &Cache,
     local: &[LocalService],
     trusted: &mut BTreeMap<ClusterName, TrustBundle>,
     metrics: &ControllerMetrics,
 ) -> View {
     let mut rejected = Vec::new();
-    let mut infos: BTreeMap<&ClusterName, &ValidInfo> = BTreeMap::new();
-    let mut exports: Vec<mcs::Export> = Vec::new();
-    let mut export_counts: BTreeMap<&ClusterName, usize> = BTreeMap::new();
-    for d in cache.values() {
-        match d {
-            Decoded::Info(i) => {
-                infos.insert(&i.cluster, i);
-            }
-            Decoded::Export(e) => {
-                *export_counts.entry(&e.cluster).or_default() += 1;
-                exports.push(e.clone());
-            }
-            Decoded::Rejected(why) => rejected.push(why.clone()),
-        }
-    }
+    let infos: BTreeMap<&ClusterName, &ValidInfo> = cache.infos.iter().collect();
+    let export_counts = &cache.export_counts;
 
     // Trust: each remote cluster's bundle, accepted only if pinned or
     // endorsed by a root already trusted for that cluster.
@@ -628,15 +775,20 @@ fn compute(
     }
 
     // Routing: only clusters that are alive (info present) and trusted.
-    exports.retain(|e| e.cluster == s.cluster || usable.contains(&e.cluster));
+    let exports: Vec<mcs::Export> = cache
+        .exports
+        .values()
+        .flat_map(|m| m.values())
+        .filter(|e| e.cluster == s.cluster || usable.contains(&e.cluster))
+        .cloned()
+        .collect();
     let imports = mcs::merge(&s.cluster, &exports);
     let export_conflicts = mcs::export_conflicts(&s.cluster, &exports);
-    let mut conflicts = Vec::new();
-    let imported = imports.len();
+    let mut conflicts = imbl::OrdMap::new();
     let mut import_map: BTreeMap<ServiceName, Vec<ClusterName>> = BTreeMap::new();
     for (name, imp) in &imports {
-        for c in &imp.conflicts {
-            conflicts.push((name.to_string(), c.clone()));
+        if !imp.conflicts.is_empty() {
+            conflicts.insert(name.clone(), imp.conflicts.clone());
         }
         import_map.insert(name.clone(), imp.clusters.clone());
     }
@@ -685,13 +837,156 @@ fn compute(
     View {
         catalog,
         mcs: McsView {
-            imports,
-            export_conflicts,
+            imports: imports.into_iter().collect(),
+            export_conflicts: export_conflicts.into_iter().collect(),
         },
         bundles,
         clusters: statuses,
-        imported,
+        usable,
         conflicts,
-        rejected,
+        trust_rejected: rejected,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use fedmesh_trust::CertificateAuthority;
+
+    fn settings(
+        name: &str,
+        pinned: &[(&str, &CertificateAuthority)],
+        ca: &CertificateAuthority,
+    ) -> ControllerSettings {
+        ControllerSettings {
+            cluster: ClusterName::new(name).unwrap(),
+            trust_domain: ca.trust_domain().clone(),
+            locality: Locality::default(),
+            gateways: vec!["127.0.0.1:15443".parse().unwrap()],
+            gateway_tunnel: None,
+            lease_ttl: Duration::from_secs(10),
+            bundle: ca.bundle(),
+            endorsements: vec![],
+            pinned: pinned
+                .iter()
+                .map(|(n, ca)| (ClusterName::new(n).unwrap(), ca.bundle()))
+                .collect(),
+        }
+    }
+
+    fn svc(i: u32, export: bool, proto: Protocol, td: &TrustDomain) -> LocalService {
+        LocalService {
+            name: ServiceName::new(&format!("s{i}"), "ns").unwrap(),
+            ports: vec![(80, proto)],
+            service_type: ServiceType::ClusterSetIP,
+            export,
+            audience: None,
+            endpoints: vec![(
+                "127.0.0.1:9000".parse().unwrap(),
+                td.workload("ns", "x").unwrap(),
+            )],
+            exported_at_ms: None,
+        }
+    }
+
+    /// Many random single-service changes: after each, the incremental
+    /// view equals a full recomputation from the same cache.
+    #[test]
+    fn incremental_views_equal_full_recomputation() {
+        let m = ControllerMetrics::default();
+        let cas: Vec<CertificateAuthority> = ["a", "b", "c"]
+            .iter()
+            .map(|c| {
+                CertificateAuthority::new_root(
+                    format!("{c}.mesh").parse().unwrap(),
+                    Duration::from_secs(600),
+                )
+                .unwrap()
+            })
+            .collect();
+        let me = settings("a", &[("b", &cas[1]), ("c", &cas[2])], &cas[0]);
+        let others = [settings("b", &[], &cas[1]), settings("c", &[], &cas[2])];
+        let local: Vec<LocalService> = (0..5)
+            .map(|i| svc(i, i % 2 == 0, Protocol::Tcp, &cas[0].trust_domain().clone()))
+            .collect();
+        let mut cache = Cache::default();
+        let mut changes: Vec<(String, Option<Vec<u8>>)> = others
+            .iter()
+            .map(|o| (keys::info_key(&o.cluster), Some(info_record(o))))
+            .collect();
+        changes.push((keys::info_key(&me.cluster), Some(info_record(&me))));
+        // Our own exports come back from the store like everyone else's.
+        for l in local.iter().filter(|l| l.export) {
+            changes.push((
+                keys::service_key(&me.cluster, &l.name),
+                Some(service_record(l, 2)),
+            ));
+        }
+        cache.apply(
+            Delta {
+                replaced: true,
+                changes,
+            },
+            &m,
+        );
+        let mut trusted = BTreeMap::new();
+        cache.structural = false;
+        let mut view = compute(&me, &cache, &local, &mut trusted, &m);
+        let mut x: u32 = 7;
+        let mut rnd = move || {
+            x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            x >> 8
+        };
+        let (mut lost, mut conflicted) = (false, false);
+        for step in 0..300 {
+            // One to three changes per step, like a burst between recomputes.
+            let mut changes = Vec::new();
+            for _ in 0..=(rnd() % 3) {
+                let o = &others[(rnd() % 2) as usize];
+                let i = rnd() % 8;
+                let name = ServiceName::new(&format!("s{i}"), "ns").unwrap();
+                let key = keys::service_key(&o.cluster, &name);
+                let value = match rnd() % 4 {
+                    0 => None,
+                    1 => Some(b"{not json".to_vec()),
+                    k => {
+                        let proto = if k == 2 { Protocol::Tcp } else { Protocol::Udp };
+                        let s = svc(i, true, proto, &o.trust_domain);
+                        Some(service_record(&s, u64::from(rnd() % 5)))
+                    }
+                };
+                changes.push((key, value));
+            }
+            cache.apply(
+                Delta {
+                    replaced: false,
+                    changes,
+                },
+                &m,
+            );
+            assert!(
+                !cache.structural,
+                "single-service changes are not structural"
+            );
+            view = incremental(&me, &mut cache, view, &m);
+            let full = compute(&me, &cache, &local, &mut trusted, &m);
+            assert_eq!(view.catalog, full.catalog, "catalog differs at step {step}");
+            assert_eq!(view.mcs, full.mcs, "MCS view differs at step {step}");
+            assert_eq!(
+                view.conflicts, full.conflicts,
+                "conflicts differ at step {step}"
+            );
+            let exported = |v: &View| v.clusters.iter().map(|c| c.exported).collect::<Vec<_>>();
+            assert_eq!(
+                exported(&view),
+                exported(&full),
+                "counts differ at step {step}"
+            );
+            lost |= !view.mcs.export_conflicts.is_empty();
+            conflicted |= !view.conflicts.is_empty();
+        }
+        // The walk did reach the interesting states.
+        assert!(lost && conflicted, "no conflicts were exercised");
     }
 }

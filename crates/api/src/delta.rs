@@ -151,30 +151,26 @@ pub(crate) fn diff(
         Some((_, b)) => (&*b.catalog, &*b.bundles),
         None => (&empty, &empty_bundles),
     };
-    keyed_diff(
-        bc.services().map(|s| (&s.name, s)),
-        c.services().map(|s| (&s.name, s)),
-        |_, s| service_pb(s),
-        &mut u.services,
-        &mut u.removed_services,
-    );
-    keyed_diff(
-        bc.import_entries(),
-        c.import_entries(),
-        |name: &&ServiceName, clusters: &&[ClusterName]| pb::Import {
+    // The catalog's persistent maps diff in time proportional to the
+    // change; bundles are few and merge-joined.
+    let ch = c.changes_from(bc);
+    u.services = ch.services.into_iter().map(service_pb).collect();
+    u.removed_services = ch
+        .removed_services
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    u.imports = ch
+        .imports
+        .into_iter()
+        .map(|(name, clusters)| pb::Import {
             service: name.to_string(),
             clusters: clusters.iter().map(|c| c.to_string()).collect(),
-        },
-        &mut u.imports,
-        &mut u.removed_imports,
-    );
-    keyed_diff(
-        bc.peers().map(|p| (&p.cluster, p)),
-        c.peers().map(|p| (&p.cluster, p)),
-        |_, p| peer_pb(p),
-        &mut u.peers,
-        &mut u.removed_peers,
-    );
+        })
+        .collect();
+    u.removed_imports = ch.removed_imports.iter().map(ToString::to_string).collect();
+    u.peers = ch.peers.into_iter().map(peer_pb).collect();
+    u.removed_peers = ch.removed_peers.iter().map(ToString::to_string).collect();
     keyed_diff(
         bb.iter().map(|b| (b.trust_domain(), b)),
         next.bundles.iter().map(|b| (b.trust_domain(), b)),

@@ -114,6 +114,17 @@ pub struct Catalog {
     gateway: Option<LocalGateway>,
 }
 
+/// What changed between two catalogs (see [`Catalog::changes_from`]).
+#[derive(Debug, Default)]
+pub struct CatalogChanges<'a> {
+    pub services: Vec<&'a LocalService>,
+    pub removed_services: Vec<&'a ServiceName>,
+    pub imports: Vec<(&'a ServiceName, &'a [ClusterName])>,
+    pub removed_imports: Vec<&'a ServiceName>,
+    pub peers: Vec<&'a Peer>,
+    pub removed_peers: Vec<&'a ClusterName>,
+}
+
 /// A change to a catalog: what to add or replace, what to remove (by key).
 #[derive(Debug, Clone, Default)]
 pub struct CatalogEdit {
@@ -258,6 +269,35 @@ impl Catalog {
         } else {
             Err(SpecError(errs))
         }
+    }
+
+    /// What differs from `old`: added or changed entries, and removed keys.
+    /// Subtrees the two catalogs share are skipped, so the cost follows
+    /// the size of the change when `self` was edited from `old`.
+    pub fn changes_from<'a>(&'a self, old: &'a Catalog) -> CatalogChanges<'a> {
+        use imbl::ordmap::DiffItem;
+        let mut c = CatalogChanges::default();
+        for d in old.services.diff(&self.services) {
+            match d {
+                DiffItem::Add(_, v) | DiffItem::Update { new: (_, v), .. } => c.services.push(v),
+                DiffItem::Remove(k, _) => c.removed_services.push(k),
+            }
+        }
+        for d in old.imports.diff(&self.imports) {
+            match d {
+                DiffItem::Add(k, v) | DiffItem::Update { new: (k, v), .. } => {
+                    c.imports.push((k, v.as_slice()))
+                }
+                DiffItem::Remove(k, _) => c.removed_imports.push(k),
+            }
+        }
+        for d in old.peers.diff(&self.peers) {
+            match d {
+                DiffItem::Add(_, v) | DiffItem::Update { new: (_, v), .. } => c.peers.push(v),
+                DiffItem::Remove(k, _) => c.removed_peers.push(k),
+            }
+        }
+        c
     }
 
     /// Services imported from at least one other cluster.
