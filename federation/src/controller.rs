@@ -131,7 +131,7 @@ pub struct Status {
 /// its keys vanish from every other cluster's view.
 /// The Multi-Cluster Services view of this cluster: what a Kubernetes
 /// source writes back as ServiceImports and ServiceExport conditions.
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct McsView {
     /// Every import this cluster sees, with merged ports, type, conflicts.
     pub imports: imbl::OrdMap<ServiceName, mcs::Import>,
@@ -252,6 +252,13 @@ impl Controller {
     /// Replaces the local services (a source saw a change).
     pub fn set_local(&self, services: Vec<LocalService>) {
         self.local.send_replace(services);
+    }
+}
+
+impl PartialEq for McsView {
+    fn eq(&self, other: &Self) -> bool {
+        fedmesh_catalog::ordmap_eq(&self.imports, &other.imports)
+            && fedmesh_catalog::ordmap_eq(&self.export_conflicts, &other.export_conflicts)
     }
 }
 

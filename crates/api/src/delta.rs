@@ -92,40 +92,6 @@ fn bundle_pb(b: &TrustBundle) -> pb::Bundle {
     }
 }
 
-/// Merge-joins two key-ordered sequences: what is new or changed in
-/// `next` goes to `upserts`, keys only `base` has go to `removed`. O(n), no
-/// allocation besides the output.
-fn keyed_diff<K: Ord + ToString, V: PartialEq, P>(
-    base: impl Iterator<Item = (K, V)>,
-    next: impl Iterator<Item = (K, V)>,
-    encode: impl Fn(&K, &V) -> P,
-    upserts: &mut Vec<P>,
-    removed: &mut Vec<String>,
-) {
-    let mut base = base.peekable();
-    for (k, v) in next {
-        loop {
-            match base.peek() {
-                Some((bk, _)) if *bk < k => {
-                    removed.push(bk.to_string());
-                    base.next();
-                }
-                _ => break,
-            }
-        }
-        match base.peek() {
-            Some((bk, bv)) if *bk == k => {
-                if *bv != v {
-                    upserts.push(encode(&k, &v));
-                }
-                base.next();
-            }
-            _ => upserts.push(encode(&k, &v)),
-        }
-    }
-    removed.extend(base.map(|(k, _)| k.to_string()));
-}
-
 /// The update that takes a proxy from `base` (None: nothing) to `next`.
 pub(crate) fn diff(
     version: u64,
@@ -171,10 +137,11 @@ pub(crate) fn diff(
     u.removed_imports = ch.removed_imports.iter().map(ToString::to_string).collect();
     u.peers = ch.peers.into_iter().map(peer_pb).collect();
     u.removed_peers = ch.removed_peers.iter().map(ToString::to_string).collect();
-    keyed_diff(
+    fedmesh_catalog::keyed_diff(
         bb.iter().map(|b| (b.trust_domain(), b)),
         next.bundles.iter().map(|b| (b.trust_domain(), b)),
         |_, b| bundle_pb(b),
+        |k| k.to_string(),
         &mut u.bundles,
         &mut u.removed_bundles,
     );

@@ -242,10 +242,34 @@ where
         local[idx].export = false;
         clusters[src].ctrl.set_local(local);
         for w in waiters {
-            let at = tokio::time::timeout(Duration::from_secs(30), w)
-                .await
-                .context("subscriber timed out")??;
-            latencies.push(at.saturating_duration_since(start));
+            let Ok(at) = tokio::time::timeout(Duration::from_secs(30), w).await else {
+                // Say where it got stuck: controller or proxies.
+                for c in clusters.iter().filter(|c| c.name != src_name) {
+                    let ctrl_has = c
+                        .ctrl
+                        .catalog()
+                        .borrow()
+                        .as_ref()
+                        .is_some_and(|cat| cat.imports(&target).contains(&src_name));
+                    let stale =
+                        c.subs
+                            .iter()
+                            .filter(|s| {
+                                s.config().borrow().as_ref().is_some_and(|cfg| {
+                                    cfg.catalog.imports(&target).contains(&src_name)
+                                })
+                            })
+                            .count();
+                    let st = c.subs.first().map(|s| s.status());
+                    eprintln!(
+                        "{}: controller still imports {target} from {src_name}: {ctrl_has}; proxies still importing: {stale}/{}; first proxy: {st:?}",
+                        c.name,
+                        c.subs.len()
+                    );
+                }
+                anyhow::bail!("change {k}: a subscriber did not see {target} withdrawn from {src_name} within 30 s");
+            };
+            latencies.push(at?.saturating_duration_since(start));
         }
         // Restore, and wait for it to settle before the next change.
         clusters[src].ctrl.set_local(clusters[src].local.clone());

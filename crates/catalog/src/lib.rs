@@ -101,9 +101,8 @@ pub struct LocalGateway {
 ///
 /// The maps are persistent (structure-sharing): cloning a catalog is
 /// O(1) and an edit costs O(changes × log n), so a proxy applying a small
-/// delta to a catalog of 10,000 services does not copy 10,000 services,
-/// and comparing two versions skips the subtrees they share.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// delta to a catalog of 10,000 services does not copy 10,000 services.
+#[derive(Debug, Clone)]
 pub struct Catalog {
     pub cluster: ClusterName,
     pub trust_domain: TrustDomain,
@@ -113,6 +112,66 @@ pub struct Catalog {
     peers: OrdMap<ClusterName, Peer>,
     gateway: Option<LocalGateway>,
 }
+
+// imbl 6.1's `OrdMap::diff` (and the `PartialEq` built on it) misreports
+// which key changed in large maps that share structure (see the
+// `changes_of_large_edited_catalogs_are_exact` test), so equality and diffs
+// here walk both maps in key order instead: O(n), shared by every reader.
+
+/// Equal maps: the same root (free), or the same entries in order.
+pub fn ordmap_eq<K: Ord + Clone + PartialEq, V: Clone + PartialEq>(
+    a: &OrdMap<K, V>,
+    b: &OrdMap<K, V>,
+) -> bool {
+    a.ptr_eq(b) || (a.len() == b.len() && a.iter().eq(b.iter()))
+}
+
+/// Merge-joins two key-ordered sequences: entries new or changed in `next`
+/// go to `upserts`, keys only in `base` to `removed`.
+pub fn keyed_diff<K: Ord, V: PartialEq, P, R>(
+    base: impl Iterator<Item = (K, V)>,
+    next: impl Iterator<Item = (K, V)>,
+    mut upsert: impl FnMut(&K, &V) -> P,
+    mut remove: impl FnMut(K) -> R,
+    upserts: &mut Vec<P>,
+    removed: &mut Vec<R>,
+) {
+    let mut base = base.peekable();
+    for (k, v) in next {
+        while let Some((bk, _)) = base.peek() {
+            if *bk < k {
+                if let Some((bk, _)) = base.next() {
+                    removed.push(remove(bk));
+                }
+            } else {
+                break;
+            }
+        }
+        match base.peek() {
+            Some((bk, bv)) if *bk == k => {
+                if *bv != v {
+                    upserts.push(upsert(&k, &v));
+                }
+                base.next();
+            }
+            _ => upserts.push(upsert(&k, &v)),
+        }
+    }
+    removed.extend(base.map(|(k, _)| remove(k)));
+}
+
+impl PartialEq for Catalog {
+    fn eq(&self, other: &Self) -> bool {
+        self.cluster == other.cluster
+            && self.trust_domain == other.trust_domain
+            && self.gateway == other.gateway
+            && ordmap_eq(&self.peers, &other.peers)
+            && ordmap_eq(&self.imports, &other.imports)
+            && ordmap_eq(&self.services, &other.services)
+    }
+}
+
+impl Eq for Catalog {}
 
 /// What changed between two catalogs (see [`Catalog::changes_from`]).
 #[derive(Debug, Default)]
@@ -272,30 +331,37 @@ impl Catalog {
     }
 
     /// What differs from `old`: added or changed entries, and removed keys.
-    /// Subtrees the two catalogs share are skipped, so the cost follows
-    /// the size of the change when `self` was edited from `old`.
     pub fn changes_from<'a>(&'a self, old: &'a Catalog) -> CatalogChanges<'a> {
-        use imbl::ordmap::DiffItem;
         let mut c = CatalogChanges::default();
-        for d in old.services.diff(&self.services) {
-            match d {
-                DiffItem::Add(_, v) | DiffItem::Update { new: (_, v), .. } => c.services.push(v),
-                DiffItem::Remove(k, _) => c.removed_services.push(k),
-            }
+        if !old.services.ptr_eq(&self.services) {
+            keyed_diff(
+                old.services.iter(),
+                self.services.iter(),
+                |_, v| *v,
+                |k| k,
+                &mut c.services,
+                &mut c.removed_services,
+            );
         }
-        for d in old.imports.diff(&self.imports) {
-            match d {
-                DiffItem::Add(k, v) | DiffItem::Update { new: (k, v), .. } => {
-                    c.imports.push((k, v.as_slice()))
-                }
-                DiffItem::Remove(k, _) => c.removed_imports.push(k),
-            }
+        if !old.imports.ptr_eq(&self.imports) {
+            keyed_diff(
+                old.imports.iter(),
+                self.imports.iter(),
+                |k, v| (*k, v.as_slice()),
+                |k| k,
+                &mut c.imports,
+                &mut c.removed_imports,
+            );
         }
-        for d in old.peers.diff(&self.peers) {
-            match d {
-                DiffItem::Add(_, v) | DiffItem::Update { new: (_, v), .. } => c.peers.push(v),
-                DiffItem::Remove(k, _) => c.removed_peers.push(k),
-            }
+        if !old.peers.ptr_eq(&self.peers) {
+            keyed_diff(
+                old.peers.iter(),
+                self.peers.iter(),
+                |_, v| *v,
+                |k| k,
+                &mut c.peers,
+                &mut c.removed_peers,
+            );
         }
         c
     }

@@ -401,3 +401,64 @@ services:
         assert!(CatalogSpec::from_yaml("cluster: a\ntrust_domain: b\nbogus: 1").is_err());
     }
 }
+
+#[cfg(test)]
+mod big_tests {
+    use crate::{Catalog, CatalogEdit, ClusterName, Peer};
+    use fedmesh_wire::ServiceName;
+
+    /// Diffs of large catalogs that share structure report exactly what
+    /// an edit changed (small catalogs never exercise subtree skipping).
+    #[test]
+    fn changes_of_large_edited_catalogs_are_exact() {
+        let td: fedmesh_trust::TrustDomain = "a.mesh".parse().unwrap();
+        let ptd: fedmesh_trust::TrustDomain = "b.mesh".parse().unwrap();
+        let b = ClusterName::new("b").unwrap();
+        let mut imports = std::collections::BTreeMap::new();
+        for i in 0..10_000 {
+            imports.insert(
+                ServiceName::new(&format!("s{i}"), "ns").unwrap(),
+                vec![b.clone()],
+            );
+        }
+        let peer = Peer {
+            cluster: b.clone(),
+            trust_domain: ptd.clone(),
+            address: "127.0.0.1:1".parse().unwrap(),
+            identity: crate::gateway_identity(&ptd),
+        };
+        let mut cat = Catalog::assemble(
+            ClusterName::new("a").unwrap(),
+            td,
+            None,
+            vec![],
+            imports,
+            vec![peer],
+        )
+        .unwrap();
+        for k in 0..200usize {
+            let i = (k * 7919) % 10_000;
+            let name = ServiceName::new(&format!("s{i}"), "ns").unwrap();
+            let removed = cat
+                .edited(CatalogEdit {
+                    upsert_imports: vec![(name.clone(), vec![])],
+                    ..Default::default()
+                })
+                .unwrap();
+            let ch = removed.changes_from(&cat);
+            assert_eq!(ch.removed_imports, vec![&name], "step {k}: removal");
+            assert!(ch.imports.is_empty(), "step {k}");
+            let back = removed
+                .edited(CatalogEdit {
+                    upsert_imports: vec![(name.clone(), vec![b.clone()])],
+                    ..Default::default()
+                })
+                .unwrap();
+            let ch = back.changes_from(&removed);
+            assert_eq!(ch.imports.len(), 1, "step {k}: re-add");
+            assert!(ch.removed_imports.is_empty());
+            assert_eq!(back, cat, "step {k}");
+            cat = back;
+        }
+    }
+}
