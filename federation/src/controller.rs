@@ -456,8 +456,9 @@ fn decode(k: &str, v: &[u8], metrics: &ControllerMetrics) -> Decoded {
 /// it touched, so a recompute redoes only that.
 #[derive(Default)]
 struct Cache {
-    /// Every key's decoded value (to undo it when the key changes).
-    by_key: BTreeMap<String, Decoded>,
+    /// Where each key's value went (to undo it when the key changes); the
+    /// values themselves live once, in the indexes below.
+    by_key: BTreeMap<String, Indexed>,
     infos: BTreeMap<ClusterName, ValidInfo>,
     exports: BTreeMap<ServiceName, BTreeMap<ClusterName, mcs::Export>>,
     export_counts: BTreeMap<ClusterName, usize>,
@@ -469,26 +470,33 @@ struct Cache {
     structural: bool,
 }
 
+/// Which index a key's value is in.
+enum Indexed {
+    Info(ClusterName),
+    Export(ServiceName, ClusterName),
+    Rejected,
+}
+
 impl Cache {
     fn forget(&mut self, key: &str) {
         match self.by_key.remove(key) {
-            Some(Decoded::Info(i)) => {
-                self.infos.remove(&i.cluster);
+            Some(Indexed::Info(cluster)) => {
+                self.infos.remove(&cluster);
                 self.structural = true;
             }
-            Some(Decoded::Export(e)) => {
-                if let Some(m) = self.exports.get_mut(&e.service) {
-                    m.remove(&e.cluster);
+            Some(Indexed::Export(service, cluster)) => {
+                if let Some(m) = self.exports.get_mut(&service) {
+                    m.remove(&cluster);
                     if m.is_empty() {
-                        self.exports.remove(&e.service);
+                        self.exports.remove(&service);
                     }
                 }
-                if let Some(n) = self.export_counts.get_mut(&e.cluster) {
+                if let Some(n) = self.export_counts.get_mut(&cluster) {
                     *n = n.saturating_sub(1);
                 }
-                self.dirty.insert(e.service);
+                self.dirty.insert(service);
             }
-            Some(Decoded::Rejected(_)) => {
+            Some(Indexed::Rejected) => {
                 self.rejected.remove(key);
             }
             None => {}
@@ -496,24 +504,29 @@ impl Cache {
     }
 
     fn learn(&mut self, key: String, d: Decoded) {
-        match &d {
+        let marker = match d {
             Decoded::Info(i) => {
-                self.infos.insert(i.cluster.clone(), (**i).clone());
                 self.structural = true;
+                let cluster = i.cluster.clone();
+                self.infos.insert(cluster.clone(), *i);
+                Indexed::Info(cluster)
             }
             Decoded::Export(e) => {
+                let (service, cluster) = (e.service.clone(), e.cluster.clone());
+                *self.export_counts.entry(cluster.clone()).or_default() += 1;
+                self.dirty.insert(service.clone());
                 self.exports
-                    .entry(e.service.clone())
+                    .entry(service.clone())
                     .or_default()
-                    .insert(e.cluster.clone(), e.clone());
-                *self.export_counts.entry(e.cluster.clone()).or_default() += 1;
-                self.dirty.insert(e.service.clone());
+                    .insert(cluster.clone(), e);
+                Indexed::Export(service, cluster)
             }
             Decoded::Rejected(why) => {
-                self.rejected.insert(key.clone(), why.clone());
+                self.rejected.insert(key.clone(), why);
+                Indexed::Rejected
             }
-        }
-        self.by_key.insert(key, d);
+        };
+        self.by_key.insert(key, marker);
     }
 
     fn apply(&mut self, delta: Delta, metrics: &ControllerMetrics) {

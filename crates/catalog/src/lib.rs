@@ -24,14 +24,15 @@ use fedmesh_wire::ServiceName;
 pub use route::{Hop, RouteError};
 pub use spec::{CatalogSpec, EndpointSpec, ImportSpec, PeerSpec, ServiceSpec, SpecError};
 
-/// A cluster's name: a DNS-1123 label such as `east`.
+/// A cluster's name: a DNS-1123 label such as `east`. Shared, not copied:
+/// every import and export of a large federation names a cluster.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ClusterName(String);
+pub struct ClusterName(std::sync::Arc<str>);
 
 impl ClusterName {
     pub fn new(name: &str) -> Result<Self, fedmesh_wire::NameError> {
         fedmesh_wire::check_label("cluster name", name)?;
-        Ok(Self(name.to_owned()))
+        Ok(Self(std::sync::Arc::from(name)))
     }
 
     pub fn as_str(&self) -> &str {
