@@ -188,15 +188,42 @@ where
     for c in &clusters {
         for s in &c.subs {
             let mut rx = s.config();
-            tokio::time::timeout(
-                Duration::from_secs(300),
+            let r = tokio::time::timeout(
+                Duration::from_secs(120),
                 rx.wait_for(|cfg| {
                     cfg.as_ref()
                         .is_some_and(|cfg| imported(&cfg.catalog) == want)
                 }),
             )
-            .await
-            .context("a proxy never got the full config")??;
+            .await;
+            if r.is_err() {
+                for c in &clusters {
+                    let ctrl = c
+                        .ctrl
+                        .catalog()
+                        .borrow()
+                        .as_ref()
+                        .map(|cat| (imported(cat), cat.peers().count()));
+                    let mut counts: Vec<usize> = c
+                        .subs
+                        .iter()
+                        .map(|s| {
+                            s.config()
+                                .borrow()
+                                .as_ref()
+                                .map(|cfg| imported(&cfg.catalog))
+                                .unwrap_or(0)
+                        })
+                        .collect();
+                    counts.dedup();
+                    eprintln!(
+                        "{}: controller (imports, peers) {ctrl:?}, proxies' imports {counts:?}, first proxy {:?}",
+                        c.name,
+                        c.subs.first().map(|s| s.status())
+                    );
+                }
+                anyhow::bail!("a proxy never got the full config ({want} imports)");
+            }
         }
     }
     let proxies_synced = t1.elapsed();
