@@ -40,6 +40,11 @@ pub struct ApiLimits {
     /// SVID lifetime for signed CSRs.
     #[serde(with = "humantime_serde")]
     pub svid_ttl: Duration,
+    /// Least time between two updates to one proxy. The first change after
+    /// a quiet spell goes out at once; a burst is coalesced, so a fleet of
+    /// proxies is not re-sent every intermediate version.
+    #[serde(with = "humantime_serde")]
+    pub min_push_interval: Duration,
 }
 
 impl Default for ApiLimits {
@@ -51,6 +56,7 @@ impl Default for ApiLimits {
             hello_timeout: Duration::from_secs(10),
             max_message_bytes: 64 << 20,
             svid_ttl: Duration::from_secs(24 * 3600),
+            min_push_interval: Duration::from_millis(100),
         }
     }
 }
@@ -311,7 +317,18 @@ async fn session(
     // What the proxy has applied (None: nothing, or unknown after a NACK).
     let mut base: Option<Arc<Versioned>> = None;
     let mut nacked: Option<u64> = None;
+    let mut last_push: Option<tokio::time::Instant> = None;
     loop {
+        if let Some(at) = last_push {
+            tokio::select! {
+                _ = tokio::time::sleep_until(at + shared.limits.min_push_interval) => {}
+                _ = tx.closed() => return,
+                _ = stopped(&mut closing) => {
+                    let _ = tx.send(stopping()).await;
+                    return;
+                }
+            }
+        }
         let next = loop {
             let current = source.borrow_and_update().clone();
             if let Some(v) = current {
@@ -339,6 +356,7 @@ async fn session(
         if tx.send(Ok((*update).clone())).await.is_err() {
             return;
         }
+        last_push = Some(tokio::time::Instant::now());
         let answer = tokio::select! {
             m = inbound.message() => m,
             _ = tx.closed() => return,
