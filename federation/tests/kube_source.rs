@@ -257,9 +257,29 @@ async fn nothing_is_reported_before_every_kind_has_listed() {
     fake.hold(SLICES);
     let src = KubeSource::start(client(&fake).await, settings(), &mut Registry::default());
     let mut rx = src.local();
+    // Every value ever reported, to check none came from a partial listing.
+    let mut all = src.local();
+    let seen = tokio::spawn(async move {
+        let mut endpoints = Vec::new();
+        while all.changed().await.is_ok() {
+            if let Some(l) = all.borrow_and_update().as_ref() {
+                endpoints.push(find(l, CART).map(|s| s.endpoints.len()).unwrap_or(0));
+            }
+            if !endpoints.is_empty() {
+                break;
+            }
+        }
+        endpoints
+    });
     // Services and exports list at once; without the slices every service
     // would look endpoint-less, so nothing may be reported yet.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    tokio::time::timeout(WAIT, async {
+        while src.metrics().lists("service") == 0 || src.metrics().lists("serviceexport") == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("services and exports never listed");
     assert!(
         rx.borrow().is_none(),
         "reported before EndpointSlices were listed"
@@ -267,6 +287,11 @@ async fn nothing_is_reported_before_every_kind_has_listed() {
     fake.release();
     let l = next_local(&mut rx, "the listing", |l| !l.is_empty()).await;
     assert_eq!(find(&l, CART).unwrap().endpoints.len(), 1);
+    assert_eq!(
+        seen.await.unwrap(),
+        [1],
+        "the first value reported lacked the EndpointSlices"
+    );
 }
 
 #[tokio::test]

@@ -61,12 +61,14 @@ pub enum BundleError {
     Json(String),
 }
 
-/// The roots of one trust domain, with their parsed trust anchors.
+/// The roots of one trust domain, with their parsed trust anchors. Cheap
+/// to clone (shared, immutable roots): bundle sets are rebuilt and handed
+/// to every proxy on each config change.
 #[derive(Clone)]
 pub struct TrustBundle {
     trust_domain: TrustDomain,
-    roots: Vec<CertificateDer<'static>>,
-    anchors: Vec<TrustAnchor<'static>>,
+    roots: Arc<[CertificateDer<'static>]>,
+    anchors: Arc<[TrustAnchor<'static>]>,
     sequence: u64,
 }
 
@@ -132,8 +134,8 @@ impl TrustBundle {
         }
         Ok(Self {
             trust_domain,
-            roots,
-            anchors,
+            roots: roots.into(),
+            anchors: anchors.into(),
             sequence: 0,
         })
     }
@@ -142,8 +144,8 @@ impl TrustBundle {
     pub(crate) fn empty(trust_domain: TrustDomain) -> Self {
         Self {
             trust_domain,
-            roots: Vec::new(),
-            anchors: Vec::new(),
+            roots: Arc::from(Vec::new()),
+            anchors: Arc::from(Vec::new()),
             sequence: 0,
         }
     }
@@ -174,7 +176,7 @@ impl TrustBundle {
     /// encodings, so PEM and JSON forms of one bundle match.
     pub fn fingerprint(&self) -> String {
         let mut h = Sha256::new();
-        for r in &self.roots {
+        for r in self.roots.iter() {
             h.update((r.len() as u32).to_be_bytes());
             h.update(r.as_ref());
         }

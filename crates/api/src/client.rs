@@ -245,19 +245,21 @@ fn yes() -> bool {
 
 /// The catalog a proxy starts with: its static one, or (when it follows a
 /// controller) an empty one for its cluster until the first update.
-/// `trust_domain` is the proxy's own, from its SVID.
+/// `identity` is the proxy's own SVID ID (its trust domain is the cluster's).
 pub fn initial_catalog(
     spec: Option<&fedmesh_catalog::CatalogSpec>,
     link: Option<&ControllerLink>,
-    trust_domain: Option<&fedmesh_trust::TrustDomain>,
+    identity: Option<&fedmesh_trust::SpiffeId>,
 ) -> Result<fedmesh_catalog::Catalog, Vec<String>> {
     match (spec, link) {
         (Some(spec), _) => spec.build().map_err(|e| e.0),
         (None, Some(link)) => {
             let cluster = ClusterName::new(&link.cluster)
                 .map_err(|e| vec![format!("controller.cluster: {e}")])?;
-            let td = trust_domain.ok_or_else(|| vec!["no identity to take the trust domain from".to_string()])?;
-            Ok(fedmesh_catalog::Catalog::empty(cluster, td.clone()))
+            let td = identity
+                .and_then(|id| id.trust_domain_name().parse().ok())
+                .ok_or_else(|| vec!["no identity to take the trust domain from".to_string()])?;
+            Ok(fedmesh_catalog::Catalog::empty(cluster, td))
         }
         (None, None) => Err(vec![
             "either `catalog` (static config) or `controller` (config from the controller) is required".into(),

@@ -159,10 +159,6 @@ pub struct Applied {
     version: Option<u64>,
     catalog: Option<Catalog>,
     bundles: BTreeMap<TrustDomain, TrustBundle>,
-    /// `bundles` as handed out, reused while updates leave bundles alone
-    /// (most do; rebuilding it per update per proxy was the main
-    /// proxy-side cost with 1,000 subscribers).
-    bundle_set: Option<Arc<TrustBundles>>,
 }
 
 fn field<T, E: std::fmt::Display>(
@@ -192,7 +188,6 @@ impl Applied {
             version: None,
             catalog: None,
             bundles: BTreeMap::new(),
-            bundle_set: None,
         }
     }
 
@@ -218,7 +213,6 @@ impl Applied {
             &u.trust_domain,
             u.trust_domain.parse::<TrustDomain>(),
         )?;
-        let touched = u.full || !u.bundles.is_empty() || !u.removed_bundles.is_empty();
         let (base, mut bundles) = if u.full {
             (Catalog::empty(cluster.clone(), td.clone()), BTreeMap::new())
         } else {
@@ -236,12 +230,8 @@ impl Applied {
                     got: cluster.to_string(),
                 });
             }
-            let bundles = if touched {
-                self.bundles.clone()
-            } else {
-                BTreeMap::new()
-            };
-            (have.clone(), bundles)
+            // Bundles share their roots: this copy is a handful of Arcs.
+            (have.clone(), self.bundles.clone())
         };
         let edit = CatalogEdit {
             gateway: match &u.gateway {
@@ -329,8 +319,7 @@ impl Applied {
             .map_err(|e| ApplyError::Catalog(e.to_string()))?;
 
         // Whole-config checks: this cluster and every peer are verifiable.
-        let bundles_now = if touched { &bundles } else { &self.bundles };
-        if !bundles_now.contains_key(&td) {
+        if !bundles.contains_key(&td) {
             return Err(ApplyError::NoBundle {
                 cluster: cluster.to_string(),
                 trust_domain: td.to_string(),
@@ -338,32 +327,23 @@ impl Applied {
         }
         if let Some(p) = catalog
             .peers()
-            .find(|p| !bundles_now.contains_key(&p.trust_domain))
+            .find(|p| !bundles.contains_key(&p.trust_domain))
         {
             return Err(ApplyError::NoBundle {
                 cluster: p.cluster.to_string(),
                 trust_domain: p.trust_domain.to_string(),
             });
         }
-        let set = match &self.bundle_set {
-            Some(set) if !touched => set.clone(),
-            _ => {
-                let mut set = TrustBundles::new();
-                for b in bundles_now.values() {
-                    set.insert(b.clone());
-                }
-                Arc::new(set)
-            }
-        };
+        let mut set = TrustBundles::new();
+        for b in bundles.values() {
+            set.insert(b.clone());
+        }
         self.version = Some(u.version);
         self.catalog = Some(catalog.clone());
-        if touched {
-            self.bundles = bundles;
-        }
-        self.bundle_set = Some(set.clone());
+        self.bundles = bundles;
         Ok(ProxyConfig {
             catalog: Arc::new(catalog),
-            bundles: set,
+            bundles: Arc::new(set),
         })
     }
 }

@@ -87,6 +87,10 @@ fn name(s: &str) -> String {
 }
 
 async fn start_on(addr: SocketAddr, world: Option<World>) -> World {
+    start_with(addr, world, ApiLimits::default()).await
+}
+
+async fn start_with(addr: SocketAddr, world: Option<World>, limits: ApiLimits) -> World {
     let (td, ca, other_ca, catalog, bundles) = match world {
         Some(mut w) => {
             if let Some(s) = w.server.take() {
@@ -111,7 +115,7 @@ async fn start_on(addr: SocketAddr, world: Option<World>) -> World {
     };
     let metrics = ApiMetrics::default();
     let source = server::versioned(catalog.subscribe(), bundles.subscribe());
-    let api = ConfigApi::new(source, ApiLimits::default(), metrics.clone());
+    let api = ConfigApi::new(source, limits, metrics.clone());
     let signer = Signer::new(
         ca.clone(),
         vec![BootstrapToken {
@@ -446,4 +450,30 @@ async fn an_svid_renews_itself_and_nothing_else() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     assert_eq!(w.metrics.rejected_count("not_own_identity"), 1);
     assert_eq!(w.metrics.rejected_count("bad_csr"), 1);
+}
+
+#[tokio::test]
+async fn a_burst_of_changes_reaches_a_proxy_as_one_update() {
+    let limits = ApiLimits {
+        min_push_interval: Duration::from_secs(2),
+        ..ApiLimits::default()
+    };
+    let w = start_with("127.0.0.1:0".parse().unwrap(), None, limits).await;
+    let sub = subscribe(&w);
+    until(&sub, |c| has(c, &name("web"))).await;
+    let applied = sub.status().applied;
+    // Three versions inside one push interval: only the last is sent.
+    for extra in ["a", "b", "c"] {
+        w.catalog.send_replace(Some(Arc::new(catalog(
+            &w.td,
+            &[&name("web"), &name(extra)],
+            None,
+        ))));
+    }
+    until(&sub, |c| has(c, &name("c"))).await;
+    assert_eq!(
+        sub.status().applied,
+        applied + 1,
+        "the burst was not coalesced"
+    );
 }

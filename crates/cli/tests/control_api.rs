@@ -297,8 +297,15 @@ async fn proxies_follow_their_controller_as_processes() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Past the first SVIDs' expiry, new handshakes still succeed.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Past the first SVID's expiry, new handshakes still succeed.
+    let first_leaf = fedmesh_trust::pem::decode_certs(&String::from_utf8_lossy(&first)).unwrap();
+    let expiry = fedmesh_trust::svid::inspect_leaf(&first_leaf[0])
+        .unwrap()
+        .not_after;
+    let left = expiry
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or_default();
+    tokio::time::sleep(left + Duration::from_millis(500)).await;
     let load = LoadSpec {
         connections: 5,
         requests_per_connection: 10,

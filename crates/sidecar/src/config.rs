@@ -117,10 +117,8 @@ impl SidecarConfig {
         let trust = load_trust(&self.identity, &self.bundles)
             .map_err(|e| problems.extend(e))
             .ok();
-        let td = trust
-            .as_ref()
-            .and_then(|(svid, _)| svid.id().trust_domain_name().parse().ok());
-        let catalog = initial_catalog(self.catalog.as_ref(), self.controller.as_ref(), td.as_ref())
+        let id = trust.as_ref().map(|(svid, _)| svid.id());
+        let catalog = initial_catalog(self.catalog.as_ref(), self.controller.as_ref(), id)
             .map_err(|e| problems.extend(e))
             .ok();
         if let (Some(c), Some((svid, _))) = (&catalog, &trust) {
