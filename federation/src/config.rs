@@ -51,6 +51,10 @@ pub struct ControllerConfig {
     /// The config and certificate API for this cluster's proxies.
     #[serde(default)]
     pub api: Option<fedmesh_api::server::ApiConfig>,
+    /// Traffic and authorization policy by service name, sent to every
+    /// proxy of this cluster (read at start).
+    #[serde(default)]
+    pub policies: BTreeMap<String, fedmesh_catalog::ServicePolicy>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -270,6 +274,20 @@ impl ControllerConfig {
         let pinned = load_pins(&self.pins_dir)
             .map_err(|e| errs.extend(e))
             .unwrap_or_default();
+        let mut policies = BTreeMap::new();
+        for (name, p) in &self.policies {
+            let what = format!("policies[{name}]");
+            match name.parse::<fedmesh_wire::ServiceName>() {
+                Ok(n) => {
+                    let problems = p.problems(&what);
+                    if problems.is_empty() {
+                        policies.insert(n, std::sync::Arc::new(p.clone()));
+                    }
+                    errs.extend(problems);
+                }
+                Err(e) => errs.push(format!("{what}: {e}")),
+            }
+        }
         match (cluster, td, bundle) {
             (Some(cluster), Some(trust_domain), Some(bundle)) if errs.is_empty() => {
                 Ok(ControllerSettings {
@@ -282,6 +300,7 @@ impl ControllerConfig {
                     bundle,
                     endorsements,
                     pinned,
+                    policies,
                 })
             }
             _ => Err(errs),

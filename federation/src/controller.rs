@@ -57,6 +57,8 @@ pub struct ControllerSettings {
     pub endorsements: Vec<Endorsement>,
     /// Bundles an operator admitted (`fedmesh cluster join`), by cluster.
     pub pinned: BTreeMap<ClusterName, TrustBundle>,
+    /// Traffic and authorization policy by service, for this cluster's proxies.
+    pub policies: BTreeMap<ServiceName, std::sync::Arc<fedmesh_catalog::ServicePolicy>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -837,6 +839,7 @@ fn compute(
                 trust_domain: info.trust_domain.clone(),
                 address: *info.gateways.first()?,
                 identity: fedmesh_catalog::gateway_identity(&info.trust_domain),
+                region: info.locality.region.clone(),
             })
         })
         .collect();
@@ -853,7 +856,9 @@ fn compute(
             tracing::error!(error = %e, "computed catalog did not validate; serving local services only");
             metrics.reject("catalog_invalid");
             Catalog::empty(s.cluster.clone(), s.trust_domain.clone())
-        });
+        })
+        .with_policies(s.policies.clone())
+        .with_region(s.locality.region.clone());
     View {
         catalog,
         mcs: McsView {
@@ -892,6 +897,7 @@ mod tests {
                 .iter()
                 .map(|(n, ca)| (ClusterName::new(n).unwrap(), ca.bundle()))
                 .collect(),
+            policies: Default::default(),
         }
     }
 

@@ -65,6 +65,7 @@ fn settings(m: &Member, all: &[&Member], port: u16) -> ControllerSettings {
             .filter(|o| o.name != m.name)
             .map(|o| (o.name.clone(), o.ca.bundle()))
             .collect::<BTreeMap<_, _>>(),
+        policies: Default::default(),
     }
 }
 

@@ -359,6 +359,7 @@ async fn unreachable_peer_backs_off_instead_of_retrying_every_stream() {
         trust_domain: "south.demo".into(),
         gateway: silent.local_addr().unwrap(),
         identity: None,
+        region: String::new(),
     });
     spec.imports.push(fedmesh_catalog::ImportSpec {
         service: "ghost.demo".into(),

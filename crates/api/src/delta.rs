@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use fedmesh_catalog::{
-    Catalog, CatalogEdit, ClusterName, Endpoint, LocalGateway, LocalService, Peer,
+    Catalog, CatalogEdit, ClusterName, Endpoint, LocalGateway, LocalService, Peer, ServicePolicy,
 };
 use fedmesh_trust::{SpiffeId, TrustBundle, TrustBundles, TrustDomain};
 use fedmesh_wire::ServiceName;
@@ -82,7 +82,30 @@ fn peer_pb(p: &Peer) -> pb::Peer {
         trust_domain: p.trust_domain.to_string(),
         address: p.address.to_string(),
         identity: p.identity.to_string(),
+        region: p.region.clone(),
     }
+}
+
+fn policy_pb(name: &ServiceName, p: &ServicePolicy) -> pb::Policy {
+    pb::Policy {
+        service: name.to_string(),
+        // A policy is plain data (strings, numbers, maps): it always encodes.
+        json: serde_json::to_string(p).unwrap_or_default(),
+    }
+}
+
+fn decode_policy(p: &pb::Policy) -> Result<(ServiceName, Arc<ServicePolicy>), ApplyError> {
+    let name = field("policy", &p.service, p.service.parse::<ServiceName>())?;
+    let policy: ServicePolicy = field("policy", &p.service, serde_json::from_str(&p.json))?;
+    let problems = policy.problems("policy");
+    if !problems.is_empty() {
+        return Err(ApplyError::Field {
+            what: "policy",
+            key: p.service.clone(),
+            error: problems.join("; "),
+        });
+    }
+    Ok((name, Arc::new(policy)))
 }
 
 fn bundle_pb(b: &TrustBundle) -> pb::Bundle {
@@ -109,6 +132,7 @@ pub(crate) fn diff(
             address: g.address.to_string(),
             identity: g.identity.to_string(),
         }),
+        region: c.region.clone(),
         ..Default::default()
     };
     let empty = Catalog::empty(c.cluster.clone(), c.trust_domain.clone());
@@ -137,6 +161,16 @@ pub(crate) fn diff(
     u.removed_imports = ch.removed_imports.iter().map(ToString::to_string).collect();
     u.peers = ch.peers.into_iter().map(peer_pb).collect();
     u.removed_peers = ch.removed_peers.iter().map(ToString::to_string).collect();
+    u.policies = ch
+        .policies
+        .into_iter()
+        .map(|(k, p)| policy_pb(k, p))
+        .collect();
+    u.removed_policies = ch
+        .removed_policies
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     fedmesh_catalog::keyed_diff(
         bb.iter().map(|b| (b.trust_domain(), b)),
         next.bundles.iter().map(|b| (b.trust_domain(), b)),
@@ -287,9 +321,21 @@ impl Applied {
                         )?,
                         address: parse_addr("peer", &p.cluster, &p.address)?,
                         identity: parse_id("peer", &p.cluster, &p.identity)?,
+                        region: p.region.clone(),
                     })
                 })
                 .collect::<Result<_, ApplyError>>()?,
+            remove_policies: u
+                .removed_policies
+                .iter()
+                .map(|raw| field("removed policy", raw, raw.parse::<ServiceName>()))
+                .collect::<Result<_, _>>()?,
+            upsert_policies: u
+                .policies
+                .iter()
+                .map(decode_policy)
+                .collect::<Result<_, _>>()?,
+            region: Some(u.region.clone()),
         };
         for raw in &u.removed_bundles {
             let key = field("removed bundle", raw, raw.parse::<TrustDomain>())?;
@@ -438,8 +484,24 @@ mod tests {
                 trust_domain: f.east.clone(),
                 address: "127.0.0.1:7000".parse().unwrap(),
                 identity: fedmesh_catalog::gateway_identity(&f.east),
+                region: if port % 3 == 0 {
+                    "eu".into()
+                } else {
+                    String::new()
+                },
             }]
         };
+        // Policies come and go and change with the same bits.
+        let policies = (0..8)
+            .filter(|i| imports.contains_key(&svc(*i)) && i % 2 == 0)
+            .map(|i| {
+                let p = fedmesh_catalog::ServicePolicy {
+                    weights: [("east".to_owned(), u32::from(port % 7) + 1)].into(),
+                    ..Default::default()
+                };
+                (svc(i), Arc::new(p))
+            })
+            .collect();
         let catalog = Catalog::assemble(
             ClusterName::new("west").unwrap(),
             f.td.clone(),
@@ -448,7 +510,9 @@ mod tests {
             imports,
             peers,
         )
-        .unwrap();
+        .unwrap()
+        .with_policies(policies)
+        .with_region(if port % 2 == 0 { "eu" } else { "" });
         ProxyConfig {
             catalog: Arc::new(catalog),
             bundles: Arc::new(f.bundles.clone()),
@@ -528,6 +592,22 @@ mod tests {
             clusters: vec!["north".into()],
         });
         assert_eq!(rejects(&mut proxy, &u).reason(), "invalid_catalog");
+
+        // Policies: not JSON, an unknown field, and one that does not validate.
+        for json in [
+            "{",
+            r#"{"retries": 3}"#,
+            r#"{"retry": {"attempts": 0}}"#,
+            r#"{"authz": {"allow": ["*"]}}"#,
+        ] {
+            let mut u = diff(2, Some((1, &a)), &b);
+            u.policies.push(pb::Policy {
+                service: "s0.default.svc.clusterset.local".into(),
+                json: json.into(),
+            });
+            let e = rejects(&mut proxy, &u);
+            assert_eq!(e.reason(), "bad_field", "{json}: {e}");
+        }
 
         // Removing the peer's bundle while the peer stays.
         let mut u = diff(2, Some((1, &a)), &b);

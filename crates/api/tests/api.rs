@@ -63,6 +63,7 @@ fn catalog(td: &TrustDomain, services: &[&str], peer: Option<&TrustDomain>) -> C
             trust_domain: ptd.clone(),
             address: "127.0.0.1:7000".parse().unwrap(),
             identity: fedmesh_catalog::gateway_identity(ptd),
+            region: String::new(),
         });
         imports.insert(
             "cart.shop.svc.clusterset.local"

@@ -145,6 +145,7 @@ where
                 .filter(|(n, _)| n != name)
                 .map(|(n, ca)| (n.clone(), ca.bundle()))
                 .collect(),
+            policies: Default::default(),
         };
         let mut reg = Registry::default();
         let ctrl = Controller::start(make_store().await?, settings, local.clone(), &mut reg);

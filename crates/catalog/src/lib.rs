@@ -9,11 +9,13 @@
 #![forbid(unsafe_code)]
 
 pub mod mcs;
+pub mod policy;
 mod route;
 mod spec;
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::Arc;
 
 use imbl::OrdMap;
 use std::net::SocketAddr;
@@ -21,6 +23,7 @@ use std::net::SocketAddr;
 use fedmesh_trust::{SpiffeId, TrustDomain};
 use fedmesh_wire::ServiceName;
 
+pub use policy::{Authz, Failover, Partition, Principal, ServicePolicy};
 pub use route::{Hop, RouteError};
 pub use spec::{CatalogSpec, EndpointSpec, ImportSpec, PeerSpec, ServiceSpec, SpecError};
 
@@ -87,6 +90,8 @@ pub struct Peer {
     pub trust_domain: TrustDomain,
     pub address: SocketAddr,
     pub identity: SpiffeId,
+    /// Locality for failover order; empty when unknown.
+    pub region: String,
 }
 
 /// This cluster's own gateway, as its sidecars reach it.
@@ -107,10 +112,15 @@ pub struct LocalGateway {
 pub struct Catalog {
     pub cluster: ClusterName,
     pub trust_domain: TrustDomain,
+    /// This cluster's region (empty when unknown): peers in the same
+    /// region are preferred by locality failover.
+    pub region: String,
     services: OrdMap<ServiceName, LocalService>,
     /// Remote clusters serving each imported service, in preference order.
     imports: OrdMap<ServiceName, Vec<ClusterName>>,
     peers: OrdMap<ClusterName, Peer>,
+    /// Traffic and authorization policy per service (local or imported).
+    policies: OrdMap<ServiceName, Arc<ServicePolicy>>,
     gateway: Option<LocalGateway>,
 }
 
@@ -165,6 +175,8 @@ impl PartialEq for Catalog {
     fn eq(&self, other: &Self) -> bool {
         self.cluster == other.cluster
             && self.trust_domain == other.trust_domain
+            && self.region == other.region
+            && ordmap_eq(&self.policies, &other.policies)
             && self.gateway == other.gateway
             && ordmap_eq(&self.peers, &other.peers)
             && ordmap_eq(&self.imports, &other.imports)
@@ -183,6 +195,8 @@ pub struct CatalogChanges<'a> {
     pub removed_imports: Vec<&'a ServiceName>,
     pub peers: Vec<&'a Peer>,
     pub removed_peers: Vec<&'a ClusterName>,
+    pub policies: Vec<(&'a ServiceName, &'a ServicePolicy)>,
+    pub removed_policies: Vec<&'a ServiceName>,
 }
 
 /// A change to a catalog: what to add or replace, what to remove (by key).
@@ -195,6 +209,10 @@ pub struct CatalogEdit {
     pub remove_imports: Vec<ServiceName>,
     pub upsert_peers: Vec<Peer>,
     pub remove_peers: Vec<ClusterName>,
+    pub upsert_policies: Vec<(ServiceName, Arc<ServicePolicy>)>,
+    pub remove_policies: Vec<ServiceName>,
+    /// The new region, when it changes.
+    pub region: Option<String>,
 }
 
 impl Catalog {
@@ -203,9 +221,11 @@ impl Catalog {
         Self {
             cluster,
             trust_domain,
+            region: String::new(),
             services: OrdMap::new(),
             imports: OrdMap::new(),
             peers: OrdMap::new(),
+            policies: OrdMap::new(),
             gateway: None,
         }
     }
@@ -259,6 +279,8 @@ impl Catalog {
         Ok(Self {
             cluster,
             trust_domain,
+            region: String::new(),
+            policies: OrdMap::new(),
             services: services.into_iter().map(|s| (s.name.clone(), s)).collect(),
             imports: imports.into_iter().filter(|(_, c)| !c.is_empty()).collect(),
             peers,
@@ -302,6 +324,17 @@ impl Catalog {
         }
         for p in edit.upsert_peers {
             next.peers.insert(p.cluster.clone(), p);
+        }
+        for name in &edit.remove_policies {
+            if next.policies.remove(name).is_none() {
+                errs.push(format!("removed policy {name} is not present"));
+            }
+        }
+        for (name, p) in edit.upsert_policies {
+            next.policies.insert(name, p);
+        }
+        if let Some(r) = edit.region {
+            next.region = r;
         }
         if next.peers.contains_key(&next.cluster) {
             errs.push(format!("cluster {} cannot be its own peer", next.cluster));
@@ -364,7 +397,38 @@ impl Catalog {
                 &mut c.removed_peers,
             );
         }
+        if !old.policies.ptr_eq(&self.policies) {
+            keyed_diff(
+                old.policies.iter(),
+                self.policies.iter(),
+                |k, v| (*k, &***v),
+                |k| k,
+                &mut c.policies,
+                &mut c.removed_policies,
+            );
+        }
         c
+    }
+
+    /// This catalog with `policies` as its whole policy set.
+    pub fn with_policies(mut self, policies: BTreeMap<ServiceName, Arc<ServicePolicy>>) -> Self {
+        self.policies = policies.into_iter().collect();
+        self
+    }
+
+    pub fn with_region(mut self, region: impl Into<String>) -> Self {
+        self.region = region.into();
+        self
+    }
+
+    /// The policy for `name`, if one is declared.
+    pub fn policy(&self, name: &ServiceName) -> Option<&ServicePolicy> {
+        self.policies.get(name).map(|p| &**p)
+    }
+
+    /// Every policy, ordered by service name.
+    pub fn policy_entries(&self) -> impl Iterator<Item = (&ServiceName, &Arc<ServicePolicy>)> {
+        self.policies.iter()
     }
 
     /// Services imported from at least one other cluster.

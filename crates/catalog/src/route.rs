@@ -426,6 +426,7 @@ mod big_tests {
             trust_domain: ptd.clone(),
             address: "127.0.0.1:1".parse().unwrap(),
             identity: crate::gateway_identity(&ptd),
+            region: String::new(),
         };
         let mut cat = Catalog::assemble(
             ClusterName::new("a").unwrap(),

@@ -9,7 +9,10 @@ use fedmesh_trust::{SpiffeId, TrustDomain};
 use fedmesh_wire::ServiceName;
 use serde::{Deserialize, Serialize};
 
-use crate::{gateway_identity, Catalog, ClusterName, Endpoint, LocalGateway, LocalService, Peer};
+use crate::{
+    gateway_identity, Catalog, ClusterName, Endpoint, LocalGateway, LocalService, Peer,
+    ServicePolicy,
+};
 
 /// Upper bounds on catalog sizes, so a bad config cannot exhaust memory.
 pub const MAX_SERVICES: usize = 100_000;
@@ -28,6 +31,12 @@ pub struct CatalogSpec {
     pub peers: Vec<PeerSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<EndpointSpec>,
+    /// This cluster's region, for locality failover.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub region: String,
+    /// Traffic and authorization policy, by service name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub policies: BTreeMap<String, ServicePolicy>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -69,6 +78,8 @@ pub struct PeerSpec {
     pub gateway: SocketAddr,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub region: String,
 }
 
 /// All problems found in a spec, one per line.
@@ -142,6 +153,7 @@ impl CatalogSpec {
                         trust_domain: td,
                         address: p.gateway,
                         identity,
+                        region: p.region.clone(),
                     },
                 );
             }
@@ -244,10 +256,27 @@ impl CatalogSpec {
             (None, _) => None,
         };
 
+        let mut policies = BTreeMap::new();
+        for (name, p) in &self.policies {
+            let what = format!("policies[{name}]");
+            match ServiceName::parse(name) {
+                Ok(n) => {
+                    let problems = p.problems(&what);
+                    if problems.is_empty() {
+                        policies.insert(n, std::sync::Arc::new(p.clone()));
+                    }
+                    errs.extend(problems);
+                }
+                Err(e) => errs.push(format!("{what}: {e}")),
+            }
+        }
+
         match (cluster, trust_domain) {
             (Some(cluster), Some(trust_domain)) if errs.is_empty() => Ok(Catalog {
                 cluster,
                 trust_domain,
+                region: self.region.clone(),
+                policies: policies.into_iter().collect(),
                 services: services.into_iter().collect(),
                 imports: imports.into_iter().collect(),
                 peers: peers.into_iter().collect(),

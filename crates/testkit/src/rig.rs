@@ -298,6 +298,7 @@ impl Rig {
                     trust_domain: other.td.to_string(),
                     gateway: other.gateway.quic_addr(),
                     identity: None,
+                    region: String::new(),
                 });
                 for s in other.topo.services.iter().filter(|s| s.export) {
                     match spec.imports.iter_mut().find(|i| i.service == s.name) {
@@ -396,6 +397,7 @@ impl Rig {
                             .filter(|(c, _)| c != &name)
                             .cloned()
                             .collect(),
+                        policies: Default::default(),
                     };
                     let local = local_services(&p.topo, &p.sidecars)?;
                     let ctrl = Controller::start(Arc::new(store.clone()), settings, local, reg);
