@@ -8,6 +8,7 @@
 //! the controller's config stream later) and validated as a whole.
 #![forbid(unsafe_code)]
 
+mod balancer;
 pub mod mcs;
 pub mod policy;
 mod route;
@@ -23,8 +24,10 @@ use std::net::SocketAddr;
 use fedmesh_trust::{SpiffeId, TrustDomain};
 use fedmesh_wire::ServiceName;
 
+pub use balancer::{Attempt, Member, ServiceBalancer};
+pub use fedmesh_balance::{Ejection, Load};
 pub use policy::{Authz, Failover, Partition, Principal, ServicePolicy};
-pub use route::{Hop, RouteError};
+pub use route::{ClusterRoute, Hop, RouteError};
 pub use spec::{CatalogSpec, EndpointSpec, ImportSpec, PeerSpec, ServiceSpec, SpecError};
 
 /// A cluster's name: a DNS-1123 label such as `east`. Shared, not copied:

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use fedmesh_trust::SpiffeId;
 use fedmesh_wire::{ServiceName, StatusCode, Target};
 
-use crate::{Catalog, ClusterName};
+use crate::{Catalog, ClusterName, ServicePolicy};
 
 /// One place a tunnel stream can go next.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +43,10 @@ pub enum RouteError {
     EndpointNotAllowed(SocketAddr),
     #[error("endpoint targets are only accepted from peer gateways")]
     EndpointFromLocal,
+    #[error("service {service} is not served by cluster {cluster:?}")]
+    NotServedBy { service: ServiceName, cluster: String },
+    #[error("{caller} may not call {service}")]
+    NotAuthorized { service: ServiceName, caller: SpiffeId },
 }
 
 impl RouteError {
@@ -53,10 +57,35 @@ impl RouteError {
                 StatusCode::UnknownService
             }
             Self::NoEndpoints(_) | Self::NoGateway(_) => StatusCode::NoHealthyEndpoint,
-            Self::EndpointNotAllowed(_) | Self::EndpointFromLocal => StatusCode::Denied,
+            Self::NotServedBy { .. } => StatusCode::UnknownService,
+            Self::EndpointNotAllowed(_) | Self::EndpointFromLocal | Self::NotAuthorized { .. } => {
+                StatusCode::Denied
+            }
         }
     }
 }
+
+/// One cluster's share of a service, as the balancer sees it: where its
+/// candidates are, which priority level it has and what weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterRoute {
+    pub cluster: ClusterName,
+    /// Lower levels are tried first (see [`ServicePolicy::level`]).
+    pub level: u32,
+    pub weight: u32,
+    /// This cluster's endpoints, or the one hop that reaches a remote
+    /// cluster (the local gateway from a sidecar, the peer from a gateway).
+    pub hops: Vec<Hop>,
+}
+
+impl ClusterRoute {
+    pub fn is_local(&self, catalog: &Catalog) -> bool {
+        self.cluster == catalog.cluster
+    }
+}
+
+static DEFAULT_POLICY: std::sync::LazyLock<ServicePolicy> =
+    std::sync::LazyLock::new(ServicePolicy::default);
 
 /// `items` rotated left by `cursor`, so successive calls spread load.
 fn rotated<T: Clone>(items: &[T], cursor: usize) -> impl Iterator<Item = T> + '_ {
@@ -118,6 +147,106 @@ impl Catalog {
             return Err(RouteError::NoEndpoints(name.clone()));
         }
         Ok(hops)
+    }
+
+    /// The service's policy, or the defaults.
+    pub fn policy_or_default(&self, name: &ServiceName) -> &ServicePolicy {
+        self.policy(name).unwrap_or(&DEFAULT_POLICY)
+    }
+
+    fn cluster_route(&self, policy: &ServicePolicy, cluster: &ClusterName, hops: Vec<Hop>) -> ClusterRoute {
+        let region = if *cluster == self.cluster {
+            self.region.as_str()
+        } else {
+            self.peer(cluster).map(|p| p.region.as_str()).unwrap_or("")
+        };
+        ClusterRoute {
+            cluster: cluster.clone(),
+            level: policy.level(&self.cluster, &self.region, cluster, region),
+            weight: policy.weight(cluster),
+            hops,
+        }
+    }
+
+    /// A sidecar's candidates, per cluster: this cluster's endpoints
+    /// (direct, sidecar to sidecar), and each remote cluster that serves
+    /// the service through the local gateway, with the policy's levels and
+    /// weights. The balancer orders them.
+    pub fn outbound_routes(&self, name: &ServiceName, port: u16) -> Result<Vec<ClusterRoute>, RouteError> {
+        let local = self.services.get(name);
+        let remote = self.imports(name);
+        if local.is_none() && remote.is_empty() {
+            return Err(RouteError::UnknownService(name.clone()));
+        }
+        self.check_port(name, port)?;
+        let policy = self.policy_or_default(name);
+        let mut routes = Vec::new();
+        if let Some(s) = local.filter(|s| !s.endpoints.is_empty()) {
+            let hops = s
+                .endpoints
+                .iter()
+                .map(|e| Hop::Endpoint {
+                    address: e.address,
+                    identity: e.identity.clone(),
+                })
+                .collect();
+            routes.push(self.cluster_route(policy, &self.cluster, hops));
+        }
+        match (&self.gateway, remote.is_empty()) {
+            (_, true) => {}
+            (Some(g), false) => {
+                for c in remote {
+                    let hop = Hop::Gateway {
+                        address: g.address,
+                        identity: g.identity.clone(),
+                    };
+                    routes.push(self.cluster_route(policy, c, vec![hop]));
+                }
+            }
+            (None, false) if routes.is_empty() => return Err(RouteError::NoGateway(name.clone())),
+            (None, false) => {}
+        }
+        if routes.is_empty() {
+            return Err(RouteError::NoEndpoints(name.clone()));
+        }
+        Ok(routes)
+    }
+
+    /// A gateway's candidates for a stream from its own cluster: the peer
+    /// clusters serving the service, with levels and weights; only
+    /// `hint` when the sidecar chose one.
+    pub fn peer_routes(&self, target: &Target, hint: Option<&str>) -> Result<Vec<ClusterRoute>, RouteError> {
+        let Target::Service { name, .. } = target else {
+            return Err(RouteError::EndpointFromLocal);
+        };
+        let clusters = self.imports(name);
+        if clusters.is_empty() {
+            return Err(RouteError::UnknownService(name.clone()));
+        }
+        let policy = self.policy_or_default(name);
+        let routes: Vec<ClusterRoute> = clusters
+            .iter()
+            .filter(|c| hint.is_none_or(|h| c.as_str() == h))
+            .map(|c| self.cluster_route(policy, c, vec![Hop::Peer { cluster: c.clone() }]))
+            .collect();
+        if routes.is_empty() {
+            return Err(RouteError::NotServedBy {
+                service: name.clone(),
+                cluster: hint.unwrap_or_default().to_owned(),
+            });
+        }
+        Ok(routes)
+    }
+
+    /// Whether `source` may call local service `name` by its policy.
+    pub fn authorize(&self, name: &ServiceName, source: &SpiffeId) -> Result<(), RouteError> {
+        match self.policy(name).and_then(|p| p.authz.as_ref()) {
+            Some(a) if !a.allows(source) => Err(RouteError::NotAuthorized {
+                service: name.clone(),
+                caller: source.clone(),
+            }),
+            _ => Ok(()),
+        }
     }
 
     /// A gateway's decision for a stream from a sidecar of its own cluster:

@@ -19,6 +19,9 @@ const F_TRACEPARENT: u8 = 0x03;
 const F_DEADLINE: u8 = 0x04;
 const F_HOPS: u8 = 0x05;
 const F_CONN_ID: u8 = 0x06;
+/// Preferred cluster (an extension: a receiver that does not know it may
+/// pick the cluster itself, which is still correct).
+const F_CLUSTER: u8 = 0x81;
 /// Field types with this bit set may be skipped by a reader that does not
 /// know them; unknown types without it are an error (forward compatibility
 /// without silently dropping meaning).
@@ -121,6 +124,9 @@ pub struct Header {
     pub hops: u8,
     /// Connection id for log and span correlation across hops.
     pub connection_id: Option<u64>,
+    /// The cluster a sidecar chose for this stream; its gateway tries only
+    /// that cluster, and the sidecar moves on if it fails.
+    pub cluster: Option<String>,
 }
 
 /// Every way header or status bytes can be wrong.
@@ -161,6 +167,8 @@ pub enum DecodeError {
     BadSource,
     #[error("traceparent is not a valid W3C trace context")]
     BadTraceparent,
+    #[error("cluster hint is not a DNS-1123 label")]
+    BadCluster,
     #[error("status message is not UTF-8")]
     StatusUtf8,
 }
@@ -174,6 +182,7 @@ impl Header {
             deadline: None,
             hops: 0,
             connection_id: None,
+            cluster: None,
         }
     }
 
@@ -215,6 +224,9 @@ impl Header {
         }
         if let Some(id) = self.connection_id {
             field(out, F_CONN_ID, &id.to_be_bytes());
+        }
+        if let Some(c) = &self.cluster {
+            field(out, F_CLUSTER, c.as_bytes());
         }
         let total = out.len() - start;
         let body = total - PREFIX_LEN;
@@ -279,6 +291,7 @@ impl Header {
         let mut traceparent = None;
         let mut deadline = None;
         let mut connection_id = None;
+        let mut cluster = None;
         let mut seen = 0u64;
         while !body.is_empty() {
             let [ty, l0, l1, rest @ ..] = body else {
@@ -293,6 +306,15 @@ impl Header {
                 .ok_or(DecodeError::FieldOverrun { field: *ty, len })?;
             body = &rest[len..];
             let ty = *ty;
+            if ty == F_CLUSTER {
+                if cluster.is_some() {
+                    return Err(DecodeError::DuplicateField(ty));
+                }
+                let name = std::str::from_utf8(value).map_err(|_| DecodeError::BadCluster)?;
+                crate::check_label("cluster", name).map_err(|_| DecodeError::BadCluster)?;
+                cluster = Some(name.to_owned());
+                continue;
+            }
             if ty & F_IGNORABLE != 0 {
                 continue;
             }
@@ -339,6 +361,7 @@ impl Header {
             traceparent,
             deadline,
             connection_id,
+            cluster,
         })
     }
 }
@@ -412,6 +435,7 @@ mod tests {
             deadline: Some(Duration::from_millis(1500)),
             hops: 2,
             connection_id: Some(42),
+            cluster: Some("west".into()),
         }
     }
 
@@ -474,6 +498,18 @@ mod tests {
         assert_eq!(dec(&with_body(&hops)), DecodeError::MissingTarget);
         assert_eq!(dec(&with_body(&t)), DecodeError::MissingHops);
         assert!(Header::decode(&with_body(&cat(&[&t, &hops])), &l).is_ok());
+        let hint = |v: &[u8]| [&[F_CLUSTER, 0, v.len() as u8][..], v].concat();
+        assert_eq!(
+            dec(&with_body(&cat(&[&t, &hops, &hint(b"West")]))),
+            DecodeError::BadCluster
+        );
+        assert_eq!(
+            dec(&with_body(&cat(&[&t, &hops, &hint(b"a"), &hint(b"b")]))),
+            DecodeError::DuplicateField(F_CLUSTER)
+        );
+        // Other extensions are skipped, whatever they hold.
+        let ext = [0x9f, 0, 2, 0xff, 0x00];
+        assert!(Header::decode(&with_body(&cat(&[&t, &hops, &ext])), &l).is_ok());
         assert_eq!(
             dec(&with_body(&cat(&[&t, &hops, &hops]))),
             DecodeError::DuplicateField(F_HOPS)

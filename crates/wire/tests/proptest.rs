@@ -37,15 +37,17 @@ fn header() -> impl Strategy<Value = Header> {
         proptest::option::of(0u32..).prop_map(|d| d.map(|ms| Duration::from_millis(ms.into()))),
         any::<u8>(),
         proptest::option::of(any::<u64>()),
+        proptest::option::of("[a-z][a-z0-9-]{0,20}[a-z0-9]"),
     )
         .prop_map(
-            |(target, source, traceparent, deadline, hops, connection_id)| Header {
+            |(target, source, traceparent, deadline, hops, connection_id, cluster)| Header {
                 target,
                 source,
                 traceparent,
                 deadline,
                 hops,
                 connection_id,
+                cluster,
             },
         )
 }
