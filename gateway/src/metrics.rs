@@ -5,6 +5,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StreamLabels {
@@ -24,8 +25,18 @@ pub struct DirectionLabels {
     pub direction: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub peer: String,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct GatewayMetrics {
+    /// Smoothed QUIC round-trip time to each peer gateway we dialed.
+    pub peer_rtt: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+    /// 1 while a live QUIC connection to the peer exists, else 0.
+    pub peer_up: Family<PeerLabels, Gauge>,
+    pub ejections: Family<PeerLabels, Counter>,
     pub streams: Family<StreamLabels, Counter>,
     pub rejected: Family<ReasonLabels, Counter>,
     pub bytes: Family<DirectionLabels, Counter>,
@@ -63,10 +74,33 @@ impl GatewayMetrics {
             self.peer_connections.clone(),
         );
         reg.register(
+            "peer_rtt_seconds",
+            "Smoothed QUIC round-trip time to each dialed peer gateway",
+            self.peer_rtt.clone(),
+        );
+        reg.register(
+            "peer_up",
+            "1 while a live QUIC connection to the peer gateway exists",
+            self.peer_up.clone(),
+        );
+        reg.register(
+            "peer_ejections",
+            "Outlier ejections of peer clusters",
+            self.ejections.clone(),
+        );
+        reg.register(
             "sidecar_connections",
             "Open TLS connections from sidecars",
             self.sidecar_connections.clone(),
         );
+    }
+
+    pub fn ejection(&self, peer: &str) {
+        self.ejections
+            .get_or_create(&PeerLabels {
+                peer: peer.to_owned(),
+            })
+            .inc();
     }
 
     pub fn reject(&self, reason: &'static str) {

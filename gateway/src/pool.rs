@@ -1,7 +1,15 @@
 //! One QUIC connection per peer cluster, reused by every tunneled stream,
 //! reconnected on demand with exponential backoff after failures.
+//!
+//! Liveness comes from QUIC itself: keep-alives every `limits.keep_alive`
+//! and an idle timeout of `limits.idle_timeout` (1 s by default) close a
+//! connection to a silent peer. A watcher per connection marks the peer
+//! down the moment that happens, so streams for it fail at once (and the
+//! caller tries another cluster) instead of queueing behind a reconnect
+//! that may take `connect_timeout`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,6 +36,8 @@ pub enum PoolError {
         addr: std::net::SocketAddr,
         reason: String,
     },
+    #[error("peer {cluster} is down and a reconnect is under way")]
+    Down { cluster: ClusterName },
     #[error("peer {cluster} presented {got}, expected {expected}")]
     WrongPeer {
         cluster: ClusterName,
@@ -44,8 +54,17 @@ struct Slot {
 }
 
 #[derive(Default)]
+struct Cell {
+    /// Set when the connection died or a connect failed; cleared by a
+    /// successful connect. Read without the lock.
+    down: AtomicBool,
+    slot: tokio::sync::Mutex<Slot>,
+}
+
+#[derive(Default)]
 pub struct Pool {
-    slots: Mutex<HashMap<ClusterName, Arc<tokio::sync::Mutex<Slot>>>>,
+    slots: Mutex<HashMap<ClusterName, Arc<Cell>>>,
+    metrics: crate::metrics::GatewayMetrics,
 }
 
 /// Application close code for connections we close on purpose.
@@ -67,7 +86,14 @@ pub fn peer_id(conn: &Connection) -> Option<fedmesh_trust::SpiffeId> {
 }
 
 impl Pool {
-    fn slot(&self, cluster: &ClusterName) -> Arc<tokio::sync::Mutex<Slot>> {
+    pub fn new(metrics: crate::metrics::GatewayMetrics) -> Self {
+        Self {
+            slots: Mutex::default(),
+            metrics,
+        }
+    }
+
+    fn slot(&self, cluster: &ClusterName) -> Arc<Cell> {
         let mut slots = match self.slots.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -84,13 +110,26 @@ impl Pool {
         peer: &Peer,
         connect_timeout: Duration,
     ) -> Result<Connection, PoolError> {
-        let slot = self.slot(&peer.cluster);
-        let mut s = slot.lock().await;
+        let cell = self.slot(&peer.cluster);
+        let mut s = match cell.slot.try_lock() {
+            Ok(s) => s,
+            // Someone is reconnecting to a peer that just died: fail now so
+            // the caller can try another cluster.
+            Err(_) if cell.down.load(Ordering::Relaxed) => {
+                return Err(PoolError::Down {
+                    cluster: peer.cluster.clone(),
+                })
+            }
+            Err(_) => cell.slot.lock().await,
+        };
         if let Some(c) = &s.conn {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
             }
             s.conn = None;
+            // It died under us: count it, so a dead peer backs off.
+            s.failures = s.failures.saturating_add(1);
+            s.retry_at = Some(Instant::now() + backoff(s.failures));
         }
         if let Some(at) = s.retry_at {
             let now = Instant::now();
@@ -108,9 +147,17 @@ impl Pool {
                 s.failures = 0;
                 s.retry_at = None;
                 s.conn = Some(c.clone());
+                cell.down.store(false, Ordering::Relaxed);
+                tokio::spawn(watch(
+                    cell.clone(),
+                    c.clone(),
+                    peer.cluster.clone(),
+                    self.metrics.clone(),
+                ));
                 Ok(c)
             }
             Err(e) => {
+                cell.down.store(true, Ordering::Relaxed);
                 s.failures = s.failures.saturating_add(1);
                 s.retry_at = Some(Instant::now() + backoff(s.failures));
                 tracing::warn!(error = %e, failures = s.failures, "peer connect failed");
@@ -123,8 +170,9 @@ impl Pool {
     /// level (for example our certificate was refused, which TLS 1.3 only
     /// reveals at the first stream operation): drop it and back off.
     pub async fn failed(&self, cluster: &ClusterName, conn: &Connection) {
-        let slot = self.slot(cluster);
-        let mut s = slot.lock().await;
+        let cell = self.slot(cluster);
+        cell.down.store(true, Ordering::Relaxed);
+        let mut s = cell.slot.lock().await;
         if s.conn
             .as_ref()
             .is_some_and(|c| c.stable_id() == conn.stable_id())
@@ -134,6 +182,39 @@ impl Pool {
             s.retry_at = Some(Instant::now() + backoff(s.failures));
         }
     }
+}
+
+/// Publishes the connection's RTT until it closes, then marks the peer down.
+async fn watch(
+    cell: Arc<Cell>,
+    conn: Connection,
+    cluster: ClusterName,
+    metrics: crate::metrics::GatewayMetrics,
+) {
+    let labels = crate::metrics::PeerLabels {
+        peer: cluster.to_string(),
+    };
+    metrics.peer_up.get_or_create(&labels).set(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let reason = loop {
+        tokio::select! {
+            r = conn.closed() => break r,
+            _ = tick.tick() => {
+                metrics.peer_rtt.get_or_create(&labels).set(conn.rtt().as_secs_f64());
+            }
+        }
+    };
+    // A newer connection may already have replaced this one.
+    let current = cell
+        .slot
+        .try_lock()
+        .map(|s| s.conn.as_ref().map(|c| c.stable_id()))
+        .unwrap_or(None);
+    if current.is_none() || current == Some(conn.stable_id()) {
+        cell.down.store(true, Ordering::Relaxed);
+        metrics.peer_up.get_or_create(&labels).set(0);
+    }
+    tracing::warn!(peer = %cluster, %reason, "connection to peer gateway closed");
 }
 
 async fn connect(

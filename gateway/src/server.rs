@@ -54,6 +54,9 @@ struct Shared {
     quic_client: quinn::ClientConfig,
     connector: TlsConnector,
     pool: Pool,
+    balancers: fedmesh_catalog::Balancers,
+    /// Refuse new streams from peers (retryable elsewhere); keep the rest.
+    draining: std::sync::atomic::AtomicBool,
     cursor: AtomicUsize,
     next_id: AtomicU64,
 }
@@ -136,11 +139,13 @@ impl Gateway {
         let shared = Arc::new(Shared {
             catalog: RwLock::new(Arc::new(s.catalog)),
             limits: s.limits,
+            pool: Pool::new(metrics.clone()),
             metrics,
             endpoint,
             quic_client,
             connector: TlsConnector::from(Arc::new(client_tls)),
-            pool: Pool::default(),
+            balancers: fedmesh_catalog::Balancers::default(),
+            draining: std::sync::atomic::AtomicBool::new(false),
             cursor: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
         });
@@ -218,6 +223,14 @@ impl Gateway {
             self.shared.endpoint.wait_idle(),
         )
         .await;
+    }
+
+    /// Drains (or stops draining): new streams from peer clusters are
+    /// refused with a status that sends callers elsewhere before any
+    /// payload, while streams already open run to their end.
+    pub fn set_draining(&self, on: bool) {
+        self.shared.draining.store(on, Ordering::Relaxed);
+        tracing::info!(draining = on, "gateway drain state changed");
     }
 
     /// Stops every listener and closes every QUIC connection at once, as a
@@ -332,6 +345,20 @@ async fn peer_stream<S: AsyncRead + AsyncWrite + Unpin>(
     if let Err(why) = check_hops(&header) {
         shared.metrics.reject("loop");
         refuse(shared, down, FROM_PEER, StatusCode::Loop, why).await;
+        return;
+    }
+    if shared.draining.load(Ordering::Relaxed) {
+        // Before any payload: the caller fails over, nothing is lost, and
+        // streams already open run to their end.
+        shared.metrics.reject("draining");
+        refuse(
+            shared,
+            down,
+            FROM_PEER,
+            StatusCode::Overloaded,
+            "gateway is draining".into(),
+        )
+        .await;
         return;
     }
     // A cluster vouches only for its own workloads.
@@ -514,8 +541,11 @@ async fn sidecar_stream<S: AsyncRead + AsyncWrite + Unpin>(
         header.connection_id = Some(shared.next_id.fetch_add(1, Ordering::Relaxed));
     }
     let catalog = shared.catalog();
-    let hops = match catalog.route_from_local(&header.target, shared.cursor()) {
-        Ok(h) => h,
+    // A sidecar that names a cluster gets only that one (it has its own
+    // plan and moves on); otherwise this gateway plans across the peers.
+    let hint = header.cluster.take();
+    let routes = match catalog.peer_routes(&header.target, hint.as_deref()) {
+        Ok(r) => r,
         Err(e) => {
             refuse(shared, down, FROM_SIDECAR, e.status(), e.to_string()).await;
             return;
@@ -532,19 +562,40 @@ async fn sidecar_stream<S: AsyncRead + AsyncWrite + Unpin>(
         .await;
         return;
     };
+    let fedmesh_wire::Target::Service { name: service, .. } = &header.target else {
+        return;
+    };
+    let policy = catalog.policy_or_default(service);
+    let attempts = shared.balancers.with(service, policy, |b| {
+        let max = b.attempts().min(shared.limits.max_attempts);
+        b.plan(
+            &catalog.cluster,
+            &routes,
+            max,
+            &mut rand::thread_rng(),
+            Instant::now(),
+        )
+    });
     let span = tracing::debug_span!("stream", id = header.connection_id, source = %client, target = %header.target);
     async {
         let mut last = (StatusCode::NoHealthyEndpoint, "no peer cluster to try".to_owned());
-        for hop in hops.into_iter().take(shared.limits.max_attempts) {
-            let Hop::Peer { cluster } = hop else { continue };
-            let Some(peer) = catalog.peer(&cluster) else { continue };
+        for a in &attempts {
+            let Hop::Peer { cluster } = &a.hop else { continue };
+            let Some(peer) = catalog.peer(cluster) else { continue };
             match open_on_peer(shared, peer, &next).await {
                 Ok(mut up) => {
+                    shared.balancers.with(service, policy, |b| b.success(a, Instant::now()));
                     forward(shared, FROM_SIDECAR, down, &mut up).await;
                     return;
                 }
                 Err(e) if e.retryable() => {
                     tracing::info!(peer = %cluster, error = %e, "peer cluster failed; trying the next");
+                    if let Some(fedmesh_catalog::Ejection::Ejected(d)) =
+                        shared.balancers.with(service, policy, |b| b.failure(a, Instant::now()))
+                    {
+                        shared.metrics.ejection(cluster.as_str());
+                        tracing::warn!(peer = %cluster, %service, for_ = ?d, "peer cluster ejected after consecutive failures");
+                    }
                     last = (e.status(), format!("cluster {cluster}: {e}"));
                 }
                 Err(e) => {

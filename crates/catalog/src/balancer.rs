@@ -205,6 +205,35 @@ impl ServiceBalancer {
     }
 }
 
+/// Every service's balancer of one proxy, kept across catalog updates.
+#[derive(Debug, Default)]
+pub struct Balancers {
+    map: std::sync::Mutex<HashMap<fedmesh_wire::ServiceName, ServiceBalancer>>,
+}
+
+impl Balancers {
+    /// Runs `f` on `service`'s balancer (created on first use, following
+    /// `policy`). Keep `f` short: every connection to any service takes
+    /// this lock, and it must never be held across an await.
+    pub fn with<T>(
+        &self,
+        service: &fedmesh_wire::ServiceName,
+        policy: &ServicePolicy,
+        f: impl FnOnce(&mut ServiceBalancer) -> T,
+    ) -> T {
+        let mut map = match self.map.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        let now = Instant::now();
+        let b = map
+            .entry(service.clone())
+            .or_insert_with(|| ServiceBalancer::new(policy, now));
+        b.set_policy(policy, now);
+        f(b)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,7 +24,7 @@ use std::net::SocketAddr;
 use fedmesh_trust::{SpiffeId, TrustDomain};
 use fedmesh_wire::ServiceName;
 
-pub use balancer::{Attempt, Member, ServiceBalancer};
+pub use balancer::{Attempt, Balancers, Member, ServiceBalancer};
 pub use fedmesh_balance::{Ejection, Load};
 pub use policy::{Authz, Failover, Partition, Principal, ServicePolicy};
 pub use route::{ClusterRoute, Hop, RouteError};

@@ -44,9 +44,15 @@ pub enum RouteError {
     #[error("endpoint targets are only accepted from peer gateways")]
     EndpointFromLocal,
     #[error("service {service} is not served by cluster {cluster:?}")]
-    NotServedBy { service: ServiceName, cluster: String },
+    NotServedBy {
+        service: ServiceName,
+        cluster: String,
+    },
     #[error("{caller} may not call {service}")]
-    NotAuthorized { service: ServiceName, caller: SpiffeId },
+    NotAuthorized {
+        service: ServiceName,
+        caller: SpiffeId,
+    },
 }
 
 impl RouteError {
@@ -154,7 +160,12 @@ impl Catalog {
         self.policy(name).unwrap_or(&DEFAULT_POLICY)
     }
 
-    fn cluster_route(&self, policy: &ServicePolicy, cluster: &ClusterName, hops: Vec<Hop>) -> ClusterRoute {
+    fn cluster_route(
+        &self,
+        policy: &ServicePolicy,
+        cluster: &ClusterName,
+        hops: Vec<Hop>,
+    ) -> ClusterRoute {
         let region = if *cluster == self.cluster {
             self.region.as_str()
         } else {
@@ -172,7 +183,11 @@ impl Catalog {
     /// (direct, sidecar to sidecar), and each remote cluster that serves
     /// the service through the local gateway, with the policy's levels and
     /// weights. The balancer orders them.
-    pub fn outbound_routes(&self, name: &ServiceName, port: u16) -> Result<Vec<ClusterRoute>, RouteError> {
+    pub fn outbound_routes(
+        &self,
+        name: &ServiceName,
+        port: u16,
+    ) -> Result<Vec<ClusterRoute>, RouteError> {
         let local = self.services.get(name);
         let remote = self.imports(name);
         if local.is_none() && remote.is_empty() {
@@ -215,7 +230,11 @@ impl Catalog {
     /// A gateway's candidates for a stream from its own cluster: the peer
     /// clusters serving the service, with levels and weights; only
     /// `hint` when the sidecar chose one.
-    pub fn peer_routes(&self, target: &Target, hint: Option<&str>) -> Result<Vec<ClusterRoute>, RouteError> {
+    pub fn peer_routes(
+        &self,
+        target: &Target,
+        hint: Option<&str>,
+    ) -> Result<Vec<ClusterRoute>, RouteError> {
         let Target::Service { name, .. } = target else {
             return Err(RouteError::EndpointFromLocal);
         };

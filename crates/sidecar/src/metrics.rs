@@ -3,7 +3,8 @@ use std::sync::Mutex;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -11,6 +12,31 @@ pub struct OutboundLabels {
     pub service: String,
     /// `local`, `gateway`, or `failed`.
     pub path: &'static str,
+    /// The cluster that took the connection ("" when none did).
+    pub cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemberLabels {
+    pub service: String,
+    /// `endpoint` or `cluster`.
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LatencyLabels {
+    pub service: String,
+    pub cluster: String,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs … ~1.6 s: a loopback hop up to a cross-region connect.
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -36,9 +62,26 @@ pub struct SeenCaller {
     pub connections: u64,
 }
 
-#[derive(Debug, Default)]
+#[derive(Clone, Debug)]
+pub struct NewHistogram;
+
+impl MetricConstructor<Histogram> for NewHistogram {
+    fn new_metric(&self) -> Histogram {
+        latency_histogram()
+    }
+}
+
+#[derive(Debug)]
 pub struct SidecarMetrics {
     pub outbound: Family<OutboundLabels, Counter>,
+    /// Dial + TLS + status frame of the attempt that succeeded.
+    pub connect_latency: Family<LatencyLabels, Histogram, NewHistogram>,
+    /// Attempts after the first (connect-level failover).
+    pub failovers: Family<ServiceLabels, Counter>,
+    pub budget_exhausted: Family<ServiceLabels, Counter>,
+    pub ejections: Family<MemberLabels, Counter>,
+    /// Inbound streams refused by the service's authorization policy.
+    pub denied: Family<ServiceLabels, Counter>,
     pub inbound: Family<InboundLabels, Counter>,
     pub rejected: Family<ReasonLabels, Counter>,
     pub bytes: Counter,
@@ -47,9 +90,51 @@ pub struct SidecarMetrics {
     seen: Mutex<BTreeMap<(String, String, &'static str), u64>>,
 }
 
+impl Default for SidecarMetrics {
+    fn default() -> Self {
+        Self {
+            outbound: Family::default(),
+            connect_latency: Family::new_with_constructor(NewHistogram),
+            failovers: Family::default(),
+            budget_exhausted: Family::default(),
+            ejections: Family::default(),
+            denied: Family::default(),
+            inbound: Family::default(),
+            rejected: Family::default(),
+            bytes: Counter::default(),
+            seen: Mutex::default(),
+        }
+    }
+}
+
 impl SidecarMetrics {
     pub fn register(&self, reg: &mut Registry) {
         let reg = reg.sub_registry_with_prefix("fedmesh_sidecar");
+        reg.register(
+            "connect_latency_seconds",
+            "Dial, handshake and status frame of successful outbound attempts, by service and cluster",
+            self.connect_latency.clone(),
+        );
+        reg.register(
+            "failovers",
+            "Outbound attempts after the first (connect-level failover), by service",
+            self.failovers.clone(),
+        );
+        reg.register(
+            "retry_budget_exhausted",
+            "Outbound connections that stopped failing over because the retry budget was spent",
+            self.budget_exhausted.clone(),
+        );
+        reg.register(
+            "ejections",
+            "Outlier ejections of endpoints or whole clusters, by service",
+            self.ejections.clone(),
+        );
+        reg.register(
+            "denied",
+            "Inbound streams refused by authorization policy, by service",
+            self.denied.clone(),
+        );
         reg.register(
             "outbound_connections",
             "Outbound connections by service and path taken",
@@ -80,13 +165,44 @@ impl SidecarMetrics {
         self.rejected.get_or_create(&ReasonLabels { reason }).get()
     }
 
-    pub fn outbound(&self, service: &str, path: &'static str) {
+    pub fn outbound(&self, service: &str, path: &'static str, cluster: &str) {
         self.outbound
             .get_or_create(&OutboundLabels {
                 service: service.to_owned(),
                 path,
+                cluster: cluster.to_owned(),
             })
             .inc();
+    }
+
+    /// Connections to `service` that `cluster` took (any path).
+    pub fn outbound_count(&self, service: &str, cluster: &str) -> u64 {
+        ["local", "gateway"]
+            .iter()
+            .map(|path| {
+                self.outbound
+                    .get_or_create(&OutboundLabels {
+                        service: service.to_owned(),
+                        path,
+                        cluster: cluster.to_owned(),
+                    })
+                    .get()
+            })
+            .sum()
+    }
+
+    pub fn service(&self, f: &Family<ServiceLabels, Counter>, service: &str) -> u64 {
+        f.get_or_create(&ServiceLabels {
+            service: service.to_owned(),
+        })
+        .get()
+    }
+
+    pub fn inc_service(&self, f: &Family<ServiceLabels, Counter>, service: &str) {
+        f.get_or_create(&ServiceLabels {
+            service: service.to_owned(),
+        })
+        .inc();
     }
 
     pub fn inbound(&self, service: &str, source: &str, via: &'static str) {

@@ -1,13 +1,13 @@
 //! The sidecar's listeners and per-connection logic.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+
 use std::sync::{Arc, RwLock};
 
-use fedmesh_catalog::{Catalog, Hop};
+use fedmesh_catalog::{Balancers, Catalog, Ejection, Hop, Member, ServiceBalancer, ServicePolicy};
 use fedmesh_transport::admin;
 use fedmesh_transport::{
-    accept_tls, answer, check_hops, connect_first, read_request, serve_tcp, splice, Limits,
+    accept_tls, answer, check_hops, connect_one, read_request, serve_tcp, splice, Limits, Refusal,
 };
 use fedmesh_trust::{ClientAuth, PeerPolicy, SpiffeId, SvidSource};
 use fedmesh_wire::{Header, ServiceName, Status, StatusCode, Target, Traceparent};
@@ -19,7 +19,8 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::Instrument;
 
 use crate::config::{InboundRoute, OutboundRoute, SidecarSettings};
-use crate::metrics::SidecarMetrics;
+use crate::metrics::{LatencyLabels, MemberLabels, SidecarMetrics};
+use std::time::Instant;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -40,14 +41,24 @@ struct Shared {
     limits: Limits,
     metrics: Arc<SidecarMetrics>,
     connector: TlsConnector,
-    cursor: AtomicUsize,
     inbound: Vec<InboundRoute>,
     /// Where the inbound listener is bound; an endpoint target naming it
     /// means "this sidecar's (only) service".
     inbound_addr: std::sync::OnceLock<SocketAddr>,
+    /// Per-service outlier, load and budget state, kept across catalog updates.
+    balancers: Balancers,
 }
 
 impl Shared {
+    fn balancer<T>(
+        &self,
+        service: &ServiceName,
+        policy: &ServicePolicy,
+        f: impl FnOnce(&mut ServiceBalancer) -> T,
+    ) -> T {
+        self.balancers.with(service, policy, f)
+    }
+
     fn catalog(&self) -> Arc<Catalog> {
         match self.catalog.read() {
             Ok(g) => g.clone(),
@@ -94,7 +105,6 @@ impl Sidecar {
             limits: s.limits.clone(),
             metrics,
             connector: TlsConnector::from(Arc::new(client_tls)),
-            cursor: AtomicUsize::new(0),
             inbound: s
                 .inbound
                 .as_ref()
@@ -102,6 +112,7 @@ impl Sidecar {
                 .unwrap_or_default(),
             catalog: RwLock::new(Arc::new(s.catalog.clone())),
             inbound_addr: std::sync::OnceLock::new(),
+            balancers: Balancers::default(),
         });
         let mut tasks = Vec::new();
         let mut outbound = Vec::new();
@@ -266,17 +277,28 @@ async fn outbound_conn(
 ) {
     let _ = app.set_nodelay(true);
     let catalog = shared.catalog();
-    let hops = match catalog.route_outbound(
-        service,
-        port,
-        shared.cursor.fetch_add(1, Ordering::Relaxed),
-    ) {
-        Ok(h) => h,
+    let svc = service.name();
+    let routes = match catalog.outbound_routes(service, port) {
+        Ok(r) => r,
         Err(e) => {
-            shared.metrics.outbound(service.name(), "failed");
+            shared.metrics.outbound(svc, "failed", "");
             tracing::warn!(error = %e, "no route; closing the app connection");
             return;
         }
+    };
+    let policy = catalog.policy_or_default(service);
+    let now = Instant::now();
+    let attempts = shared.balancer(service, policy, |b| {
+        b.request(now);
+        let max = b.attempts().min(shared.limits.max_attempts);
+        b.plan(&catalog.cluster, &routes, max, &mut rand::thread_rng(), now)
+    });
+    let limits = match policy.connect_timeout {
+        Some(t) => std::borrow::Cow::Owned(Limits {
+            connect_timeout: t,
+            ..shared.limits.clone()
+        }),
+        None => std::borrow::Cow::Borrowed(&shared.limits),
     };
     let mut header = Header::new(Target::Service {
         name: service.clone(),
@@ -284,36 +306,86 @@ async fn outbound_conn(
     });
     header.connection_id = Some(id);
     header.traceparent = new_traceparent();
-    let targets: Vec<(SocketAddr, SpiffeId)> = hops
-        .into_iter()
-        .filter_map(|h| match h {
-            Hop::Endpoint { address, identity } | Hop::Gateway { address, identity } => {
-                Some((address, identity))
+    let mut last = Refusal::new(StatusCode::NoHealthyEndpoint, "nothing to try");
+    for (i, a) in attempts.iter().enumerate() {
+        if i > 0 {
+            if !shared.balancer(service, policy, |b| b.try_retry(Instant::now())) {
+                shared
+                    .metrics
+                    .inc_service(&shared.metrics.budget_exhausted, svc);
+                tracing::warn!(attempt = i, "retry budget spent; not failing over");
+                break;
             }
-            Hop::Peer { .. } => None,
-        })
-        .collect();
-    let (mut up, addr) = match connect_first(targets, &shared.connector, &header, &shared.limits)
-        .await
-    {
-        Ok(x) => x,
-        Err(r) => {
-            shared.metrics.outbound(service.name(), "failed");
-            tracing::warn!(status = %r.code, reason = %r.message, "every hop refused; closing the app connection");
-            return;
+            shared.metrics.inc_service(&shared.metrics.failovers, svc);
         }
-    };
-    let via_gateway = catalog.gateway().is_some_and(|g| g.address == addr);
-    shared.metrics.outbound(
-        service.name(),
-        if via_gateway { "gateway" } else { "local" },
-    );
-    match splice(&mut app, &mut up, shared.limits.splice_buffer_bytes).await {
-        Ok((a, b)) => {
-            shared.metrics.bytes.inc_by(a + b);
+        let (Hop::Endpoint { address, identity } | Hop::Gateway { address, identity }) = &a.hop
+        else {
+            continue;
+        };
+        // Through the gateway, name the cluster this plan chose; the
+        // gateway tries only that one and the plan moves on if it fails.
+        header.cluster = (!a.local).then(|| a.cluster.to_string());
+        let in_flight = a.load.start();
+        let started = Instant::now();
+        match connect_one(*address, identity, &shared.connector, &header, &limits).await {
+            Ok(mut up) => {
+                let took = started.elapsed();
+                let now = Instant::now();
+                a.load.observe(took, now);
+                shared.balancer(service, policy, |b| b.success(a, now));
+                let cluster = a.cluster.as_str();
+                shared
+                    .metrics
+                    .outbound(svc, if a.local { "local" } else { "gateway" }, cluster);
+                shared
+                    .metrics
+                    .connect_latency
+                    .get_or_create(&LatencyLabels {
+                        service: svc.to_owned(),
+                        cluster: cluster.to_owned(),
+                    })
+                    .observe(took.as_secs_f64());
+                tracing::debug!(%cluster, hop = %address, attempt = i, "outbound stream open");
+                match splice(&mut app, &mut up, shared.limits.splice_buffer_bytes).await {
+                    Ok((a, b)) => {
+                        shared.metrics.bytes.inc_by(a + b);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "outbound stream ended with an error"),
+                }
+                drop(in_flight);
+                return;
+            }
+            Err(r) => {
+                drop(in_flight);
+                tracing::info!(member = %a.member, status = %r.code, reason = %r.message, "attempt failed");
+                if !r.retryable() {
+                    last = r;
+                    break;
+                }
+                let now = Instant::now();
+                if let Some(Ejection::Ejected(d)) =
+                    shared.balancer(service, policy, |b| b.failure(a, now))
+                {
+                    let kind = match a.member {
+                        Member::Endpoint(_) => "endpoint",
+                        Member::Cluster(_) => "cluster",
+                    };
+                    shared
+                        .metrics
+                        .ejections
+                        .get_or_create(&MemberLabels {
+                            service: svc.to_owned(),
+                            kind,
+                        })
+                        .inc();
+                    tracing::warn!(member = %a.member, for_ = ?d, "ejected after consecutive failures");
+                }
+                last = r;
+            }
         }
-        Err(e) => tracing::debug!(error = %e, "outbound stream ended with an error"),
     }
+    shared.metrics.outbound(svc, "failed", "");
+    tracing::warn!(status = %last.code, reason = %last.message, "every attempt failed; closing the app connection");
 }
 
 async fn accept_inbound(shared: Arc<Shared>, listener: TcpListener, acceptor: TlsAcceptor) {
@@ -387,7 +459,7 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
             .inbound
             .iter()
             .find(|r| &r.service == name && r.port == *port)
-            .map(|r| (r.service.name().to_owned(), r.app)),
+            .map(|r| (r.service.clone(), r.app)),
         // An endpoint target names either an app directly, or this sidecar's
         // listener as the catalog lists it (unambiguous only with one route).
         Target::Endpoint(addr) => shared
@@ -398,7 +470,7 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
                 [only] if shared.inbound_addr.get() == Some(addr) => Some(only),
                 _ => None,
             })
-            .map(|r| (r.service.name().to_owned(), r.app)),
+            .map(|r| (r.service.clone(), r.app)),
     };
     let Some((service, app_addr)) = app else {
         answer(
@@ -411,6 +483,17 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
         .await;
         return;
     };
+    // Authorization is decided here, where the request lands, on the
+    // source identity established above.
+    if let Err(e) = shared.catalog().authorize(&service, &source) {
+        shared
+            .metrics
+            .inc_service(&shared.metrics.denied, service.name());
+        shared.metrics.reject("denied");
+        tracing::warn!(%remote, %source, via, %service, "denied by authorization policy");
+        answer(&mut down, &refuse(StatusCode::Denied, e.to_string())).await;
+        return;
+    }
     let connect =
         tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(app_addr)).await;
     let mut app = match connect {
@@ -436,7 +519,7 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
         }
     };
     let _ = app.set_nodelay(true);
-    shared.metrics.inbound(&service, source.as_str(), via);
+    shared.metrics.inbound(service.name(), source.as_str(), via);
     tracing::debug!(%source, via, %service, id = header.connection_id, "inbound stream accepted");
     if !answer(&mut down, &Status::ok()).await {
         return;

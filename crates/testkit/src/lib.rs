@@ -8,6 +8,7 @@
 mod apps;
 pub mod etcd;
 pub mod fake_kube;
+pub mod faults;
 mod load;
 mod rig;
 pub mod tls;

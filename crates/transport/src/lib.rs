@@ -12,8 +12,9 @@ mod tunnel;
 pub use identity::{load_trust, read_yaml, BundleFile, IdentityFiles};
 pub use limits::Limits;
 pub use tunnel::{
-    accept_tls, answer, check_hops, connect_first, dial_tls, expect_peer, open, read_request,
-    splice, AcceptError, DialError, OpenError, Refusal, RequestError, TlsClient, TlsServer,
+    accept_tls, answer, check_hops, connect_first, connect_one, dial_tls, expect_peer, open,
+    read_request, splice, AcceptError, DialError, OpenError, Refusal, RequestError, TlsClient,
+    TlsServer,
 };
 
 /// Accepts TCP connections on `listener` until the task is dropped and runs

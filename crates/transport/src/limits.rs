@@ -24,10 +24,12 @@ pub struct Limits {
     pub max_connections: usize,
     /// Concurrent tunnel streams per QUIC connection (the peer's cap).
     pub max_streams_per_connection: u32,
-    /// QUIC keep-alive interval.
+    /// QUIC keep-alive interval: a few per idle timeout, so one lost
+    /// packet does not look like a dead peer.
     #[serde(with = "humantime_serde")]
     pub keep_alive: Duration,
-    /// QUIC idle timeout: a peer silent this long is gone.
+    /// QUIC idle timeout: a peer silent this long is gone, its streams
+    /// fail and its cluster is failed over. Raise it on lossy long paths.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Next hops tried for one stream before giving up.
@@ -50,8 +52,8 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(5),
             max_connections: 10_000,
             max_streams_per_connection: 1_024,
-            keep_alive: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(10),
+            keep_alive: Duration::from_millis(250),
+            idle_timeout: Duration::from_secs(1),
             max_attempts: 4,
             splice_buffer_bytes: 64 * 1024,
             quic_max_udp_payload: 8952,

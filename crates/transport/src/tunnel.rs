@@ -267,6 +267,11 @@ impl Refusal {
             message: message.into(),
         }
     }
+
+    /// Whether another hop could do better (a denial or a loop would not).
+    pub fn retryable(&self) -> bool {
+        self.code.is_retryable_elsewhere()
+    }
 }
 
 impl std::fmt::Display for Refusal {
@@ -291,22 +296,33 @@ where
 {
     let mut last = Refusal::new(StatusCode::NoHealthyEndpoint, "no endpoint to try");
     for (addr, identity) in targets.into_iter().take(limits.max_attempts) {
-        let mut tls = match dial_tls(addr, connector, &identity, limits.connect_timeout).await {
-            Ok(t) => t,
-            Err(e) => {
-                tracing::debug!(error = %e, "next hop unreachable; trying the next");
-                last = Refusal::new(StatusCode::UpstreamRefused, e.to_string());
-                continue;
+        match connect_one(addr, &identity, connector, header, limits).await {
+            Ok(tls) => return Ok((tls, addr)),
+            Err(r) if r.retryable() => {
+                tracing::debug!(code = %r.code, reason = %r.message, "next hop failed; trying the next");
+                last = r;
             }
-        };
-        match open(&mut tls, header, limits).await {
-            Ok(()) => return Ok((tls, addr)),
-            Err(e) if e.retryable() => {
-                tracing::debug!(error = %e, %addr, "next hop refused; trying the next");
-                last = Refusal::new(e.status(), format!("{addr}: {e}"));
-            }
-            Err(e) => return Err(Refusal::new(e.status(), format!("{addr}: {e}"))),
+            Err(r) => return Err(r),
         }
     }
     Err(last)
+}
+
+/// Dials one hop and opens a tunnel stream on it: the stream, or why not.
+/// A refusal another hop might not give is retryable (see
+/// [`Refusal::retryable`]); nothing of the payload has been sent either way.
+pub async fn connect_one(
+    addr: SocketAddr,
+    identity: &SpiffeId,
+    connector: &TlsConnector,
+    header: &Header,
+    limits: &Limits,
+) -> Result<TlsClient, Refusal> {
+    let mut tls = dial_tls(addr, connector, identity, limits.connect_timeout)
+        .await
+        .map_err(|e| Refusal::new(StatusCode::UpstreamRefused, format!("{addr}: {e}")))?;
+    match open(&mut tls, header, limits).await {
+        Ok(()) => Ok(tls),
+        Err(e) => Err(Refusal::new(e.status(), format!("{addr}: {e}"))),
+    }
 }
