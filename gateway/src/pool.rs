@@ -58,6 +58,8 @@ struct Cell {
     /// Set when the connection died or a connect failed; cleared by a
     /// successful connect. Read without the lock.
     down: AtomicBool,
+    /// A background reconnect is under way.
+    reconnecting: AtomicBool,
     slot: tokio::sync::Mutex<Slot>,
 }
 
@@ -65,7 +67,13 @@ struct Cell {
 pub struct Pool {
     slots: Mutex<HashMap<ClusterName, Arc<Cell>>>,
     metrics: crate::metrics::GatewayMetrics,
+    dead_after: Duration,
 }
+
+/// Application close code for a connection declared dead by the watcher.
+pub const CLOSE_SILENT: u32 = 2;
+/// How often the watcher looks at a connection.
+const WATCH_TICK: Duration = Duration::from_millis(100);
 
 /// Application close code for connections we close on purpose.
 pub const CLOSE_POLICY: u32 = 1;
@@ -86,10 +94,14 @@ pub fn peer_id(conn: &Connection) -> Option<fedmesh_trust::SpiffeId> {
 }
 
 impl Pool {
-    pub fn new(metrics: crate::metrics::GatewayMetrics) -> Self {
+    /// `dead_after`: a peer that sent nothing for this long (keep-alives
+    /// included) is declared dead and its connection closed, which is
+    /// faster than waiting for the QUIC idle timeout.
+    pub fn new(metrics: crate::metrics::GatewayMetrics, dead_after: Duration) -> Self {
         Self {
             slots: Mutex::default(),
             metrics,
+            dead_after,
         }
     }
 
@@ -141,29 +153,33 @@ impl Pool {
                 });
             }
         }
-        match connect(endpoint, client, peer, connect_timeout).await {
-            Ok(c) => {
-                tracing::info!(peer = %peer.cluster, addr = %peer.address, "connected to peer gateway");
-                s.failures = 0;
-                s.retry_at = None;
-                s.conn = Some(c.clone());
-                cell.down.store(false, Ordering::Relaxed);
-                tokio::spawn(watch(
+        if cell.down.load(Ordering::Relaxed) {
+            // A peer known to be down is reconnected in the background:
+            // streams fail over at once instead of waiting for a connect
+            // that may take `connect_timeout`.
+            if !cell.reconnecting.swap(true, Ordering::AcqRel) {
+                drop(s);
+                let (cell, endpoint, client, peer, metrics, dead_after) = (
                     cell.clone(),
-                    c.clone(),
-                    peer.cluster.clone(),
+                    endpoint.clone(),
+                    client.clone(),
+                    peer.clone(),
                     self.metrics.clone(),
-                ));
-                Ok(c)
+                    self.dead_after,
+                );
+                tokio::spawn(async move {
+                    let mut s = cell.slot.lock().await;
+                    let r = connect(&endpoint, &client, &peer, connect_timeout).await;
+                    let _ = settle(&cell, &mut s, r, &peer, &metrics, dead_after);
+                    cell.reconnecting.store(false, Ordering::Release);
+                });
             }
-            Err(e) => {
-                cell.down.store(true, Ordering::Relaxed);
-                s.failures = s.failures.saturating_add(1);
-                s.retry_at = Some(Instant::now() + backoff(s.failures));
-                tracing::warn!(error = %e, failures = s.failures, "peer connect failed");
-                Err(e)
-            }
+            return Err(PoolError::Down {
+                cluster: peer.cluster.clone(),
+            });
         }
+        let r = connect(endpoint, client, peer, connect_timeout).await;
+        settle(&cell, &mut s, r, peer, &self.metrics, self.dead_after)
     }
 
     /// Called when a stream on a pooled connection failed at the connection
@@ -184,23 +200,71 @@ impl Pool {
     }
 }
 
-/// Publishes the connection's RTT until it closes, then marks the peer down.
+/// Records a connect's outcome in the slot.
+fn settle(
+    cell: &Arc<Cell>,
+    s: &mut Slot,
+    r: Result<Connection, PoolError>,
+    peer: &Peer,
+    metrics: &crate::metrics::GatewayMetrics,
+    dead_after: Duration,
+) -> Result<Connection, PoolError> {
+    match r {
+        Ok(c) => {
+            tracing::info!(peer = %peer.cluster, addr = %peer.address, "connected to peer gateway");
+            s.failures = 0;
+            s.retry_at = None;
+            s.conn = Some(c.clone());
+            cell.down.store(false, Ordering::Relaxed);
+            tokio::spawn(watch(
+                cell.clone(),
+                c.clone(),
+                peer.cluster.clone(),
+                metrics.clone(),
+                dead_after,
+            ));
+            Ok(c)
+        }
+        Err(e) => {
+            cell.down.store(true, Ordering::Relaxed);
+            s.failures = s.failures.saturating_add(1);
+            s.retry_at = Some(Instant::now() + backoff(s.failures));
+            tracing::warn!(error = %e, failures = s.failures, "peer connect failed");
+            Err(e)
+        }
+    }
+}
+
+/// Publishes the connection's RTT until it closes; declares the peer dead
+/// when nothing arrived from it for `dead_after` (keep-alives make a live
+/// peer send several packets in that time); then marks the peer down.
 async fn watch(
     cell: Arc<Cell>,
     conn: Connection,
     cluster: ClusterName,
     metrics: crate::metrics::GatewayMetrics,
+    dead_after: Duration,
 ) {
     let labels = crate::metrics::PeerLabels {
         peer: cluster.to_string(),
     };
     metrics.peer_up.get_or_create(&labels).set(1);
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut tick = tokio::time::interval(WATCH_TICK);
+    let mut seen = conn.stats().udp_rx.datagrams;
+    let mut heard = Instant::now();
     let reason = loop {
         tokio::select! {
             r = conn.closed() => break r,
             _ = tick.tick() => {
-                metrics.peer_rtt.get_or_create(&labels).set(conn.rtt().as_secs_f64());
+                let stats = conn.stats();
+                metrics.peer_rtt.get_or_create(&labels).set(stats.path.rtt.as_secs_f64());
+                if stats.udp_rx.datagrams != seen {
+                    seen = stats.udp_rx.datagrams;
+                    heard = Instant::now();
+                } else if heard.elapsed() >= dead_after {
+                    tracing::warn!(peer = %cluster, silent = ?heard.elapsed(), "peer gateway silent; declaring it dead");
+                    conn.close(CLOSE_SILENT.into(), b"peer silent");
+                }
             }
         }
     };

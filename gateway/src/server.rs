@@ -138,8 +138,8 @@ impl Gateway {
         );
         let shared = Arc::new(Shared {
             catalog: RwLock::new(Arc::new(s.catalog)),
+            pool: Pool::new(metrics.clone(), s.limits.peer_dead_after()),
             limits: s.limits,
-            pool: Pool::new(metrics.clone()),
             metrics,
             endpoint,
             quic_client,
@@ -207,11 +207,30 @@ impl Gateway {
 
     /// Replaces the catalog; streams already spliced are not affected.
     pub fn set_catalog(&self, catalog: Catalog) {
-        let mut g = match self.shared.catalog.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        *g = Arc::new(catalog);
+        let peers: Vec<Peer> = catalog.peers().cloned().collect();
+        {
+            let mut g = match self.shared.catalog.write() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            *g = Arc::new(catalog);
+        }
+        // Keep a warm connection to every peer, so failing over to a
+        // cluster that took no traffic yet does not wait for a handshake.
+        for peer in peers {
+            let shared = self.shared.clone();
+            tokio::spawn(async move {
+                let _ = shared
+                    .pool
+                    .get(
+                        &shared.endpoint,
+                        &shared.quic_client,
+                        &peer,
+                        shared.limits.connect_timeout,
+                    )
+                    .await;
+            });
+        }
     }
 
     /// Stops accepting, closes peer connections, and waits briefly for the

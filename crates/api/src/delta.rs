@@ -484,7 +484,7 @@ mod tests {
                 trust_domain: f.east.clone(),
                 address: "127.0.0.1:7000".parse().unwrap(),
                 identity: fedmesh_catalog::gateway_identity(&f.east),
-                region: if port % 3 == 0 {
+                region: if port.is_multiple_of(3) {
                     "eu".into()
                 } else {
                     String::new()
@@ -512,7 +512,7 @@ mod tests {
         )
         .unwrap()
         .with_policies(policies)
-        .with_region(if port % 2 == 0 { "eu" } else { "" });
+        .with_region(if port.is_multiple_of(2) { "eu" } else { "" });
         ProxyConfig {
             catalog: Arc::new(catalog),
             bundles: Arc::new(f.bundles.clone()),

@@ -131,6 +131,8 @@ fn topology(splice_buffer: usize) -> Topology {
             ..Default::default()
         },
         control_plane: ControlPlane::Static,
+        policies: Default::default(),
+        fault_relays: false,
     }
 }
 

@@ -6,6 +6,7 @@ mod ca;
 mod control;
 mod daemons;
 mod demo;
+mod drill;
 mod federation;
 mod trust;
 
@@ -61,6 +62,9 @@ enum Command {
     Services(federation::ServicesCmd),
     /// One table: clusters, gateways, exports, imports, bundles, last publish, conflicts.
     Status(federation::StatusArgs),
+    /// Rehearse failures under load and measure what callers see.
+    #[command(subcommand)]
+    Drill(drill::Command),
 }
 
 #[derive(Subcommand)]
@@ -107,6 +111,7 @@ fn main() -> ExitCode {
             ))
         }),
         Command::Demo(a) => runtime().and_then(|rt| rt.block_on(demo::run(a))),
+        Command::Drill(c) => runtime().and_then(|rt| rt.block_on(drill::run(c))),
         Command::Gateway(a) => runtime().and_then(|rt| rt.block_on(daemons::gateway(a))),
         Command::Sidecar(a) => runtime().and_then(|rt| rt.block_on(daemons::sidecar(a))),
         Command::Controller(a) => runtime().and_then(|rt| rt.block_on(federation::controller(a))),

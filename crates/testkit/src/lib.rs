@@ -6,6 +6,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod apps;
+pub mod drill;
 pub mod etcd;
 pub mod fake_kube;
 pub mod faults;
@@ -14,5 +15,7 @@ mod rig;
 pub mod tls;
 
 pub use apps::{App, AppKind};
-pub use load::{percentile, run_load, LoadReport, LoadSpec};
+pub use load::{
+    percentile, run_load, run_open_loop, LiveCounts, LoadReport, LoadSpec, OpenLoopSpec, Sample,
+};
 pub use rig::{ClusterTopo, ControlPlane, Rig, RigCluster, ServiceTopo, Topology};

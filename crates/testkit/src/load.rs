@@ -185,3 +185,106 @@ async fn one_connection(addr: SocketAddr, spec: &LoadSpec, seed: u64) -> LoadRep
     let _ = stream.get_mut().shutdown().await;
     r
 }
+
+/// One request of an open-loop run: a fresh connection, one echo round trip.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Sample {
+    /// When it started, from the start of the run.
+    pub start: Duration,
+    /// Connect to last byte back (successes), or until it failed.
+    pub latency: Duration,
+    pub ok: bool,
+    /// The app instance that answered (its banner), e.g. `west/echo-0`.
+    pub served_by: Option<String>,
+    pub error: Option<String>,
+}
+
+impl Sample {
+    /// The cluster that answered: the banner's part before `/`.
+    pub fn cluster(&self) -> Option<&str> {
+        self.served_by.as_deref().and_then(|b| b.split('/').next())
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OpenLoopSpec {
+    /// Requests started per second, whatever the answers do (open loop: a
+    /// slow or broken target does not slow the offered load down).
+    pub rate: u32,
+    pub duration: Duration,
+    pub request_bytes: usize,
+    pub timeout: Duration,
+    /// Requests in flight at most; beyond it a request counts as failed.
+    pub max_in_flight: usize,
+}
+
+/// Counters a progress display can read while a run goes on.
+#[derive(Debug, Default)]
+pub struct LiveCounts {
+    pub ok: std::sync::atomic::AtomicU64,
+    pub failed: std::sync::atomic::AtomicU64,
+}
+
+/// Offers `spec.rate` requests per second to the echo service at `addr`
+/// for `spec.duration`; returns every request's sample, in start order.
+pub async fn run_open_loop(
+    addr: SocketAddr,
+    spec: &OpenLoopSpec,
+    live: std::sync::Arc<LiveCounts>,
+) -> Vec<Sample> {
+    use std::sync::atomic::Ordering;
+    let started = Instant::now();
+    let total = (u64::from(spec.rate) * spec.duration.as_millis() as u64 / 1000).max(1);
+    let interval = Duration::from_secs(1) / spec.rate.max(1);
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(spec.max_in_flight.max(1)));
+    let one = LoadSpec {
+        connections: 1,
+        requests_per_connection: 1,
+        request_bytes: spec.request_bytes,
+        timeout: spec.timeout,
+        concurrency: 1,
+    };
+    let mut tasks = Vec::with_capacity(total as usize);
+    for i in 0..total {
+        let due = started + interval * i as u32;
+        tokio::time::sleep_until(due.into()).await;
+        let start = started.elapsed();
+        let Ok(permit) = sem.clone().try_acquire_owned() else {
+            live.failed.fetch_add(1, Ordering::Relaxed);
+            tasks.push(tokio::spawn(async move {
+                Sample {
+                    start,
+                    latency: Duration::ZERO,
+                    ok: false,
+                    served_by: None,
+                    error: Some("too many requests in flight".into()),
+                }
+            }));
+            continue;
+        };
+        let one = one.clone();
+        let live = live.clone();
+        tasks.push(tokio::spawn(async move {
+            let t0 = Instant::now();
+            let r = one_connection(addr, &one, i).await;
+            drop(permit);
+            let ok = r.ok == 1;
+            let counter = if ok { &live.ok } else { &live.failed };
+            counter.fetch_add(1, Ordering::Relaxed);
+            Sample {
+                start,
+                latency: t0.elapsed(),
+                ok,
+                served_by: r.served_by.keys().next().cloned(),
+                error: r.errors.keys().next().cloned(),
+            }
+        }));
+    }
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        if let Ok(s) = t.await {
+            out.push(s);
+        }
+    }
+    out
+}

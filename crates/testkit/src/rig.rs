@@ -5,13 +5,14 @@
 //! the topology (static config), after every listener is bound.
 
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
 use fedmesh_catalog::mcs::{Protocol, ServiceType};
-use fedmesh_catalog::ClusterName;
 use fedmesh_catalog::{CatalogSpec, EndpointSpec, ImportSpec, PeerSpec, ServiceSpec};
+use fedmesh_catalog::{ClusterName, ServicePolicy};
 use fedmesh_federation::records::Locality;
 use fedmesh_federation::store::{EmbeddedLimits, EmbeddedStore};
 use fedmesh_federation::{Controller, ControllerSettings, LocalService};
@@ -25,6 +26,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::apps::{App, AppKind};
+use crate::faults::UdpRelay;
 use fedmesh_api::client::{self, ClientSettings, Subscription};
 use fedmesh_api::controller_identity;
 use fedmesh_api::server::{self, ApiHandle, ApiLimits, ApiMetrics, ConfigApi};
@@ -65,6 +67,11 @@ pub struct Topology {
     pub clusters: Vec<ClusterTopo>,
     pub limits: Limits,
     pub control_plane: ControlPlane,
+    /// Policy by service name, given to every cluster.
+    pub policies: BTreeMap<String, ServicePolicy>,
+    /// Put a [`UdpRelay`] in front of every gateway's QUIC port (peers
+    /// reach it through the relay), so drills can break the path.
+    pub fault_relays: bool,
 }
 
 impl Topology {
@@ -96,6 +103,8 @@ impl Topology {
             ],
             limits: Limits::default(),
             control_plane: ControlPlane::Static,
+            policies: BTreeMap::new(),
+            fault_relays: false,
         }
     }
 }
@@ -117,6 +126,8 @@ pub struct RigCluster {
     /// The controller's config API (control plane `Embedded`); the
     /// cluster's proxies subscribe to it over mTLS. Dropping it stops it.
     pub api: Option<ApiHandle>,
+    /// In front of the gateway's QUIC port when the topology asks for it.
+    pub relay: Option<UdpRelay>,
     spec: CatalogSpec,
     _links: Vec<ProxyLink>,
 }
@@ -154,6 +165,17 @@ struct Partial {
     gateway: Arc<Gateway>,
     sidecars: Vec<(ServiceName, u16, bool, Arc<Sidecar>)>,
     apps: Vec<App>,
+    relay: Option<UdpRelay>,
+}
+
+impl Partial {
+    /// Where peers reach this cluster's gateway.
+    fn quic_addr(&self) -> SocketAddr {
+        self.relay
+            .as_ref()
+            .map(UdpRelay::addr)
+            .unwrap_or_else(|| self.gateway.quic_addr())
+    }
 }
 
 pub struct Rig {
@@ -251,7 +273,12 @@ impl Rig {
                     sidecars.push((name.clone(), s.port, s.export, Arc::new(sc)));
                 }
             }
+            let relay = match topo.fault_relays {
+                true => Some(UdpRelay::start(gateway.quic_addr()).await?),
+                false => None,
+            };
             parts.push(Partial {
+                relay,
                 topo: c.clone(),
                 td,
                 ca,
@@ -271,6 +298,7 @@ impl Rig {
                     address: p.gateway.tunnel_addr(),
                     identity: None,
                 }),
+                policies: topo.policies.clone(),
                 ..Default::default()
             };
             for s in &p.topo.services {
@@ -296,7 +324,7 @@ impl Rig {
                 spec.peers.push(PeerSpec {
                     cluster: other.topo.name.clone(),
                     trust_domain: other.td.to_string(),
-                    gateway: other.gateway.quic_addr(),
+                    gateway: other.quic_addr(),
                     identity: None,
                     region: String::new(),
                 });
@@ -386,7 +414,7 @@ impl Rig {
                         cluster: name.clone(),
                         trust_domain: p.td.clone(),
                         locality: Locality::default(),
-                        gateways: vec![p.gateway.quic_addr()],
+                        gateways: vec![p.quic_addr()],
                         gateway_tunnel: Some(p.gateway.tunnel_addr()),
                         lease_ttl: Duration::from_secs(3),
                         bundle: p.ca.bundle(),
@@ -397,7 +425,10 @@ impl Rig {
                             .filter(|(c, _)| c != &name)
                             .cloned()
                             .collect(),
-                        policies: Default::default(),
+                        policies: catalog
+                            .policy_entries()
+                            .map(|(k, v)| (k.clone(), v.clone()))
+                            .collect(),
                     };
                     let local = local_services(&p.topo, &p.sidecars)?;
                     let ctrl = Controller::start(Arc::new(store.clone()), settings, local, reg);
@@ -420,6 +451,7 @@ impl Rig {
                 apps: p.apps,
                 controller,
                 api,
+                relay: p.relay,
                 spec,
                 _links: links,
             });

@@ -52,7 +52,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(5),
             max_connections: 10_000,
             max_streams_per_connection: 1_024,
-            keep_alive: Duration::from_millis(250),
+            keep_alive: Duration::from_millis(200),
             idle_timeout: Duration::from_secs(1),
             max_attempts: 4,
             splice_buffer_bytes: 64 * 1024,
@@ -62,6 +62,12 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// When a dialed peer gateway that sent nothing counts as dead: three
+    /// missed keep-alives, and never later than the idle timeout.
+    pub fn peer_dead_after(&self) -> Duration {
+        (self.keep_alive * 3).min(self.idle_timeout)
+    }
+
     pub fn wire(&self) -> fedmesh_wire::Limits {
         fedmesh_wire::Limits {
             max_header_bytes: self.max_header_bytes,

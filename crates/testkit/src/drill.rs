@@ -1,0 +1,536 @@
+//! Failover drills: offer steady load from one cluster to a service, break
+//! a cluster that serves it, restore it, and measure what callers saw.
+//!
+//! The analysis ([`analyze`]) is pure over the request samples, so the
+//! figures a drill reports are tested without sockets. The runner breaks
+//! the rig's clusters through [`FaultMode`]: the in-process rig has a UDP
+//! relay in front of every gateway (kill, blackhole) and gateways drain.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::faults::RelayMode;
+use crate::load::{percentile, run_open_loop, LiveCounts, OpenLoopSpec, Sample};
+use crate::rig::Rig;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FaultMode {
+    /// The gateway process dies: its UDP port goes silent, its connection
+    /// state is gone when it comes back.
+    KillGateway,
+    /// Packets to and from the gateway are dropped; nothing is closed.
+    Blackhole,
+    /// The gateway refuses new streams (callers fail over before sending
+    /// payload) and lets open ones finish.
+    Drain,
+}
+
+impl std::str::FromStr for FaultMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "kill-gateway" => Ok(Self::KillGateway),
+            "blackhole" => Ok(Self::Blackhole),
+            "drain" => Ok(Self::Drain),
+            other => Err(format!(
+                "unknown mode {other:?}: expected kill-gateway, blackhole or drain"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for FaultMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::KillGateway => "kill-gateway",
+            Self::Blackhole => "blackhole",
+            Self::Drain => "drain",
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DrillSpec {
+    /// `NAME.NS`
+    pub service: String,
+    /// The cluster whose client sidecar offers the load.
+    pub from: String,
+    /// The cluster to break.
+    pub fail: String,
+    pub mode: FaultMode,
+    pub duration: Duration,
+    /// Requests per second (each a new connection and one round trip).
+    pub rate: u32,
+    pub request_bytes: usize,
+    /// A request slower than this failed.
+    pub timeout: Duration,
+    /// A request that succeeded but took longer than this was held up by
+    /// the fault: it does not count toward "99% succeeding again".
+    pub slo: Duration,
+}
+
+impl DrillSpec {
+    /// The fault starts a quarter into the run and is repaired at 60%.
+    pub fn break_at(&self) -> Duration {
+        self.duration / 4
+    }
+
+    pub fn restore_at(&self) -> Duration {
+        self.duration * 3 / 5
+    }
+}
+
+/// One slice of the run, for the timeline.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Slice {
+    pub from_ms: u64,
+    pub ok: u64,
+    pub failed: u64,
+    /// Successful requests the failed cluster served.
+    pub by_failed_cluster: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DrillReport {
+    pub service: String,
+    pub from: String,
+    pub fail: String,
+    pub mode: FaultMode,
+    pub rate: u32,
+    pub duration_ms: u64,
+    pub break_at_ms: u64,
+    pub restore_at_ms: u64,
+    pub requests: u64,
+    pub ok: u64,
+    pub failed: u64,
+    /// Failed requests that started while the fault was on.
+    pub failed_during_fault: u64,
+    /// Failed requests that started after the repair.
+    pub failed_after_restore: u64,
+    /// Successful requests slower than the SLO.
+    pub slow: u64,
+    pub slo_ms: f64,
+    /// Successful requests by the cluster that answered.
+    pub served_by: BTreeMap<String, u64>,
+    /// Share of successes the failed cluster took before the fault: the
+    /// drill only proves failover if it took traffic in the first place.
+    pub failed_cluster_share_before: f64,
+    /// From the fault until a request was first answered elsewhere.
+    pub first_elsewhere_ms: Option<f64>,
+    /// From the fault until the requests started from then on (to the
+    /// repair) succeed at 99% or better.
+    pub to_99_percent_ms: Option<f64>,
+    /// From the repair until the failed cluster answered again (None: it
+    /// never did, e.g. the policy does not prefer it).
+    pub recovery_ms: Option<f64>,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    /// p99 of requests started while the fault was on.
+    pub p99_during_fault_ms: f64,
+    pub errors: BTreeMap<String, u64>,
+    pub timeline: Vec<Slice>,
+}
+
+const SLICE: Duration = Duration::from_millis(250);
+/// Resolution of the 99% search.
+const STEP: Duration = Duration::from_millis(50);
+
+fn ms(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
+
+/// Computes the report from the samples; `broke` and `restored` are when
+/// the fault was actually applied and removed, from the start of the run.
+pub fn analyze(
+    spec: &DrillSpec,
+    samples: &[Sample],
+    broke: Duration,
+    restored: Duration,
+) -> DrillReport {
+    let (b, r) = (broke, restored);
+    let fail = spec.fail.as_str();
+    let mut rep = DrillReport {
+        service: spec.service.clone(),
+        from: spec.from.clone(),
+        fail: spec.fail.clone(),
+        mode: spec.mode,
+        rate: spec.rate,
+        duration_ms: spec.duration.as_millis() as u64,
+        break_at_ms: b.as_millis() as u64,
+        restore_at_ms: r.as_millis() as u64,
+        requests: samples.len() as u64,
+        ok: 0,
+        failed: 0,
+        failed_during_fault: 0,
+        failed_after_restore: 0,
+        slow: 0,
+        slo_ms: ms(spec.slo),
+        served_by: BTreeMap::new(),
+        failed_cluster_share_before: 0.0,
+        first_elsewhere_ms: None,
+        to_99_percent_ms: None,
+        recovery_ms: None,
+        p50_ms: 0.0,
+        p99_ms: 0.0,
+        p99_during_fault_ms: 0.0,
+        errors: BTreeMap::new(),
+        timeline: Vec::new(),
+    };
+    let mut lat = Vec::new();
+    let mut lat_fault = Vec::new();
+    let (mut before_ok, mut before_fail_cluster) = (0u64, 0u64);
+    let slices = (spec.duration.as_millis() / SLICE.as_millis()).max(1) as usize + 1;
+    rep.timeline = (0..slices)
+        .map(|i| Slice {
+            from_ms: (SLICE * i as u32).as_millis() as u64,
+            ..Default::default()
+        })
+        .collect();
+    for s in samples {
+        let during = s.start >= b && s.start < r;
+        let slice =
+            &mut rep.timeline[((s.start.as_millis() / SLICE.as_millis()) as usize).min(slices - 1)];
+        if s.ok {
+            rep.ok += 1;
+            slice.ok += 1;
+            rep.slow += u64::from(s.latency > spec.slo);
+            lat.push(s.latency);
+            if during {
+                lat_fault.push(s.latency);
+            }
+            let c = s.cluster().unwrap_or("?");
+            *rep.served_by.entry(c.to_owned()).or_default() += 1;
+            if c == fail {
+                slice.by_failed_cluster += 1;
+            }
+            if s.start < b {
+                before_ok += 1;
+                before_fail_cluster += u64::from(c == fail);
+            }
+            let done = s.start + s.latency;
+            if c != fail && s.start >= b {
+                let t = ms(done.saturating_sub(b));
+                rep.first_elsewhere_ms = Some(rep.first_elsewhere_ms.map_or(t, |x: f64| x.min(t)));
+            }
+            if c == fail && s.start >= r {
+                let t = ms(done.saturating_sub(r));
+                rep.recovery_ms = Some(rep.recovery_ms.map_or(t, |x: f64| x.min(t)));
+            }
+        } else {
+            rep.failed += 1;
+            slice.failed += 1;
+            if during {
+                rep.failed_during_fault += 1;
+            } else if s.start >= r {
+                rep.failed_after_restore += 1;
+            }
+            let e = s.error.clone().unwrap_or_else(|| "unknown".into());
+            *rep.errors.entry(e).or_default() += 1;
+        }
+    }
+    if before_ok > 0 {
+        rep.failed_cluster_share_before = before_fail_cluster as f64 / before_ok as f64;
+    }
+    // The earliest T in [break, restore) from which the requests started
+    // up to the repair succeed, within the SLO, at 99% or better.
+    let mut t = b;
+    while t < r {
+        let (ok, all) = samples
+            .iter()
+            .filter(|s| s.start >= t && s.start < r)
+            .fold((0u64, 0u64), |(o, a), s| {
+                (o + u64::from(s.ok && s.latency <= spec.slo), a + 1)
+            });
+        if all > 0 && ok * 100 >= all * 99 {
+            rep.to_99_percent_ms = Some(ms(t - b));
+            break;
+        }
+        t += STEP;
+    }
+    rep.p50_ms = ms(percentile(&mut lat, 50.0));
+    rep.p99_ms = ms(percentile(&mut lat, 99.0));
+    rep.p99_during_fault_ms = ms(percentile(&mut lat_fault, 99.0));
+    rep
+}
+
+/// What a drill runner reports while it runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub elapsed: Duration,
+    pub total: Duration,
+    pub ok: u64,
+    pub failed: u64,
+    /// `"steady"`, `"fault"` or `"restored"`.
+    pub phase: &'static str,
+}
+
+/// Runs a drill on an in-process rig (built with `fault_relays`).
+pub async fn run_on_rig(
+    rig: &Rig,
+    spec: &DrillSpec,
+    mut progress: impl FnMut(Progress),
+) -> anyhow::Result<DrillReport> {
+    let from = rig
+        .cluster(&spec.from)
+        .ok_or_else(|| anyhow::anyhow!("no cluster {:?}", spec.from))?;
+    let target = rig
+        .cluster(&spec.fail)
+        .ok_or_else(|| anyhow::anyhow!("no cluster {:?}", spec.fail))?;
+    let addr = from.client_addr(&spec.service).ok_or_else(|| {
+        anyhow::anyhow!(
+            "{} has no outbound listener for {}",
+            spec.from,
+            spec.service
+        )
+    })?;
+    let relay = target.relay.as_ref();
+    if spec.mode != FaultMode::Drain && relay.is_none() {
+        anyhow::bail!("mode {} needs the rig's fault relays", spec.mode);
+    }
+    let live = Arc::new(LiveCounts::default());
+    let load = OpenLoopSpec {
+        rate: spec.rate,
+        duration: spec.duration,
+        request_bytes: spec.request_bytes,
+        timeout: spec.timeout,
+        max_in_flight: 4096,
+    };
+    let started = tokio::time::Instant::now();
+    let runner = tokio::spawn({
+        let live = live.clone();
+        async move { run_open_loop(addr, &load, live).await }
+    });
+    let set = |on: bool| match (spec.mode, relay) {
+        (FaultMode::Drain, _) => target.gateway.set_draining(on),
+        (FaultMode::KillGateway, Some(r)) => {
+            r.set(if on { RelayMode::Dead } else { RelayMode::Pass })
+        }
+        (FaultMode::Blackhole, Some(r)) => r.set(if on {
+            RelayMode::Blackhole
+        } else {
+            RelayMode::Pass
+        }),
+        (_, None) => {}
+    };
+    let (mut broken, mut restored) = (None, None);
+    // Fine ticks so the fault lands on time; progress is reported less often.
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut n = 0u64;
+    while !runner.is_finished() {
+        tick.tick().await;
+        n += 1;
+        let elapsed = started.elapsed();
+        if broken.is_none() && elapsed >= spec.break_at() {
+            set(true);
+            broken = Some(started.elapsed());
+            tracing::info!(cluster = %spec.fail, mode = %spec.mode, "drill: fault on");
+        }
+        if restored.is_none() && elapsed >= spec.restore_at() {
+            set(false);
+            restored = Some(started.elapsed());
+            tracing::info!(cluster = %spec.fail, "drill: fault repaired");
+        }
+        if !n.is_multiple_of(10) {
+            continue;
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        progress(Progress {
+            elapsed,
+            total: spec.duration,
+            ok: live.ok.load(Relaxed),
+            failed: live.failed.load(Relaxed),
+            phase: match (broken, restored) {
+                (None, _) => "steady",
+                (Some(_), None) => "fault",
+                (Some(_), Some(_)) => "restored",
+            },
+        });
+    }
+    set(false);
+    let samples = runner.await?;
+    Ok(analyze(
+        spec,
+        &samples,
+        broken.unwrap_or(spec.break_at()),
+        restored.unwrap_or(spec.restore_at()),
+    ))
+}
+
+/// The report as a table for people.
+pub fn render(rep: &DrillReport) -> String {
+    let opt = |v: Option<f64>| v.map_or_else(|| "never".to_owned(), |v| format!("{v:.0} ms"));
+    let mut out = String::new();
+    let line = |out: &mut String, k: &str, v: String| out.push_str(&format!("  {k:<38} {v}\n"));
+    out.push_str(&format!(
+        "drill: {} from {} with {} {} ({} req/s for {:.1} s; fault at {:.1} s, repaired at {:.1} s)\n",
+        rep.service,
+        rep.from,
+        rep.fail,
+        rep.mode,
+        rep.rate,
+        rep.duration_ms as f64 / 1000.0,
+        rep.break_at_ms as f64 / 1000.0,
+        rep.restore_at_ms as f64 / 1000.0,
+    ));
+    line(
+        &mut out,
+        "requests (ok / failed)",
+        format!("{} ({} / {})", rep.requests, rep.ok, rep.failed),
+    );
+    line(
+        &mut out,
+        "failed during the fault",
+        rep.failed_during_fault.to_string(),
+    );
+    line(
+        &mut out,
+        "failed after the repair",
+        rep.failed_after_restore.to_string(),
+    );
+    line(
+        &mut out,
+        &format!("succeeded but slower than {:.0} ms", rep.slo_ms),
+        rep.slow.to_string(),
+    );
+    line(
+        &mut out,
+        &format!("{}'s share before the fault", rep.fail),
+        format!("{:.0}%", rep.failed_cluster_share_before * 100.0),
+    );
+    line(
+        &mut out,
+        "first request served elsewhere",
+        opt(rep.first_elsewhere_ms),
+    );
+    line(&mut out, "99% succeeding again", opt(rep.to_99_percent_ms));
+    line(
+        &mut out,
+        &format!("{} serving again after repair", rep.fail),
+        opt(rep.recovery_ms),
+    );
+    line(
+        &mut out,
+        "latency p50 / p99 (p99 during fault)",
+        format!(
+            "{:.2} / {:.2} ms ({:.2} ms)",
+            rep.p50_ms, rep.p99_ms, rep.p99_during_fault_ms
+        ),
+    );
+    let served: Vec<String> = rep
+        .served_by
+        .iter()
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect();
+    line(&mut out, "served by", served.join(", "));
+    for (e, n) in &rep.errors {
+        line(&mut out, "error", format!("{n} × {e}"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> DrillSpec {
+        DrillSpec {
+            service: "echo.demo".into(),
+            from: "east".into(),
+            fail: "west".into(),
+            mode: FaultMode::Blackhole,
+            duration: Duration::from_secs(10),
+            rate: 10,
+            request_bytes: 16,
+            timeout: Duration::from_secs(2),
+            slo: Duration::from_millis(250),
+        }
+    }
+
+    fn sample(start_ms: u64, ok: bool, by: &str) -> Sample {
+        Sample {
+            start: Duration::from_millis(start_ms),
+            latency: Duration::from_millis(5),
+            ok,
+            served_by: ok.then(|| format!("{by}/echo-0")),
+            error: (!ok).then(|| "io".into()),
+        }
+    }
+
+    #[test]
+    fn the_figures_follow_the_samples() {
+        // 10 s at 10/s: west until the fault at 2.5 s, two failures, then
+        // north, west again 1 s after the repair at 6 s.
+        let mut v = Vec::new();
+        for i in 0..100u64 {
+            let t = i * 100;
+            let s = match t {
+                0..2500 => sample(t, true, "west"),
+                2500..2700 => sample(t, false, ""),
+                2700..7000 => sample(t, true, "north"),
+                _ => sample(t, true, "west"),
+            };
+            v.push(s);
+        }
+        let sp = spec();
+        let r = analyze(&sp, &v, sp.break_at(), sp.restore_at());
+        assert_eq!((r.requests, r.ok, r.failed), (100, 98, 2));
+        assert_eq!(r.failed_during_fault, 2);
+        assert_eq!(r.failed_cluster_share_before, 1.0);
+        assert_eq!(r.first_elsewhere_ms, Some(205.0));
+        assert_eq!(
+            r.to_99_percent_ms,
+            Some(150.0),
+            "from 2.65 s on, everything succeeds"
+        );
+        assert_eq!(r.recovery_ms, Some(1005.0));
+        assert_eq!(r.served_by["north"], 43);
+        assert_eq!(r.timeline[10].failed, 2);
+        let table = render(&r);
+        assert!(
+            table.contains("99% succeeding again") && table.contains("150 ms"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn slow_successes_do_not_count_as_recovered() {
+        // Everything succeeds, but what starts in the first 800 ms of the
+        // fault takes 1 s: that is not "succeeding again".
+        let v: Vec<Sample> = (0..100u64)
+            .map(|i| {
+                let t = i * 100;
+                let mut s = sample(t, true, if t < 2500 { "west" } else { "north" });
+                if (2500..3300).contains(&t) {
+                    s.latency = Duration::from_secs(1);
+                }
+                s
+            })
+            .collect();
+        let sp = spec();
+        let r = analyze(&sp, &v, sp.break_at(), sp.restore_at());
+        assert_eq!(r.failed, 0);
+        assert_eq!(r.slow, 8);
+        // The last slow one started 700 ms in; the search steps by 50 ms.
+        assert_eq!(r.to_99_percent_ms, Some(750.0));
+    }
+
+    #[test]
+    fn a_drill_that_never_recovers_says_so() {
+        let v: Vec<Sample> = (0..100u64)
+            .map(|i| {
+                let t = i * 100;
+                sample(t, t < 2500, "west")
+            })
+            .collect();
+        let sp = spec();
+        let r = analyze(&sp, &v, sp.break_at(), sp.restore_at());
+        assert_eq!(r.first_elsewhere_ms, None);
+        assert_eq!(r.to_99_percent_ms, None);
+        assert_eq!(r.recovery_ms, None);
+        assert!(render(&r).contains("never"));
+    }
+}
