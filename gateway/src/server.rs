@@ -51,7 +51,6 @@ struct Shared {
     limits: Limits,
     metrics: GatewayMetrics,
     endpoint: Endpoint,
-    quic_client: quinn::ClientConfig,
     connector: TlsConnector,
     pool: Pool,
     balancers: fedmesh_catalog::Balancers,
@@ -138,17 +137,23 @@ impl Gateway {
         );
         let shared = Arc::new(Shared {
             catalog: RwLock::new(Arc::new(s.catalog)),
-            pool: Pool::new(metrics.clone(), s.limits.peer_dead_after()),
+            pool: Pool::new(
+                endpoint.clone(),
+                quic_client.clone(),
+                metrics.clone(),
+                s.limits.connect_timeout,
+                s.limits.peer_dead_after(),
+            ),
             limits: s.limits,
             metrics,
             endpoint,
-            quic_client,
             connector: TlsConnector::from(Arc::new(client_tls)),
             balancers: fedmesh_catalog::Balancers::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
             cursor: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
         });
+        shared.pool.set_peers(shared.catalog().peers());
         let mut tasks = vec![
             tokio::spawn(accept_peers(shared.clone())),
             tokio::spawn(accept_sidecars(
@@ -160,7 +165,18 @@ impl Gateway {
         let mut admin_addr = None;
         if let Some(addr) = s.admin {
             let m = shared.metrics.clone();
-            let (bound, task) = admin::spawn_with(addr, |reg| m.register(reg), None)
+            let dump = {
+                let shared = shared.clone();
+                let id = s.identity.id().to_string();
+                Arc::new(move || {
+                    serde_json::json!({
+                        "identity": id,
+                        "catalog": shared.catalog().to_spec(),
+                    })
+                    .to_string()
+                }) as admin::JsonFn
+            };
+            let (bound, task) = admin::spawn_with(addr, |reg| m.register(reg), None, Some(dump))
                 .await
                 .map_err(|source| GatewayError::Bind {
                     what: "admin",
@@ -206,6 +222,11 @@ impl Gateway {
     }
 
     /// Replaces the catalog; streams already spliced are not affected.
+    /// Peer gateways this gateway holds a live QUIC connection to.
+    pub fn live_peers(&self) -> usize {
+        self.shared.pool.live_peers()
+    }
+
     pub fn set_catalog(&self, catalog: Catalog) {
         let peers: Vec<Peer> = catalog.peers().cloned().collect();
         {
@@ -215,22 +236,7 @@ impl Gateway {
             };
             *g = Arc::new(catalog);
         }
-        // Keep a warm connection to every peer, so failing over to a
-        // cluster that took no traffic yet does not wait for a handshake.
-        for peer in peers {
-            let shared = self.shared.clone();
-            tokio::spawn(async move {
-                let _ = shared
-                    .pool
-                    .get(
-                        &shared.endpoint,
-                        &shared.quic_client,
-                        &peer,
-                        shared.limits.connect_timeout,
-                    )
-                    .await;
-            });
-        }
+        self.shared.pool.set_peers(&peers);
     }
 
     /// Stops accepting, closes peer connections, and waits briefly for the
@@ -660,15 +666,7 @@ async fn open_on_peer(
     peer: &Peer,
     header: &Header,
 ) -> Result<tokio::io::Join<quinn::RecvStream, quinn::SendStream>, PeerOpenError> {
-    let conn = shared
-        .pool
-        .get(
-            &shared.endpoint,
-            &shared.quic_client,
-            peer,
-            shared.limits.connect_timeout,
-        )
-        .await?;
+    let conn = shared.pool.get(peer).await?;
     // open_bi waits while the peer's stream cap is reached; bound the wait.
     let opened = tokio::time::timeout(shared.limits.status_timeout, conn.open_bi()).await;
     let (send, recv) = match opened {

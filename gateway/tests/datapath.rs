@@ -61,6 +61,10 @@ async fn cross_cluster_and_local_traffic_is_byte_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_cluster_is_failed_over_at_connect_time() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("info")
+        .with_test_writer()
+        .try_init();
     let mut topo = Topology::demo();
     topo.limits.connect_timeout = std::time::Duration::from_millis(300);
     let rig = Rig::start(&topo).await.unwrap();
@@ -134,12 +138,39 @@ async fn admin_endpoint_serves_metrics() {
         m.contains("fedmesh_gateway_invalid_datagrams_total 1"),
         "{m}"
     );
+    assert!(
+        m.contains("fedmesh_gateway_peer_ejections_total")
+            || m.contains("# TYPE fedmesh_gateway_peer_ejections counter"),
+        "{m}"
+    );
     assert!(get("/ready").await.starts_with("HTTP/1.1 200"));
     assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+    // The config the gateway runs on, as a spec that builds it again.
+    let dump = get("/config_dump").await;
+    let body = dump.split("\r\n\r\n").nth(1).unwrap();
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(
+        v["identity"],
+        "spiffe://east.demo/ns/fedmesh-system/sa/gateway"
+    );
+    let spec: fedmesh_catalog::CatalogSpec = serde_json::from_value(v["catalog"].clone()).unwrap();
+    assert_eq!(spec.build().unwrap(), *gw.catalog());
+    // Anything but GET is refused.
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"POST /config_dump HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 405"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn controllers_drive_the_data_path_and_proxies_survive_their_loss() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("warn,fedmesh_gateway=info")
+        .with_test_writer()
+        .try_init();
     let mut topo = Topology::demo();
     topo.control_plane = fedmesh_testkit::ControlPlane::Embedded;
     let mut rig = Rig::start(&topo).await.unwrap();

@@ -5,7 +5,8 @@
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use fedmesh_testkit::{percentile, run_load, ControlPlane, LoadReport, LoadSpec, Rig, Topology};
+use fedmesh_testkit::drill::{self, DrillSpec, FaultMode};
+use fedmesh_testkit::{percentile, run_load, ControlPlane, LoadReport, LoadSpec, Rig};
 use serde_json::json;
 
 #[derive(clap::Args)]
@@ -25,6 +26,12 @@ pub struct Args {
     /// Skip the federation controllers: catalogs computed up front.
     #[arg(long)]
     static_config: bool,
+    /// Skip the closing failover drill.
+    #[arg(long)]
+    no_drill: bool,
+    /// Length of the closing failover drill (blackholes west's gateway).
+    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    drill_duration: Duration,
 }
 
 struct Flow {
@@ -57,9 +64,10 @@ macro_rules! say {
 pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut out = String::new();
     let started = Instant::now();
-    let mut topo = Topology::demo();
-    if !args.static_config {
-        topo.control_plane = ControlPlane::Embedded;
+    // echo.demo prefers west, then north: the closing drill breaks west.
+    let mut topo = crate::drill::demo_topology("echo.demo", "west")?;
+    if args.static_config {
+        topo.control_plane = ControlPlane::Static;
     }
     let rig = Rig::start(&topo).await?;
     let startup = started.elapsed();
@@ -102,6 +110,27 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    let drill = if args.no_drill {
+        None
+    } else {
+        let spec = DrillSpec {
+            service: "echo.demo".into(),
+            from: "east".into(),
+            fail: "west".into(),
+            mode: FaultMode::Blackhole,
+            duration: args.drill_duration.max(Duration::from_secs(2)),
+            rate: 200,
+            request_bytes: args.bytes,
+            timeout: Duration::from_secs(2),
+            slo: Duration::from_millis(250),
+        };
+        Some(drill::run_on_rig(&rig, &spec, crate::drill::progress_bar()).await?)
+    };
+    // The drill must show traffic moving and coming back; its timing
+    // target is reported, not required (a loaded machine can miss it).
+    let drill_ok = drill
+        .as_ref()
+        .is_none_or(|d| d.first_elsewhere_ms.is_some() && d.recovery_ms.is_some());
     let total: u64 = flows.iter().map(|f| f.report.total()).sum();
     let ok: u64 = flows.iter().map(|f| f.report.ok).sum();
     let failed: u64 = flows.iter().map(|f| f.report.failed).sum();
@@ -152,7 +181,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             "control_plane": if args.static_config { "static" } else { "embedded-store" },
             "catalog_converged_ms": rig.converged_in.map(|d| d.as_secs_f64() * 1e3),
             "elapsed_ms": elapsed.as_millis() as u64,
-            "pass": failed == 0 && total > 0,
+            "drill": drill.as_ref().map(|d| {
+                let mut v = serde_json::to_value(d).unwrap_or_default();
+                v["pass"] = json!(crate::drill::passed(d, Duration::from_secs(1)));
+                v
+            }),
+            "pass": failed == 0 && total > 0 && drill_ok,
         });
         say!(out, "{}", serde_json::to_string_pretty(&v)?);
     } else {
@@ -250,7 +284,25 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 say!(out, "  {n:>4}  {e}");
             }
         }
-        let verdict = if failed == 0 && total > 0 {
+        if let Some(d) = &drill {
+            say!(
+                out,
+                "\nfailover drill (policy: echo.demo prefers west, then north)"
+            );
+            for l in drill::render(d).lines() {
+                say!(out, "  {l}");
+            }
+            say!(
+                out,
+                "  target (99% again within 1 s): {}",
+                if crate::drill::passed(d, Duration::from_secs(1)) {
+                    "met"
+                } else {
+                    "missed"
+                }
+            );
+        }
+        let verdict = if failed == 0 && total > 0 && drill_ok {
             "PASS"
         } else {
             "FAIL"
@@ -261,7 +313,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         );
     }
     crate::emit(&out);
-    Ok(if failed == 0 && total > 0 {
+    Ok(if failed == 0 && total > 0 && drill_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

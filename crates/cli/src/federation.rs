@@ -200,7 +200,8 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         let c = ctrl.clone();
         let status: admin::JsonFn =
             Arc::new(move || serde_json::to_string_pretty(&c.status()).unwrap_or_default());
-        let (bound, _task) = admin::spawn_with(addr, |reg| *reg = registry, Some(status)).await?;
+        let (bound, _task) =
+            admin::spawn_with(addr, |reg| *reg = registry, Some(status), None).await?;
         crate::emit(&format!("controller admin http://{bound}/status\n"));
     }
     crate::emit(&format!("controller up: cluster {}\n", cfg.cluster));

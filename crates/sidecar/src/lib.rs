@@ -10,7 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
-mod metrics;
+pub mod metrics;
 mod proxy;
 
 pub use config::{

@@ -155,7 +155,18 @@ impl Sidecar {
         let mut admin_addr = None;
         if let Some(addr) = s.admin {
             let m = shared.metrics.clone();
-            let (bound, task) = admin::spawn_with(addr, |reg| m.register(reg), None)
+            let dump = {
+                let shared = shared.clone();
+                let id = s.identity.id().to_string();
+                Arc::new(move || {
+                    serde_json::json!({
+                        "identity": id,
+                        "catalog": shared.catalog().to_spec(),
+                    })
+                    .to_string()
+                }) as admin::JsonFn
+            };
+            let (bound, task) = admin::spawn_with(addr, |reg| m.register(reg), None, Some(dump))
                 .await
                 .map_err(|source| SidecarError::Bind {
                     what: "admin",

@@ -486,6 +486,20 @@ impl Rig {
                 }
             }
         };
+        // The data path is ready when every gateway holds a live QUIC
+        // connection to every peer (trust and catalogs both propagated).
+        let peers = out.len().saturating_sub(1);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while out.iter().any(|c| c.gateway.live_peers() < peers) {
+            if Instant::now() > deadline {
+                let have: Vec<String> = out
+                    .iter()
+                    .map(|c| format!("{}: {}/{peers}", c.name, c.gateway.live_peers()))
+                    .collect();
+                anyhow::bail!("gateways not connected to every peer within 10 s: {have:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         Ok(Rig {
             clusters: out,
             registry,

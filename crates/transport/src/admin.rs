@@ -1,4 +1,5 @@
-//! The admin endpoint: `/metrics` (Prometheus text), `/live` and `/ready`.
+//! The admin endpoint: `/metrics` (Prometheus text), `/live`, `/ready`, and
+//! when the daemon provides them `/status` and `/config_dump` (JSON).
 //! Deliberately tiny: GET only, one request per connection, bounded request
 //! size and time, so exposing it cannot become a way in.
 
@@ -25,6 +26,8 @@ pub struct AdminState {
     pub ready: Arc<AtomicBool>,
     /// Served at `/status` when set.
     pub status: Option<JsonFn>,
+    /// Served at `/config_dump` when set: the config the daemon runs on.
+    pub config_dump: Option<JsonFn>,
 }
 
 /// Serves the admin endpoint on `listener` until the task is dropped.
@@ -105,6 +108,10 @@ async fn handle(mut stream: TcpStream, state: &AdminState) {
             let body = state.status.as_ref().map(|f| f()).unwrap_or_default();
             respond(&mut stream, "200 OK", "application/json", &body).await
         }
+        "/config_dump" if state.config_dump.is_some() => {
+            let body = state.config_dump.as_ref().map(|f| f()).unwrap_or_default();
+            respond(&mut stream, "200 OK", "application/json", &body).await
+        }
         "/ready" if state.ready.load(Ordering::Relaxed) => {
             respond(&mut stream, "200 OK", "text/plain", "ready\n").await
         }
@@ -145,6 +152,7 @@ pub async fn spawn_with(
     addr: SocketAddr,
     register: impl FnOnce(&mut Registry),
     status: Option<JsonFn>,
+    config_dump: Option<JsonFn>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let mut reg = Registry::default();
     register(&mut reg);
@@ -152,6 +160,7 @@ pub async fn spawn_with(
         registry: Arc::new(Mutex::new(reg)),
         ready: Arc::new(AtomicBool::new(true)),
         status,
+        config_dump,
     };
     spawn(addr, state).await
 }
