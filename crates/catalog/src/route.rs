@@ -114,47 +114,6 @@ impl Catalog {
         }
     }
 
-    /// A sidecar's outbound decision: local endpoints first (direct, mTLS
-    /// sidecar to sidecar), then the local gateway if remote clusters serve
-    /// the service.
-    pub fn route_outbound(
-        &self,
-        name: &ServiceName,
-        port: u16,
-        cursor: usize,
-    ) -> Result<Vec<Hop>, RouteError> {
-        let local = self.services.get(name);
-        let remote = !self.imports(name).is_empty();
-        if local.is_none() && !remote {
-            return Err(RouteError::UnknownService(name.clone()));
-        }
-        self.check_port(name, port)?;
-        let mut hops: Vec<Hop> = local
-            .map(|s| {
-                rotated(&s.endpoints, cursor)
-                    .map(|e| Hop::Endpoint {
-                        address: e.address,
-                        identity: e.identity,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        if remote {
-            match &self.gateway {
-                Some(g) => hops.push(Hop::Gateway {
-                    address: g.address,
-                    identity: g.identity.clone(),
-                }),
-                None if hops.is_empty() => return Err(RouteError::NoGateway(name.clone())),
-                None => {}
-            }
-        }
-        if hops.is_empty() {
-            return Err(RouteError::NoEndpoints(name.clone()));
-        }
-        Ok(hops)
-    }
-
     /// The service's policy, or the defaults.
     pub fn policy_or_default(&self, name: &ServiceName) -> &ServicePolicy {
         self.policy(name).unwrap_or(&DEFAULT_POLICY)
@@ -268,21 +227,6 @@ impl Catalog {
         }
     }
 
-    /// A gateway's decision for a stream from a sidecar of its own cluster:
-    /// the peer clusters that serve the service, in preference order.
-    pub fn route_from_local(&self, target: &Target, cursor: usize) -> Result<Vec<Hop>, RouteError> {
-        let Target::Service { name, .. } = target else {
-            return Err(RouteError::EndpointFromLocal);
-        };
-        let clusters = self.imports(name);
-        if clusters.is_empty() {
-            return Err(RouteError::UnknownService(name.clone()));
-        }
-        Ok(rotated(clusters, cursor)
-            .map(|cluster| Hop::Peer { cluster })
-            .collect())
-    }
-
     /// A gateway's decision for a stream from a peer cluster's gateway: only
     /// exported services, only their local endpoints. Never onward to another
     /// cluster: a cluster vouches only for its own workloads.
@@ -368,18 +312,24 @@ peers:
     }
 
     #[test]
-    fn outbound_prefers_local_then_gateway_and_rotates() {
+    fn outbound_routes_are_local_endpoints_then_each_remote_cluster() {
         let c = cat();
-        let a = c.route_outbound(&svc("echo.demo"), 7000, 0).unwrap();
-        let b = c.route_outbound(&svc("echo.demo"), 7000, 1).unwrap();
-        assert_eq!(a.len(), 3);
-        assert!(matches!(&a[0], Hop::Endpoint { address, .. } if address.port() == 9001));
-        assert!(matches!(&b[0], Hop::Endpoint { address, .. } if address.port() == 9002));
-        assert!(matches!(&a[2], Hop::Gateway { identity, .. }
+        let r = c.outbound_routes(&svc("echo.demo"), 7000).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].cluster.as_str(), "east");
+        assert_eq!(r[0].level, 0);
+        assert_eq!(r[0].hops.len(), 2);
+        assert!(matches!(&r[0].hops[0], Hop::Endpoint { address, .. } if address.port() == 9001));
+        assert_eq!(r[1].cluster.as_str(), "west");
+        assert_eq!(
+            r[1].level, 2,
+            "no regions: west is neither local nor same-region"
+        );
+        assert!(matches!(&r[1].hops[..], [Hop::Gateway { identity, .. }]
             if identity.as_str() == "spiffe://east.demo/ns/fedmesh-system/sa/gateway"));
-        let r = c.route_outbound(&svc("remote.demo"), 1, 0).unwrap();
-        assert_eq!(r.len(), 1);
-        assert!(matches!(r[0], Hop::Gateway { .. }));
+        let r = c.outbound_routes(&svc("remote.demo"), 1).unwrap();
+        let clusters: Vec<&str> = r.iter().map(|r| r.cluster.as_str()).collect();
+        assert_eq!(clusters, ["north", "west"]);
     }
 
     #[test]
@@ -433,27 +383,28 @@ peers:
     fn outbound_errors() {
         let c = cat();
         assert_eq!(
-            c.route_outbound(&svc("nope.demo"), 1, 0)
+            c.outbound_routes(&svc("nope.demo"), 1)
                 .unwrap_err()
                 .status(),
             StatusCode::UnknownService
         );
         assert!(matches!(
-            c.route_outbound(&svc("echo.demo"), 1, 0),
+            c.outbound_routes(&svc("echo.demo"), 1),
             Err(RouteError::UnknownPort { .. })
         ));
         assert_eq!(
-            c.route_outbound(&svc("empty.demo"), 7000, 0).unwrap_err(),
+            c.outbound_routes(&svc("empty.demo"), 7000).unwrap_err(),
             RouteError::NoEndpoints(svc("empty.demo"))
         );
     }
 
     #[test]
-    fn from_local_goes_to_peers_in_order() {
+    fn from_local_goes_to_the_peers_that_serve_it() {
         let c = cat();
-        let h = c.route_from_local(&target("remote.demo", 80), 0).unwrap();
+        let r = c.peer_routes(&target("remote.demo", 80), None).unwrap();
+        let hops: Vec<Hop> = r.into_iter().flat_map(|r| r.hops).collect();
         assert_eq!(
-            h,
+            hops,
             vec![
                 Hop::Peer {
                     cluster: ClusterName::new("north").unwrap()
@@ -464,13 +415,13 @@ peers:
             ]
         );
         assert_eq!(
-            c.route_from_local(&target("secret.demo", 7000), 0)
+            c.peer_routes(&target("secret.demo", 7000), None)
                 .unwrap_err()
                 .status(),
             StatusCode::UnknownService
         );
         assert_eq!(
-            c.route_from_local(&Target::Endpoint("127.0.0.1:9001".parse().unwrap()), 0)
+            c.peer_routes(&Target::Endpoint("127.0.0.1:9001".parse().unwrap()), None)
                 .unwrap_err(),
             RouteError::EndpointFromLocal
         );

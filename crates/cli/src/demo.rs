@@ -30,7 +30,7 @@ pub struct Args {
     #[arg(long)]
     no_drill: bool,
     /// Length of the closing failover drill (blackholes west's gateway).
-    #[arg(long, default_value = "6s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
     drill_duration: Duration,
 }
 

@@ -92,8 +92,11 @@ pub fn demo_topology(service: &str, fail: &str) -> anyhow::Result<Topology> {
             .map(|c| c.name.clone())
             .filter(|c| c != fail),
     );
+    // Short ejections, so a drill of a few seconds also shows the
+    // repaired cluster taking traffic again.
     let policy: fedmesh_catalog::ServicePolicy = serde_json::from_value(serde_json::json!({
         "failover": order,
+        "outlier": { "base_ejection": "1s" },
     }))?;
     t.policies.insert(service.to_owned(), policy);
     Ok(t)

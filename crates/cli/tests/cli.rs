@@ -232,7 +232,16 @@ fn usage_errors_exit_2() {
 
 #[test]
 fn demo_json_reports_quic_and_zero_failures() {
-    let o = fedmesh(&["demo", "--json", "--connections", "8", "--requests", "5"]);
+    // The closing drill has its own test below.
+    let o = fedmesh(&[
+        "demo",
+        "--json",
+        "--connections",
+        "8",
+        "--requests",
+        "5",
+        "--no-drill",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
     assert_eq!(v["requests"]["total"], 80);
@@ -246,6 +255,49 @@ fn demo_json_reports_quic_and_zero_failures() {
     assert!(ids
         .iter()
         .any(|i| i["via"] == "gateway" && i["source"] == "spiffe://east.demo/ns/demo/sa/client"));
+}
+
+#[test]
+fn drill_reports_failover_as_json() {
+    // Drain is the deterministic mode: west refuses new streams before any
+    // payload, so callers move to north at once and lose nothing.
+    let o = fedmesh(&[
+        "drill",
+        "failover",
+        "--mode",
+        "drain",
+        "--duration",
+        "6s",
+        "--rate",
+        "50",
+        "--output",
+        "json",
+    ]);
+    let out = stdout(&o);
+    assert!(
+        o.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["mode"], "drain");
+    assert_eq!(v["requests"], 300);
+    assert_eq!(v["failed"], 0);
+    // West is preferred (the first requests may go north while its
+    // connection comes up).
+    assert!(
+        v["failed_cluster_share_before"].as_f64().unwrap() > 0.9,
+        "{v}"
+    );
+    assert!(v["first_elsewhere_ms"].as_f64().unwrap() < 1000.0, "{v}");
+    assert!(v["recovery_ms"].is_number(), "{v}");
+    assert!(v["served_by"]["north"].as_u64().unwrap() > 0);
+    assert_eq!(v["pass"], true);
+    let bad = fedmesh(&["drill", "failover", "--mode", "meteor"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let bad = fedmesh(&["drill", "failover", "--on", "prod"]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("only `demo`"));
 }
 
 #[test]
