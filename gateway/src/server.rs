@@ -442,8 +442,7 @@ async fn peer_stream<S: AsyncRead + AsyncWrite + Unpin>(
         .await;
         return;
     };
-    let span =
-        tracing::debug_span!("stream", id = header.connection_id, %source, target = %header.target);
+    let span = tracing::debug_span!("stream", id = header.connection_id, %source, target = %header.target, trace = header.traceparent.as_ref().map(|t| t.as_str()));
     async {
         let targets = hops.into_iter().filter_map(|h| match h {
             Hop::Endpoint { address, identity } => Some((address, identity)),
@@ -601,7 +600,7 @@ async fn sidecar_stream<S: AsyncRead + AsyncWrite + Unpin>(
             Instant::now(),
         )
     });
-    let span = tracing::debug_span!("stream", id = header.connection_id, source = %client, target = %header.target);
+    let span = tracing::debug_span!("stream", id = header.connection_id, source = %client, target = %header.target, trace = header.traceparent.as_ref().map(|t| t.as_str()));
     async {
         let mut last = (StatusCode::NoHealthyEndpoint, "no peer cluster to try".to_owned());
         for a in &attempts {

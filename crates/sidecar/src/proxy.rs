@@ -269,7 +269,13 @@ async fn accept_outbound(
             let service = service.clone();
             async move {
                 let id: u64 = rand::random();
-                let span = tracing::debug_span!("outbound", id, %service, %remote);
+                let span = tracing::debug_span!(
+                    "outbound",
+                    id,
+                    %service,
+                    %remote,
+                    trace = tracing::field::Empty
+                );
                 outbound_conn(&shared, tcp, &service, port, id)
                     .instrument(span)
                     .await
@@ -317,6 +323,9 @@ async fn outbound_conn(
     });
     header.connection_id = Some(id);
     header.traceparent = new_traceparent();
+    if let Some(t) = &header.traceparent {
+        tracing::Span::current().record("trace", t.as_str());
+    }
     let mut last = Refusal::new(StatusCode::NoHealthyEndpoint, "nothing to try");
     for (i, a) in attempts.iter().enumerate() {
         if i > 0 {
@@ -357,13 +366,29 @@ async fn outbound_conn(
                     })
                     .observe(took.as_secs_f64());
                 tracing::debug!(%cluster, hop = %address, attempt = i, "outbound stream open");
-                match splice(&mut app, &mut up, shared.limits.splice_buffer_bytes).await {
-                    Ok((a, b)) => {
-                        shared.metrics.bytes.inc_by(a + b);
-                    }
-                    Err(e) => tracing::debug!(error = %e, "outbound stream ended with an error"),
-                }
+                let (sent, received) =
+                    match splice(&mut app, &mut up, shared.limits.splice_buffer_bytes).await {
+                        Ok((a, b)) => {
+                            shared.metrics.bytes.inc_by(a + b);
+                            (a, b)
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, "outbound stream ended with an error");
+                            (0, 0)
+                        }
+                    };
                 drop(in_flight);
+                access(
+                    &header,
+                    "outbound",
+                    svc,
+                    cluster,
+                    "ok",
+                    i + 1,
+                    sent,
+                    received,
+                    now,
+                );
                 return;
             }
             Err(r) => {
@@ -397,6 +422,48 @@ async fn outbound_conn(
     }
     shared.metrics.outbound(svc, "failed", "");
     tracing::warn!(status = %last.code, reason = %last.message, "every attempt failed; closing the app connection");
+    access(
+        &header,
+        "outbound",
+        svc,
+        "",
+        last.code.as_str(),
+        attempts.len(),
+        0,
+        0,
+        now,
+    );
+}
+
+/// One access-log line per connection (target `fedmesh::access`, level
+/// info; `--log-json` makes it structured). Off unless the log filter
+/// enables that target.
+#[allow(clippy::too_many_arguments)]
+fn access(
+    header: &Header,
+    direction: &'static str,
+    service: &str,
+    peer: &str,
+    result: &str,
+    attempts: usize,
+    sent: u64,
+    received: u64,
+    started: Instant,
+) {
+    tracing::info!(
+        target: "fedmesh::access",
+        direction,
+        service,
+        peer,
+        result,
+        attempts,
+        sent,
+        received,
+        duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+        id = header.connection_id,
+        traceparent = header.traceparent.as_ref().map(|t| t.as_str()),
+        source = header.source.as_deref(),
+    );
 }
 
 async fn accept_inbound(shared: Arc<Shared>, listener: TcpListener, acceptor: TlsAcceptor) {
@@ -535,11 +602,30 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
     if !answer(&mut down, &Status::ok()).await {
         return;
     }
-    match splice(&mut down, &mut app, shared.limits.splice_buffer_bytes).await {
-        Ok((a, b)) => {
-            shared.metrics.bytes.inc_by(a + b);
-        }
-        Err(e) => tracing::debug!(error = %e, "inbound stream ended with an error"),
-    }
+    let accepted = Instant::now();
+    let (sent, received) =
+        match splice(&mut down, &mut app, shared.limits.splice_buffer_bytes).await {
+            Ok((a, b)) => {
+                shared.metrics.bytes.inc_by(a + b);
+                (a, b)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "inbound stream ended with an error");
+                (0, 0)
+            }
+        };
     let _ = down.shutdown().await;
+    let mut logged = header.clone();
+    logged.source = Some(source.to_string());
+    access(
+        &logged,
+        "inbound",
+        service.name(),
+        via,
+        "ok",
+        1,
+        received,
+        sent,
+        accepted,
+    );
 }
