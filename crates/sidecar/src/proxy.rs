@@ -294,7 +294,9 @@ async fn outbound_conn(
 ) {
     let _ = app.set_nodelay(true);
     let catalog = shared.catalog();
-    let svc = service.name();
+    // `NAME.NS`: a bare name would merge equal names of two namespaces.
+    let svc_label = service.to_string();
+    let svc = svc_label.as_str();
     let routes = match catalog.outbound_routes(service, port) {
         Ok(r) => r,
         Err(e) => {
@@ -566,7 +568,7 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
     if let Err(e) = shared.catalog().authorize(&service, &source) {
         shared
             .metrics
-            .inc_service(&shared.metrics.denied, service.name());
+            .inc_service(&shared.metrics.denied, &service.to_string());
         shared.metrics.reject("denied");
         tracing::warn!(%remote, %source, via, %service, "denied by authorization policy");
         answer(&mut down, &refuse(StatusCode::Denied, e.to_string())).await;
@@ -597,7 +599,9 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
         }
     };
     let _ = app.set_nodelay(true);
-    shared.metrics.inbound(service.name(), source.as_str(), via);
+    shared
+        .metrics
+        .inbound(&service.to_string(), source.as_str(), via);
     tracing::debug!(%source, via, %service, id = header.connection_id, "inbound stream accepted");
     if !answer(&mut down, &Status::ok()).await {
         return;
@@ -620,7 +624,7 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
     access(
         &logged,
         "inbound",
-        service.name(),
+        &service.to_string(),
         via,
         "ok",
         1,

@@ -47,7 +47,7 @@ hello.demo:
             .unwrap()
             .sidecars
             .iter()
-            .map(|(_, sc)| sc.metrics().service(&sc.metrics().denied, "echo"))
+            .map(|(_, sc)| sc.metrics().service(&sc.metrics().denied, "echo.demo"))
             .sum()
     };
     let (west, north) = (count("west"), count("north"));
@@ -57,7 +57,7 @@ hello.demo:
     let failovers = east
         .client
         .metrics()
-        .service(&east.client.metrics().failovers, "echo");
+        .service(&east.client.metrics().failovers, "echo.demo");
     assert_eq!(failovers, 0);
 
     let allowed = run_load(east.client_addr("hello.demo").unwrap(), &spec()).await;
@@ -94,19 +94,19 @@ hello.demo:
     let ejections: u64 = m
         .ejections
         .get_or_create(&fedmesh_sidecar::metrics::MemberLabels {
-            service: "hello".into(),
+            service: "hello.demo".into(),
             kind: "endpoint",
         })
         .get();
     assert_eq!(ejections, 1);
     // Two failures eject it (a few more may have been in flight at once);
     // after that nothing is sent its way.
-    let failovers = m.service(&m.failovers, "hello");
+    let failovers = m.service(&m.failovers, "hello.demo");
     assert!((2..=4).contains(&failovers), "{failovers}");
     let r2 = run_load(east.client_addr("hello.demo").unwrap(), &spec()).await;
     assert_eq!(r2.failed, 0);
     assert_eq!(
-        m.service(&m.failovers, "hello"),
+        m.service(&m.failovers, "hello.demo"),
         failovers,
         "ejected: not tried again"
     );
