@@ -274,20 +274,7 @@ impl ControllerConfig {
         let pinned = load_pins(&self.pins_dir)
             .map_err(|e| errs.extend(e))
             .unwrap_or_default();
-        let mut policies = BTreeMap::new();
-        for (name, p) in &self.policies {
-            let what = format!("policies[{name}]");
-            match name.parse::<fedmesh_wire::ServiceName>() {
-                Ok(n) => {
-                    let problems = p.problems(&what);
-                    if problems.is_empty() {
-                        policies.insert(n, std::sync::Arc::new(p.clone()));
-                    }
-                    errs.extend(problems);
-                }
-                Err(e) => errs.push(format!("{what}: {e}")),
-            }
-        }
+        let policies = fedmesh_catalog::policy::parse_policies(&self.policies, &mut errs);
         match (cluster, td, bundle) {
             (Some(cluster), Some(trust_domain), Some(bundle)) if errs.is_empty() => {
                 Ok(ControllerSettings {

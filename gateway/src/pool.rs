@@ -2,7 +2,7 @@
 //! peer and shared by every tunneled stream to that cluster.
 //!
 //! The supervisor connects, watches the connection, and reconnects with
-//! exponential backoff (100 ms doubling to 2 s, with jitter) whenever it
+//! exponential backoff (200 ms doubling to 2 s, with jitter) whenever it
 //! closes — whether or not any stream is waiting, so a repaired cluster is
 //! back as soon as it answers. Liveness: keep-alives every
 //! `limits.keep_alive`; a peer that sent nothing for
@@ -271,7 +271,7 @@ impl Pool {
     /// A stream on `conn` failed at the connection level (for example our
     /// certificate was refused, which TLS 1.3 only reveals at the first
     /// stream operation): close it; the supervisor reconnects with backoff.
-    pub async fn failed(&self, cluster: &ClusterName, conn: &Connection) {
+    pub fn failed(&self, cluster: &ClusterName, conn: &Connection) {
         let cell = lock(&self.inner.cells).get(cluster).cloned();
         if let Some(cell) = cell {
             cell.down.store(true, Ordering::Relaxed);

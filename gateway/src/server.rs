@@ -167,14 +167,8 @@ impl Gateway {
             let m = shared.metrics.clone();
             let dump = {
                 let shared = shared.clone();
-                let id = s.identity.id().to_string();
-                Arc::new(move || {
-                    serde_json::json!({
-                        "identity": id,
-                        "catalog": shared.catalog().to_spec(),
-                    })
-                    .to_string()
-                }) as admin::JsonFn
+                let id = s.identity.id().clone();
+                Arc::new(move || shared.catalog().config_dump(&id)) as admin::JsonFn
             };
             let (bound, task) = admin::spawn_with(addr, |reg| m.register(reg), None, Some(dump))
                 .await
@@ -671,7 +665,7 @@ async fn open_on_peer(
     let (send, recv) = match opened {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            shared.pool.failed(&peer.cluster, &conn).await;
+            shared.pool.failed(&peer.cluster, &conn);
             return Err(PeerOpenError::Stream(e.to_string()));
         }
         Err(_) => {
@@ -686,7 +680,7 @@ async fn open_on_peer(
             // The peer closed the connection, for example because it refused
             // our certificate (TLS 1.3 tells us only now).
             tracing::warn!(peer = %peer.cluster, reason = ?conn.close_reason(), "peer connection closed");
-            shared.pool.failed(&peer.cluster, &conn).await;
+            shared.pool.failed(&peer.cluster, &conn);
         }
         return Err(PeerOpenError::Open(e));
     }

@@ -69,10 +69,6 @@ impl RetryBudget {
         }
     }
 
-    pub fn config(&self) -> &BudgetConfig {
-        &self.config
-    }
-
     fn advance(&mut self, now: Instant) {
         let idx = (now.saturating_duration_since(self.start).as_nanos()
             / self.slot_len.as_nanos().max(1)) as u64;

@@ -55,13 +55,10 @@ impl Load {
         Duration::from_nanos(f64::from_bits(self.0.ewma.load(Ordering::Relaxed)) as u64)
     }
 
-    /// Counts a request in flight until the guard is finished or dropped.
+    /// Counts a request in flight until the guard is dropped.
     pub fn start(&self) -> LoadGuard {
         self.0.in_flight.fetch_add(1, Ordering::Relaxed);
-        LoadGuard {
-            load: self.clone(),
-            done: false,
-        }
+        LoadGuard { load: self.clone() }
     }
 
     /// Folds one latency sample in. Samples far apart weigh the new one
@@ -83,23 +80,11 @@ impl Load {
 #[derive(Debug)]
 pub struct LoadGuard {
     load: Load,
-    done: bool,
-}
-
-impl LoadGuard {
-    /// Ends the request, recording its latency.
-    pub fn finish(mut self, latency: Duration, now: Instant) {
-        self.load.observe(latency, now);
-        self.done = true;
-        self.load.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-    }
 }
 
 impl Drop for LoadGuard {
     fn drop(&mut self) {
-        if !self.done {
-            self.load.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.load.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -124,7 +109,8 @@ mod tests {
         drop(guards);
         assert_eq!(fast.in_flight(), 0);
         let g = slow.start();
-        g.finish(Duration::from_millis(10), t0 + Duration::from_secs(21));
+        assert_eq!(slow.in_flight(), 1);
+        drop(g);
         assert_eq!(slow.in_flight(), 0);
     }
 }

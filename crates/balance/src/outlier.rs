@@ -96,10 +96,6 @@ impl<K: Eq + Hash + Clone> Outlier<K> {
         }
     }
 
-    pub fn config(&self) -> &OutlierConfig {
-        &self.config
-    }
-
     /// Takes a new config, keeping what is known about every member.
     pub fn set_config(&mut self, config: OutlierConfig) {
         self.config = config;

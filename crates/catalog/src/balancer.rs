@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use fedmesh_balance::{plan, Candidate, Ejection, Group, Load, Outlier, RetryBudget};
 use rand::Rng;
@@ -74,10 +74,6 @@ impl ServiceBalancer {
             self.budget = RetryBudget::new(policy.retry.budget.clone(), now);
         }
         self.policy = policy.clone();
-    }
-
-    pub fn policy(&self) -> &ServicePolicy {
-        &self.policy
     }
 
     fn member(own: &ClusterName, route: &ClusterRoute, hop: &Hop) -> Member {
@@ -176,14 +172,6 @@ impl ServiceBalancer {
         }
     }
 
-    /// When `member` comes back, if it is ejected now.
-    pub fn ejected_until(&self, member: &Member, now: Instant) -> Option<Instant> {
-        match member {
-            Member::Endpoint(e) => self.endpoints.ejected_until(e, now),
-            Member::Cluster(c) => self.clusters.ejected_until(c, now),
-        }
-    }
-
     /// An original request: it adds to the retry budget.
     pub fn request(&mut self, now: Instant) {
         self.budget.request(now);
@@ -192,11 +180,6 @@ impl ServiceBalancer {
     /// Whether one more attempt fits the retry budget (and counts it).
     pub fn try_retry(&mut self, now: Instant) -> bool {
         self.budget.try_retry(now)
-    }
-
-    /// The connect timeout the policy sets, if any.
-    pub fn connect_timeout(&self) -> Option<Duration> {
-        self.policy.connect_timeout
     }
 
     /// Attempts per request the policy allows.
@@ -241,6 +224,7 @@ mod tests {
     use fedmesh_wire::ServiceName;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
+    use std::time::Duration;
 
     const YAML: &str = r#"
 cluster: east

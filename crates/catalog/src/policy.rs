@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use fedmesh_balance::{BudgetConfig, OutlierConfig};
 use fedmesh_trust::SpiffeId;
+use fedmesh_wire::ServiceName;
 use serde::{Deserialize, Serialize};
 
 use crate::ClusterName;
@@ -259,6 +260,30 @@ pub struct ServicePolicy {
     pub partition: Partition,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authz: Option<Authz>,
+}
+
+/// Policies keyed by service as a config file writes them (`NAME.NS` →
+/// policy), checked: every problem goes to `errs`, prefixed with
+/// `policies[NAME]`; only valid entries are returned.
+pub fn parse_policies(
+    raw: &BTreeMap<String, ServicePolicy>,
+    errs: &mut Vec<String>,
+) -> BTreeMap<ServiceName, std::sync::Arc<ServicePolicy>> {
+    let mut out = BTreeMap::new();
+    for (name, p) in raw {
+        let what = format!("policies[{name}]");
+        match ServiceName::parse(name) {
+            Ok(n) => {
+                let problems = p.problems(&what);
+                if problems.is_empty() {
+                    out.insert(n, std::sync::Arc::new(p.clone()));
+                }
+                errs.extend(problems);
+            }
+            Err(e) => errs.push(format!("{what}: {e}")),
+        }
+    }
+    out
 }
 
 /// Upper bounds, so a policy cannot make a proxy do unbounded work.

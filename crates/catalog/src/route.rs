@@ -84,12 +84,6 @@ pub struct ClusterRoute {
     pub hops: Vec<Hop>,
 }
 
-impl ClusterRoute {
-    pub fn is_local(&self, catalog: &Catalog) -> bool {
-        self.cluster == catalog.cluster
-    }
-}
-
 static DEFAULT_POLICY: std::sync::LazyLock<ServicePolicy> =
     std::sync::LazyLock::new(ServicePolicy::default);
 

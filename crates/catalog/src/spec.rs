@@ -256,20 +256,7 @@ impl CatalogSpec {
             (None, _) => None,
         };
 
-        let mut policies = BTreeMap::new();
-        for (name, p) in &self.policies {
-            let what = format!("policies[{name}]");
-            match ServiceName::parse(name) {
-                Ok(n) => {
-                    let problems = p.problems(&what);
-                    if problems.is_empty() {
-                        policies.insert(n, std::sync::Arc::new(p.clone()));
-                    }
-                    errs.extend(problems);
-                }
-                Err(e) => errs.push(format!("{what}: {e}")),
-            }
-        }
+        let policies = crate::policy::parse_policies(&self.policies, &mut errs);
 
         match (cluster, trust_domain) {
             (Some(cluster), Some(trust_domain)) if errs.is_empty() => Ok(Catalog {
@@ -288,6 +275,21 @@ impl CatalogSpec {
 }
 
 impl Catalog {
+    /// A proxy's `/config_dump`: who it is and the catalog it routes by.
+    pub fn config_dump(&self, identity: &SpiffeId) -> String {
+        #[derive(Serialize)]
+        struct Dump<'a> {
+            identity: &'a str,
+            catalog: CatalogSpec,
+        }
+        serde_json::to_string(&Dump {
+            identity: identity.as_str(),
+            catalog: self.to_spec(),
+        })
+        // Plain data (strings, numbers, maps) always serializes.
+        .unwrap_or_default()
+    }
+
     /// The spec that builds this catalog again: what a proxy dumps at
     /// `/config_dump`, and what an operator can feed back as a static file.
     pub fn to_spec(&self) -> CatalogSpec {

@@ -147,8 +147,12 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             a.on
         );
     }
-    if a.rate == 0 || a.duration < Duration::from_secs(2) {
-        anyhow::bail!("--rate must be at least 1 and --duration at least 2s");
+    // Every request of the run is kept for the report: bound the run.
+    if !(1..=10_000).contains(&a.rate)
+        || a.duration < Duration::from_secs(2)
+        || a.duration > Duration::from_secs(600)
+    {
+        anyhow::bail!("--rate must be within 1..=10000 and --duration within 2s..=10m");
     }
     let rig = Rig::start(&demo_topology(&a.service, &a.fail)?).await?;
     let report = drill::run_on_rig(&rig, &a.spec(), progress_bar()).await?;

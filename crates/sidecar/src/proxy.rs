@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use std::sync::{Arc, RwLock};
 
-use fedmesh_catalog::{Balancers, Catalog, Ejection, Hop, Member, ServiceBalancer, ServicePolicy};
+use fedmesh_catalog::{Balancers, Catalog, Ejection, Hop, Member};
 use fedmesh_transport::admin;
 use fedmesh_transport::{
     accept_tls, answer, check_hops, connect_one, read_request, serve_tcp, splice, Limits, Refusal,
@@ -50,15 +50,6 @@ struct Shared {
 }
 
 impl Shared {
-    fn balancer<T>(
-        &self,
-        service: &ServiceName,
-        policy: &ServicePolicy,
-        f: impl FnOnce(&mut ServiceBalancer) -> T,
-    ) -> T {
-        self.balancers.with(service, policy, f)
-    }
-
     fn catalog(&self) -> Arc<Catalog> {
         match self.catalog.read() {
             Ok(g) => g.clone(),
@@ -157,14 +148,8 @@ impl Sidecar {
             let m = shared.metrics.clone();
             let dump = {
                 let shared = shared.clone();
-                let id = s.identity.id().to_string();
-                Arc::new(move || {
-                    serde_json::json!({
-                        "identity": id,
-                        "catalog": shared.catalog().to_spec(),
-                    })
-                    .to_string()
-                }) as admin::JsonFn
+                let id = s.identity.id().clone();
+                Arc::new(move || shared.catalog().config_dump(&id)) as admin::JsonFn
             };
             let (bound, task) = admin::spawn_with(addr, |reg| m.register(reg), None, Some(dump))
                 .await
@@ -307,7 +292,7 @@ async fn outbound_conn(
     };
     let policy = catalog.policy_or_default(service);
     let now = Instant::now();
-    let attempts = shared.balancer(service, policy, |b| {
+    let attempts = shared.balancers.with(service, policy, |b| {
         b.request(now);
         let max = b.attempts().min(shared.limits.max_attempts);
         b.plan(&catalog.cluster, &routes, max, &mut rand::thread_rng(), now)
@@ -331,7 +316,10 @@ async fn outbound_conn(
     let mut last = Refusal::new(StatusCode::NoHealthyEndpoint, "nothing to try");
     for (i, a) in attempts.iter().enumerate() {
         if i > 0 {
-            if !shared.balancer(service, policy, |b| b.try_retry(Instant::now())) {
+            if !shared
+                .balancers
+                .with(service, policy, |b| b.try_retry(Instant::now()))
+            {
                 shared
                     .metrics
                     .inc_service(&shared.metrics.budget_exhausted, svc);
@@ -354,7 +342,9 @@ async fn outbound_conn(
                 let took = started.elapsed();
                 let now = Instant::now();
                 a.load.observe(took, now);
-                shared.balancer(service, policy, |b| b.success(a, now));
+                shared
+                    .balancers
+                    .with(service, policy, |b| b.success(a, now));
                 let cluster = a.cluster.as_str();
                 shared
                     .metrics
@@ -382,6 +372,7 @@ async fn outbound_conn(
                 drop(in_flight);
                 access(
                     &header,
+                    None,
                     "outbound",
                     svc,
                     cluster,
@@ -401,8 +392,9 @@ async fn outbound_conn(
                     break;
                 }
                 let now = Instant::now();
-                if let Some(Ejection::Ejected(d)) =
-                    shared.balancer(service, policy, |b| b.failure(a, now))
+                if let Some(Ejection::Ejected(d)) = shared
+                    .balancers
+                    .with(service, policy, |b| b.failure(a, now))
                 {
                     let kind = match a.member {
                         Member::Endpoint(_) => "endpoint",
@@ -426,6 +418,7 @@ async fn outbound_conn(
     tracing::warn!(status = %last.code, reason = %last.message, "every attempt failed; closing the app connection");
     access(
         &header,
+        None,
         "outbound",
         svc,
         "",
@@ -443,6 +436,7 @@ async fn outbound_conn(
 #[allow(clippy::too_many_arguments)]
 fn access(
     header: &Header,
+    source: Option<&str>,
     direction: &'static str,
     service: &str,
     peer: &str,
@@ -464,7 +458,7 @@ fn access(
         duration_ms = started.elapsed().as_secs_f64() * 1000.0,
         id = header.connection_id,
         traceparent = header.traceparent.as_ref().map(|t| t.as_str()),
-        source = header.source.as_deref(),
+        source,
     );
 }
 
@@ -565,10 +559,11 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
     };
     // Authorization is decided here, where the request lands, on the
     // source identity established above.
+    let svc_label = service.to_string();
     if let Err(e) = shared.catalog().authorize(&service, &source) {
         shared
             .metrics
-            .inc_service(&shared.metrics.denied, &service.to_string());
+            .inc_service(&shared.metrics.denied, &svc_label);
         shared.metrics.reject("denied");
         tracing::warn!(%remote, %source, via, %service, "denied by authorization policy");
         answer(&mut down, &refuse(StatusCode::Denied, e.to_string())).await;
@@ -599,9 +594,7 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
         }
     };
     let _ = app.set_nodelay(true);
-    shared
-        .metrics
-        .inbound(&service.to_string(), source.as_str(), via);
+    shared.metrics.inbound(&svc_label, source.as_str(), via);
     tracing::debug!(%source, via, %service, id = header.connection_id, "inbound stream accepted");
     if !answer(&mut down, &Status::ok()).await {
         return;
@@ -619,12 +612,11 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
             }
         };
     let _ = down.shutdown().await;
-    let mut logged = header.clone();
-    logged.source = Some(source.to_string());
     access(
-        &logged,
+        &header,
+        Some(source.as_str()),
         "inbound",
-        &service.to_string(),
+        &svc_label,
         via,
         "ok",
         1,

@@ -91,14 +91,6 @@ impl UdpRelay {
         }
     }
 
-    pub fn mode(&self) -> RelayMode {
-        match self.state.mode.load(Ordering::Relaxed) {
-            0 => RelayMode::Pass,
-            1 => RelayMode::Blackhole,
-            _ => RelayMode::Dead,
-        }
-    }
-
     /// Packets dropped on purpose so far.
     pub fn dropped(&self) -> u64 {
         self.state.dropped.load(Ordering::Relaxed)
