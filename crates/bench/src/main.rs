@@ -5,6 +5,7 @@
 //!
 //! `cargo run --release -p fedmesh-bench -- tunnel [--json]`
 
+mod http;
 mod propagation;
 
 use std::net::SocketAddr;
@@ -40,6 +41,25 @@ enum Cmd {
         /// Splice buffer per direction in every proxy (limits.splice_buffer_bytes).
         #[arg(long, default_value_t = 64 * 1024)]
         splice_buffer: usize,
+        #[arg(long)]
+        json: bool,
+    },
+    /// HTTP through the sidecars' L7 path vs direct vs a haproxy pair:
+    /// latency added per hop and CPU per 1,000 requests/s.
+    Http {
+        #[arg(long, default_value_t = 1000)]
+        rate: u32,
+        /// Request and response body size.
+        #[arg(long, default_value_t = 1024)]
+        bytes: usize,
+        /// Length of each path's turn.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        phase: Duration,
+        #[arg(long, default_value_t = 5)]
+        rounds: usize,
+        /// Keep-alive connections per path.
+        #[arg(long, default_value_t = 8)]
+        connections: usize,
         #[arg(long)]
         json: bool,
     },
@@ -83,6 +103,28 @@ fn main() -> anyhow::Result<()> {
             splice_buffer,
             json,
         } => rt.block_on(tunnel(bytes, runs, round_trips, splice_buffer, json)),
+        Cmd::Http {
+            rate,
+            bytes,
+            phase,
+            rounds,
+            connections,
+            json,
+        } => {
+            if rate == 0 || rate > 50_000 || connections == 0 || rounds == 0 {
+                bail!("--rate must be within 1..=50000, --connections and --rounds at least 1");
+            }
+            rt.block_on(http::run(
+                http::Params {
+                    rate,
+                    bytes,
+                    phase,
+                    rounds,
+                    connections,
+                },
+                json,
+            ))
+        }
         Cmd::Propagation {
             clusters,
             services,

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[cfg_attr(not(feature = "etcd"), allow(unused_imports))]
 use anyhow::Context;
 use fedmesh_api::client::{self, ClientSettings, Subscription};
 use fedmesh_api::controller_identity;

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 mod balancer;
+pub mod http;
 pub mod mcs;
 pub mod policy;
 mod route;
@@ -26,6 +27,7 @@ use fedmesh_wire::ServiceName;
 
 pub use balancer::{Attempt, Balancers, Member, ServiceBalancer};
 pub use fedmesh_balance::{Ejection, Load};
+pub use http::{HttpDecision, HttpPolicy, RequestFacts};
 pub use policy::{Authz, Failover, Partition, Principal, ServicePolicy};
 pub use route::{ClusterRoute, Hop, RouteError};
 pub use spec::{CatalogSpec, EndpointSpec, ImportSpec, PeerSpec, ServiceSpec, SpecError};

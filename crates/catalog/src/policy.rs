@@ -260,6 +260,10 @@ pub struct ServicePolicy {
     pub partition: Partition,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authz: Option<Authz>,
+    /// Per-request rules for HTTP traffic (the sidecar detects HTTP/1.1
+    /// and HTTP/2 on outbound connections; other bytes stay L4).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<crate::http::HttpPolicy>,
 }
 
 /// Policies keyed by service as a config file writes them (`NAME.NS` →
@@ -342,6 +346,9 @@ impl ServicePolicy {
                     "{what}: partition.fail_closed_after must be more than zero"
                 ));
             }
+        }
+        if let Some(h) = &self.http {
+            v.extend(h.problems(&format!("{what}: http")));
         }
         if let Some(a) = &self.authz {
             if a.allow.len() > MAX_PRINCIPALS {

@@ -65,7 +65,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut out = String::new();
     let started = Instant::now();
     // echo.demo prefers west, then north: the closing drill breaks west.
-    let mut topo = crate::drill::demo_topology("echo.demo", "west")?;
+    let mut topo = crate::drill::demo_topology("echo.demo", "west", false)?;
     if args.static_config {
         topo.control_plane = ControlPlane::Static;
     }
@@ -123,6 +123,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             request_bytes: args.bytes,
             timeout: Duration::from_secs(2),
             slo: Duration::from_millis(250),
+            http: false,
         };
         Some(drill::run_on_rig(&rig, &spec, crate::drill::progress_bar()).await?)
     };

@@ -37,9 +37,15 @@ pub struct FailoverArgs {
     pub mode: FaultMode,
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
-    /// Requests per second (each a new connection and one echo round trip).
+    /// Requests per second (each a new connection and one echo round
+    /// trip; with `--http`, one PUT on a keep-alive connection).
     #[arg(long, default_value_t = 200)]
     pub rate: u32,
+    /// Drive the service with HTTP/1.1 requests instead (the demo serves
+    /// it with an HTTP app then): failover happens per request, and
+    /// idempotent requests are retried on the next cluster.
+    #[arg(long)]
+    pub http: bool,
     #[arg(long, default_value_t = 1024)]
     pub bytes: usize,
     /// A request slower than this failed.
@@ -75,14 +81,25 @@ impl FailoverArgs {
             request_bytes: self.bytes,
             timeout: self.timeout,
             slo: self.slo,
+            http: self.http,
         }
     }
 }
 
 /// The demo topology, set up for drills: embedded control plane, fault
 /// relays, and `service` preferring `fail` over the other clusters.
-pub fn demo_topology(service: &str, fail: &str) -> anyhow::Result<Topology> {
+pub fn demo_topology(service: &str, fail: &str, http: bool) -> anyhow::Result<Topology> {
     let mut t = Topology::demo();
+    if http {
+        for s in t
+            .clusters
+            .iter_mut()
+            .flat_map(|c| c.services.iter_mut())
+            .filter(|s| s.name == service)
+        {
+            s.app = fedmesh_testkit::AppKind::Http;
+        }
+    }
     t.control_plane = ControlPlane::Embedded;
     t.fault_relays = true;
     let mut order = vec![fail.to_owned()];
@@ -154,7 +171,7 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     {
         anyhow::bail!("--rate must be within 1..=10000 and --duration within 2s..=10m");
     }
-    let rig = Rig::start(&demo_topology(&a.service, &a.fail)?).await?;
+    let rig = Rig::start(&demo_topology(&a.service, &a.fail, a.http)?).await?;
     let report = drill::run_on_rig(&rig, &a.spec(), progress_bar()).await?;
     let ok = passed(&report, a.target);
     let text = match a.output {

@@ -268,7 +268,7 @@ async fn proxies_follow_their_controller_as_processes() {
     let files = [
         ("east-gw", "gateway", format!("listen: {{ quic: \"{eq}\", tunnel: \"{et}\" }}\n{}", common("east", "east-gw", e_api))),
         ("west-gw", "gateway", format!("listen: {{ quic: \"{wq}\", tunnel: \"{wt}\" }}\n{}", common("west", "west-gw", w_api))),
-        ("east-web", "sidecar", format!("{}outbound: [ {{ listen: \"{e_out}\", service: echo.shop, port: 8080 }} ]\n", common("east", "east-web", e_api))),
+        ("east-web", "sidecar", format!("{}outbound: [ {{ listen: \"{e_out}\", service: echo.shop, port: 8080, protocol: tcp }} ]\n", common("east", "east-web", e_api))),
         (
             "west-echo",
             "sidecar",

@@ -124,7 +124,7 @@ async fn gateways_and_sidecars_from_yaml_as_processes() {
         (
             "east-web.yaml",
             format!(
-                "{}{bundles}{east_catalog}outbound: [ {{ listen: \"{o1}\", service: echo.shop, port: 8080 }} ]\n",
+                "{}{bundles}{east_catalog}outbound: [ {{ listen: \"{o1}\", service: echo.shop, port: 8080, protocol: tcp }} ]\n",
                 ident("east-web")
             ),
         ),

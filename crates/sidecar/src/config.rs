@@ -3,6 +3,7 @@
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use fedmesh_api::client::{initial_catalog, ControllerLink};
 use fedmesh_catalog::{Catalog, CatalogSpec};
@@ -31,6 +32,85 @@ pub struct SidecarConfig {
     pub admin: Option<SocketAddr>,
     #[serde(default)]
     pub limits: Limits,
+    /// Bounds and timeouts of the L7 (HTTP) path.
+    #[serde(default)]
+    pub http: HttpLimits,
+}
+
+/// How an outbound listener treats its connections. YAML: `detect`
+/// (default) or `tcp`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutboundProtocol {
+    /// HTTP/1.x and HTTP/2 (prior knowledge) are proxied per request;
+    /// anything else is spliced. An app that waits for the server to speak
+    /// first (SMTP, MySQL, a banner) waits `http.detect_timeout` once per
+    /// connection: declare such listeners `tcp`.
+    #[default]
+    Detect,
+    /// Always splice bytes (L4), no detection delay.
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpLimits {
+    /// How long the app may take to send its first bytes before the
+    /// connection is treated as opaque.
+    #[serde(with = "humantime_serde")]
+    pub detect_timeout: Duration,
+    /// Largest HTTP/1 request line + headers, and HTTP/2 header list.
+    pub max_header_bytes: usize,
+    /// Largest request body held for a retry; larger or unsized bodies
+    /// are streamed and sent once.
+    pub max_retry_body_bytes: usize,
+    /// Idle upstream HTTP/1 connections kept per destination.
+    pub max_idle_per_upstream: usize,
+    /// An idle pooled upstream connection is closed after this.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Concurrent requests per downstream HTTP/2 connection.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            detect_timeout: Duration::from_millis(500),
+            max_header_bytes: 64 * 1024,
+            max_retry_body_bytes: 64 * 1024,
+            max_idle_per_upstream: 16,
+            idle_timeout: Duration::from_secs(30),
+            max_concurrent_streams: 256,
+        }
+    }
+}
+
+impl HttpLimits {
+    pub fn problems(&self) -> Vec<String> {
+        let mut v = Vec::new();
+        for (name, d) in [
+            ("detect_timeout", self.detect_timeout),
+            ("idle_timeout", self.idle_timeout),
+        ] {
+            if d.is_zero() {
+                v.push(format!("http.{name} must be more than zero"));
+            }
+        }
+        if !(8 * 1024..=1 << 20).contains(&self.max_header_bytes) {
+            v.push("http.max_header_bytes must be within 8KiB..=1MiB".into());
+        }
+        if self.max_retry_body_bytes > 16 << 20 {
+            v.push("http.max_retry_body_bytes must be at most 16MiB".into());
+        }
+        if self.max_idle_per_upstream > 1024 {
+            v.push("http.max_idle_per_upstream must be at most 1024".into());
+        }
+        if self.max_concurrent_streams == 0 || self.max_concurrent_streams > 10_000 {
+            v.push("http.max_concurrent_streams must be within 1..=10000".into());
+        }
+        v
+    }
 }
 
 /// An explicit outbound listener: the app connects to `listen` to reach
@@ -41,6 +121,8 @@ pub struct Outbound {
     pub listen: SocketAddr,
     pub service: String,
     pub port: u16,
+    #[serde(default)]
+    pub protocol: OutboundProtocol,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +148,7 @@ pub struct OutboundRoute {
     pub listen: SocketAddr,
     pub service: ServiceName,
     pub port: u16,
+    pub protocol: OutboundProtocol,
 }
 
 /// A served service port and its app, validated.
@@ -92,6 +175,7 @@ pub struct SidecarSettings {
     pub inbound: Option<InboundSettings>,
     pub admin: Option<SocketAddr>,
     pub limits: Limits,
+    pub http: HttpLimits,
     pub controller: Option<ControllerLink>,
 }
 
@@ -114,6 +198,7 @@ impl SidecarConfig {
 
     pub fn settings(&self) -> Result<SidecarSettings, Vec<String>> {
         let mut problems = self.limits.problems();
+        problems.extend(self.http.problems());
         let trust = load_trust(&self.identity, &self.bundles)
             .map_err(|e| problems.extend(e))
             .ok();
@@ -151,6 +236,7 @@ impl SidecarConfig {
                         listen: o.listen,
                         service: name,
                         port: o.port,
+                        protocol: o.protocol,
                     });
                 }
                 Err(e) => problems.push(format!("outbound[{i}]: {e}")),
@@ -189,6 +275,7 @@ impl SidecarConfig {
                     inbound,
                     admin: self.admin,
                     limits: self.limits.clone(),
+                    http: self.http.clone(),
                     controller: self.controller.clone(),
                 })
             }

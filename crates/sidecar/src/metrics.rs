@@ -40,12 +40,44 @@ fn latency_histogram() -> Histogram {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLabels {
+    /// The service the request was routed to (`NAME.NS`).
+    pub service: String,
+    /// The cluster that answered ("" when none did).
+    pub cluster: String,
+    /// `2xx` … `5xx`.
+    pub class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpLatencyLabels {
+    pub service: String,
+    pub class: &'static str,
+}
+
+/// The response-class label of an HTTP status.
+pub fn class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct InboundLabels {
     pub service: String,
     /// The caller's SPIFFE ID as this sidecar decided it.
     pub source: String,
     /// `direct` (sidecar to sidecar) or `gateway` (relayed).
     pub via: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    pub protocol: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -85,6 +117,14 @@ pub struct SidecarMetrics {
     pub inbound: Family<InboundLabels, Counter>,
     pub rejected: Family<ReasonLabels, Counter>,
     pub bytes: Counter,
+    /// HTTP requests proxied by outbound listeners (L7), by response class.
+    pub http_requests: Family<HttpLabels, Counter>,
+    /// Request start until the response head, as the app sees it.
+    pub http_latency: Family<HttpLatencyLabels, Histogram, NewHistogram>,
+    /// HTTP attempts after the first (request-level retries and failover).
+    pub http_retries: Family<ServiceLabels, Counter>,
+    /// Outbound connections by detected protocol (`http1`, `http2`, `opaque`).
+    pub protocols: Family<ProtocolLabels, Counter>,
     // prometheus-client cannot list a family's label sets; this keeps the
     // inbound table for reports (one entry per distinct caller, not per call).
     seen: Mutex<BTreeMap<(String, String, &'static str), u64>>,
@@ -102,6 +142,10 @@ impl Default for SidecarMetrics {
             inbound: Family::default(),
             rejected: Family::default(),
             bytes: Counter::default(),
+            http_requests: Family::default(),
+            http_latency: Family::new_with_constructor(NewHistogram),
+            http_retries: Family::default(),
+            protocols: Family::default(),
             seen: Mutex::default(),
         }
     }
@@ -149,6 +193,26 @@ impl SidecarMetrics {
             "rejected",
             "Connections refused, by reason",
             self.rejected.clone(),
+        );
+        reg.register(
+            "http_requests",
+            "HTTP requests proxied by outbound listeners, by destination service, cluster and response class",
+            self.http_requests.clone(),
+        );
+        reg.register(
+            "http_request_duration_seconds",
+            "HTTP request start until the response head, by destination service and response class",
+            self.http_latency.clone(),
+        );
+        reg.register(
+            "http_retries",
+            "HTTP attempts after the first (retries and failover), by destination service",
+            self.http_retries.clone(),
+        );
+        reg.register(
+            "outbound_protocols",
+            "Outbound connections by detected protocol",
+            self.protocols.clone(),
         );
         reg.register(
             "bytes",
@@ -203,6 +267,17 @@ impl SidecarMetrics {
             service: service.to_owned(),
         })
         .inc();
+    }
+
+    /// HTTP requests to `service` answered with `class` (any cluster).
+    pub fn http_count(&self, service: &str, cluster: &str, class: &'static str) -> u64 {
+        self.http_requests
+            .get_or_create(&HttpLabels {
+                service: service.to_owned(),
+                cluster: cluster.to_owned(),
+                class,
+            })
+            .get()
     }
 
     pub fn inbound(&self, service: &str, source: &str, via: &'static str) {

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 
 use std::sync::{Arc, RwLock};
 
-use fedmesh_catalog::{Balancers, Catalog, Ejection, Hop, Member};
+use fedmesh_catalog::{Attempt, Balancers, Catalog, Ejection, Hop, Member, ServicePolicy};
 use fedmesh_transport::admin;
 use fedmesh_transport::{
     accept_tls, answer, check_hops, connect_one, read_request, serve_tcp, splice, Limits, Refusal,
@@ -18,9 +18,12 @@ use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::Instrument;
 
-use crate::config::{InboundRoute, OutboundRoute, SidecarSettings};
-use crate::metrics::{LatencyLabels, MemberLabels, SidecarMetrics};
-use std::time::Instant;
+use crate::config::{HttpLimits, InboundRoute, OutboundProtocol, OutboundRoute, SidecarSettings};
+use crate::detect::{detect, Protocol, Rewind};
+use crate::metrics::{LatencyLabels, MemberLabels, ServiceLabels, SidecarMetrics};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -35,25 +38,99 @@ pub enum SidecarError {
     },
 }
 
-struct Shared {
+pub(crate) struct Shared {
     catalog: RwLock<Arc<Catalog>>,
-    identity: SpiffeId,
-    limits: Limits,
-    metrics: Arc<SidecarMetrics>,
-    connector: TlsConnector,
+    pub(crate) identity: SpiffeId,
+    pub(crate) limits: Limits,
+    pub(crate) http: HttpLimits,
+    pub(crate) metrics: Arc<SidecarMetrics>,
+    pub(crate) connector: TlsConnector,
     inbound: Vec<InboundRoute>,
     /// Where the inbound listener is bound; an endpoint target naming it
     /// means "this sidecar's (only) service".
     inbound_addr: std::sync::OnceLock<SocketAddr>,
     /// Per-service outlier, load and budget state, kept across catalog updates.
-    balancers: Balancers,
+    pub(crate) balancers: Balancers,
+    /// Upstream HTTP connections of the L7 path, reused across requests.
+    pub(crate) upstreams: crate::http::Upstreams,
 }
 
 impl Shared {
-    fn catalog(&self) -> Arc<Catalog> {
+    pub(crate) fn catalog(&self) -> Arc<Catalog> {
         match self.catalog.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// Before an attempt after the first: whether the service's retry
+    /// budget allows it. Counted in `counter` when it does.
+    pub(crate) fn may_retry(
+        &self,
+        service: &ServiceName,
+        policy: &ServicePolicy,
+        svc: &str,
+        counter: &Family<ServiceLabels, Counter>,
+    ) -> bool {
+        if self
+            .balancers
+            .with(service, policy, |b| b.try_retry(Instant::now()))
+        {
+            self.metrics.inc_service(counter, svc);
+            true
+        } else {
+            self.metrics
+                .inc_service(&self.metrics.budget_exhausted, svc);
+            tracing::warn!(service = svc, "retry budget spent; not trying again");
+            false
+        }
+    }
+
+    /// An attempt's connection (or request) succeeded after `took`.
+    pub(crate) fn attempt_ok(
+        &self,
+        service: &ServiceName,
+        policy: &ServicePolicy,
+        svc: &str,
+        a: &Attempt,
+        took: Duration,
+    ) {
+        let now = Instant::now();
+        a.load.observe(took, now);
+        self.balancers.with(service, policy, |b| b.success(a, now));
+        self.metrics
+            .connect_latency
+            .get_or_create(&LatencyLabels {
+                service: svc.to_owned(),
+                cluster: a.cluster.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// An attempt failed in a way that counts against its member.
+    pub(crate) fn attempt_failed(
+        &self,
+        service: &ServiceName,
+        policy: &ServicePolicy,
+        svc: &str,
+        a: &Attempt,
+    ) {
+        let now = Instant::now();
+        if let Some(Ejection::Ejected(d)) =
+            self.balancers.with(service, policy, |b| b.failure(a, now))
+        {
+            let kind = match a.member {
+                Member::Endpoint(_) => "endpoint",
+                Member::Cluster(_) => "cluster",
+            };
+            self.metrics
+                .ejections
+                .get_or_create(&MemberLabels {
+                    service: svc.to_owned(),
+                    kind,
+                })
+                .inc();
+            tracing::warn!(member = %a.member, for_ = ?d, "ejected after consecutive failures");
         }
     }
 }
@@ -94,6 +171,8 @@ impl Sidecar {
         let shared = Arc::new(Shared {
             identity: s.identity.id().clone(),
             limits: s.limits.clone(),
+            http: s.http.clone(),
+            upstreams: crate::http::Upstreams::new(&s.http),
             metrics,
             connector: TlsConnector::from(Arc::new(client_tls)),
             inbound: s
@@ -119,6 +198,7 @@ impl Sidecar {
                 l,
                 o.service.clone(),
                 o.port,
+                o.protocol,
             )));
         }
         let mut inbound_addr = None;
@@ -230,7 +310,7 @@ impl Drop for Sidecar {
     }
 }
 
-fn new_traceparent() -> Option<Traceparent> {
+pub(crate) fn new_traceparent() -> Option<Traceparent> {
     let trace: u128 = rand::random::<u128>() | 1;
     let span: u64 = rand::random::<u64>() | 1;
     Traceparent::parse(&format!("00-{trace:032x}-{span:016x}-01")).ok()
@@ -241,6 +321,7 @@ async fn accept_outbound(
     listener: TcpListener,
     service: ServiceName,
     port: u16,
+    protocol: OutboundProtocol,
 ) {
     let m = shared.metrics.clone();
     let limit = shared.limits.max_connections;
@@ -261,7 +342,7 @@ async fn accept_outbound(
                     %remote,
                     trace = tracing::field::Empty
                 );
-                outbound_conn(&shared, tcp, &service, port, id)
+                outbound_conn(&shared, tcp, &service, port, protocol, id)
                     .instrument(span)
                     .await
             }
@@ -271,13 +352,62 @@ async fn accept_outbound(
 }
 
 async fn outbound_conn(
+    shared: &Arc<Shared>,
+    app: TcpStream,
+    service: &ServiceName,
+    port: u16,
+    protocol: OutboundProtocol,
+    id: u64,
+) {
+    let _ = app.set_nodelay(true);
+    let mut first = bytes::BytesMut::new();
+    let mut app = app;
+    let detected = match protocol {
+        OutboundProtocol::Tcp => Protocol::Opaque,
+        OutboundProtocol::Detect => {
+            match detect(
+                &mut app,
+                &mut first,
+                shared.http.max_header_bytes,
+                shared.http.detect_timeout,
+            )
+            .await
+            {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::debug!(error = %e, "app connection failed before it was classified");
+                    return;
+                }
+            }
+        }
+    };
+    let name = match detected {
+        Protocol::Http1 => "http1",
+        Protocol::Http2 => "http2",
+        Protocol::Opaque => "opaque",
+    };
+    shared
+        .metrics
+        .protocols
+        .get_or_create(&crate::metrics::ProtocolLabels { protocol: name })
+        .inc();
+    let app = Rewind::new(first, app);
+    if detected != Protocol::Opaque {
+        crate::http::serve(shared.clone(), app, detected, service.clone(), port).await;
+        return;
+    }
+    opaque_conn(shared, app, service, port, id).await
+}
+
+/// An outbound connection carried as bytes: planned once, failed over at
+/// connect level, then spliced.
+async fn opaque_conn(
     shared: &Shared,
-    mut app: TcpStream,
+    mut app: Rewind<TcpStream>,
     service: &ServiceName,
     port: u16,
     id: u64,
 ) {
-    let _ = app.set_nodelay(true);
     let catalog = shared.catalog();
     // `NAME.NS`: a bare name would merge equal names of two namespaces.
     let svc_label = service.to_string();
@@ -315,18 +445,8 @@ async fn outbound_conn(
     }
     let mut last = Refusal::new(StatusCode::NoHealthyEndpoint, "nothing to try");
     for (i, a) in attempts.iter().enumerate() {
-        if i > 0 {
-            if !shared
-                .balancers
-                .with(service, policy, |b| b.try_retry(Instant::now()))
-            {
-                shared
-                    .metrics
-                    .inc_service(&shared.metrics.budget_exhausted, svc);
-                tracing::warn!(attempt = i, "retry budget spent; not failing over");
-                break;
-            }
-            shared.metrics.inc_service(&shared.metrics.failovers, svc);
+        if i > 0 && !shared.may_retry(service, policy, svc, &shared.metrics.failovers) {
+            break;
         }
         let (Hop::Endpoint { address, identity } | Hop::Gateway { address, identity }) = &a.hop
         else {
@@ -339,24 +459,11 @@ async fn outbound_conn(
         let started = Instant::now();
         match connect_one(*address, identity, &shared.connector, &header, &limits).await {
             Ok(mut up) => {
-                let took = started.elapsed();
-                let now = Instant::now();
-                a.load.observe(took, now);
-                shared
-                    .balancers
-                    .with(service, policy, |b| b.success(a, now));
+                shared.attempt_ok(service, policy, svc, a, started.elapsed());
                 let cluster = a.cluster.as_str();
                 shared
                     .metrics
                     .outbound(svc, if a.local { "local" } else { "gateway" }, cluster);
-                shared
-                    .metrics
-                    .connect_latency
-                    .get_or_create(&LatencyLabels {
-                        service: svc.to_owned(),
-                        cluster: cluster.to_owned(),
-                    })
-                    .observe(took.as_secs_f64());
                 tracing::debug!(%cluster, hop = %address, attempt = i, "outbound stream open");
                 let (sent, received) =
                     match splice(&mut app, &mut up, shared.limits.splice_buffer_bytes).await {
@@ -387,30 +494,14 @@ async fn outbound_conn(
             Err(r) => {
                 drop(in_flight);
                 tracing::info!(member = %a.member, status = %r.code, reason = %r.message, "attempt failed");
-                if !r.retryable() {
-                    last = r;
-                    break;
-                }
-                let now = Instant::now();
-                if let Some(Ejection::Ejected(d)) = shared
-                    .balancers
-                    .with(service, policy, |b| b.failure(a, now))
-                {
-                    let kind = match a.member {
-                        Member::Endpoint(_) => "endpoint",
-                        Member::Cluster(_) => "cluster",
-                    };
-                    shared
-                        .metrics
-                        .ejections
-                        .get_or_create(&MemberLabels {
-                            service: svc.to_owned(),
-                            kind,
-                        })
-                        .inc();
-                    tracing::warn!(member = %a.member, for_ = ?d, "ejected after consecutive failures");
+                let retryable = r.retryable();
+                if retryable {
+                    shared.attempt_failed(service, policy, svc, a);
                 }
                 last = r;
+                if !retryable {
+                    break;
+                }
             }
         }
     }

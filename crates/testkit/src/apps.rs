@@ -12,6 +12,8 @@ pub enum AppKind {
     Echo,
     /// Reads until EOF, then writes the byte count as 8 bytes big-endian.
     Sink,
+    /// HTTP/1.1 and HTTP/2 (prior knowledge); see [`http_app`].
+    Http,
 }
 
 /// A running app; dropping it stops the listener.
@@ -31,6 +33,11 @@ impl App {
     pub async fn start(kind: AppKind, name: &str) -> std::io::Result<App> {
         let l = TcpListener::bind("127.0.0.1:0").await?;
         let addr = l.local_addr()?;
+        if kind == AppKind::Http {
+            let name = name.to_owned();
+            let task = tokio::spawn(http_app(l, name.clone()));
+            return Ok(App { addr, name, task });
+        }
         let banner = format!("{name}\n");
         let task = tokio::spawn(async move {
             loop {
@@ -58,6 +65,7 @@ impl App {
                             }
                             let _ = s.shutdown().await;
                         }
+                        AppKind::Http => {}
                         AppKind::Sink => {
                             let mut total = 0u64;
                             loop {
@@ -79,5 +87,180 @@ impl App {
             name: name.to_owned(),
             task,
         })
+    }
+}
+
+/// An HTTP server standing in for a workload. Every response carries
+/// `x-served-by: NAME`. Paths:
+/// - `/status/N`: answers status N;
+/// - `/slow/MS`: answers after MS milliseconds (at most 10 s);
+/// - `…/fail-if/TEXT`: 503 when NAME contains TEXT, else 200;
+/// - `/upgrade` with `Upgrade: echo`: 101, then echoes bytes;
+/// - anything else: 200 with the request body, or `NAME\n` when empty.
+pub async fn http_app(listener: TcpListener, name: String) {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use hyper_util::server::conn::auto::Builder;
+    loop {
+        let Ok((s, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = s.set_nodelay(true);
+        let name = name.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    let name = name.clone();
+                    async move {
+                        let path = req.uri().path().to_owned();
+                        if path == "/upgrade" && req.headers().contains_key("upgrade") {
+                            let on = hyper::upgrade::on(&mut req);
+                            tokio::spawn(async move {
+                                if let Ok(up) = on.await {
+                                    let mut io = TokioIo::new(up);
+                                    let mut buf = vec![0u8; 16 * 1024];
+                                    while let Ok(n) = io.read(&mut buf).await {
+                                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                            break;
+                                        }
+                                    }
+                                }
+                            });
+                            let mut r = hyper::Response::new(Full::new(bytes::Bytes::new()));
+                            *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+                            r.headers_mut()
+                                .insert("upgrade", http::HeaderValue::from_static("echo"));
+                            r.headers_mut()
+                                .insert("connection", http::HeaderValue::from_static("upgrade"));
+                            return Ok::<_, std::convert::Infallible>(r);
+                        }
+                        let body = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|c| c.to_bytes())
+                            .unwrap_or_default();
+                        let mut status = 200u16;
+                        let mut out = if body.is_empty() {
+                            bytes::Bytes::from(format!("{name}\n"))
+                        } else {
+                            body
+                        };
+                        if let Some(n) = path.strip_prefix("/status/") {
+                            status = n.parse().unwrap_or(400);
+                            out = bytes::Bytes::new();
+                        } else if let Some(ms) = path.strip_prefix("/slow/") {
+                            let ms: u64 = ms.parse().unwrap_or(0).min(10_000);
+                            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                        } else if let Some(t) = path.split_once("/fail-if/").map(|x| x.1) {
+                            if name.contains(t) {
+                                status = 503;
+                            }
+                        }
+                        let mut r = hyper::Response::new(Full::new(out));
+                        *r.status_mut() = hyper::StatusCode::from_u16(status)
+                            .unwrap_or(hyper::StatusCode::BAD_REQUEST);
+                        if let Ok(v) = http::HeaderValue::from_str(&name) {
+                            r.headers_mut().insert("x-served-by", v);
+                        }
+                        Ok::<_, std::convert::Infallible>(r)
+                    }
+                },
+            );
+            let _ = Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(s), svc)
+                .await;
+        });
+    }
+}
+
+/// A keep-alive HTTP client connection for tests and benchmarks.
+pub struct HttpConn {
+    send: HttpSend,
+}
+
+enum HttpSend {
+    H1(hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>),
+}
+
+/// What a test looks at in a response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpReply {
+    pub status: u16,
+    pub served_by: String,
+    pub body: bytes::Bytes,
+}
+
+impl HttpConn {
+    /// HTTP/1.1, or HTTP/2 with prior knowledge when `h2`.
+    pub async fn connect(addr: SocketAddr, h2: bool) -> anyhow::Result<Self> {
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let _ = tcp.set_nodelay(true);
+        let io = TokioIo::new(tcp);
+        let send = if h2 {
+            let (s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            tokio::spawn(conn);
+            HttpSend::H2(s)
+        } else {
+            let (s, conn) = hyper::client::conn::http1::handshake(io).await?;
+            tokio::spawn(conn);
+            HttpSend::H1(s)
+        };
+        Ok(Self { send })
+    }
+
+    /// Sends one request and reads the whole response.
+    pub async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: bytes::Bytes,
+    ) -> anyhow::Result<HttpReply> {
+        use http_body_util::BodyExt;
+        let h2 = matches!(self.send, HttpSend::H2(_));
+        let uri = if h2 {
+            format!("http://svc{path}")
+        } else {
+            path.to_owned()
+        };
+        let mut b = hyper::Request::builder().method(method).uri(uri);
+        if !h2 {
+            b = b.header("host", "svc");
+        }
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let req = b.body(http_body_util::Full::new(body))?;
+        let resp = match &mut self.send {
+            HttpSend::H1(s) => {
+                s.ready().await?;
+                s.send_request(req).await?
+            }
+            HttpSend::H2(s) => {
+                s.ready().await?;
+                s.send_request(req).await?
+            }
+        };
+        let status = resp.status().as_u16();
+        let served_by = resp
+            .headers()
+            .get("x-served-by")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok(HttpReply {
+            status,
+            served_by,
+            body,
+        })
+    }
+
+    pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<HttpReply> {
+        self.request("GET", path, headers, bytes::Bytes::new())
+            .await
     }
 }

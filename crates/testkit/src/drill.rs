@@ -63,7 +63,8 @@ pub struct DrillSpec {
     pub fail: String,
     pub mode: FaultMode,
     pub duration: Duration,
-    /// Requests per second (each a new connection and one round trip).
+    /// Requests per second (each a new connection and one round trip, or
+    /// one HTTP request with `http`).
     pub rate: u32,
     pub request_bytes: usize,
     /// A request slower than this failed.
@@ -71,6 +72,9 @@ pub struct DrillSpec {
     /// A request that succeeded but took longer than this was held up by
     /// the fault: it does not count toward "99% succeeding again".
     pub slo: Duration,
+    /// HTTP requests on keep-alive connections (the service must speak
+    /// HTTP) instead of one TCP connection per request.
+    pub http: bool,
 }
 
 impl DrillSpec {
@@ -298,6 +302,7 @@ pub async fn run_on_rig(
         request_bytes: spec.request_bytes,
         timeout: spec.timeout,
         max_in_flight: 4096,
+        http: spec.http,
     };
     let started = tokio::time::Instant::now();
     let runner = tokio::spawn({
@@ -447,6 +452,7 @@ mod tests {
             request_bytes: 16,
             timeout: Duration::from_secs(2),
             slo: Duration::from_millis(250),
+            http: false,
         }
     }
 

@@ -216,6 +216,59 @@ pub struct OpenLoopSpec {
     pub timeout: Duration,
     /// Requests in flight at most; beyond it a request counts as failed.
     pub max_in_flight: usize,
+    /// Each request an HTTP/1.1 `PUT` of `request_bytes` (echoed back) on
+    /// a keep-alive connection taken from a pool, instead of a new TCP
+    /// connection with one echo round trip.
+    pub http: bool,
+}
+
+/// Idle keep-alive HTTP connections shared by an open-loop run.
+#[derive(Default)]
+struct HttpPool(std::sync::Mutex<Vec<crate::apps::HttpConn>>);
+
+impl HttpPool {
+    fn take(&self) -> Option<crate::apps::HttpConn> {
+        self.0.lock().ok()?.pop()
+    }
+
+    fn put(&self, c: crate::apps::HttpConn) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(c);
+        }
+    }
+}
+
+/// One HTTP request of an open-loop run: `(served_by, error)`.
+async fn one_http(
+    addr: SocketAddr,
+    pool: &HttpPool,
+    body: bytes::Bytes,
+    timeout: Duration,
+) -> Result<String, String> {
+    let work = async {
+        let mut c = match pool.take() {
+            Some(c) => c,
+            None => crate::apps::HttpConn::connect(addr, false)
+                .await
+                .map_err(|e| format!("connect: {e}"))?,
+        };
+        let r = c
+            .request("PUT", "/echo", &[], body.clone())
+            .await
+            .map_err(|e| format!("http: {e}"))?;
+        if r.status != 200 {
+            return Err(format!("status {}", r.status));
+        }
+        if r.body != body {
+            return Err("response body differs from request".into());
+        }
+        pool.put(c);
+        Ok(r.served_by)
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err("request timeout".into()),
+    }
 }
 
 /// Counters a progress display can read while a run goes on.
@@ -245,6 +298,9 @@ pub async fn run_open_loop(
         concurrency: 1,
     };
     let mut tasks = Vec::with_capacity(total as usize);
+    let pool = std::sync::Arc::new(HttpPool::default());
+    let body = bytes::Bytes::from(vec![b'x'; spec.request_bytes]);
+    let (http, timeout) = (spec.http, spec.timeout);
     for i in 0..total {
         let due = started + interval * i as u32;
         tokio::time::sleep_until(due.into()).await;
@@ -264,8 +320,26 @@ pub async fn run_open_loop(
         };
         let one = one.clone();
         let live = live.clone();
+        let (pool, body) = (pool.clone(), body.clone());
         tasks.push(tokio::spawn(async move {
             let t0 = Instant::now();
+            if http {
+                let r = one_http(addr, &pool, body, timeout).await;
+                drop(permit);
+                let counter = if r.is_ok() { &live.ok } else { &live.failed };
+                counter.fetch_add(1, Ordering::Relaxed);
+                let (served_by, error) = match r {
+                    Ok(s) => (Some(s), None),
+                    Err(e) => (None, Some(e)),
+                };
+                return Sample {
+                    start,
+                    latency: t0.elapsed(),
+                    ok: error.is_none(),
+                    served_by,
+                    error,
+                };
+            }
             let r = one_connection(addr, &one, i).await;
             drop(permit);
             let ok = r.ok == 1;

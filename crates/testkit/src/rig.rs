@@ -17,7 +17,9 @@ use fedmesh_federation::records::Locality;
 use fedmesh_federation::store::{EmbeddedLimits, EmbeddedStore};
 use fedmesh_federation::{Controller, ControllerSettings, LocalService};
 use fedmesh_gateway::{Gateway, GatewaySettings};
-use fedmesh_sidecar::{InboundRoute, InboundSettings, OutboundRoute, Sidecar, SidecarSettings};
+use fedmesh_sidecar::{
+    InboundRoute, InboundSettings, OutboundProtocol, OutboundRoute, Sidecar, SidecarSettings,
+};
 use fedmesh_transport::Limits;
 use fedmesh_trust::{CertificateAuthority, SharedBundles, TrustBundles, TrustDomain};
 use fedmesh_wire::ServiceName;
@@ -264,6 +266,7 @@ impl Rig {
                             }),
                             admin: None,
                             limits: topo.limits.clone(),
+                            http: Default::default(),
                             controller: None,
                         },
                         reg,
@@ -361,23 +364,30 @@ impl Rig {
                 .iter()
                 .map(|s| (s.name.clone(), s.ports[0]))
                 .collect();
+            let topo_of = |name: &str| {
+                topo.clusters
+                    .iter()
+                    .flat_map(|c| &c.services)
+                    .find(|s| s.name == name)
+            };
             for i in &spec.imports {
                 if !names.iter().any(|n| n.0 == i.service) {
-                    let port = topo
-                        .clusters
-                        .iter()
-                        .flat_map(|c| &c.services)
-                        .find(|s| s.name == i.service)
-                        .map(|s| s.port)
-                        .unwrap_or(7000);
+                    let port = topo_of(&i.service).map(|s| s.port).unwrap_or(7000);
                     names.push((i.service.clone(), port));
                 }
             }
             for (n, port) in names {
+                // The echo app speaks first (its banner): detection would
+                // only add its timeout, so it is declared plain TCP.
+                let protocol = match topo_of(&n).map(|s| s.app) {
+                    Some(AppKind::Echo) => OutboundProtocol::Tcp,
+                    _ => OutboundProtocol::Detect,
+                };
                 outbound.push(OutboundRoute {
                     listen: ANY.parse()?,
                     service: ServiceName::parse(&n)?,
                     port,
+                    protocol,
                 });
             }
             let reg = registry.sub_registry_with_label((
@@ -394,6 +404,7 @@ impl Rig {
                         inbound: None,
                         admin: None,
                         limits: topo.limits.clone(),
+                        http: Default::default(),
                         controller: None,
                     },
                     reg,

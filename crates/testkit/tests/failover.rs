@@ -34,6 +34,7 @@ fn spec(mode: FaultMode) -> DrillSpec {
         request_bytes: 1024,
         timeout: Duration::from_secs(2),
         slo: Duration::from_millis(250),
+        http: false,
     }
 }
 
@@ -81,6 +82,30 @@ async fn blackhole_kill_and_drain_fail_over_within_a_second_and_recover() {
         let r = run_on_rig(&rig, &spec(mode), |_| {}).await.unwrap();
         check(&r);
         // Let ejections expire so the next drill starts from a clean state.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+}
+
+/// HTTP fails over per request: an idempotent request caught on the dead
+/// path is retried on the next cluster, so none fails at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotent_http_requests_survive_blackhole_and_kill_without_a_failure() {
+    let mut topo = topology(ControlPlane::Static);
+    for s in topo
+        .clusters
+        .iter_mut()
+        .flat_map(|c| c.services.iter_mut())
+        .filter(|s| s.name == "echo.demo")
+    {
+        s.app = fedmesh_testkit::AppKind::Http;
+    }
+    let rig = Rig::start(&topo).await.unwrap();
+    for mode in [FaultMode::Blackhole, FaultMode::KillGateway] {
+        let mut s = spec(mode);
+        s.http = true;
+        let r = run_on_rig(&rig, &s, |_| {}).await.unwrap();
+        check(&r);
+        assert_eq!(r.failed, 0, "{mode}: {r:?}");
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
 }
