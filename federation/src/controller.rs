@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::keys::{self, Key};
-use crate::records::{ClusterInfo, Locality, PortRecord, ServiceRecord, ValidInfo};
+use crate::records::{ClusterInfo, LeftRecord, Locality, PortRecord, ServiceRecord, ValidInfo};
 use crate::store::{reflect, Delta, LeaseId, Store, StoreError};
 
 /// A service this cluster serves, as its source (Kubernetes, a file) says.
@@ -127,6 +127,9 @@ pub struct Status {
     pub rejected: Vec<String>,
     pub last_sync_ms: u64,
     pub catalog_version: u64,
+    /// Clusters whose lease expired but whose last exports are still
+    /// routed to by partition policy: cluster → ms since the expiry.
+    pub stale: BTreeMap<String, u64>,
 }
 
 /// A running controller. Dropping it stops it; its lease then expires and
@@ -380,7 +383,8 @@ async fn publish_session(
                     refreshed = tokio::time::Instant::now();
                 }
             }
-            // Also delete keys a previous run left behind under our prefix.
+            // Also delete keys a previous run left behind under our prefix
+            // (among them a `left` marker: this cluster is back).
             for kv in store.list(&prefix).await?.kvs {
                 if kv.key != keys::info_key(&s.cluster) && !want.contains_key(&kv.key) {
                     store.delete(&kv.key).await?;
@@ -414,7 +418,12 @@ async fn publish_session(
             }
             changed = local.changed() => {
                 if changed.is_err() {
-                    // Controller dropped: give the keys up at once.
+                    // Shut down on purpose: say so (others then drop this
+                    // cluster at once rather than serve it stale), then
+                    // give the keys up.
+                    let left = serde_json::to_vec(&LeftRecord { left_at_ms: now_ms() })
+                        .unwrap_or_default();
+                    let _ = store.put(&keys::left_key(&s.cluster), left, None).await;
                     let _ = store.revoke(lease).await;
                     return Ok(());
                 }
@@ -430,6 +439,7 @@ async fn publish_session(
 enum Decoded {
     Info(Box<ValidInfo>),
     Export(mcs::Export),
+    Left(ClusterName),
     Rejected(String),
 }
 
@@ -445,6 +455,7 @@ fn decode(k: &str, v: &[u8], metrics: &ControllerMetrics) -> Decoded {
     let r = match &key {
         Key::Info(_) => ClusterInfo::decode(&key, v).map(|i| Decoded::Info(Box::new(i))),
         Key::Service(..) => ServiceRecord::decode(&key, v).map(Decoded::Export),
+        Key::Left(c) => LeftRecord::decode(v).map(|_| Decoded::Left(c.clone())),
     };
     r.unwrap_or_else(|e| {
         metrics.reject("bad_record");
@@ -470,12 +481,15 @@ struct Cache {
     /// Something beyond single services changed (a cluster's info, a
     /// re-list, local services): the next computation is a full one.
     structural: bool,
+    /// Clusters that left on purpose (their `left` marker is present).
+    leaving: BTreeSet<ClusterName>,
 }
 
 /// Which index a key's value is in.
 enum Indexed {
     Info(ClusterName),
     Export(ServiceName, ClusterName),
+    Left(ClusterName),
     Rejected,
 }
 
@@ -497,6 +511,9 @@ impl Cache {
                     *n = n.saturating_sub(1);
                 }
                 self.dirty.insert(service);
+            }
+            Some(Indexed::Left(cluster)) => {
+                self.leaving.remove(&cluster);
             }
             Some(Indexed::Rejected) => {
                 self.rejected.remove(key);
@@ -522,6 +539,10 @@ impl Cache {
                     .or_default()
                     .insert(cluster.clone(), e);
                 Indexed::Export(service, cluster)
+            }
+            Decoded::Left(cluster) => {
+                self.leaving.insert(cluster.clone());
+                Indexed::Left(cluster)
             }
             Decoded::Rejected(why) => {
                 self.rejected.insert(key.clone(), why);
@@ -571,10 +592,15 @@ async fn watch_loop(
     let mut version = 0u64;
     let mut prev: Option<View> = None;
     loop {
+        // A fail-closed partition policy ends at a set time: recompute then.
+        let expiry = prev.as_ref().and_then(|p| p.next_expiry);
         tokio::select! {
             _ = reflected.changed() => {}
             changed = local.changed() => {
                 if changed.is_err() { return; }
+                cache.structural = true;
+            }
+            _ = sleep_until_some(expiry) => {
                 cache.structural = true;
             }
         }
@@ -588,11 +614,11 @@ async fn watch_loop(
         // services): the whole view, level-driven from the cache.
         let view = match prev.take() {
             Some(p) if !cache.structural => incremental(&s, &mut cache, p, &metrics),
-            _ => {
+            p => {
                 cache.structural = false;
                 cache.dirty.clear();
                 let services = local.borrow().clone();
-                compute(&s, &cache, &services, &mut trusted, &metrics)
+                compute(&s, &cache, &services, &mut trusted, &metrics, p.as_ref())
             }
         };
         // Order matters to readers: status and bundles first, the catalog
@@ -623,6 +649,12 @@ async fn watch_loop(
                 .collect();
             st.last_sync_ms = now_ms();
             st.catalog_version = version;
+            st.stale = view
+                .stale
+                .iter()
+                .filter(|(_, st)| st.returned.is_none())
+                .map(|(c, st)| (c.to_string(), st.since.elapsed().as_millis() as u64))
+                .collect();
         }
         if **out.bundles.borrow() != view.bundles {
             out.bundles.send_replace(Arc::new(view.bundles.clone()));
@@ -664,6 +696,8 @@ fn incremental(
             .filter(|e| e.cluster == s.cluster || v.usable.contains(&e.cluster))
             .cloned()
             .collect();
+        let now = std::time::Instant::now();
+        let stale = kept_stale(&v.stale, &s.policies, &svc, now);
         match mcs::merge(&s.cluster, &list).remove(&svc) {
             Some(imp) => {
                 if imp.conflicts.is_empty() {
@@ -671,15 +705,16 @@ fn incremental(
                 } else {
                     v.conflicts.insert(svc.clone(), imp.conflicts.clone());
                 }
-                edit.upsert_imports
-                    .push((svc.clone(), imp.clusters.clone()));
+                let mut clusters = imp.clusters.clone();
+                add_missing(&mut clusters, stale);
+                edit.upsert_imports.push((svc.clone(), clusters));
                 v.mcs.imports.insert(svc.clone(), imp);
             }
             None => {
                 v.conflicts.remove(&svc);
                 v.mcs.imports.remove(&svc);
                 // An empty list removes the import if there is one.
-                edit.upsert_imports.push((svc.clone(), Vec::new()));
+                edit.upsert_imports.push((svc.clone(), stale));
             }
         }
         match mcs::export_conflicts(&s.cluster, &list).remove(&svc) {
@@ -726,6 +761,71 @@ struct View {
     conflicts: imbl::OrdMap<ServiceName, Vec<Conflict>>,
     /// Clusters refused on trust grounds.
     trust_rejected: Vec<String>,
+    /// Clusters whose lease expired (without saying they leave), with
+    /// what they exported then.
+    stale: BTreeMap<ClusterName, Stale>,
+    /// When a fail-closed partition policy next drops something.
+    next_expiry: Option<std::time::Instant>,
+}
+
+/// A cluster that went silent in the store (lease expired) and what it
+/// exported to this cluster at that moment.
+#[derive(Clone)]
+struct Stale {
+    since: std::time::Instant,
+    peer: fedmesh_catalog::Peer,
+    services: Vec<ServiceName>,
+    /// When its info reappeared: its old exports stay until its new ones
+    /// are seen (or a lease TTL passed), so a return does not flap.
+    returned: Option<std::time::Instant>,
+}
+
+async fn sleep_until_some(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Whether `policies` keep routing `service` to a cluster stale since
+/// `since`, at `now`: `serve_stale` (the default) always, `fail_closed_after`
+/// until that long has passed.
+fn keeps(
+    policies: &BTreeMap<ServiceName, Arc<fedmesh_catalog::ServicePolicy>>,
+    service: &ServiceName,
+    since: std::time::Instant,
+    now: std::time::Instant,
+) -> bool {
+    match policies
+        .get(service)
+        .map(|p| p.partition)
+        .unwrap_or_default()
+    {
+        fedmesh_catalog::Partition::ServeStale => true,
+        fedmesh_catalog::Partition::FailClosedAfter(t) => now.duration_since(since) < t,
+    }
+}
+
+/// Stale clusters still routed to for `service`.
+fn kept_stale(
+    stale: &BTreeMap<ClusterName, Stale>,
+    policies: &BTreeMap<ServiceName, Arc<fedmesh_catalog::ServicePolicy>>,
+    service: &ServiceName,
+    now: std::time::Instant,
+) -> Vec<ClusterName> {
+    stale
+        .iter()
+        .filter(|(_, st)| st.services.contains(service) && keeps(policies, service, st.since, now))
+        .map(|(c, _)| c.clone())
+        .collect()
+}
+
+fn add_missing(list: &mut Vec<ClusterName>, more: Vec<ClusterName>) {
+    for c in more {
+        if !list.contains(&c) {
+            list.push(c);
+        }
+    }
 }
 
 /// The whole view from the cache. Pure apart from `trusted` (bundles
@@ -736,6 +836,7 @@ fn compute(
     local: &[LocalService],
     trusted: &mut BTreeMap<ClusterName, TrustBundle>,
     metrics: &ControllerMetrics,
+    prev: Option<&View>,
 ) -> View {
     let mut rejected = Vec::new();
     let infos: BTreeMap<&ClusterName, &ValidInfo> = cache.infos.iter().collect();
@@ -814,6 +915,15 @@ fn compute(
         }
         import_map.insert(name.clone(), imp.clusters.clone());
     }
+    let (stale, next_expiry) = partitioned(s, cache, &usable, prev);
+    let now = std::time::Instant::now();
+    for (c, st) in &stale {
+        for svc in &st.services {
+            if keeps(&s.policies, svc, st.since, now) {
+                add_missing(import_map.entry(svc.clone()).or_default(), vec![c.clone()]);
+            }
+        }
+    }
     let services = local
         .iter()
         .map(|svc| fedmesh_catalog::LocalService {
@@ -842,6 +952,12 @@ fn compute(
                 region: info.locality.region.clone(),
             })
         })
+        .chain(
+            stale
+                .iter()
+                .filter(|(c, _)| !usable.contains(*c))
+                .map(|(_, st)| st.peer.clone()),
+        )
         .collect();
     let gateway = s
         .gateway_tunnel
@@ -870,7 +986,91 @@ fn compute(
         usable,
         conflicts,
         trust_rejected: rejected,
+        stale,
+        next_expiry,
     }
+}
+
+/// Which clusters are partitioned from the store but still routed to:
+/// those of the previous view that were usable and are now gone without
+/// saying they leave, plus earlier ones not back yet, while the partition
+/// policy of at least one of their services keeps them. Also when the
+/// next fail-closed policy runs out.
+fn partitioned(
+    s: &ControllerSettings,
+    cache: &Cache,
+    usable: &BTreeSet<ClusterName>,
+    prev: Option<&View>,
+) -> (BTreeMap<ClusterName, Stale>, Option<std::time::Instant>) {
+    let Some(prev) = prev else {
+        return (BTreeMap::new(), None);
+    };
+    let now = std::time::Instant::now();
+    let mut stale: BTreeMap<ClusterName, Stale> = BTreeMap::new();
+    for (c, st) in &prev.stale {
+        let mut st = st.clone();
+        if cache.infos.contains_key(c) {
+            let republished = cache.export_counts.get(c).copied().unwrap_or(0) > 0;
+            let returned = *st.returned.get_or_insert(now);
+            if republished || !usable.contains(c) || now.duration_since(returned) >= s.lease_ttl {
+                continue;
+            }
+        }
+        stale.insert(c.clone(), st);
+    }
+    for c in prev.usable.difference(usable) {
+        if cache.infos.contains_key(c) {
+            // Still there, refused on trust grounds now: not a partition.
+            continue;
+        }
+        if cache.leaving.contains(c) {
+            tracing::info!(cluster = %c, "cluster left the federation");
+            continue;
+        }
+        let Some(peer) = prev.catalog.peer(c).cloned() else {
+            continue;
+        };
+        let services: Vec<ServiceName> = prev
+            .catalog
+            .import_entries()
+            .filter(|(_, cs)| cs.contains(c))
+            .map(|(svc, _)| svc.clone())
+            .collect();
+        tracing::warn!(cluster = %c, services = services.len(), "cluster's lease expired; routing to its last exports by partition policy");
+        stale.insert(
+            c.clone(),
+            Stale {
+                since: now,
+                peer,
+                services,
+                returned: None,
+            },
+        );
+    }
+    let mut next = None::<std::time::Instant>;
+    stale.retain(|c, st| {
+        if let Some(r) = st.returned {
+            let at = r + s.lease_ttl;
+            next = Some(next.map_or(at, |n| n.min(at)));
+        }
+        let mut kept = false;
+        for svc in &st.services {
+            if let Some(fedmesh_catalog::Partition::FailClosedAfter(t)) =
+                s.policies.get(svc).map(|p| p.partition)
+            {
+                let at = st.since + t;
+                if at > now {
+                    next = Some(next.map_or(at, |n| n.min(at)));
+                }
+            }
+            kept |= keeps(&s.policies, svc, st.since, now);
+        }
+        if !kept {
+            tracing::info!(cluster = %c, "partition policy ran out; no longer routing to the cluster");
+        }
+        kept
+    });
+    (stale, next)
 }
 
 #[cfg(test)]
@@ -958,7 +1158,7 @@ mod tests {
         );
         let mut trusted = BTreeMap::new();
         cache.structural = false;
-        let mut view = compute(&me, &cache, &local, &mut trusted, &m);
+        let mut view = compute(&me, &cache, &local, &mut trusted, &m, None);
         let mut x: u32 = 7;
         let mut rnd = move || {
             x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
@@ -996,7 +1196,7 @@ mod tests {
                 "single-service changes are not structural"
             );
             view = incremental(&me, &mut cache, view, &m);
-            let full = compute(&me, &cache, &local, &mut trusted, &m);
+            let full = compute(&me, &cache, &local, &mut trusted, &m, None);
             assert_eq!(view.catalog, full.catalog, "catalog differs at step {step}");
             assert_eq!(view.mcs, full.mcs, "MCS view differs at step {step}");
             assert_eq!(

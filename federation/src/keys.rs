@@ -2,6 +2,9 @@
 //!
 //! - `/fedmesh/v1/clusters/<cluster>/info`
 //! - `/fedmesh/v1/clusters/<cluster>/services/<namespace>/<name>`
+//! - `/fedmesh/v1/clusters/<cluster>/left`: written without a lease when a
+//!   controller shuts down on purpose (so others tell leaving from a
+//!   partition); the cluster deletes it when it publishes again.
 //!
 //! Each cluster writes only under its own `<cluster>/` prefix, under its
 //! own lease. Parsing is strict: anything else under the prefix is
@@ -16,6 +19,7 @@ pub const ROOT: &str = "/fedmesh/v1/clusters/";
 pub enum Key {
     Info(ClusterName),
     Service(ClusterName, ServiceName),
+    Left(ClusterName),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -33,6 +37,10 @@ pub fn info_key(cluster: &ClusterName) -> String {
     format!("{ROOT}{cluster}/info")
 }
 
+pub fn left_key(cluster: &ClusterName) -> String {
+    format!("{ROOT}{cluster}/left")
+}
+
 pub fn service_key(cluster: &ClusterName, service: &ServiceName) -> String {
     format!(
         "{ROOT}{cluster}/services/{}/{}",
@@ -44,7 +52,7 @@ pub fn service_key(cluster: &ClusterName, service: &ServiceName) -> String {
 impl Key {
     pub fn cluster(&self) -> &ClusterName {
         match self {
-            Key::Info(c) | Key::Service(c, _) => c,
+            Key::Info(c) | Key::Service(c, _) | Key::Left(c) => c,
         }
     }
 
@@ -59,6 +67,9 @@ impl Key {
         let parts: Vec<&str> = rest.split('/').collect();
         match parts.as_slice() {
             [cluster, "info"] => Ok(Key::Info(
+                ClusterName::new(cluster).map_err(|e| err(&e.to_string()))?,
+            )),
+            [cluster, "left"] => Ok(Key::Left(
                 ClusterName::new(cluster).map_err(|e| err(&e.to_string()))?,
             )),
             [cluster, "services", ns, name] => {
@@ -80,6 +91,7 @@ mod tests {
         let c = ClusterName::new("west").unwrap();
         let s = ServiceName::new("api", "shop").unwrap();
         assert_eq!(Key::parse(&info_key(&c)).unwrap(), Key::Info(c.clone()));
+        assert_eq!(Key::parse(&left_key(&c)).unwrap(), Key::Left(c.clone()));
         assert_eq!(
             service_key(&c, &s),
             "/fedmesh/v1/clusters/west/services/shop/api"

@@ -202,3 +202,16 @@ impl ServiceRecord {
         })
     }
 }
+
+/// `<cluster>/left`: the cluster left the federation on purpose.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeftRecord {
+    pub left_at_ms: u64,
+}
+
+impl LeftRecord {
+    pub fn decode(bytes: &[u8]) -> Result<LeftRecord, RecordError> {
+        decode(bytes)
+    }
+}

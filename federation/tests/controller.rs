@@ -93,11 +93,25 @@ fn svc() -> ServiceName {
     ServiceName::new("echo", "shop").unwrap()
 }
 
+/// `east`'s policy for echo.shop: stop routing to a cluster this long
+/// after its lease expired.
+fn fail_closed_after(mut s: ControllerSettings, after: &str) -> ControllerSettings {
+    let p: fedmesh_catalog::ServicePolicy =
+        serde_yaml_ng::from_str(&format!("partition: {{ fail_closed_after: {after} }}")).unwrap();
+    s.policies.insert(svc(), Arc::new(p));
+    s
+}
+
 async fn three_converge_then_one_dies(store: Arc<dyn Store>) {
     let (e, w, n) = (member("east"), member("west"), member("north"));
     let all = [&e, &w, &n];
     let mut reg = Registry::default();
-    let ce = Controller::start(store.clone(), settings(&e, &all, 1000), vec![], &mut reg);
+    let ce = Controller::start(
+        store.clone(),
+        fail_closed_after(settings(&e, &all, 1000), "500ms"),
+        vec![],
+        &mut reg,
+    );
     let cw = Controller::start(
         store.clone(),
         settings(&w, &all, 2000),
@@ -136,18 +150,23 @@ async fn three_converge_then_one_dies(store: Arc<dyn Store>) {
         .iter()
         .all(|c| c.bundle_trusted && c.exported == 1));
 
-    // north dies without a word: its lease expires and it drops out.
+    // north dies without a word: its lease expires, and 500 ms later (the
+    // partition policy) it drops out.
     let t0 = Instant::now();
     drop(cn);
     until(
         &ce,
         "north's export expires",
-        TTL + Duration::from_secs(3),
+        TTL + Duration::from_secs(4),
         |c| c.imports(&svc()) == [w.name.clone()] && c.peers().count() == 1,
     )
     .await;
     let gone = t0.elapsed();
-    assert!(gone <= TTL + Duration::from_millis(2500), "took {gone:?}");
+    assert!(
+        gone >= TTL && gone <= TTL + Duration::from_millis(3000),
+        "took {gone:?}"
+    );
+    assert!(ce.status().stale.is_empty());
     // west leaves gracefully: gone at once, not after the TTL.
     let t0 = Instant::now();
     cw.shutdown().await;
@@ -156,6 +175,87 @@ async fn three_converge_then_one_dies(store: Arc<dyn Store>) {
     })
     .await;
     assert!(t0.elapsed() < Duration::from_millis(900));
+}
+
+/// The default partition policy (`serve_stale`): a cluster whose lease
+/// expired keeps being routed to (its gateway decides by answering or
+/// not) until it comes back; one that leaves on purpose is dropped at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_cluster_is_served_stale_until_it_returns() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new(EmbeddedLimits::default()));
+    let (e, w, n) = (member("east"), member("west"), member("north"));
+    let all = [&e, &w, &n];
+    let mut reg = Registry::default();
+    let ce = Controller::start(store.clone(), settings(&e, &all, 1000), vec![], &mut reg);
+    let cw = Controller::start(
+        store.clone(),
+        settings(&w, &all, 2000),
+        vec![echo(&w, true)],
+        &mut reg,
+    );
+    let cn = Controller::start(
+        store.clone(),
+        settings(&n, &all, 3000),
+        vec![echo(&n, true)],
+        &mut reg,
+    );
+    let both = |c: &Catalog| c.imports(&svc()).len() == 2 && c.peers().count() == 2;
+    until(&ce, "east imports from both", Duration::from_secs(10), both).await;
+
+    drop(cn);
+    // Well past the lease: still routed, and reported as stale.
+    let t0 = Instant::now();
+    loop {
+        let st = ce.status();
+        if st.stale.contains_key("north") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < TTL + Duration::from_secs(3),
+            "north never went stale: {st:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let c = ce.catalog().borrow().clone().unwrap();
+    assert!(
+        both(&c),
+        "north must still be routed: {:?}",
+        c.imports(&svc())
+    );
+    assert!(ce.status().clusters.iter().all(|c| c.cluster != "north"));
+
+    // north comes back: no longer stale, still imported.
+    let cn = Controller::start(
+        store.clone(),
+        settings(&n, &all, 3000),
+        vec![echo(&n, true)],
+        &mut reg,
+    );
+    let t0 = Instant::now();
+    while !ce.status().stale.is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "north stayed stale after it came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Never a moment without north while it republishes.
+    let mut rx = ce.catalog();
+    let t0 = Instant::now();
+    while t0.elapsed() < TTL * 2 {
+        assert!(both(&rx.borrow_and_update().clone().unwrap()));
+        let _ = tokio::time::timeout(Duration::from_millis(100), rx.changed()).await;
+    }
+
+    // Leaving on purpose is not a partition: gone at once.
+    cn.shutdown().await;
+    until(&ce, "north left", Duration::from_secs(1), |c| {
+        c.imports(&svc()) == [w.name.clone()] && c.peers().count() == 1
+    })
+    .await;
+    assert!(ce.status().stale.is_empty());
+    drop(cw);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -56,6 +56,8 @@ struct Shared {
     balancers: fedmesh_catalog::Balancers,
     /// Refuse new streams from peers (retryable elsewhere); keep the rest.
     draining: std::sync::atomic::AtomicBool,
+    /// Readiness, applied config version.
+    config: admin::ConfigState,
     cursor: AtomicUsize,
     next_id: AtomicU64,
 }
@@ -150,6 +152,7 @@ impl Gateway {
             connector: TlsConnector::from(Arc::new(client_tls)),
             balancers: fedmesh_catalog::Balancers::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
+            config: admin::ConfigState::new(s.controller.is_none()),
             cursor: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
         });
@@ -170,7 +173,14 @@ impl Gateway {
                 let id = s.identity.id().clone();
                 Arc::new(move || shared.catalog().config_dump(&id)) as admin::JsonFn
             };
-            let (bound, task) = admin::spawn_with(addr, |reg| m.register(reg), None, Some(dump))
+            let register = |reg: &mut prometheus_client::registry::Registry| {
+                m.register(reg);
+                shared
+                    .config
+                    .register(reg.sub_registry_with_prefix("fedmesh_gateway"));
+            };
+            let ready = shared.config.ready_flag();
+            let (bound, task) = admin::spawn_with(addr, register, ready, None, Some(dump))
                 .await
                 .map_err(|source| GatewayError::Bind {
                     what: "admin",
@@ -222,6 +232,12 @@ impl Gateway {
     }
 
     pub fn set_catalog(&self, catalog: Catalog) {
+        self.set_config(catalog, None);
+    }
+
+    /// Replaces the catalog with version `version` of the controller's
+    /// config (counted, and the gateway is ready from then on).
+    pub fn set_config(&self, catalog: Catalog, version: Option<u64>) {
         let peers: Vec<Peer> = catalog.peers().cloned().collect();
         {
             let mut g = match self.shared.catalog.write() {
@@ -231,6 +247,12 @@ impl Gateway {
             *g = Arc::new(catalog);
         }
         self.shared.pool.set_peers(&peers);
+        self.shared.config.applied(version);
+    }
+
+    /// What `/ready` answers: a config is in place and not draining.
+    pub fn is_ready(&self) -> bool {
+        self.shared.config.is_ready()
     }
 
     /// Stops accepting, closes peer connections, and waits briefly for the
@@ -249,6 +271,7 @@ impl Gateway {
     /// payload, while streams already open run to their end.
     pub fn set_draining(&self, on: bool) {
         self.shared.draining.store(on, Ordering::Relaxed);
+        self.shared.config.set_draining(on);
         tracing::info!(draining = on, "gateway drain state changed");
     }
 

@@ -163,6 +163,55 @@ async fn admin_endpoint_serves_metrics() {
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
     assert!(out.starts_with("HTTP/1.1 405"), "{out}");
+    // Draining: not ready, so a load balancer stops sending new work.
+    gw.set_draining(true);
+    assert!(get("/ready").await.starts_with("HTTP/1.1 503"));
+    gw.set_draining(false);
+    assert!(get("/ready").await.starts_with("HTTP/1.1 200"));
+
+    // A gateway that follows a controller is not ready before its first
+    // config; then it reports the version it applied.
+    let settings = fedmesh_gateway::GatewaySettings {
+        catalog: east.gateway.catalog().as_ref().clone(),
+        identity: east
+            .ca
+            .issue(
+                &east.trust_domain.system_id("gateway"),
+                std::time::Duration::from_secs(60),
+            )
+            .unwrap(),
+        bundles: east.bundles.clone(),
+        quic: any,
+        tunnel: any,
+        admin: Some(any),
+        limits: Default::default(),
+        controller: Some(fedmesh_api::client::ControllerLink {
+            address: "127.0.0.1:9".parse().unwrap(),
+            cluster: "east".into(),
+            renew: false,
+        }),
+    };
+    let mut reg = prometheus_client::registry::Registry::default();
+    let gw2 = fedmesh_gateway::Gateway::build(settings, &mut reg)
+        .await
+        .unwrap();
+    let admin2 = gw2.admin_addr().unwrap();
+    let get2 = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(admin2).await.unwrap();
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    };
+    assert!(get2("/ready").await.starts_with("HTTP/1.1 503"));
+    gw2.set_config(east.gateway.catalog().as_ref().clone(), Some(42));
+    assert!(gw2.is_ready());
+    assert!(get2("/ready").await.starts_with("HTTP/1.1 200"));
+    let m = get2("/metrics").await;
+    assert!(m.contains("fedmesh_gateway_config_version 42"), "{m}");
+    assert!(m.contains("fedmesh_gateway_config_updates_total 1"), "{m}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

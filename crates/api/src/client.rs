@@ -79,6 +79,16 @@ impl Subscription {
             Err(p) => p.into_inner().clone(),
         }
     }
+
+    /// Reads the version of the config last applied (set before the
+    /// config itself is published, so a follower sees at least its own).
+    pub fn version_reader(&self) -> impl Fn() -> Option<u64> + Send + Sync + 'static {
+        let status = self.status.clone();
+        move || match status.lock() {
+            Ok(g) => g.version,
+            Err(p) => p.into_inner().version,
+        }
+    }
 }
 
 fn update_status(status: &Mutex<SubscriptionStatus>, f: impl FnOnce(&mut SubscriptionStatus)) {
@@ -178,11 +188,12 @@ async fn stream_once(
         let answer = match applied.apply(&u) {
             Ok(cfg) => {
                 tracing::debug!(version = u.version, full = u.full, "config applied");
-                config_tx.send_replace(Some(cfg));
+                // Status first: whoever sees the new config can read its version.
                 update_status(status, |st| {
                     st.version = Some(u.version);
                     st.applied += 1;
                 });
+                config_tx.send_replace(Some(cfg));
                 Kind::Ack(pb::Ack { version: u.version })
             }
             Err(e) => {

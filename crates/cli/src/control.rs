@@ -132,7 +132,8 @@ impl Drop for Follower {
 }
 
 /// Subscribes a proxy to its controller: every applied config first
-/// replaces the proxy's bundles, then `apply` gets the catalog. With
+/// replaces the proxy's bundles, then `apply` gets the catalog and its
+/// version. With
 /// `link.renew`, the SVID in `source` is renewed and written back to
 /// `files`.
 pub fn follow(
@@ -141,7 +142,7 @@ pub fn follow(
     source: &SvidSource,
     bundles: SharedBundles,
     files: &IdentityFiles,
-    apply: impl Fn(Catalog) + Send + 'static,
+    apply: impl Fn(Catalog, Option<u64>) + Send + 'static,
 ) -> anyhow::Result<Follower> {
     let id = source.current().id().clone();
     let td: TrustDomain = id.trust_domain_name().parse()?;
@@ -159,10 +160,11 @@ pub fn follow(
     let mut settings = ClientSettings::new(link.address, node);
     settings.cluster = Some(ClusterName::new(&link.cluster)?);
     let sub = client::subscribe(settings, Arc::new(tls));
+    let version = sub.version_reader();
     let mut tasks = vec![tokio::spawn(client::follow(sub.config(), move |c| {
         // Bundles first: the catalog may name peers only they trust.
         bundles.store((*c.bundles).clone());
-        apply((*c.catalog).clone());
+        apply((*c.catalog).clone(), version());
     }))];
     if link.renew {
         let at = SignerAddress {

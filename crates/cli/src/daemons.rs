@@ -57,7 +57,7 @@ pub async fn gateway(args: Args) -> anyhow::Result<ExitCode> {
                 gw.identity_source(),
                 bundles,
                 &raw.identity,
-                move |c| g.set_catalog(c),
+                move |c, v| g.set_config(c, v),
             )?)
         }
         None => None,
@@ -105,7 +105,7 @@ pub async fn sidecar(args: Args) -> anyhow::Result<ExitCode> {
                 sc.identity_source(),
                 bundles,
                 &raw.identity,
-                move |c| s.set_catalog(c),
+                move |c, v| s.set_config(c, v),
             )?)
         }
         None => None,

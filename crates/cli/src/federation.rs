@@ -200,8 +200,14 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         let c = ctrl.clone();
         let status: admin::JsonFn =
             Arc::new(move || serde_json::to_string_pretty(&c.status()).unwrap_or_default());
-        let (bound, _task) =
-            admin::spawn_with(addr, |reg| *reg = registry, Some(status), None).await?;
+        let (bound, _task) = admin::spawn_with(
+            addr,
+            |reg| *reg = registry,
+            Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            Some(status),
+            None,
+        )
+        .await?;
         crate::emit(&format!("controller admin http://{bound}/status\n"));
     }
     crate::emit(&format!("controller up: cluster {}\n", cfg.cluster));
@@ -279,6 +285,8 @@ async fn snapshot(store: &dyn Store) -> anyhow::Result<Snapshot> {
                 Ok(e) => s.exports.push(e),
                 Err(e) => s.rejected.push(format!("{}: {e}", kv.key)),
             },
+            // A cluster that left on purpose; it has no info any more.
+            Key::Left(_) => {}
         }
     }
     Ok(s)

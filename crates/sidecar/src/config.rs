@@ -69,6 +69,11 @@ pub struct HttpLimits {
     /// An idle pooled upstream connection is closed after this.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// No new request goes on an upstream connection older than this (it
+    /// is closed once its requests finish): bounds how long traffic stays
+    /// on a destination that drains or is no longer preferred.
+    #[serde(with = "humantime_serde")]
+    pub max_connection_age: Duration,
     /// Concurrent requests per downstream HTTP/2 connection.
     pub max_concurrent_streams: u32,
 }
@@ -81,6 +86,7 @@ impl Default for HttpLimits {
             max_retry_body_bytes: 64 * 1024,
             max_idle_per_upstream: 16,
             idle_timeout: Duration::from_secs(30),
+            max_connection_age: Duration::from_secs(5),
             max_concurrent_streams: 256,
         }
     }
@@ -92,6 +98,7 @@ impl HttpLimits {
         for (name, d) in [
             ("detect_timeout", self.detect_timeout),
             ("idle_timeout", self.idle_timeout),
+            ("max_connection_age", self.max_connection_age),
         ] {
             if d.is_zero() {
                 v.push(format!("http.{name} must be more than zero"));

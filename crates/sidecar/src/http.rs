@@ -573,7 +573,15 @@ struct Key {
     h2: bool,
 }
 
-enum Sender {
+/// An upstream connection and when it was opened (connections are
+/// retired at `http.max_connection_age`, so traffic moves off a draining
+/// or no longer preferred destination even while its connections work).
+struct Sender {
+    conn: Conn,
+    opened: Instant,
+}
+
+enum Conn {
     H1(client1::SendRequest<ReqBody>),
     H2(client2::SendRequest<ReqBody>),
 }
@@ -581,7 +589,7 @@ enum Sender {
 impl Sender {
     async fn handshake(tls: fedmesh_transport::TlsClient, h2: bool) -> hyper::Result<Self> {
         let io = TokioIo::new(tls);
-        if h2 {
+        let conn = if h2 {
             let (send, conn) = client2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .handshake(io)
@@ -591,7 +599,7 @@ impl Sender {
                     tracing::debug!(error = %e, "upstream HTTP/2 connection ended");
                 }
             });
-            Ok(Sender::H2(send))
+            Conn::H2(send)
         } else {
             let (send, conn) = client1::handshake(io).await?;
             tokio::spawn(async move {
@@ -599,17 +607,21 @@ impl Sender {
                     tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
                 }
             });
-            Ok(Sender::H1(send))
-        }
+            Conn::H1(send)
+        };
+        Ok(Sender {
+            conn,
+            opened: Instant::now(),
+        })
     }
 
     async fn send(&mut self, req: Request<ReqBody>) -> hyper::Result<Response<Incoming>> {
-        match self {
-            Sender::H1(s) => {
+        match &mut self.conn {
+            Conn::H1(s) => {
                 s.ready().await?;
                 s.send_request(req).await
             }
-            Sender::H2(s) => {
+            Conn::H2(s) => {
                 s.ready().await?;
                 s.send_request(req).await
             }
@@ -619,17 +631,21 @@ impl Sender {
 
 /// Reusable upstream connections: idle HTTP/1 connections (one request at
 /// a time each, at most `max_idle_per_upstream` kept per key) and one
-/// shared HTTP/2 connection per key.
+/// shared HTTP/2 connection per key, each used until `max_connection_age`.
 pub(crate) struct Upstreams {
     inner: Arc<Mutex<Pools>>,
     max_idle: usize,
     idle_timeout: Duration,
+    max_age: Duration,
 }
+
+/// An idle HTTP/1 connection: since when idle, when opened.
+type Idle = (client1::SendRequest<ReqBody>, Instant, Instant);
 
 #[derive(Default)]
 struct Pools {
-    h1: HashMap<Key, Vec<(client1::SendRequest<ReqBody>, Instant)>>,
-    h2: HashMap<Key, client2::SendRequest<ReqBody>>,
+    h1: HashMap<Key, Vec<Idle>>,
+    h2: HashMap<Key, (client2::SendRequest<ReqBody>, Instant)>,
 }
 
 impl Upstreams {
@@ -638,6 +654,7 @@ impl Upstreams {
             inner: Arc::default(),
             max_idle: limits.max_idle_per_upstream,
             idle_timeout: limits.idle_timeout,
+            max_age: limits.max_connection_age,
         }
     }
 
@@ -650,19 +667,29 @@ impl Upstreams {
 
     fn checkout(&self, key: &Key) -> Option<Sender> {
         let mut p = self.lock();
+        let now = Instant::now();
         if key.h2 {
-            let s = p.h2.get(key)?;
-            if s.is_closed() {
+            let (s, opened) = p.h2.get(key)?;
+            if s.is_closed() || now.duration_since(*opened) >= self.max_age {
+                // Requests already on it finish; new ones get a new one.
                 p.h2.remove(key);
                 return None;
             }
-            return Some(Sender::H2(s.clone()));
+            return Some(Sender {
+                conn: Conn::H2(s.clone()),
+                opened: *opened,
+            });
         }
         let idle = p.h1.get_mut(key)?;
-        let fresh = Instant::now() - self.idle_timeout;
-        while let Some((s, since)) = idle.pop() {
-            if since > fresh && s.is_ready() {
-                return Some(Sender::H1(s));
+        while let Some((s, since, opened)) = idle.pop() {
+            if now.duration_since(since) < self.idle_timeout
+                && now.duration_since(opened) < self.max_age
+                && s.is_ready()
+            {
+                return Some(Sender {
+                    conn: Conn::H1(s),
+                    opened,
+                });
             }
         }
         p.h1.remove(key);
@@ -670,8 +697,8 @@ impl Upstreams {
     }
 
     fn share(&self, key: &Key, s: &Sender) {
-        if let Sender::H2(s) = s {
-            self.lock().h2.insert(key.clone(), s.clone());
+        if let Conn::H2(c) = &s.conn {
+            self.lock().h2.insert(key.clone(), (c.clone(), s.opened));
         }
     }
 
@@ -679,13 +706,17 @@ impl Upstreams {
     /// HTTP/1 connection is reusable only after the app read the whole
     /// response body; until then it waits here, off the request path.
     fn checkin(&self, key: Key, s: Sender) {
-        let Sender::H1(mut s) = s else {
+        let Conn::H1(mut c) = s.conn else {
             return;
         };
+        let opened = s.opened;
+        if opened.elapsed() >= self.max_age {
+            return;
+        }
         let inner = self.inner.clone();
-        let (max, idle) = (self.max_idle, self.idle_timeout);
+        let (max, idle, age) = (self.max_idle, self.idle_timeout, self.max_age);
         tokio::spawn(async move {
-            if !matches!(tokio::time::timeout(idle, s.ready()).await, Ok(Ok(()))) {
+            if !matches!(tokio::time::timeout(idle, c.ready()).await, Ok(Ok(()))) {
                 return;
             }
             let mut p = match inner.lock() {
@@ -694,9 +725,13 @@ impl Upstreams {
             };
             let now = Instant::now();
             let list = p.h1.entry(key).or_default();
-            list.retain(|(s, since)| now.duration_since(*since) < idle && !s.is_closed());
+            list.retain(|(c, since, opened)| {
+                now.duration_since(*since) < idle
+                    && now.duration_since(*opened) < age
+                    && !c.is_closed()
+            });
             if list.len() < max {
-                list.push((s, now));
+                list.push((c, now, opened));
             }
         });
     }

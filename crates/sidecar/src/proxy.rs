@@ -53,6 +53,8 @@ pub(crate) struct Shared {
     pub(crate) balancers: Balancers,
     /// Upstream HTTP connections of the L7 path, reused across requests.
     pub(crate) upstreams: crate::http::Upstreams,
+    /// Readiness, applied config version.
+    config: admin::ConfigState,
 }
 
 impl Shared {
@@ -183,6 +185,7 @@ impl Sidecar {
             catalog: RwLock::new(Arc::new(s.catalog.clone())),
             inbound_addr: std::sync::OnceLock::new(),
             balancers: Balancers::default(),
+            config: admin::ConfigState::new(s.controller.is_none()),
         });
         let mut tasks = Vec::new();
         let mut outbound = Vec::new();
@@ -231,7 +234,14 @@ impl Sidecar {
                 let id = s.identity.id().clone();
                 Arc::new(move || shared.catalog().config_dump(&id)) as admin::JsonFn
             };
-            let (bound, task) = admin::spawn_with(addr, |reg| m.register(reg), None, Some(dump))
+            let register = |reg: &mut Registry| {
+                m.register(reg);
+                shared
+                    .config
+                    .register(reg.sub_registry_with_prefix("fedmesh_sidecar"));
+            };
+            let ready = shared.config.ready_flag();
+            let (bound, task) = admin::spawn_with(addr, register, ready, None, Some(dump))
                 .await
                 .map_err(|source| SidecarError::Bind {
                     what: "admin",
@@ -286,11 +296,25 @@ impl Sidecar {
     }
 
     pub fn set_catalog(&self, catalog: Catalog) {
-        let mut g = match self.shared.catalog.write() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        *g = Arc::new(catalog);
+        self.set_config(catalog, None);
+    }
+
+    /// Replaces the catalog with version `version` of the controller's
+    /// config (counted, and the sidecar is ready from then on).
+    pub fn set_config(&self, catalog: Catalog, version: Option<u64>) {
+        {
+            let mut g = match self.shared.catalog.write() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            *g = Arc::new(catalog);
+        }
+        self.shared.config.applied(version);
+    }
+
+    /// What `/ready` answers: a config is in place.
+    pub fn is_ready(&self) -> bool {
+        self.shared.config.is_ready()
     }
 
     pub fn shutdown(mut self) {

@@ -147,10 +147,11 @@ async fn respond(
 }
 
 /// Binds an admin endpoint serving the metrics `register` puts in a fresh
-/// registry (and `/status` when given), always ready.
+/// registry (and `/status` when given), ready while `ready` holds.
 pub async fn spawn_with(
     addr: SocketAddr,
     register: impl FnOnce(&mut Registry),
+    ready: Arc<AtomicBool>,
     status: Option<JsonFn>,
     config_dump: Option<JsonFn>,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
@@ -158,11 +159,84 @@ pub async fn spawn_with(
     register(&mut reg);
     let state = AdminState {
         registry: Arc::new(Mutex::new(reg)),
-        ready: Arc::new(AtomicBool::new(true)),
+        ready,
         status,
         config_dump,
     };
     spawn(addr, state).await
+}
+
+/// A proxy's readiness and config bookkeeping: `/ready` answers 200 once a
+/// config is in place (a static one at start, a controller's when the
+/// first update was applied) and while the proxy is not draining; the
+/// applied config version and update count are metrics.
+#[derive(Debug)]
+pub struct ConfigState {
+    ready: Arc<AtomicBool>,
+    have_config: AtomicBool,
+    draining: AtomicBool,
+    version: prometheus_client::metrics::gauge::Gauge,
+    updates: prometheus_client::metrics::counter::Counter,
+}
+
+impl ConfigState {
+    /// `have_config`: the proxy starts with a usable (static) config.
+    pub fn new(have_config: bool) -> Self {
+        Self {
+            ready: Arc::new(AtomicBool::new(have_config)),
+            have_config: AtomicBool::new(have_config),
+            draining: AtomicBool::new(false),
+            version: Default::default(),
+            updates: Default::default(),
+        }
+    }
+
+    /// Registers `config_version` and `config_updates` in `reg` (the
+    /// caller's prefix applies).
+    pub fn register(&self, reg: &mut Registry) {
+        reg.register(
+            "config_version",
+            "Version of the controller config applied (0: static config)",
+            self.version.clone(),
+        );
+        reg.register(
+            "config_updates",
+            "Configs applied since start",
+            self.updates.clone(),
+        );
+    }
+
+    /// The flag `/ready` serves.
+    pub fn ready_flag(&self) -> Arc<AtomicBool> {
+        self.ready.clone()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// A config was applied (`version` when it came from a controller).
+    pub fn applied(&self, version: Option<u64>) {
+        self.have_config.store(true, Ordering::Relaxed);
+        if let Some(v) = version {
+            self.version.set(i64::try_from(v).unwrap_or(i64::MAX));
+        }
+        self.updates.inc();
+        self.update();
+    }
+
+    /// A draining proxy reports not ready, so load balancers in front of
+    /// it stop sending new work.
+    pub fn set_draining(&self, on: bool) {
+        self.draining.store(on, Ordering::Relaxed);
+        self.update();
+    }
+
+    fn update(&self) {
+        let ready =
+            self.have_config.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed);
+        self.ready.store(ready, Ordering::Relaxed);
+    }
 }
 
 /// Binds the admin endpoint and serves it in the background.
