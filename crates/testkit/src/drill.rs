@@ -240,15 +240,23 @@ pub fn analyze(
         rep.failed_cluster_share_before = before_fail_cluster as f64 / before_ok as f64;
     }
     // The earliest T in [break, restore) from which the requests started
-    // up to the repair succeed, within the SLO, at 99% or better.
+    // up to the repair succeed, within the SLO, at 99% or better. One pass:
+    // the window's samples sorted by start, suffix counts, then each step
+    // finds its suffix by binary search.
+    let mut window: Vec<(Duration, bool)> = samples
+        .iter()
+        .filter(|s| s.start >= b && s.start < r)
+        .map(|s| (s.start, s.ok && s.latency <= spec.slo))
+        .collect();
+    window.sort_unstable_by_key(|w| w.0);
+    let mut good_from = vec![0u64; window.len() + 1];
+    for i in (0..window.len()).rev() {
+        good_from[i] = good_from[i + 1] + u64::from(window[i].1);
+    }
     let mut t = b;
     while t < r {
-        let (ok, all) = samples
-            .iter()
-            .filter(|s| s.start >= t && s.start < r)
-            .fold((0u64, 0u64), |(o, a), s| {
-                (o + u64::from(s.ok && s.latency <= spec.slo), a + 1)
-            });
+        let i = window.partition_point(|w| w.0 < t);
+        let (ok, all) = (good_from[i], (window.len() - i) as u64);
         if all > 0 && ok * 100 >= all * 99 {
             rep.to_99_percent_ms = Some(ms(t - b));
             break;
