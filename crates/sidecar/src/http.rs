@@ -323,8 +323,14 @@ async fn forward(
         None => std::borrow::Cow::Borrowed(&shared.limits),
     };
     let mut last = fail(503, format!("no healthy endpoint for {service}"));
+    // Set when the budget already allowed the next attempt (a gateway
+    // error is retried only if it may be, else the app gets the answer).
+    let mut approved = false;
     for (i, a) in plan.iter().enumerate() {
-        if i > 0 && !shared.may_retry(service, policy, &svc, &shared.metrics.http_retries) {
+        if i > 0
+            && !std::mem::take(&mut approved)
+            && !shared.may_retry(service, policy, &svc, &shared.metrics.http_retries)
+        {
             break;
         }
         let (Hop::Endpoint { address, identity } | Hop::Gateway { address, identity }) = &a.hop
@@ -400,7 +406,12 @@ async fn forward(
             Ok(mut resp) => {
                 let status = resp.status().as_u16();
                 let gateway_error = matches!(status, 502..=504);
-                if gateway_error && decision.retryable && i + 1 < plan.len() {
+                if gateway_error
+                    && decision.retryable
+                    && i + 1 < plan.len()
+                    && shared.may_retry(service, policy, &svc, &shared.metrics.http_retries)
+                {
+                    approved = true;
                     drop(in_flight);
                     shared.attempt_failed(service, policy, &svc, a);
                     shared.upstreams.checkin(key, sender);
