@@ -16,6 +16,11 @@ pub struct Args {
     /// Validate the config, print the effective settings and exit.
     #[arg(long)]
     check: bool,
+    /// Gateway: on SIGTERM/SIGINT, refuse new streams from peers (they go
+    /// elsewhere before any payload; `/ready` turns 503) and let open ones
+    /// run this long before stopping. A second signal stops at once.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    drain: std::time::Duration,
 }
 
 pub(crate) async fn until_signal() -> anyhow::Result<()> {
@@ -71,6 +76,17 @@ pub async fn gateway(args: Args) -> anyhow::Result<ExitCode> {
             .unwrap_or_default()
     );
     until_signal().await?;
+    if !args.drain.is_zero() {
+        gw.set_draining(true);
+        println!(
+            "gateway draining for {:?} (signal again to stop now)",
+            args.drain
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(args.drain) => {}
+            r = until_signal() => r?,
+        }
+    }
     drop(_follower);
     match std::sync::Arc::try_unwrap(gw) {
         Ok(gw) => gw.shutdown().await,

@@ -33,60 +33,63 @@ impl App {
     pub async fn start(kind: AppKind, name: &str) -> std::io::Result<App> {
         let l = TcpListener::bind("127.0.0.1:0").await?;
         let addr = l.local_addr()?;
-        if kind == AppKind::Http {
-            let name = name.to_owned();
-            let task = tokio::spawn(http_app(l, name.clone()));
-            return Ok(App { addr, name, task });
-        }
-        let banner = format!("{name}\n");
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((mut s, _)) = l.accept().await else {
-                    continue;
-                };
-                let _ = s.set_nodelay(true);
-                let banner = banner.clone();
-                tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    match kind {
-                        AppKind::Echo => {
-                            if s.write_all(banner.as_bytes()).await.is_err() {
-                                return;
-                            }
-                            loop {
-                                match s.read(&mut buf).await {
-                                    Ok(0) | Err(_) => break,
-                                    Ok(n) => {
-                                        if s.write_all(&buf[..n]).await.is_err() {
-                                            break;
-                                        }
-                                    }
-                                }
-                            }
-                            let _ = s.shutdown().await;
-                        }
-                        AppKind::Http => {}
-                        AppKind::Sink => {
-                            let mut total = 0u64;
-                            loop {
-                                match s.read(&mut buf).await {
-                                    Ok(0) => break,
-                                    Ok(n) => total += n as u64,
-                                    Err(_) => return,
-                                }
-                            }
-                            let _ = s.write_all(&total.to_be_bytes()).await;
-                            let _ = s.shutdown().await;
-                        }
-                    }
-                });
-            }
-        });
+        let task = tokio::spawn(serve(kind, l, name.to_owned()));
         Ok(App {
             addr,
             name: name.to_owned(),
             task,
         })
+    }
+}
+
+/// Serves `kind` on `listener` until dropped (the body of [`App::start`];
+/// the e2e rig runs it as a process of its own).
+pub async fn serve(kind: AppKind, listener: TcpListener, name: String) {
+    if kind == AppKind::Http {
+        return http_app(listener, name).await;
+    }
+    let l = listener;
+    let banner = format!("{name}\n");
+    loop {
+        let Ok((mut s, _)) = l.accept().await else {
+            continue;
+        };
+        let _ = s.set_nodelay(true);
+        let banner = banner.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 64 * 1024];
+            match kind {
+                AppKind::Echo => {
+                    if s.write_all(banner.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if s.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = s.shutdown().await;
+                }
+                AppKind::Http => {}
+                AppKind::Sink => {
+                    let mut total = 0u64;
+                    loop {
+                        match s.read(&mut buf).await {
+                            Ok(0) => break,
+                            Ok(n) => total += n as u64,
+                            Err(_) => return,
+                        }
+                    }
+                    let _ = s.write_all(&total.to_be_bytes()).await;
+                    let _ = s.shutdown().await;
+                }
+            }
+        });
     }
 }
 

@@ -14,7 +14,7 @@ mod load;
 mod rig;
 pub mod tls;
 
-pub use apps::{http_app, App, AppKind, HttpConn, HttpReply};
+pub use apps::{http_app, serve as serve_app, App, AppKind, HttpConn, HttpReply};
 pub use load::{
     percentile, run_load, run_open_loop, LiveCounts, LoadReport, LoadSpec, OpenLoopSpec, Sample,
 };

@@ -1,0 +1,192 @@
+//! `fedmesh-e2e`: the multi-process rig (see `rig.rs`) and its scenarios.
+//!
+//! `fedmesh-e2e run [SCENARIO…] [--quick] [--json FILE]` builds the rig,
+//! runs the scenarios in order on it, prints a table per scenario and a
+//! final PASS/FAIL line, and tears everything down (also on Ctrl-C or
+//! SIGTERM). `fedmesh-e2e app …` is one of the rig's apps.
+
+mod rig;
+mod scenarios;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Build the rig and run scenarios (all of them when none is named).
+    Run {
+        scenarios: Vec<String>,
+        /// Short durations (CI).
+        #[arg(long)]
+        quick: bool,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// The `fedmesh` binary (default: beside this one, or $FEDMESH_BIN).
+        #[arg(long)]
+        fedmesh: Option<PathBuf>,
+    },
+    /// Serve one app (the rig starts these as processes).
+    App {
+        /// `echo` (banner, then echo) or `http`.
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let filter = std::env::var("FEDMESH_LOG").unwrap_or_else(|_| "fedmesh_e2e=info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match rt.block_on(real_main(Cli::parse())) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.cmd {
+        Cmd::App { kind, name, listen } => {
+            let kind = match kind.as_str() {
+                "echo" => fedmesh_testkit::AppKind::Echo,
+                "http" => fedmesh_testkit::AppKind::Http,
+                other => anyhow::bail!("unknown app kind {other:?} (echo, http)"),
+            };
+            let l = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding {listen}"))?;
+            tokio::select! {
+                _ = fedmesh_testkit::serve_app(kind, l, name) => {}
+                _ = signal() => {}
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run {
+            scenarios,
+            quick,
+            json,
+            fedmesh,
+        } => {
+            let names: Vec<String> = if scenarios.is_empty() {
+                scenarios::ALL.iter().map(|s| (*s).to_owned()).collect()
+            } else {
+                scenarios
+            };
+            for n in &names {
+                if scenarios::NOT_YET.contains(&n.as_str()) {
+                    anyhow::bail!("scenario {n} is not built yet (see e2e/README.md)");
+                }
+                if !scenarios::ALL.contains(&n.as_str()) {
+                    anyhow::bail!(
+                        "unknown scenario {n:?}; known: {}",
+                        scenarios::ALL.join(", ")
+                    );
+                }
+            }
+            let me = std::env::current_exe()?;
+            let fedmesh = fedmesh
+                .or_else(|| std::env::var_os("FEDMESH_BIN").map(PathBuf::from))
+                .or_else(|| me.parent().map(|d| d.join("fedmesh")))
+                .filter(|p| p.exists())
+                .context("no fedmesh binary: build it (cargo build -p fedmesh-cli --features etcd) or pass --fedmesh")?;
+            let etcd = fedmesh_testkit::etcd::etcd_binary()
+                .context("etcd is not installed (apt-get install etcd-server)")?;
+            println!(
+                "rig: 3 clusters on 127.0.11.1, 127.0.12.1, 127.0.13.1 (loopback addresses; network namespaces are not used yet), 3-member etcd; fedmesh {}",
+                fedmesh.display()
+            );
+            let run = async {
+                let t0 = std::time::Instant::now();
+                let mut rig = rig::Rig::start(&fedmesh, &me, etcd).await?;
+                println!(
+                    "rig up in {:.1} s ({})",
+                    t0.elapsed().as_secs_f64(),
+                    rig.dir.path().display()
+                );
+                let p = scenarios::Params { quick };
+                let mut outcomes = Vec::new();
+                for n in &names {
+                    let o = scenarios::run(&mut rig, n, &p).await?;
+                    print!("{}", scenarios::render(&o));
+                    if !o.passed {
+                        for c in rig::CLUSTERS {
+                            for who in ["web", "gateway"] {
+                                let name = format!("{c}-{who}");
+                                eprintln!("--- {name} log (tail)\n{}", rig.log_tail(&name, 8));
+                            }
+                        }
+                    }
+                    outcomes.push(o);
+                }
+                Ok::<_, anyhow::Error>(outcomes)
+            };
+            let outcomes = tokio::select! {
+                r = run => r?,
+                _ = signal() => {
+                    eprintln!("interrupted: tearing the rig down");
+                    return Ok(ExitCode::from(130));
+                }
+            };
+            let passed = outcomes.iter().all(|o| o.passed);
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&outcomes)?)
+                    .with_context(|| path.display().to_string())?;
+            }
+            println!(
+                "{}: {} of {} scenarios passed",
+                if passed { "PASS" } else { "FAIL" },
+                outcomes.iter().filter(|o| o.passed).count(),
+                outcomes.len()
+            );
+            Ok(if passed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}
+
+async fn signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

@@ -1,0 +1,480 @@
+//! The multi-process rig: three clusters (`east`, `west`, `north`), each
+//! on its own loopback address (`127.0.11.1`, `127.0.12.1`, `127.0.13.1`)
+//! with a controller, a gateway, two sidecars and two apps as separate
+//! processes, and a three-member etcd cluster they all publish to.
+//!
+//! Every cluster serves and exports `echo.demo` (a TCP echo app, port
+//! 7000) and `http.demo` (an HTTP app, port 8080) behind its `srv`
+//! sidecar; its `web` sidecar has outbound listeners for both. Policy:
+//! `echo.demo` stays local (locality); `http.demo` prefers the next
+//! cluster in the ring (east → west → north → east), so HTTP load is
+//! cross-cluster and fails over to the third cluster.
+//!
+//! Proxies follow their controller (config and SVIDs); nothing is static
+//! but their first SVID and their own trust bundle. Every process writes
+//! to `<dir>/logs/<name>.log`; dropping the rig kills them all and
+//! removes the directory.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use fedmesh_testkit::etcd::EtcdCluster;
+use fedmesh_testkit::{run_load, HttpConn, LoadSpec};
+use fedmesh_trust::{CertificateAuthority, TrustDomain};
+
+pub const CLUSTERS: [&str; 3] = ["east", "west", "north"];
+
+/// How long a process gets to stop after SIGTERM before SIGKILL.
+const STOP_LIMIT: Duration = Duration::from_secs(15);
+
+/// One cluster's addresses.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub name: String,
+    pub quic: SocketAddr,
+    pub tunnel: SocketAddr,
+    pub api: SocketAddr,
+    pub controller_admin: SocketAddr,
+    pub gateway_admin: SocketAddr,
+    pub web_admin: SocketAddr,
+    pub srv_admin: SocketAddr,
+    pub srv_inbound: SocketAddr,
+    /// The `web` sidecar's outbound listeners.
+    pub echo_out: SocketAddr,
+    pub http_out: SocketAddr,
+    pub echo_app: SocketAddr,
+    pub http_app: SocketAddr,
+    /// The cluster `http.demo` prefers (the next in the ring).
+    pub http_prefers: String,
+}
+
+struct Proc {
+    program: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+pub struct Rig {
+    pub clusters: Vec<Cluster>,
+    pub etcd: EtcdCluster,
+    pub dir: tempfile::TempDir,
+    procs: BTreeMap<String, Proc>,
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        for p in self.procs.values_mut() {
+            if let Some(mut c) = p.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
+
+/// A free port on `ip` (TCP or UDP), chosen by the kernel.
+fn free(ip: IpAddr, udp: bool) -> anyhow::Result<SocketAddr> {
+    let any = SocketAddr::new(ip, 0);
+    Ok(if udp {
+        std::net::UdpSocket::bind(any)?.local_addr()?
+    } else {
+        std::net::TcpListener::bind(any)?.local_addr()?
+    })
+}
+
+fn p(x: &Path) -> String {
+    x.display().to_string()
+}
+
+impl Rig {
+    /// Writes every certificate and config, starts etcd and every process,
+    /// and waits (bounded) until each cluster serves local and
+    /// cross-cluster traffic.
+    pub async fn start(fedmesh: &Path, self_exe: &Path, etcd_bin: PathBuf) -> anyhow::Result<Rig> {
+        let dir = tempfile::Builder::new().prefix("fedmesh-e2e-").tempdir()?;
+        let d = dir.path().to_path_buf();
+        std::fs::create_dir_all(d.join("logs"))?;
+        let etcd = EtcdCluster::start(etcd_bin, 3).context("starting the 3-member etcd cluster")?;
+        let endpoints = etcd
+            .endpoints()
+            .iter()
+            .map(|e| format!("\"{e}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+
+        let mut clusters = Vec::new();
+        let mut cas = Vec::new();
+        for (i, name) in CLUSTERS.iter().enumerate() {
+            let ip: IpAddr = format!("127.0.{}.1", 11 + i).parse()?;
+            let ca = CertificateAuthority::new_root(
+                TrustDomain::new(&format!("{name}.e2e"))?,
+                Duration::from_secs(30 * 86_400),
+            )?;
+            ca.save(&d.join(format!("{name}-ca")))?;
+            cas.push(ca);
+            clusters.push(Cluster {
+                name: (*name).to_owned(),
+                quic: free(ip, true)?,
+                tunnel: free(ip, false)?,
+                api: free(ip, false)?,
+                controller_admin: free(ip, false)?,
+                gateway_admin: free(ip, false)?,
+                web_admin: free(ip, false)?,
+                srv_admin: free(ip, false)?,
+                srv_inbound: free(ip, false)?,
+                echo_out: free(ip, false)?,
+                http_out: free(ip, false)?,
+                echo_app: free(ip, false)?,
+                http_app: free(ip, false)?,
+                http_prefers: CLUSTERS[(i + 1) % CLUSTERS.len()].to_owned(),
+            });
+        }
+        let mut rig = Rig {
+            clusters: clusters.clone(),
+            etcd,
+            dir,
+            procs: BTreeMap::new(),
+        };
+        for (c, ca) in clusters.iter().zip(&cas) {
+            let td = ca.trust_domain().clone();
+            // Pins: this cluster admits every other one's root.
+            let pins = d.join(format!("{}-pins", c.name));
+            std::fs::create_dir_all(&pins)?;
+            for (o, oca) in clusters.iter().zip(&cas) {
+                if o.name != c.name {
+                    std::fs::copy(
+                        d.join(format!("{}-ca/bundle.pem", o.name)),
+                        pins.join(format!("{}.pem", o.name)),
+                    )?;
+                    let _ = oca;
+                }
+            }
+            for (who, id) in [
+                ("gw", td.system_id("gateway")),
+                ("web", td.workload("demo", "web")?),
+                ("srv", td.workload("demo", "srv")?),
+            ] {
+                ca.issue(&id, Duration::from_secs(86_400))?
+                    .save(&d.join(format!("{}-{who}", c.name)))?;
+            }
+            let srv_id = td.workload("demo", "srv")?;
+            std::fs::write(
+                d.join(format!("{}-services.yaml", c.name)),
+                services_file(c, &srv_id.to_string(), false),
+            )?;
+            let third = CLUSTERS
+                .iter()
+                .find(|n| **n != c.name && **n != c.http_prefers)
+                .copied()
+                .unwrap_or_default();
+            let controller = format!(
+                "cluster: {name}\ntrust_domain: {td}\ngateways: [\"{quic}\"]\ngateway_tunnel: \"{tunnel}\"\nlease_ttl: 3s\n\
+                 store: {{ kind: etcd, endpoints: [{endpoints}] }}\nbundle: {bundle}\npins_dir: {pins}\nservices: {services}\n\
+                 admin: \"{admin}\"\napi:\n  listen: \"{api}\"\n  ca_dir: {ca_dir}\n\
+                 policies:\n  http.demo:\n    failover: [{prefers}, {third}]\n    retry: {{ attempts: 3 }}\n    outlier: {{ consecutive_failures: 3, base_ejection: 1s }}\n",
+                name = c.name,
+                quic = c.quic,
+                tunnel = c.tunnel,
+                bundle = p(&d.join(format!("{}-ca/bundle.pem", c.name))),
+                pins = p(&pins),
+                services = p(&d.join(format!("{}-services.yaml", c.name))),
+                admin = c.controller_admin,
+                api = c.api,
+                ca_dir = p(&d.join(format!("{}-ca", c.name))),
+                prefers = c.http_prefers,
+            );
+            let common = |who: &str| {
+                format!(
+                    "identity: {{ cert: {}, key: {} }}\nbundles: [ {{ trust_domain: {td}, path: {} }} ]\ncontroller: {{ address: \"{}\", cluster: {} }}\n",
+                    p(&d.join(format!("{}-{who}/svid.pem", c.name))),
+                    p(&d.join(format!("{}-{who}/svid.key", c.name))),
+                    p(&d.join(format!("{}-ca/bundle.pem", c.name))),
+                    c.api,
+                    c.name,
+                )
+            };
+            let gateway = format!(
+                "listen: {{ quic: \"{}\", tunnel: \"{}\", admin: \"{}\" }}\n{}",
+                c.quic,
+                c.tunnel,
+                c.gateway_admin,
+                common("gw")
+            );
+            let web = format!(
+                "{}admin: \"{}\"\noutbound:\n  - {{ listen: \"{}\", service: echo.demo, port: 7000, protocol: tcp }}\n  - {{ listen: \"{}\", service: http.demo, port: 8080 }}\n",
+                common("web"),
+                c.web_admin,
+                c.echo_out,
+                c.http_out
+            );
+            let srv = format!(
+                "{}admin: \"{}\"\ninbound:\n  listen: \"{}\"\n  services:\n    - {{ service: echo.demo, port: 7000, app: \"{}\" }}\n    - {{ service: http.demo, port: 8080, app: \"{}\" }}\n",
+                common("srv"),
+                c.srv_admin,
+                c.srv_inbound,
+                c.echo_app,
+                c.http_app
+            );
+            for (file, text) in [
+                ("controller", controller),
+                ("gateway", gateway),
+                ("web", web),
+                ("srv", srv),
+            ] {
+                std::fs::write(d.join(format!("{}-{file}.yaml", c.name)), text)?;
+            }
+            rig.add(
+                &format!("{}-echo", c.name),
+                self_exe,
+                &[
+                    "app",
+                    "--kind",
+                    "echo",
+                    "--name",
+                    &format!("{}/echo", c.name),
+                    "--listen",
+                    &c.echo_app.to_string(),
+                ],
+            );
+            rig.add(
+                &format!("{}-http", c.name),
+                self_exe,
+                &[
+                    "app",
+                    "--kind",
+                    "http",
+                    "--name",
+                    &format!("{}/http", c.name),
+                    "--listen",
+                    &c.http_app.to_string(),
+                ],
+            );
+            for (kind, file) in [
+                ("controller", "controller"),
+                ("gateway", "gateway"),
+                ("sidecar", "web"),
+                ("sidecar", "srv"),
+            ] {
+                let cfg = p(&d.join(format!("{}-{file}.yaml", c.name)));
+                let mut args = vec![kind, "--config", &cfg];
+                if kind == "gateway" {
+                    args.extend(["--drain", "3s"]);
+                }
+                rig.add(&format!("{}-{file}", c.name), fedmesh, &args);
+            }
+        }
+        let names: Vec<String> = rig.procs.keys().cloned().collect();
+        for n in &names {
+            rig.start_proc(n)?;
+        }
+        rig.wait_serving(Duration::from_secs(60)).await?;
+        Ok(rig)
+    }
+
+    fn add(&mut self, name: &str, program: &Path, args: &[&str]) {
+        let log = self.dir.path().join("logs").join(format!("{name}.log"));
+        self.procs.insert(
+            name.to_owned(),
+            Proc {
+                program: program.to_path_buf(),
+                args: args.iter().map(|a| (*a).to_owned()).collect(),
+                log,
+                child: None,
+            },
+        );
+    }
+
+    /// Starts (or restarts) a process by name.
+    pub fn start_proc(&mut self, name: &str) -> anyhow::Result<()> {
+        let p = self
+            .procs
+            .get_mut(name)
+            .with_context(|| format!("no process {name}"))?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&p.log)?;
+        let child = Command::new(&p.program)
+            .args(&p.args)
+            .env("FEDMESH_LOG", "warn,fedmesh_gateway=info")
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {name} ({})", p.program.display()))?;
+        p.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL: a crash.
+    pub fn kill(&mut self, name: &str) {
+        if let Some(mut c) = self.procs.get_mut(name).and_then(|p| p.child.take()) {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then waits (bounded) for it to exit: a graceful stop.
+    pub async fn stop(&mut self, name: &str) -> anyhow::Result<Duration> {
+        let Some(mut c) = self.procs.get_mut(name).and_then(|p| p.child.take()) else {
+            bail!("{name} is not running");
+        };
+        let t0 = Instant::now();
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        loop {
+            if c.try_wait()?.is_some() {
+                return Ok(t0.elapsed());
+            }
+            if t0.elapsed() > STOP_LIMIT {
+                let _ = c.kill();
+                let _ = c.wait();
+                bail!("{name} did not stop within {STOP_LIMIT:?} of SIGTERM");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Processes that exited on their own (a crash the scenario did not cause).
+    pub fn exited(&mut self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (n, p) in &mut self.procs {
+            if let Some(c) = p.child.as_mut() {
+                if let Ok(Some(st)) = c.try_wait() {
+                    out.push(format!("{n} ({st})"));
+                }
+            }
+        }
+        out
+    }
+
+    /// The last lines of a process's log, for failure reports.
+    pub fn log_tail(&self, name: &str, lines: usize) -> String {
+        let Some(p) = self.procs.get(name) else {
+            return String::new();
+        };
+        let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+        let v: Vec<&str> = text.lines().collect();
+        v[v.len().saturating_sub(lines)..].join("\n")
+    }
+
+    pub fn cluster(&self, name: &str) -> Option<&Cluster> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+
+    /// Waits until every cluster's `web` sidecar gets an echo answered
+    /// locally and an HTTP answer from another cluster.
+    pub async fn wait_serving(&mut self, limit: Duration) -> anyhow::Result<Duration> {
+        let t0 = Instant::now();
+        for c in self.clusters.clone() {
+            loop {
+                if serves(&c).await {
+                    break;
+                }
+                let dead = self.exited();
+                if !dead.is_empty() {
+                    let tails: Vec<String> = dead
+                        .iter()
+                        .map(|d| {
+                            let n = d.split(' ').next().unwrap_or("");
+                            format!("--- {d}\n{}", self.log_tail(n, 20))
+                        })
+                        .collect();
+                    bail!("processes exited: {}", tails.join("\n"));
+                }
+                if t0.elapsed() > limit {
+                    bail!(
+                        "{} did not serve within {limit:?}; web sidecar log:\n{}",
+                        c.name,
+                        self.log_tail(&format!("{}-web", c.name), 20)
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        Ok(t0.elapsed())
+    }
+
+    /// Rewrites a cluster's services file, with or without `extra.demo`
+    /// (exported, served by the same sidecar): a catalog change the
+    /// controllers must carry to every other cluster.
+    pub fn set_extra_service(&self, cluster: &str, on: bool) -> anyhow::Result<()> {
+        let c = self.cluster(cluster).context("no such cluster")?;
+        let id = format!("spiffe://{cluster}.e2e/ns/demo/sa/srv");
+        std::fs::write(
+            self.dir.path().join(format!("{cluster}-services.yaml")),
+            services_file(c, &id, on),
+        )?;
+        Ok(())
+    }
+}
+
+fn services_file(c: &Cluster, srv_id: &str, extra: bool) -> String {
+    let mut s = String::from("services:\n");
+    let mut svc = |name: &str, port: u16| {
+        s.push_str(&format!(
+            "  - name: {name}\n    ports: [{port}]\n    export: true\n    endpoints: [ {{ address: \"{}\", identity: \"{srv_id}\" }} ]\n",
+            c.srv_inbound
+        ));
+    };
+    svc("echo.demo", 7000);
+    svc("http.demo", 8080);
+    if extra {
+        svc("extra.demo", 7000);
+    }
+    s
+}
+
+/// One echo round trip served by this cluster, and one HTTP request
+/// served by another.
+async fn serves(c: &Cluster) -> bool {
+    let spec = LoadSpec {
+        connections: 1,
+        requests_per_connection: 1,
+        timeout: Duration::from_secs(2),
+        ..LoadSpec::default()
+    };
+    let echo = run_load(c.echo_out, &spec).await;
+    let local = echo.ok == 1
+        && echo
+            .served_by
+            .keys()
+            .all(|k| k.starts_with(&format!("{}/", c.name)));
+    if !local {
+        return false;
+    }
+    let http = async {
+        let mut h = HttpConn::connect(c.http_out, false).await?;
+        h.get("/", &[]).await
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(2), http).await,
+        Ok(Ok(r)) if r.status == 200 && !r.served_by.starts_with(&format!("{}/", c.name))
+    )
+}
+
+/// GETs `path` from an admin endpoint: (status code, body).
+pub async fn admin_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let io = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+            .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        Ok::<_, std::io::Error>(out)
+    };
+    let out = tokio::time::timeout(Duration::from_secs(2), io)
+        .await
+        .ok()?
+        .ok()?;
+    let code = out.split(' ').nth(1)?.parse().ok()?;
+    let body = out.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    Some((code, body.to_owned()))
+}
