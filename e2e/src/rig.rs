@@ -10,6 +10,9 @@
 //! cluster in the ring (east → west → north → east), so HTTP load is
 //! cross-cluster and fails over to the third cluster.
 //!
+//! Peers reach each gateway through a UDP relay run by this process (on
+//! the cluster's address), which scenarios use to cut or impair the path.
+//!
 //! Proxies follow their controller (config and SVIDs); nothing is static
 //! but their first SVID and their own trust bundle. Every process writes
 //! to `<dir>/logs/<name>.log`; dropping the rig kills them all and
@@ -23,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use fedmesh_testkit::etcd::EtcdCluster;
+use fedmesh_testkit::faults::UdpRelay;
 use fedmesh_testkit::{run_load, HttpConn, LoadSpec};
 use fedmesh_trust::{CertificateAuthority, TrustDomain};
 
@@ -35,6 +39,9 @@ const STOP_LIMIT: Duration = Duration::from_secs(15);
 #[derive(Debug, Clone)]
 pub struct Cluster {
     pub name: String,
+    pub ip: IpAddr,
+    /// Where peers reach the gateway (its relay).
+    pub quic_public: SocketAddr,
     pub quic: SocketAddr,
     pub tunnel: SocketAddr,
     pub api: SocketAddr,
@@ -61,6 +68,10 @@ struct Proc {
 
 pub struct Rig {
     pub clusters: Vec<Cluster>,
+    /// In front of each cluster's gateway QUIC port (by cluster): peers
+    /// reach the gateway only through it, so scenarios can impair or cut
+    /// the path between clusters.
+    pub relays: BTreeMap<String, UdpRelay>,
     pub etcd: EtcdCluster,
     pub dir: tempfile::TempDir,
     procs: BTreeMap<String, Proc>,
@@ -109,6 +120,7 @@ impl Rig {
 
         let mut clusters = Vec::new();
         let mut cas = Vec::new();
+        let mut relays = BTreeMap::new();
         for (i, name) in CLUSTERS.iter().enumerate() {
             let ip: IpAddr = format!("127.0.{}.1", 11 + i).parse()?;
             let ca = CertificateAuthority::new_root(
@@ -117,9 +129,15 @@ impl Rig {
             )?;
             ca.save(&d.join(format!("{name}-ca")))?;
             cas.push(ca);
+            let quic = free(ip, true)?;
+            let relay = UdpRelay::start_on(ip, quic).await?;
+            let quic_public = relay.addr();
+            relays.insert((*name).to_owned(), relay);
             clusters.push(Cluster {
                 name: (*name).to_owned(),
-                quic: free(ip, true)?,
+                ip,
+                quic_public,
+                quic,
                 tunnel: free(ip, false)?,
                 api: free(ip, false)?,
                 controller_admin: free(ip, false)?,
@@ -136,6 +154,7 @@ impl Rig {
         }
         let mut rig = Rig {
             clusters: clusters.clone(),
+            relays,
             etcd,
             dir,
             procs: BTreeMap::new(),
@@ -178,7 +197,7 @@ impl Rig {
                  admin: \"{admin}\"\napi:\n  listen: \"{api}\"\n  ca_dir: {ca_dir}\n\
                  policies:\n  http.demo:\n    failover: [{prefers}, {third}]\n    retry: {{ attempts: 3 }}\n    outlier: {{ consecutive_failures: 3, base_ejection: 1s }}\n",
                 name = c.name,
-                quic = c.quic,
+                quic = c.quic_public,
                 tunnel = c.tunnel,
                 bundle = p(&d.join(format!("{}-ca/bundle.pem", c.name))),
                 pins = p(&pins),

@@ -12,15 +12,16 @@ use serde::Serialize;
 
 use crate::rig::{admin_get, Rig, CLUSTERS};
 
-pub const ALL: [&str; 4] = [
+pub const ALL: [&str; 5] = [
     "steady",
+    "partition",
     "control-plane-outage",
     "etcd-member-loss",
     "gateway-restart",
 ];
 
 /// Not built yet; named so that asking for them says so.
-pub const NOT_YET: [&str; 4] = ["partition", "root-rotation", "lossy-wan", "udp-blocked"];
+pub const NOT_YET: [&str; 3] = ["root-rotation", "lossy-wan", "udp-blocked"];
 
 #[derive(Debug, Clone, Copy)]
 pub struct Params {
@@ -283,6 +284,96 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
             tl.until(d).await;
             o.loads = finish_load(load).await;
             check_loads(&mut o, rig, true, &|_, _| false);
+        }
+        "partition" => {
+            // west is cut off from the other clusters' gateways (both
+            // ways, no close: packets vanish) for `cut`, then healed.
+            let cut = p.len(60, 30);
+            let d = cut + p.len(30, 12);
+            let load = start_load(rig, p, d, &CLUSTERS, true);
+            let at = Duration::from_secs(if p.quick { 4 } else { 10 });
+            tl.until(at).await;
+            let west_ip = rig.cluster("west").map(|c| c.ip);
+            let set = |rig: &Rig, on: bool| {
+                for (name, r) in &rig.relays {
+                    if name == "west" {
+                        r.set(if on {
+                            fedmesh_testkit::faults::RelayMode::Blackhole
+                        } else {
+                            fedmesh_testkit::faults::RelayMode::Pass
+                        });
+                    } else if let Some(ip) = west_ip {
+                        r.block(ip, on);
+                    }
+                }
+            };
+            set(rig, true);
+            let broke = tl.note("west cut off from east and north");
+            tl.until(at + cut).await;
+            set(rig, false);
+            let healed = tl.note("partition healed");
+            o.loads = finish_load(load).await;
+            // Only east's HTTP (which prefers west) must move: the drill
+            // analysis gives its failover figures.
+            let east_http = o
+                .loads
+                .iter()
+                .find(|l| l.cluster == "east" && l.kind == "http")
+                .cloned();
+            if let Some(l) = east_http {
+                let spec = fedmesh_testkit::drill::DrillSpec {
+                    service: "http.demo".into(),
+                    from: "east".into(),
+                    fail: "west".into(),
+                    mode: fedmesh_testkit::drill::FaultMode::Blackhole,
+                    duration: d,
+                    rate: p.rates().1,
+                    request_bytes: 256,
+                    timeout: Duration::from_secs(5),
+                    slo: Duration::from_millis(250),
+                    http: true,
+                };
+                let r = fedmesh_testkit::drill::analyze(&spec, &l.samples, broke, healed);
+                tl.note(format!(
+                    "east → http.demo: first answer from north {:?} ms after the cut, 99% within 250 ms again after {:?} ms, west serving again {:?} ms after healing, {} failed during the cut",
+                    r.first_elsewhere_ms, r.to_99_percent_ms, r.recovery_ms, r.failed_during_fault
+                ));
+                o.check(
+                    "east failed over to north within 2 s",
+                    r.to_99_percent_ms.is_some_and(|t| t <= 2000.0),
+                    format!("{:?} ms", r.to_99_percent_ms),
+                );
+                o.check(
+                    "at most 1% of east's HTTP requests failed",
+                    r.failed * 100 <= r.requests,
+                    format!("{} of {}", r.failed, r.requests),
+                );
+                o.check(
+                    "west serves east again after healing",
+                    r.recovery_ms.is_some(),
+                    format!("{:?} ms", r.recovery_ms),
+                );
+                o.check(
+                    "west took east's traffic before the cut",
+                    r.failed_cluster_share_before > 0.9,
+                    format!("{:.0}%", r.failed_cluster_share_before * 100.0),
+                );
+            }
+            // Everyone else: nothing failed (west's own callers fall back
+            // to west's local replica; north never needed west).
+            let exempt = |l: &LoadSummary, _: &Sample| l.cluster == "east" && l.kind == "http";
+            check_loads(&mut o, rig, false, &exempt);
+            let west_http_local = o
+                .loads
+                .iter()
+                .find(|l| l.cluster == "west" && l.kind == "http")
+                .and_then(|l| l.served_by.get("west").copied())
+                .unwrap_or(0);
+            o.check(
+                "west's callers fell back to west's own replica while cut off",
+                west_http_local > 0,
+                format!("{west_http_local} served by west"),
+            );
         }
         "control-plane-outage" => {
             let d = p.len(60, 16);

@@ -43,6 +43,7 @@ fn scenarios_pass_at_ci_length() {
         names,
         [
             "steady",
+            "partition",
             "control-plane-outage",
             "etcd-member-loss",
             "gateway-restart"

@@ -672,6 +672,7 @@ impl PeerOpenError {
     fn status(&self) -> StatusCode {
         match self {
             Self::Open(e) => e.status(),
+            Self::Pool(pool::PoolError::Down { .. }) => StatusCode::PeerDown,
             _ => StatusCode::UpstreamRefused,
         }
     }

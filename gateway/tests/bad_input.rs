@@ -408,13 +408,13 @@ async fn unreachable_peer_backs_off_instead_of_retrying_every_stream() {
     // The first stream waits for the first connect (which the catalog
     // update already started) and learns why it failed.
     let (first, _) = attempt().await;
-    assert_eq!(first.code, StatusCode::UpstreamRefused, "{first}");
+    assert_eq!(first.code, StatusCode::PeerDown, "{first}");
     assert!(first.message.contains("timed out"), "{first}");
     // The next streams fail fast: the peer is down and reconnected in the
     // background, not once per stream.
     for _ in 0..3 {
         let (next, took) = attempt().await;
-        assert_eq!(next.code, StatusCode::UpstreamRefused);
+        assert_eq!(next.code, StatusCode::PeerDown);
         assert!(next.message.contains("is down"), "{next}");
         assert!(took < Duration::from_millis(100), "{took:?}");
     }

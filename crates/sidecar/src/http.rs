@@ -326,12 +326,19 @@ async fn forward(
     // Set when the budget already allowed the next attempt (a gateway
     // error is retried only if it may be, else the app gets the answer).
     let mut approved = false;
+    // The refusal that ended the previous attempt, if one did.
+    let mut refused: Option<Refusal> = None;
     for (i, a) in plan.iter().enumerate() {
-        if i > 0
-            && !std::mem::take(&mut approved)
-            && !shared.may_retry(service, policy, &svc, &shared.metrics.http_retries)
-        {
-            break;
+        let free = refused
+            .take()
+            .is_some_and(|r| r.code == StatusCode::PeerDown);
+        if i > 0 && !std::mem::take(&mut approved) {
+            let counter = &shared.metrics.http_retries;
+            if free {
+                shared.metrics.inc_service(counter, &svc);
+            } else if !shared.may_retry(service, policy, &svc, counter) {
+                break;
+            }
         }
         let (Hop::Endpoint { address, identity } | Hop::Gateway { address, identity }) = &a.hop
         else {
@@ -386,6 +393,7 @@ async fn forward(
                             return last;
                         }
                         shared.attempt_failed(service, policy, &svc, a);
+                        refused = Some(r);
                         continue;
                     }
                 }

@@ -88,6 +88,24 @@ impl Shared {
         }
     }
 
+    /// Before an attempt after one refused with `last`: a peer the gateway
+    /// already knows is down cost nothing anywhere, so moving on from it is
+    /// free; anything else takes the retry budget.
+    pub(crate) fn may_fail_over(
+        &self,
+        service: &ServiceName,
+        policy: &ServicePolicy,
+        svc: &str,
+        last: &Refusal,
+        counter: &Family<ServiceLabels, Counter>,
+    ) -> bool {
+        if last.code == StatusCode::PeerDown {
+            self.metrics.inc_service(counter, svc);
+            return true;
+        }
+        self.may_retry(service, policy, svc, counter)
+    }
+
     /// An attempt's connection (or request) succeeded after `took`.
     pub(crate) fn attempt_ok(
         &self,
@@ -469,7 +487,7 @@ async fn opaque_conn(
     }
     let mut last = Refusal::new(StatusCode::NoHealthyEndpoint, "nothing to try");
     for (i, a) in attempts.iter().enumerate() {
-        if i > 0 && !shared.may_retry(service, policy, svc, &shared.metrics.failovers) {
+        if i > 0 && !shared.may_fail_over(service, policy, svc, &last, &shared.metrics.failovers) {
             break;
         }
         let (Hop::Endpoint { address, identity } | Hop::Gateway { address, identity }) = &a.hop

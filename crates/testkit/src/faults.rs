@@ -2,13 +2,17 @@
 //! path on purpose (this kernel has no `netem`): pass packets, drop them
 //! silently both ways (a blackhole: no close, no ICMP), or drop them and
 //! forget every flow (a dead process: whatever comes back later starts
-//! from nothing).
+//! from nothing). It can also impair the path like a WAN (delay, jitter,
+//! loss, reordering; the decisions are the pure [`Impairment::fate`] and
+//! [`DelayLine`]) and cut off chosen source addresses (a partition).
 //!
 //! Bounded: at most `MAX_FLOWS` client addresses, each with its own
-//! upstream socket and task; idle flows end after `FLOW_IDLE`.
+//! upstream socket and task; idle flows end after `FLOW_IDLE`; at most
+//! `MAX_QUEUED` packets wait in a delay line (more are dropped, like a
+//! router's full queue).
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,6 +23,83 @@ use tokio::task::JoinHandle;
 const MAX_FLOWS: usize = 256;
 const FLOW_IDLE: Duration = Duration::from_secs(30);
 const MAX_DATAGRAM: usize = 65_535;
+const MAX_QUEUED: usize = 20_000;
+
+/// What the path does to each packet, per direction.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Impairment {
+    /// One-way delay.
+    pub delay: Duration,
+    /// Uniform extra delay in `0..=jitter`.
+    pub jitter: Duration,
+    /// Share of packets dropped, in percent.
+    pub loss_percent: f64,
+    /// Share of packets held back by another `delay` (so packets sent
+    /// after them arrive first), in percent.
+    pub reorder_percent: f64,
+}
+
+impl Impairment {
+    pub fn is_none(&self) -> bool {
+        *self == Impairment::default()
+    }
+
+    /// One packet's fate: dropped (`None`) or delivered after the delay.
+    pub fn fate<R: rand::Rng>(&self, rng: &mut R) -> Option<Duration> {
+        if self.loss_percent > 0.0 && rng.gen_range(0.0..100.0) < self.loss_percent {
+            return None;
+        }
+        let mut d = self.delay;
+        if !self.jitter.is_zero() {
+            d += self.jitter.mul_f64(rng.gen_range(0.0..=1.0));
+        }
+        if self.reorder_percent > 0.0 && rng.gen_range(0.0..100.0) < self.reorder_percent {
+            d += self.delay.max(Duration::from_millis(1));
+        }
+        Some(d)
+    }
+}
+
+/// Packets waiting for their delivery time, earliest first (ties in
+/// arrival order). Pure: the caller passes the time in.
+#[derive(Debug, Default)]
+pub struct DelayLine {
+    heap: BinaryHeap<std::cmp::Reverse<(tokio::time::Instant, u64, Vec<u8>)>>,
+    seq: u64,
+}
+
+impl DelayLine {
+    /// Queues a packet; `false` (dropped) when `MAX_QUEUED` are waiting.
+    pub fn push(&mut self, at: tokio::time::Instant, packet: Vec<u8>) -> bool {
+        if self.heap.len() >= MAX_QUEUED {
+            return false;
+        }
+        self.seq += 1;
+        self.heap.push(std::cmp::Reverse((at, self.seq, packet)));
+        true
+    }
+
+    /// The next packet due at or before `now`.
+    pub fn pop_due(&mut self, now: tokio::time::Instant) -> Option<Vec<u8>> {
+        if self.heap.peek()?.0 .0 > now {
+            return None;
+        }
+        self.heap.pop().map(|r| r.0 .2)
+    }
+
+    /// When the next packet is due.
+    pub fn next_at(&self) -> Option<tokio::time::Instant> {
+        self.heap.peek().map(|r| r.0 .0)
+    }
+
+    pub fn len(&self) -> usize {
+        self.heap.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.heap.is_empty()
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -36,16 +117,54 @@ struct State {
     generation: AtomicU64,
     dropped: AtomicU64,
     flows: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>,
+    impairment: Mutex<Impairment>,
+    /// Clients whose packets are dropped both ways (a partition).
+    blocked: Mutex<BTreeSet<IpAddr>>,
+    bind_ip: IpAddr,
 }
 
 impl State {
-    fn passing(&self) -> bool {
+    fn passing(&self, client: &SocketAddr) -> bool {
         let m = self.mode.load(Ordering::Relaxed);
-        if m != RelayMode::Pass as u8 {
+        if m != RelayMode::Pass as u8 || lock(&self.blocked).contains(&client.ip()) {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             false
         } else {
             true
+        }
+    }
+
+    fn impairment(&self) -> Impairment {
+        *lock(&self.impairment)
+    }
+}
+
+/// Packets for a flow's delay task: when to deliver, what.
+type Delayed = tokio::sync::mpsc::Sender<(tokio::time::Instant, Vec<u8>)>;
+type Send = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + std::marker::Send>>;
+
+/// Delivers delayed packets in time order until the sender side closes.
+async fn delay_task(
+    mut rx: tokio::sync::mpsc::Receiver<(tokio::time::Instant, Vec<u8>)>,
+    deliver: impl Fn(Vec<u8>) -> Send + std::marker::Send + 'static,
+) {
+    let mut line = DelayLine::default();
+    loop {
+        while let Some(p) = line.pop_due(tokio::time::Instant::now()) {
+            deliver(p).await;
+        }
+        let next = line.next_at();
+        tokio::select! {
+            got = rx.recv() => match got {
+                Some((at, p)) => { let _ = line.push(at, p); }
+                None => return,
+            },
+            _ = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => {}
         }
     }
 }
@@ -66,16 +185,39 @@ impl Drop for UdpRelay {
 impl UdpRelay {
     /// Relays `127.0.0.1:<free port>` to `target`.
     pub async fn start(target: SocketAddr) -> std::io::Result<Self> {
-        let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
+        Self::start_on(IpAddr::from([127, 0, 0, 1]), target).await
+    }
+
+    /// Relays `<ip>:<free port>` to `target`, its upstream sockets also on `ip`.
+    pub async fn start_on(ip: IpAddr, target: SocketAddr) -> std::io::Result<Self> {
+        let front = Arc::new(UdpSocket::bind(SocketAddr::new(ip, 0)).await?);
         let addr = front.local_addr()?;
         let state = Arc::new(State {
             mode: AtomicU8::new(RelayMode::Pass as u8),
             generation: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
             flows: Mutex::new(HashMap::new()),
+            impairment: Mutex::new(Impairment::default()),
+            blocked: Mutex::new(BTreeSet::new()),
+            bind_ip: ip,
         });
         let task = tokio::spawn(front_loop(front, target, state.clone()));
         Ok(Self { addr, state, task })
+    }
+
+    /// Impairs both directions from now on.
+    pub fn impair(&self, i: Impairment) {
+        *lock(&self.state.impairment) = i;
+    }
+
+    /// Drops every packet from and to clients at `ip` (or stops doing so).
+    pub fn block(&self, ip: IpAddr, on: bool) {
+        let mut b = lock(&self.state.blocked);
+        if on {
+            b.insert(ip);
+        } else {
+            b.remove(&ip);
+        }
     }
 
     /// Where peers should send.
@@ -106,11 +248,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 async fn front_loop(front: Arc<UdpSocket>, target: SocketAddr, state: Arc<State>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    // Each flow's delay task (only while the path is impaired).
+    let mut later: HashMap<SocketAddr, Delayed> = HashMap::new();
     loop {
         let Ok((n, from)) = front.recv_from(&mut buf).await else {
             continue;
         };
-        if !state.passing() {
+        if !state.passing(&from) {
             continue;
         }
         let existing = lock(&state.flows).get(&from).cloned();
@@ -121,7 +265,7 @@ async fn front_loop(front: Arc<UdpSocket>, target: SocketAddr, state: Arc<State>
                     tracing::warn!(%from, "relay flow table full; dropping");
                     continue;
                 }
-                let Ok(up) = UdpSocket::bind("127.0.0.1:0").await else {
+                let Ok(up) = UdpSocket::bind(SocketAddr::new(state.bind_ip, 0)).await else {
                     continue;
                 };
                 if up.connect(target).await.is_err() {
@@ -139,7 +283,36 @@ async fn front_loop(front: Arc<UdpSocket>, target: SocketAddr, state: Arc<State>
                 up
             }
         };
-        let _ = up.send(&buf[..n]).await;
+        let imp = state.impairment();
+        if imp.is_none() {
+            let _ = up.send(&buf[..n]).await;
+            continue;
+        }
+        let Some(d) = imp.fate(&mut rand::thread_rng()) else {
+            state.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        if !later.contains_key(&from) {
+            let flows = lock(&state.flows);
+            later.retain(|k, _| flows.contains_key(k));
+        }
+        let tx = later.entry(from).or_insert_with(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(MAX_QUEUED);
+            let up = up.clone();
+            tokio::spawn(delay_task(rx, move |p| {
+                let up = up.clone();
+                Box::pin(async move {
+                    let _ = up.send(&p).await;
+                })
+            }));
+            tx
+        });
+        if tx
+            .try_send((tokio::time::Instant::now() + d, buf[..n].to_vec()))
+            .is_err()
+        {
+            state.dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -151,6 +324,7 @@ async fn back_loop(
     generation: u64,
 ) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
+    let mut later: Option<Delayed> = None;
     loop {
         let n = match tokio::time::timeout(FLOW_IDLE, up.recv(&mut buf)).await {
             Ok(Ok(n)) => n,
@@ -159,13 +333,128 @@ async fn back_loop(
         if state.generation.load(Ordering::Relaxed) != generation {
             return;
         }
-        if !state.passing() {
+        if !state.passing(&client) {
             continue;
         }
-        let _ = front.send_to(&buf[..n], client).await;
+        let imp = state.impairment();
+        if imp.is_none() {
+            let _ = front.send_to(&buf[..n], client).await;
+            continue;
+        }
+        let Some(d) = imp.fate(&mut rand::thread_rng()) else {
+            state.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let tx = later.get_or_insert_with(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(MAX_QUEUED);
+            let front = front.clone();
+            tokio::spawn(delay_task(rx, move |p| {
+                let front = front.clone();
+                Box::pin(async move {
+                    let _ = front.send_to(&p, client).await;
+                })
+            }));
+            tx
+        });
+        if tx
+            .try_send((tokio::time::Instant::now() + d, buf[..n].to_vec()))
+            .is_err()
+        {
+            state.dropped.fetch_add(1, Ordering::Relaxed);
+        }
     }
     let mut flows = lock(&state.flows);
     if flows.get(&client).is_some_and(|u| Arc::ptr_eq(u, &up)) {
         flows.remove(&client);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    #[test]
+    fn impairment_drops_delays_and_reorders_as_configured() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let i = Impairment {
+            delay: Duration::from_millis(30),
+            jitter: Duration::from_millis(5),
+            loss_percent: 1.0,
+            reorder_percent: 2.0,
+        };
+        let fates: Vec<Option<Duration>> = (0..100_000).map(|_| i.fate(&mut rng)).collect();
+        let lost = fates.iter().filter(|f| f.is_none()).count();
+        assert!((800..1200).contains(&lost), "{lost} lost of 100000");
+        let delays: Vec<Duration> = fates.into_iter().flatten().collect();
+        assert!(delays.iter().all(|d| *d >= Duration::from_millis(30)));
+        let late = delays
+            .iter()
+            .filter(|d| **d > Duration::from_millis(35))
+            .count();
+        assert!((1500..2500).contains(&late), "{late} held back");
+        assert!(delays.iter().all(|d| *d <= Duration::from_millis(65)));
+        assert_eq!(Impairment::default().fate(&mut rng), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn the_delay_line_delivers_in_time_order_and_is_bounded() {
+        let t0 = tokio::time::Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut l = DelayLine::default();
+        assert!(l.push(ms(30), b"a".to_vec()));
+        assert!(l.push(ms(10), b"b".to_vec()));
+        assert!(l.push(ms(10), b"c".to_vec()));
+        assert_eq!(l.pop_due(ms(5)), None);
+        assert_eq!(l.next_at(), Some(ms(10)));
+        assert_eq!(l.pop_due(ms(10)).as_deref(), Some(&b"b"[..]));
+        assert_eq!(l.pop_due(ms(10)).as_deref(), Some(&b"c"[..]));
+        assert_eq!(l.pop_due(ms(29)), None);
+        assert_eq!(l.pop_due(ms(40)).as_deref(), Some(&b"a"[..]));
+        assert!(l.is_empty());
+        for i in 0..MAX_QUEUED {
+            assert!(l.push(ms(i as u64), vec![]));
+        }
+        assert!(!l.push(ms(0), vec![]), "a full line drops");
+        assert_eq!(l.len(), MAX_QUEUED);
+    }
+
+    #[tokio::test]
+    async fn the_relay_delays_drops_and_partitions() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let relay = UdpRelay::start(server.local_addr().unwrap()).await.unwrap();
+        let client = UdpSocket::bind("127.0.0.2:0").await.unwrap();
+        client.connect(relay.addr()).await.unwrap();
+        let mut buf = [0u8; 64];
+        // Pass, then 40 ms each way.
+        client.send(b"1").await.unwrap();
+        let (_, back_to) = server.recv_from(&mut buf).await.unwrap();
+        relay.impair(Impairment {
+            delay: Duration::from_millis(40),
+            ..Impairment::default()
+        });
+        let t0 = std::time::Instant::now();
+        client.send(b"2").await.unwrap();
+        server.recv_from(&mut buf).await.unwrap();
+        server.send_to(b"r", back_to).await.unwrap();
+        client.recv(&mut buf).await.unwrap();
+        let rtt = t0.elapsed();
+        assert!(rtt >= Duration::from_millis(80), "{rtt:?}");
+        assert!(rtt < Duration::from_millis(400), "{rtt:?}");
+        // A blocked source gets nothing through, either way.
+        relay.impair(Impairment::default());
+        relay.block("127.0.0.2".parse().unwrap(), true);
+        client.send(b"3").await.unwrap();
+        let got =
+            tokio::time::timeout(Duration::from_millis(200), server.recv_from(&mut buf)).await;
+        assert!(got.is_err(), "a partitioned client must not get through");
+        assert!(relay.dropped() >= 1);
+        relay.block("127.0.0.2".parse().unwrap(), false);
+        client.send(b"4").await.unwrap();
+        let (n, _) = tokio::time::timeout(Duration::from_secs(2), server.recv_from(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&buf[..n], b"4");
     }
 }

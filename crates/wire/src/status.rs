@@ -23,6 +23,10 @@ pub enum StatusCode {
     Loop,
     Timeout,
     Overloaded,
+    /// The gateway knows the named peer cluster is down (no live
+    /// connection): nothing was sent there. Retry elsewhere; it need not
+    /// count against a retry budget, no upstream did any work.
+    PeerDown,
     /// A code this version does not know; treated as a failure.
     Other(u8),
 }
@@ -39,6 +43,7 @@ impl StatusCode {
             Self::Loop => 6,
             Self::Timeout => 7,
             Self::Overloaded => 8,
+            Self::PeerDown => 9,
             Self::Other(c) => c,
         }
     }
@@ -54,6 +59,7 @@ impl StatusCode {
             6 => Self::Loop,
             7 => Self::Timeout,
             8 => Self::Overloaded,
+            9 => Self::PeerDown,
             c => Self::Other(c),
         }
     }
@@ -68,6 +74,7 @@ impl StatusCode {
                 | Self::Timeout
                 | Self::Overloaded
                 | Self::UnknownService
+                | Self::PeerDown
         )
     }
 
@@ -83,6 +90,7 @@ impl StatusCode {
             Self::Loop => "loop",
             Self::Timeout => "timeout",
             Self::Overloaded => "overloaded",
+            Self::PeerDown => "peer_down",
             Self::Other(_) => "other",
         }
     }
