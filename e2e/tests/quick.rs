@@ -44,6 +44,7 @@ fn scenarios_pass_at_ci_length() {
         [
             "steady",
             "partition",
+            "lossy-wan",
             "control-plane-outage",
             "etcd-member-loss",
             "gateway-restart"
@@ -59,7 +60,7 @@ fn unknown_and_unbuilt_scenarios_are_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown scenario"));
     let out = Command::new(me)
-        .args(["run", "lossy-wan"])
+        .args(["run", "udp-blocked"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));

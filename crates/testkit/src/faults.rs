@@ -44,19 +44,49 @@ impl Impairment {
         *self == Impairment::default()
     }
 
-    /// One packet's fate: dropped (`None`) or delivered after the delay.
-    pub fn fate<R: rand::Rng>(&self, rng: &mut R) -> Option<Duration> {
+    /// One packet's fate: dropped (`None`) or delivered after a delay.
+    pub fn fate<R: rand::Rng>(&self, rng: &mut R) -> Option<Fate> {
         if self.loss_percent > 0.0 && rng.gen_range(0.0..100.0) < self.loss_percent {
             return None;
         }
-        let mut d = self.delay;
+        let mut delay = self.delay;
         if !self.jitter.is_zero() {
-            d += self.jitter.mul_f64(rng.gen_range(0.0..=1.0));
+            delay += self.jitter.mul_f64(rng.gen_range(0.0..=1.0));
         }
-        if self.reorder_percent > 0.0 && rng.gen_range(0.0..100.0) < self.reorder_percent {
-            d += self.delay.max(Duration::from_millis(1));
+        let reordered =
+            self.reorder_percent > 0.0 && rng.gen_range(0.0..100.0) < self.reorder_percent;
+        if reordered {
+            delay += self.delay.max(Duration::from_millis(1));
         }
-        Some(d)
+        Some(Fate { delay, reordered })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fate {
+    pub delay: Duration,
+    /// Held back on purpose: may overtake nothing, be overtaken by later
+    /// packets.
+    pub reordered: bool,
+}
+
+/// A link's queue: jitter varies delay but packets leave in order, as on
+/// a real path; only packets chosen for reordering step out of line.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Fifo {
+    last: Option<tokio::time::Instant>,
+}
+
+impl Fifo {
+    /// When a packet that arrived at `now` with `fate` is delivered.
+    pub fn at(&mut self, now: tokio::time::Instant, fate: Fate) -> tokio::time::Instant {
+        let at = now + fate.delay;
+        if fate.reordered {
+            return at;
+        }
+        let at = self.last.map_or(at, |l| l.max(at));
+        self.last = Some(at);
+        at
     }
 }
 
@@ -249,7 +279,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 async fn front_loop(front: Arc<UdpSocket>, target: SocketAddr, state: Arc<State>) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     // Each flow's delay task (only while the path is impaired).
-    let mut later: HashMap<SocketAddr, Delayed> = HashMap::new();
+    let mut later: HashMap<SocketAddr, (Delayed, Fifo)> = HashMap::new();
     loop {
         let Ok((n, from)) = front.recv_from(&mut buf).await else {
             continue;
@@ -288,7 +318,7 @@ async fn front_loop(front: Arc<UdpSocket>, target: SocketAddr, state: Arc<State>
             let _ = up.send(&buf[..n]).await;
             continue;
         }
-        let Some(d) = imp.fate(&mut rand::thread_rng()) else {
+        let Some(fate) = imp.fate(&mut rand::thread_rng()) else {
             state.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         };
@@ -296,7 +326,7 @@ async fn front_loop(front: Arc<UdpSocket>, target: SocketAddr, state: Arc<State>
             let flows = lock(&state.flows);
             later.retain(|k, _| flows.contains_key(k));
         }
-        let tx = later.entry(from).or_insert_with(|| {
+        let (tx, fifo) = later.entry(from).or_insert_with(|| {
             let (tx, rx) = tokio::sync::mpsc::channel(MAX_QUEUED);
             let up = up.clone();
             tokio::spawn(delay_task(rx, move |p| {
@@ -305,12 +335,10 @@ async fn front_loop(front: Arc<UdpSocket>, target: SocketAddr, state: Arc<State>
                     let _ = up.send(&p).await;
                 })
             }));
-            tx
+            (tx, Fifo::default())
         });
-        if tx
-            .try_send((tokio::time::Instant::now() + d, buf[..n].to_vec()))
-            .is_err()
-        {
+        let at = fifo.at(tokio::time::Instant::now(), fate);
+        if tx.try_send((at, buf[..n].to_vec())).is_err() {
             state.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -324,7 +352,7 @@ async fn back_loop(
     generation: u64,
 ) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
-    let mut later: Option<Delayed> = None;
+    let mut later: Option<(Delayed, Fifo)> = None;
     loop {
         let n = match tokio::time::timeout(FLOW_IDLE, up.recv(&mut buf)).await {
             Ok(Ok(n)) => n,
@@ -341,11 +369,11 @@ async fn back_loop(
             let _ = front.send_to(&buf[..n], client).await;
             continue;
         }
-        let Some(d) = imp.fate(&mut rand::thread_rng()) else {
+        let Some(fate) = imp.fate(&mut rand::thread_rng()) else {
             state.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         };
-        let tx = later.get_or_insert_with(|| {
+        let (tx, fifo) = later.get_or_insert_with(|| {
             let (tx, rx) = tokio::sync::mpsc::channel(MAX_QUEUED);
             let front = front.clone();
             tokio::spawn(delay_task(rx, move |p| {
@@ -354,12 +382,10 @@ async fn back_loop(
                     let _ = front.send_to(&p, client).await;
                 })
             }));
-            tx
+            (tx, Fifo::default())
         });
-        if tx
-            .try_send((tokio::time::Instant::now() + d, buf[..n].to_vec()))
-            .is_err()
-        {
+        let at = fifo.at(tokio::time::Instant::now(), fate);
+        if tx.try_send((at, buf[..n].to_vec())).is_err() {
             state.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -383,7 +409,9 @@ mod tests {
             loss_percent: 1.0,
             reorder_percent: 2.0,
         };
-        let fates: Vec<Option<Duration>> = (0..100_000).map(|_| i.fate(&mut rng)).collect();
+        let fates: Vec<Option<Duration>> = (0..100_000)
+            .map(|_| i.fate(&mut rng).map(|f| f.delay))
+            .collect();
         let lost = fates.iter().filter(|f| f.is_none()).count();
         assert!((800..1200).contains(&lost), "{lost} lost of 100000");
         let delays: Vec<Duration> = fates.into_iter().flatten().collect();
@@ -394,7 +422,28 @@ mod tests {
             .count();
         assert!((1500..2500).contains(&late), "{late} held back");
         assert!(delays.iter().all(|d| *d <= Duration::from_millis(65)));
-        assert_eq!(Impairment::default().fate(&mut rng), Some(Duration::ZERO));
+        assert_eq!(
+            Impairment::default().fate(&mut rng).map(|f| f.delay),
+            Some(Duration::ZERO)
+        );
+    }
+
+    #[test]
+    fn jitter_keeps_order_but_reordered_packets_step_out() {
+        let t0 = tokio::time::Instant::now();
+        let ms = |n| Duration::from_millis(n);
+        let mut f = Fifo::default();
+        let fate = |d, reordered| Fate {
+            delay: ms(d),
+            reordered,
+        };
+        let a = f.at(t0, fate(20, false));
+        let b = f.at(t0 + ms(1), fate(12, false));
+        assert!(b >= a, "a later packet with less jitter waits its turn");
+        let c = f.at(t0 + ms(2), fate(5, true));
+        assert!(c < b, "a reordered packet may overtake");
+        let d = f.at(t0 + ms(3), fate(10, false));
+        assert!(d >= b);
     }
 
     #[test]
