@@ -101,10 +101,17 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in named {
         h.remove(n);
     }
+    // `te: trailers` is end to end in practice: gRPC needs it to pass.
+    let te_trailers = h
+        .get(http::header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for n in HOP_BY_HOP {
         h.remove(n);
     }
     h.remove(http::header::TRANSFER_ENCODING);
+    if te_trailers {
+        h.insert(http::header::TE, HeaderValue::from_static("trailers"));
+    }
 }
 
 fn reply(status: u16, why: &str) -> Response<RespBody> {
@@ -774,6 +781,15 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-canary"));
+        // gRPC's `te: trailers` survives; other TE values do not.
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("trailers"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+        let mut h = HeaderMap::new();
+        h.insert("te", HeaderValue::from_static("gzip"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty());
     }
 
     #[test]
