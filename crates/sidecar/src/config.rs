@@ -66,7 +66,8 @@ pub struct HttpLimits {
     pub max_retry_body_bytes: usize,
     /// Idle upstream HTTP/1 connections kept per destination.
     pub max_idle_per_upstream: usize,
-    /// An idle pooled upstream connection is closed after this.
+    /// An idle pooled upstream connection is closed after this; an app's
+    /// keep-alive connection too (idle, or slow to send a request head).
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// No new request goes on an upstream connection older than this (it

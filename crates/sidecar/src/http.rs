@@ -65,7 +65,10 @@ pub(crate) async fn serve(
         _ => {
             server1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(shared.limits.header_timeout)
+                // hyper runs this clock while a keep-alive connection
+                // waits for its next request too, so it is the idle timeout
+                // (5 s would race clients' pools, which reuse longer).
+                .header_read_timeout(shared.http.idle_timeout)
                 .max_buf_size(shared.http.max_header_bytes)
                 .keep_alive(true)
                 .serve_connection(io, handler)

@@ -222,18 +222,29 @@ pub struct OpenLoopSpec {
     pub http: bool,
 }
 
-/// Idle keep-alive HTTP connections shared by an open-loop run.
+/// Idle keep-alive HTTP connections shared by an open-loop run. Like a
+/// well-behaved client it drops connections idle longer than
+/// `CLIENT_IDLE`, below any server's idle timeout, so it never reuses one
+/// the server is closing at that moment.
 #[derive(Default)]
-struct HttpPool(std::sync::Mutex<Vec<crate::apps::HttpConn>>);
+struct HttpPool(std::sync::Mutex<Vec<(crate::apps::HttpConn, Instant)>>);
+
+const CLIENT_IDLE: Duration = Duration::from_secs(10);
 
 impl HttpPool {
     fn take(&self) -> Option<crate::apps::HttpConn> {
-        self.0.lock().ok()?.pop()
+        let mut v = self.0.lock().ok()?;
+        while let Some((c, since)) = v.pop() {
+            if since.elapsed() < CLIENT_IDLE {
+                return Some(c);
+            }
+        }
+        None
     }
 
     fn put(&self, c: crate::apps::HttpConn) {
         if let Ok(mut v) = self.0.lock() {
-            v.push(c);
+            v.push((c, Instant::now()));
         }
     }
 }
