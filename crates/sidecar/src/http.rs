@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fedmesh_catalog::{Hop, HttpPolicy, RequestFacts};
-use fedmesh_transport::{connect_one, Limits, Refusal};
+use fedmesh_transport::{connect_one, Refusal};
 use fedmesh_wire::{Header, ServiceName, StatusCode, Target};
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response};
@@ -298,11 +298,27 @@ async fn forward(
         }
     }
     let (mut parts, body) = req.into_parts();
-    if protocol == Protocol::Http1 && parts.headers.contains_key(http::header::UPGRADE) {
-        return upgrade(shared, decision, port, &routes, parts, body).await;
+    // An HTTP/1.1 `Upgrade` (WebSocket …) gets a fresh upstream connection
+    // of its own, keeps its Connection/Upgrade headers, is never resent,
+    // and after `101` both sides are spliced as bytes.
+    let upgrade =
+        match protocol == Protocol::Http1 && parts.headers.contains_key(http::header::UPGRADE) {
+            true => match parts.extensions.remove::<hyper::upgrade::OnUpgrade>() {
+                Some(on) => Some(on),
+                None => {
+                    return fail(
+                        400,
+                        "upgrade request without an upgradable connection".into(),
+                    )
+                }
+            },
+            false => None,
+        };
+    if upgrade.is_none() {
+        strip_hop_by_hop(&mut parts.headers);
     }
-    strip_hop_by_hop(&mut parts.headers);
     let held = decision.retryable
+        && upgrade.is_none()
         && body
             .size_hint()
             .upper()
@@ -319,19 +335,8 @@ async fn forward(
         Payload::Once(Some(body))
     };
     let policy = catalog.policy_or_default(service);
-    let now = Instant::now();
-    let plan = shared.balancers.with(service, policy, |b| {
-        b.request(now);
-        let max = b.attempts().min(shared.limits.max_attempts);
-        b.plan(&catalog.cluster, &routes, max, &mut rand::thread_rng(), now)
-    });
-    let limits = match policy.connect_timeout {
-        Some(t) => std::borrow::Cow::Owned(Limits {
-            connect_timeout: t,
-            ..shared.limits.clone()
-        }),
-        None => std::borrow::Cow::Borrowed(&shared.limits),
-    };
+    let plan = shared.plan(&catalog, service, policy, &routes);
+    let limits = shared.limits_for(policy);
     let mut last = fail(503, format!("no healthy endpoint for {service}"));
     // Set when the budget already allowed the next attempt (a gateway
     // error is retried only if it may be, else the app gets the answer).
@@ -339,14 +344,14 @@ async fn forward(
     // The refusal that ended the previous attempt, if one did.
     let mut refused: Option<Refusal> = None;
     for (i, a) in plan.iter().enumerate() {
-        let free = refused
-            .take()
-            .is_some_and(|r| r.code == StatusCode::PeerDown);
+        let last_refusal = refused.take();
         if i > 0 && !std::mem::take(&mut approved) {
             let counter = &shared.metrics.http_retries;
-            if free {
-                shared.metrics.inc_service(counter, &svc);
-            } else if !shared.may_retry(service, policy, &svc, counter) {
+            let go_on = match &last_refusal {
+                Some(r) => shared.may_fail_over(service, policy, &svc, r, counter),
+                None => shared.may_retry(service, policy, &svc, counter),
+            };
+            if !go_on {
                 break;
             }
         }
@@ -363,7 +368,11 @@ async fn forward(
         };
         let in_flight = a.load.start();
         let started = Instant::now();
-        let mut sender = match shared.upstreams.checkout(&key) {
+        let pooled = match upgrade {
+            Some(_) => None,
+            None => shared.upstreams.checkout(&key),
+        };
+        let mut sender = match pooled {
             Some(s) => s,
             None => {
                 let mut header = Header::new(Target::Service {
@@ -373,7 +382,7 @@ async fn forward(
                 header.connection_id = Some(rand::random());
                 header.cluster = key.cluster.clone();
                 match connect_one(*address, identity, &shared.connector, &header, &limits).await {
-                    Ok(tls) => match Sender::handshake(tls, key.h2).await {
+                    Ok(tls) => match Sender::handshake(tls, key.h2, upgrade.is_some()).await {
                         Ok(s) => {
                             if key.h2 {
                                 shared.upstreams.share(&key, &s);
@@ -423,6 +432,18 @@ async fn forward(
         match sender.send(out).await {
             Ok(mut resp) => {
                 let status = resp.status().as_u16();
+                if let Some(downstream) = upgrade {
+                    drop(in_flight);
+                    shared.attempt_ok(service, policy, &svc, a, started.elapsed());
+                    if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                        splice_upgraded(downstream, hyper::upgrade::on(&mut resp));
+                    }
+                    return Outcome {
+                        response: resp.map(Either::Left),
+                        cluster: a.cluster.to_string(),
+                        attempts: i + 1,
+                    };
+                }
                 let gateway_error = matches!(status, 502..=504);
                 if gateway_error
                     && decision.retryable
@@ -473,121 +494,20 @@ async fn forward(
     last
 }
 
-/// An HTTP/1.1 `Upgrade` (WebSocket and the like): the request goes on a
-/// fresh upstream connection of its own (never pooled), with failover
-/// only while connecting; on `101` both sides' connections are handed
-/// over and spliced as bytes until either closes.
-async fn upgrade(
-    shared: &Arc<Shared>,
-    decision: &fedmesh_catalog::HttpDecision,
-    port: u16,
-    routes: &[fedmesh_catalog::ClusterRoute],
-    mut parts: http::request::Parts,
-    body: Incoming,
-) -> Outcome {
-    let catalog = shared.catalog();
-    let service = &decision.service;
-    let svc = service.to_string();
-    let policy = catalog.policy_or_default(service);
-    let now = Instant::now();
-    let plan = shared.balancers.with(service, policy, |b| {
-        b.request(now);
-        let max = b.attempts().min(shared.limits.max_attempts);
-        b.plan(&catalog.cluster, routes, max, &mut rand::thread_rng(), now)
+/// Once both sides have switched protocols, carries bytes between them
+/// until either closes.
+fn splice_upgraded(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    tokio::spawn(async move {
+        match tokio::try_join!(downstream, upstream) {
+            Ok((d, u)) => {
+                let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
+                if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
+                    tracing::debug!(error = %e, "upgraded connection ended");
+                }
+            }
+            Err(e) => tracing::info!(error = %e, "upgrade was not completed"),
+        }
     });
-    let Some(downstream) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
-        return Outcome {
-            response: reply(400, "upgrade request without an upgradable connection"),
-            cluster: String::new(),
-            attempts: 0,
-        };
-    };
-    let mut last = Refusal::new(StatusCode::NoHealthyEndpoint, "nothing to try");
-    for (i, a) in plan.iter().enumerate() {
-        if i > 0 && !shared.may_retry(service, policy, &svc, &shared.metrics.http_retries) {
-            break;
-        }
-        let (Hop::Endpoint { address, identity } | Hop::Gateway { address, identity }) = &a.hop
-        else {
-            continue;
-        };
-        let mut header = Header::new(Target::Service {
-            name: service.clone(),
-            port,
-        });
-        header.connection_id = Some(rand::random());
-        header.cluster = (!a.local).then(|| a.cluster.to_string());
-        let started = Instant::now();
-        let tls = match connect_one(
-            *address,
-            identity,
-            &shared.connector,
-            &header,
-            &shared.limits,
-        )
-        .await
-        {
-            Ok(t) => t,
-            Err(r) => {
-                let retryable = r.retryable();
-                if retryable {
-                    shared.attempt_failed(service, policy, &svc, a);
-                }
-                last = r;
-                if retryable {
-                    continue;
-                }
-                break;
-            }
-        };
-        shared.attempt_ok(service, policy, &svc, a, started.elapsed());
-        let (mut send, conn) = match client1::handshake(TokioIo::new(tls)).await {
-            Ok(x) => x,
-            Err(e) => return failed(502, format!("upstream handshake: {e}"), a),
-        };
-        tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
-                tracing::debug!(error = %e, "upgraded upstream connection ended");
-            }
-        });
-        let req: Request<ReqBody> = Request::from_parts(parts, Either::Right(body));
-        let mut resp = match send.send_request(req).await {
-            Ok(r) => r,
-            Err(e) => return failed(502, format!("upstream: {e}"), a),
-        };
-        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-            let upstream = hyper::upgrade::on(&mut resp);
-            tokio::spawn(async move {
-                match tokio::try_join!(downstream, upstream) {
-                    Ok((d, u)) => {
-                        let (mut d, mut u) = (TokioIo::new(d), TokioIo::new(u));
-                        if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
-                            tracing::debug!(error = %e, "upgraded connection ended");
-                        }
-                    }
-                    Err(e) => tracing::info!(error = %e, "upgrade was not completed"),
-                }
-            });
-        }
-        return Outcome {
-            response: resp.map(Either::Left),
-            cluster: a.cluster.to_string(),
-            attempts: i + 1,
-        };
-    }
-    Outcome {
-        response: reply(refusal_status(&last), &last.message),
-        cluster: String::new(),
-        attempts: plan.len(),
-    }
-}
-
-fn failed(status: u16, why: String, a: &fedmesh_catalog::Attempt) -> Outcome {
-    Outcome {
-        response: reply(status, &why),
-        cluster: a.cluster.to_string(),
-        attempts: 1,
-    }
 }
 
 /// Which upstream connections can carry a request: same destination
@@ -616,7 +536,12 @@ enum Conn {
 }
 
 impl Sender {
-    async fn handshake(tls: fedmesh_transport::TlsClient, h2: bool) -> hyper::Result<Self> {
+    /// `upgrades`: an HTTP/1 connection for one `Upgrade` request.
+    async fn handshake(
+        tls: fedmesh_transport::TlsClient,
+        h2: bool,
+        upgrades: bool,
+    ) -> hyper::Result<Self> {
         let io = TokioIo::new(tls);
         let conn = if h2 {
             let (send, conn) = client2::Builder::new(TokioExecutor::new())
@@ -632,7 +557,11 @@ impl Sender {
         } else {
             let (send, conn) = client1::handshake(io).await?;
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                let r = match upgrades {
+                    true => conn.with_upgrades().await,
+                    false => conn.await,
+                };
+                if let Err(e) = r {
                     tracing::debug!(error = %e, "upstream HTTP/1 connection ended");
                 }
             });

@@ -65,6 +65,33 @@ impl Shared {
         }
     }
 
+    /// Counts a request for `service` and plans where it may go, best first.
+    pub(crate) fn plan(
+        &self,
+        catalog: &Catalog,
+        service: &ServiceName,
+        policy: &ServicePolicy,
+        routes: &[fedmesh_catalog::ClusterRoute],
+    ) -> Vec<Attempt> {
+        let now = Instant::now();
+        self.balancers.with(service, policy, |b| {
+            b.request(now);
+            let max = b.attempts().min(self.limits.max_attempts);
+            b.plan(&catalog.cluster, routes, max, &mut rand::thread_rng(), now)
+        })
+    }
+
+    /// The proxy's limits with the policy's connect timeout, if it sets one.
+    pub(crate) fn limits_for(&self, policy: &ServicePolicy) -> std::borrow::Cow<'_, Limits> {
+        match policy.connect_timeout {
+            Some(t) => std::borrow::Cow::Owned(Limits {
+                connect_timeout: t,
+                ..self.limits.clone()
+            }),
+            None => std::borrow::Cow::Borrowed(&self.limits),
+        }
+    }
+
     /// Before an attempt after the first: whether the service's retry
     /// budget allows it. Counted in `counter` when it does.
     pub(crate) fn may_retry(
@@ -464,18 +491,8 @@ async fn opaque_conn(
     };
     let policy = catalog.policy_or_default(service);
     let now = Instant::now();
-    let attempts = shared.balancers.with(service, policy, |b| {
-        b.request(now);
-        let max = b.attempts().min(shared.limits.max_attempts);
-        b.plan(&catalog.cluster, &routes, max, &mut rand::thread_rng(), now)
-    });
-    let limits = match policy.connect_timeout {
-        Some(t) => std::borrow::Cow::Owned(Limits {
-            connect_timeout: t,
-            ..shared.limits.clone()
-        }),
-        None => std::borrow::Cow::Borrowed(&shared.limits),
-    };
+    let attempts = shared.plan(&catalog, service, policy, &routes);
+    let limits = shared.limits_for(policy);
     let mut header = Header::new(Target::Service {
         name: service.clone(),
         port,
