@@ -164,14 +164,11 @@ impl Rig {
             // Pins: this cluster admits every other one's root.
             let pins = d.join(format!("{}-pins", c.name));
             std::fs::create_dir_all(&pins)?;
-            for (o, oca) in clusters.iter().zip(&cas) {
-                if o.name != c.name {
-                    std::fs::copy(
-                        d.join(format!("{}-ca/bundle.pem", o.name)),
-                        pins.join(format!("{}.pem", o.name)),
-                    )?;
-                    let _ = oca;
-                }
+            for o in clusters.iter().filter(|o| o.name != c.name) {
+                std::fs::copy(
+                    d.join(format!("{}-ca/bundle.pem", o.name)),
+                    pins.join(format!("{}.pem", o.name)),
+                )?;
             }
             for (who, id) in [
                 ("gw", td.system_id("gateway")),

@@ -546,14 +546,20 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
                 rig.start_proc(&format!("{c}-gateway"))?;
                 let admin = rig.cluster(c).map(|x| x.gateway_admin);
                 let t = Instant::now();
-                while t.elapsed() < Duration::from_secs(20) {
+                let mut ready = false;
+                while !ready && t.elapsed() < Duration::from_secs(20) {
                     if let Some(a) = admin {
-                        if matches!(admin_get(a, "/ready").await, Some((200, _))) {
-                            break;
-                        }
+                        ready = matches!(admin_get(a, "/ready").await, Some((200, _)));
                     }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    if !ready {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
                 }
+                o.check(
+                    format!("{c} gateway ready again after its restart"),
+                    ready,
+                    format!("{:?}", t.elapsed()),
+                );
                 let to = tl.note(format!("{c} gateway ready again"));
                 own_restart.insert(c.to_owned(), (from, to + Duration::from_secs(1)));
                 tokio::time::sleep(p.len(10, 3)).await;

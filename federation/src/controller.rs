@@ -687,6 +687,7 @@ fn incremental(
         gateway: v.catalog.gateway().cloned(),
         ..CatalogEdit::default()
     };
+    let now = std::time::Instant::now();
     for svc in dirty {
         let list: Vec<mcs::Export> = cache
             .exports
@@ -696,7 +697,6 @@ fn incremental(
             .filter(|e| e.cluster == s.cluster || v.usable.contains(&e.cluster))
             .cloned()
             .collect();
-        let now = std::time::Instant::now();
         let stale = kept_stale(&v.stale, &s.policies, &svc, now);
         match mcs::merge(&s.cluster, &list).remove(&svc) {
             Some(imp) => {

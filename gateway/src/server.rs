@@ -55,8 +55,7 @@ struct Shared {
     pool: Pool,
     balancers: fedmesh_catalog::Balancers,
     /// Refuse new streams from peers (retryable elsewhere); keep the rest.
-    draining: std::sync::atomic::AtomicBool,
-    /// Readiness, applied config version.
+    /// Readiness, applied config version, draining.
     config: admin::ConfigState,
     cursor: AtomicUsize,
     next_id: AtomicU64,
@@ -151,7 +150,6 @@ impl Gateway {
             endpoint,
             connector: TlsConnector::from(Arc::new(client_tls)),
             balancers: fedmesh_catalog::Balancers::default(),
-            draining: std::sync::atomic::AtomicBool::new(false),
             config: admin::ConfigState::new(s.controller.is_none()),
             cursor: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
@@ -270,7 +268,6 @@ impl Gateway {
     /// refused with a status that sends callers elsewhere before any
     /// payload, while streams already open run to their end.
     pub fn set_draining(&self, on: bool) {
-        self.shared.draining.store(on, Ordering::Relaxed);
         self.shared.config.set_draining(on);
         tracing::info!(draining = on, "gateway drain state changed");
     }
@@ -389,7 +386,7 @@ async fn peer_stream<S: AsyncRead + AsyncWrite + Unpin>(
         refuse(shared, down, FROM_PEER, StatusCode::Loop, why).await;
         return;
     }
-    if shared.draining.load(Ordering::Relaxed) {
+    if shared.config.is_draining() {
         // Before any payload: the caller fails over, nothing is lost, and
         // streams already open run to their end.
         shared.metrics.reject("draining");

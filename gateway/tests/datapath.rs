@@ -87,12 +87,12 @@ async fn a_dead_cluster_is_failed_over_at_connect_time() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn admin_endpoint_serves_metrics() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rig = Rig::start(&Topology::demo()).await.unwrap();
-    let east = rig.cluster("east").unwrap();
-    // A gateway with an admin port, sharing east's identity and catalog.
+/// A gateway with an admin port, east's identity and catalog, following
+/// `controller` when given.
+async fn admin_gateway(
+    east: &fedmesh_testkit::RigCluster,
+    controller: Option<fedmesh_api::client::ControllerLink>,
+) -> fedmesh_gateway::Gateway {
     let any = "127.0.0.1:0".parse().unwrap();
     let settings = fedmesh_gateway::GatewaySettings {
         catalog: east.gateway.catalog().as_ref().clone(),
@@ -108,24 +108,37 @@ async fn admin_endpoint_serves_metrics() {
         tunnel: any,
         admin: Some(any),
         limits: Default::default(),
-        controller: None,
+        controller,
     };
     let mut reg = prometheus_client::registry::Registry::default();
-    let gw = fedmesh_gateway::Gateway::build(settings, &mut reg)
+    fedmesh_gateway::Gateway::build(settings, &mut reg)
+        .await
+        .unwrap()
+}
+
+/// The whole answer of an admin endpoint to `GET path`.
+async fn admin_get(admin: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
         .await
         .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_endpoint_serves_metrics() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rig = Rig::start(&Topology::demo()).await.unwrap();
+    let east = rig.cluster("east").unwrap();
+    // A gateway with an admin port, sharing east's identity and catalog.
+    let gw = admin_gateway(east, None).await;
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     sock.send_to(b"junk", gw.quic_addr()).await.unwrap();
     let admin = gw.admin_addr().unwrap();
-    let get = |path: &'static str| async move {
-        let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    };
+    let get = |path: &'static str| admin_get(admin, path);
     for _ in 0..50 {
         if gw.metrics().invalid_datagrams.get() > 0 {
             break;
@@ -171,40 +184,17 @@ async fn admin_endpoint_serves_metrics() {
 
     // A gateway that follows a controller is not ready before its first
     // config; then it reports the version it applied.
-    let settings = fedmesh_gateway::GatewaySettings {
-        catalog: east.gateway.catalog().as_ref().clone(),
-        identity: east
-            .ca
-            .issue(
-                &east.trust_domain.system_id("gateway"),
-                std::time::Duration::from_secs(60),
-            )
-            .unwrap(),
-        bundles: east.bundles.clone(),
-        quic: any,
-        tunnel: any,
-        admin: Some(any),
-        limits: Default::default(),
-        controller: Some(fedmesh_api::client::ControllerLink {
+    let gw2 = admin_gateway(
+        east,
+        Some(fedmesh_api::client::ControllerLink {
             address: "127.0.0.1:9".parse().unwrap(),
             cluster: "east".into(),
             renew: false,
         }),
-    };
-    let mut reg = prometheus_client::registry::Registry::default();
-    let gw2 = fedmesh_gateway::Gateway::build(settings, &mut reg)
-        .await
-        .unwrap();
+    )
+    .await;
     let admin2 = gw2.admin_addr().unwrap();
-    let get2 = |path: &'static str| async move {
-        let mut s = tokio::net::TcpStream::connect(admin2).await.unwrap();
-        s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    };
+    let get2 = |path: &'static str| admin_get(admin2, path);
     assert!(get2("/ready").await.starts_with("HTTP/1.1 503"));
     gw2.set_config(east.gateway.catalog().as_ref().clone(), Some(42));
     assert!(gw2.is_ready());

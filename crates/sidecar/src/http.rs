@@ -203,7 +203,8 @@ async fn request(
     };
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let work = forward(shared, &decision, port, protocol, req);
+    // Decided and routed on the same catalog, even if one arrives meanwhile.
+    let work = forward(shared, &catalog, &decision, port, protocol, req);
     let outcome = match decision.timeout {
         Some(t) => match tokio::time::timeout(t, work).await {
             Ok(o) => o,
@@ -268,6 +269,7 @@ impl Payload {
 
 async fn forward(
     shared: &Arc<Shared>,
+    catalog: &fedmesh_catalog::Catalog,
     decision: &fedmesh_catalog::HttpDecision,
     port: u16,
     protocol: Protocol,
@@ -278,7 +280,6 @@ async fn forward(
         cluster: String::new(),
         attempts: 0,
     };
-    let catalog = shared.catalog();
     let service = &decision.service;
     let svc = service.to_string();
     let mut routes = match catalog.outbound_routes(service, port) {
@@ -335,7 +336,7 @@ async fn forward(
         Payload::Once(Some(body))
     };
     let policy = catalog.policy_or_default(service);
-    let plan = shared.plan(&catalog, service, policy, &routes);
+    let plan = shared.plan(catalog, service, policy, &routes);
     let limits = shared.limits_for(policy);
     let mut last = fail(503, format!("no healthy endpoint for {service}"));
     // Set when the budget already allowed the next attempt (a gateway

@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -148,15 +148,21 @@ struct State {
     dropped: AtomicU64,
     flows: Mutex<HashMap<SocketAddr, Arc<UdpSocket>>>,
     impairment: Mutex<Impairment>,
+    /// Whether `impairment` is not none: read per packet without the lock.
+    impaired: AtomicBool,
     /// Clients whose packets are dropped both ways (a partition).
     blocked: Mutex<BTreeSet<IpAddr>>,
+    /// Whether `blocked` is not empty: read per packet without the lock.
+    any_blocked: AtomicBool,
     bind_ip: IpAddr,
 }
 
 impl State {
     fn passing(&self, client: &SocketAddr) -> bool {
         let m = self.mode.load(Ordering::Relaxed);
-        if m != RelayMode::Pass as u8 || lock(&self.blocked).contains(&client.ip()) {
+        let blocked =
+            self.any_blocked.load(Ordering::Relaxed) && lock(&self.blocked).contains(&client.ip());
+        if m != RelayMode::Pass as u8 || blocked {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             false
         } else {
@@ -164,19 +170,22 @@ impl State {
         }
     }
 
-    fn impairment(&self) -> Impairment {
-        *lock(&self.impairment)
+    /// The impairment, or `None` on the (lock-free) common path.
+    fn impairment(&self) -> Option<Impairment> {
+        self.impaired
+            .load(Ordering::Relaxed)
+            .then(|| *lock(&self.impairment))
     }
 }
 
 /// Packets for a flow's delay task: when to deliver, what.
 type Delayed = tokio::sync::mpsc::Sender<(tokio::time::Instant, Vec<u8>)>;
-type Send = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + std::marker::Send>>;
+type Delivery = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Delivers delayed packets in time order until the sender side closes.
 async fn delay_task(
     mut rx: tokio::sync::mpsc::Receiver<(tokio::time::Instant, Vec<u8>)>,
-    deliver: impl Fn(Vec<u8>) -> Send + std::marker::Send + 'static,
+    deliver: impl Fn(Vec<u8>) -> Delivery + Send + 'static,
 ) {
     let mut line = DelayLine::default();
     loop {
@@ -228,7 +237,9 @@ impl UdpRelay {
             dropped: AtomicU64::new(0),
             flows: Mutex::new(HashMap::new()),
             impairment: Mutex::new(Impairment::default()),
+            impaired: AtomicBool::new(false),
             blocked: Mutex::new(BTreeSet::new()),
+            any_blocked: AtomicBool::new(false),
             bind_ip: ip,
         });
         let task = tokio::spawn(front_loop(front, target, state.clone()));
@@ -238,6 +249,7 @@ impl UdpRelay {
     /// Impairs both directions from now on.
     pub fn impair(&self, i: Impairment) {
         *lock(&self.state.impairment) = i;
+        self.state.impaired.store(!i.is_none(), Ordering::Relaxed);
     }
 
     /// Drops every packet from and to clients at `ip` (or stops doing so).
@@ -248,6 +260,9 @@ impl UdpRelay {
         } else {
             b.remove(&ip);
         }
+        self.state
+            .any_blocked
+            .store(!b.is_empty(), Ordering::Relaxed);
     }
 
     /// Where peers should send.
@@ -313,11 +328,10 @@ async fn front_loop(front: Arc<UdpSocket>, target: SocketAddr, state: Arc<State>
                 up
             }
         };
-        let imp = state.impairment();
-        if imp.is_none() {
+        let Some(imp) = state.impairment() else {
             let _ = up.send(&buf[..n]).await;
             continue;
-        }
+        };
         let Some(fate) = imp.fate(&mut rand::thread_rng()) else {
             state.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
@@ -364,11 +378,10 @@ async fn back_loop(
         if !state.passing(&client) {
             continue;
         }
-        let imp = state.impairment();
-        if imp.is_none() {
+        let Some(imp) = state.impairment() else {
             let _ = front.send_to(&buf[..n], client).await;
             continue;
-        }
+        };
         let Some(fate) = imp.fate(&mut rand::thread_rng()) else {
             state.dropped.fetch_add(1, Ordering::Relaxed);
             continue;

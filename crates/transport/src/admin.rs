@@ -215,6 +215,10 @@ impl ConfigState {
         self.ready.load(Ordering::Relaxed)
     }
 
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
     /// A config was applied (`version` when it came from a controller).
     pub fn applied(&self, version: Option<u64>) {
         self.have_config.store(true, Ordering::Relaxed);
