@@ -24,6 +24,10 @@ pub struct ControllerConfig {
     pub locality: Locality,
     /// QUIC addresses of this cluster's gateways, as peers reach them.
     pub gateways: Vec<SocketAddr>,
+    /// TLS/TCP fallback addresses of the same gateways (HTTP/2 CONNECT),
+    /// as peers reach them; peers whose path drops UDP use these.
+    #[serde(default)]
+    pub gateways_tcp: Vec<SocketAddr>,
     /// Where this cluster's sidecars reach its gateway.
     #[serde(default)]
     pub gateway_tunnel: Option<SocketAddr>,
@@ -250,6 +254,9 @@ impl ControllerConfig {
         if self.gateways.is_empty() || self.gateways.len() > 16 {
             errs.push("gateways: 1 to 16 addresses".into());
         }
+        if self.gateways_tcp.len() > 16 {
+            errs.push("gateways_tcp: at most 16 addresses".into());
+        }
         if self.lease_ttl < Duration::from_secs(1) {
             errs.push("lease_ttl: at least 1s (etcd leases are whole seconds)".into());
         }
@@ -282,6 +289,7 @@ impl ControllerConfig {
                     trust_domain,
                     locality: self.locality.clone(),
                     gateways: self.gateways.clone(),
+                    gateways_tcp: self.gateways_tcp.clone(),
                     gateway_tunnel: self.gateway_tunnel,
                     lease_ttl: self.lease_ttl,
                     bundle,

@@ -49,6 +49,8 @@ pub struct ControllerSettings {
     pub locality: Locality,
     /// QUIC addresses peers dial.
     pub gateways: Vec<SocketAddr>,
+    /// TLS/TCP fallback addresses peers dial when UDP does not get through.
+    pub gateways_tcp: Vec<SocketAddr>,
     /// Where this cluster's sidecars reach the gateway.
     pub gateway_tunnel: Option<SocketAddr>,
     pub lease_ttl: Duration,
@@ -108,6 +110,7 @@ pub struct ClusterStatus {
     pub cluster: String,
     pub trust_domain: String,
     pub gateways: Vec<SocketAddr>,
+    pub gateways_tcp: Vec<SocketAddr>,
     pub region: String,
     pub zone: String,
     pub exported: usize,
@@ -274,6 +277,7 @@ fn info_record(s: &ControllerSettings) -> Vec<u8> {
         cluster: s.cluster.to_string(),
         trust_domain: s.trust_domain.to_string(),
         gateways: s.gateways.clone(),
+        gateways_tcp: s.gateways_tcp.clone(),
         locality: s.locality.clone(),
         bundle_pem: s.bundle.to_pem(),
         bundle_endorsements: s.endorsements.clone(),
@@ -882,6 +886,7 @@ fn compute(
             cluster: c.to_string(),
             trust_domain: info.trust_domain.to_string(),
             gateways: info.gateways.clone(),
+            gateways_tcp: info.gateways_tcp.clone(),
             region: info.locality.region.clone(),
             zone: info.locality.zone.clone(),
             exported: export_counts.get(c).copied().unwrap_or(0),
@@ -948,6 +953,7 @@ fn compute(
                 cluster: info.cluster.clone(),
                 trust_domain: info.trust_domain.clone(),
                 address: *info.gateways.first()?,
+                tcp_address: info.gateways_tcp.first().copied(),
                 identity: fedmesh_catalog::gateway_identity(&info.trust_domain),
                 region: info.locality.region.clone(),
             })
@@ -1089,6 +1095,7 @@ mod tests {
             trust_domain: ca.trust_domain().clone(),
             locality: Locality::default(),
             gateways: vec!["127.0.0.1:15443".parse().unwrap()],
+            gateways_tcp: Vec::new(),
             gateway_tunnel: None,
             lease_ttl: Duration::from_secs(10),
             bundle: ca.bundle(),

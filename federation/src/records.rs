@@ -33,6 +33,10 @@ pub struct ClusterInfo {
     pub trust_domain: String,
     /// QUIC addresses of the cluster's east-west gateways.
     pub gateways: Vec<SocketAddr>,
+    /// TLS/TCP fallback addresses of the same gateways (HTTP/2 CONNECT),
+    /// for peers whose path drops UDP; empty when they offer none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways_tcp: Vec<SocketAddr>,
     #[serde(default)]
     pub locality: Locality,
     /// PEM roots of the cluster's trust domain.
@@ -107,6 +111,7 @@ pub struct ValidInfo {
     pub cluster: ClusterName,
     pub trust_domain: TrustDomain,
     pub gateways: Vec<SocketAddr>,
+    pub gateways_tcp: Vec<SocketAddr>,
     pub locality: Locality,
     pub bundle: TrustBundle,
     pub endorsements: Vec<fedmesh_trust::rotation::Endorsement>,
@@ -134,6 +139,12 @@ impl ClusterInfo {
                 why: format!("{} addresses; 1 to 16 expected", r.gateways.len()),
             });
         }
+        if r.gateways_tcp.len() > 16 {
+            return Err(RecordError::Invalid {
+                field: "gateways_tcp",
+                why: format!("{} addresses; at most 16 expected", r.gateways_tcp.len()),
+            });
+        }
         let bundle =
             TrustBundle::from_pem(td.clone(), &r.bundle_pem).map_err(|e| RecordError::Invalid {
                 field: "bundle_pem",
@@ -143,6 +154,7 @@ impl ClusterInfo {
             cluster: want.clone(),
             trust_domain: td,
             gateways: r.gateways,
+            gateways_tcp: r.gateways_tcp,
             locality: r.locality,
             bundle,
             endorsements: r.bundle_endorsements,

@@ -55,6 +55,7 @@ fn settings(m: &Member, all: &[&Member], port: u16) -> ControllerSettings {
         trust_domain: m.ca.trust_domain().clone(),
         locality: Locality::default(),
         gateways: vec![format!("127.0.0.1:{port}").parse().unwrap()],
+        gateways_tcp: vec![format!("127.0.0.1:{}", port + 2).parse().unwrap()],
         gateway_tunnel: Some(format!("127.0.0.1:{}", port + 1).parse().unwrap()),
         lease_ttl: TTL,
         bundle: m.ca.bundle(),
@@ -132,6 +133,11 @@ async fn three_converge_then_one_dies(store: Arc<dyn Store>) {
     )
     .await;
     eprintln!("converged in {took:?}");
+    // Peers carry both transports' addresses as each cluster published them.
+    let catalog = ce.catalog().borrow().clone().unwrap();
+    let peer_n = catalog.peer(&n.name).unwrap();
+    assert_eq!(peer_n.address, "127.0.0.1:3000".parse().unwrap());
+    assert_eq!(peer_n.tcp_address, Some("127.0.0.1:3002".parse().unwrap()));
     // west sees north's export (and serves its own locally).
     until(
         &cw,

@@ -32,6 +32,11 @@ pub struct Listen {
     pub quic: SocketAddr,
     /// TCP address for mTLS tunnels from this cluster's sidecars.
     pub tunnel: SocketAddr,
+    /// TCP address of the fallback for peers whose path drops UDP (TLS +
+    /// HTTP/2 CONNECT); off when absent. Advertise it to peers with the
+    /// controller's `gateways_tcp`.
+    #[serde(default)]
+    pub tcp_fallback: Option<SocketAddr>,
     /// Admin endpoint (`/metrics`, `/live`, `/ready`); off when absent.
     #[serde(default)]
     pub admin: Option<SocketAddr>,
@@ -45,6 +50,7 @@ pub struct GatewaySettings {
     pub bundles: SharedBundles,
     pub quic: SocketAddr,
     pub tunnel: SocketAddr,
+    pub tcp_fallback: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub limits: Limits,
     pub controller: Option<ControllerLink>,
@@ -94,6 +100,7 @@ impl GatewayConfig {
                     bundles,
                     quic: self.listen.quic,
                     tunnel: self.listen.tunnel,
+                    tcp_fallback: self.listen.tcp_fallback,
                     admin: self.listen.admin,
                     limits: self.limits.clone(),
                     controller: self.controller.clone(),

@@ -2,7 +2,9 @@
 //!
 //! One UDP port speaks QUIC (quinn, rustls mTLS with gateway SVIDs, ALPN
 //! `fedmesh/1`) to peer cluster gateways: one reused connection per peer,
-//! one bidirectional stream per tunneled connection. One TCP port accepts
+//! one bidirectional stream per tunneled connection. An optional TCP port
+//! carries the same streams as HTTP/2 `CONNECT` over mTLS for peers whose
+//! path drops UDP (chosen per peer, automatically). One TCP port accepts
 //! mTLS tunnels from this cluster's sidecars. Every stream opens with a
 //! tunnel header and is answered with a status frame before payload.
 //! Routing decisions come from [`fedmesh_catalog`]; this crate is the I/O.
@@ -13,10 +15,13 @@ mod metrics;
 mod pool;
 mod quic;
 mod server;
+mod tcp;
 
 pub use config::{ConfigError, GatewayConfig, GatewaySettings, Listen};
-pub use metrics::GatewayMetrics;
+pub use metrics::{GatewayMetrics, PeerLabels, TransportLabels};
+pub use pool::{PeerStatus, Transport};
 pub use quic::{
     client_config as quic_client_config, server_config as quic_server_config, QuicError,
 };
 pub use server::{Gateway, GatewayError};
+pub use tcp::ALPN_H2;

@@ -30,11 +30,22 @@ pub struct PeerLabels {
     pub peer: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransportLabels {
+    pub peer: String,
+    /// `quic` or `tcp` (the HTTP/2-over-TLS fallback).
+    pub transport: &'static str,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct GatewayMetrics {
+    /// 1 for the transport a dialed peer is reached by now, 0 for the other.
+    pub peer_transport: Family<TransportLabels, Gauge>,
+    /// Moves to the TCP fallback after QUIC met silence.
+    pub transport_fallbacks: Family<PeerLabels, Counter>,
     /// Smoothed QUIC round-trip time to each peer gateway we dialed.
     pub peer_rtt: Family<PeerLabels, Gauge<f64, AtomicU64>>,
-    /// 1 while a live QUIC connection to the peer exists, else 0.
+    /// 1 while a live connection (either transport) to the peer exists.
     pub peer_up: Family<PeerLabels, Gauge>,
     pub ejections: Family<PeerLabels, Counter>,
     pub streams: Family<StreamLabels, Counter>,
@@ -70,7 +81,7 @@ impl GatewayMetrics {
         );
         reg.register(
             "peer_connections",
-            "Open QUIC connections to or from peer gateways",
+            "Open connections (QUIC or TCP fallback) from peer gateways",
             self.peer_connections.clone(),
         );
         reg.register(
@@ -80,8 +91,18 @@ impl GatewayMetrics {
         );
         reg.register(
             "peer_up",
-            "1 while a live QUIC connection to the peer gateway exists",
+            "1 while a live connection to the peer gateway exists",
             self.peer_up.clone(),
+        );
+        reg.register(
+            "peer_transport",
+            "1 for the transport (quic, tcp) a peer gateway is reached by now",
+            self.peer_transport.clone(),
+        );
+        reg.register(
+            "transport_fallbacks",
+            "Moves to the TCP fallback after QUIC to the peer met silence",
+            self.transport_fallbacks.clone(),
         );
         reg.register(
             "peer_ejections",
@@ -93,6 +114,27 @@ impl GatewayMetrics {
             "Open TLS connections from sidecars",
             self.sidecar_connections.clone(),
         );
+    }
+
+    /// Records how `peer` is reached now (`None`: not at all).
+    pub fn set_transport(&self, peer: &str, now: Option<crate::pool::Transport>) {
+        use crate::pool::Transport;
+        for t in [Transport::Quic, Transport::Tcp] {
+            self.peer_transport
+                .get_or_create(&TransportLabels {
+                    peer: peer.to_owned(),
+                    transport: t.as_str(),
+                })
+                .set(i64::from(now == Some(t)));
+        }
+    }
+
+    pub fn fallback(&self, peer: &str) {
+        self.transport_fallbacks
+            .get_or_create(&PeerLabels {
+                peer: peer.to_owned(),
+            })
+            .inc();
     }
 
     pub fn ejection(&self, peer: &str) {

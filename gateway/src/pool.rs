@@ -1,5 +1,13 @@
-//! One QUIC connection per peer cluster, kept up by a supervisor task per
-//! peer and shared by every tunneled stream to that cluster.
+//! One connection per peer cluster, kept up by a supervisor task per peer
+//! and shared by every tunneled stream to that cluster: QUIC, or the TCP
+//! fallback ([`crate::tcp`]) when UDP does not get through.
+//!
+//! Transport choice: QUIC first. When a QUIC connect meets silence (a
+//! timeout, not a refusal) and the peer offers a fallback address, the
+//! supervisor dials TCP and remembers that this peer needs it: reconnects
+//! go to TCP first, and every `limits.quic_retry_interval` one QUIC
+//! handshake is tried in the background; when it succeeds, new streams move
+//! to QUIC and the TCP connection ends once its streams have.
 //!
 //! The supervisor connects, watches the connection, and reconnects with
 //! exponential backoff (200 ms doubling to 2 s, with jitter) whenever it
@@ -16,18 +24,22 @@
 //! connect to a peer is waited for (up to `connect_timeout`).
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use fedmesh_catalog::{ClusterName, Peer};
+use fedmesh_transport::Limits;
 use quinn::{Connection, Endpoint};
 use rustls::pki_types::CertificateDer;
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
 
 use crate::metrics::{GatewayMetrics, PeerLabels};
+use crate::tcp::TcpConn;
 
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -66,9 +78,77 @@ pub enum PoolError {
     },
 }
 
+/// How a peer is reached right now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Quic,
+    Tcp,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Quic => "quic",
+            Self::Tcp => "tcp",
+        }
+    }
+}
+
+/// A connection to a peer gateway over either transport.
+#[derive(Clone)]
+pub enum PeerConn {
+    Quic(Connection),
+    Tcp(TcpConn),
+}
+
+impl PeerConn {
+    pub fn transport(&self) -> Transport {
+        match self {
+            Self::Quic(_) => Transport::Quic,
+            Self::Tcp(_) => Transport::Tcp,
+        }
+    }
+
+    pub fn is_open(&self) -> bool {
+        match self {
+            Self::Quic(c) => c.close_reason().is_none(),
+            Self::Tcp(t) => t.is_open(),
+        }
+    }
+
+    /// Ends the connection now, streams included.
+    fn close(&self, reason: &'static [u8]) {
+        match self {
+            Self::Quic(c) => c.close(CLOSE_POLICY.into(), reason),
+            Self::Tcp(t) => t.close(),
+        }
+    }
+}
+
+/// One row of the gateway's `/status`: how a peer is reached.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PeerStatus {
+    pub cluster: String,
+    pub address: std::net::SocketAddr,
+    pub tcp_address: Option<std::net::SocketAddr>,
+    /// `quic`, `tcp`, or `down`.
+    pub transport: &'static str,
+    /// Seconds since the current connection opened.
+    pub connected_for_s: Option<f64>,
+    /// This peer's UDP path failed and TCP worked: reconnects try TCP
+    /// first and QUIC is retried in the background.
+    pub udp_blocked: bool,
+    pub last_error: String,
+}
+
 #[derive(Default)]
 struct Cell {
-    conn: Mutex<Option<Connection>>,
+    conn: Mutex<Option<PeerConn>>,
+    /// When the current connection opened.
+    opened: Mutex<Option<Instant>>,
+    /// QUIC met silence and the TCP fallback worked; cleared when a QUIC
+    /// handshake succeeds again.
+    prefer_tcp: AtomicBool,
     /// The last connect failed or the connection died; cleared by a
     /// successful connect.
     down: AtomicBool,
@@ -97,11 +177,8 @@ impl Cell {
         }
     }
 
-    fn live(&self) -> Option<Connection> {
-        lock(&self.conn)
-            .as_ref()
-            .filter(|c| c.close_reason().is_none())
-            .cloned()
+    fn live(&self) -> Option<PeerConn> {
+        lock(&self.conn).as_ref().filter(|c| c.is_open()).cloned()
     }
 }
 
@@ -110,11 +187,97 @@ struct Inner {
     /// The peers as the catalog names them; supervisors read their current
     /// address here and stop when their peer is gone.
     peers: Mutex<HashMap<ClusterName, Peer>>,
-    endpoint: Endpoint,
-    client: quinn::ClientConfig,
-    connect_timeout: Duration,
-    dead_after: Duration,
-    metrics: GatewayMetrics,
+    dialer: Dialer,
+}
+
+/// What a supervisor needs to dial a peer over either transport.
+#[derive(Clone)]
+pub struct Dialer {
+    pub endpoint: Endpoint,
+    pub quic: quinn::ClientConfig,
+    /// TLS for the TCP fallback (ALPN `fedmesh-h2/1`).
+    pub tcp: TlsConnector,
+    /// The gateway's own address, to dial TCP from.
+    pub from: Option<IpAddr>,
+    pub limits: Limits,
+    pub metrics: GatewayMetrics,
+}
+
+impl Dialer {
+    fn dead_after(&self) -> Duration {
+        self.limits.peer_dead_after()
+    }
+
+    async fn quic(&self, peer: &Peer) -> Result<Connection, PoolError> {
+        connect(
+            &self.endpoint,
+            &self.quic,
+            peer,
+            self.limits.connect_timeout,
+        )
+        .await
+    }
+
+    async fn tcp(&self, peer: &Peer) -> Result<Option<TcpConn>, String> {
+        let Some(addr) = peer.tcp_address else {
+            return Ok(None);
+        };
+        crate::tcp::connect(
+            peer,
+            addr,
+            self.from,
+            &self.tcp,
+            &self.limits,
+            self.dead_after(),
+        )
+        .await
+        .map(Some)
+        .map_err(|e| format!("TCP fallback {addr}: {e}"))
+    }
+
+    /// A connection to `peer` by the transport it is known to need: QUIC
+    /// first unless its UDP path was found blocked; TCP when QUIC meets
+    /// silence and the peer offers it.
+    async fn establish(&self, cell: &Cell, peer: &Peer) -> Result<PeerConn, PoolError> {
+        if cell.prefer_tcp.load(Ordering::Relaxed) {
+            match self.tcp(peer).await {
+                Ok(Some(t)) => return Ok(PeerConn::Tcp(t)),
+                // The TCP path broke too; next time start again from QUIC.
+                Ok(None) | Err(_) => cell.prefer_tcp.store(false, Ordering::Relaxed),
+            }
+        }
+        let e = match self.quic(peer).await {
+            Ok(c) => return Ok(PeerConn::Quic(c)),
+            Err(e) if is_silence(&e) => e,
+            Err(e) => return Err(e),
+        };
+        match self.tcp(peer).await {
+            Ok(Some(t)) => {
+                tracing::warn!(peer = %peer.cluster, quic = %e, "no answer over UDP; using the TCP fallback and retrying QUIC in the background");
+                cell.prefer_tcp.store(true, Ordering::Relaxed);
+                self.metrics.fallback(peer.cluster.as_str());
+                Ok(PeerConn::Tcp(t))
+            }
+            Ok(None) => Err(e),
+            Err(t) => Err(match e {
+                PoolError::Connect {
+                    cluster,
+                    addr,
+                    reason,
+                } => PoolError::Connect {
+                    cluster,
+                    addr,
+                    reason: format!("{reason}; {t}"),
+                },
+                other => other,
+            }),
+        }
+    }
+}
+
+/// A QUIC connect that heard nothing back: the path may drop UDP.
+fn is_silence(e: &PoolError) -> bool {
+    matches!(e, PoolError::Connect { reason, .. } if reason.starts_with("timed out"))
 }
 
 pub struct Pool {
@@ -123,11 +286,7 @@ pub struct Pool {
 
 impl Drop for Pool {
     fn drop(&mut self) {
-        for cell in lock(&self.inner.cells).values() {
-            if let Some(t) = lock(&cell.supervisor).take() {
-                t.abort();
-            }
-        }
+        self.close_all();
     }
 }
 
@@ -154,26 +313,57 @@ pub fn peer_id(conn: &Connection) -> Option<fedmesh_trust::SpiffeId> {
 }
 
 impl Pool {
-    /// `dead_after`: a peer that sent nothing for this long (keep-alives
-    /// included) is declared dead and its connection closed.
-    pub fn new(
-        endpoint: Endpoint,
-        client: quinn::ClientConfig,
-        metrics: GatewayMetrics,
-        connect_timeout: Duration,
-        dead_after: Duration,
-    ) -> Self {
+    /// A peer that sent nothing for `dialer.limits.peer_dead_after()`
+    /// (keep-alives included) is declared dead and its connection closed.
+    pub fn new(dialer: Dialer) -> Self {
         Self {
             inner: Arc::new(Inner {
                 cells: Mutex::default(),
                 peers: Mutex::default(),
-                endpoint,
-                client,
-                connect_timeout,
-                dead_after,
-                metrics,
+                dialer,
             }),
         }
+    }
+
+    /// Stops every supervisor and ends every connection at once.
+    pub fn close_all(&self) {
+        for cell in lock(&self.inner.cells).values() {
+            if let Some(t) = lock(&cell.supervisor).take() {
+                t.abort();
+            }
+            if let Some(c) = lock(&cell.conn).take() {
+                c.close(b"gateway shutting down");
+            }
+        }
+    }
+
+    /// How each peer is reached, for `/status`.
+    pub fn status(&self) -> Vec<PeerStatus> {
+        let peers = lock(&self.inner.peers).clone();
+        let cells = lock(&self.inner.cells).clone();
+        let mut rows: Vec<PeerStatus> = peers
+            .values()
+            .map(|p| {
+                let cell = cells.get(&p.cluster);
+                let live = cell.and_then(|c| c.live());
+                PeerStatus {
+                    cluster: p.cluster.to_string(),
+                    address: p.address,
+                    tcp_address: p.tcp_address,
+                    transport: live.as_ref().map_or("down", |c| c.transport().as_str()),
+                    connected_for_s: live.and_then(|_| {
+                        cell.and_then(|c| *lock(&c.opened))
+                            .map(|t| t.elapsed().as_secs_f64())
+                    }),
+                    udp_blocked: cell.is_some_and(|c| c.prefer_tcp.load(Ordering::Relaxed)),
+                    last_error: cell
+                        .map(|c| lock(&c.last_error).clone())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect();
+        rows.sort_by(|a, b| a.cluster.cmp(&b.cluster));
+        rows
     }
 
     /// The catalog's peers: each gets a supervised connection (kept warm,
@@ -199,7 +389,7 @@ impl Pool {
                 t.abort();
             }
             if let Some(c) = lock(&cell.conn).take() {
-                c.close(CLOSE_POLICY.into(), b"no longer a peer");
+                c.close(b"no longer a peer");
             }
         }
         let list: Vec<Peer> = peers.values().cloned().collect();
@@ -240,7 +430,7 @@ impl Pool {
     /// The live connection to `peer`. Waits for a connect only while the
     /// peer has never been healthy; a peer that was up and went down turns
     /// streams away at once.
-    pub async fn get(&self, peer: &Peer) -> Result<Connection, PoolError> {
+    pub async fn get(&self, peer: &Peer) -> Result<PeerConn, PoolError> {
         let cell = self.cell(peer);
         if let Some(c) = cell.live() {
             return Ok(c);
@@ -250,7 +440,8 @@ impl Pool {
         if cell.down.load(Ordering::Relaxed) && !starting {
             return Err(cell.down_error(&peer.cluster));
         }
-        let waited = self.inner.connect_timeout;
+        // A first connect may take a QUIC timeout and then a TCP one.
+        let waited = self.inner.dialer.limits.connect_timeout * 2;
         let settled = cell.settled.notified();
         tokio::pin!(settled);
         settled.as_mut().enable();
@@ -271,18 +462,20 @@ impl Pool {
     /// A stream on `conn` failed at the connection level (for example our
     /// certificate was refused, which TLS 1.3 only reveals at the first
     /// stream operation): close it; the supervisor reconnects with backoff.
-    pub fn failed(&self, cluster: &ClusterName, conn: &Connection) {
+    pub fn failed(&self, cluster: &ClusterName, conn: &PeerConn) {
         let cell = lock(&self.inner.cells).get(cluster).cloned();
         if let Some(cell) = cell {
             cell.down.store(true, Ordering::Relaxed);
         }
-        conn.close(CLOSE_POLICY.into(), b"connection failed");
+        conn.close(b"connection failed");
     }
 }
 
 /// Keeps one connection to `cluster` up for as long as it is a peer.
 async fn supervise(inner: Weak<Inner>, cell: Arc<Cell>, cluster: ClusterName) {
     let mut failures = 0u32;
+    // A QUIC connection that replaced a TCP fallback one, to install next.
+    let mut next: Option<PeerConn> = None;
     loop {
         let Some(strong) = inner.upgrade() else {
             return;
@@ -290,34 +483,37 @@ async fn supervise(inner: Weak<Inner>, cell: Arc<Cell>, cluster: ClusterName) {
         let Some(peer) = lock(&strong.peers).get(&cluster).cloned() else {
             return;
         };
-        let (endpoint, client, timeout, dead_after, metrics) = (
-            strong.endpoint.clone(),
-            strong.client.clone(),
-            strong.connect_timeout,
-            strong.dead_after,
-            strong.metrics.clone(),
-        );
+        let dialer = strong.dialer.clone();
         drop(strong);
-        match connect(&endpoint, &client, &peer, timeout).await {
+        let result = match next.take() {
+            Some(c) => Ok(c),
+            None => dialer.establish(&cell, &peer).await,
+        };
+        match result {
             Ok(c) => {
-                tracing::info!(peer = %peer.cluster, addr = %peer.address, "connected to peer gateway");
+                let transport = c.transport().as_str();
+                tracing::info!(peer = %peer.cluster, addr = %peer.address, transport, "connected to peer gateway");
                 *lock(&cell.conn) = Some(c.clone());
+                *lock(&cell.opened) = Some(Instant::now());
                 cell.down.store(false, Ordering::Relaxed);
                 cell.settled.notify_waiters();
                 let opened = Instant::now();
-                watch(&cell, &c, &cluster, &metrics, dead_after).await;
-                if opened.elapsed() < MIN_HEALTHY {
-                    cell.answered.store(true, Ordering::Relaxed);
-                    failures = failures.saturating_add(1);
-                    pause(&cell, backoff(failures)).await;
-                } else {
-                    failures = 0;
+                match watch(&cell, &c, &peer, &dialer).await {
+                    Watched::Replaced(q) => {
+                        failures = 0;
+                        next = Some(q);
+                    }
+                    Watched::Closed if opened.elapsed() < MIN_HEALTHY => {
+                        cell.answered.store(true, Ordering::Relaxed);
+                        failures = failures.saturating_add(1);
+                        pause(&cell, backoff(failures)).await;
+                    }
+                    Watched::Closed => failures = 0,
                 }
             }
             Err(e) => {
                 // A timeout is silence; anything else came from the peer.
-                let silent = matches!(&e, PoolError::Connect { reason, .. } if reason.starts_with("timed out"));
-                cell.answered.store(!silent, Ordering::Relaxed);
+                cell.answered.store(!is_silence(&e), Ordering::Relaxed);
                 *lock(&cell.last_error) = e.to_string();
                 cell.down.store(true, Ordering::Relaxed);
                 cell.settled.notify_waiters();
@@ -342,47 +538,97 @@ async fn pause(cell: &Cell, d: Duration) {
     }
 }
 
-/// Publishes the connection's RTT until it closes; declares the peer dead
-/// when nothing arrived from it for `dead_after` (keep-alives make a live
-/// peer send several packets in that time); then marks the peer down.
-async fn watch(
-    cell: &Cell,
-    conn: &Connection,
-    cluster: &ClusterName,
-    metrics: &GatewayMetrics,
-    dead_after: Duration,
-) {
+enum Watched {
+    Closed,
+    /// QUIC works again: this connection replaces the TCP one.
+    Replaced(PeerConn),
+}
+
+/// Watches a connection until it closes. QUIC: publishes its RTT and
+/// declares the peer dead when nothing arrived for `dead_after` (keep-alives
+/// make a live peer send several packets in that time). TCP fallback:
+/// hyper's pings do the same; meanwhile QUIC is retried every
+/// `quic_retry_interval`, and a QUIC connection that comes up replaces it.
+async fn watch(cell: &Cell, conn: &PeerConn, peer: &Peer, dialer: &Dialer) -> Watched {
+    let cluster = &peer.cluster;
+    let metrics = &dialer.metrics;
     let labels = PeerLabels {
         peer: cluster.to_string(),
     };
     metrics.peer_up.get_or_create(&labels).set(1);
+    let transport = conn.transport();
+    metrics.set_transport(cluster.as_str(), Some(transport));
     let mut tick = tokio::time::interval(WATCH_TICK);
-    let mut seen = conn.stats().udp_rx.datagrams;
     let opened = Instant::now();
-    let mut heard = opened;
-    let reason = loop {
-        tokio::select! {
-            r = conn.closed() => break r,
-            _ = tick.tick() => {
-                let stats = conn.stats();
-                if opened.elapsed() >= MIN_HEALTHY {
-                    cell.healthy_once.store(true, Ordering::Relaxed);
+    let outcome = match conn {
+        PeerConn::Quic(conn) => {
+            let mut seen = conn.stats().udp_rx.datagrams;
+            let mut heard = opened;
+            let reason = loop {
+                tokio::select! {
+                    r = conn.closed() => break r,
+                    _ = tick.tick() => {
+                        let stats = conn.stats();
+                        if opened.elapsed() >= MIN_HEALTHY {
+                            cell.healthy_once.store(true, Ordering::Relaxed);
+                        }
+                        metrics.peer_rtt.get_or_create(&labels).set(stats.path.rtt.as_secs_f64());
+                        if stats.udp_rx.datagrams != seen {
+                            seen = stats.udp_rx.datagrams;
+                            heard = Instant::now();
+                        } else if heard.elapsed() >= dialer.dead_after() {
+                            tracing::warn!(peer = %cluster, silent = ?heard.elapsed(), "peer gateway silent; declaring it dead");
+                            conn.close(CLOSE_SILENT.into(), b"peer silent");
+                        }
+                    }
                 }
-                metrics.peer_rtt.get_or_create(&labels).set(stats.path.rtt.as_secs_f64());
-                if stats.udp_rx.datagrams != seen {
-                    seen = stats.udp_rx.datagrams;
-                    heard = Instant::now();
-                } else if heard.elapsed() >= dead_after {
-                    tracing::warn!(peer = %cluster, silent = ?heard.elapsed(), "peer gateway silent; declaring it dead");
-                    conn.close(CLOSE_SILENT.into(), b"peer silent");
+            };
+            *lock(&cell.last_error) = format!("QUIC connection closed: {reason}");
+            Watched::Closed
+        }
+        PeerConn::Tcp(tcp) => {
+            let retry = dialer.limits.quic_retry_interval;
+            // Kept across loop turns: a tick must not cancel a handshake.
+            let mut probing = Box::pin(probe(dialer, peer, opened + retry));
+            loop {
+                tokio::select! {
+                    _ = tcp.closed() => {
+                        *lock(&cell.last_error) = "TCP fallback connection closed".into();
+                        break Watched::Closed;
+                    }
+                    _ = tick.tick() => {
+                        if opened.elapsed() >= MIN_HEALTHY {
+                            cell.healthy_once.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    q = &mut probing => match q {
+                        Ok(q) => {
+                            tracing::info!(peer = %cluster, "QUIC gets through again; new streams move off the TCP fallback");
+                            cell.prefer_tcp.store(false, Ordering::Relaxed);
+                            break Watched::Replaced(PeerConn::Quic(q));
+                        }
+                        Err(e) => {
+                            tracing::debug!(peer = %cluster, error = %e, "QUIC still does not get through");
+                            probing.set(probe(dialer, peer, Instant::now() + retry));
+                        }
+                    },
                 }
             }
         }
     };
-    *lock(&cell.last_error) = format!("connection closed: {reason}");
-    cell.down.store(true, Ordering::Relaxed);
-    metrics.peer_up.get_or_create(&labels).set(0);
-    tracing::warn!(peer = %cluster, %reason, "connection to peer gateway closed");
+    if let Watched::Closed = outcome {
+        cell.down.store(true, Ordering::Relaxed);
+        metrics.peer_up.get_or_create(&labels).set(0);
+        metrics.set_transport(cluster.as_str(), None);
+        tracing::warn!(peer = %cluster, transport = transport.as_str(), reason = %lock(&cell.last_error), "connection to peer gateway closed");
+    }
+    outcome
+}
+
+/// One background QUIC handshake at `at`.
+async fn probe(dialer: &Dialer, peer: &Peer, at: Instant) -> Result<Connection, PoolError> {
+    tokio::time::sleep_until(at).await;
+    dialer.quic(peer).await
 }
 
 async fn connect(

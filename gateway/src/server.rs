@@ -1,6 +1,6 @@
-//! The gateway app: binds the QUIC port (peers) and the TLS/TCP tunnel port
-//! (this cluster's sidecars), and forwards each tunnel stream to where the
-//! catalog says it goes.
+//! The gateway app: binds the QUIC port and the optional TCP fallback port
+//! (peers), and the TLS/TCP tunnel port (this cluster's sidecars), and
+//! forwards each tunnel stream to where the catalog says it goes.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -25,8 +25,8 @@ use tracing::Instrument;
 
 use crate::config::GatewaySettings;
 use crate::metrics::GatewayMetrics;
-use crate::pool::{self, Pool, CLOSE_POLICY};
-use crate::quic;
+use crate::pool::{self, Dialer, PeerConn, Pool, CLOSE_POLICY};
+use crate::{quic, tcp};
 
 const FROM_SIDECAR: &str = "from_sidecar";
 const FROM_PEER: &str = "from_peer";
@@ -59,6 +59,8 @@ struct Shared {
     config: admin::ConfigState,
     cursor: AtomicUsize,
     next_id: AtomicU64,
+    /// Set when the gateway closes: accepted fallback connections end.
+    stopped: tokio::sync::watch::Sender<bool>,
 }
 
 impl Shared {
@@ -72,6 +74,17 @@ impl Shared {
     fn cursor(&self) -> usize {
         self.cursor.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// The admin `/status` document: drain state and how peers are reached.
+    fn status_json(&self) -> String {
+        let catalog = self.catalog();
+        serde_json::json!({
+            "cluster": catalog.cluster.as_str(),
+            "draining": self.config.is_draining(),
+            "peers": self.pool.status(),
+        })
+        .to_string()
+    }
 }
 
 /// A running gateway. Dropping it stops its listeners.
@@ -80,6 +93,7 @@ pub struct Gateway {
     identity: SvidSource,
     quic_addr: SocketAddr,
     tunnel_addr: SocketAddr,
+    fallback_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -116,6 +130,35 @@ impl Gateway {
             PeerPolicy::AnyTrusted,
             &[fedmesh_wire::ALPN],
         )?;
+        // The TCP fallback checks peers like QUIC does: any SVID of a
+        // trusted domain completes the handshake, the catalog decides next.
+        let fallback_client = fedmesh_trust::client_config_from(
+            &identity,
+            s.bundles.clone(),
+            PeerPolicy::AnyTrusted,
+            &[tcp::ALPN_H2],
+        )?;
+        let fallback = match s.tcp_fallback {
+            None => None,
+            Some(addr) => {
+                let bind = |source| GatewayError::Bind {
+                    what: "TCP fallback",
+                    addr,
+                    source,
+                };
+                let l = TcpListener::bind(addr).await.map_err(bind)?;
+                let bound = l.local_addr().map_err(bind)?;
+                let tls = fedmesh_trust::server_config_from(
+                    &identity,
+                    s.bundles.clone(),
+                    PeerPolicy::AnyTrusted,
+                    &[tcp::ALPN_H2],
+                    ClientAuth::Required,
+                )?;
+                Some((l, bound, TlsAcceptor::from(Arc::new(tls))))
+            }
+        };
+        let fallback_addr = fallback.as_ref().map(|f| f.1);
         let listener = TcpListener::bind(s.tunnel)
             .await
             .map_err(|source| GatewayError::Bind {
@@ -133,18 +176,20 @@ impl Gateway {
             identity = %s.identity.id(),
             %quic_addr,
             %tunnel_addr,
+            fallback = ?fallback_addr,
             peers = s.catalog.peers().count(),
             "gateway listening"
         );
         let shared = Arc::new(Shared {
             catalog: RwLock::new(Arc::new(s.catalog)),
-            pool: Pool::new(
-                endpoint.clone(),
-                quic_client.clone(),
-                metrics.clone(),
-                s.limits.connect_timeout,
-                s.limits.peer_dead_after(),
-            ),
+            pool: Pool::new(Dialer {
+                endpoint: endpoint.clone(),
+                quic: quic_client.clone(),
+                tcp: TlsConnector::from(Arc::new(fallback_client)),
+                from: Some(quic_addr.ip()),
+                limits: s.limits.clone(),
+                metrics: metrics.clone(),
+            }),
             limits: s.limits,
             metrics,
             endpoint,
@@ -153,6 +198,7 @@ impl Gateway {
             config: admin::ConfigState::new(s.controller.is_none()),
             cursor: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
+            stopped: tokio::sync::watch::channel(false).0,
         });
         shared.pool.set_peers(shared.catalog().peers());
         let mut tasks = vec![
@@ -163,6 +209,13 @@ impl Gateway {
                 TlsAcceptor::from(Arc::new(tunnel_tls)),
             )),
         ];
+        if let Some((listener, _, acceptor)) = fallback {
+            tasks.push(tokio::spawn(accept_fallback(
+                shared.clone(),
+                listener,
+                acceptor,
+            )));
+        }
         let mut admin_addr = None;
         if let Some(addr) = s.admin {
             let m = shared.metrics.clone();
@@ -178,7 +231,11 @@ impl Gateway {
                     .register(reg.sub_registry_with_prefix("fedmesh_gateway"));
             };
             let ready = shared.config.ready_flag();
-            let (bound, task) = admin::spawn_with(addr, register, ready, None, Some(dump))
+            let status = {
+                let shared = shared.clone();
+                Arc::new(move || shared.status_json()) as admin::JsonFn
+            };
+            let (bound, task) = admin::spawn_with(addr, register, ready, Some(status), Some(dump))
                 .await
                 .map_err(|source| GatewayError::Bind {
                     what: "admin",
@@ -193,6 +250,7 @@ impl Gateway {
             identity,
             quic_addr,
             tunnel_addr,
+            fallback_addr,
             admin_addr,
             tasks,
         })
@@ -209,6 +267,16 @@ impl Gateway {
 
     pub fn tunnel_addr(&self) -> SocketAddr {
         self.tunnel_addr
+    }
+
+    /// The TCP fallback listener peers dial when UDP does not get through.
+    pub fn fallback_addr(&self) -> Option<SocketAddr> {
+        self.fallback_addr
+    }
+
+    /// How each peer gateway is reached right now.
+    pub fn peer_status(&self) -> Vec<pool::PeerStatus> {
+        self.shared.pool.status()
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
@@ -278,6 +346,8 @@ impl Gateway {
         for t in &self.tasks {
             t.abort();
         }
+        self.shared.stopped.send_replace(true);
+        self.shared.pool.close_all();
         self.shared
             .endpoint
             .close(0u32.into(), b"gateway shutting down");
@@ -352,6 +422,76 @@ async fn serve_peer(shared: Arc<Shared>, conn: Connection, peer: Peer) {
         }
     }
     shared.metrics.peer_connections.dec();
+}
+
+/// Accepts peer gateways over the TCP fallback: TLS with a peer gateway's
+/// SVID (checked against the catalog like QUIC), then HTTP/2 whose
+/// `CONNECT` streams are served like QUIC streams.
+async fn accept_fallback(shared: Arc<Shared>, listener: TcpListener, acceptor: TlsAcceptor) {
+    let m = shared.metrics.clone();
+    let limit = shared.limits.max_connections;
+    serve_tcp(
+        listener,
+        "TCP fallback",
+        limit,
+        move |_| m.reject("connection_limit"),
+        |tcp, remote| {
+            let shared = shared.clone();
+            let acceptor = acceptor.clone();
+            async move {
+                let mut stopped = shared.stopped.subscribe();
+                tokio::select! {
+                    _ = fallback_conn(&shared, tcp, remote, &acceptor) => {}
+                    _ = stopped.wait_for(|s| *s) => {}
+                }
+            }
+        },
+    )
+    .await
+}
+
+async fn fallback_conn(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    acceptor: &TlsAcceptor,
+) {
+    let (tls, id) = match accept_tls(acceptor, tcp, shared.limits.handshake_timeout).await {
+        Ok(x) => x,
+        Err(e) => {
+            shared.metrics.reject(e.reason());
+            tracing::warn!(%remote, error = %e, "TCP fallback handshake refused");
+            return;
+        }
+    };
+    let Some(peer) = shared.catalog().peer_by_identity(&id).cloned() else {
+        shared.metrics.reject("unknown_peer");
+        tracing::warn!(%remote, %id, "TCP fallback connection from an identity that is no peer gateway; closing");
+        return;
+    };
+    let span = tracing::info_span!("peer", cluster = %peer.cluster, %remote, transport = "tcp");
+    async {
+        tracing::info!("peer gateway connected over the TCP fallback");
+        shared.metrics.peer_connections.inc();
+        let stream = {
+            let shared = shared.clone();
+            move |mut io: tcp::TcpStream| {
+                let shared = shared.clone();
+                let peer = peer.clone();
+                async move {
+                    peer_stream(&shared, &peer, &mut io).await;
+                    let _ = io.shutdown().await;
+                }
+            }
+        };
+        let dead_after = shared.limits.peer_dead_after();
+        if let Err(e) = tcp::serve(tls, &shared.limits, dead_after, stream).await {
+            tracing::info!(reason = %e, "TCP fallback connection ended");
+        }
+        shared.metrics.peer_connections.dec();
+    }
+    .instrument(span)
+    .await;
 }
 
 async fn refuse<S: AsyncWrite + Unpin>(
@@ -675,32 +815,50 @@ impl PeerOpenError {
     }
 }
 
+/// A tunnel stream to a peer gateway, over whichever transport reaches it.
+trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> PeerIo for T {}
+
 async fn open_on_peer(
     shared: &Shared,
     peer: &Peer,
     header: &Header,
-) -> Result<tokio::io::Join<quinn::RecvStream, quinn::SendStream>, PeerOpenError> {
+) -> Result<Box<dyn PeerIo>, PeerOpenError> {
     let conn = shared.pool.get(peer).await?;
-    // open_bi waits while the peer's stream cap is reached; bound the wait.
-    let opened = tokio::time::timeout(shared.limits.status_timeout, conn.open_bi()).await;
-    let (send, recv) = match opened {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
+    // Opening waits while the peer's stream cap is reached; bound the wait.
+    let limit = shared.limits.status_timeout;
+    let opened: Result<Box<dyn PeerIo>, String> = match &conn {
+        PeerConn::Quic(c) => match tokio::time::timeout(limit, c.open_bi()).await {
+            Ok(Ok((send, recv))) => Ok(Box::new(tokio::io::join(recv, send))),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => {
+                return Err(PeerOpenError::Stream(
+                    "stream cap reached and no stream freed in time".into(),
+                ))
+            }
+        },
+        PeerConn::Tcp(t) => match tokio::time::timeout(limit, t.open()).await {
+            Ok(Ok(io)) => Ok(Box::new(io)),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => {
+                return Err(PeerOpenError::Stream(
+                    "stream cap reached and no stream freed in time".into(),
+                ))
+            }
+        },
+    };
+    let mut up = match opened {
+        Ok(up) => up,
+        Err(e) => {
             shared.pool.failed(&peer.cluster, &conn);
-            return Err(PeerOpenError::Stream(e.to_string()));
-        }
-        Err(_) => {
-            return Err(PeerOpenError::Stream(
-                "stream cap reached and no stream freed in time".into(),
-            ))
+            return Err(PeerOpenError::Stream(e));
         }
     };
-    let mut up = tokio::io::join(recv, send);
     if let Err(e) = open(&mut up, header, &shared.limits).await {
-        if conn.close_reason().is_some() {
+        if !conn.is_open() {
             // The peer closed the connection, for example because it refused
             // our certificate (TLS 1.3 tells us only now).
-            tracing::warn!(peer = %peer.cluster, reason = ?conn.close_reason(), "peer connection closed");
+            tracing::warn!(peer = %peer.cluster, "peer connection closed");
             shared.pool.failed(&peer.cluster, &conn);
         }
         return Err(PeerOpenError::Open(e));

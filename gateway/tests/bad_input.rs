@@ -358,6 +358,7 @@ async fn unreachable_peer_backs_off_instead_of_retrying_every_stream() {
         cluster: "south".into(),
         trust_domain: "south.demo".into(),
         gateway: silent.local_addr().unwrap(),
+        gateway_tcp: None,
         identity: None,
         region: String::new(),
     });

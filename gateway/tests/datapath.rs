@@ -106,6 +106,7 @@ async fn admin_gateway(
         bundles: east.bundles.clone(),
         quic: any,
         tunnel: any,
+        tcp_fallback: None,
         admin: Some(any),
         limits: Default::default(),
         controller,

@@ -83,6 +83,7 @@ fn peer_pb(p: &Peer) -> pb::Peer {
         address: p.address.to_string(),
         identity: p.identity.to_string(),
         region: p.region.clone(),
+        tcp_address: p.tcp_address.map(|a| a.to_string()).unwrap_or_default(),
     }
 }
 
@@ -320,6 +321,10 @@ impl Applied {
                             p.trust_domain.parse::<TrustDomain>(),
                         )?,
                         address: parse_addr("peer", &p.cluster, &p.address)?,
+                        tcp_address: match p.tcp_address.as_str() {
+                            "" => None,
+                            raw => Some(parse_addr("peer", &p.cluster, raw)?),
+                        },
                         identity: parse_id("peer", &p.cluster, &p.identity)?,
                         region: p.region.clone(),
                     })
@@ -483,6 +488,9 @@ mod tests {
                 cluster: east,
                 trust_domain: f.east.clone(),
                 address: "127.0.0.1:7000".parse().unwrap(),
+                tcp_address: port
+                    .is_multiple_of(2)
+                    .then(|| "127.0.0.1:7001".parse().unwrap()),
                 identity: fedmesh_catalog::gateway_identity(&f.east),
                 region: if port.is_multiple_of(3) {
                     "eu".into()

@@ -62,6 +62,7 @@ fn catalog(td: &TrustDomain, services: &[&str], peer: Option<&TrustDomain>) -> C
             cluster: ClusterName::new("east").unwrap(),
             trust_domain: ptd.clone(),
             address: "127.0.0.1:7000".parse().unwrap(),
+            tcp_address: Some("127.0.0.1:7001".parse().unwrap()),
             identity: fedmesh_catalog::gateway_identity(ptd),
             region: String::new(),
         });

@@ -175,6 +175,7 @@ fn topology(splice_buffer: usize) -> Topology {
         control_plane: ControlPlane::Static,
         policies: Default::default(),
         fault_relays: false,
+        tcp_fallback: false,
     }
 }
 

@@ -137,6 +137,7 @@ where
             trust_domain: ca.trust_domain().clone(),
             locality: Locality::default(),
             gateways: vec![format!("127.0.0.{}:15443", c + 1).parse()?],
+            gateways_tcp: Vec::new(),
             gateway_tunnel: None,
             lease_ttl: Duration::from_secs(10),
             bundle: ca.bundle(),

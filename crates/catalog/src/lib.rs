@@ -93,7 +93,11 @@ pub struct LocalService {
 pub struct Peer {
     pub cluster: ClusterName,
     pub trust_domain: TrustDomain,
+    /// QUIC (UDP) address of the peer's gateway.
     pub address: SocketAddr,
+    /// The same gateway's TLS/TCP fallback (HTTP/2 CONNECT), for networks
+    /// that drop UDP; `None` when it offers none.
+    pub tcp_address: Option<SocketAddr>,
     pub identity: SpiffeId,
     /// Locality for failover order; empty when unknown.
     pub region: String,

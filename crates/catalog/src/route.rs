@@ -518,6 +518,7 @@ mod big_tests {
             cluster: b.clone(),
             trust_domain: ptd.clone(),
             address: "127.0.0.1:1".parse().unwrap(),
+            tcp_address: None,
             identity: crate::gateway_identity(&ptd),
             region: String::new(),
         };

@@ -76,6 +76,9 @@ pub struct PeerSpec {
     pub cluster: String,
     pub trust_domain: String,
     pub gateway: SocketAddr,
+    /// The gateway's TLS/TCP fallback address, when it offers one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_tcp: Option<SocketAddr>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -152,6 +155,7 @@ impl CatalogSpec {
                         cluster: name,
                         trust_domain: td,
                         address: p.gateway,
+                        tcp_address: p.gateway_tcp,
                         identity,
                         region: p.region.clone(),
                     },
@@ -329,6 +333,7 @@ impl Catalog {
                     cluster: p.cluster.to_string(),
                     trust_domain: p.trust_domain.to_string(),
                     gateway: p.address,
+                    gateway_tcp: p.tcp_address,
                     identity: Some(p.identity.to_string()),
                     region: p.region.clone(),
                 })
@@ -366,7 +371,7 @@ services:
 imports:
   - { service: remote.demo, clusters: [north, west] }
 peers:
-  - { cluster: west, trust_domain: west.demo, gateway: "127.0.0.1:16443", region: us }
+  - { cluster: west, trust_domain: west.demo, gateway: "127.0.0.1:16443", gateway_tcp: "127.0.0.1:16444", region: us }
   - { cluster: north, trust_domain: north.demo, gateway: "127.0.0.1:17443" }
 policies:
   echo.demo:

@@ -74,6 +74,9 @@ pub struct Topology {
     /// Put a [`UdpRelay`] in front of every gateway's QUIC port (peers
     /// reach it through the relay), so drills can break the path.
     pub fault_relays: bool,
+    /// Gateways also listen on a TCP fallback port and advertise it (then
+    /// a relay that drops UDP makes peers move to TCP, not fail over).
+    pub tcp_fallback: bool,
 }
 
 impl Topology {
@@ -107,6 +110,7 @@ impl Topology {
             control_plane: ControlPlane::Static,
             policies: BTreeMap::new(),
             fault_relays: false,
+            tcp_fallback: false,
         }
     }
 }
@@ -234,6 +238,7 @@ impl Rig {
                     bundles: bundles.clone(),
                     quic: ANY.parse()?,
                     tunnel: ANY.parse()?,
+                    tcp_fallback: topo.tcp_fallback.then(|| ANY.parse()).transpose()?,
                     admin: None,
                     limits: topo.limits.clone(),
                     controller: None,
@@ -328,6 +333,7 @@ impl Rig {
                     cluster: other.topo.name.clone(),
                     trust_domain: other.td.to_string(),
                     gateway: other.quic_addr(),
+                    gateway_tcp: other.gateway.fallback_addr(),
                     identity: None,
                     region: String::new(),
                 });
@@ -426,6 +432,7 @@ impl Rig {
                         trust_domain: p.td.clone(),
                         locality: Locality::default(),
                         gateways: vec![p.quic_addr()],
+                        gateways_tcp: p.gateway.fallback_addr().into_iter().collect(),
                         gateway_tunnel: Some(p.gateway.tunnel_addr()),
                         lease_ttl: Duration::from_secs(3),
                         bundle: p.ca.bundle(),

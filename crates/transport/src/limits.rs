@@ -40,6 +40,11 @@ pub struct Limits {
     /// fits any Ethernet path; 8952 suits jumbo-frame networks. Discovery
     /// only ever uses what the path proves it carries.
     pub quic_max_udp_payload: u16,
+    /// While a peer is reached over the TCP fallback because UDP did not
+    /// get through, one QUIC handshake is tried this often; when one
+    /// succeeds, new streams move back to QUIC.
+    #[serde(with = "humantime_serde")]
+    pub quic_retry_interval: Duration,
 }
 
 impl Default for Limits {
@@ -57,6 +62,7 @@ impl Default for Limits {
             max_attempts: 4,
             splice_buffer_bytes: 64 * 1024,
             quic_max_udp_payload: 8952,
+            quic_retry_interval: Duration::from_secs(10),
         }
     }
 }
@@ -90,6 +96,7 @@ impl Limits {
             ("handshake_timeout", self.handshake_timeout),
             ("keep_alive", self.keep_alive),
             ("idle_timeout", self.idle_timeout),
+            ("quic_retry_interval", self.quic_retry_interval),
         ] {
             if d.is_zero() {
                 v.push(format!("limits.{name} must be more than zero"));

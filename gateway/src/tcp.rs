@@ -1,0 +1,233 @@
+//! The TCP fallback transport between peer gateways, for networks that drop
+//! UDP: TLS over TCP (the same gateway SVIDs and SPIFFE checks as QUIC,
+//! ALPN [`ALPN_H2`]) carrying HTTP/2, one `CONNECT` stream per tunneled
+//! connection. The multiplexing, flow control and keep-alive pings are
+//! hyper's (h2); this module owns only the connection setup on both sides
+//! and turning a `CONNECT` into the byte stream the tunnel protocol runs
+//! on, so a peer stream is served the same whichever transport carried it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use fedmesh_catalog::Peer;
+use fedmesh_transport::Limits;
+use http_body_util::Empty;
+use hyper::body::Bytes;
+use hyper::client::conn::http2::SendRequest;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpSocket;
+use tokio::sync::watch;
+use tokio_rustls::TlsConnector;
+
+/// ALPN of the fallback: fedmesh tunnel streams inside HTTP/2 `CONNECT`.
+/// Distinct from the sidecar tunnel's `fedmesh/1`, so neither port can be
+/// mistaken for the other.
+pub const ALPN_H2: &[u8] = b"fedmesh-h2/1";
+/// The authority every `CONNECT` names; the tunnel header says where the
+/// stream really goes.
+const AUTHORITY: &str = "fedmesh.invalid:443";
+/// Per-stream and per-connection HTTP/2 windows: one connection carries
+/// every tunneled connection to a peer, like the QUIC one (same sizes).
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONN_WINDOW: u32 = 32 << 20;
+/// What hyper buffers per stream before a writer waits.
+const SEND_BUF: usize = 1 << 20;
+
+/// HTTP/2 header lists are bounded like tunnel headers (validated to fit).
+fn header_list(limits: &Limits) -> u32 {
+    u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX)
+}
+
+/// A tunneled byte stream over the fallback.
+pub type TcpStream = TokioIo<hyper::upgrade::Upgraded>;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TcpError {
+    #[error("TCP connect to {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS handshake with {addr}: {source}")]
+    Tls {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("peer presented {got}, expected {expected}")]
+    WrongPeer { got: String, expected: String },
+    #[error("HTTP/2: {0}")]
+    Http(#[from] hyper::Error),
+    #[error("peer answered CONNECT with {0}")]
+    Refused(StatusCode),
+}
+
+/// A live fallback connection to one peer gateway. Clones share it. When
+/// the last clone is dropped the connection ends by itself once its open
+/// streams have (hyper closes an HTTP/2 client with no `SendRequest` left
+/// after its last stream), which is how a move back to QUIC drains it.
+#[derive(Clone)]
+pub struct TcpConn {
+    send: SendRequest<Empty<Bytes>>,
+    closed: watch::Receiver<bool>,
+    task: tokio::task::AbortHandle,
+}
+
+impl TcpConn {
+    pub fn is_open(&self) -> bool {
+        !*self.closed.borrow() && !self.send.is_closed()
+    }
+
+    /// Resolves once the connection has ended (either side, or pings went
+    /// unanswered for `dead_after`).
+    pub async fn closed(&self) {
+        let mut rx = self.closed.clone();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Ends the connection now, open streams included (the peer refused us,
+    /// or we no longer want it).
+    pub fn close(&self) {
+        self.task.abort();
+    }
+
+    /// Opens one tunnel stream: a `CONNECT` the peer answers with 200, then
+    /// bytes both ways. Waits while the peer's stream cap is reached; the
+    /// caller bounds the wait.
+    pub async fn open(&self) -> Result<TcpStream, TcpError> {
+        let req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(AUTHORITY)
+            .body(Empty::new())
+            .map_err(|_| TcpError::Refused(StatusCode::BAD_REQUEST))?;
+        let mut send = self.send.clone();
+        send.ready().await?;
+        let resp = send.send_request(req).await?;
+        if resp.status() != StatusCode::OK {
+            return Err(TcpError::Refused(resp.status()));
+        }
+        Ok(TokioIo::new(hyper::upgrade::on(resp).await?))
+    }
+}
+
+/// Dials `peer`'s fallback address, checks its SPIFFE ID and starts HTTP/2.
+/// `from`: the address to dial from (the gateway's own, so that firewall
+/// rules and partitions that name it apply to both transports).
+pub async fn connect(
+    peer: &Peer,
+    addr: SocketAddr,
+    from: Option<IpAddr>,
+    tls: &TlsConnector,
+    limits: &Limits,
+    dead_after: Duration,
+) -> Result<TcpConn, TcpError> {
+    let limit = limits.connect_timeout;
+    tokio::time::timeout(limit, dial(peer, addr, from, tls, limits, dead_after))
+        .await
+        .map_err(|_| TcpError::Timeout(limit))?
+}
+
+async fn dial(
+    peer: &Peer,
+    addr: SocketAddr,
+    from: Option<IpAddr>,
+    tls: &TlsConnector,
+    limits: &Limits,
+    dead_after: Duration,
+) -> Result<TcpConn, TcpError> {
+    let io_err = |source| TcpError::Connect { addr, source };
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
+    .map_err(io_err)?;
+    if let Some(ip) = from.filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == addr.is_ipv4()) {
+        socket.bind(SocketAddr::new(ip, 0)).map_err(io_err)?;
+    }
+    let tcp = socket.connect(addr).await.map_err(io_err)?;
+    let _ = tcp.set_nodelay(true);
+    let name = rustls::pki_types::ServerName::try_from("fedmesh.invalid")
+        .map_err(|e| io_err(std::io::Error::other(e)))?;
+    let stream = tls
+        .connect(name, tcp)
+        .await
+        .map_err(|source| TcpError::Tls { addr, source })?;
+    let got = fedmesh_trust::peer_id(stream.get_ref().1.peer_certificates());
+    if got.as_ref() != Some(&peer.identity) {
+        return Err(TcpError::WrongPeer {
+            got: got.map_or_else(|| "no SPIFFE ID".into(), |g| g.to_string()),
+            expected: peer.identity.to_string(),
+        });
+    }
+    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_send_buf_size(SEND_BUF)
+        .max_header_list_size(header_list(limits))
+        .keep_alive_interval(limits.keep_alive)
+        .keep_alive_timeout(dead_after)
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(stream))
+        .await?;
+    let (tx, rx) = watch::channel(false);
+    let cluster = peer.cluster.clone();
+    let task = tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::info!(peer = %cluster, error = %e, "TCP fallback connection ended");
+        }
+        let _ = tx.send(true);
+    });
+    Ok(TcpConn {
+        send,
+        closed: rx,
+        task: task.abort_handle(),
+    })
+}
+
+/// Serves one accepted fallback connection: after the TLS handshake (the
+/// caller has checked the peer's identity) every `CONNECT` becomes a byte
+/// stream handed to `stream`; any other request is answered 405.
+pub async fn serve<F, Fut>(
+    tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    limits: &Limits,
+    dead_after: Duration,
+    stream: F,
+) -> Result<(), hyper::Error>
+where
+    F: Fn(TcpStream) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let stream = stream.clone();
+        async move {
+            let mut resp = Response::new(Empty::<Bytes>::new());
+            if req.method() != Method::CONNECT {
+                *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+                return Ok::<_, std::convert::Infallible>(resp);
+            }
+            tokio::spawn(async move {
+                match hyper::upgrade::on(req).await {
+                    Ok(up) => stream(TokioIo::new(up)).await,
+                    Err(e) => tracing::debug!(error = %e, "CONNECT stream ended before it opened"),
+                }
+            });
+            Ok(resp)
+        }
+    });
+    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_send_buf_size(SEND_BUF)
+        .max_concurrent_streams(limits.max_streams_per_connection)
+        .max_header_list_size(header_list(limits))
+        .keep_alive_interval(limits.keep_alive)
+        .keep_alive_timeout(dead_after)
+        .serve_connection(TokioIo::new(tls), service)
+        .await
+}
