@@ -10,8 +10,10 @@
 //! cluster in the ring (east → west → north → east), so HTTP load is
 //! cross-cluster and fails over to the third cluster.
 //!
-//! Peers reach each gateway through a UDP relay run by this process (on
-//! the cluster's address), which scenarios use to cut or impair the path.
+//! Peers reach each gateway through relays run by this process (on the
+//! cluster's address): a UDP relay in front of its QUIC port and a TCP
+//! relay in front of its TCP fallback port, which scenarios use to cut or
+//! impair either path.
 //!
 //! Proxies follow their controller (config and SVIDs); nothing is static
 //! but their first SVID and their own trust bundle. Every process writes
@@ -26,7 +28,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use fedmesh_testkit::etcd::EtcdCluster;
-use fedmesh_testkit::faults::UdpRelay;
+use fedmesh_testkit::faults::{TcpRelay, UdpRelay};
 use fedmesh_testkit::{run_load, HttpConn, LoadSpec};
 use fedmesh_trust::{CertificateAuthority, TrustDomain};
 
@@ -43,6 +45,9 @@ pub struct Cluster {
     /// Where peers reach the gateway (its relay).
     pub quic_public: SocketAddr,
     pub quic: SocketAddr,
+    /// The gateway's TCP fallback listener, and where peers reach it.
+    pub tcp: SocketAddr,
+    pub tcp_public: SocketAddr,
     pub tunnel: SocketAddr,
     pub api: SocketAddr,
     pub controller_admin: SocketAddr,
@@ -72,6 +77,8 @@ pub struct Rig {
     /// reach the gateway only through it, so scenarios can impair or cut
     /// the path between clusters.
     pub relays: BTreeMap<String, UdpRelay>,
+    /// In front of each cluster's gateway TCP fallback port.
+    pub tcp_relays: BTreeMap<String, TcpRelay>,
     pub etcd: EtcdCluster,
     pub dir: tempfile::TempDir,
     procs: BTreeMap<String, Proc>,
@@ -121,6 +128,7 @@ impl Rig {
         let mut clusters = Vec::new();
         let mut cas = Vec::new();
         let mut relays = BTreeMap::new();
+        let mut tcp_relays = BTreeMap::new();
         for (i, name) in CLUSTERS.iter().enumerate() {
             let ip: IpAddr = format!("127.0.{}.1", 11 + i).parse()?;
             let ca = CertificateAuthority::new_root(
@@ -133,11 +141,17 @@ impl Rig {
             let relay = UdpRelay::start_on(ip, quic).await?;
             let quic_public = relay.addr();
             relays.insert((*name).to_owned(), relay);
+            let tcp = free(ip, false)?;
+            let tcp_relay = TcpRelay::start_on(ip, tcp).await?;
+            let tcp_public = tcp_relay.addr();
+            tcp_relays.insert((*name).to_owned(), tcp_relay);
             clusters.push(Cluster {
                 name: (*name).to_owned(),
                 ip,
                 quic_public,
                 quic,
+                tcp,
+                tcp_public,
                 tunnel: free(ip, false)?,
                 api: free(ip, false)?,
                 controller_admin: free(ip, false)?,
@@ -155,6 +169,7 @@ impl Rig {
         let mut rig = Rig {
             clusters: clusters.clone(),
             relays,
+            tcp_relays,
             etcd,
             dir,
             procs: BTreeMap::new(),
@@ -189,12 +204,13 @@ impl Rig {
                 .copied()
                 .unwrap_or_default();
             let controller = format!(
-                "cluster: {name}\ntrust_domain: {td}\ngateways: [\"{quic}\"]\ngateway_tunnel: \"{tunnel}\"\nlease_ttl: 3s\n\
+                "cluster: {name}\ntrust_domain: {td}\ngateways: [\"{quic}\"]\ngateways_tcp: [\"{tcp}\"]\ngateway_tunnel: \"{tunnel}\"\nlease_ttl: 3s\n\
                  store: {{ kind: etcd, endpoints: [{endpoints}] }}\nbundle: {bundle}\npins_dir: {pins}\nservices: {services}\n\
                  admin: \"{admin}\"\napi:\n  listen: \"{api}\"\n  ca_dir: {ca_dir}\n\
                  policies:\n  http.demo:\n    failover: [{prefers}, {third}]\n    retry: {{ attempts: 3 }}\n    outlier: {{ consecutive_failures: 3, base_ejection: 1s }}\n",
                 name = c.name,
                 quic = c.quic_public,
+                tcp = c.tcp_public,
                 tunnel = c.tunnel,
                 bundle = p(&d.join(format!("{}-ca/bundle.pem", c.name))),
                 pins = p(&pins),
@@ -215,9 +231,10 @@ impl Rig {
                 )
             };
             let gateway = format!(
-                "listen: {{ quic: \"{}\", tunnel: \"{}\", admin: \"{}\" }}\n{}",
+                "listen: {{ quic: \"{}\", tunnel: \"{}\", tcp_fallback: \"{}\", admin: \"{}\" }}\n{}",
                 c.quic,
                 c.tunnel,
+                c.tcp,
                 c.gateway_admin,
                 common("gw")
             );

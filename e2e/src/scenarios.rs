@@ -12,17 +12,18 @@ use serde::Serialize;
 
 use crate::rig::{admin_get, Rig, CLUSTERS};
 
-pub const ALL: [&str; 6] = [
+pub const ALL: [&str; 7] = [
     "steady",
     "partition",
     "lossy-wan",
     "control-plane-outage",
     "etcd-member-loss",
     "gateway-restart",
+    "udp-blocked",
 ];
 
 /// Not built yet; named so that asking for them says so.
-pub const NOT_YET: [&str; 2] = ["root-rotation", "udp-blocked"];
+pub const NOT_YET: [&str; 1] = ["root-rotation"];
 
 #[derive(Debug, Clone, Copy)]
 pub struct Params {
@@ -294,18 +295,10 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
             let load = start_load(rig, p, d, &CLUSTERS, true);
             let at = Duration::from_secs(if p.quick { 4 } else { 10 });
             tl.until(at).await;
-            let west_ip = rig.cluster("west").map(|c| c.ip);
+            // Both transports: a partition leaves no TCP fallback either.
             let set = |rig: &Rig, on: bool| {
-                for (name, r) in &rig.relays {
-                    if name == "west" {
-                        r.set(if on {
-                            fedmesh_testkit::faults::RelayMode::Blackhole
-                        } else {
-                            fedmesh_testkit::faults::RelayMode::Pass
-                        });
-                    } else if let Some(ip) = west_ip {
-                        r.block(ip, on);
-                    }
+                for other in ["east", "north"] {
+                    cut_path(rig, "west", other, Path::Both, on);
                 }
             };
             set(rig, true);
@@ -377,9 +370,12 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
             );
         }
         "lossy-wan" => {
-            // 30 ms round trip and 1 % loss each way between east and
-            // west (west's relay), first with small HTTP requests alone,
-            // then with a bulk transfer on the same peer connection.
+            // 30 ms round trip between east and west (west's relays), small
+            // HTTP requests alone and then beside a bulk transfer on the
+            // same peer connection: first over QUIC (with 1 % loss and
+            // 0.5 % reordering), then with UDP blocked so the TCP fallback
+            // carries it (same delay and jitter; a user-space TCP relay
+            // cannot drop segments, so no loss on that path).
             let phase = p.len(20, 8);
             let wan = fedmesh_testkit::faults::Impairment {
                 delay: Duration::from_millis(15),
@@ -390,79 +386,165 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
             if let Some(r) = rig.relays.get("west") {
                 r.impair(wan);
             }
-            tl.note("west's path impaired: 15 ms ±2 ms each way, 1% loss, 0.5% reordered");
-            let alone = start_load(rig, p, phase, &["east"], false);
-            tl.until(phase).await;
-            let a = finish_load(alone).await;
-            tl.note("small requests alone done; bulk transfer starts");
-            let east_http = rig.cluster("east").map(|c| c.http_out);
-            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let bulk = {
-                let stop = stop.clone();
-                tokio::spawn(async move {
-                    let Some(addr) = east_http else {
-                        return (0u64, 0u64, Duration::ZERO);
-                    };
-                    let body = bytes_of(BULK);
-                    let (mut ok, mut failed) = (0u64, 0u64);
-                    let t0 = Instant::now();
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        let r = async {
-                            let mut c = fedmesh_testkit::HttpConn::connect(addr, false).await?;
-                            c.request("PUT", "/bulk", &[], body.clone()).await
-                        };
-                        match tokio::time::timeout(Duration::from_secs(20), r).await {
-                            Ok(Ok(r)) if r.status == 200 && r.body.len() == body.len() => ok += 1,
-                            _ => failed += 1,
-                        }
-                    }
-                    (ok, failed, t0.elapsed())
-                })
-            };
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let with = start_load(rig, p, phase, &["east"], false);
-            let mut w = finish_load(with).await;
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
-            let (bulk_ok, bulk_failed, bulk_time) = bulk.await.unwrap_or_default();
+            tl.note("west's UDP path impaired: 15 ms ±2 ms each way, 1% loss, 0.5% reordered");
+            let quic = wan_phases(rig, p, phase, &mut tl, "QUIC").await;
             if let Some(r) = rig.relays.get("west") {
                 r.impair(fedmesh_testkit::faults::Impairment::default());
             }
-            let goodput = (bulk_ok as f64 * 8.0 * 2.0 * BULK as f64)
-                / bulk_time.as_secs_f64().max(1e-9)
-                / 1e6;
-            tl.note(format!(
-                "bulk: {bulk_ok} transfers of 1 MiB each way ({goodput:.0} Mbit/s both ways), {bulk_failed} failed; path restored"
-            ));
-            let (p99_alone, p99_with) = (
-                a.first().map(|l| l.p99_ms).unwrap_or(0.0),
-                w.first().map(|l| l.p99_ms).unwrap_or(0.0),
+            let delay_only = fedmesh_testkit::faults::Impairment {
+                loss_percent: 0.0,
+                reorder_percent: 0.0,
+                ..wan
+            };
+            let tcp_ok = rig
+                .tcp_relays
+                .get("west")
+                .is_some_and(|r| r.impair(delay_only).is_ok());
+            cut_path(rig, "east", "west", Path::Udp, true);
+            tl.note(
+                "UDP between east and west blocked; west's TCP path: 15 ms ±2 ms each way, no loss",
             );
-            tl.note(format!(
-                "small requests over QUIC: p99 {p99_alone:.1} ms alone, {p99_with:.1} ms beside the bulk transfer (TCP fallback: not built yet)"
-            ));
-            for l in w.iter_mut() {
-                l.cluster = "east (+bulk)".into();
+            let on_tcp = until_transport(rig, "east", "west", "tcp", Duration::from_secs(20)).await;
+            o.check(
+                "east reaches west over the TCP fallback",
+                tcp_ok && on_tcp.is_some(),
+                format!("{on_tcp:?}"),
+            );
+            let tcp = wan_phases(rig, p, phase, &mut tl, "TCP").await;
+            cut_path(rig, "east", "west", Path::Udp, false);
+            if let Some(r) = rig.tcp_relays.get("west") {
+                let _ = r.impair(fedmesh_testkit::faults::Impairment::default());
             }
-            o.loads = a.into_iter().chain(w).collect();
-            for l in o.loads.clone() {
-                // Idempotent and retried, so failures should be none; a
-                // loaded CI machine once lost 1 of 400 (cause unknown,
-                // reported in the detail): at most 1 % is allowed.
+            tl.note("paths restored");
+            tl.note(format!(
+                "small requests p99 alone / beside bulk: QUIC (1% loss) {:.1} / {:.1} ms; TCP fallback (no loss) {:.1} / {:.1} ms; bulk goodput QUIC {:.1}, TCP {:.1} Mbit/s both ways",
+                quic.p99_alone, quic.p99_with, tcp.p99_alone, tcp.p99_with, quic.goodput_mbit, tcp.goodput_mbit
+            ));
+            for w in [&quic, &tcp] {
+                for l in &w.loads {
+                    // Idempotent and retried, so failures should be none; a
+                    // loaded CI machine once lost 1 of 400 (cause unknown,
+                    // reported in the detail): at most 1 % is allowed.
+                    o.check(
+                        format!("{}: at most 1% of small requests failed", l.cluster),
+                        l.requests > 0 && l.failed * 100 <= l.requests,
+                        format!("{} failed of {}: {:?}", l.failed, l.requests, l.errors),
+                    );
+                }
                 o.check(
-                    format!("{}: at most 1% of small requests failed", l.cluster),
-                    l.requests > 0 && l.failed * 100 <= l.requests,
-                    format!("{} failed of {}: {:?}", l.failed, l.requests, l.errors),
+                    format!("{}: bulk transfers completed", w.label),
+                    w.bulk_ok > 0 && w.bulk_failed == 0,
+                    format!("{} ok, {} failed", w.bulk_ok, w.bulk_failed),
+                );
+                o.check(
+                    format!(
+                        "{}: the bulk transfer does not hold small requests up (p99 within 4× + 100 ms of alone)",
+                        w.label
+                    ),
+                    w.p99_with <= w.p99_alone * 4.0 + 100.0,
+                    format!("{:.1} ms → {:.1} ms", w.p99_alone, w.p99_with),
                 );
             }
-            o.check(
-                "bulk transfers completed",
-                bulk_ok > 0 && bulk_failed == 0,
-                format!("{bulk_ok} ok, {bulk_failed} failed"),
+            o.loads = quic.loads.into_iter().chain(tcp.loads).collect();
+        }
+        "udp-blocked" => {
+            // UDP between east and west is dropped both ways (TCP passes):
+            // their gateways must move to the TCP fallback by themselves,
+            // keep it while UDP stays blocked, and take QUIC back when it
+            // returns. east's HTTP prefers west, so its load crosses the
+            // blocked path the whole time.
+            let before = p.len(10, 5);
+            let blocked = p.len(40, 20);
+            let d = before + blocked + p.len(30, 20);
+            let load = start_load(rig, p, d, &CLUSTERS, true);
+            tl.until(before).await;
+            cut_path(rig, "east", "west", Path::Udp, true);
+            let cut_at = tl.note("UDP between east and west dropped (TCP passes)");
+            let limit = Duration::from_secs(15);
+            let (ew, we) = tokio::join!(
+                until_transport(rig, "east", "west", "tcp", limit),
+                until_transport(rig, "west", "east", "tcp", limit)
             );
+            let moved = tl.note(format!(
+                "east reaches west over TCP after {ew:?}, west reaches east over TCP after {we:?}"
+            ));
             o.check(
-                "the bulk transfer does not hold small requests up (p99 within 4× + 100 ms of alone)",
-                p99_with <= p99_alone * 4.0 + 100.0,
-                format!("{p99_alone:.1} ms → {p99_with:.1} ms"),
+                "both gateways moved to the TCP fallback within 10 s",
+                ew.zip(we)
+                    .is_some_and(|(a, b)| a.max(b) <= Duration::from_secs(10)),
+                format!("east→west {ew:?}, west→east {we:?}"),
+            );
+            // Remembered: it stays on TCP (no flapping back to a QUIC that
+            // cannot work, no moment down) while UDP is blocked.
+            let mut looks = 0;
+            let mut other = Vec::new();
+            while tl.t0.elapsed() + Duration::from_millis(500) < before + blocked {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                for (a, b) in [("east", "west"), ("west", "east")] {
+                    looks += 1;
+                    match gateway_peer(rig, a, b).await {
+                        Some((t, true)) if t == "tcp" => {}
+                        x => other.push(format!("{a}→{b}: {x:?}")),
+                    }
+                }
+            }
+            o.check(
+                "the TCP fallback was kept (and marked) while UDP stayed blocked",
+                looks > 0 && other.is_empty(),
+                format!("{looks} looks; otherwise: {other:?}"),
+            );
+            let north_quic = [("north", "east"), ("north", "west"), ("east", "north")];
+            let mut north_ok = true;
+            for (a, b) in north_quic {
+                north_ok &= gateway_peer(rig, a, b)
+                    .await
+                    .is_some_and(|(t, _)| t == "quic");
+            }
+            o.check("paths not involving the block stayed on QUIC", north_ok, "");
+            cut_path(rig, "east", "west", Path::Udp, false);
+            let back_at = tl.note("UDP between east and west passes again");
+            let limit = Duration::from_secs(25);
+            let (ew, we) = tokio::join!(
+                until_transport(rig, "east", "west", "quic", limit),
+                until_transport(rig, "west", "east", "quic", limit)
+            );
+            tl.note(format!(
+                "QUIC taken back: east→west after {ew:?}, west→east after {we:?}"
+            ));
+            o.check(
+                "QUIC taken back within the retry interval (10 s) + 5 s",
+                ew.zip(we)
+                    .is_some_and(|(a, b)| a.max(b) <= Duration::from_secs(15)),
+                format!("east→west {ew:?}, west→east {we:?}"),
+            );
+            o.loads = finish_load(load).await;
+            check_loads(&mut o, rig, false, &|_, _| false);
+            // Traffic really crossed the blocked path over TCP: once moved
+            // (plus time for any ejection to expire), west served east.
+            let window = (moved + Duration::from_secs(3), back_at);
+            let (by_west, all) = o
+                .loads
+                .iter()
+                .find(|l| l.cluster == "east" && l.kind == "http")
+                .map(|l| {
+                    let w: Vec<&Sample> = l
+                        .samples
+                        .iter()
+                        .filter(|s| s.ok && s.start >= window.0 && s.start < window.1)
+                        .collect();
+                    (
+                        w.iter().filter(|s| s.cluster() == Some("west")).count(),
+                        w.len(),
+                    )
+                })
+                .unwrap_or_default();
+            o.check(
+                "west served east's HTTP over the TCP fallback (≥ 90% while UDP was blocked)",
+                all > 0 && by_west * 100 >= all * 90,
+                format!(
+                    "{by_west} of {all} after {:?}",
+                    window.0.saturating_sub(cut_at)
+                ),
             );
         }
         "control-plane-outage" => {
@@ -612,6 +694,156 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
     o.duration_ms = t0.elapsed().as_millis() as u64;
     o.events = tl.events;
     Ok(o)
+}
+
+/// Which transport between two clusters a [`cut_path`] drops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    Udp,
+    Both,
+}
+
+/// Cuts (or restores) the path between clusters `a` and `b`, both ways:
+/// each one's relays drop what the other sends.
+fn cut_path(rig: &Rig, a: &str, b: &str, path: Path, on: bool) {
+    for (me, them) in [(a, b), (b, a)] {
+        let Some(ip) = rig.cluster(them).map(|c| c.ip) else {
+            continue;
+        };
+        if let Some(r) = rig.relays.get(me) {
+            r.block(ip, on);
+        }
+        if path == Path::Both {
+            if let Some(r) = rig.tcp_relays.get(me) {
+                r.block(ip, on);
+            }
+        }
+    }
+}
+
+/// How `from`'s gateway reaches `to` (transport, whether its UDP path is
+/// known blocked), from the gateway's `/status`.
+async fn gateway_peer(rig: &Rig, from: &str, to: &str) -> Option<(String, bool)> {
+    let c = rig.cluster(from)?;
+    let (code, body) = admin_get(c.gateway_admin, "/status").await?;
+    if code != 200 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let peer = v["peers"].as_array()?.iter().find(|p| p["cluster"] == to)?;
+    Some((
+        peer["transport"].as_str()?.to_owned(),
+        peer["udp_blocked"].as_bool()?,
+    ))
+}
+
+/// Waits (bounded) until `from`'s gateway reaches `to` by `transport`.
+async fn until_transport(
+    rig: &Rig,
+    from: &str,
+    to: &str,
+    transport: &str,
+    limit: Duration,
+) -> Option<Duration> {
+    let t0 = Instant::now();
+    loop {
+        if gateway_peer(rig, from, to)
+            .await
+            .is_some_and(|(t, _)| t == transport)
+        {
+            return Some(t0.elapsed());
+        }
+        if t0.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What one `lossy-wan` pass measured.
+struct WanPhases {
+    label: &'static str,
+    loads: Vec<LoadSummary>,
+    p99_alone: f64,
+    p99_with: f64,
+    bulk_ok: u64,
+    bulk_failed: u64,
+    goodput_mbit: f64,
+}
+
+/// Small requests from east alone for `phase`, then beside back-to-back
+/// 1 MiB transfers on the same path for another `phase`.
+async fn wan_phases(
+    rig: &Rig,
+    p: &Params,
+    phase: Duration,
+    tl: &mut Timeline,
+    label: &'static str,
+) -> WanPhases {
+    let alone = start_load(rig, p, phase, &["east"], false);
+    tokio::time::sleep(phase).await;
+    let a = finish_load(alone).await;
+    tl.note(format!(
+        "{label}: small requests alone done; bulk transfer starts"
+    ));
+    let east_http = rig.cluster("east").map(|c| c.http_out);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let bulk = {
+        let stop = stop.clone();
+        let started = started.clone();
+        tokio::spawn(async move {
+            let Some(addr) = east_http else {
+                started.notify_one();
+                return (0u64, 0u64, Duration::ZERO);
+            };
+            let body = bytes_of(BULK);
+            let (mut ok, mut failed) = (0u64, 0u64);
+            let t0 = Instant::now();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = async {
+                    let mut c = fedmesh_testkit::HttpConn::connect(addr, false).await?;
+                    started.notify_one();
+                    c.request("PUT", "/bulk", &[], body.clone()).await
+                };
+                match tokio::time::timeout(Duration::from_secs(20), r).await {
+                    Ok(Ok(r)) if r.status == 200 && r.body.len() == body.len() => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+            (ok, failed, t0.elapsed())
+        })
+    };
+    // The small requests start once the bulk connection is open.
+    let _ = tokio::time::timeout(Duration::from_secs(5), started.notified()).await;
+    let with = start_load(rig, p, phase, &["east"], false);
+    let mut w = finish_load(with).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (bulk_ok, bulk_failed, bulk_time) = bulk.await.unwrap_or_default();
+    let goodput_mbit =
+        (bulk_ok as f64 * 8.0 * 2.0 * BULK as f64) / bulk_time.as_secs_f64().max(1e-9) / 1e6;
+    tl.note(format!(
+        "{label}: bulk {bulk_ok} transfers of 1 MiB each way ({goodput_mbit:.1} Mbit/s both ways), {bulk_failed} failed"
+    ));
+    let p99_alone = a.first().map(|l| l.p99_ms).unwrap_or(0.0);
+    let p99_with = w.first().map(|l| l.p99_ms).unwrap_or(0.0);
+    let mut loads = a;
+    for l in loads.iter_mut() {
+        l.cluster = format!("east ({label})");
+    }
+    for l in w.iter_mut() {
+        l.cluster = format!("east ({label} +bulk)");
+    }
+    loads.extend(w);
+    WanPhases {
+        label,
+        loads,
+        p99_alone,
+        p99_with,
+        bulk_ok,
+        bulk_failed,
+        goodput_mbit,
+    }
 }
 
 /// One bulk transfer (sent and echoed back).

@@ -47,7 +47,8 @@ fn scenarios_pass_at_ci_length() {
             "lossy-wan",
             "control-plane-outage",
             "etcd-member-loss",
-            "gateway-restart"
+            "gateway-restart",
+            "udp-blocked"
         ]
     );
     assert!(v.as_array().unwrap().iter().all(|o| o["passed"] == true));
@@ -60,7 +61,7 @@ fn unknown_and_unbuilt_scenarios_are_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown scenario"));
     let out = Command::new(me)
-        .args(["run", "udp-blocked"])
+        .args(["run", "root-rotation"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));

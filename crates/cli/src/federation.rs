@@ -72,8 +72,12 @@ pub struct StatusArgs {
     #[arg(long, env = "FEDMESH_STORE", conflicts_with = "controller")]
     store: Option<String>,
     /// A controller's admin address: ask it for its own view.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "gateway")]
     controller: Option<std::net::SocketAddr>,
+    /// A gateway's admin address: how it reaches each peer gateway (QUIC
+    /// or the TCP fallback) right now.
+    #[arg(long, conflicts_with = "store")]
+    gateway: Option<std::net::SocketAddr>,
     #[arg(long, value_enum, default_value_t = Output::Table)]
     output: Output,
 }
@@ -384,22 +388,65 @@ pub async fn services_list(a: StoreArgs, cluster: Option<ClusterName>) -> anyhow
     Ok(ExitCode::SUCCESS)
 }
 
+/// `GET /status` from a controller's or gateway's admin endpoint.
+async fn admin_status(addr: std::net::SocketAddr, what: &str) -> anyhow::Result<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
+        .await
+        .with_context(|| format!("{what} admin {addr}: connect timed out"))??;
+    s.write_all(b"GET /status HTTP/1.1\r\nhost: fedmesh\r\nconnection: close\r\n\r\n")
+        .await?;
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(3), s.read_to_string(&mut body))
+        .await
+        .with_context(|| format!("{what} admin {addr}: no answer"))??;
+    let json = body.split_once("\r\n\r\n").map(|x| x.1).unwrap_or_default();
+    serde_json::from_str(json).with_context(|| format!("{what} /status is not JSON"))
+}
+
 pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
+    if let Some(addr) = a.gateway {
+        let v = admin_status(addr, "gateway").await?;
+        if a.output == Output::Json {
+            crate::emit(&format!("{}\n", serde_json::to_string_pretty(&v)?));
+            return Ok(ExitCode::SUCCESS);
+        }
+        let mut out = format!(
+            "gateway of {} — draining: {}\n{:<12} {:<10} {:>10} {:<12} {:<22} {:<22} {}\n",
+            v["cluster"].as_str().unwrap_or("?"),
+            v["draining"],
+            "PEER",
+            "TRANSPORT",
+            "CONNECTED",
+            "UDP BLOCKED",
+            "QUIC ADDRESS",
+            "TCP ADDRESS",
+            "LAST ERROR"
+        );
+        for p in v["peers"].as_array().cloned().unwrap_or_default() {
+            out.push_str(&format!(
+                "{:<12} {:<10} {:>10} {:<12} {:<22} {:<22} {}\n",
+                p["cluster"].as_str().unwrap_or_default(),
+                p["transport"].as_str().unwrap_or_default(),
+                p["connected_for_s"]
+                    .as_f64()
+                    .map(|s| format!("{s:.0}s"))
+                    .unwrap_or_else(|| "-".into()),
+                if p["udp_blocked"] == true {
+                    "yes"
+                } else {
+                    "no"
+                },
+                p["address"].as_str().unwrap_or_default(),
+                p["tcp_address"].as_str().unwrap_or("-"),
+                p["last_error"].as_str().unwrap_or_default()
+            ));
+        }
+        crate::emit(&out);
+        return Ok(ExitCode::SUCCESS);
+    }
     if let Some(addr) = a.controller {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s =
-            tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
-                .await
-                .context("controller admin: connect timed out")??;
-        s.write_all(b"GET /status HTTP/1.1\r\nhost: fedmesh\r\n\r\n")
-            .await?;
-        let mut body = String::new();
-        tokio::time::timeout(Duration::from_secs(3), s.read_to_string(&mut body))
-            .await
-            .context("controller admin: no answer")??;
-        let json = body.split_once("\r\n\r\n").map(|x| x.1).unwrap_or_default();
-        let v: serde_json::Value =
-            serde_json::from_str(json).context("controller /status is not JSON")?;
+        let v = admin_status(addr, "controller").await?;
         if a.output == Output::Json {
             crate::emit(&format!("{}\n", serde_json::to_string_pretty(&v)?));
         } else {
@@ -435,7 +482,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let Some(store_arg) = a.store else {
-        bail!("give --store ETCD_ENDPOINTS or --controller ADMIN_ADDRESS");
+        bail!("give --store ETCD_ENDPOINTS, --controller ADMIN_ADDRESS or --gateway ADMIN_ADDRESS");
     };
     let store = store_from(&store_arg).await?;
     let snap = snapshot(&*store).await?;
@@ -451,6 +498,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             "cluster": c.as_str(),
             "trust_domain": i.trust_domain.as_str(),
             "gateways": i.gateways,
+            "gateways_tcp": i.gateways_tcp,
             "exported": exported,
             "imported": imports.len(),
             "bundle_fingerprint": i.bundle.fingerprint(),

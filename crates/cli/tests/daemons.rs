@@ -100,6 +100,8 @@ async fn gateways_and_sidecars_from_yaml_as_processes() {
         free_tcp(),
         free_tcp(),
     );
+    // east's gateway admin endpoint; west's TCP fallback listener.
+    let (a1, f2) = (free_tcp(), free_tcp());
     let bundles = format!(
         "bundles:\n  - {{ trust_domain: east.acme, path: {} }}\n  - {{ trust_domain: west.acme, path: {} }}\n",
         p(&d.join("east-ca/bundle.pem")),
@@ -113,14 +115,14 @@ async fn gateways_and_sidecars_from_yaml_as_processes() {
         )
     };
     let east_catalog = format!(
-        "catalog:\n  cluster: east\n  trust_domain: east.acme\n  gateway: {{ address: \"{t1}\" }}\n  imports: [ {{ service: echo.shop, clusters: [west] }} ]\n  peers: [ {{ cluster: west, trust_domain: west.acme, gateway: \"{q2}\" }} ]\n"
+        "catalog:\n  cluster: east\n  trust_domain: east.acme\n  gateway: {{ address: \"{t1}\" }}\n  imports: [ {{ service: echo.shop, clusters: [west] }} ]\n  peers: [ {{ cluster: west, trust_domain: west.acme, gateway: \"{q2}\", gateway_tcp: \"{f2}\" }} ]\n"
     );
     let west_catalog = format!(
         "catalog:\n  cluster: west\n  trust_domain: west.acme\n  gateway: {{ address: \"{t2}\" }}\n  services:\n    - name: echo.shop\n      ports: [8080]\n      export: true\n      endpoints: [ {{ address: \"{i2}\", identity: \"spiffe://west.acme/ns/shop/sa/echo\" }} ]\n  peers: [ {{ cluster: east, trust_domain: east.acme, gateway: \"{q1}\" }} ]\n"
     );
     let files = [
-        ("east-gw.yaml", format!("listen: {{ quic: \"{q1}\", tunnel: \"{t1}\" }}\n{}{bundles}{east_catalog}", ident("east-gw"))),
-        ("west-gw.yaml", format!("listen: {{ quic: \"{q2}\", tunnel: \"{t2}\" }}\n{}{bundles}{west_catalog}", ident("west-gw"))),
+        ("east-gw.yaml", format!("listen: {{ quic: \"{q1}\", tunnel: \"{t1}\", admin: \"{a1}\" }}\n{}{bundles}{east_catalog}", ident("east-gw"))),
+        ("west-gw.yaml", format!("listen: {{ quic: \"{q2}\", tunnel: \"{t2}\", tcp_fallback: \"{f2}\" }}\n{}{bundles}{west_catalog}", ident("west-gw"))),
         (
             "east-web.yaml",
             format!(
@@ -190,4 +192,29 @@ async fn gateways_and_sidecars_from_yaml_as_processes() {
     .await;
     assert_eq!(r.failed, 0, "{:?}", r.errors);
     assert_eq!(r.served_by.keys().collect::<Vec<_>>(), ["west/echo"]);
+
+    // The operator's view of how east's gateway reaches west: QUIC, with
+    // the TCP fallback known and unused.
+    let o = Command::new(bin())
+        .args(["status", "--gateway", &a1.to_string()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{table}");
+    let row = table
+        .lines()
+        .find(|l| l.starts_with("west "))
+        .unwrap_or_else(|| panic!("no row for west:\n{table}"));
+    assert!(
+        row.contains(" quic ") && row.contains(&f2.to_string()) && row.contains(" no "),
+        "{table}"
+    );
+    let o = Command::new(bin())
+        .args(["status", "--gateway", &a1.to_string(), "--output", "json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["cluster"], "east");
+    assert_eq!(v["peers"][0]["transport"], "quic");
+    assert_eq!(v["peers"][0]["udp_blocked"], false);
 }

@@ -20,6 +20,9 @@ use std::time::Duration;
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
+mod tcp;
+pub use tcp::TcpRelay;
+
 const MAX_FLOWS: usize = 256;
 const FLOW_IDLE: Duration = Duration::from_secs(30);
 const MAX_DATAGRAM: usize = 65_535;
