@@ -374,14 +374,26 @@ impl Pool {
             .into_iter()
             .map(|p| (p.cluster.clone(), p.clone()))
             .collect();
+        // A peer that is gone, or whose addresses or identity changed,
+        // loses its connection (a changed one gets a new supervisor below).
         let gone: Vec<Arc<Cell>> = {
+            let old = lock(&self.inner.peers).clone();
+            let same = |a: &Peer, b: &Peer| {
+                (a.address, a.tcp_address, &a.identity) == (b.address, b.tcp_address, &b.identity)
+            };
+            let keep = |c: &ClusterName| {
+                peers
+                    .get(c)
+                    .zip(old.get(c))
+                    .is_some_and(|(new, old)| same(new, old))
+            };
             let mut cells = lock(&self.inner.cells);
             let gone = cells
                 .iter()
-                .filter(|(c, _)| !peers.contains_key(*c))
+                .filter(|(c, _)| !keep(c))
                 .map(|(_, cell)| cell.clone())
                 .collect();
-            cells.retain(|c, _| peers.contains_key(c));
+            cells.retain(|c, _| keep(c));
             gone
         };
         for cell in gone {
@@ -389,7 +401,7 @@ impl Pool {
                 t.abort();
             }
             if let Some(c) = lock(&cell.conn).take() {
-                c.close(b"no longer a peer");
+                c.close(b"peer removed or changed");
             }
         }
         let list: Vec<Peer> = peers.values().cloned().collect();
