@@ -6,8 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the tests need, as "command:debian-package" pairs:
-# a real etcd for the store tests, protoc for etcd-client's codegen.
-NEEDS=("etcd:etcd-server" "protoc:protobuf-compiler")
+# a real etcd for the store tests, protoc for etcd-client's codegen, and
+# ip + nft for the e2e rig's network namespaces and cuts (used when root;
+# the rig falls back to loopback addresses and relays otherwise).
+NEEDS=("etcd:etcd-server" "protoc:protobuf-compiler" "ip:iproute2" "nft:nftables")
 
 missing=()
 for pair in "${NEEDS[@]+"${NEEDS[@]}"}"; do

@@ -1,10 +1,12 @@
 //! `fedmesh-e2e`: the multi-process rig (see `rig.rs`) and its scenarios.
 //!
-//! `fedmesh-e2e run [SCENARIO…] [--quick] [--json FILE]` builds the rig,
+//! `fedmesh-e2e run [SCENARIO…] [--quick] [--json FILE] [--net auto|netns|loopback]`
+//! builds the rig (in network namespaces when root with `ip`),
 //! runs the scenarios in order on it, prints a table per scenario and a
 //! final PASS/FAIL line, and tears everything down (also on Ctrl-C or
 //! SIGTERM). `fedmesh-e2e app …` is one of the rig's apps.
 
+mod netns;
 mod rig;
 mod scenarios;
 
@@ -18,6 +20,13 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Net {
+    Auto,
+    Netns,
+    Loopback,
 }
 
 #[derive(Subcommand)]
@@ -34,6 +43,10 @@ enum Cmd {
         /// The `fedmesh` binary (default: beside this one, or $FEDMESH_BIN).
         #[arg(long)]
         fedmesh: Option<PathBuf>,
+        /// `netns`: a network namespace per cluster (root, `ip`); `loopback`:
+        /// 127.0.x.1 addresses; `auto`: namespaces when possible.
+        #[arg(long, value_enum, default_value_t = Net::Auto)]
+        net: Net,
     },
     /// Serve one app (the rig starts these as processes).
     App {
@@ -95,6 +108,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             quick,
             json,
             fedmesh,
+            net,
         } => {
             let names: Vec<String> = if scenarios.is_empty() {
                 scenarios::ALL.iter().map(|s| (*s).to_owned()).collect()
@@ -120,13 +134,49 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 .context("no fedmesh binary: build it (cargo build -p fedmesh-cli --features etcd) or pass --fedmesh")?;
             let etcd = fedmesh_testkit::etcd::etcd_binary()
                 .context("etcd is not installed (apt-get install etcd-server)")?;
-            println!(
-                "rig: 3 clusters on 127.0.11.1, 127.0.12.1, 127.0.13.1 (loopback addresses; network namespaces are not used yet), 3-member etcd; fedmesh {}",
-                fedmesh.display()
-            );
+            let ns = match (net, netns::usable()) {
+                (Net::Loopback, _) => None,
+                (Net::Netns, Err(why)) => anyhow::bail!("--net netns: {why}"),
+                (Net::Auto, Err(why)) => {
+                    println!("network namespaces skipped ({why}): using loopback addresses");
+                    None
+                }
+                (_, Ok(())) => {
+                    netns::clean_stale();
+                    match netns::Netns::create(&rig::CLUSTERS) {
+                        Ok(n) => Some(n),
+                        Err(e) if net == Net::Auto => {
+                            println!(
+                                "network namespaces skipped ({e:#}): using loopback addresses"
+                            );
+                            None
+                        }
+                        Err(e) => return Err(e.context("creating network namespaces")),
+                    }
+                }
+            };
+            match &ns {
+                Some(n) => println!("rig: 3 clusters in {}", n.describe()),
+                None => println!(
+                    "rig: 3 clusters on 127.0.11.1, 127.0.12.1, 127.0.13.1 (loopback; cuts by the relays)"
+                ),
+            }
+            println!("3-member etcd; fedmesh {}", fedmesh.display());
             let run = async {
                 let t0 = std::time::Instant::now();
-                let mut rig = rig::Rig::start(&fedmesh, &me, etcd).await?;
+                let in_netns = ns.is_some();
+                let mut rig = match rig::Rig::start(&fedmesh, &me, etcd.clone(), ns).await {
+                    Ok(r) => r,
+                    // A host firewall may keep namespaces from reaching the
+                    // bridge; `auto` then runs the same rig on loopback.
+                    Err(e) if in_netns && net == Net::Auto => {
+                        println!(
+                            "rig in network namespaces failed ({e:#}); using loopback addresses"
+                        );
+                        rig::Rig::start(&fedmesh, &me, etcd, None).await?
+                    }
+                    Err(e) => return Err(e),
+                };
                 println!(
                     "rig up in {:.1} s ({})",
                     t0.elapsed().as_secs_f64(),

@@ -1,5 +1,6 @@
 //! The multi-process rig: three clusters (`east`, `west`, `north`), each
-//! on its own loopback address (`127.0.11.1`, `127.0.12.1`, `127.0.13.1`)
+//! in its own network namespace ([`crate::netns`], when root) or else on
+//! its own loopback address (`127.0.11.1`, `127.0.12.1`, `127.0.13.1`),
 //! with a controller, a gateway, two sidecars and two apps as separate
 //! processes, and a three-member etcd cluster they all publish to.
 //!
@@ -24,6 +25,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -31,6 +33,8 @@ use fedmesh_testkit::etcd::EtcdCluster;
 use fedmesh_testkit::faults::{TcpRelay, UdpRelay};
 use fedmesh_testkit::{run_load, HttpConn, LoadSpec};
 use fedmesh_trust::{CertificateAuthority, TrustDomain};
+
+use crate::netns::Netns;
 
 pub const CLUSTERS: [&str; 3] = ["east", "west", "north"];
 
@@ -65,6 +69,8 @@ pub struct Cluster {
 }
 
 struct Proc {
+    /// The network namespace to run in, if any.
+    netns: Option<String>,
     program: PathBuf,
     args: Vec<String>,
     log: PathBuf,
@@ -82,6 +88,10 @@ pub struct Rig {
     pub etcd: EtcdCluster,
     pub dir: tempfile::TempDir,
     procs: BTreeMap<String, Proc>,
+    /// Cut cluster pairs (sorted names) → whether TCP is cut too.
+    cuts: Mutex<BTreeMap<(String, String), bool>>,
+    /// Dropped after the processes (fields drop after `Drop::drop`).
+    pub netns: Option<Netns>,
 }
 
 impl Drop for Rig {
@@ -113,11 +123,19 @@ impl Rig {
     /// Writes every certificate and config, starts etcd and every process,
     /// and waits (bounded) until each cluster serves local and
     /// cross-cluster traffic.
-    pub async fn start(fedmesh: &Path, self_exe: &Path, etcd_bin: PathBuf) -> anyhow::Result<Rig> {
+    pub async fn start(
+        fedmesh: &Path,
+        self_exe: &Path,
+        etcd_bin: PathBuf,
+        netns: Option<Netns>,
+    ) -> anyhow::Result<Rig> {
         let dir = tempfile::Builder::new().prefix("fedmesh-e2e-").tempdir()?;
         let d = dir.path().to_path_buf();
         std::fs::create_dir_all(d.join("logs"))?;
-        let etcd = EtcdCluster::start(etcd_bin, 3).context("starting the 3-member etcd cluster")?;
+        // Shared parts (etcd, relays) live where every cluster reaches them.
+        let host: IpAddr = netns.as_ref().map_or([127, 0, 0, 1].into(), |n| n.host_ip);
+        let etcd = EtcdCluster::start_on(etcd_bin, 3, host)
+            .context("starting the 3-member etcd cluster")?;
         let endpoints = etcd
             .endpoints()
             .iter()
@@ -130,19 +148,34 @@ impl Rig {
         let mut relays = BTreeMap::new();
         let mut tcp_relays = BTreeMap::new();
         for (i, name) in CLUSTERS.iter().enumerate() {
-            let ip: IpAddr = format!("127.0.{}.1", 11 + i).parse()?;
+            let ns_ip = netns.as_ref().and_then(|n| n.addr(name));
+            let ip: IpAddr = match ns_ip {
+                Some(a) => a,
+                None => format!("127.0.{}.1", 11 + i).parse()?,
+            };
+            // A fresh namespace has every port free; on loopback the
+            // kernel picks.
+            let mut next = 20_000u16;
+            let mut port = |udp: bool| -> anyhow::Result<SocketAddr> {
+                if ns_ip.is_some() {
+                    next += 1;
+                    return Ok(SocketAddr::new(ip, next));
+                }
+                free(ip, udp)
+            };
+            let relay_ip = if ns_ip.is_some() { host } else { ip };
             let ca = CertificateAuthority::new_root(
                 TrustDomain::new(&format!("{name}.e2e"))?,
                 Duration::from_secs(30 * 86_400),
             )?;
             ca.save(&d.join(format!("{name}-ca")))?;
             cas.push(ca);
-            let quic = free(ip, true)?;
-            let relay = UdpRelay::start_on(ip, quic).await?;
+            let quic = port(true)?;
+            let relay = UdpRelay::start_on(relay_ip, quic).await?;
             let quic_public = relay.addr();
             relays.insert((*name).to_owned(), relay);
-            let tcp = free(ip, false)?;
-            let tcp_relay = TcpRelay::start_on(ip, tcp).await?;
+            let tcp = port(false)?;
+            let tcp_relay = TcpRelay::start_on(relay_ip, tcp).await?;
             let tcp_public = tcp_relay.addr();
             tcp_relays.insert((*name).to_owned(), tcp_relay);
             clusters.push(Cluster {
@@ -152,17 +185,17 @@ impl Rig {
                 quic,
                 tcp,
                 tcp_public,
-                tunnel: free(ip, false)?,
-                api: free(ip, false)?,
-                controller_admin: free(ip, false)?,
-                gateway_admin: free(ip, false)?,
-                web_admin: free(ip, false)?,
-                srv_admin: free(ip, false)?,
-                srv_inbound: free(ip, false)?,
-                echo_out: free(ip, false)?,
-                http_out: free(ip, false)?,
-                echo_app: free(ip, false)?,
-                http_app: free(ip, false)?,
+                tunnel: port(false)?,
+                api: port(false)?,
+                controller_admin: port(false)?,
+                gateway_admin: port(false)?,
+                web_admin: port(false)?,
+                srv_admin: port(false)?,
+                srv_inbound: port(false)?,
+                echo_out: port(false)?,
+                http_out: port(false)?,
+                echo_app: port(false)?,
+                http_app: port(false)?,
                 http_prefers: CLUSTERS[(i + 1) % CLUSTERS.len()].to_owned(),
             });
         }
@@ -173,6 +206,8 @@ impl Rig {
             etcd,
             dir,
             procs: BTreeMap::new(),
+            cuts: Mutex::new(BTreeMap::new()),
+            netns,
         };
         for (c, ca) in clusters.iter().zip(&cas) {
             let td = ca.trust_domain().clone();
@@ -261,8 +296,14 @@ impl Rig {
             ] {
                 std::fs::write(d.join(format!("{}-{file}.yaml", c.name)), text)?;
             }
+            let ns = rig
+                .netns
+                .as_ref()
+                .and_then(|n| n.namespace(&c.name))
+                .map(str::to_owned);
             rig.add(
                 &format!("{}-echo", c.name),
+                ns.clone(),
                 self_exe,
                 &[
                     "app",
@@ -276,6 +317,7 @@ impl Rig {
             );
             rig.add(
                 &format!("{}-http", c.name),
+                ns.clone(),
                 self_exe,
                 &[
                     "app",
@@ -298,7 +340,7 @@ impl Rig {
                 if kind == "gateway" {
                     args.extend(["--drain", "3s"]);
                 }
-                rig.add(&format!("{}-{file}", c.name), fedmesh, &args);
+                rig.add(&format!("{}-{file}", c.name), ns.clone(), fedmesh, &args);
             }
         }
         let names: Vec<String> = rig.procs.keys().cloned().collect();
@@ -309,11 +351,12 @@ impl Rig {
         Ok(rig)
     }
 
-    fn add(&mut self, name: &str, program: &Path, args: &[&str]) {
+    fn add(&mut self, name: &str, netns: Option<String>, program: &Path, args: &[&str]) {
         let log = self.dir.path().join("logs").join(format!("{name}.log"));
         self.procs.insert(
             name.to_owned(),
             Proc {
+                netns,
                 program: program.to_path_buf(),
                 args: args.iter().map(|a| (*a).to_owned()).collect(),
                 log,
@@ -332,7 +375,16 @@ impl Rig {
             .create(true)
             .append(true)
             .open(&p.log)?;
-        let child = Command::new(&p.program)
+        // `ip netns exec` execs the program: the child is the process itself.
+        let mut cmd = match &p.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&p.program);
+                c
+            }
+            None => Command::new(&p.program),
+        };
+        let child = cmd
             .args(&p.args)
             .env("FEDMESH_LOG", "warn,fedmesh_gateway=info")
             .stdout(log.try_clone()?)
@@ -399,6 +451,64 @@ impl Rig {
 
     pub fn cluster(&self, name: &str) -> Option<&Cluster> {
         self.clusters.iter().find(|c| c.name == name)
+    }
+
+    /// Cuts (or restores) the path between clusters `a` and `b`, both
+    /// ways: UDP (QUIC), and with `tcp` the TCP fallback too. With
+    /// namespaces and `nft`, by nftables rules in both namespaces (a
+    /// dropped SYN, a dropped datagram); otherwise by the relays.
+    pub fn cut(&self, a: &str, b: &str, tcp: bool, on: bool) -> anyhow::Result<()> {
+        let key = if a < b { (a, b) } else { (b, a) };
+        let key = (key.0.to_owned(), key.1.to_owned());
+        let cuts = {
+            let mut cuts = self.cuts.lock().unwrap_or_else(|p| p.into_inner());
+            if on {
+                cuts.insert(key, tcp);
+            } else {
+                cuts.remove(&key);
+            }
+            cuts.clone()
+        };
+        if let Some(n) = self.netns.as_ref().filter(|n| n.nft) {
+            for c in &self.clusters {
+                let mut rules = Vec::new();
+                for ((x, y), tcp) in &cuts {
+                    let other = match (x == &c.name, y == &c.name) {
+                        (true, _) => y,
+                        (_, true) => x,
+                        _ => continue,
+                    };
+                    let Some(o) = self.cluster(other) else {
+                        continue;
+                    };
+                    let mut paths = vec![("udp", o.quic_public)];
+                    if *tcp {
+                        paths.push(("tcp", o.tcp_public));
+                    }
+                    for (proto, at) in paths {
+                        let (ip, port) = (at.ip(), at.port());
+                        rules.push(("output", format!("ip daddr {ip} {proto} dport {port} drop")));
+                        rules.push(("input", format!("ip saddr {ip} {proto} sport {port} drop")));
+                    }
+                }
+                n.set_rules(&c.name, &rules)?;
+            }
+            return Ok(());
+        }
+        for (me, them) in [(a, b), (b, a)] {
+            let Some(ip) = self.cluster(them).map(|c| c.ip) else {
+                continue;
+            };
+            if let Some(r) = self.relays.get(me) {
+                r.block(ip, on);
+            }
+            if tcp || !on {
+                if let Some(r) = self.tcp_relays.get(me) {
+                    r.block(ip, on);
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Waits until every cluster's `web` sidecar gets an echo answered

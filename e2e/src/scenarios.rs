@@ -296,15 +296,15 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
             let at = Duration::from_secs(if p.quick { 4 } else { 10 });
             tl.until(at).await;
             // Both transports: a partition leaves no TCP fallback either.
-            let set = |rig: &Rig, on: bool| {
+            let set = |rig: &Rig, on: bool, o: &mut Outcome| {
                 for other in ["east", "north"] {
-                    cut_path(rig, "west", other, Path::Both, on);
+                    cut_path(rig, "west", other, Path::Both, on, o);
                 }
             };
-            set(rig, true);
+            set(rig, true, &mut o);
             let broke = tl.note("west cut off from east and north");
             tl.until(at + cut).await;
-            set(rig, false);
+            set(rig, false, &mut o);
             let healed = tl.note("partition healed");
             o.loads = finish_load(load).await;
             // Only east's HTTP (which prefers west) must move: the drill
@@ -400,7 +400,7 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
                 .tcp_relays
                 .get("west")
                 .is_some_and(|r| r.impair(delay_only).is_ok());
-            cut_path(rig, "east", "west", Path::Udp, true);
+            cut_path(rig, "east", "west", Path::Udp, true, &mut o);
             tl.note(
                 "UDP between east and west blocked; west's TCP path: 15 ms ±2 ms each way, no loss",
             );
@@ -411,7 +411,7 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
                 format!("{on_tcp:?}"),
             );
             let tcp = wan_phases(rig, p, phase, &mut tl, "TCP").await;
-            cut_path(rig, "east", "west", Path::Udp, false);
+            cut_path(rig, "east", "west", Path::Udp, false, &mut o);
             if let Some(r) = rig.tcp_relays.get("west") {
                 let _ = r.impair(fedmesh_testkit::faults::Impairment::default());
             }
@@ -458,7 +458,7 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
             let d = before + blocked + p.len(30, 20);
             let load = start_load(rig, p, d, &CLUSTERS, true);
             tl.until(before).await;
-            cut_path(rig, "east", "west", Path::Udp, true);
+            cut_path(rig, "east", "west", Path::Udp, true, &mut o);
             let cut_at = tl.note("UDP between east and west dropped (TCP passes)");
             let limit = Duration::from_secs(15);
             let (ew, we) = tokio::join!(
@@ -501,7 +501,7 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
                     .is_some_and(|(t, _)| t == "quic");
             }
             o.check("paths not involving the block stayed on QUIC", north_ok, "");
-            cut_path(rig, "east", "west", Path::Udp, false);
+            cut_path(rig, "east", "west", Path::Udp, false, &mut o);
             let back_at = tl.note("UDP between east and west passes again");
             let limit = Duration::from_secs(25);
             let (ew, we) = tokio::join!(
@@ -696,28 +696,21 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
     Ok(o)
 }
 
-/// Which transport between two clusters a [`cut_path`] drops.
+/// Which transport between two clusters a cut drops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
     Udp,
     Both,
 }
 
-/// Cuts (or restores) the path between clusters `a` and `b`, both ways:
-/// each one's relays drop what the other sends.
-fn cut_path(rig: &Rig, a: &str, b: &str, path: Path, on: bool) {
-    for (me, them) in [(a, b), (b, a)] {
-        let Some(ip) = rig.cluster(them).map(|c| c.ip) else {
-            continue;
-        };
-        if let Some(r) = rig.relays.get(me) {
-            r.block(ip, on);
-        }
-        if path == Path::Both {
-            if let Some(r) = rig.tcp_relays.get(me) {
-                r.block(ip, on);
-            }
-        }
+/// Cuts (or restores) the path between clusters `a` and `b`, both ways.
+fn cut_path(rig: &Rig, a: &str, b: &str, path: Path, on: bool, o: &mut Outcome) {
+    if let Err(e) = rig.cut(a, b, path == Path::Both, on) {
+        o.check(
+            format!("cut {a}–{b} ({path:?}, {on})"),
+            false,
+            e.to_string(),
+        );
     }
 }
 

@@ -37,8 +37,8 @@ pub fn etcd_or_skip(test: &str) -> Option<PathBuf> {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
+fn free_port(ip: std::net::IpAddr) -> u16 {
+    TcpListener::bind(SocketAddr::new(ip, 0))
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or(0)
@@ -113,13 +113,19 @@ fn tls_material() -> anyhow::Result<(tempfile::TempDir, EtcdTlsMaterial)> {
 impl EtcdCluster {
     /// Starts `n` members and waits (bounded) until every one answers.
     pub fn start(bin: PathBuf, n: usize) -> anyhow::Result<Self> {
-        Self::start_with(bin, n, false)
+        Self::start_with(bin, n, false, [127, 0, 0, 1].into())
+    }
+
+    /// Like [`start`](Self::start), with every member on `ip` (an address
+    /// of this host that other network namespaces can reach).
+    pub fn start_on(bin: PathBuf, n: usize, ip: std::net::IpAddr) -> anyhow::Result<Self> {
+        Self::start_with(bin, n, false, ip)
     }
 
     /// Like [`start`](Self::start), but clients must use TLS and present a
     /// certificate of the test CA (`--client-cert-auth`).
     pub fn start_tls(bin: PathBuf, n: usize) -> anyhow::Result<Self> {
-        Self::start_with(bin, n, true)
+        Self::start_with(bin, n, true, [127, 0, 0, 1].into())
     }
 
     /// The TLS material, for a cluster started with [`start_tls`](Self::start_tls).
@@ -127,13 +133,13 @@ impl EtcdCluster {
         self.tls.as_ref().map(|t| &t.1)
     }
 
-    fn start_with(bin: PathBuf, n: usize, tls: bool) -> anyhow::Result<Self> {
+    fn start_with(bin: PathBuf, n: usize, tls: bool, ip: std::net::IpAddr) -> anyhow::Result<Self> {
         let mut members = Vec::new();
         for i in 0..n {
             members.push(Member {
                 name: format!("m{i}"),
-                client: SocketAddr::from(([127, 0, 0, 1], free_port())),
-                peer: SocketAddr::from(([127, 0, 0, 1], free_port())),
+                client: SocketAddr::new(ip, free_port(ip)),
+                peer: SocketAddr::new(ip, free_port(ip)),
                 dir: tempfile::tempdir()?,
                 child: None,
             });
