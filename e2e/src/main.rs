@@ -165,7 +165,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let run = async {
                 let t0 = std::time::Instant::now();
                 let in_netns = ns.is_some();
-                let mut rig = match rig::Rig::start(&fedmesh, &me, etcd.clone(), ns).await {
+                // Short-lived SVIDs: every scenario runs with renewals going
+                // on, and `root-rotation` sees every proxy renew in time.
+                let ttl = std::time::Duration::from_secs(if quick { 60 } else { 120 });
+                let mut rig = match rig::Rig::start(&fedmesh, &me, etcd.clone(), ns, ttl).await {
                     Ok(r) => r,
                     // A host firewall may keep namespaces from reaching the
                     // bridge; `auto` then runs the same rig on loopback.
@@ -173,7 +176,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                         println!(
                             "rig in network namespaces failed ({e:#}); using loopback addresses"
                         );
-                        rig::Rig::start(&fedmesh, &me, etcd, None).await?
+                        rig::Rig::start(&fedmesh, &me, etcd, None, ttl).await?
                     }
                     Err(e) => return Err(e),
                 };

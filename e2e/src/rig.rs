@@ -92,6 +92,56 @@ pub struct Rig {
     cuts: Mutex<BTreeMap<(String, String), bool>>,
     /// Dropped after the processes (fields drop after `Drop::drop`).
     pub netns: Option<Netns>,
+    /// As written into controller configs (all members, whatever runs).
+    etcd_endpoints: String,
+    /// Lifetime of every SVID: the rig's first ones and the controllers'.
+    pub svid_ttl: Duration,
+}
+
+/// Where a controller's trust comes from: its bundle file, endorsements
+/// of it (after a rotation), and the CA directory it signs SVIDs with.
+pub struct TrustFiles {
+    pub bundle: PathBuf,
+    pub endorsements: Option<PathBuf>,
+    pub ca_dir: PathBuf,
+}
+
+fn controller_yaml(
+    d: &Path,
+    c: &Cluster,
+    endpoints: &str,
+    trust: &TrustFiles,
+    svid_ttl: Duration,
+) -> String {
+    let td = format!("{}.e2e", c.name);
+    let third = CLUSTERS
+        .iter()
+        .find(|n| **n != c.name && **n != c.http_prefers)
+        .copied()
+        .unwrap_or_default();
+    format!(
+        "cluster: {name}\ntrust_domain: {td}\ngateways: [\"{quic}\"]\ngateways_tcp: [\"{tcp}\"]\ngateway_tunnel: \"{tunnel}\"\nlease_ttl: 3s\n\
+         store: {{ kind: etcd, endpoints: [{endpoints}] }}\nbundle: {bundle}\n{endorsements}pins_dir: {pins}\nservices: {services}\n\
+         admin: \"{admin}\"\napi:\n  listen: \"{api}\"\n  ca_dir: {ca_dir}\n  limits: {{ svid_ttl: {ttl}s }}\n\
+         policies:\n  http.demo:\n    failover: [{prefers}, {third}]\n    retry: {{ attempts: 3 }}\n    outlier: {{ consecutive_failures: 3, base_ejection: 1s }}\n",
+        name = c.name,
+        quic = c.quic_public,
+        tcp = c.tcp_public,
+        tunnel = c.tunnel,
+        bundle = p(&trust.bundle),
+        endorsements = trust
+            .endorsements
+            .as_ref()
+            .map(|e| format!("endorsements: {}\n", p(e)))
+            .unwrap_or_default(),
+        pins = p(&d.join(format!("{}-pins", c.name))),
+        services = p(&d.join(format!("{}-services.yaml", c.name))),
+        admin = c.controller_admin,
+        api = c.api,
+        ca_dir = p(&trust.ca_dir),
+        ttl = svid_ttl.as_secs(),
+        prefers = c.http_prefers,
+    )
 }
 
 impl Drop for Rig {
@@ -128,6 +178,7 @@ impl Rig {
         self_exe: &Path,
         etcd_bin: PathBuf,
         netns: Option<Netns>,
+        svid_ttl: Duration,
     ) -> anyhow::Result<Rig> {
         let dir = tempfile::Builder::new().prefix("fedmesh-e2e-").tempdir()?;
         let d = dir.path().to_path_buf();
@@ -208,6 +259,8 @@ impl Rig {
             procs: BTreeMap::new(),
             cuts: Mutex::new(BTreeMap::new()),
             netns,
+            etcd_endpoints: endpoints.clone(),
+            svid_ttl,
         };
         for (c, ca) in clusters.iter().zip(&cas) {
             let td = ca.trust_domain().clone();
@@ -225,7 +278,7 @@ impl Rig {
                 ("web", td.workload("demo", "web")?),
                 ("srv", td.workload("demo", "srv")?),
             ] {
-                ca.issue(&id, Duration::from_secs(86_400))?
+                ca.issue(&id, svid_ttl)?
                     .save(&d.join(format!("{}-{who}", c.name)))?;
             }
             let srv_id = td.workload("demo", "srv")?;
@@ -233,27 +286,16 @@ impl Rig {
                 d.join(format!("{}-services.yaml", c.name)),
                 services_file(c, &srv_id.to_string(), false),
             )?;
-            let third = CLUSTERS
-                .iter()
-                .find(|n| **n != c.name && **n != c.http_prefers)
-                .copied()
-                .unwrap_or_default();
-            let controller = format!(
-                "cluster: {name}\ntrust_domain: {td}\ngateways: [\"{quic}\"]\ngateways_tcp: [\"{tcp}\"]\ngateway_tunnel: \"{tunnel}\"\nlease_ttl: 3s\n\
-                 store: {{ kind: etcd, endpoints: [{endpoints}] }}\nbundle: {bundle}\npins_dir: {pins}\nservices: {services}\n\
-                 admin: \"{admin}\"\napi:\n  listen: \"{api}\"\n  ca_dir: {ca_dir}\n\
-                 policies:\n  http.demo:\n    failover: [{prefers}, {third}]\n    retry: {{ attempts: 3 }}\n    outlier: {{ consecutive_failures: 3, base_ejection: 1s }}\n",
-                name = c.name,
-                quic = c.quic_public,
-                tcp = c.tcp_public,
-                tunnel = c.tunnel,
-                bundle = p(&d.join(format!("{}-ca/bundle.pem", c.name))),
-                pins = p(&pins),
-                services = p(&d.join(format!("{}-services.yaml", c.name))),
-                admin = c.controller_admin,
-                api = c.api,
-                ca_dir = p(&d.join(format!("{}-ca", c.name))),
-                prefers = c.http_prefers,
+            let controller = controller_yaml(
+                &d,
+                c,
+                &endpoints,
+                &TrustFiles {
+                    bundle: d.join(format!("{}-ca/bundle.pem", c.name)),
+                    endorsements: None,
+                    ca_dir: d.join(format!("{}-ca", c.name)),
+                },
+                svid_ttl,
             );
             let common = |who: &str| {
                 format!(
@@ -542,6 +584,30 @@ impl Rig {
             }
         }
         Ok(t0.elapsed())
+    }
+
+    /// Rewrites `cluster`'s controller config with other trust files and
+    /// restarts the controller the way an operator would (SIGTERM, start).
+    pub async fn restart_controller_with(
+        &mut self,
+        cluster: &str,
+        trust: &TrustFiles,
+    ) -> anyhow::Result<()> {
+        let c = self.cluster(cluster).context("no such cluster")?.clone();
+        let d = self.dir.path().to_path_buf();
+        std::fs::write(
+            d.join(format!("{cluster}-controller.yaml")),
+            controller_yaml(&d, &c, &self.etcd_endpoints, trust, self.svid_ttl),
+        )?;
+        let name = format!("{cluster}-controller");
+        self.stop(&name).await?;
+        self.start_proc(&name)
+    }
+
+    /// The SVID file a cluster's proxy (`gw`, `web`, `srv`) presents; the
+    /// proxy rewrites it on every renewal.
+    pub fn svid_file(&self, cluster: &str, who: &str) -> PathBuf {
+        self.dir.path().join(format!("{cluster}-{who}/svid.pem"))
     }
 
     /// Rewrites a cluster's services file, with or without `extra.demo`

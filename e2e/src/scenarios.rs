@@ -4,6 +4,7 @@
 //! served where nothing was broken, cannot pass by doing nothing).
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +13,7 @@ use serde::Serialize;
 
 use crate::rig::{admin_get, Rig, CLUSTERS};
 
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 8] = [
     "steady",
     "partition",
     "lossy-wan",
@@ -20,10 +21,11 @@ pub const ALL: [&str; 7] = [
     "etcd-member-loss",
     "gateway-restart",
     "udp-blocked",
+    "root-rotation",
 ];
 
 /// Not built yet; named so that asking for them says so.
-pub const NOT_YET: [&str; 1] = ["root-rotation"];
+pub const NOT_YET: [&str; 0] = [];
 
 #[derive(Debug, Clone, Copy)]
 pub struct Params {
@@ -682,6 +684,7 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
                 ),
             );
         }
+        "root-rotation" => root_rotation(rig, p, &mut tl, &mut o).await?,
         other => anyhow::bail!("unknown scenario {other:?}"),
     }
     let dead = rig.exited();
@@ -694,6 +697,252 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
     o.duration_ms = t0.elapsed().as_millis() as u64;
     o.events = tl.events;
     Ok(o)
+}
+
+/// west's root CA is rotated under load in three steps, each a controller
+/// restart with new trust files: (1) bundle old+new, endorsed by the old
+/// root, still signing with the old; (2) signing with the new root, until
+/// every west proxy has renewed onto it; (3) bundle new only, endorsed by
+/// the new root. Nothing may fail, and no handshake may be refused.
+async fn root_rotation(
+    rig: &mut Rig,
+    p: &Params,
+    tl: &mut Timeline,
+    o: &mut Outcome,
+) -> anyhow::Result<()> {
+    use fedmesh_trust::{rotation, CertificateAuthority, TrustBundle};
+    let d = rig.dir.path().to_path_buf();
+    let old = CertificateAuthority::load(&d.join("west-ca"))?;
+    let td = old.trust_domain().clone();
+    let new = CertificateAuthority::new_root(td.clone(), Duration::from_secs(30 * 86_400))?;
+    new.save(&d.join("west-ca2"))?;
+    let both = TrustBundle::new(
+        td.clone(),
+        old.bundle()
+            .roots()
+            .iter()
+            .chain(new.bundle().roots())
+            .cloned()
+            .collect(),
+    )?;
+    let write = |name: &str,
+                 b: &TrustBundle,
+                 by: &CertificateAuthority|
+     -> anyhow::Result<(PathBuf, PathBuf)> {
+        let (bp, ep) = (
+            d.join(format!("{name}.pem")),
+            d.join(format!("{name}-endorsements.json")),
+        );
+        std::fs::write(&bp, b.to_pem())?;
+        std::fs::write(
+            &ep,
+            serde_json::to_string(&vec![rotation::endorse(by, b)?])?,
+        )?;
+        Ok((bp, ep))
+    };
+    let (both_pem, both_end) = write("west-bundle-both", &both, &old)?;
+    let (new_pem, new_end) = write("west-bundle-new", &new.bundle(), &new)?;
+
+    let before = p.len(10, 5);
+    // Renewal happens at 2/3 of an SVID's life: every west proxy has moved
+    // to the new root at most that long after step 2 (plus retries).
+    let renew_limit = rig.svid_ttl * 2 / 3 + Duration::from_secs(20);
+    let d_total = before * 3 + renew_limit + Duration::from_secs(20);
+    let load = start_load(rig, p, d_total, &CLUSTERS, true);
+    let handshakes_before = handshake_refusals(rig).await;
+    tl.until(before).await;
+
+    // Step 1: trust both roots everywhere.
+    rig.restart_controller_with(
+        "west",
+        &crate::rig::TrustFiles {
+            bundle: both_pem.clone(),
+            endorsements: Some(both_end),
+            ca_dir: d.join("west-ca"),
+        },
+    )
+    .await?;
+    tl.note("step 1: west publishes old+new roots (endorsed by the old), still signs with the old");
+    let t = until_bundle(rig, &both.fingerprint(), Duration::from_secs(20)).await;
+    tl.note(format!(
+        "east and north trust west's old+new bundle after {t:?}"
+    ));
+    o.check(
+        "others accepted the old+new bundle",
+        t.is_some(),
+        format!("{t:?}"),
+    );
+    // Nothing may be signed by the new root before every proxy that will
+    // see it trusts it (west's own reach their controller only through a
+    // certificate chaining to a root they trust).
+    let t = until_proxies_trust(
+        rig,
+        "west.e2e",
+        &both.fingerprint(),
+        Duration::from_secs(30),
+    )
+    .await;
+    tl.note(format!(
+        "every proxy of every cluster trusts west's old+new bundle after {t:?}"
+    ));
+    o.check(
+        "every proxy got the old+new bundle",
+        t.is_some(),
+        format!("{t:?}"),
+    );
+
+    // Step 2: sign with the new root; proxies renew onto it.
+    rig.restart_controller_with(
+        "west",
+        &crate::rig::TrustFiles {
+            bundle: both_pem,
+            endorsements: None,
+            ca_dir: d.join("west-ca2"),
+        },
+    )
+    .await?;
+    let step2 = tl.note("step 2: west's controller signs with the new root");
+    let new_only = fedmesh_trust::TrustBundles::new().with(new.bundle());
+    let t0 = Instant::now();
+    let mut moved = false;
+    while t0.elapsed() < renew_limit {
+        moved = ["gw", "web", "srv"].iter().all(|who| {
+            std::fs::read_to_string(rig.svid_file("west", who))
+                .ok()
+                .and_then(|pem| fedmesh_trust::pem::decode_certs(&pem).ok())
+                .is_some_and(|chain| {
+                    fedmesh_trust::verify_svid(
+                        &new_only,
+                        &chain,
+                        std::time::SystemTime::now(),
+                        fedmesh_trust::Usage::Client,
+                    )
+                    .is_ok()
+                })
+        });
+        if moved {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tl.note(format!(
+        "every west proxy presents a new-root SVID: {moved} ({:?} after step 2)",
+        tl.t0.elapsed().saturating_sub(step2)
+    ));
+    o.check(
+        "every west proxy renewed onto the new root (gateway, web, srv)",
+        moved,
+        format!("within {renew_limit:?}"),
+    );
+
+    // Step 3: drop the old root.
+    rig.restart_controller_with(
+        "west",
+        &crate::rig::TrustFiles {
+            bundle: new_pem,
+            endorsements: Some(new_end),
+            ca_dir: d.join("west-ca2"),
+        },
+    )
+    .await?;
+    tl.note("step 3: west publishes the new root only (endorsed by the new)");
+    let t = until_bundle(rig, &new.bundle().fingerprint(), Duration::from_secs(20)).await;
+    tl.note(format!(
+        "east and north trust only west's new root after {t:?}"
+    ));
+    o.check(
+        "others accepted the new-only bundle",
+        t.is_some(),
+        format!("{t:?}"),
+    );
+    o.loads = finish_load(load).await;
+    let handshakes_after = handshake_refusals(rig).await;
+    check_loads(o, rig, false, &|_, _| false);
+    o.check(
+        "no TLS handshake refused by any gateway or sidecar",
+        handshakes_after == handshakes_before,
+        format!("{handshakes_before} before, {handshakes_after} after"),
+    );
+    Ok(())
+}
+
+/// Waits (bounded) until every gateway and sidecar of every cluster
+/// verifies `td` with the bundle of `fingerprint` (their `/config_dump`).
+async fn until_proxies_trust(
+    rig: &Rig,
+    td: &str,
+    fingerprint: &str,
+    limit: Duration,
+) -> Option<Duration> {
+    let t0 = Instant::now();
+    loop {
+        let mut all = true;
+        for c in &rig.clusters {
+            for admin in [c.gateway_admin, c.web_admin, c.srv_admin] {
+                let fp = async {
+                    let (_, body) = admin_get(admin, "/config_dump").await?;
+                    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                    v["bundles"][td].as_str().map(str::to_owned)
+                };
+                all &= fp.await.as_deref() == Some(fingerprint);
+            }
+        }
+        if all {
+            return Some(t0.elapsed());
+        }
+        if t0.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// TLS handshakes refused so far by every gateway and sidecar (their
+/// `rejected` counters for handshake reasons).
+async fn handshake_refusals(rig: &Rig) -> u64 {
+    let mut n = 0;
+    for c in &rig.clusters {
+        for admin in [c.gateway_admin, c.web_admin, c.srv_admin] {
+            let Some((200, text)) = admin_get(admin, "/metrics").await else {
+                continue;
+            };
+            n += text
+                .lines()
+                .filter(|l| l.contains("rejected_total") && l.contains("handshake"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as u64;
+        }
+    }
+    n
+}
+
+/// Waits (bounded) until east's and north's controllers trust west with
+/// the bundle of `fingerprint`.
+async fn until_bundle(rig: &Rig, fingerprint: &str, limit: Duration) -> Option<Duration> {
+    let t0 = Instant::now();
+    loop {
+        let mut all = true;
+        for c in ["east", "north"] {
+            let ok = async {
+                let c = rig.cluster(c)?;
+                let (_, body) = admin_get(c.controller_admin, "/status").await?;
+                let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                let w = v["clusters"]
+                    .as_array()?
+                    .iter()
+                    .find(|x| x["cluster"] == "west")?;
+                Some(w["bundle_fingerprint"] == fingerprint && w["bundle_trusted"] == true)
+            };
+            all &= ok.await == Some(true);
+        }
+        if all {
+            return Some(t0.elapsed());
+        }
+        if t0.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Which transport between two clusters a cut drops.

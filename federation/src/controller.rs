@@ -153,6 +153,8 @@ pub struct Controller {
     bundles: watch::Receiver<Arc<TrustBundles>>,
     status: Arc<Mutex<Status>>,
     local: watch::Sender<Vec<LocalService>>,
+    /// Set by [`Controller::leave`]: the publisher announces the leave.
+    leaving: Arc<std::sync::atomic::AtomicBool>,
     metrics: ControllerMetrics,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -192,11 +194,13 @@ impl Controller {
             ..Status::default()
         }));
         let settings = Arc::new(settings);
+        let leaving = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let publisher = tokio::spawn(publish_loop(
             store.clone(),
             settings.clone(),
             local_rx.clone(),
             metrics.clone(),
+            leaving.clone(),
         ));
         let watcher = tokio::spawn(watch_loop(
             store,
@@ -216,6 +220,7 @@ impl Controller {
             bundles: bundles_rx,
             status,
             local: local_tx,
+            leaving,
             metrics,
             tasks: vec![publisher, watcher],
         }
@@ -247,9 +252,25 @@ impl Controller {
         &self.metrics
     }
 
-    /// Stops gracefully: revokes the lease so this cluster's keys vanish
-    /// from every view at once, instead of after the TTL.
-    pub async fn shutdown(mut self) {
+    /// Stops for a restart or an upgrade: publishing ends, but this
+    /// cluster's keys stay until the lease TTL, so a successor that starts
+    /// within it takes them over and peers never see the cluster go (and
+    /// past it, peers' partition policy decides). Use [`leave`](Self::leave)
+    /// to take the cluster out of the federation.
+    pub async fn shutdown(self) {
+        self.stop().await;
+    }
+
+    /// Takes the cluster out of the federation: writes the `<cluster>/left`
+    /// marker (peers drop it at once instead of serving it stale) and
+    /// revokes the lease so its keys vanish.
+    pub async fn leave(self) {
+        self.leaving
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop().await;
+    }
+
+    async fn stop(mut self) {
         let (dummy, _) = watch::channel(Vec::new());
         drop(std::mem::replace(&mut self.local, dummy));
         if let Some(publisher) = self.tasks.first_mut() {
@@ -317,13 +338,14 @@ async fn publish_loop(
     s: Arc<ControllerSettings>,
     mut local: watch::Receiver<Vec<LocalService>>,
     metrics: ControllerMetrics,
+    leaving: Arc<std::sync::atomic::AtomicBool>,
 ) {
     // Retries never wait longer than a third of the lease: a cluster that
     // is alive must not drop out of the federation because of its backoff.
     let cap = (s.lease_ttl / 3).clamp(Duration::from_millis(100), Duration::from_secs(5));
     let mut backoff = Duration::from_millis(100);
     loop {
-        match publish_session(&*store, &s, &mut local, &metrics).await {
+        match publish_session(&*store, &s, &mut local, &metrics, &leaving).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(cluster = %s.cluster, error = %e, "publishing to the store failed; retrying");
@@ -339,6 +361,7 @@ async fn publish_session(
     s: &ControllerSettings,
     local: &mut watch::Receiver<Vec<LocalService>>,
     metrics: &ControllerMetrics,
+    leaving: &std::sync::atomic::AtomicBool,
 ) -> Result<(), StoreError> {
     let lease: LeaseId = store.grant(s.lease_ttl).await?;
     // Export times survive controller restarts: reuse what the store holds.
@@ -422,13 +445,16 @@ async fn publish_session(
             }
             changed = local.changed() => {
                 if changed.is_err() {
-                    // Shut down on purpose: say so (others then drop this
-                    // cluster at once rather than serve it stale), then
-                    // give the keys up.
-                    let left = serde_json::to_vec(&LeftRecord { left_at_ms: now_ms() })
-                        .unwrap_or_default();
-                    let _ = store.put(&keys::left_key(&s.cluster), left, None).await;
-                    let _ = store.revoke(lease).await;
+                    if leaving.load(std::sync::atomic::Ordering::Relaxed) {
+                        // Leaving on purpose: say so (others then drop
+                        // this cluster at once rather than serve it
+                        // stale), then give the keys up.
+                        let left = serde_json::to_vec(&LeftRecord { left_at_ms: now_ms() })
+                            .unwrap_or_default();
+                        let _ = store.put(&keys::left_key(&s.cluster), left, None).await;
+                        let _ = store.revoke(lease).await;
+                    }
+                    // Otherwise a restart: the keys outlive us by the TTL.
                     return Ok(());
                 }
                 dirty = true;

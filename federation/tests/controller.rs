@@ -173,9 +173,9 @@ async fn three_converge_then_one_dies(store: Arc<dyn Store>) {
         "took {gone:?}"
     );
     assert!(ce.status().stale.is_empty());
-    // west leaves gracefully: gone at once, not after the TTL.
+    // west leaves the federation: gone at once, not after the TTL.
     let t0 = Instant::now();
-    cw.shutdown().await;
+    cw.leave().await;
     until(&ce, "west's export revoked", Duration::from_secs(1), |c| {
         c.imports(&svc()).is_empty()
     })
@@ -255,12 +255,63 @@ async fn a_partitioned_cluster_is_served_stale_until_it_returns() {
     }
 
     // Leaving on purpose is not a partition: gone at once.
-    cn.shutdown().await;
+    cn.leave().await;
     until(&ce, "north left", Duration::from_secs(1), |c| {
         c.imports(&svc()) == [w.name.clone()] && c.peers().count() == 1
     })
     .await;
     assert!(ce.status().stale.is_empty());
+    drop(cw);
+}
+
+/// A controller stopped for a restart (SIGTERM, an upgrade) leaves its
+/// keys to the lease: a successor that starts within the TTL takes them
+/// over and peers never see the cluster go or go stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_is_never_missed_by_its_peers() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new(EmbeddedLimits::default()));
+    let (e, w) = (member("east"), member("west"));
+    let all = [&e, &w];
+    let mut reg = Registry::default();
+    let ce = Controller::start(store.clone(), settings(&e, &all, 1000), vec![], &mut reg);
+    let cw = Controller::start(
+        store.clone(),
+        settings(&w, &all, 2000),
+        vec![echo(&w, true)],
+        &mut reg,
+    );
+    let has_west = |c: &Catalog| c.imports(&svc()) == [w.name.clone()] && c.peers().count() == 1;
+    until(
+        &ce,
+        "east imports from west",
+        Duration::from_secs(10),
+        has_west,
+    )
+    .await;
+    cw.shutdown().await;
+    tokio::time::sleep(TTL / 2).await;
+    let mut reg2 = Registry::default();
+    let cw = Controller::start(
+        store.clone(),
+        settings(&w, &all, 2000),
+        vec![echo(&w, true)],
+        &mut reg2,
+    );
+    // Past the old lease's TTL several times over: never without west,
+    // never stale.
+    let mut rx = ce.catalog();
+    let t0 = Instant::now();
+    while t0.elapsed() < TTL * 3 {
+        assert!(
+            has_west(&rx.borrow_and_update().clone().unwrap()),
+            "east lost west during its controller's restart"
+        );
+        assert!(
+            ce.status().stale.is_empty(),
+            "west went stale during a restart"
+        );
+        let _ = tokio::time::timeout(Duration::from_millis(50), rx.changed()).await;
+    }
     drop(cw);
 }
 

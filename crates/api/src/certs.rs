@@ -33,15 +33,31 @@ pub struct SignerAddress {
     /// The bundle of this cluster's trust domain: the controller's SVID
     /// must chain to it (and the issued SVID too).
     pub bundle: TrustBundle,
+    /// The proxy's live bundles, kept current by its controller: when set,
+    /// this trust domain's bundle is read from here at every signing, so
+    /// renewal keeps working across a root rotation (the controller's new
+    /// SVID and the new SVIDs chain to a root the start-up bundle lacks).
+    pub live: Option<SharedBundles>,
     pub timeout: Duration,
+}
+
+impl SignerAddress {
+    /// This trust domain's bundle as it stands now.
+    fn own_bundle(&self) -> TrustBundle {
+        self.live
+            .as_ref()
+            .and_then(|b| b.load().get(self.bundle.trust_domain()).cloned())
+            .unwrap_or_else(|| self.bundle.clone())
+    }
 }
 
 fn tls_for(
     at: &SignerAddress,
     identity: Option<&SvidSource>,
 ) -> Result<Arc<rustls::ClientConfig>, CertError> {
-    let bundles = SharedBundles::new(fedmesh_trust::TrustBundles::new().with(at.bundle.clone()));
-    let policy = PeerPolicy::id(controller_identity(at.bundle.trust_domain()));
+    let own = at.own_bundle();
+    let policy = PeerPolicy::id(controller_identity(own.trust_domain()));
+    let bundles = SharedBundles::new(fedmesh_trust::TrustBundles::new().with(own));
     let alpn: &[&[u8]] = &[b"h2"];
     let cfg = match identity {
         Some(src) => fedmesh_trust::client_config_from(src, bundles, policy, alpn)?,
@@ -70,7 +86,7 @@ async fn sign(
     let chain = fedmesh_trust::pem::decode_certs(&resp.chain_pem)
         .map_err(|e| CertError::Response(e.to_string()))?;
     // Never install something our own peers would refuse.
-    let bundles = fedmesh_trust::TrustBundles::new().with(at.bundle.clone());
+    let bundles = fedmesh_trust::TrustBundles::new().with(at.own_bundle());
     let got = fedmesh_trust::verify_svid(
         &bundles,
         &chain,

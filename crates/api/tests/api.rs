@@ -356,6 +356,7 @@ fn signer_at(w: &World) -> SignerAddress {
     SignerAddress {
         controller: w.addr,
         bundle: w.ca.bundle(),
+        live: None,
         timeout: WAIT,
     }
 }

@@ -279,15 +279,27 @@ impl CatalogSpec {
 }
 
 impl Catalog {
-    /// A proxy's `/config_dump`: who it is and the catalog it routes by.
-    pub fn config_dump(&self, identity: &SpiffeId) -> String {
+    /// A proxy's `/config_dump`: who it is, the fingerprint of each trust
+    /// bundle it verifies peers with (an operator rotating a root checks
+    /// here that every proxy has the new bundle), and the catalog it
+    /// routes by.
+    pub fn config_dump(
+        &self,
+        identity: &SpiffeId,
+        bundles: &fedmesh_trust::TrustBundles,
+    ) -> String {
         #[derive(Serialize)]
         struct Dump<'a> {
             identity: &'a str,
+            bundles: BTreeMap<String, String>,
             catalog: CatalogSpec,
         }
         serde_json::to_string(&Dump {
             identity: identity.as_str(),
+            bundles: bundles
+                .iter()
+                .map(|b| (b.trust_domain().to_string(), b.fingerprint()))
+                .collect(),
             catalog: self.to_spec(),
         })
         // Plain data (strings, numbers, maps) always serializes.

@@ -161,6 +161,7 @@ pub fn follow(
     settings.cluster = Some(ClusterName::new(&link.cluster)?);
     let sub = client::subscribe(settings, Arc::new(tls));
     let version = sub.version_reader();
+    let bundles_live = bundles.clone();
     let mut tasks = vec![tokio::spawn(client::follow(sub.config(), move |c| {
         // Bundles first: the catalog may name peers only they trust.
         bundles.store((*c.bundles).clone());
@@ -170,6 +171,7 @@ pub fn follow(
         let at = SignerAddress {
             controller: link.address,
             bundle: own,
+            live: Some(bundles_live),
             timeout: Duration::from_secs(10),
         };
         let (cert, key) = (files.cert.clone(), files.key.clone());
@@ -201,6 +203,7 @@ pub async fn request(
     let at = SignerAddress {
         controller,
         bundle: bundle.clone(),
+        live: None,
         timeout: Duration::from_secs(10),
     };
     let svid = certs::bootstrap(&at, &id, token.trim()).await?;

@@ -89,6 +89,12 @@ pub struct ControllerArgs {
     /// Validate the config and exit.
     #[arg(long)]
     check: bool,
+    /// On SIGTERM, take this cluster out of the federation: peers stop
+    /// routing to it at once. Without it a stop is a restart: the
+    /// cluster's records live on for the lease TTL, so a controller that
+    /// starts again within it is never missed.
+    #[arg(long)]
+    leave: bool,
 }
 
 fn now_ms() -> u64 {
@@ -223,8 +229,10 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         }
         handle.shutdown().await;
     }
-    if let Ok(c) = Arc::try_unwrap(ctrl) {
-        c.shutdown().await;
+    match Arc::try_unwrap(ctrl) {
+        Ok(c) if args.leave => c.leave().await,
+        Ok(c) => c.shutdown().await,
+        Err(_) => {}
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,10 @@
 //! `fedmesh trust verify`: check a certificate chain as an X.509-SVID.
 //! Exit 0 and the SPIFFE ID when valid, 1 with the reason when not, 2 on
 //! usage errors (bad flags, unreadable files).
+//!
+//! `fedmesh trust endorse`: sign a cluster's next bundle with a root of its
+//! current one, so federated peers accept a root rotation on their own
+//! (`docs/operations.md`, "Rotating a cluster's root").
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -29,6 +33,52 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Endorse a cluster's next bundle with a root its peers trust now
+    /// (append to the controller's `endorsements` JSON list).
+    Endorse {
+        /// The next bundle (PEM roots), e.g. old+new during a rotation.
+        #[arg(long)]
+        bundle: PathBuf,
+        /// The endorsing root CA's directory (`fedmesh ca init --out`).
+        #[arg(long)]
+        by: PathBuf,
+        /// The endorsements file to write (JSON list; replaced).
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+fn endorse(bundle: PathBuf, by: PathBuf, out: PathBuf) -> ExitCode {
+    let ca = match fedmesh_trust::CertificateAuthority::load(&by) {
+        Ok(c) => c,
+        Err(e) => return usage(format!("CA {}: {e}", by.display())),
+    };
+    let text = match std::fs::read_to_string(&bundle) {
+        Ok(t) => t,
+        Err(e) => return usage(format!("reading bundle {}: {e}", bundle.display())),
+    };
+    let b = match TrustBundle::from_pem(ca.trust_domain().clone(), &text) {
+        Ok(b) => b,
+        Err(e) => return usage(format!("bundle {}: {e}", bundle.display())),
+    };
+    let e = match fedmesh_trust::rotation::endorse(&ca, &b) {
+        Ok(e) => e,
+        Err(e) => return usage(format!("endorsing: {e}")),
+    };
+    let json = match serde_json::to_string_pretty(&vec![e]) {
+        Ok(j) => j,
+        Err(e) => return usage(e.to_string()),
+    };
+    if let Err(e) = std::fs::write(&out, json) {
+        return usage(format!("writing {}: {e}", out.display()));
+    }
+    println!(
+        "endorsed bundle {} ({}) by root {}",
+        bundle.display(),
+        b.fingerprint(),
+        by.display()
+    );
+    ExitCode::SUCCESS
 }
 
 fn parse_bundle_arg(s: &str) -> Result<(TrustDomain, PathBuf), String> {
@@ -51,13 +101,16 @@ fn usage(msg: String) -> ExitCode {
 }
 
 pub fn run(cmd: Command) -> ExitCode {
-    let Command::Verify {
-        bundles,
-        cert,
-        at,
-        server,
-        json,
-    } = cmd;
+    let (bundles, cert, at, server, json) = match cmd {
+        Command::Verify {
+            bundles,
+            cert,
+            at,
+            server,
+            json,
+        } => (bundles, cert, at, server, json),
+        Command::Endorse { bundle, by, out } => return endorse(bundle, by, out),
+    };
     let mut set = TrustBundles::new();
     for (td, path) in bundles {
         let text = match std::fs::read_to_string(&path) {

@@ -327,3 +327,66 @@ limits: { header_timeout: 0s }
         assert!(err.contains(needle), "missing {needle:?} in {err}");
     }
 }
+
+/// A root rotation's endorsements, as an operator makes them: the old+new
+/// bundle endorsed by the old root is accepted by a peer that trusts only
+/// the old root; a bundle endorsed by a stranger is not; bad input is a
+/// usage error.
+#[test]
+fn trust_endorse_makes_a_rotation_peers_accept() {
+    use fedmesh_trust::rotation::{accept, Acceptance, Endorsement};
+    use fedmesh_trust::{TrustBundle, TrustDomain};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    for name in ["old", "new", "stranger"] {
+        let o = fedmesh(&[
+            "ca",
+            "init",
+            "--trust-domain",
+            "west.acme",
+            "--out",
+            s(&d.join(name)),
+        ]);
+        assert!(o.status.success(), "{o:?}");
+    }
+    let td = TrustDomain::new("west.acme").unwrap();
+    let read =
+        |p: &Path| TrustBundle::from_pem(td.clone(), &std::fs::read_to_string(p).unwrap()).unwrap();
+    let both = format!(
+        "{}{}",
+        std::fs::read_to_string(d.join("old/bundle.pem")).unwrap(),
+        std::fs::read_to_string(d.join("new/bundle.pem")).unwrap()
+    );
+    std::fs::write(d.join("both.pem"), both).unwrap();
+    let endorse = |by: &str, out: &str| {
+        fedmesh(&[
+            "trust",
+            "endorse",
+            "--bundle",
+            s(&d.join("both.pem")),
+            "--by",
+            s(&d.join(by)),
+            "--out",
+            s(&d.join(out)),
+        ])
+    };
+    let o = endorse("old", "by-old.json");
+    assert!(o.status.success(), "{o:?}");
+    let o = endorse("stranger", "by-stranger.json");
+    assert!(o.status.success(), "{o:?}");
+    let list = |f: &str| -> Vec<Endorsement> {
+        serde_json::from_str(&std::fs::read_to_string(d.join(f)).unwrap()).unwrap()
+    };
+    let old = read(&d.join("old/bundle.pem"));
+    let offered = read(&d.join("both.pem"));
+    assert_eq!(offered.roots().len(), 2);
+    assert_eq!(
+        accept(Some(&old), None, &offered, &list("by-old.json")).unwrap(),
+        Acceptance::Accept
+    );
+    assert!(accept(Some(&old), None, &offered, &list("by-stranger.json")).is_err());
+    // Missing CA, unreadable bundle: exit 2 with the reason.
+    let o = endorse("nope", "x.json");
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nope"));
+}

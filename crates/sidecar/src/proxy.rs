@@ -277,7 +277,9 @@ impl Sidecar {
             let dump = {
                 let shared = shared.clone();
                 let id = s.identity.id().clone();
-                Arc::new(move || shared.catalog().config_dump(&id)) as admin::JsonFn
+                let bundles = s.bundles.clone();
+                Arc::new(move || shared.catalog().config_dump(&id, &bundles.load()))
+                    as admin::JsonFn
             };
             let register = |reg: &mut Registry| {
                 m.register(reg);
