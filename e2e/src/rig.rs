@@ -90,6 +90,10 @@ pub struct Rig {
     procs: BTreeMap<String, Proc>,
     /// Cut cluster pairs (sorted names) → whether TCP is cut too.
     cuts: Mutex<BTreeMap<(String, String), bool>>,
+    /// Clusters cut off from etcd (namespaces with nft only).
+    store_cuts: Mutex<std::collections::BTreeSet<String>>,
+    /// etcd members' client addresses.
+    etcd_clients: Vec<SocketAddr>,
     /// Dropped after the processes (fields drop after `Drop::drop`).
     pub netns: Option<Netns>,
     /// As written into controller configs (all members, whatever runs).
@@ -187,6 +191,11 @@ impl Rig {
         let host: IpAddr = netns.as_ref().map_or([127, 0, 0, 1].into(), |n| n.host_ip);
         let etcd = EtcdCluster::start_on(etcd_bin, 3, host)
             .context("starting the 3-member etcd cluster")?;
+        let etcd_clients: Vec<SocketAddr> = etcd
+            .endpoints()
+            .iter()
+            .filter_map(|e| e.rsplit('/').next()?.parse().ok())
+            .collect();
         let endpoints = etcd
             .endpoints()
             .iter()
@@ -258,6 +267,8 @@ impl Rig {
             dir,
             procs: BTreeMap::new(),
             cuts: Mutex::new(BTreeMap::new()),
+            store_cuts: Mutex::new(Default::default()),
+            etcd_clients,
             netns,
             etcd_endpoints: endpoints.clone(),
             svid_ttl,
@@ -495,6 +506,72 @@ impl Rig {
         self.clusters.iter().find(|c| c.name == name)
     }
 
+    fn nft(&self) -> bool {
+        self.netns.as_ref().is_some_and(|n| n.nft)
+    }
+
+    /// Cuts (or restores) `cluster`'s path to etcd, when that can be done
+    /// (namespaces with nft: `Ok(false)` otherwise, nothing changed).
+    pub fn cut_store(&self, cluster: &str, on: bool) -> anyhow::Result<bool> {
+        if !self.nft() {
+            return Ok(false);
+        }
+        {
+            let mut sc = self.store_cuts.lock().unwrap_or_else(|p| p.into_inner());
+            if on {
+                sc.insert(cluster.to_owned());
+            } else {
+                sc.remove(cluster);
+            }
+        }
+        let cuts = self.cuts.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        self.apply_nft(&cuts)?;
+        Ok(true)
+    }
+
+    /// Rewrites every namespace's rules from the cuts in force.
+    fn apply_nft(&self, cuts: &BTreeMap<(String, String), bool>) -> anyhow::Result<()> {
+        let Some(n) = self.netns.as_ref() else {
+            return Ok(());
+        };
+        let store_cuts = self
+            .store_cuts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        for c in &self.clusters {
+            let mut rules = Vec::new();
+            for ((x, y), tcp) in cuts {
+                let other = match (x == &c.name, y == &c.name) {
+                    (true, _) => y,
+                    (_, true) => x,
+                    _ => continue,
+                };
+                let Some(o) = self.cluster(other) else {
+                    continue;
+                };
+                let mut paths = vec![("udp", o.quic_public)];
+                if *tcp {
+                    paths.push(("tcp", o.tcp_public));
+                }
+                for (proto, at) in paths {
+                    let (ip, port) = (at.ip(), at.port());
+                    rules.push(("output", format!("ip daddr {ip} {proto} dport {port} drop")));
+                    rules.push(("input", format!("ip saddr {ip} {proto} sport {port} drop")));
+                }
+            }
+            if store_cuts.contains(&c.name) {
+                for at in &self.etcd_clients {
+                    let (ip, port) = (at.ip(), at.port());
+                    rules.push(("output", format!("ip daddr {ip} tcp dport {port} drop")));
+                    rules.push(("input", format!("ip saddr {ip} tcp sport {port} drop")));
+                }
+            }
+            n.set_rules(&c.name, &rules)?;
+        }
+        Ok(())
+    }
+
     /// Cuts (or restores) the path between clusters `a` and `b`, both
     /// ways: UDP (QUIC), and with `tcp` the TCP fallback too. With
     /// namespaces and `nft`, by nftables rules in both namespaces (a
@@ -511,31 +588,8 @@ impl Rig {
             }
             cuts.clone()
         };
-        if let Some(n) = self.netns.as_ref().filter(|n| n.nft) {
-            for c in &self.clusters {
-                let mut rules = Vec::new();
-                for ((x, y), tcp) in &cuts {
-                    let other = match (x == &c.name, y == &c.name) {
-                        (true, _) => y,
-                        (_, true) => x,
-                        _ => continue,
-                    };
-                    let Some(o) = self.cluster(other) else {
-                        continue;
-                    };
-                    let mut paths = vec![("udp", o.quic_public)];
-                    if *tcp {
-                        paths.push(("tcp", o.tcp_public));
-                    }
-                    for (proto, at) in paths {
-                        let (ip, port) = (at.ip(), at.port());
-                        rules.push(("output", format!("ip daddr {ip} {proto} dport {port} drop")));
-                        rules.push(("input", format!("ip saddr {ip} {proto} sport {port} drop")));
-                    }
-                }
-                n.set_rules(&c.name, &rules)?;
-            }
-            return Ok(());
+        if self.nft() {
+            return self.apply_nft(&cuts);
         }
         for (me, them) in [(a, b), (b, a)] {
             let Some(ip) = self.cluster(them).map(|c| c.ip) else {

@@ -291,24 +291,77 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
         }
         "partition" => {
             // west is cut off from the other clusters' gateways (both
-            // ways, no close: packets vanish) for `cut`, then healed.
+            // ways, no close: packets vanish) for `cut`, then healed; in
+            // namespaces with nftables from etcd too (its lease expires:
+            // the others serve it stale), otherwise its controller still
+            // publishes ("lease alive, gateway silent").
             let cut = p.len(60, 30);
             let d = cut + p.len(30, 12);
             let load = start_load(rig, p, d, &CLUSTERS, true);
             let at = Duration::from_secs(if p.quick { 4 } else { 10 });
             tl.until(at).await;
             // Both transports: a partition leaves no TCP fallback either.
-            let set = |rig: &Rig, on: bool, o: &mut Outcome| {
+            let set = |rig: &Rig, on: bool, o: &mut Outcome| -> bool {
                 for other in ["east", "north"] {
                     cut_path(rig, "west", other, Path::Both, on, o);
                 }
+                match rig.cut_store("west", on) {
+                    Ok(cut) => cut,
+                    Err(e) => {
+                        o.check("cutting west from etcd", false, e.to_string());
+                        false
+                    }
+                }
             };
-            set(rig, true, &mut o);
-            let broke = tl.note("west cut off from east and north");
+            let store_cut = set(rig, true, &mut o);
+            let broke = tl.note(if store_cut {
+                "west cut off from east, north and etcd"
+            } else {
+                "west cut off from east and north (its controller still reaches etcd)"
+            });
+            if store_cut {
+                // Its lease (3 s) runs out: the others keep serving it stale.
+                tl.until(at + Duration::from_secs(8)).await;
+                let stale = async {
+                    let c = rig.cluster("east")?;
+                    let (_, body) = admin_get(c.controller_admin, "/status").await?;
+                    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                    Some(v["stale"].get("west").is_some())
+                };
+                let stale = stale.await == Some(true);
+                tl.note(format!("east's controller serves west stale: {stale}"));
+                o.check(
+                    "east's controller serves west stale while its lease is gone",
+                    stale,
+                    "",
+                );
+            }
             tl.until(at + cut).await;
             set(rig, false, &mut o);
             let healed = tl.note("partition healed");
             o.loads = finish_load(load).await;
+            if store_cut {
+                let back = async {
+                    let t0 = Instant::now();
+                    while t0.elapsed() < Duration::from_secs(15) {
+                        let c = rig.cluster("east")?;
+                        if let Some((_, body)) = admin_get(c.controller_admin, "/status").await {
+                            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                            if v["stale"].get("west").is_none() {
+                                return Some(t0.elapsed());
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    None
+                };
+                let back = back.await;
+                o.check(
+                    "west published again after healing (not stale)",
+                    back.is_some(),
+                    format!("{back:?} after the load ended"),
+                );
+            }
             // Only east's HTTP (which prefers west) must move: the drill
             // analysis gives its failover figures.
             let east_http = o

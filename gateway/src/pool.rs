@@ -222,17 +222,10 @@ impl Dialer {
         let Some(addr) = peer.tcp_address else {
             return Ok(None);
         };
-        crate::tcp::connect(
-            peer,
-            addr,
-            self.from,
-            &self.tcp,
-            &self.limits,
-            self.dead_after(),
-        )
-        .await
-        .map(Some)
-        .map_err(|e| format!("TCP fallback {addr}: {e}"))
+        crate::tcp::connect(peer, addr, self.from, &self.tcp, &self.limits)
+            .await
+            .map(Some)
+            .map_err(|e| format!("TCP fallback {addr}: {e}"))
     }
 
     /// A connection to `peer` by the transport it is known to need: QUIC

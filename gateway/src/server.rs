@@ -486,8 +486,7 @@ async fn fallback_conn(
                 }
             }
         };
-        let dead_after = shared.limits.peer_dead_after();
-        if let Err(e) = tcp::serve(tls, &shared.limits, dead_after, stream).await {
+        if let Err(e) = tcp::serve(tls, &shared.limits, stream).await {
             tracing::info!(reason = %e, "TCP fallback connection ended");
         }
         shared.metrics.peer_connections.dec();

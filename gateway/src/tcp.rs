@@ -34,6 +34,16 @@ const CONN_WINDOW: u32 = 32 << 20;
 /// What hyper buffers per stream before a writer waits.
 const SEND_BUF: usize = 1 << 20;
 
+/// How long an HTTP/2 ping may go unanswered before the peer counts as
+/// dead: three times QUIC's silence bound. hyper pings only after a
+/// keep-alive interval with nothing received, but a PING queued behind a
+/// full TCP send buffer on a slow or lossy path (retransmission timeouts
+/// start at 200 ms and double) can take longer than QUIC's 600 ms to be
+/// answered; a false "dead" would fail every stream on the connection.
+fn dead_after(limits: &Limits) -> Duration {
+    limits.peer_dead_after() * 3
+}
+
 /// HTTP/2 header lists are bounded like tunnel headers (validated to fit).
 fn header_list(limits: &Limits) -> u32 {
     u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX)
@@ -82,7 +92,7 @@ impl TcpConn {
     }
 
     /// Resolves once the connection has ended (either side, or pings went
-    /// unanswered for `dead_after`).
+    /// unanswered for [`dead_after`]).
     pub async fn closed(&self) {
         let mut rx = self.closed.clone();
         let _ = rx.wait_for(|c| *c).await;
@@ -122,10 +132,9 @@ pub async fn connect(
     from: Option<IpAddr>,
     tls: &TlsConnector,
     limits: &Limits,
-    dead_after: Duration,
 ) -> Result<TcpConn, TcpError> {
     let limit = limits.connect_timeout;
-    tokio::time::timeout(limit, dial(peer, addr, from, tls, limits, dead_after))
+    tokio::time::timeout(limit, dial(peer, addr, from, tls, limits))
         .await
         .map_err(|_| TcpError::Timeout(limit))?
 }
@@ -136,7 +145,6 @@ async fn dial(
     from: Option<IpAddr>,
     tls: &TlsConnector,
     limits: &Limits,
-    dead_after: Duration,
 ) -> Result<TcpConn, TcpError> {
     let io_err = |source| TcpError::Connect { addr, source };
     let socket = if addr.is_ipv4() {
@@ -170,7 +178,7 @@ async fn dial(
         .max_send_buf_size(SEND_BUF)
         .max_header_list_size(header_list(limits))
         .keep_alive_interval(limits.keep_alive)
-        .keep_alive_timeout(dead_after)
+        .keep_alive_timeout(dead_after(limits))
         .keep_alive_while_idle(true)
         .handshake(TokioIo::new(stream))
         .await?;
@@ -195,7 +203,6 @@ async fn dial(
 pub async fn serve<F, Fut>(
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     limits: &Limits,
-    dead_after: Duration,
     stream: F,
 ) -> Result<(), hyper::Error>
 where
@@ -227,7 +234,7 @@ where
         .max_concurrent_streams(limits.max_streams_per_connection)
         .max_header_list_size(header_list(limits))
         .keep_alive_interval(limits.keep_alive)
-        .keep_alive_timeout(dead_after)
+        .keep_alive_timeout(dead_after(limits))
         .serve_connection(TokioIo::new(tls), service)
         .await
 }
