@@ -302,3 +302,69 @@ async fn the_fallback_port_answers_bad_input_like_the_quic_port() {
         .unwrap();
     assert_eq!(status.code, StatusCode::Denied, "{status:?}");
 }
+
+/// The fallback port caps concurrent streams per connection like the QUIC
+/// port (`limits.max_streams_per_connection`, an HTTP/2 setting): a
+/// further CONNECT waits until a stream ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_per_fallback_connection_are_capped() {
+    let mut t = Topology::demo();
+    t.tcp_fallback = true;
+    t.limits.max_streams_per_connection = 4;
+    let rig = Rig::start(&t).await.unwrap();
+    let east = rig.cluster("east").unwrap();
+    let west = rig.cluster("west").unwrap();
+    let east_gw = east
+        .ca
+        .issue(
+            &east.trust_domain.system_id("gateway"),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let mut send = h2_client(west, &east_gw).await.unwrap();
+    let mut open = Vec::new();
+    for _ in 0..4 {
+        let r = request(&mut send, hyper::Method::CONNECT).await.unwrap();
+        assert_eq!(r.status(), hyper::StatusCode::OK);
+        let mut io = TokioIo::new(hyper::upgrade::on(r).await.unwrap());
+        let mut h = Header::new(echo());
+        h.source = Some(
+            east.trust_domain
+                .workload("demo", "client")
+                .unwrap()
+                .to_string(),
+        );
+        io.write_all(&h.to_bytes(&fedmesh_wire::Limits::default()).unwrap())
+            .await
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(2), read_status(&mut io))
+            .await
+            .expect("no status frame")
+            .unwrap();
+        assert_eq!(status.code, StatusCode::Ok, "{status:?}");
+        open.push(io);
+    }
+    // A fifth waits: not refused, not served.
+    let req = hyper::Request::builder()
+        .method(hyper::Method::CONNECT)
+        .uri("fedmesh.invalid:443")
+        .body(Empty::new())
+        .unwrap();
+    let fifth = send.send_request(req);
+    tokio::pin!(fifth);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), &mut fifth)
+            .await
+            .is_err(),
+        "a fifth stream was answered beyond the cap of 4"
+    );
+    // One ends: the fifth goes through.
+    let mut done = open.pop().unwrap();
+    done.shutdown().await.unwrap();
+    drop(done);
+    let r = tokio::time::timeout(Duration::from_secs(5), fifth)
+        .await
+        .expect("the fifth stream never got a slot")
+        .unwrap();
+    assert_eq!(r.status(), hyper::StatusCode::OK);
+}
