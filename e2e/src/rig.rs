@@ -4,12 +4,13 @@
 //! with a controller, a gateway, two sidecars and two apps as separate
 //! processes, and a three-member etcd cluster they all publish to.
 //!
-//! Every cluster serves and exports `echo.demo` (a TCP echo app, port
-//! 7000) and `http.demo` (an HTTP app, port 8080) behind its `srv`
-//! sidecar; its `web` sidecar has outbound listeners for both. Policy:
-//! `echo.demo` stays local (locality); `http.demo` prefers the next
-//! cluster in the ring (east → west → north → east), so HTTP load is
-//! cross-cluster and fails over to the third cluster.
+//! Every cluster serves and exports `echo.demo` and `echox.demo` (a TCP
+//! echo app, port 7000) and `http.demo` and `httpl.demo` (an HTTP app, port
+//! 8080) behind its `srv` sidecar; its `web` sidecar has outbound listeners
+//! for all four. Policy: `echo.demo` and `httpl.demo` stay local
+//! (locality); `http.demo` and `echox.demo` prefer the next cluster in the
+//! ring (east → west → north → east), so that load is cross-cluster and
+//! fails over to the third cluster.
 //!
 //! Peers reach each gateway through relays run by this process (on the
 //! cluster's address): a UDP relay in front of its QUIC port and a TCP
@@ -62,6 +63,10 @@ pub struct Cluster {
     /// The `web` sidecar's outbound listeners.
     pub echo_out: SocketAddr,
     pub http_out: SocketAddr,
+    /// Cross-cluster TCP (`echox.demo`, prefers the next cluster) and
+    /// local HTTP (`httpl.demo`, stays local), for `steady`'s mix.
+    pub echox_out: SocketAddr,
+    pub httpl_out: SocketAddr,
     pub echo_app: SocketAddr,
     pub http_app: SocketAddr,
     /// The cluster `http.demo` prefers (the next in the ring).
@@ -127,7 +132,8 @@ fn controller_yaml(
         "cluster: {name}\ntrust_domain: {td}\ngateways: [\"{quic}\"]\ngateways_tcp: [\"{tcp}\"]\ngateway_tunnel: \"{tunnel}\"\nlease_ttl: 3s\n\
          store: {{ kind: etcd, endpoints: [{endpoints}] }}\nbundle: {bundle}\n{endorsements}pins_dir: {pins}\nservices: {services}\n\
          admin: \"{admin}\"\napi:\n  listen: \"{api}\"\n  ca_dir: {ca_dir}\n  limits: {{ svid_ttl: {ttl}s }}\n\
-         policies:\n  http.demo:\n    failover: [{prefers}, {third}]\n    retry: {{ attempts: 3 }}\n    outlier: {{ consecutive_failures: 3, base_ejection: 1s }}\n",
+         policies:\n  http.demo:\n    failover: [{prefers}, {third}]\n    retry: {{ attempts: 3 }}\n    outlier: {{ consecutive_failures: 3, base_ejection: 1s }}\n  \
+           echox.demo:\n    failover: [{prefers}, {third}]\n    outlier: {{ consecutive_failures: 3, base_ejection: 1s }}\n",
         name = c.name,
         quic = c.quic_public,
         tcp = c.tcp_public,
@@ -254,6 +260,8 @@ impl Rig {
                 srv_inbound: port(false)?,
                 echo_out: port(false)?,
                 http_out: port(false)?,
+                echox_out: port(false)?,
+                httpl_out: port(false)?,
                 echo_app: port(false)?,
                 http_app: port(false)?,
                 http_prefers: CLUSTERS[(i + 1) % CLUSTERS.len()].to_owned(),
@@ -327,17 +335,21 @@ impl Rig {
                 common("gw")
             );
             let web = format!(
-                "{}admin: \"{}\"\noutbound:\n  - {{ listen: \"{}\", service: echo.demo, port: 7000, protocol: tcp }}\n  - {{ listen: \"{}\", service: http.demo, port: 8080 }}\n",
+                "{}admin: \"{}\"\noutbound:\n  - {{ listen: \"{}\", service: echo.demo, port: 7000, protocol: tcp }}\n  - {{ listen: \"{}\", service: http.demo, port: 8080 }}\n  - {{ listen: \"{}\", service: echox.demo, port: 7000, protocol: tcp }}\n  - {{ listen: \"{}\", service: httpl.demo, port: 8080 }}\n",
                 common("web"),
                 c.web_admin,
                 c.echo_out,
-                c.http_out
+                c.http_out,
+                c.echox_out,
+                c.httpl_out
             );
             let srv = format!(
-                "{}admin: \"{}\"\ninbound:\n  listen: \"{}\"\n  services:\n    - {{ service: echo.demo, port: 7000, app: \"{}\" }}\n    - {{ service: http.demo, port: 8080, app: \"{}\" }}\n",
+                "{}admin: \"{}\"\ninbound:\n  listen: \"{}\"\n  services:\n    - {{ service: echo.demo, port: 7000, app: \"{}\" }}\n    - {{ service: http.demo, port: 8080, app: \"{}\" }}\n    - {{ service: echox.demo, port: 7000, app: \"{}\" }}\n    - {{ service: httpl.demo, port: 8080, app: \"{}\" }}\n",
                 common("srv"),
                 c.srv_admin,
                 c.srv_inbound,
+                c.echo_app,
+                c.http_app,
                 c.echo_app,
                 c.http_app
             );
@@ -678,6 +690,9 @@ impl Rig {
     }
 }
 
+/// Services every cluster exports (`services_file` without `extra.demo`).
+pub const SERVICES: u64 = 4;
+
 fn services_file(c: &Cluster, srv_id: &str, extra: bool) -> String {
     let mut s = String::from("services:\n");
     let mut svc = |name: &str, port: u16| {
@@ -688,6 +703,8 @@ fn services_file(c: &Cluster, srv_id: &str, extra: bool) -> String {
     };
     svc("echo.demo", 7000);
     svc("http.demo", 8080);
+    svc("echox.demo", 7000);
+    svc("httpl.demo", 8080);
     if extra {
         svc("extra.demo", 7000);
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use fedmesh_testkit::{percentile, run_open_loop, LiveCounts, OpenLoopSpec, Sample};
 use serde::Serialize;
 
-use crate::rig::{admin_get, Rig, CLUSTERS};
+use crate::rig::{admin_get, Rig, CLUSTERS, SERVICES};
 
 pub const ALL: [&str; 8] = [
     "steady",
@@ -112,7 +112,51 @@ impl Timeline {
 
 type LoadTask = tokio::task::JoinHandle<(String, &'static str, Vec<Sample>)>;
 
+/// The loads a scenario can run from each cluster's `web` sidecar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// TCP, a new connection per request, served locally (`echo.demo`).
+    Echo,
+    /// TCP like `Echo`, served by the next cluster (`echox.demo`).
+    EchoX,
+    /// HTTP keep-alive `PUT`s, served by the next cluster (`http.demo`).
+    Http,
+    /// HTTP like `Http`, served locally (`httpl.demo`).
+    HttpLocal,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Echo => "echo",
+            Kind::EchoX => "echo-x",
+            Kind::Http => "http",
+            Kind::HttpLocal => "http-l",
+        }
+    }
+
+    /// Whether the cluster's own replica is the one that should answer.
+    fn local(name: &str) -> bool {
+        name == "echo" || name == "http-l"
+    }
+}
+
 fn start_load(rig: &Rig, p: &Params, d: Duration, clusters: &[&str], echo: bool) -> Vec<LoadTask> {
+    let kinds: &[Kind] = if echo {
+        &[Kind::Echo, Kind::Http]
+    } else {
+        &[Kind::Http]
+    };
+    start_loads(rig, p, d, clusters, kinds)
+}
+
+fn start_loads(
+    rig: &Rig,
+    p: &Params,
+    d: Duration,
+    clusters: &[&str],
+    kinds: &[Kind],
+) -> Vec<LoadTask> {
     let (echo_rate, http_rate) = p.rates();
     let mut tasks = Vec::new();
     for c in rig
@@ -120,14 +164,15 @@ fn start_load(rig: &Rig, p: &Params, d: Duration, clusters: &[&str], echo: bool)
         .iter()
         .filter(|c| clusters.contains(&c.name.as_str()))
     {
-        let kinds: Vec<(&'static str, std::net::SocketAddr, u32, bool)> = if echo {
-            vec![
-                ("echo", c.echo_out, echo_rate, false),
-                ("http", c.http_out, http_rate, true),
-            ]
-        } else {
-            vec![("http", c.http_out, http_rate, true)]
-        };
+        let kinds: Vec<(&'static str, std::net::SocketAddr, u32, bool)> = kinds
+            .iter()
+            .map(|k| match k {
+                Kind::Echo => (k.name(), c.echo_out, echo_rate, false),
+                Kind::EchoX => (k.name(), c.echox_out, echo_rate, false),
+                Kind::Http => (k.name(), c.http_out, http_rate, true),
+                Kind::HttpLocal => (k.name(), c.httpl_out, http_rate, true),
+            })
+            .collect();
         for (kind, addr, rate, http) in kinds {
             let name = c.name.clone();
             let spec = OpenLoopSpec {
@@ -220,7 +265,7 @@ fn check_loads(
             continue;
         }
         let expect = match l.kind {
-            "echo" => l.cluster.clone(),
+            k if Kind::local(k) => l.cluster.clone(),
             _ => rig
                 .cluster(&l.cluster)
                 .map(|c| c.http_prefers.clone())
@@ -283,8 +328,10 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
     };
     match name {
         "steady" => {
+            // Local and cross-cluster, TCP and HTTP, from every cluster.
             let d = p.len(60, 8);
-            let load = start_load(rig, p, d, &CLUSTERS, true);
+            let all = [Kind::Echo, Kind::EchoX, Kind::Http, Kind::HttpLocal];
+            let load = start_loads(rig, p, d, &CLUSTERS, &all);
             tl.until(d).await;
             o.loads = finish_load(load).await;
             check_loads(&mut o, rig, true, &|_, _| false);
@@ -625,14 +672,14 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
             o.loads = finish_load(load).await;
             check_loads(&mut o, rig, true, &|_, _| false);
             // Resynced: a change made now reaches every other cluster.
-            let before = until_imported(rig, "west", 2, Duration::from_secs(30)).await;
+            let before = until_imported(rig, "west", SERVICES, Duration::from_secs(30)).await;
             o.check(
                 "controllers resynced after restart",
                 before.is_some(),
                 format!("{before:?}"),
             );
             rig.set_extra_service("west", true)?;
-            let took = until_imported(rig, "west", 3, Duration::from_secs(20)).await;
+            let took = until_imported(rig, "west", SERVICES + 1, Duration::from_secs(20)).await;
             tl.note(format!(
                 "west exported extra.demo; everyone imported it after {took:?}"
             ));
@@ -642,7 +689,7 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
                 format!("{took:?}"),
             );
             rig.set_extra_service("west", false)?;
-            let back = until_imported(rig, "west", 2, Duration::from_secs(20)).await;
+            let back = until_imported(rig, "west", SERVICES, Duration::from_secs(20)).await;
             o.check("and its removal too", back.is_some(), format!("{back:?}"));
         }
         "etcd-member-loss" => {
@@ -652,7 +699,7 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
             rig.etcd.kill(0);
             tl.note("etcd member 0 killed");
             rig.set_extra_service("west", true)?;
-            let took = until_imported(rig, "west", 3, Duration::from_secs(10)).await;
+            let took = until_imported(rig, "west", SERVICES + 1, Duration::from_secs(10)).await;
             tl.note(format!("extra.demo imported everywhere after {took:?}"));
             o.check(
                 "catalog updates go on with 2 of 3 etcd members",
@@ -660,7 +707,7 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
                 format!("{took:?}"),
             );
             rig.set_extra_service("west", false)?;
-            let back = until_imported(rig, "west", 2, Duration::from_secs(10)).await;
+            let back = until_imported(rig, "west", SERVICES, Duration::from_secs(10)).await;
             o.check("and removals", back.is_some(), format!("{back:?}"));
             tl.until(d * 3 / 4).await;
             rig.etcd.restart(0)?;
@@ -1156,12 +1203,12 @@ pub fn render(o: &Outcome) -> String {
         if o.passed { "PASS" } else { "FAIL" }
     );
     s.push_str(&format!(
-        "  {:<7} {:<5} {:>8} {:>7} {:>8} {:>8}  served by\n",
+        "  {:<7} {:<6} {:>8} {:>7} {:>8} {:>8}  served by\n",
         "from", "kind", "requests", "failed", "p50 ms", "p99 ms"
     ));
     for l in &o.loads {
         s.push_str(&format!(
-            "  {:<7} {:<5} {:>8} {:>7} {:>8.2} {:>8.2}  {}\n",
+            "  {:<7} {:<6} {:>8} {:>7} {:>8.2} {:>8.2}  {}\n",
             l.cluster,
             l.kind,
             l.requests,
