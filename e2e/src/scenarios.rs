@@ -281,28 +281,39 @@ fn check_loads(
     }
 }
 
-async fn controller_imported(rig: &Rig, cluster: &str) -> Option<u64> {
+/// A cluster's controller `/status`, when it answers 200 with JSON.
+async fn controller_status(rig: &Rig, cluster: &str) -> Option<serde_json::Value> {
     let c = rig.cluster(cluster)?;
-    let (code, body) = admin_get(c.controller_admin, "/status").await?;
-    if code != 200 {
-        return None;
+    match admin_get(c.controller_admin, "/status").await? {
+        (200, body) => serde_json::from_str(&body).ok(),
+        _ => None,
     }
-    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+}
+
+async fn controller_imported(rig: &Rig, cluster: &str) -> Option<u64> {
+    let v = controller_status(rig, cluster).await?;
     if v["synced"] != true {
         return None;
     }
     v["imported"].as_u64()
 }
 
-/// Waits until every other cluster's controller imports `want` services.
-async fn until_imported(rig: &Rig, except: &str, want: u64, limit: Duration) -> Option<Duration> {
+/// Whether `cluster`'s controller serves `other` stale (lease gone).
+async fn serves_stale(rig: &Rig, cluster: &str, other: &str) -> Option<bool> {
+    let v = controller_status(rig, cluster).await?;
+    Some(v["stale"].get(other).is_some())
+}
+
+/// Polls `ready` every 100 ms until it holds (how long that took) or
+/// `limit` has passed (`None`).
+async fn poll_until<F, Fut>(limit: Duration, mut ready: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let t0 = Instant::now();
     loop {
-        let mut all = true;
-        for c in CLUSTERS.iter().filter(|c| **c != except) {
-            all &= controller_imported(rig, c).await == Some(want);
-        }
-        if all {
+        if ready().await {
             return Some(t0.elapsed());
         }
         if t0.elapsed() > limit {
@@ -310,6 +321,18 @@ async fn until_imported(rig: &Rig, except: &str, want: u64, limit: Duration) -> 
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Waits until every other cluster's controller imports `want` services.
+async fn until_imported(rig: &Rig, except: &str, want: u64, limit: Duration) -> Option<Duration> {
+    poll_until(limit, move || async move {
+        let mut all = true;
+        for c in CLUSTERS.iter().filter(|c| **c != except) {
+            all &= controller_imported(rig, c).await == Some(want);
+        }
+        all
+    })
+    .await
 }
 
 pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcome> {
@@ -369,13 +392,7 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
             if store_cut {
                 // Its lease (3 s) runs out: the others keep serving it stale.
                 tl.until(at + Duration::from_secs(8)).await;
-                let stale = async {
-                    let c = rig.cluster("east")?;
-                    let (_, body) = admin_get(c.controller_admin, "/status").await?;
-                    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-                    Some(v["stale"].get("west").is_some())
-                };
-                let stale = stale.await == Some(true);
+                let stale = serves_stale(rig, "east", "west").await == Some(true);
                 tl.note(format!("east's controller serves west stale: {stale}"));
                 o.check(
                     "east's controller serves west stale while its lease is gone",
@@ -388,21 +405,10 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
             let healed = tl.note("partition healed");
             o.loads = finish_load(load).await;
             if store_cut {
-                let back = async {
-                    let t0 = Instant::now();
-                    while t0.elapsed() < Duration::from_secs(15) {
-                        let c = rig.cluster("east")?;
-                        if let Some((_, body)) = admin_get(c.controller_admin, "/status").await {
-                            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-                            if v["stale"].get("west").is_none() {
-                                return Some(t0.elapsed());
-                            }
-                        }
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                    None
-                };
-                let back = back.await;
+                let back = poll_until(Duration::from_secs(15), || async {
+                    serves_stale(rig, "east", "west").await == Some(false)
+                })
+                .await;
                 o.check(
                     "west published again after healing (not stale)",
                     back.is_some(),
@@ -903,28 +909,25 @@ async fn root_rotation(
     .await?;
     let step2 = tl.note("step 2: west's controller signs with the new root");
     let new_only = fedmesh_trust::TrustBundles::new().with(new.bundle());
-    let t0 = Instant::now();
-    let mut moved = false;
-    while t0.elapsed() < renew_limit {
-        moved = ["gw", "web", "srv"].iter().all(|who| {
-            std::fs::read_to_string(rig.svid_file("west", who))
-                .ok()
-                .and_then(|pem| fedmesh_trust::pem::decode_certs(&pem).ok())
-                .is_some_and(|chain| {
-                    fedmesh_trust::verify_svid(
-                        &new_only,
-                        &chain,
-                        std::time::SystemTime::now(),
-                        fedmesh_trust::Usage::Client,
-                    )
-                    .is_ok()
-                })
-        });
-        if moved {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let renewed = |who: &str| {
+        std::fs::read_to_string(rig.svid_file("west", who))
+            .ok()
+            .and_then(|pem| fedmesh_trust::pem::decode_certs(&pem).ok())
+            .is_some_and(|chain| {
+                fedmesh_trust::verify_svid(
+                    &new_only,
+                    &chain,
+                    std::time::SystemTime::now(),
+                    fedmesh_trust::Usage::Client,
+                )
+                .is_ok()
+            })
+    };
+    let moved = poll_until(renew_limit, || async {
+        ["gw", "web", "srv"].iter().all(|who| renewed(who))
+    })
+    .await
+    .is_some();
     tl.note(format!(
         "every west proxy presents a new-root SVID: {moved} ({:?} after step 2)",
         tl.t0.elapsed().saturating_sub(step2)
@@ -974,8 +977,7 @@ async fn until_proxies_trust(
     fingerprint: &str,
     limit: Duration,
 ) -> Option<Duration> {
-    let t0 = Instant::now();
-    loop {
+    poll_until(limit, move || async move {
         let mut all = true;
         for c in &rig.clusters {
             for admin in [c.gateway_admin, c.web_admin, c.srv_admin] {
@@ -987,14 +989,9 @@ async fn until_proxies_trust(
                 all &= fp.await.as_deref() == Some(fingerprint);
             }
         }
-        if all {
-            return Some(t0.elapsed());
-        }
-        if t0.elapsed() > limit {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+        all
+    })
+    .await
 }
 
 /// TLS handshakes refused so far by every gateway and sidecar (their
@@ -1019,30 +1016,23 @@ async fn handshake_refusals(rig: &Rig) -> u64 {
 /// Waits (bounded) until east's and north's controllers trust west with
 /// the bundle of `fingerprint`.
 async fn until_bundle(rig: &Rig, fingerprint: &str, limit: Duration) -> Option<Duration> {
-    let t0 = Instant::now();
-    loop {
+    poll_until(limit, move || async move {
         let mut all = true;
         for c in ["east", "north"] {
             let ok = async {
-                let c = rig.cluster(c)?;
-                let (_, body) = admin_get(c.controller_admin, "/status").await?;
-                let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+                let v = controller_status(rig, c).await?;
                 let w = v["clusters"]
                     .as_array()?
                     .iter()
-                    .find(|x| x["cluster"] == "west")?;
+                    .find(|x| x["cluster"] == "west")?
+                    .clone();
                 Some(w["bundle_fingerprint"] == fingerprint && w["bundle_trusted"] == true)
             };
             all &= ok.await == Some(true);
         }
-        if all {
-            return Some(t0.elapsed());
-        }
-        if t0.elapsed() > limit {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        all
+    })
+    .await
 }
 
 /// Which transport between two clusters a cut drops.
@@ -1087,19 +1077,12 @@ async fn until_transport(
     transport: &str,
     limit: Duration,
 ) -> Option<Duration> {
-    let t0 = Instant::now();
-    loop {
-        if gateway_peer(rig, from, to)
+    poll_until(limit, move || async move {
+        gateway_peer(rig, from, to)
             .await
             .is_some_and(|(t, _)| t == transport)
-        {
-            return Some(t0.elapsed());
-        }
-        if t0.elapsed() > limit {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
 }
 
 /// What one `lossy-wan` pass measured.

@@ -65,6 +65,15 @@ pub enum PoolError {
         addr: std::net::SocketAddr,
         reason: String,
     },
+    /// Nothing came back: the path may drop UDP (or the peer is gone).
+    #[error("connecting to peer {cluster} at {addr}: no answer within {waited:?}{}", .fallback.as_deref().map(|f| format!("; {f}")).unwrap_or_default())]
+    Silent {
+        cluster: ClusterName,
+        addr: std::net::SocketAddr,
+        waited: Duration,
+        /// Why the TCP fallback did not work either, when it was tried.
+        fallback: Option<String>,
+    },
     #[error("peer {cluster} presented {got}, expected {expected}")]
     WrongPeer {
         cluster: ClusterName,
@@ -241,7 +250,7 @@ impl Dialer {
         }
         let e = match self.quic(peer).await {
             Ok(c) => return Ok(PeerConn::Quic(c)),
-            Err(e) if is_silence(&e) => e,
+            Err(e @ PoolError::Silent { .. }) => e,
             Err(e) => return Err(e),
         };
         match self.tcp(peer).await {
@@ -252,25 +261,15 @@ impl Dialer {
                 Ok(PeerConn::Tcp(t))
             }
             Ok(None) => Err(e),
-            Err(t) => Err(match e {
-                PoolError::Connect {
-                    cluster,
-                    addr,
-                    reason,
-                } => PoolError::Connect {
-                    cluster,
-                    addr,
-                    reason: format!("{reason}; {t}"),
-                },
-                other => other,
-            }),
+            Err(t) => {
+                let mut e = e;
+                if let PoolError::Silent { fallback, .. } = &mut e {
+                    *fallback = Some(t);
+                }
+                Err(e)
+            }
         }
     }
-}
-
-/// A QUIC connect that heard nothing back: the path may drop UDP.
-fn is_silence(e: &PoolError) -> bool {
-    matches!(e, PoolError::Connect { reason, .. } if reason.starts_with("timed out"))
 }
 
 pub struct Pool {
@@ -518,7 +517,8 @@ async fn supervise(inner: Weak<Inner>, cell: Arc<Cell>, cluster: ClusterName) {
             }
             Err(e) => {
                 // A timeout is silence; anything else came from the peer.
-                cell.answered.store(!is_silence(&e), Ordering::Relaxed);
+                cell.answered
+                    .store(!matches!(e, PoolError::Silent { .. }), Ordering::Relaxed);
                 *lock(&cell.last_error) = e.to_string();
                 cell.down.store(true, Ordering::Relaxed);
                 cell.settled.notify_waiters();
@@ -652,7 +652,12 @@ async fn connect(
         .map_err(|e| err(e.to_string()))?;
     let conn = tokio::time::timeout(limit, connecting)
         .await
-        .map_err(|_| err(format!("timed out after {limit:?}")))?
+        .map_err(|_| PoolError::Silent {
+            cluster: peer.cluster.clone(),
+            addr: peer.address,
+            waited: limit,
+            fallback: None,
+        })?
         .map_err(|e| err(e.to_string()))?;
     let got = peer_id(&conn);
     if got.as_ref() != Some(&peer.identity) {

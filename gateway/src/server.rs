@@ -59,7 +59,7 @@ struct Shared {
     config: admin::ConfigState,
     cursor: AtomicUsize,
     next_id: AtomicU64,
-    /// Set when the gateway closes: accepted fallback connections end.
+    /// Set when the gateway closes: accepted TCP connections end.
     stopped: tokio::sync::watch::Sender<bool>,
 }
 
@@ -203,17 +203,19 @@ impl Gateway {
         shared.pool.set_peers(shared.catalog().peers());
         let mut tasks = vec![
             tokio::spawn(accept_peers(shared.clone())),
-            tokio::spawn(accept_sidecars(
+            tokio::spawn(accept_tcp(
                 shared.clone(),
                 listener,
                 TlsAcceptor::from(Arc::new(tunnel_tls)),
+                TcpPort::Sidecars,
             )),
         ];
         if let Some((listener, _, acceptor)) = fallback {
-            tasks.push(tokio::spawn(accept_fallback(
+            tasks.push(tokio::spawn(accept_tcp(
                 shared.clone(),
                 listener,
                 acceptor,
+                TcpPort::Fallback,
             )));
         }
         let mut admin_addr = None;
@@ -426,15 +428,34 @@ async fn serve_peer(shared: Arc<Shared>, conn: Connection, peer: Peer) {
     shared.metrics.peer_connections.dec();
 }
 
-/// Accepts peer gateways over the TCP fallback: TLS with a peer gateway's
-/// SVID (checked against the catalog like QUIC), then HTTP/2 whose
-/// `CONNECT` streams are served like QUIC streams.
-async fn accept_fallback(shared: Arc<Shared>, listener: TcpListener, acceptor: TlsAcceptor) {
+/// The gateway's two TLS-over-TCP listeners.
+#[derive(Debug, Clone, Copy)]
+enum TcpPort {
+    /// This cluster's sidecars (`listen.tunnel`).
+    Sidecars,
+    /// Peer gateways whose path drops UDP (`listen.tcp_fallback`): TLS with
+    /// a peer gateway's SVID (checked against the catalog like QUIC), then
+    /// HTTP/2 whose `CONNECT` streams are served like QUIC streams.
+    Fallback,
+}
+
+/// Serves one TLS-over-TCP listener within `limits.max_connections`;
+/// every accepted connection ends when the gateway closes.
+async fn accept_tcp(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    port: TcpPort,
+) {
     let m = shared.metrics.clone();
     let limit = shared.limits.max_connections;
+    let what = match port {
+        TcpPort::Sidecars => "tunnel",
+        TcpPort::Fallback => "TCP fallback",
+    };
     serve_tcp(
         listener,
-        "TCP fallback",
+        what,
         limit,
         move |_| m.reject("connection_limit"),
         |tcp, remote| {
@@ -442,8 +463,14 @@ async fn accept_fallback(shared: Arc<Shared>, listener: TcpListener, acceptor: T
             let acceptor = acceptor.clone();
             async move {
                 let mut stopped = shared.stopped.subscribe();
+                let conn = async {
+                    match port {
+                        TcpPort::Sidecars => sidecar_conn(&shared, tcp, remote, &acceptor).await,
+                        TcpPort::Fallback => fallback_conn(&shared, tcp, remote, &acceptor).await,
+                    }
+                };
                 tokio::select! {
-                    _ = fallback_conn(&shared, tcp, remote, &acceptor) => {}
+                    _ = conn => {}
                     _ = stopped.wait_for(|s| *s) => {}
                 }
             }
@@ -651,23 +678,6 @@ where
 }
 
 // ---- sidecars (TLS over TCP) ----
-
-async fn accept_sidecars(shared: Arc<Shared>, listener: TcpListener, acceptor: TlsAcceptor) {
-    let m = shared.metrics.clone();
-    let limit = shared.limits.max_connections;
-    serve_tcp(
-        listener,
-        "tunnel",
-        limit,
-        move |_| m.reject("connection_limit"),
-        |tcp, remote| {
-            let shared = shared.clone();
-            let acceptor = acceptor.clone();
-            async move { sidecar_conn(&shared, tcp, remote, &acceptor).await }
-        },
-    )
-    .await
-}
 
 async fn sidecar_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, acceptor: &TlsAcceptor) {
     let started = Instant::now();

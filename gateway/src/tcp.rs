@@ -134,67 +134,60 @@ pub async fn connect(
     limits: &Limits,
 ) -> Result<TcpConn, TcpError> {
     let limit = limits.connect_timeout;
-    tokio::time::timeout(limit, dial(peer, addr, from, tls, limits))
+    let dial = async {
+        let io_err = |source| TcpError::Connect { addr, source };
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+        .map_err(io_err)?;
+        if let Some(ip) = from.filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == addr.is_ipv4()) {
+            socket.bind(SocketAddr::new(ip, 0)).map_err(io_err)?;
+        }
+        let tcp = socket.connect(addr).await.map_err(io_err)?;
+        let _ = tcp.set_nodelay(true);
+        let name = rustls::pki_types::ServerName::try_from("fedmesh.invalid")
+            .map_err(|e| io_err(std::io::Error::other(e)))?;
+        let stream = tls
+            .connect(name, tcp)
+            .await
+            .map_err(|source| TcpError::Tls { addr, source })?;
+        let got = fedmesh_trust::peer_id(stream.get_ref().1.peer_certificates());
+        if got.as_ref() != Some(&peer.identity) {
+            return Err(TcpError::WrongPeer {
+                got: got.map_or_else(|| "no SPIFFE ID".into(), |g| g.to_string()),
+                expected: peer.identity.to_string(),
+            });
+        }
+        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
+            .max_send_buf_size(SEND_BUF)
+            .max_header_list_size(header_list(limits))
+            .keep_alive_interval(limits.keep_alive)
+            .keep_alive_timeout(dead_after(limits))
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(stream))
+            .await?;
+        let (tx, rx) = watch::channel(false);
+        let cluster = peer.cluster.clone();
+        let task = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::info!(peer = %cluster, error = %e, "TCP fallback connection ended");
+            }
+            let _ = tx.send(true);
+        });
+        Ok(TcpConn {
+            send,
+            closed: rx,
+            task: task.abort_handle(),
+        })
+    };
+    tokio::time::timeout(limit, dial)
         .await
         .map_err(|_| TcpError::Timeout(limit))?
-}
-
-async fn dial(
-    peer: &Peer,
-    addr: SocketAddr,
-    from: Option<IpAddr>,
-    tls: &TlsConnector,
-    limits: &Limits,
-) -> Result<TcpConn, TcpError> {
-    let io_err = |source| TcpError::Connect { addr, source };
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()
-    } else {
-        TcpSocket::new_v6()
-    }
-    .map_err(io_err)?;
-    if let Some(ip) = from.filter(|ip| !ip.is_unspecified() && ip.is_ipv4() == addr.is_ipv4()) {
-        socket.bind(SocketAddr::new(ip, 0)).map_err(io_err)?;
-    }
-    let tcp = socket.connect(addr).await.map_err(io_err)?;
-    let _ = tcp.set_nodelay(true);
-    let name = rustls::pki_types::ServerName::try_from("fedmesh.invalid")
-        .map_err(|e| io_err(std::io::Error::other(e)))?;
-    let stream = tls
-        .connect(name, tcp)
-        .await
-        .map_err(|source| TcpError::Tls { addr, source })?;
-    let got = fedmesh_trust::peer_id(stream.get_ref().1.peer_certificates());
-    if got.as_ref() != Some(&peer.identity) {
-        return Err(TcpError::WrongPeer {
-            got: got.map_or_else(|| "no SPIFFE ID".into(), |g| g.to_string()),
-            expected: peer.identity.to_string(),
-        });
-    }
-    let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONN_WINDOW)
-        .max_send_buf_size(SEND_BUF)
-        .max_header_list_size(header_list(limits))
-        .keep_alive_interval(limits.keep_alive)
-        .keep_alive_timeout(dead_after(limits))
-        .keep_alive_while_idle(true)
-        .handshake(TokioIo::new(stream))
-        .await?;
-    let (tx, rx) = watch::channel(false);
-    let cluster = peer.cluster.clone();
-    let task = tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::info!(peer = %cluster, error = %e, "TCP fallback connection ended");
-        }
-        let _ = tx.send(true);
-    });
-    Ok(TcpConn {
-        send,
-        closed: rx,
-        task: task.abort_handle(),
-    })
 }
 
 /// Serves one accepted fallback connection: after the TLS handshake (the

@@ -191,6 +191,30 @@ async fn request(
         .map_err(|e| e.to_string())
 }
 
+/// A CONNECT stream on `send` that sends `preface` (a tunnel header, or
+/// garbage): the stream and the status the gateway answered.
+async fn tunnel(
+    send: &mut hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    preface: &[u8],
+) -> (TokioIo<hyper::upgrade::Upgraded>, StatusCode) {
+    let r = request(send, hyper::Method::CONNECT).await.unwrap();
+    assert_eq!(r.status(), hyper::StatusCode::OK);
+    let mut io = TokioIo::new(hyper::upgrade::on(r).await.unwrap());
+    io.write_all(preface).await.unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(2), read_status(&mut io))
+        .await
+        .expect("no status frame")
+        .unwrap();
+    (io, status.code)
+}
+
+/// A tunnel header for `echo.demo:7000` vouching for a client of `td`.
+fn vouching(td: &fedmesh_trust::TrustDomain) -> Vec<u8> {
+    let mut h = Header::new(echo());
+    h.source = Some(td.workload("demo", "client").unwrap().to_string());
+    h.to_bytes(&fedmesh_wire::Limits::default()).unwrap()
+}
+
 fn echo() -> Target {
     Target::Service {
         name: ServiceName::new("echo", "demo").unwrap(),
@@ -251,56 +275,15 @@ async fn the_fallback_port_answers_bad_input_like_the_quic_port() {
 
     // A CONNECT stream with a garbage tunnel header: a status frame, a
     // clean close, and the connection still serves the next stream.
-    let r = request(&mut send, hyper::Method::CONNECT).await.unwrap();
-    assert_eq!(r.status(), hyper::StatusCode::OK);
-    let mut io = TokioIo::new(hyper::upgrade::on(r).await.unwrap());
-    io.write_all(b"GET / HTTP/1.1\r\n\r\n and more")
-        .await
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(2), read_status(&mut io))
-        .await
-        .expect("no status frame")
-        .unwrap();
-    assert_eq!(status.code, StatusCode::BadHeader, "{status:?}");
-
+    let (_, code) = tunnel(&mut send, b"GET / HTTP/1.1\r\n\r\n and more").await;
+    assert_eq!(code, StatusCode::BadHeader);
     // A well-formed stream vouching for a west workload, for a service
-    // east does not export: a typed refusal, not a hang.
-    let r = request(&mut send, hyper::Method::CONNECT).await.unwrap();
-    let mut io = TokioIo::new(hyper::upgrade::on(r).await.unwrap());
-    let mut h = Header::new(echo());
-    h.source = Some(
-        west.trust_domain
-            .workload("demo", "client")
-            .unwrap()
-            .to_string(),
-    );
-    io.write_all(&h.to_bytes(&fedmesh_wire::Limits::default()).unwrap())
-        .await
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(2), read_status(&mut io))
-        .await
-        .expect("no status frame")
-        .unwrap();
-    assert_ne!(status.code, StatusCode::Ok, "{status:?}");
-
+    // east does not serve: a typed refusal, not a hang.
+    let (_, code) = tunnel(&mut send, &vouching(&west.trust_domain)).await;
+    assert_eq!(code, StatusCode::UnknownService);
     // And a peer may not vouch for another cluster's workloads.
-    let r = request(&mut send, hyper::Method::CONNECT).await.unwrap();
-    let mut io = TokioIo::new(hyper::upgrade::on(r).await.unwrap());
-    let mut h = Header::new(echo());
-    h.source = Some(
-        east.trust_domain
-            .workload("demo", "client")
-            .unwrap()
-            .to_string(),
-    );
-    io.write_all(&h.to_bytes(&fedmesh_wire::Limits::default()).unwrap())
-        .await
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(2), read_status(&mut io))
-        .await
-        .expect("no status frame")
-        .unwrap();
-    assert_eq!(status.code, StatusCode::Denied, "{status:?}");
+    let (_, code) = tunnel(&mut send, &vouching(&east.trust_domain)).await;
+    assert_eq!(code, StatusCode::Denied);
 }
 
 /// The fallback port caps concurrent streams per connection like the QUIC
@@ -324,24 +307,8 @@ async fn concurrent_streams_per_fallback_connection_are_capped() {
     let mut send = h2_client(west, &east_gw).await.unwrap();
     let mut open = Vec::new();
     for _ in 0..4 {
-        let r = request(&mut send, hyper::Method::CONNECT).await.unwrap();
-        assert_eq!(r.status(), hyper::StatusCode::OK);
-        let mut io = TokioIo::new(hyper::upgrade::on(r).await.unwrap());
-        let mut h = Header::new(echo());
-        h.source = Some(
-            east.trust_domain
-                .workload("demo", "client")
-                .unwrap()
-                .to_string(),
-        );
-        io.write_all(&h.to_bytes(&fedmesh_wire::Limits::default()).unwrap())
-            .await
-            .unwrap();
-        let status = tokio::time::timeout(Duration::from_secs(2), read_status(&mut io))
-            .await
-            .expect("no status frame")
-            .unwrap();
-        assert_eq!(status.code, StatusCode::Ok, "{status:?}");
+        let (io, code) = tunnel(&mut send, &vouching(&east.trust_domain)).await;
+        assert_eq!(code, StatusCode::Ok);
         open.push(io);
     }
     // A fifth waits: not refused, not served.

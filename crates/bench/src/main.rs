@@ -333,8 +333,8 @@ async fn tunnel(
             east.client_addr("echo.bench").context("east echo")?,
         ),
     ];
-    let mut results = Vec::new();
-    for (name, hops, sink, echo) in paths {
+    // Best goodput of `runs` and latency of `round_trips` on one path.
+    let measure = |name: &'static str, hops: u32, sink: SocketAddr, echo: SocketAddr| async move {
         // Warm the path (peer connection, caches) before measuring.
         goodput(sink, 8 << 20).await?;
         let mut best = 0f64;
@@ -342,13 +342,17 @@ async fn tunnel(
             best = best.max(goodput(sink, bytes).await?);
         }
         let mut l = latency(echo, round_trips).await?;
-        results.push(PathResult {
+        anyhow::Ok(PathResult {
             name,
             hops,
             gbps: best / 1e9,
             p50: percentile(&mut l, 50.0),
             p99: percentile(&mut l, 99.0),
-        });
+        })
+    };
+    let mut results = Vec::new();
+    for (name, hops, sink, echo) in paths {
+        results.push(measure(name, hops, sink, echo).await?);
     }
     let mut raw = 0f64;
     raw_quic_goodput(west, east, 8 << 20).await?;
@@ -378,22 +382,7 @@ async fn tunnel(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    {
-        let (sink, echo) = (paths[2].2, paths[2].3);
-        goodput(sink, 8 << 20).await?;
-        let mut best = 0f64;
-        for _ in 0..runs.max(1) {
-            best = best.max(goodput(sink, bytes).await?);
-        }
-        let mut l = latency(echo, round_trips).await?;
-        results.push(PathResult {
-            name: "cross-cluster via TCP",
-            hops: 4,
-            gbps: best / 1e9,
-            p50: percentile(&mut l, 50.0),
-            p99: percentile(&mut l, 99.0),
-        });
-    }
+    results.push(measure("cross-cluster via TCP", 4, paths[2].2, paths[2].3).await?);
     let direct_p50 = results[0].p50;
     let direct_gbps = results[0].gbps;
     let per_hop = |r: &PathResult| {

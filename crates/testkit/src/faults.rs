@@ -154,17 +154,14 @@ struct State {
     /// Whether `impairment` is not none: read per packet without the lock.
     impaired: AtomicBool,
     /// Clients whose packets are dropped both ways (a partition).
-    blocked: Mutex<BTreeSet<IpAddr>>,
-    /// Whether `blocked` is not empty: read per packet without the lock.
-    any_blocked: AtomicBool,
+    blocked: Blocklist,
     bind_ip: IpAddr,
 }
 
 impl State {
     fn passing(&self, client: &SocketAddr) -> bool {
         let m = self.mode.load(Ordering::Relaxed);
-        let blocked =
-            self.any_blocked.load(Ordering::Relaxed) && lock(&self.blocked).contains(&client.ip());
+        let blocked = self.blocked.contains(client.ip());
         if m != RelayMode::Pass as u8 || blocked {
             self.dropped.fetch_add(1, Ordering::Relaxed);
             false
@@ -241,8 +238,7 @@ impl UdpRelay {
             flows: Mutex::new(HashMap::new()),
             impairment: Mutex::new(Impairment::default()),
             impaired: AtomicBool::new(false),
-            blocked: Mutex::new(BTreeSet::new()),
-            any_blocked: AtomicBool::new(false),
+            blocked: Blocklist::default(),
             bind_ip: ip,
         });
         let task = tokio::spawn(front_loop(front, target, state.clone()));
@@ -257,15 +253,7 @@ impl UdpRelay {
 
     /// Drops every packet from and to clients at `ip` (or stops doing so).
     pub fn block(&self, ip: IpAddr, on: bool) {
-        let mut b = lock(&self.state.blocked);
-        if on {
-            b.insert(ip);
-        } else {
-            b.remove(&ip);
-        }
-        self.state
-            .any_blocked
-            .store(!b.is_empty(), Ordering::Relaxed);
+        self.state.blocked.set(ip, on);
     }
 
     /// Where peers should send.
@@ -284,6 +272,30 @@ impl UdpRelay {
     /// Packets dropped on purpose so far.
     pub fn dropped(&self) -> u64 {
         self.state.dropped.load(Ordering::Relaxed)
+    }
+}
+
+/// Source addresses a relay cuts off, read per packet or chunk: an atomic
+/// says whether any is set, so the common case takes no lock.
+#[derive(Debug, Default)]
+struct Blocklist {
+    set: Mutex<BTreeSet<IpAddr>>,
+    any: AtomicBool,
+}
+
+impl Blocklist {
+    fn set(&self, ip: IpAddr, on: bool) {
+        let mut b = lock(&self.set);
+        if on {
+            b.insert(ip);
+        } else {
+            b.remove(&ip);
+        }
+        self.any.store(!b.is_empty(), Ordering::Relaxed);
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        self.any.load(Ordering::Relaxed) && lock(&self.set).contains(&ip)
     }
 }
 

@@ -10,9 +10,7 @@
 //! `QUEUED_CHUNKS` reads of up to `CHUNK` bytes wait for their delivery
 //! time (a full queue stops reading, so TCP flow control pushes back).
 
-use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,7 +19,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinHandle;
 
-use super::{lock, Fifo, Impairment};
+use super::{lock, Blocklist, Fifo, Impairment};
 
 const MAX_CONNS: usize = 256;
 const CHUNK: usize = 64 * 1024;
@@ -31,14 +29,13 @@ const HOLD_TICK: Duration = Duration::from_millis(20);
 
 #[derive(Default)]
 struct TcpState {
-    blocked: Mutex<BTreeSet<IpAddr>>,
-    any_blocked: AtomicBool,
+    blocked: Blocklist,
     impairment: Mutex<Impairment>,
 }
 
 impl TcpState {
     fn is_blocked(&self, ip: IpAddr) -> bool {
-        self.any_blocked.load(Ordering::Relaxed) && lock(&self.blocked).contains(&ip)
+        self.blocked.contains(ip)
     }
 }
 
@@ -87,15 +84,7 @@ impl TcpRelay {
     /// Holds every byte from and to clients at `ip` (or stops doing so);
     /// their new connections are accepted but not relayed meanwhile.
     pub fn block(&self, ip: IpAddr, on: bool) {
-        let mut b = lock(&self.state.blocked);
-        if on {
-            b.insert(ip);
-        } else {
-            b.remove(&ip);
-        }
-        self.state
-            .any_blocked
-            .store(!b.is_empty(), Ordering::Relaxed);
+        self.state.blocked.set(ip, on);
     }
 
     /// Delays both directions from now on (delay and jitter only: loss
