@@ -497,11 +497,11 @@ async fn supervise(inner: Weak<Inner>, cell: Arc<Cell>, cluster: ClusterName) {
             Ok(c) => {
                 let transport = c.transport().as_str();
                 tracing::info!(peer = %peer.cluster, addr = %peer.address, transport, "connected to peer gateway");
+                let opened = Instant::now();
                 *lock(&cell.conn) = Some(c.clone());
-                *lock(&cell.opened) = Some(Instant::now());
+                *lock(&cell.opened) = Some(opened);
                 cell.down.store(false, Ordering::Relaxed);
                 cell.settled.notify_waiters();
-                let opened = Instant::now();
                 match watch(&cell, &c, &peer, &dialer).await {
                     Watched::Replaced(q) => {
                         failures = 0;
