@@ -28,9 +28,11 @@ pub struct ControllerConfig {
     /// as peers reach them; peers whose path drops UDP use these.
     #[serde(default)]
     pub gateways_tcp: Vec<SocketAddr>,
-    /// Where this cluster's sidecars reach its gateway.
+    /// Where this cluster's sidecars reach its gateway: `ip:port`, or a
+    /// Service's `name:port` resolved once at start (a ClusterIP is stable
+    /// for the Service's life).
     #[serde(default)]
-    pub gateway_tunnel: Option<SocketAddr>,
+    pub gateway_tunnel: Option<fedmesh_api::addr::HostPort>,
     #[serde(default = "default_ttl", with = "humantime_serde")]
     pub lease_ttl: Duration,
     pub store: StoreConfig,
@@ -282,6 +284,11 @@ impl ControllerConfig {
             .map_err(|e| errs.extend(e))
             .unwrap_or_default();
         let policies = fedmesh_catalog::policy::parse_policies(&self.policies, &mut errs);
+        let gateway_tunnel = self.gateway_tunnel.as_ref().and_then(|t| {
+            t.resolve()
+                .map_err(|e| errs.push(format!("gateway_tunnel: {e}")))
+                .ok()
+        });
         match (cluster, td, bundle) {
             (Some(cluster), Some(trust_domain), Some(bundle)) if errs.is_empty() => {
                 Ok(ControllerSettings {
@@ -290,7 +297,7 @@ impl ControllerConfig {
                     locality: self.locality.clone(),
                     gateways: self.gateways.clone(),
                     gateways_tcp: self.gateways_tcp.clone(),
-                    gateway_tunnel: self.gateway_tunnel,
+                    gateway_tunnel,
                     lease_ttl: self.lease_ttl,
                     bundle,
                     endorsements,

@@ -486,7 +486,7 @@ pub fn local_services(
 
 // ---- writing back ----
 
-fn service_import(name: &ServiceName, imp: &fedmesh_catalog::mcs::Import) -> serde_json::Value {
+pub fn service_import(name: &ServiceName, imp: &fedmesh_catalog::mcs::Import) -> serde_json::Value {
     let proto = |p: Protocol| match p {
         Protocol::Tcp => "TCP",
         Protocol::Udp => "UDP",
@@ -516,7 +516,25 @@ fn service_import(name: &ServiceName, imp: &fedmesh_catalog::mcs::Import) -> ser
     })
 }
 
-fn export_status(conflicts: Option<&Vec<fedmesh_catalog::mcs::Conflict>>) -> serde_json::Value {
+/// The status as sent: every condition gets the `lastTransitionTime` the
+/// CRD requires. Only sent when the conditions changed (compared without
+/// it), so the time is when they last changed.
+pub fn stamped(status: &serde_json::Value, at: std::time::SystemTime) -> serde_json::Value {
+    let mut out = status.clone();
+    let t = humantime::format_rfc3339_seconds(at).to_string();
+    if let Some(cs) = out
+        .pointer_mut("/status/conditions")
+        .and_then(|c| c.as_array_mut())
+    {
+        for c in cs {
+            c["lastTransitionTime"] = t.clone().into();
+        }
+    }
+    out
+}
+
+/// A ServiceExport's status as fedmesh writes it (before [`stamped`]).
+pub fn export_status(conflicts: Option<&Vec<fedmesh_catalog::mcs::Conflict>>) -> serde_json::Value {
     let conflict = match conflicts {
         Some(c) if !c.is_empty() => serde_json::json!({
             "type": "Conflict",
@@ -687,10 +705,11 @@ async fn sync_exports(
         if applied.get(&k) == Some(&obj) {
             continue;
         }
+        let sent = stamped(&obj, std::time::SystemTime::now());
         let api: Api<DynamicObject> =
             Api::namespaced_with(client.clone(), &k.0, &service_export_resource());
         let pp = PatchParams::apply(FIELD_MANAGER).force();
-        match api.patch_status(&k.1, &pp, &Patch::Apply(&obj)).await {
+        match api.patch_status(&k.1, &pp, &Patch::Apply(&sent)).await {
             Ok(_) => {
                 KubeMetrics::inc(&metrics.writes, "serviceexport", "status");
                 applied.insert(k, obj);

@@ -241,7 +241,8 @@ pub async fn follow(
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControllerLink {
-    pub address: SocketAddr,
+    /// `ip:port` or `name:port` (resolved once, when the proxy starts).
+    pub address: crate::addr::HostPort,
     /// The cluster this proxy belongs to: updates for another are refused.
     pub cluster: String,
     /// Renew the SVID from the controller at two thirds of its lifetime

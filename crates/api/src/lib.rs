@@ -13,6 +13,7 @@
 //!   may only call `Sign`, with a token.
 #![forbid(unsafe_code)]
 
+pub mod addr;
 pub mod certs;
 pub mod client;
 mod delta;

@@ -1,13 +1,13 @@
 //! The control API in the binary: the controller serving it, proxies
 //! following it, and `fedmesh cert request` (first contact by token).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
+use fedmesh_api::addr::HostPort;
 use fedmesh_api::certs::{self, SignerAddress};
 use fedmesh_api::client::{self, ClientSettings, ControllerLink, Subscription};
 use fedmesh_api::controller_identity;
@@ -157,7 +157,8 @@ pub fn follow(
         PeerPolicy::id(controller_identity(&td)),
         &[b"h2"],
     )?;
-    let mut settings = ClientSettings::new(link.address, node);
+    let address = link.address.resolve()?;
+    let mut settings = ClientSettings::new(address, node);
     settings.cluster = Some(ClusterName::new(&link.cluster)?);
     let sub = client::subscribe(settings, Arc::new(tls));
     let version = sub.version_reader();
@@ -169,7 +170,7 @@ pub fn follow(
     }))];
     if link.renew {
         let at = SignerAddress {
-            controller: link.address,
+            controller: address,
             bundle: own,
             live: Some(bundles_live),
             timeout: Duration::from_secs(10),
@@ -189,7 +190,7 @@ pub fn follow(
 
 /// `fedmesh cert request`: first contact with a bootstrap token.
 pub async fn request(
-    controller: SocketAddr,
+    controller: &HostPort,
     bundle: &Path,
     id: SpiffeId,
     token_file: &Path,
@@ -201,7 +202,7 @@ pub async fn request(
     let token =
         std::fs::read_to_string(token_file).with_context(|| token_file.display().to_string())?;
     let at = SignerAddress {
-        controller,
+        controller: controller.resolve()?,
         bundle: bundle.clone(),
         live: None,
         timeout: Duration::from_secs(10),

@@ -6,6 +6,7 @@ mod ca;
 mod control;
 mod daemons;
 mod demo;
+mod deploy;
 mod drill;
 mod federation;
 mod trust;
@@ -62,6 +63,12 @@ enum Command {
     Services(federation::ServicesCmd),
     /// One table: clusters, gateways, exports, imports, bundles, last publish, conflicts.
     Status(federation::StatusArgs),
+    /// Print one cluster's Kubernetes manifests (apply with `kubectl apply -f -`).
+    Install(deploy::InstallArgs),
+    /// Add the fedmesh sidecar to the workloads of a YAML stream (stdin to stdout).
+    Inject(deploy::InjectArgs),
+    /// Remove what `fedmesh inject` added.
+    Uninject(deploy::UninjectArgs),
     /// Rehearse failures under load and measure what callers see.
     #[command(subcommand)]
     Drill(drill::Command),
@@ -73,9 +80,9 @@ enum CertCmd {
     /// token; writes svid.pem, svid.key (0600) and bundle.pem into `--out`.
     /// Renewal afterwards is automatic for proxies with a `controller` section.
     Request {
-        /// The controller's API address.
+        /// The controller's API address (`ip:port` or `name:port`).
         #[arg(long)]
-        controller: std::net::SocketAddr,
+        controller: fedmesh_api::addr::HostPort,
         /// This cluster's trust bundle (PEM): the controller must chain to it.
         #[arg(long)]
         bundle: std::path::PathBuf,
@@ -103,13 +110,16 @@ fn main() -> ExitCode {
             out,
         }) => runtime().and_then(|rt| {
             rt.block_on(control::request(
-                controller,
+                &controller,
                 &bundle,
                 spiffe_id,
                 &token_file,
                 out,
             ))
         }),
+        Command::Install(a) => deploy::install(a),
+        Command::Inject(a) => deploy::inject(a),
+        Command::Uninject(a) => deploy::uninject(a),
         Command::Demo(a) => runtime().and_then(|rt| rt.block_on(demo::run(a))),
         Command::Drill(c) => runtime().and_then(|rt| rt.block_on(drill::run(c))),
         Command::Gateway(a) => runtime().and_then(|rt| rt.block_on(daemons::gateway(a))),

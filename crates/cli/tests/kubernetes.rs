@@ -1,0 +1,310 @@
+//! `fedmesh install`, `inject` and `uninject` as users call them: the
+//! manifests must configure our own binaries correctly (their config maps
+//! parse with the daemons' own config types) and pass the Kubernetes 1.33
+//! schemas offline (`scripts/validate-manifests.py`, which needs the PyPI
+//! packages `kubernetes-validate` and `jsonschema`: `scripts/test.sh`
+//! installs them into a venv and points `FEDMESH_K8S_PYTHON` at it).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn fedmesh(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_fedmesh"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run fedmesh");
+    let mut input = c.stdin.take().unwrap();
+    input.write_all(stdin.unwrap_or("").as_bytes()).unwrap();
+    drop(input);
+    c.wait_with_output().unwrap()
+}
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn ca(dir: &Path, td: &str) -> PathBuf {
+    let d = dir.join(td);
+    let o = fedmesh(&["ca", "init", "--trust-domain", td, "--out", s(&d)], None);
+    assert!(o.status.success(), "{}", err(&o));
+    d
+}
+
+fn docs(yaml: &str) -> Vec<serde_json::Value> {
+    serde_yaml_ng::Deserializer::from_str(yaml)
+        .map(|d| serde::Deserialize::deserialize(d).unwrap())
+        .filter(|v: &serde_json::Value| !v.is_null())
+        .collect()
+}
+
+fn find<'a>(objs: &'a [serde_json::Value], kind: &str, name: &str) -> &'a serde_json::Value {
+    objs.iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind}/{name}"))
+}
+
+/// Three shapes users run: a cloud load balancer with store TLS and two
+/// peers, a kind NodePort, and the smallest ClusterIP install.
+fn render_variants(dir: &Path) -> Vec<(PathBuf, String)> {
+    let east = ca(dir, "east.acme");
+    let west = ca(dir, "west.acme");
+    let north = ca(dir, "north.acme");
+    let tls = dir.join("etcd-ca.pem");
+    std::fs::copy(east.join("ca.pem"), &tls).unwrap();
+    let variants: Vec<Vec<String>> = vec![
+        vec![
+            "--cluster=east", "--trust-domain=east.acme",
+            "--store=https://etcd-0.acme.net:2379,https://etcd-1.acme.net:2379",
+            &format!("--store-ca={}", s(&tls)),
+            &format!("--store-cert={}", s(&east.join("ca.pem"))),
+            &format!("--store-key={}", s(&east.join("ca.key"))),
+            &format!("--ca={}", s(&east)),
+            "--advertise=203.0.113.10:15443",
+            "--gateway-annotation=service.beta.kubernetes.io/aws-load-balancer-type=nlb",
+            &format!("--peer=west={}", s(&west.join("bundle.pem"))),
+            &format!("--peer=north={}", s(&north.join("bundle.pem"))),
+            "--image=registry.acme.net/fedmesh:v0.1.0",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect(),
+        vec![
+            "--cluster=west", "--trust-domain=west.acme", "--store=http://172.18.0.1:2379",
+            &format!("--ca={}", s(&west)),
+            "--advertise=172.18.0.3:30443", "--gateway-service-type=NodePort",
+            "--node-ports=30443,30444", "--gateway-replicas=1", "--controller-replicas=1",
+            "--image=fedmesh:dev", "--pull-policy=Never",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect(),
+        vec![
+            "--cluster=north", "--trust-domain=north.acme", "--store=http://etcd.fedmesh:2379",
+            &format!("--ca={}", s(&north)),
+            "--advertise=10.0.0.5:15443", "--gateway-service-type=ClusterIP",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect(),
+    ];
+    variants
+        .into_iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let mut args = vec!["install"];
+            args.extend(v.iter().map(String::as_str));
+            let o = fedmesh(&args, None);
+            assert!(o.status.success(), "variant {i}: {}", err(&o));
+            let path = dir.join(format!("install-{i}.yaml"));
+            std::fs::write(&path, out(&o)).unwrap();
+            (path, out(&o))
+        })
+        .collect()
+}
+
+#[test]
+fn install_manifests_configure_our_binaries() {
+    let dir = tempfile::tempdir().unwrap();
+    for (path, yaml) in render_variants(dir.path()) {
+        let objs = docs(&yaml);
+        let cm = find(&objs, "ConfigMap", "fedmesh-controller");
+        let text = cm["data"]["controller.yaml"].as_str().unwrap();
+        let cfg: fedmesh_federation::config::ControllerConfig = serde_yaml_ng::from_str(text)
+            .unwrap_or_else(|e| panic!("{}: controller.yaml: {e}\n{text}", path.display()));
+        assert!(cfg.kubernetes.is_some() && cfg.api.is_some());
+        assert_eq!(cfg.gateways.len(), 1);
+        let gw = find(&objs, "ConfigMap", "fedmesh-gateway");
+        let text = gw["data"]["gateway.yaml"].as_str().unwrap();
+        let g: fedmesh_gateway::GatewayConfig = serde_yaml_ng::from_str(text)
+            .unwrap_or_else(|e| panic!("{}: gateway.yaml: {e}\n{text}", path.display()));
+        assert!(g.listen.tcp_fallback.is_some(), "the TCP fallback is on");
+        // The Service carries QUIC on UDP and the fallback on TCP.
+        let svc = find(&objs, "Service", "fedmesh-gateway");
+        let protos: Vec<_> = svc["spec"]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["protocol"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(protos, ["UDP", "TCP"]);
+        // Tokens the controller reads name the gateway alone.
+        let sec = find(&objs, "Secret", "fedmesh-bootstrap");
+        use base64::Engine;
+        let tokens = base64::engine::general_purpose::STANDARD
+            .decode(sec["data"]["tokens.yaml"].as_str().unwrap())
+            .unwrap();
+        let t: fedmesh_api::server::TokensFile = serde_yaml_ng::from_slice(&tokens).unwrap();
+        assert_eq!(t.tokens.len(), 1);
+        assert!(t.tokens[0].identities[0].ends_with("/ns/fedmesh-system/sa/gateway"));
+        // Every container has requests, limits and (daemons) probes.
+        for d in objs.iter().filter(|o| o["kind"] == "Deployment") {
+            for c in d["spec"]["template"]["spec"]["containers"].as_array().unwrap() {
+                assert!(c["resources"]["limits"].is_object() && c["readinessProbe"].is_object());
+            }
+        }
+    }
+}
+
+#[test]
+fn the_same_input_renders_the_same_manifests() {
+    // So `kubectl apply` of a re-render changes nothing (the bootstrap
+    // token is derived, not random) and Terraform plans stay empty.
+    let dir = tempfile::tempdir().unwrap();
+    let east = ca(dir.path(), "east.acme");
+    let args = [
+        "install", "--cluster=east", "--trust-domain=east.acme", "--store=http://etcd:2379",
+        &format!("--ca={}", s(&east)), "--advertise=10.0.0.1:15443",
+    ];
+    let (a, b) = (fedmesh(&args, None), fedmesh(&args, None));
+    assert!(a.status.success() && !a.stdout.is_empty());
+    assert_eq!(out(&a), out(&b));
+}
+
+#[test]
+fn bad_flags_are_refused_naming_the_rule_and_nothing_is_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let east = ca(dir.path(), "east.acme");
+    let base = |extra: &[&str]| {
+        let mut a = vec![
+            "install".to_string(),
+            "--store=http://etcd:2379".into(),
+            format!("--ca={}", s(&east)),
+            "--advertise=10.0.0.1:15443".into(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let cases: &[(&[&str], &str)] = &[
+        (&["--cluster=East", "--trust-domain=east.acme"], "cluster name `East`: may contain only lowercase letters"),
+        (&["--cluster=-east", "--trust-domain=east.acme"], "must start and end with a lowercase letter or digit"),
+        (&["--cluster=east", "--trust-domain=east..acme"], "must not have empty labels"),
+        (&["--cluster=east", "--trust-domain=west.acme"], "CA is for trust domain `east.acme`, not `west.acme`"),
+        (&["--cluster=east", "--trust-domain=east.acme", "--gateway-service-type=Ingress"], "must be one of LoadBalancer, NodePort, ClusterIP"),
+        (&["--cluster=east", "--trust-domain=east.acme", "--gateway-service-type=NodePort", "--node-ports=8080,30444"], "gateway QUIC node port `8080`: must be a port number from 30000 to 32767"),
+        (&["--cluster=east", "--trust-domain=east.acme", "--image=Fedmesh:dev"], "image `Fedmesh:dev`"),
+        (&["--cluster=east", "--trust-domain=east.acme", "--peer=east=/dev/null"], "a cluster does not join itself"),
+        (&["--cluster=east", "--trust-domain=east.acme", "--gateway-replicas=0"], "gateway replicas: 0: must be from 1 to 5"),
+    ];
+    for (extra, want) in cases {
+        let args = base(extra);
+        let o = fedmesh(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
+        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", err(&o));
+        assert!(err(&o).contains(want), "{extra:?}: wanted `{want}` in:\n{}", err(&o));
+        assert!(o.stdout.is_empty(), "{extra:?}: printed something");
+    }
+    // A bad port is clap's to refuse, also with exit 2.
+    let o = fedmesh(&["install", "--cluster=east", "--trust-domain=east.acme", "--store=http://e:1", &format!("--ca={}", s(&east)), "--advertise=10.0.0.1:70000"], None);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(o.stdout.is_empty());
+}
+
+#[test]
+fn terraform_mode_speaks_the_external_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let east = ca(dir.path(), "east.acme");
+    let west = ca(dir.path(), "west.acme");
+    let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+    let query = serde_json::json!({
+        "cluster": "east",
+        "trust_domain": "east.acme",
+        "store_endpoints": "[\"http://etcd:2379\"]",
+        "ca_cert_pem": read(east.join("ca.pem")),
+        "ca_key_pem": read(east.join("ca.key")),
+        "gateway_service_type": "NodePort",
+        "gateway_node_ports": "30443,30444",
+        "gateway_advertise": "172.18.0.2:30443",
+        "gateway_annotations": "{}",
+        "peers": serde_json::json!({ "west": read(west.join("bundle.pem")) }).to_string(),
+        "image": "fedmesh:dev",
+    });
+    let o = fedmesh(&["install", "--terraform"], Some(&query.to_string()));
+    assert!(o.status.success(), "{}", err(&o));
+    let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(v.values().all(|x| x.is_string()), "external wants strings only");
+    let fp = v["bundle_fingerprint"].as_str().unwrap();
+    let bundle = fedmesh_trust::TrustBundle::from_pem("east.acme".parse().unwrap(), &read(east.join("bundle.pem"))).unwrap();
+    assert_eq!(fp, bundle.fingerprint());
+    // The same settings through flags give the same manifests.
+    let flags = fedmesh(
+        &[
+            "install", "--cluster=east", "--trust-domain=east.acme", "--store=http://etcd:2379",
+            &format!("--ca={}", s(&east)), "--gateway-service-type=NodePort", "--node-ports=30443,30444",
+            "--advertise=172.18.0.2:30443", &format!("--peer=west={}", s(&west.join("bundle.pem"))),
+            "--image=fedmesh:dev",
+        ],
+        None,
+    );
+    assert_eq!(v["manifests"].as_str().unwrap(), out(&flags));
+    // Bad query: exit 2, nothing on stdout.
+    let mut bad = query.clone();
+    bad["cluster"] = "East".into();
+    let o = fedmesh(&["install", "--terraform"], Some(&bad.to_string()));
+    assert_eq!(o.status.code(), Some(2));
+    assert!(o.stdout.is_empty() && err(&o).contains("cluster name `East`"));
+    let o = fedmesh(&["install", "--terraform"], Some("not json"));
+    assert_eq!(o.status.code(), Some(2));
+}
+
+/// The Python validator from the venv `scripts/test.sh` makes.
+fn validator() -> Option<String> {
+    let py = std::env::var("FEDMESH_K8S_PYTHON").unwrap_or_else(|_| "python3".into());
+    let ok = Command::new(&py)
+        .args(["-c", "import kubernetes_validate, jsonschema, yaml"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ok.then_some(py)
+}
+
+#[test]
+fn manifests_and_mcs_objects_pass_the_kubernetes_1_33_schemas() {
+    let Some(py) = validator() else {
+        assert!(
+            std::env::var_os("FEDMESH_SKIP_K8S_VALIDATE").is_some(),
+            "kubernetes-validate is missing: run scripts/test.sh (it installs it) or set FEDMESH_K8S_PYTHON; FEDMESH_SKIP_K8S_VALIDATE=1 skips"
+        );
+        eprintln!("skipped: kubernetes-validate not installed");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut files: Vec<String> = render_variants(dir.path())
+        .into_iter()
+        .map(|(p, _)| s(&p).to_owned())
+        .collect();
+    // Injected workloads are applied too.
+    let app = std::fs::read_to_string(repo().join("e2e/kind/samples/app.yaml")).unwrap();
+    let o = fedmesh(&["inject", "--image=fedmesh:dev"], Some(&app));
+    assert!(o.status.success(), "{}", err(&o));
+    let injected = dir.path().join("injected.yaml");
+    std::fs::write(&injected, out(&o)).unwrap();
+    files.push(s(&injected).to_owned());
+    let o = Command::new(py)
+        .arg(repo().join("scripts/validate-manifests.py"))
+        .args(["--k8s", "1.33.0"])
+        .args(&files)
+        .arg("--crd-samples")
+        .arg(repo().join("e2e/kind/samples/mcs-objects.yaml"))
+        .arg(repo().join("e2e/kind/samples/export.yaml"))
+        .output()
+        .unwrap();
+    println!("{}", out(&o));
+    assert!(o.status.success(), "{}{}", out(&o), err(&o));
+    assert!(out(&o).contains("all passed"));
+}

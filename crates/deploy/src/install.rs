@@ -1,0 +1,936 @@
+//! The manifests of one cluster's fedmesh: `fedmesh install` prints them
+//! and the Terraform module applies the same output (it runs
+//! `fedmesh install --terraform`), so the two cannot drift.
+//!
+//! Objects, in apply order: namespace; the MCS CRDs; service accounts and
+//! RBAC (each component gets only the verbs it uses); the CA, bootstrap
+//! token and store TLS Secrets; config maps (controller and gateway
+//! config, the cluster's bundle, pinned peer bundles); the controller
+//! (Deployment with leader election, its API Service, PDB); the gateway
+//! (Deployment, the east-west Service with QUIC on UDP and the TLS/TCP
+//! fallback, the in-cluster tunnel Service, PDB).
+
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use crate::names::{self, NameError};
+use crate::{ports, NAMESPACE};
+
+/// Everything a cluster's manifests depend on.
+#[derive(Debug, Clone)]
+pub struct InstallSpec {
+    pub cluster: String,
+    pub trust_domain: String,
+    pub store: StoreSpec,
+    pub image: String,
+    pub pull_policy: String,
+    pub ca: CaFiles,
+    pub gateway: GatewaySpec,
+    pub controller_replicas: u32,
+    /// Admitted peers: cluster name → its root bundle (PEM).
+    pub peers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreSpec {
+    pub endpoints: Vec<String>,
+    pub tls: Option<StoreTlsFiles>,
+}
+
+/// PEM contents (not paths): they go into a Secret.
+#[derive(Debug, Clone)]
+pub struct StoreTlsFiles {
+    pub ca: String,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub server_name: Option<String>,
+}
+
+/// The cluster CA as `fedmesh ca init` writes it.
+#[derive(Debug, Clone)]
+pub struct CaFiles {
+    pub ca_pem: String,
+    pub ca_key: String,
+    pub chain_pem: String,
+    pub bundle_pem: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewaySpec {
+    pub service_type: String,
+    pub annotations: BTreeMap<String, String>,
+    /// The QUIC address peers reach this cluster's gateways at (the load
+    /// balancer's or a node's IP); the TCP fallback is the same host on
+    /// its own port unless `advertise_tcp` says otherwise.
+    pub advertise: std::net::SocketAddr,
+    pub advertise_tcp: Option<std::net::SocketAddr>,
+    /// For `NodePort`: the node ports of QUIC and the TCP fallback.
+    pub node_ports: Option<(u16, u16)>,
+    pub replicas: u32,
+}
+
+/// Why nothing was rendered.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InstallError {
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Problem {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("{0}")]
+    Other(String),
+}
+
+const BOUNDS_REPLICAS: std::ops::RangeInclusive<u32> = 1..=5;
+
+impl InstallSpec {
+    /// Every problem, not just the first.
+    pub fn validate(&self) -> Result<(), InstallError> {
+        let mut p: Vec<Problem> = Vec::new();
+        let mut check = |r: Result<(), NameError>| {
+            if let Err(e) = r {
+                p.push(e.into());
+            }
+        };
+        check(names::cluster_name(&self.cluster));
+        check(names::trust_domain(&self.trust_domain));
+        check(names::image(&self.image));
+        check(names::one_of("image pull policy", &self.pull_policy, names::PULL_POLICIES));
+        check(names::one_of(
+            "gateway service type",
+            &self.gateway.service_type,
+            names::SERVICE_TYPES,
+        ));
+        for e in &self.store.endpoints {
+            check(names::store_endpoint(e));
+        }
+        for k in self.gateway.annotations.keys() {
+            check(names::annotation_key(k));
+        }
+        for name in self.peers.keys() {
+            check(names::cluster_name(name));
+        }
+        if let Some((q, t)) = self.gateway.node_ports {
+            check(names::node_port("gateway QUIC node port", q.into()).map(drop));
+            check(names::node_port("gateway TCP node port", t.into()).map(drop));
+        }
+        if self.store.endpoints.is_empty() {
+            p.push(Problem::Other("store: at least one etcd endpoint".into()));
+        }
+        if self.store.endpoints.len() > 16 {
+            p.push(Problem::Other("store: at most 16 etcd endpoints".into()));
+        }
+        if self.gateway.node_ports.is_some() && self.gateway.service_type != "NodePort" {
+            p.push(Problem::Other(
+                "gateway node ports: only with gateway service type NodePort".into(),
+            ));
+        }
+        if self.gateway.advertise.port() == 0 {
+            p.push(Problem::Other("gateway advertise address: port must be 1-65535".into()));
+        }
+        for (what, n) in [
+            ("controller replicas", self.controller_replicas),
+            ("gateway replicas", self.gateway.replicas),
+        ] {
+            if !BOUNDS_REPLICAS.contains(&n) {
+                p.push(Problem::Other(format!("{what}: {n}: must be from 1 to 5")));
+            }
+        }
+        if self.peers.contains_key(&self.cluster) {
+            p.push(Problem::Other(format!(
+                "peer `{}`: a cluster does not join itself",
+                self.cluster
+            )));
+        }
+        if let Some(tls) = &self.store.tls {
+            if tls.cert.is_some() != tls.key.is_some() {
+                p.push(Problem::Other("store TLS: client cert and key go together".into()));
+            }
+            if self.store.endpoints.iter().any(|e| e.starts_with("http://")) {
+                p.push(Problem::Other("store TLS: endpoints must be https://".into()));
+            }
+        }
+        if names::trust_domain(&self.trust_domain).is_ok() {
+            if let Err(e) = self.ca.check(&self.trust_domain) {
+                p.push(e);
+            }
+        }
+        for (name, pem) in &self.peers {
+            if let Err(e) = check_peer_bundle(name, pem) {
+                p.push(e);
+            }
+        }
+        if p.is_empty() {
+            Ok(())
+        } else {
+            Err(InstallError::Invalid(p))
+        }
+    }
+
+    /// The token a gateway presents once to get its first SVID: derived
+    /// from the CA key, so re-rendering gives the same Secret (an apply
+    /// changes nothing) and only the CA's holder can compute it.
+    pub fn bootstrap_token(&self) -> String {
+        let mut h = Sha256::new();
+        h.update(b"fedmesh-bootstrap/gateway/");
+        h.update(self.cluster.as_bytes());
+        h.update(b"\n");
+        h.update(self.ca.ca_key.as_bytes());
+        hex(&h.finalize())
+    }
+
+    fn gateway_id(&self) -> String {
+        format!("spiffe://{}/ns/{NAMESPACE}/sa/gateway", self.trust_domain)
+    }
+
+    /// The objects, in apply order.
+    pub fn render(&self) -> Result<Vec<Value>, InstallError> {
+        self.validate()?;
+        let mut out = vec![namespace()];
+        out.extend(crds());
+        out.extend(self.rbac());
+        out.extend(self.secrets());
+        out.extend(self.config_maps()?);
+        out.extend(self.controller());
+        out.extend(self.gateway());
+        Ok(out)
+    }
+
+    fn labels(&self, component: &str) -> Value {
+        json!({
+            "app.kubernetes.io/name": "fedmesh",
+            "app.kubernetes.io/component": component,
+            "app.kubernetes.io/part-of": "fedmesh",
+            "app.kubernetes.io/managed-by": "fedmesh",
+            "fedmesh.io/cluster": self.cluster,
+        })
+    }
+
+    fn meta(&self, name: &str, component: &str) -> Value {
+        json!({ "name": name, "namespace": NAMESPACE, "labels": self.labels(component) })
+    }
+
+    fn rbac(&self) -> Vec<Value> {
+        let sa = |name: &str, automount: bool| {
+            json!({
+                "apiVersion": "v1", "kind": "ServiceAccount",
+                "metadata": self.meta(name, name),
+                "automountServiceAccountToken": automount,
+            })
+        };
+        let cluster_meta = json!({ "name": "fedmesh-controller", "labels": self.labels("controller") });
+        vec![
+            sa("controller", true),
+            // The gateway never talks to the API server.
+            sa("gateway", false),
+            json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+                "metadata": cluster_meta,
+                "rules": [
+                    // What it reads to know the cluster's services.
+                    { "apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch"] },
+                    { "apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["get", "list", "watch"] },
+                    { "apiGroups": ["multicluster.x-k8s.io"], "resources": ["serviceexports"], "verbs": ["get", "list", "watch"] },
+                    // Export conditions (status subresource only).
+                    { "apiGroups": ["multicluster.x-k8s.io"], "resources": ["serviceexports/status"], "verbs": ["patch"] },
+                    // Imports it owns (server-side apply is a patch).
+                    { "apiGroups": ["multicluster.x-k8s.io"], "resources": ["serviceimports"], "verbs": ["get", "list", "watch", "patch", "delete"] },
+                    { "apiGroups": ["multicluster.x-k8s.io"], "resources": ["serviceimports/status"], "verbs": ["patch"] },
+                ],
+            }),
+            json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+                "metadata": cluster_meta,
+                "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "fedmesh-controller" },
+                "subjects": [{ "kind": "ServiceAccount", "name": "controller", "namespace": NAMESPACE }],
+            }),
+            json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                "metadata": self.meta("fedmesh-controller", "controller"),
+                "rules": [
+                    // Leader election: one Lease, by name (create cannot
+                    // be limited by name).
+                    { "apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"] },
+                    { "apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "resourceNames": ["fedmesh-controller"], "verbs": ["get", "update"] },
+                    // The leader labels its own pod so the API Service
+                    // selects it alone.
+                    { "apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"] },
+                ],
+            }),
+            json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": self.meta("fedmesh-controller", "controller"),
+                "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "fedmesh-controller" },
+                "subjects": [{ "kind": "ServiceAccount", "name": "controller", "namespace": NAMESPACE }],
+            }),
+        ]
+    }
+
+    fn secrets(&self) -> Vec<Value> {
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        let tokens = format!(
+            "tokens:\n  - token: {}\n    identities: [\"{}\"]\n",
+            self.bootstrap_token(),
+            self.gateway_id()
+        );
+        let mut out = vec![
+            json!({
+                "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": self.meta("fedmesh-ca", "controller"),
+                "data": {
+                    "ca.pem": b64(&self.ca.ca_pem),
+                    "ca.key": b64(&self.ca.ca_key),
+                    "chain.pem": b64(&self.ca.chain_pem),
+                    "bundle.pem": b64(&self.ca.bundle_pem),
+                },
+            }),
+            json!({
+                "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": self.meta("fedmesh-bootstrap", "controller"),
+                "data": {
+                    "tokens.yaml": b64(&tokens),
+                    "gateway-token": b64(&self.bootstrap_token()),
+                },
+            }),
+        ];
+        if let Some(tls) = &self.store.tls {
+            let mut data = serde_json::Map::new();
+            data.insert("ca.pem".into(), b64(&tls.ca).into());
+            if let (Some(c), Some(k)) = (&tls.cert, &tls.key) {
+                data.insert("cert.pem".into(), b64(c).into());
+                data.insert("key.pem".into(), b64(k).into());
+            }
+            out.push(json!({
+                "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": self.meta("fedmesh-store-tls", "controller"),
+                "data": data,
+            }));
+        }
+        out
+    }
+
+    /// The controller's config file, exactly as the controller reads it.
+    pub fn controller_config(&self) -> Value {
+        let tcp = self.gateway.advertise_tcp.unwrap_or(std::net::SocketAddr::new(
+            self.gateway.advertise.ip(),
+            self.gateway
+                .node_ports
+                .map_or(ports::GATEWAY_TCP, |(_, t)| t),
+        ));
+        let mut store = json!({ "kind": "etcd", "endpoints": self.store.endpoints });
+        if let Some(tls) = &self.store.tls {
+            let mut t = json!({ "ca": "/etc/fedmesh/store-tls/ca.pem" });
+            if tls.cert.is_some() {
+                t["cert"] = "/etc/fedmesh/store-tls/cert.pem".into();
+                t["key"] = "/etc/fedmesh/store-tls/key.pem".into();
+            }
+            if let Some(n) = &tls.server_name {
+                t["server_name"] = n.clone().into();
+            }
+            store["tls"] = t;
+        }
+        json!({
+            "cluster": self.cluster,
+            "trust_domain": self.trust_domain,
+            "gateways": [self.gateway.advertise.to_string()],
+            "gateways_tcp": [tcp.to_string()],
+            "gateway_tunnel": format!("fedmesh-gateway-tunnel.{NAMESPACE}.svc:{}", ports::GATEWAY_TUNNEL),
+            "lease_ttl": "10s",
+            "store": store,
+            "bundle": "/etc/fedmesh/ca/bundle.pem",
+            "pins_dir": "/etc/fedmesh/pins",
+            "kubernetes": { "inbound_port": ports::SIDECAR_INBOUND, "write_back": true },
+            "admin": format!("0.0.0.0:{}", ports::CONTROLLER_ADMIN),
+            "api": {
+                "listen": format!("0.0.0.0:{}", ports::CONTROLLER_API),
+                "ca_dir": "/etc/fedmesh/ca",
+                "tokens": "/etc/fedmesh/bootstrap/tokens.yaml",
+            },
+        })
+    }
+
+    /// The gateway's config file, exactly as the gateway reads it.
+    pub fn gateway_config(&self) -> Value {
+        json!({
+            "listen": {
+                "quic": format!("0.0.0.0:{}", ports::GATEWAY_QUIC),
+                "tcp_fallback": format!("0.0.0.0:{}", ports::GATEWAY_TCP),
+                "tunnel": format!("0.0.0.0:{}", ports::GATEWAY_TUNNEL),
+                "admin": format!("0.0.0.0:{}", ports::GATEWAY_ADMIN),
+            },
+            "identity": {
+                "cert": "/var/run/fedmesh/identity/svid.pem",
+                "key": "/var/run/fedmesh/identity/svid.key",
+            },
+            "bundles": [{ "trust_domain": self.trust_domain, "path": "/var/run/fedmesh/identity/bundle.pem" }],
+            "controller": {
+                "address": format!("fedmesh-controller.{NAMESPACE}.svc:{}", ports::CONTROLLER_API),
+                "cluster": self.cluster,
+            },
+        })
+    }
+
+    fn config_maps(&self) -> Result<Vec<Value>, InstallError> {
+        let yaml = |v: &Value| {
+            serde_yaml_ng::to_string(v)
+                .map_err(|e| InstallError::Invalid(vec![Problem::Other(e.to_string())]))
+        };
+        let pins: serde_json::Map<String, Value> = self
+            .peers
+            .iter()
+            .map(|(name, pem)| (format!("{name}.pem"), Value::from(pem.as_str())))
+            .collect();
+        Ok(vec![
+            json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": self.meta("fedmesh-controller", "controller"),
+                "data": { "controller.yaml": yaml(&self.controller_config())? },
+            }),
+            json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": self.meta("fedmesh-gateway", "gateway"),
+                "data": { "gateway.yaml": yaml(&self.gateway_config())? },
+            }),
+            // Public: what workloads and the gateway's first contact trust.
+            json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": self.meta("fedmesh-bundle", "controller"),
+                "data": { "bundle.pem": self.ca.bundle_pem },
+            }),
+            json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": self.meta("fedmesh-pins", "controller"),
+                "data": pins,
+            }),
+        ])
+    }
+
+    /// A checksum of what a component reads at start: a changed config
+    /// rolls its pods.
+    fn checksum(&self, parts: &[&Value]) -> String {
+        let mut h = Sha256::new();
+        for p in parts {
+            h.update(p.to_string().as_bytes());
+        }
+        h.update(self.ca.bundle_pem.as_bytes());
+        for (n, pem) in &self.peers {
+            h.update(n.as_bytes());
+            h.update(pem.as_bytes());
+        }
+        hex(&h.finalize())[..16].to_string()
+    }
+
+    fn controller(&self) -> Vec<Value> {
+        let labels = self.labels("controller");
+        let selector = json!({ "app.kubernetes.io/name": "fedmesh", "app.kubernetes.io/component": "controller" });
+        let mut volumes = vec![
+            json!({ "name": "config", "configMap": { "name": "fedmesh-controller" } }),
+            json!({ "name": "ca", "secret": { "secretName": "fedmesh-ca", "defaultMode": 0o400 } }),
+            json!({ "name": "bootstrap", "secret": { "secretName": "fedmesh-bootstrap", "defaultMode": 0o400 } }),
+            json!({ "name": "pins", "configMap": { "name": "fedmesh-pins" } }),
+        ];
+        let mut mounts = vec![
+            json!({ "name": "config", "mountPath": "/etc/fedmesh/controller", "readOnly": true }),
+            json!({ "name": "ca", "mountPath": "/etc/fedmesh/ca", "readOnly": true }),
+            json!({ "name": "bootstrap", "mountPath": "/etc/fedmesh/bootstrap", "readOnly": true }),
+            json!({ "name": "pins", "mountPath": "/etc/fedmesh/pins", "readOnly": true }),
+        ];
+        if self.store.tls.is_some() {
+            volumes.push(json!({ "name": "store-tls", "secret": { "secretName": "fedmesh-store-tls", "defaultMode": 0o400 } }));
+            mounts.push(json!({ "name": "store-tls", "mountPath": "/etc/fedmesh/store-tls", "readOnly": true }));
+        }
+        let mut pod_labels = labels.clone();
+        pod_labels["fedmesh.io/leader"] = "false".into();
+        vec![
+            json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": self.meta("fedmesh-controller", "controller"),
+                "spec": {
+                    "replicas": self.controller_replicas,
+                    "selector": { "matchLabels": selector },
+                    // A standby is ready at once: rolling one pod at a
+                    // time always leaves a leader or a standby.
+                    "strategy": { "type": "RollingUpdate", "rollingUpdate": { "maxUnavailable": 0, "maxSurge": 1 } },
+                    "template": {
+                        "metadata": {
+                            "labels": pod_labels,
+                            "annotations": {
+                                "fedmesh.io/config-checksum": self.checksum(&[&self.controller_config()]),
+                                "prometheus.io/scrape": "true",
+                                "prometheus.io/port": ports::CONTROLLER_ADMIN.to_string(),
+                            },
+                        },
+                        "spec": {
+                            "serviceAccountName": "controller",
+                            "securityContext": pod_security(),
+                            "terminationGracePeriodSeconds": 30,
+                            "affinity": spread(&selector),
+                            "containers": [{
+                                "name": "controller",
+                                "image": self.image,
+                                "imagePullPolicy": self.pull_policy,
+                                "args": ["controller", "--config", "/etc/fedmesh/controller/controller.yaml", "--leader-elect", "--log", "info"],
+                                "env": downward_env(),
+                                "ports": [
+                                    { "name": "grpc-api", "containerPort": ports::CONTROLLER_API, "protocol": "TCP" },
+                                    { "name": "admin", "containerPort": ports::CONTROLLER_ADMIN, "protocol": "TCP" },
+                                ],
+                                "livenessProbe": probe("/live", ports::CONTROLLER_ADMIN, 10),
+                                "readinessProbe": probe("/ready", ports::CONTROLLER_ADMIN, 5),
+                                "resources": {
+                                    "requests": { "cpu": "50m", "memory": "64Mi" },
+                                    "limits": { "cpu": "1", "memory": "256Mi" },
+                                },
+                                "securityContext": container_security(),
+                                "volumeMounts": mounts,
+                            }],
+                            "volumes": volumes,
+                        },
+                    },
+                },
+            }),
+            json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": self.meta("fedmesh-controller", "controller"),
+                "spec": {
+                    "type": "ClusterIP",
+                    // The leader alone: it labels its own pod.
+                    "selector": { "app.kubernetes.io/component": "controller", "app.kubernetes.io/name": "fedmesh", "fedmesh.io/leader": "true" },
+                    "ports": [{ "name": "grpc-api", "port": ports::CONTROLLER_API, "targetPort": "grpc-api", "protocol": "TCP" }],
+                },
+            }),
+            json!({
+                "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                "metadata": self.meta("fedmesh-controller", "controller"),
+                "spec": {
+                    "maxUnavailable": 1,
+                    "selector": { "matchLabels": selector },
+                },
+            }),
+        ]
+    }
+
+    fn gateway(&self) -> Vec<Value> {
+        let selector = json!({ "app.kubernetes.io/name": "fedmesh", "app.kubernetes.io/component": "gateway" });
+        let identity_mount = json!({ "name": "identity", "mountPath": "/var/run/fedmesh/identity" });
+        let (quic_np, tcp_np) = match self.gateway.node_ports {
+            Some((q, t)) => (json!(q), json!(t)),
+            None => (Value::Null, Value::Null),
+        };
+        let mut quic_port = json!({ "name": "quic", "port": ports::GATEWAY_QUIC, "targetPort": "quic", "protocol": "UDP" });
+        let mut tcp_port = json!({ "name": "tls-fallback", "port": ports::GATEWAY_TCP, "targetPort": "tls-fallback", "protocol": "TCP" });
+        if !quic_np.is_null() {
+            quic_port["nodePort"] = quic_np;
+            tcp_port["nodePort"] = tcp_np;
+        }
+        let mut svc_meta = self.meta("fedmesh-gateway", "gateway");
+        if !self.gateway.annotations.is_empty() {
+            svc_meta["annotations"] = json!(self.gateway.annotations);
+        }
+        let mut svc_spec = json!({
+            "type": self.gateway.service_type,
+            "selector": selector,
+            "ports": [quic_port, tcp_port],
+        });
+        if self.gateway.service_type != "ClusterIP" {
+            // Peers see the client's address; no second hop through
+            // another node (which would also break QUIC path checks).
+            svc_spec["externalTrafficPolicy"] = "Local".into();
+        }
+        vec![
+            json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": self.meta("fedmesh-gateway", "gateway"),
+                "spec": {
+                    "replicas": self.gateway.replicas,
+                    "selector": { "matchLabels": selector },
+                    "strategy": { "type": "RollingUpdate", "rollingUpdate": { "maxUnavailable": 0, "maxSurge": 1 } },
+                    "template": {
+                        "metadata": {
+                            "labels": self.labels("gateway"),
+                            "annotations": {
+                                "fedmesh.io/config-checksum": self.checksum(&[&self.gateway_config()]),
+                                "prometheus.io/scrape": "true",
+                                "prometheus.io/port": ports::GATEWAY_ADMIN.to_string(),
+                            },
+                        },
+                        "spec": {
+                            "serviceAccountName": "gateway",
+                            "automountServiceAccountToken": false,
+                            "securityContext": pod_security(),
+                            // Longer than the drain: open streams finish.
+                            "terminationGracePeriodSeconds": 45,
+                            "affinity": spread(&selector),
+                            "initContainers": [{
+                                "name": "identity",
+                                "image": self.image,
+                                "imagePullPolicy": self.pull_policy,
+                                "args": [
+                                    "cert", "request",
+                                    "--controller", format!("fedmesh-controller.{NAMESPACE}.svc:{}", ports::CONTROLLER_API),
+                                    "--bundle", "/etc/fedmesh/bundle/bundle.pem",
+                                    "--spiffe-id", self.gateway_id(),
+                                    "--token-file", "/etc/fedmesh/bootstrap/gateway-token",
+                                    "--out", "/var/run/fedmesh/identity",
+                                ],
+                                "resources": {
+                                    "requests": { "cpu": "10m", "memory": "16Mi" },
+                                    "limits": { "cpu": "200m", "memory": "64Mi" },
+                                },
+                                "securityContext": container_security(),
+                                "volumeMounts": [
+                                    identity_mount,
+                                    { "name": "bundle", "mountPath": "/etc/fedmesh/bundle", "readOnly": true },
+                                    { "name": "bootstrap", "mountPath": "/etc/fedmesh/bootstrap", "readOnly": true },
+                                ],
+                            }],
+                            "containers": [{
+                                "name": "gateway",
+                                "image": self.image,
+                                "imagePullPolicy": self.pull_policy,
+                                "args": ["gateway", "--config", "/etc/fedmesh/gateway/gateway.yaml", "--drain", "20s", "--log", "info"],
+                                "ports": [
+                                    { "name": "quic", "containerPort": ports::GATEWAY_QUIC, "protocol": "UDP" },
+                                    { "name": "tls-fallback", "containerPort": ports::GATEWAY_TCP, "protocol": "TCP" },
+                                    { "name": "tunnel", "containerPort": ports::GATEWAY_TUNNEL, "protocol": "TCP" },
+                                    { "name": "admin", "containerPort": ports::GATEWAY_ADMIN, "protocol": "TCP" },
+                                ],
+                                "livenessProbe": probe("/live", ports::GATEWAY_ADMIN, 10),
+                                "readinessProbe": probe("/ready", ports::GATEWAY_ADMIN, 2),
+                                "resources": {
+                                    "requests": { "cpu": "250m", "memory": "128Mi" },
+                                    "limits": { "cpu": "2", "memory": "512Mi" },
+                                },
+                                "securityContext": container_security(),
+                                "volumeMounts": [
+                                    identity_mount,
+                                    { "name": "config", "mountPath": "/etc/fedmesh/gateway", "readOnly": true },
+                                ],
+                            }],
+                            "volumes": [
+                                // Written by the identity init container,
+                                // rewritten at every renewal.
+                                { "name": "identity", "emptyDir": { "medium": "Memory", "sizeLimit": "1Mi" } },
+                                { "name": "config", "configMap": { "name": "fedmesh-gateway" } },
+                                { "name": "bundle", "configMap": { "name": "fedmesh-bundle" } },
+                                { "name": "bootstrap", "secret": { "secretName": "fedmesh-bootstrap", "defaultMode": 0o400, "items": [{ "key": "gateway-token", "path": "gateway-token" }] } },
+                            ],
+                        },
+                    },
+                },
+            }),
+            json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": svc_meta,
+                "spec": svc_spec,
+            }),
+            json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": self.meta("fedmesh-gateway-tunnel", "gateway"),
+                "spec": {
+                    "type": "ClusterIP",
+                    "selector": selector,
+                    "ports": [{ "name": "tunnel", "port": ports::GATEWAY_TUNNEL, "targetPort": "tunnel", "protocol": "TCP" }],
+                },
+            }),
+            json!({
+                "apiVersion": "policy/v1", "kind": "PodDisruptionBudget",
+                "metadata": self.meta("fedmesh-gateway", "gateway"),
+                "spec": {
+                    "maxUnavailable": 1,
+                    "selector": { "matchLabels": selector },
+                },
+            }),
+        ]
+    }
+}
+
+fn namespace() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Namespace",
+        "metadata": {
+            "name": NAMESPACE,
+            "labels": {
+                "app.kubernetes.io/part-of": "fedmesh",
+                // The gateway and controller need nothing privileged.
+                "pod-security.kubernetes.io/enforce": "restricted",
+            },
+        },
+    })
+}
+
+fn downward_env() -> Value {
+    json!([
+        { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
+        { "name": "POD_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } },
+    ])
+}
+
+fn probe(path: &str, port: u16, period: u32) -> Value {
+    json!({
+        "httpGet": { "path": path, "port": port },
+        "periodSeconds": period,
+        "timeoutSeconds": 2,
+        "failureThreshold": 3,
+    })
+}
+
+fn pod_security() -> Value {
+    json!({
+        "runAsNonRoot": true,
+        "runAsUser": 65532,
+        "runAsGroup": 65532,
+        "fsGroup": 65532,
+        "seccompProfile": { "type": "RuntimeDefault" },
+    })
+}
+
+fn container_security() -> Value {
+    json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": { "drop": ["ALL"] },
+    })
+}
+
+/// Replicas on different nodes when there are several.
+fn spread(selector: &Value) -> Value {
+    json!({
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [{
+                "weight": 100,
+                "podAffinityTerm": {
+                    "topologyKey": "kubernetes.io/hostname",
+                    "labelSelector": { "matchLabels": selector },
+                },
+            }],
+        },
+    })
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// The two MCS API CRDs, compatible with the upstream definitions
+/// (kubernetes-sigs/mcs-api, `multicluster.x-k8s.io/v1alpha1`): same
+/// group, names, scope, subresources and field shapes, so clusters that
+/// already have them installed keep working and other MCS tools read
+/// what fedmesh writes.
+pub fn crds() -> Vec<Value> {
+    let meta_props = json!({
+        "apiVersion": { "type": "string" },
+        "kind": { "type": "string" },
+        "metadata": { "type": "object" },
+    });
+    let condition = json!({
+        "type": "object",
+        "required": ["lastTransitionTime", "message", "reason", "status", "type"],
+        "properties": {
+            "lastTransitionTime": { "type": "string", "format": "date-time" },
+            "message": { "type": "string", "maxLength": 32768 },
+            "observedGeneration": { "type": "integer", "format": "int64", "minimum": 0 },
+            "reason": { "type": "string", "maxLength": 1024, "minLength": 1, "pattern": "^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$" },
+            "status": { "type": "string", "enum": ["True", "False", "Unknown"] },
+            "type": { "type": "string", "maxLength": 316, "pattern": "^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$" },
+        },
+    });
+    let mut export_props = meta_props.clone();
+    export_props["status"] = json!({
+        "description": "Written by the MCS implementation: Valid and Conflict conditions.",
+        "type": "object",
+        "properties": {
+            "conditions": {
+                "type": "array",
+                "items": condition,
+                "x-kubernetes-list-map-keys": ["type"],
+                "x-kubernetes-list-type": "map",
+            },
+        },
+    });
+    let mut import_props = meta_props;
+    import_props["spec"] = json!({
+        "type": "object",
+        "required": ["ports", "type"],
+        "properties": {
+            "ips": { "type": "array", "maxItems": 1, "items": { "type": "string" } },
+            "ports": {
+                "type": "array",
+                "x-kubernetes-list-type": "atomic",
+                "items": {
+                    "type": "object",
+                    "required": ["port"],
+                    "properties": {
+                        "appProtocol": { "type": "string" },
+                        "name": { "type": "string" },
+                        "port": { "type": "integer", "format": "int32" },
+                        "protocol": { "type": "string" },
+                    },
+                },
+            },
+            "sessionAffinity": { "type": "string" },
+            "sessionAffinityConfig": {
+                "type": "object",
+                "properties": {
+                    "clientIP": {
+                        "type": "object",
+                        "properties": { "timeoutSeconds": { "type": "integer", "format": "int32" } },
+                    },
+                },
+            },
+            "type": { "type": "string", "enum": ["ClusterSetIP", "Headless"] },
+        },
+    });
+    import_props["status"] = json!({
+        "type": "object",
+        "properties": {
+            "clusters": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "required": ["cluster"],
+                    "properties": { "cluster": { "type": "string" } },
+                },
+                "x-kubernetes-list-map-keys": ["cluster"],
+                "x-kubernetes-list-type": "map",
+            },
+        },
+    });
+    let crd = |kind: &str, plural: &str, short: &str, props: Value, columns: Value, doc: &str| {
+        json!({
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {
+                "name": format!("{plural}.multicluster.x-k8s.io"),
+                "labels": { "app.kubernetes.io/part-of": "fedmesh" },
+            },
+            "spec": {
+                "group": "multicluster.x-k8s.io",
+                "scope": "Namespaced",
+                "names": { "plural": plural, "singular": kind.to_lowercase(), "kind": kind, "shortNames": [short] },
+                "versions": [{
+                    "name": "v1alpha1", "served": true, "storage": true,
+                    "subresources": { "status": {} },
+                    "additionalPrinterColumns": columns,
+                    "schema": { "openAPIV3Schema": { "description": doc, "type": "object", "properties": props } },
+                }],
+            },
+        })
+    };
+    vec![
+        crd(
+            "ServiceExport",
+            "serviceexports",
+            "svcex",
+            export_props,
+            json!([{ "name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp" }]),
+            "Exports the Service of the same name and namespace to the other clusters of the ClusterSet.",
+        ),
+        crd(
+            "ServiceImport",
+            "serviceimports",
+            "svcim",
+            import_props,
+            json!([
+                { "name": "Type", "type": "string", "description": "ClusterSetIP or Headless", "jsonPath": ".spec.type" },
+                { "name": "IP", "type": "string", "description": "The ClusterSet VIP", "jsonPath": ".spec.ips" },
+                { "name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp" },
+            ]),
+            "A service imported from the clusters of the ClusterSet that export it.",
+        ),
+    ]
+}
+
+/// Multi-document YAML, top-level keys in the order people read
+/// (apiVersion, kind, metadata, then the rest).
+pub fn to_yaml(objects: &[Value]) -> Result<String, crate::YamlError> {
+    const FIRST: &[&str] = &["apiVersion", "kind", "metadata"];
+    let mut docs = Vec::with_capacity(objects.len());
+    for o in objects {
+        let mut m = serde_yaml_ng::Mapping::new();
+        let conv = |v: &Value| {
+            serde_yaml_ng::to_value(v).map_err(|e| crate::YamlError::Emit(e.to_string()))
+        };
+        if let Value::Object(obj) = o {
+            for k in FIRST {
+                if let Some(v) = obj.get(*k) {
+                    m.insert((*k).into(), conv(v)?);
+                }
+            }
+            for (k, v) in obj {
+                if !FIRST.contains(&k.as_str()) {
+                    m.insert(k.as_str().into(), conv(v)?);
+                }
+            }
+        }
+        docs.push(serde_yaml_ng::Value::Mapping(m));
+    }
+    crate::to_documents(&docs)
+}
+
+impl CaFiles {
+    /// Reads a CA directory written by `fedmesh ca init`.
+    pub fn read_dir(dir: &std::path::Path) -> Result<Self, Problem> {
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .map_err(|e| Problem::Other(format!("CA {}: {e}", dir.join(f).display())))
+        };
+        let ca_pem = read("ca.pem")?;
+        let chain_pem = match std::fs::read_to_string(dir.join("chain.pem")) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(Problem::Other(format!("CA chain.pem: {e}"))),
+        };
+        let bundle_pem = match std::fs::read_to_string(dir.join("bundle.pem")) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => ca_pem.clone(),
+            Err(e) => return Err(Problem::Other(format!("CA bundle.pem: {e}"))),
+        };
+        Ok(Self {
+            ca_key: read("ca.key")?,
+            ca_pem,
+            chain_pem,
+            bundle_pem,
+        })
+    }
+
+    /// Checks the CA is a CA of `trust_domain` with a usable key and
+    /// returns its bundle's fingerprint (what peers pin).
+    pub fn check(&self, trust_domain: &str) -> Result<String, Problem> {
+        let bad = |what: &str, e: &dyn std::fmt::Display| Problem::Other(format!("CA {what}: {e}"));
+        let certs = fedmesh_trust::pem::decode_certs(&self.ca_pem).map_err(|e| bad("ca.pem", &e))?;
+        let [cert] = certs.as_slice() else {
+            return Err(bad("ca.pem", &"must hold exactly one certificate"));
+        };
+        let td = fedmesh_trust::svid::inspect_ca(cert).map_err(|e| bad("ca.pem", &e))?;
+        if td.as_str() != trust_domain {
+            return Err(Problem::Other(format!(
+                "CA is for trust domain `{td}`, not `{trust_domain}`"
+            )));
+        }
+        if !self.ca_key.contains("PRIVATE KEY-----") {
+            return Err(bad("ca.key", &"not a PEM private key"));
+        }
+        let bundle = fedmesh_trust::TrustBundle::from_pem(td, &self.bundle_pem)
+            .map_err(|e| bad("bundle.pem", &e))?;
+        Ok(bundle.fingerprint())
+    }
+}
+
+/// A peer's root bundle (PEM): its roots must name `cluster`'s trust
+/// domain; returns that trust domain.
+pub fn check_peer_bundle(cluster: &str, pem: &str) -> Result<String, Problem> {
+    let bad = |e: &dyn std::fmt::Display| Problem::Other(format!("peer `{cluster}` bundle: {e}"));
+    let certs = fedmesh_trust::pem::decode_certs(pem).map_err(|e| bad(&e))?;
+    let first = certs.first().ok_or_else(|| bad(&"no certificate"))?;
+    let td = fedmesh_trust::svid::inspect_ca(first).map_err(|e| bad(&e))?;
+    fedmesh_trust::TrustBundle::from_pem(td.clone(), pem).map_err(|e| bad(&e))?;
+    Ok(td.to_string())
+}
