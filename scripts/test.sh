@@ -6,10 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the tests need, as "command:debian-package" pairs:
-# a real etcd for the store tests, protoc for etcd-client's codegen, and
+# a real etcd for the store tests, protoc for etcd-client's codegen,
 # ip + nft for the e2e rig's network namespaces and cuts (used when root;
-# the rig falls back to loopback addresses and relays otherwise).
-NEEDS=("etcd:etcd-server" "protoc:protobuf-compiler" "ip:iproute2" "nft:nftables")
+# the rig falls back to loopback addresses and relays otherwise),
+# the ShellCheck linter for the kind scripts, python3-venv for the manifest
+# schema checks.
+NEEDS=("etcd:etcd-server" "protoc:protobuf-compiler" "ip:iproute2" "nft:nftables"
+  "shellcheck:shellcheck")
 
 missing=()
 for pair in "${NEEDS[@]+"${NEEDS[@]}"}"; do
@@ -17,12 +20,34 @@ for pair in "${NEEDS[@]+"${NEEDS[@]}"}"; do
   pkg=${pair#*:}
   command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
 done
+python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=("python3-venv")
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing: ${missing[*]}"
   SUDO=""
   [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+# Offline Kubernetes schemas (PyPI kubernetes-validate, bundles 1.33) for
+# the manifest tests, in a venv under target/ so the system stays clean.
+VENV=target/k8s-venv
+if ! "$VENV/bin/python" -c 'import kubernetes_validate, jsonschema, yaml' >/dev/null 2>&1; then
+  echo "installing kubernetes-validate into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check kubernetes-validate jsonschema pyyaml
+fi
+export FEDMESH_K8S_PYTHON="$PWD/$VENV/bin/python"
+
+echo "== shellcheck"
+shellcheck scripts/*.sh e2e/run.sh e2e/kind/*.sh
+
+echo "== terraform fmt"
+if command -v terraform >/dev/null 2>&1; then
+  terraform fmt -check -recursive -diff terraform/
+else
+  # Debian does not package Terraform; docs/kind.md says what this skips.
+  echo "terraform not installed: terraform fmt skipped"
 fi
 
 echo "== cargo fmt --check"
