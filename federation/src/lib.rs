@@ -8,6 +8,8 @@ pub mod controller;
 #[cfg(feature = "kube")]
 pub mod k8s;
 pub mod keys;
+#[cfg(feature = "kube")]
+pub mod leader;
 pub mod records;
 pub mod source;
 pub mod store;

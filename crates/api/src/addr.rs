@@ -12,7 +12,9 @@ pub enum AddressError {
     Shape(String),
     #[error("`{0}`: port must be 1-65535")]
     Port(String),
-    #[error("`{0}`: host must be an IP address or a DNS name (a-z, 0-9, '-', '.'; labels of 1-63)")]
+    #[error(
+        "`{0}`: host must be an IP address or a DNS name (a-z, 0-9, '-', '.'; labels of 1-63)"
+    )]
     Host(String),
     #[error("`{addr}` did not resolve: {reason}")]
     Resolve { addr: String, reason: String },
@@ -144,14 +146,30 @@ mod tests {
         let n = HostPort::parse("fedmesh-controller.fedmesh-system.svc:15012").unwrap();
         assert_eq!(n.literal(), None);
         assert_eq!(n.to_string(), "fedmesh-controller.fedmesh-system.svc:15012");
-        assert!(matches!(HostPort::parse("localhost"), Err(AddressError::Shape(_))));
+        assert!(matches!(
+            HostPort::parse("localhost"),
+            Err(AddressError::Shape(_))
+        ));
         assert!(matches!(HostPort::parse("a:0"), Err(AddressError::Port(_))));
-        assert!(matches!(HostPort::parse("a:99999"), Err(AddressError::Port(_))));
-        assert!(matches!(HostPort::parse("Bad_Host:1"), Err(AddressError::Host(_))));
-        assert!(matches!(HostPort::parse("-a.b:1"), Err(AddressError::Host(_))));
+        assert!(matches!(
+            HostPort::parse("a:99999"),
+            Err(AddressError::Port(_))
+        ));
+        assert!(matches!(
+            HostPort::parse("Bad_Host:1"),
+            Err(AddressError::Host(_))
+        ));
+        assert!(matches!(
+            HostPort::parse("-a.b:1"),
+            Err(AddressError::Host(_))
+        ));
         assert!(matches!(HostPort::parse(":1"), Err(AddressError::Host(_))));
         assert_eq!(
-            HostPort::parse("localhost:7").unwrap().resolve().unwrap().port(),
+            HostPort::parse("localhost:7")
+                .unwrap()
+                .resolve()
+                .unwrap()
+                .port(),
             7
         );
     }

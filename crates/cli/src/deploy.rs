@@ -195,11 +195,16 @@ fn from_query(q: &str) -> Result<InstallSpec, String> {
             .transpose()
     };
     let num = |k: &str, d: u32| -> Result<u32, String> {
-        get(k).map_or(Ok(d), |v| v.parse().map_err(|_| format!("query: `{k}`: not a number")))
+        get(k).map_or(Ok(d), |v| {
+            v.parse().map_err(|_| format!("query: `{k}`: not a number"))
+        })
     };
     let addr = |k: &str| -> Result<Option<SocketAddr>, String> {
         get(k)
-            .map(|v| v.parse().map_err(|_| format!("query: `{k}`: `{v}` is not IP:PORT")))
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| format!("query: `{k}`: `{v}` is not IP:PORT"))
+            })
             .transpose()
     };
     let endpoints: Vec<String> = json_of("store_endpoints")?
@@ -240,9 +245,12 @@ fn from_query(q: &str) -> Result<InstallSpec, String> {
             ca_pem,
         },
         gateway: GatewaySpec {
-            service_type: get("gateway_service_type").unwrap_or("LoadBalancer").to_owned(),
+            service_type: get("gateway_service_type")
+                .unwrap_or("LoadBalancer")
+                .to_owned(),
             annotations,
-            advertise: addr("gateway_advertise")?.ok_or("query: `gateway_advertise` is required")?,
+            advertise: addr("gateway_advertise")?
+                .ok_or("query: `gateway_advertise` is required")?,
             advertise_tcp: addr("gateway_advertise_tcp")?,
             node_ports,
             replicas: num("gateway_replicas", 2)?,
@@ -302,9 +310,13 @@ fn report(reports: &[inject::Report]) {
 }
 
 pub fn inject(a: InjectArgs) -> anyhow::Result<ExitCode> {
-    if let Err(e) = fedmesh_deploy::names::image(&a.image)
-        .and_then(|()| fedmesh_deploy::names::one_of("image pull policy", &a.pull_policy, fedmesh_deploy::names::PULL_POLICIES))
-    {
+    if let Err(e) = fedmesh_deploy::names::image(&a.image).and_then(|()| {
+        fedmesh_deploy::names::one_of(
+            "image pull policy",
+            &a.pull_policy,
+            fedmesh_deploy::names::PULL_POLICIES,
+        )
+    }) {
         return Ok(usage(e));
     }
     let text = input(&a.file)?;

@@ -95,6 +95,15 @@ pub struct ControllerArgs {
     /// starts again within it is never missed.
     #[arg(long)]
     leave: bool,
+    /// Several replicas: run only while holding the `fedmesh-controller`
+    /// Lease in this pod's namespace (Kubernetes), standing by otherwise.
+    #[arg(long)]
+    leader_elect: bool,
+    /// How long a leader that stopped renewing keeps the lease (a standby
+    /// takes over after it); renewals every 1/7 of it, and the leader
+    /// steps down when it could not renew for 2/3 of it.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    leader_lease: Duration,
 }
 
 fn now_ms() -> u64 {
@@ -162,6 +171,19 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         ));
         return Ok(ExitCode::SUCCESS);
     }
+    let mut leadership = if args.leader_elect {
+        match crate::leader::elect(cfg.admin, args.leader_lease).await? {
+            Some(l) => l,
+            None => return Ok(ExitCode::SUCCESS),
+        }
+    } else {
+        crate::leader::Leadership::alone()
+    };
+    registry.register(
+        "fedmesh_controller_leader",
+        "1 while this replica leads",
+        leadership.gauge.clone(),
+    );
     // Nothing is published before the source has listed everything.
     let mut first = local.clone();
     let initial = first
@@ -221,7 +243,10 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         crate::emit(&format!("controller admin http://{bound}/status\n"));
     }
     crate::emit(&format!("controller up: cluster {}\n", cfg.cluster));
-    crate::daemons::until_signal().await?;
+    let lost = tokio::select! {
+        r = crate::daemons::until_signal() => { r?; false }
+        () = leadership.lost() => true,
+    };
     follower.abort();
     if let Some((handle, renewer)) = api {
         if let Some(r) = renewer {
@@ -230,10 +255,16 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         handle.shutdown().await;
     }
     match Arc::try_unwrap(ctrl) {
-        Ok(c) if args.leave => c.leave().await,
+        Ok(c) if args.leave && !lost => c.leave().await,
         Ok(c) => c.shutdown().await,
         Err(_) => {}
     }
+    if lost {
+        // Another replica leads now (or will): exit so this pod comes
+        // back as a standby; the records live on for the new leader.
+        anyhow::bail!("lost the controller lease");
+    }
+    leadership.release().await;
     Ok(ExitCode::SUCCESS)
 }
 

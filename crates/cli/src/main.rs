@@ -9,6 +9,7 @@ mod demo;
 mod deploy;
 mod drill;
 mod federation;
+mod leader;
 mod trust;
 
 use std::process::ExitCode;
@@ -64,7 +65,7 @@ enum Command {
     /// One table: clusters, gateways, exports, imports, bundles, last publish, conflicts.
     Status(federation::StatusArgs),
     /// Print one cluster's Kubernetes manifests (apply with `kubectl apply -f -`).
-    Install(deploy::InstallArgs),
+    Install(Box<deploy::InstallArgs>),
     /// Add the fedmesh sidecar to the workloads of a YAML stream (stdin to stdout).
     Inject(deploy::InjectArgs),
     /// Remove what `fedmesh inject` added.
@@ -117,7 +118,7 @@ fn main() -> ExitCode {
                 out,
             ))
         }),
-        Command::Install(a) => deploy::install(a),
+        Command::Install(a) => deploy::install(*a),
         Command::Inject(a) => deploy::inject(a),
         Command::Uninject(a) => deploy::uninject(a),
         Command::Demo(a) => runtime().and_then(|rt| rt.block_on(demo::run(a))),

@@ -70,7 +70,8 @@ fn render_variants(dir: &Path) -> Vec<(PathBuf, String)> {
     std::fs::copy(east.join("ca.pem"), &tls).unwrap();
     let variants: Vec<Vec<String>> = vec![
         vec![
-            "--cluster=east", "--trust-domain=east.acme",
+            "--cluster=east",
+            "--trust-domain=east.acme",
             "--store=https://etcd-0.acme.net:2379,https://etcd-1.acme.net:2379",
             &format!("--store-ca={}", s(&tls)),
             &format!("--store-cert={}", s(&east.join("ca.pem"))),
@@ -86,19 +87,28 @@ fn render_variants(dir: &Path) -> Vec<(PathBuf, String)> {
         .map(String::from)
         .collect(),
         vec![
-            "--cluster=west", "--trust-domain=west.acme", "--store=http://172.18.0.1:2379",
+            "--cluster=west",
+            "--trust-domain=west.acme",
+            "--store=http://172.18.0.1:2379",
             &format!("--ca={}", s(&west)),
-            "--advertise=172.18.0.3:30443", "--gateway-service-type=NodePort",
-            "--node-ports=30443,30444", "--gateway-replicas=1", "--controller-replicas=1",
-            "--image=fedmesh:dev", "--pull-policy=Never",
+            "--advertise=172.18.0.3:30443",
+            "--gateway-service-type=NodePort",
+            "--node-ports=30443,30444",
+            "--gateway-replicas=1",
+            "--controller-replicas=1",
+            "--image=fedmesh:dev",
+            "--pull-policy=Never",
         ]
         .into_iter()
         .map(String::from)
         .collect(),
         vec![
-            "--cluster=north", "--trust-domain=north.acme", "--store=http://etcd.fedmesh:2379",
+            "--cluster=north",
+            "--trust-domain=north.acme",
+            "--store=http://etcd.fedmesh:2379",
             &format!("--ca={}", s(&north)),
-            "--advertise=10.0.0.5:15443", "--gateway-service-type=ClusterIP",
+            "--advertise=10.0.0.5:15443",
+            "--gateway-service-type=ClusterIP",
         ]
         .into_iter()
         .map(String::from)
@@ -155,7 +165,10 @@ fn install_manifests_configure_our_binaries() {
         assert!(t.tokens[0].identities[0].ends_with("/ns/fedmesh-system/sa/gateway"));
         // Every container has requests, limits and (daemons) probes.
         for d in objs.iter().filter(|o| o["kind"] == "Deployment") {
-            for c in d["spec"]["template"]["spec"]["containers"].as_array().unwrap() {
+            for c in d["spec"]["template"]["spec"]["containers"]
+                .as_array()
+                .unwrap()
+            {
                 assert!(c["resources"]["limits"].is_object() && c["readinessProbe"].is_object());
             }
         }
@@ -169,8 +182,12 @@ fn the_same_input_renders_the_same_manifests() {
     let dir = tempfile::tempdir().unwrap();
     let east = ca(dir.path(), "east.acme");
     let args = [
-        "install", "--cluster=east", "--trust-domain=east.acme", "--store=http://etcd:2379",
-        &format!("--ca={}", s(&east)), "--advertise=10.0.0.1:15443",
+        "install",
+        "--cluster=east",
+        "--trust-domain=east.acme",
+        "--store=http://etcd:2379",
+        &format!("--ca={}", s(&east)),
+        "--advertise=10.0.0.1:15443",
     ];
     let (a, b) = (fedmesh(&args, None), fedmesh(&args, None));
     assert!(a.status.success() && !a.stdout.is_empty());
@@ -192,25 +209,87 @@ fn bad_flags_are_refused_naming_the_rule_and_nothing_is_printed() {
         a
     };
     let cases: &[(&[&str], &str)] = &[
-        (&["--cluster=East", "--trust-domain=east.acme"], "cluster name `East`: may contain only lowercase letters"),
-        (&["--cluster=-east", "--trust-domain=east.acme"], "must start and end with a lowercase letter or digit"),
-        (&["--cluster=east", "--trust-domain=east..acme"], "must not have empty labels"),
-        (&["--cluster=east", "--trust-domain=west.acme"], "CA is for trust domain `east.acme`, not `west.acme`"),
-        (&["--cluster=east", "--trust-domain=east.acme", "--gateway-service-type=Ingress"], "must be one of LoadBalancer, NodePort, ClusterIP"),
-        (&["--cluster=east", "--trust-domain=east.acme", "--gateway-service-type=NodePort", "--node-ports=8080,30444"], "gateway QUIC node port `8080`: must be a port number from 30000 to 32767"),
-        (&["--cluster=east", "--trust-domain=east.acme", "--image=Fedmesh:dev"], "image `Fedmesh:dev`"),
-        (&["--cluster=east", "--trust-domain=east.acme", "--peer=east=/dev/null"], "a cluster does not join itself"),
-        (&["--cluster=east", "--trust-domain=east.acme", "--gateway-replicas=0"], "gateway replicas: 0: must be from 1 to 5"),
+        (
+            &["--cluster=East", "--trust-domain=east.acme"],
+            "cluster name `East`: may contain only lowercase letters",
+        ),
+        (
+            &["--cluster=-east", "--trust-domain=east.acme"],
+            "must start and end with a lowercase letter or digit",
+        ),
+        (
+            &["--cluster=east", "--trust-domain=east..acme"],
+            "must not have empty labels",
+        ),
+        (
+            &["--cluster=east", "--trust-domain=west.acme"],
+            "CA is for trust domain `east.acme`, not `west.acme`",
+        ),
+        (
+            &[
+                "--cluster=east",
+                "--trust-domain=east.acme",
+                "--gateway-service-type=Ingress",
+            ],
+            "must be one of LoadBalancer, NodePort, ClusterIP",
+        ),
+        (
+            &[
+                "--cluster=east",
+                "--trust-domain=east.acme",
+                "--gateway-service-type=NodePort",
+                "--node-ports=8080,30444",
+            ],
+            "gateway QUIC node port `8080`: must be a port number from 30000 to 32767",
+        ),
+        (
+            &[
+                "--cluster=east",
+                "--trust-domain=east.acme",
+                "--image=Fedmesh:dev",
+            ],
+            "image `Fedmesh:dev`",
+        ),
+        (
+            &[
+                "--cluster=east",
+                "--trust-domain=east.acme",
+                "--peer=east=/dev/null",
+            ],
+            "a cluster does not join itself",
+        ),
+        (
+            &[
+                "--cluster=east",
+                "--trust-domain=east.acme",
+                "--gateway-replicas=0",
+            ],
+            "gateway replicas: 0: must be from 1 to 5",
+        ),
     ];
     for (extra, want) in cases {
         let args = base(extra);
         let o = fedmesh(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
         assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", err(&o));
-        assert!(err(&o).contains(want), "{extra:?}: wanted `{want}` in:\n{}", err(&o));
+        assert!(
+            err(&o).contains(want),
+            "{extra:?}: wanted `{want}` in:\n{}",
+            err(&o)
+        );
         assert!(o.stdout.is_empty(), "{extra:?}: printed something");
     }
     // A bad port is clap's to refuse, also with exit 2.
-    let o = fedmesh(&["install", "--cluster=east", "--trust-domain=east.acme", "--store=http://e:1", &format!("--ca={}", s(&east)), "--advertise=10.0.0.1:70000"], None);
+    let o = fedmesh(
+        &[
+            "install",
+            "--cluster=east",
+            "--trust-domain=east.acme",
+            "--store=http://e:1",
+            &format!("--ca={}", s(&east)),
+            "--advertise=10.0.0.1:70000",
+        ],
+        None,
+    );
     assert_eq!(o.status.code(), Some(2));
     assert!(o.stdout.is_empty());
 }
@@ -237,16 +316,29 @@ fn terraform_mode_speaks_the_external_protocol() {
     let o = fedmesh(&["install", "--terraform"], Some(&query.to_string()));
     assert!(o.status.success(), "{}", err(&o));
     let v: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&o.stdout).unwrap();
-    assert!(v.values().all(|x| x.is_string()), "external wants strings only");
+    assert!(
+        v.values().all(|x| x.is_string()),
+        "external wants strings only"
+    );
     let fp = v["bundle_fingerprint"].as_str().unwrap();
-    let bundle = fedmesh_trust::TrustBundle::from_pem("east.acme".parse().unwrap(), &read(east.join("bundle.pem"))).unwrap();
+    let bundle = fedmesh_trust::TrustBundle::from_pem(
+        "east.acme".parse().unwrap(),
+        &read(east.join("bundle.pem")),
+    )
+    .unwrap();
     assert_eq!(fp, bundle.fingerprint());
     // The same settings through flags give the same manifests.
     let flags = fedmesh(
         &[
-            "install", "--cluster=east", "--trust-domain=east.acme", "--store=http://etcd:2379",
-            &format!("--ca={}", s(&east)), "--gateway-service-type=NodePort", "--node-ports=30443,30444",
-            "--advertise=172.18.0.2:30443", &format!("--peer=west={}", s(&west.join("bundle.pem"))),
+            "install",
+            "--cluster=east",
+            "--trust-domain=east.acme",
+            "--store=http://etcd:2379",
+            &format!("--ca={}", s(&east)),
+            "--gateway-service-type=NodePort",
+            "--node-ports=30443,30444",
+            "--advertise=172.18.0.2:30443",
+            &format!("--peer=west={}", s(&west.join("bundle.pem"))),
             "--image=fedmesh:dev",
         ],
         None,

@@ -17,7 +17,11 @@ pub const INIT_CONTAINER: &str = "fedmesh-init";
 pub const STATUS_ANNOTATION: &str = "fedmesh.io/inject-status";
 /// `disabled` on a pod template (or the object) skips it.
 pub const INJECT_ANNOTATION: &str = "fedmesh.io/inject";
-const VOLUMES: &[&str] = &["fedmesh-identity", "fedmesh-sidecar-config", "fedmesh-bundle"];
+const VOLUMES: &[&str] = &[
+    "fedmesh-identity",
+    "fedmesh-sidecar-config",
+    "fedmesh-bundle",
+];
 /// Other meshes' proxies: two redirecting proxies in a pod break it.
 const OTHER_MESHES: &[&str] = &["istio-proxy", "linkerd-proxy", "cilium-envoy"];
 
@@ -40,7 +44,11 @@ pub enum InjectError {
     #[error("document {doc}: not a Kubernetes object ({reason})")]
     NotAnObject { doc: usize, reason: &'static str },
     #[error("document {doc} ({kind} {name}): unknown workload kind with a pod template; fedmesh knows Pod, Deployment, StatefulSet, DaemonSet, ReplicaSet, Job, CronJob and List")]
-    UnknownWorkload { doc: usize, kind: String, name: String },
+    UnknownWorkload {
+        doc: usize,
+        kind: String,
+        name: String,
+    },
     #[error("document {doc} ({kind} {name}): {what}")]
     Workload {
         doc: usize,
@@ -74,9 +82,12 @@ pub struct Report {
 fn pod_spec_path(kind: &str) -> Option<&'static [&'static str]> {
     Some(match kind {
         "Pod" => &["spec"],
-        "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet" | "Job" | "ReplicationController" => {
-            &["spec", "template", "spec"]
-        }
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "Job"
+        | "ReplicationController" => &["spec", "template", "spec"],
         "CronJob" => &["spec", "jobTemplate", "spec", "template", "spec"],
         _ => return None,
     })
@@ -167,21 +178,35 @@ fn visit(
     reports: &mut Vec<Report>,
 ) -> Result<(), InjectError> {
     if !doc.is_mapping() {
-        return Err(InjectError::NotAnObject { doc: n, reason: "not a mapping" });
+        return Err(InjectError::NotAnObject {
+            doc: n,
+            reason: "not a mapping",
+        });
     }
     let kind = match doc.get("kind").and_then(Value::as_str) {
         Some(k) if !k.is_empty() => k.to_owned(),
-        _ => return Err(InjectError::NotAnObject { doc: n, reason: "no kind" }),
+        _ => {
+            return Err(InjectError::NotAnObject {
+                doc: n,
+                reason: "no kind",
+            })
+        }
     };
     if doc.get("apiVersion").and_then(Value::as_str).is_none() {
-        return Err(InjectError::NotAnObject { doc: n, reason: "no apiVersion" });
+        return Err(InjectError::NotAnObject {
+            doc: n,
+            reason: "no apiVersion",
+        });
     }
     let name = name_of(doc);
     if kind == "List" || kind.ends_with("List") {
         let items = doc
             .get_mut("items")
             .and_then(Value::as_sequence_mut)
-            .ok_or(InjectError::NotAnObject { doc: n, reason: "a List without items" })?;
+            .ok_or(InjectError::NotAnObject {
+                doc: n,
+                reason: "a List without items",
+            })?;
         for item in items {
             visit(item, n, mode, opts, reports)?;
         }
@@ -199,7 +224,11 @@ fn visit(
         if get(doc, &["spec", "template", "spec", "containers"]).is_some() {
             return Err(InjectError::UnknownWorkload { doc: n, kind, name });
         }
-        reports.push(Report { kind, name, outcome: Outcome::NotAWorkload });
+        reports.push(Report {
+            kind,
+            name,
+            outcome: Outcome::NotAWorkload,
+        });
         return Ok(());
     };
     let spec = get(doc, path)
@@ -212,7 +241,10 @@ fn visit(
     if containers.is_empty() {
         return Err(werr("no containers".into()));
     }
-    if let Some(c) = containers.iter().position(|c| c.get("name").and_then(Value::as_str).is_none()) {
+    if let Some(c) = containers
+        .iter()
+        .position(|c| c.get("name").and_then(Value::as_str).is_none())
+    {
         return Err(werr(format!("container {} has no name", c + 1)));
     }
     if let Some(other) = containers_named(spec, "containers").find(|c| OTHER_MESHES.contains(c)) {
@@ -248,7 +280,11 @@ fn visit(
             }
         }
     };
-    reports.push(Report { kind, name, outcome });
+    reports.push(Report {
+        kind,
+        name,
+        outcome,
+    });
     Ok(())
 }
 
@@ -291,12 +327,18 @@ fn add(doc: &mut Value, kind: &str, opts: &InjectOptions) -> Result<(), &'static
 }
 
 fn remove(doc: &mut Value, kind: &str) {
-    let Some(path) = pod_spec_path(kind) else { return };
+    let Some(path) = pod_spec_path(kind) else {
+        return;
+    };
     if let Some(spec) = get_mut(doc, path).and_then(Value::as_mapping_mut) {
         let drop_named = |spec: &mut Mapping, key: &str, names: &[&str]| {
             let empty = match spec.get_mut(key) {
                 Some(Value::Sequence(s)) => {
-                    s.retain(|c| !c.get("name").and_then(Value::as_str).is_some_and(|n| names.contains(&n)));
+                    s.retain(|c| {
+                        !c.get("name")
+                            .and_then(Value::as_str)
+                            .is_some_and(|n| names.contains(&n))
+                    });
                     s.is_empty()
                 }
                 _ => false,
@@ -324,7 +366,9 @@ fn remove(doc: &mut Value, kind: &str) {
         }
         // Inject created the template metadata for the annotation.
         if m.is_empty() && kind != "Pod" {
-            if let Some(parent) = get_mut(doc, &meta[..meta.len() - 1]).and_then(Value::as_mapping_mut) {
+            if let Some(parent) =
+                get_mut(doc, &meta[..meta.len() - 1]).and_then(Value::as_mapping_mut)
+            {
                 parent.remove("metadata");
             }
         }
@@ -339,8 +383,17 @@ fn app_ports(spec: &Mapping) -> Vec<u16> {
         .and_then(Value::as_sequence)
         .into_iter()
         .flatten()
-        .flat_map(|c| c.get("ports").and_then(Value::as_sequence).into_iter().flatten())
-        .filter(|p| p.get("protocol").and_then(Value::as_str).is_none_or(|p| p == "TCP"))
+        .flat_map(|c| {
+            c.get("ports")
+                .and_then(Value::as_sequence)
+                .into_iter()
+                .flatten()
+        })
+        .filter(|p| {
+            p.get("protocol")
+                .and_then(Value::as_str)
+                .is_none_or(|p| p == "TCP")
+        })
         .filter_map(|p| p.get("containerPort").and_then(Value::as_u64))
         .filter_map(|p| u16::try_from(p).ok())
         .collect();
@@ -350,7 +403,11 @@ fn app_ports(spec: &Mapping) -> Vec<u16> {
 }
 
 fn list(ports: impl IntoIterator<Item = u16>) -> String {
-    ports.into_iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",")
+    ports
+        .into_iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn init_container(opts: &InjectOptions) -> Value {

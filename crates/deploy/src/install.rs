@@ -103,7 +103,11 @@ impl InstallSpec {
         check(names::cluster_name(&self.cluster));
         check(names::trust_domain(&self.trust_domain));
         check(names::image(&self.image));
-        check(names::one_of("image pull policy", &self.pull_policy, names::PULL_POLICIES));
+        check(names::one_of(
+            "image pull policy",
+            &self.pull_policy,
+            names::PULL_POLICIES,
+        ));
         check(names::one_of(
             "gateway service type",
             &self.gateway.service_type,
@@ -134,7 +138,9 @@ impl InstallSpec {
             ));
         }
         if self.gateway.advertise.port() == 0 {
-            p.push(Problem::Other("gateway advertise address: port must be 1-65535".into()));
+            p.push(Problem::Other(
+                "gateway advertise address: port must be 1-65535".into(),
+            ));
         }
         for (what, n) in [
             ("controller replicas", self.controller_replicas),
@@ -152,10 +158,19 @@ impl InstallSpec {
         }
         if let Some(tls) = &self.store.tls {
             if tls.cert.is_some() != tls.key.is_some() {
-                p.push(Problem::Other("store TLS: client cert and key go together".into()));
+                p.push(Problem::Other(
+                    "store TLS: client cert and key go together".into(),
+                ));
             }
-            if self.store.endpoints.iter().any(|e| e.starts_with("http://")) {
-                p.push(Problem::Other("store TLS: endpoints must be https://".into()));
+            if self
+                .store
+                .endpoints
+                .iter()
+                .any(|e| e.starts_with("http://"))
+            {
+                p.push(Problem::Other(
+                    "store TLS: endpoints must be https://".into(),
+                ));
             }
         }
         if names::trust_domain(&self.trust_domain).is_ok() {
@@ -226,7 +241,8 @@ impl InstallSpec {
                 "automountServiceAccountToken": automount,
             })
         };
-        let cluster_meta = json!({ "name": "fedmesh-controller", "labels": self.labels("controller") });
+        let cluster_meta =
+            json!({ "name": "fedmesh-controller", "labels": self.labels("controller") });
         vec![
             sa("controller", true),
             // The gateway never talks to the API server.
@@ -319,12 +335,15 @@ impl InstallSpec {
 
     /// The controller's config file, exactly as the controller reads it.
     pub fn controller_config(&self) -> Value {
-        let tcp = self.gateway.advertise_tcp.unwrap_or(std::net::SocketAddr::new(
-            self.gateway.advertise.ip(),
-            self.gateway
-                .node_ports
-                .map_or(ports::GATEWAY_TCP, |(_, t)| t),
-        ));
+        let tcp = self
+            .gateway
+            .advertise_tcp
+            .unwrap_or(std::net::SocketAddr::new(
+                self.gateway.advertise.ip(),
+                self.gateway
+                    .node_ports
+                    .map_or(ports::GATEWAY_TCP, |(_, t)| t),
+            ));
         let mut store = json!({ "kind": "etcd", "endpoints": self.store.endpoints });
         if let Some(tls) = &self.store.tls {
             let mut t = json!({ "ca": "/etc/fedmesh/store-tls/ca.pem" });
@@ -520,7 +539,8 @@ impl InstallSpec {
 
     fn gateway(&self) -> Vec<Value> {
         let selector = json!({ "app.kubernetes.io/name": "fedmesh", "app.kubernetes.io/component": "gateway" });
-        let identity_mount = json!({ "name": "identity", "mountPath": "/var/run/fedmesh/identity" });
+        let identity_mount =
+            json!({ "name": "identity", "mountPath": "/var/run/fedmesh/identity" });
         let (quic_np, tcp_np) = match self.gateway.node_ports {
             Some((q, t)) => (json!(q), json!(t)),
             None => (Value::Null, Value::Null),
@@ -905,7 +925,8 @@ impl CaFiles {
     /// returns its bundle's fingerprint (what peers pin).
     pub fn check(&self, trust_domain: &str) -> Result<String, Problem> {
         let bad = |what: &str, e: &dyn std::fmt::Display| Problem::Other(format!("CA {what}: {e}"));
-        let certs = fedmesh_trust::pem::decode_certs(&self.ca_pem).map_err(|e| bad("ca.pem", &e))?;
+        let certs =
+            fedmesh_trust::pem::decode_certs(&self.ca_pem).map_err(|e| bad("ca.pem", &e))?;
         let [cert] = certs.as_slice() else {
             return Err(bad("ca.pem", &"must hold exactly one certificate"));
         };

@@ -38,7 +38,9 @@ impl fmt::Display for Rule {
             Rule::TooLong(n) => write!(f, "must be at most {n} characters"),
             Rule::Charset(set) => write!(f, "may contain only {set}"),
             Rule::Edges => f.write_str("must start and end with a lowercase letter or digit"),
-            Rule::EmptyLabel => f.write_str("must not have empty labels (`..`, leading or trailing `.`)"),
+            Rule::EmptyLabel => {
+                f.write_str("must not have empty labels (`..`, leading or trailing `.`)")
+            }
             Rule::PortRange(lo, hi) => write!(f, "must be a port number from {lo} to {hi}"),
             Rule::Scheme(s) => write!(f, "must be {s}"),
             Rule::OneOf(v) => write!(f, "must be one of {}", v.join(", ")),
@@ -135,7 +137,11 @@ pub fn store_endpoint(v: &str) -> Result<(), NameError> {
         .rsplit_once(':')
         .ok_or_else(|| fail(W, v, Rule::Scheme("http://host:port or https://host:port")))?;
     if host.is_empty() || host.contains('/') || host.contains(char::is_whitespace) {
-        return Err(fail(W, v, Rule::Scheme("http://host:port or https://host:port")));
+        return Err(fail(
+            W,
+            v,
+            Rule::Scheme("http://host:port or https://host:port"),
+        ));
     }
     match p.parse::<u16>() {
         Ok(n) if n > 0 => Ok(()),
@@ -213,7 +219,11 @@ pub fn annotation_key(v: &str) -> Result<(), NameError> {
         .bytes()
         .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
     {
-        return Err(fail(W, v, Rule::Charset("letters, digits, '-', '_' and '.' after the prefix")));
+        return Err(fail(
+            W,
+            v,
+            Rule::Charset("letters, digits, '-', '_' and '.' after the prefix"),
+        ));
     }
     if !name.starts_with(|c: char| c.is_ascii_alphanumeric())
         || !name.ends_with(|c: char| c.is_ascii_alphanumeric())
@@ -231,20 +241,44 @@ mod tests {
     fn each_rule_is_named() {
         assert_eq!(cluster_name("east"), Ok(()));
         let e = cluster_name("East").unwrap_err();
-        assert_eq!(e.to_string(), "cluster name `East`: may contain only lowercase letters, digits and '-'");
+        assert_eq!(
+            e.to_string(),
+            "cluster name `East`: may contain only lowercase letters, digits and '-'"
+        );
         assert_eq!(cluster_name("-east").unwrap_err().rule, Rule::Edges);
         assert_eq!(cluster_name("").unwrap_err().rule, Rule::Empty);
-        assert_eq!(cluster_name(&"a".repeat(64)).unwrap_err().rule, Rule::TooLong(63));
+        assert_eq!(
+            cluster_name(&"a".repeat(64)).unwrap_err().rule,
+            Rule::TooLong(63)
+        );
         assert_eq!(trust_domain("east.acme"), Ok(()));
-        assert_eq!(trust_domain("east..acme").unwrap_err().rule, Rule::EmptyLabel);
-        assert!(matches!(trust_domain("East.acme").unwrap_err().rule, Rule::Charset(_)));
+        assert_eq!(
+            trust_domain("east..acme").unwrap_err().rule,
+            Rule::EmptyLabel
+        );
+        assert!(matches!(
+            trust_domain("East.acme").unwrap_err().rule,
+            Rule::Charset(_)
+        ));
         assert_eq!(trust_domain("-east.acme").unwrap_err().rule, Rule::Edges);
         assert_eq!(port("p", 0).unwrap_err().rule, Rule::PortRange(1, 65535));
-        assert_eq!(port("p", 70000).unwrap_err().rule, Rule::PortRange(1, 65535));
-        assert_eq!(node_port("p", 8080).unwrap_err().rule, Rule::PortRange(30000, 32767));
+        assert_eq!(
+            port("p", 70000).unwrap_err().rule,
+            Rule::PortRange(1, 65535)
+        );
+        assert_eq!(
+            node_port("p", 8080).unwrap_err().rule,
+            Rule::PortRange(30000, 32767)
+        );
         assert!(store_endpoint("https://etcd-0.etcd:2379").is_ok());
-        assert!(matches!(store_endpoint("etcd:2379").unwrap_err().rule, Rule::Scheme(_)));
-        assert!(matches!(store_endpoint("http://etcd:0").unwrap_err().rule, Rule::PortRange(..)));
+        assert!(matches!(
+            store_endpoint("etcd:2379").unwrap_err().rule,
+            Rule::Scheme(_)
+        ));
+        assert!(matches!(
+            store_endpoint("http://etcd:0").unwrap_err().rule,
+            Rule::PortRange(..)
+        ));
         assert!(image("ghcr.io/acme/fedmesh:v0.1.0").is_ok());
         assert!(image("fedmesh@sha256:abc").is_ok());
         assert!(image("localhost:5000/fedmesh:Dev").is_ok());

@@ -1,7 +1,9 @@
 //! `inject`/`uninject` on inputs shaped like real ones.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use fedmesh_deploy::inject::{self, InjectError, InjectOptions, Outcome, INIT_CONTAINER, PROXY_CONTAINER};
+use fedmesh_deploy::inject::{
+    self, InjectError, InjectOptions, Outcome, INIT_CONTAINER, PROXY_CONTAINER,
+};
 use fedmesh_deploy::parse_documents;
 use serde_yaml_ng::Value;
 
@@ -92,7 +94,11 @@ fn pod_specs(docs: &[Value]) -> Vec<(String, Value)> {
 fn names(spec: &Value, field: &str) -> Vec<String> {
     spec.get(field)
         .and_then(Value::as_sequence)
-        .map(|s| s.iter().map(|c| c["name"].as_str().unwrap().to_owned()).collect())
+        .map(|s| {
+            s.iter()
+                .map(|c| c["name"].as_str().unwrap().to_owned())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -107,7 +113,10 @@ fn every_workload_kind_gets_the_proxy_first_and_others_pass_through() {
     }
     let web = &pod_specs(&docs)[0].1;
     // The app's own sidecar and init container are kept, in order.
-    assert_eq!(names(web, "containers"), [PROXY_CONTAINER, "web", "fluent-bit"]);
+    assert_eq!(
+        names(web, "containers"),
+        [PROXY_CONTAINER, "web", "fluent-bit"]
+    );
     assert_eq!(names(web, "initContainers"), [INIT_CONTAINER, "migrate"]);
     // The redirect knows the skipped ports; the proxy the app's TCP ports.
     let args: Vec<&str> = web["initContainers"][0]["args"]
@@ -116,8 +125,16 @@ fn every_workload_kind_gets_the_proxy_first_and_others_pass_through() {
         .iter()
         .map(|a| a.as_str().unwrap())
         .collect();
-    assert!(args.windows(2).any(|w| w == ["--skip-inbound-ports", "15020,9090"]), "{args:?}");
-    assert!(args.windows(2).any(|w| w == ["--skip-outbound-ports", "5432"]), "{args:?}");
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--skip-inbound-ports", "15020,9090"]),
+        "{args:?}"
+    );
+    assert!(
+        args.windows(2)
+            .any(|w| w == ["--skip-outbound-ports", "5432"]),
+        "{args:?}"
+    );
     let env = &web["containers"][0]["env"];
     let app_ports = env
         .as_sequence()
@@ -127,8 +144,14 @@ fn every_workload_kind_gets_the_proxy_first_and_others_pass_through() {
         .unwrap();
     assert_eq!(app_ports["value"], "8080,9090");
     // The template's existing annotations stay; ours is added.
-    assert_eq!(docs[1]["spec"]["template"]["metadata"]["annotations"]["team"], "checkout");
-    let outcomes: Vec<_> = reports.iter().map(|r| (r.kind.as_str(), r.outcome.clone())).collect();
+    assert_eq!(
+        docs[1]["spec"]["template"]["metadata"]["annotations"]["team"],
+        "checkout"
+    );
+    let outcomes: Vec<_> = reports
+        .iter()
+        .map(|r| (r.kind.as_str(), r.outcome.clone()))
+        .collect();
     assert_eq!(
         outcomes,
         [
@@ -146,12 +169,20 @@ fn injecting_twice_changes_nothing_and_uninject_gives_the_input_back() {
     let (once, _) = inject::inject(MIXED, &opts()).unwrap();
     let (twice, reports) = inject::inject(&once, &opts()).unwrap();
     assert_eq!(once, twice);
-    assert!(reports.iter().all(|r| matches!(r.outcome, Outcome::Unchanged | Outcome::NotAWorkload)));
+    assert!(reports
+        .iter()
+        .all(|r| matches!(r.outcome, Outcome::Unchanged | Outcome::NotAWorkload)));
     let (back, _) = inject::uninject(&once).unwrap();
-    assert_eq!(parse_documents(&back).unwrap(), parse_documents(MIXED).unwrap());
+    assert_eq!(
+        parse_documents(&back).unwrap(),
+        parse_documents(MIXED).unwrap()
+    );
     // Uninjecting what was never injected changes nothing either.
     let (same, reports) = inject::uninject(MIXED).unwrap();
-    assert_eq!(parse_documents(&same).unwrap(), parse_documents(MIXED).unwrap());
+    assert_eq!(
+        parse_documents(&same).unwrap(),
+        parse_documents(MIXED).unwrap()
+    );
     assert!(reports.iter().all(|r| r.outcome != Outcome::Uninjected));
 }
 
@@ -193,15 +224,24 @@ items:
     let outcomes: Vec<_> = reports.iter().map(|r| r.outcome.clone()).collect();
     assert_eq!(
         outcomes,
-        [Outcome::Skipped("host network"), Outcome::Skipped("fedmesh.io/inject: disabled"), Outcome::Injected]
+        [
+            Outcome::Skipped("host network"),
+            Outcome::Skipped("fedmesh.io/inject: disabled"),
+            Outcome::Injected
+        ]
     );
     let docs = parse_documents(&out).unwrap();
     let rs = &docs[0]["items"][2];
     // A template without metadata gets one for the status annotation...
-    assert!(rs["spec"]["template"]["metadata"]["annotations"]["fedmesh.io/inject-status"].is_string());
+    assert!(
+        rs["spec"]["template"]["metadata"]["annotations"]["fedmesh.io/inject-status"].is_string()
+    );
     // ...and loses it again on uninject.
     let (back, _) = inject::uninject(&out).unwrap();
-    assert_eq!(parse_documents(&back).unwrap(), parse_documents(input).unwrap());
+    assert_eq!(
+        parse_documents(&back).unwrap(),
+        parse_documents(input).unwrap()
+    );
 }
 
 #[test]

@@ -29,7 +29,9 @@ fn three_clusters_with_disjoint_subnets_and_the_gateway_ports_mapped() {
     for c in ["east", "west", "north"] {
         let text = std::fs::read_to_string(dir.join(format!("{c}.yaml"))).unwrap();
         let docs = parse_documents(&text).unwrap();
-        let [cfg] = docs.as_slice() else { panic!("{c}: one document") };
+        let [cfg] = docs.as_slice() else {
+            panic!("{c}: one document")
+        };
         assert_eq!(cfg["kind"], "Cluster");
         assert_eq!(cfg["apiVersion"], "kind.x-k8s.io/v1alpha4");
         assert_eq!(cfg["name"], format!("fedmesh-{c}").as_str());
@@ -38,15 +40,31 @@ fn three_clusters_with_disjoint_subnets_and_the_gateway_ports_mapped() {
             nets.push((format!("{c} {key}"), cidr(s)));
         }
         let nodes = cfg["nodes"].as_sequence().unwrap();
-        assert_eq!(nodes.len(), 1, "{c}: the node with the port mappings runs the gateway");
+        assert_eq!(
+            nodes.len(),
+            1,
+            "{c}: the node with the port mappings runs the gateway"
+        );
         let maps = nodes[0]["extraPortMappings"].as_sequence().unwrap();
         let got: Vec<(u64, &str)> = maps
             .iter()
-            .map(|m| (m["containerPort"].as_u64().unwrap(), m["protocol"].as_str().unwrap()))
+            .map(|m| {
+                (
+                    m["containerPort"].as_u64().unwrap(),
+                    m["protocol"].as_str().unwrap(),
+                )
+            })
             .collect();
-        assert_eq!(got, [(30443, "UDP"), (30444, "TCP")], "{c}: the install's node ports");
+        assert_eq!(
+            got,
+            [(30443, "UDP"), (30444, "TCP")],
+            "{c}: the install's node ports"
+        );
         for m in maps {
-            host_ports.push((m["hostPort"].as_u64().unwrap(), m["protocol"].as_str().unwrap().to_owned()));
+            host_ports.push((
+                m["hostPort"].as_u64().unwrap(),
+                m["protocol"].as_str().unwrap().to_owned(),
+            ));
         }
     }
     for (i, (na, a)) in nets.iter().enumerate() {

@@ -43,7 +43,13 @@ fn plan(dir: &Path, vars: &Value) -> Result<(), String> {
     std::fs::write(&f, vars.to_string()).unwrap();
     let o = Command::new("terraform")
         .current_dir(dir)
-        .args(["plan", "-input=false", "-no-color", "-lock=false", "-var-file=case.tfvars.json"])
+        .args([
+            "plan",
+            "-input=false",
+            "-no-color",
+            "-lock=false",
+            "-var-file=case.tfvars.json",
+        ])
         .env("TF_CLI_CONFIG_FILE", "/dev/null")
         .output()
         .unwrap();
@@ -62,7 +68,8 @@ fn variable_validations_match_the_cli_rules() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let module = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../terraform/modules/fedmesh-cluster");
+    let module =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../terraform/modules/fedmesh-cluster");
     std::fs::copy(module.join("variables.tf"), dir.path().join("variables.tf")).unwrap();
     std::fs::write(dir.path().join("main.tf"), "terraform {}\n").unwrap();
     let init = Command::new("terraform")
@@ -71,14 +78,59 @@ fn variable_validations_match_the_cli_rules() {
         .env("TF_CLI_CONFIG_FILE", "/dev/null")
         .output()
         .unwrap();
-    assert!(init.status.success(), "{}", String::from_utf8_lossy(&init.stderr));
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
     assert_eq!(plan(dir.path(), &good()), Ok(()));
 
     type Rule = fn(&str) -> Result<(), names::NameError>;
     let fields: &[(&str, Rule, &[&str])] = &[
-        ("cluster_name", names::cluster_name, &["east", "e", "east-2", "East", "-east", "east-", "", "e_st", &"a".repeat(63), &"a".repeat(64)]),
-        ("trust_domain", names::trust_domain, &["east.acme", "a_b.c-d", "east..acme", ".east", "east.", "East.acme", "east.acme-", "east acme", ""]),
-        ("image", names::image, &["ghcr.io/fedmesh/fedmesh:0.1.0", "fedmesh:dev", "localhost:5000/fedmesh:Dev", "fedmesh@sha256:abc123", "Fedmesh:dev", "fed mesh", ""]),
+        (
+            "cluster_name",
+            names::cluster_name,
+            &[
+                "east",
+                "e",
+                "east-2",
+                "East",
+                "-east",
+                "east-",
+                "",
+                "e_st",
+                &"a".repeat(63),
+                &"a".repeat(64),
+            ],
+        ),
+        (
+            "trust_domain",
+            names::trust_domain,
+            &[
+                "east.acme",
+                "a_b.c-d",
+                "east..acme",
+                ".east",
+                "east.",
+                "East.acme",
+                "east.acme-",
+                "east acme",
+                "",
+            ],
+        ),
+        (
+            "image",
+            names::image,
+            &[
+                "ghcr.io/fedmesh/fedmesh:0.1.0",
+                "fedmesh:dev",
+                "localhost:5000/fedmesh:Dev",
+                "fedmesh@sha256:abc123",
+                "Fedmesh:dev",
+                "fed mesh",
+                "",
+            ],
+        ),
     ];
     for (field, rule, values) in fields {
         for v in *values {
@@ -86,40 +138,104 @@ fn variable_validations_match_the_cli_rules() {
             vars[*field] = (*v).into();
             let tf = plan(dir.path(), &vars);
             let cli = rule(v);
-            assert_eq!(tf.is_ok(), cli.is_ok(), "{field} = {v:?}: terraform {tf:?}, cli {cli:?}");
+            assert_eq!(
+                tf.is_ok(),
+                cli.is_ok(),
+                "{field} = {v:?}: terraform {tf:?}, cli {cli:?}"
+            );
             if let Err(text) = tf {
-                assert!(text.contains(&format!("{field}: ")), "{field} = {v:?}: the message names the variable: {text}");
+                assert!(
+                    text.contains(&format!("{field}: ")),
+                    "{field} = {v:?}: the message names the variable: {text}"
+                );
             }
         }
     }
 
     // Structured variables: the message names the rule that failed.
     let cases: &[(&str, Value, &str)] = &[
-        ("store_endpoints", json!(["etcd:2379"]), "each must be http://host:port or https://host:port"),
+        (
+            "store_endpoints",
+            json!(["etcd:2379"]),
+            "each must be http://host:port or https://host:port",
+        ),
         ("store_endpoints", json!([]), "1 to 16 endpoints"),
-        ("gateway", json!({ "advertise_address": "gw.acme.net:15443" }), "must be IP:PORT"),
-        ("gateway", json!({ "advertise_address": "10.0.0.1:15443", "service_type": "Ingress" }), "must be one of LoadBalancer, NodePort, ClusterIP"),
-        ("gateway", json!({ "advertise_address": "10.0.0.1:30443", "service_type": "NodePort", "node_ports": { "quic": 8080, "tcp": 30444 } }), "from 30000 to 32767"),
-        ("gateway", json!({ "advertise_address": "10.0.0.1:15443", "node_ports": { "quic": 30443, "tcp": 30444 } }), "only with service_type NodePort"),
-        ("gateway", json!({ "advertise_address": "10.0.0.1:15443", "replicas": 0 }), "gateway.replicas: must be from 1 to 5"),
-        ("gateway", json!({ "advertise_address": "10.0.0.1:15443", "annotations": { "bad key": "x" } }), "gateway.annotations"),
-        ("controller_replicas", json!(9), "controller_replicas: must be from 1 to 5"),
-        ("peers", json!({ "West": "-----BEGIN CERTIFICATE-----" }), "peers: each key is a cluster name"),
-        ("peers", json!({ "west": "not pem" }), "peers: each value is a PEM bundle"),
-        ("store_tls", json!({ "ca_pem": "x", "cert_pem": "c" }), "cert_pem and key_pem go together"),
-        ("image_pull_policy", json!("Sometimes"), "must be one of IfNotPresent, Always, Never"),
+        (
+            "gateway",
+            json!({ "advertise_address": "gw.acme.net:15443" }),
+            "must be IP:PORT",
+        ),
+        (
+            "gateway",
+            json!({ "advertise_address": "10.0.0.1:15443", "service_type": "Ingress" }),
+            "must be one of LoadBalancer, NodePort, ClusterIP",
+        ),
+        (
+            "gateway",
+            json!({ "advertise_address": "10.0.0.1:30443", "service_type": "NodePort", "node_ports": { "quic": 8080, "tcp": 30444 } }),
+            "from 30000 to 32767",
+        ),
+        (
+            "gateway",
+            json!({ "advertise_address": "10.0.0.1:15443", "node_ports": { "quic": 30443, "tcp": 30444 } }),
+            "only with service_type NodePort",
+        ),
+        (
+            "gateway",
+            json!({ "advertise_address": "10.0.0.1:15443", "replicas": 0 }),
+            "gateway.replicas: must be from 1 to 5",
+        ),
+        (
+            "gateway",
+            json!({ "advertise_address": "10.0.0.1:15443", "annotations": { "bad key": "x" } }),
+            "gateway.annotations",
+        ),
+        (
+            "controller_replicas",
+            json!(9),
+            "controller_replicas: must be from 1 to 5",
+        ),
+        (
+            "peers",
+            json!({ "West": "-----BEGIN CERTIFICATE-----" }),
+            "peers: each key is a cluster name",
+        ),
+        (
+            "peers",
+            json!({ "west": "not pem" }),
+            "peers: each value is a PEM bundle",
+        ),
+        (
+            "store_tls",
+            json!({ "ca_pem": "x", "cert_pem": "c" }),
+            "cert_pem and key_pem go together",
+        ),
+        (
+            "image_pull_policy",
+            json!("Sometimes"),
+            "must be one of IfNotPresent, Always, Never",
+        ),
     ];
     for (field, value, want) in cases {
         let mut vars = good();
         vars[*field] = value.clone();
         let text = plan(dir.path(), &vars).expect_err(&format!("{field} = {value} was accepted"));
-        assert!(text.contains(want), "{field} = {value}: wanted `{want}` in\n{text}");
+        assert!(
+            text.contains(want),
+            "{field} = {value}: wanted `{want}` in\n{text}"
+        );
     }
     // And the good shapes of each pass.
     for (field, value) in [
-        ("gateway", json!({ "advertise_address": "[2001:db8::1]:15443", "service_type": "NodePort", "node_ports": { "quic": 30443, "tcp": 30444 }, "replicas": 1, "annotations": { "service.beta.kubernetes.io/aws-load-balancer-type": "nlb" } })),
+        (
+            "gateway",
+            json!({ "advertise_address": "[2001:db8::1]:15443", "service_type": "NodePort", "node_ports": { "quic": 30443, "tcp": 30444 }, "replicas": 1, "annotations": { "service.beta.kubernetes.io/aws-load-balancer-type": "nlb" } }),
+        ),
         ("peers", json!({ "west": "-----BEGIN CERTIFICATE-----\n" })),
-        ("store_tls", json!({ "ca_pem": "x", "cert_pem": "c", "key_pem": "k" })),
+        (
+            "store_tls",
+            json!({ "ca_pem": "x", "cert_pem": "c", "key_pem": "k" }),
+        ),
     ] {
         let mut vars = good();
         vars[field] = value.clone();
@@ -129,9 +245,13 @@ fn variable_validations_match_the_cli_rules() {
 
 #[test]
 fn the_module_readme_documents_every_input_and_output() {
-    let module = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../terraform/modules/fedmesh-cluster");
+    let module =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../terraform/modules/fedmesh-cluster");
     let readme = std::fs::read_to_string(module.join("README.md")).unwrap();
-    for (file, block, anchor) in [("variables.tf", "variable", "input"), ("outputs.tf", "output", "output")] {
+    for (file, block, anchor) in [
+        ("variables.tf", "variable", "input"),
+        ("outputs.tf", "output", "output"),
+    ] {
         let text = std::fs::read_to_string(module.join(file)).unwrap();
         let names: Vec<&str> = text
             .lines()
@@ -140,7 +260,10 @@ fn the_module_readme_documents_every_input_and_output() {
             .collect();
         assert!(!names.is_empty());
         for n in names {
-            assert!(readme.contains(&format!("<a name=\"{anchor}_{n}\">")), "README misses {block} {n}");
+            assert!(
+                readme.contains(&format!("<a name=\"{anchor}_{n}\">")),
+                "README misses {block} {n}"
+            );
         }
     }
 }

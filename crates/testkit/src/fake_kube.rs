@@ -3,7 +3,9 @@
 //! after the one asked for, send bookmarks, and answer a resourceVersion
 //! older than the last compaction with a `410 Gone` ERROR event, as the
 //! real server does. Also takes server-side-apply PATCHes and DELETEs and
-//! records them. Only what the Kubernetes source uses is implemented.
+//! records them, and serves Leases (GET, POST, PUT with resourceVersion
+//! conflicts) and merge PATCHes of Pods' labels, for leader election.
+//! Only what fedmesh uses is implemented.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -59,6 +61,10 @@ struct State {
     held: Vec<String>,
     /// A broken event to send once on the next watch of a kind path.
     poison: Option<String>,
+    /// Single objects by their full path (Leases, Pods).
+    singles: BTreeMap<String, Value>,
+    /// Requests answered 503 from now on (an unreachable API server).
+    down: bool,
 }
 
 /// The running fake. Dropping it stops accepting; open watches end.
@@ -206,6 +212,26 @@ impl FakeKube {
         self.lock().writes.clone()
     }
 
+    /// The object at `path` (a Lease's or a Pod's full API path).
+    pub fn object(&self, path: &str) -> Option<Value> {
+        self.lock().singles.get(path).cloned()
+    }
+
+    /// Puts a Pod, so its labels can be patched.
+    pub fn put_pod(&self, ns: &str, name: &str) {
+        let path = format!("/api/v1/namespaces/{ns}/pods/{name}");
+        let pod = json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": name, "namespace": ns, "labels": {}, "resourceVersion": "1" },
+        });
+        self.lock().singles.insert(path, pod);
+    }
+
+    /// Every request answered 503 (`true`) or served again (`false`).
+    pub fn set_down(&self, down: bool) {
+        self.lock().down = down;
+    }
+
     pub fn resource_version(&self) -> u64 {
         self.lock().rv
     }
@@ -251,6 +277,19 @@ async fn serve(
             .filter_map(|kv| kv.split_once('='))
             .collect();
         lock(&state).requests.push(format!("{method} {target}"));
+        if lock(&state).down {
+            respond(
+                stream.get_mut(),
+                503,
+                &status(503, "ServiceUnavailable", "down"),
+            )
+            .await?;
+            continue;
+        }
+        if let Some((code, obj)) = single(&state, &method, path, &body) {
+            respond(stream.get_mut(), code, &obj).await?;
+            continue;
+        }
 
         match (method.as_str(), kind_of(path)) {
             ("GET", Some(kind))
@@ -349,6 +388,82 @@ async fn serve(
             }
         }
     }
+}
+
+/// Leases and Pods: one object per path, optimistic concurrency on PUT.
+fn single(state: &Mutex<State>, method: &str, path: &str, body: &[u8]) -> Option<(u16, Value)> {
+    const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/";
+    let is_lease = path.starts_with(LEASES) && path.contains("/leases");
+    let is_pod = path.starts_with("/api/v1/namespaces/") && path.contains("/pods/");
+    if !is_lease && !is_pod {
+        return None;
+    }
+    let mut st = lock(state);
+    let value: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let not_found = (404, status(404, "NotFound", "not found"));
+    Some(match method {
+        "GET" => match st.singles.get(path) {
+            Some(o) => (200, o.clone()),
+            None => not_found,
+        },
+        "POST" if is_lease && path.ends_with("/leases") => {
+            let name = value["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
+            let full = format!("{path}/{name}");
+            if st.singles.contains_key(&full) {
+                (409, status(409, "AlreadyExists", "lease exists"))
+            } else {
+                st.rv += 1;
+                let mut o = value;
+                o["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+                st.singles.insert(full, o.clone());
+                (201, o)
+            }
+        }
+        "PUT" if is_lease => {
+            let current = st
+                .singles
+                .get(path)
+                .map(|o| o["metadata"]["resourceVersion"].clone());
+            match current {
+                None => not_found,
+                Some(rv) if rv != value["metadata"]["resourceVersion"] => {
+                    (409, status(409, "Conflict", "the object has been modified"))
+                }
+                Some(_) => {
+                    st.rv += 1;
+                    let mut o = value;
+                    o["metadata"]["resourceVersion"] = json!(st.rv.to_string());
+                    st.singles.insert(path.to_owned(), o.clone());
+                    (200, o)
+                }
+            }
+        }
+        "PATCH" if is_pod => {
+            st.writes.push(Write {
+                method: method.into(),
+                path: path.into(),
+                body: value.clone(),
+            });
+            match st.singles.get_mut(path) {
+                Some(o) => {
+                    if let Some(labels) = value["metadata"]["labels"].as_object() {
+                        for (k, v) in labels {
+                            o["metadata"]["labels"][k] = v.clone();
+                        }
+                    }
+                    (200, o.clone())
+                }
+                None => not_found,
+            }
+        }
+        _ => (
+            405,
+            status(405, "MethodNotAllowed", "not supported by the fake"),
+        ),
+    })
 }
 
 fn lock(s: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
