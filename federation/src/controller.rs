@@ -37,6 +37,8 @@ pub struct LocalService {
     pub audience: Option<Vec<ClusterName>>,
     /// Sidecar inbound listeners and the identities they present.
     pub endpoints: Vec<(SocketAddr, fedmesh_trust::SpiffeId)>,
+    /// The Service's cluster IPs (what apps connect to).
+    pub vips: Vec<std::net::IpAddr>,
     /// When the export was created; `None` lets the controller keep the
     /// time already in the store (or use now).
     pub exported_at_ms: Option<u64>,
@@ -958,6 +960,7 @@ fn compute(
     let services = local
         .iter()
         .map(|svc| fedmesh_catalog::LocalService {
+            vips: svc.vips.clone(),
             name: svc.name.clone(),
             ports: svc.ports.iter().map(|p| p.0).collect(),
             exported: svc.export,
@@ -1136,6 +1139,7 @@ mod tests {
 
     fn svc(i: u32, export: bool, proto: Protocol, td: &TrustDomain) -> LocalService {
         LocalService {
+            vips: Vec::new(),
             name: ServiceName::new(&format!("s{i}"), "ns").unwrap(),
             ports: vec![(80, proto)],
             service_type: ServiceType::ClusterSetIP,

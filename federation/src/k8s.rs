@@ -467,7 +467,17 @@ pub fn local_services(
         let exported_at_ms = export
             .and_then(|e| e.meta().creation_timestamp.as_ref())
             .and_then(|t| u64::try_from(t.0.as_millisecond()).ok());
+        // Headless Services have no cluster IP ("None"); dual-stack ones two.
+        let vips = spec
+            .cluster_ips
+            .clone()
+            .or_else(|| spec.cluster_ip.clone().map(|ip| vec![ip]))
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|ip| ip.parse::<IpAddr>().ok())
+            .collect();
         out.push(LocalService {
+            vips,
             name: service,
             ports,
             service_type: if spec.cluster_ip.as_deref() == Some("None") {

@@ -41,6 +41,10 @@ pub struct FileService {
     pub endpoints: Vec<FileEndpoint>,
     #[serde(default)]
     pub exported_at_ms: Option<u64>,
+    /// Addresses apps connect to for this service (a Service's cluster
+    /// IPs); sidecars' transparent listeners route them.
+    #[serde(default)]
+    pub vips: Vec<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,6 +116,7 @@ pub fn parse(text: &str, trust_domain: &TrustDomain) -> Result<Vec<LocalService>
             errs.push(format!("{what}: duplicate service"));
         }
         out.push(LocalService {
+            vips: s.vips.clone(),
             name,
             ports,
             service_type: if s.headless {

@@ -36,6 +36,7 @@ fn member(name: &str) -> Member {
 
 fn echo(m: &Member, export: bool) -> LocalService {
     LocalService {
+        vips: Vec::new(),
         name: ServiceName::new("echo", "shop").unwrap(),
         ports: vec![(8080, Protocol::Tcp)],
         service_type: ServiceType::ClusterSetIP,

@@ -353,6 +353,7 @@ async fn service_imports_and_export_conditions_are_written_back_once() {
     let fake = FakeKube::start().await.unwrap();
     let metrics = k8s::KubeMetrics::default();
     let local = vec![LocalService {
+        vips: Vec::new(),
         name: CART.parse().unwrap(),
         ports: vec![(80, Protocol::Tcp)],
         service_type: ServiceType::ClusterSetIP,

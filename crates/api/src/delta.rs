@@ -73,6 +73,7 @@ fn service_pb(s: &LocalService) -> pb::Service {
                 identity: e.identity.to_string(),
             })
             .collect(),
+        vips: s.vips.iter().map(ToString::to_string).collect(),
     }
 }
 
@@ -423,7 +424,19 @@ fn decode_service(s: &pb::Service) -> Result<LocalService, ApplyError> {
             })
         })
         .collect::<Result<Vec<_>, ApplyError>>()?;
+    let vips = s
+        .vips
+        .iter()
+        .map(|v| {
+            v.parse().map_err(|_| ApplyError::Field {
+                what: "service",
+                key: s.name.clone(),
+                error: format!("vip `{v}` is not an IP address"),
+            })
+        })
+        .collect::<Result<Vec<std::net::IpAddr>, _>>()?;
     Ok(LocalService {
+        vips,
         name,
         ports,
         exported: s.exported,
@@ -468,6 +481,7 @@ mod tests {
         let services = (0..8)
             .filter(|i| services & (1 << i) != 0)
             .map(|i| LocalService {
+                vips: Vec::new(),
                 name: svc(i),
                 ports: vec![port],
                 exported: i % 2 == 0,

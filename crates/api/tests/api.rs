@@ -44,6 +44,7 @@ async fn eventually(what: &str, f: impl Fn() -> bool) {
 
 fn svc(name: &str, port: u16, td: &TrustDomain) -> LocalService {
     LocalService {
+        vips: Vec::new(),
         name: name.parse().unwrap(),
         ports: vec![port],
         exported: true,

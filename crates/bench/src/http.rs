@@ -250,6 +250,7 @@ pub async fn run(p: Params, json_out: bool) -> anyhow::Result<()> {
         bundles: bundles.clone(),
         outbound,
         inbound,
+        transparent: None,
         admin: None,
         limits: Default::default(),
         http: Default::default(),
@@ -271,6 +272,7 @@ pub async fn run(p: Params, json_out: bool) -> anyhow::Result<()> {
     let b_in = b_in.context("sidecar B has no inbound address")?;
     let catalog = CatalogSpec {
         services: vec![ServiceSpec {
+            vips: Vec::new(),
             name: service.to_string(),
             ports: vec![8080],
             export: false,

@@ -93,6 +93,7 @@ async fn subscribe_all(
 
 fn service(c: usize, i: usize, td: &TrustDomain) -> anyhow::Result<LocalService> {
     Ok(LocalService {
+        vips: Vec::new(),
         name: ServiceName::new(&format!("svc-{c}-{i}"), "bench")?,
         ports: vec![(8080, Protocol::Tcp)],
         service_type: ServiceType::ClusterSetIP,

@@ -86,6 +86,9 @@ pub struct LocalService {
     pub ports: Vec<u16>,
     pub exported: bool,
     pub endpoints: Vec<Endpoint>,
+    /// The Service's cluster IPs: a sidecar's transparent listener routes
+    /// connections to `vip:port` as this service.
+    pub vips: Vec<std::net::IpAddr>,
 }
 
 /// A peer cluster's gateway, as this cluster reaches it.
@@ -241,6 +244,17 @@ impl Catalog {
 
     pub fn service(&self, name: &ServiceName) -> Option<&LocalService> {
         self.services.get(name)
+    }
+
+    /// The service whose cluster IP is `ip` and that serves `port` (what
+    /// a redirected connection to `ip:port` means). A scan: VIPs change
+    /// with the catalog and a lookup costs about a microsecond per
+    /// thousand services.
+    pub fn service_for_vip(&self, ip: std::net::IpAddr, port: u16) -> Option<&ServiceName> {
+        self.services
+            .values()
+            .find(|s| s.vips.contains(&ip) && s.ports.contains(&port))
+            .map(|s| &s.name)
     }
 
     pub fn services(&self) -> impl Iterator<Item = &LocalService> {

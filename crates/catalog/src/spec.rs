@@ -50,6 +50,9 @@ pub struct ServiceSpec {
     pub export: bool,
     #[serde(default)]
     pub endpoints: Vec<EndpointSpec>,
+    /// Addresses apps connect to for it (the Service's cluster IPs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub vips: Vec<std::net::IpAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -215,6 +218,7 @@ impl CatalogSpec {
             services.insert(
                 name.clone(),
                 LocalService {
+                    vips: s.vips.clone(),
                     name,
                     ports: s.ports.clone(),
                     exported: s.export,
@@ -317,6 +321,7 @@ impl Catalog {
                 .services
                 .values()
                 .map(|s| ServiceSpec {
+                    vips: s.vips.clone(),
                     name: s.name.to_string(),
                     ports: s.ports.clone(),
                     export: s.exported,

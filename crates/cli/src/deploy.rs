@@ -269,12 +269,12 @@ pub struct InjectArgs {
     image: String,
     #[arg(long, default_value = "IfNotPresent")]
     pull_policy: String,
-    /// Inbound ports the redirect leaves alone (comma-separated).
-    #[arg(long, value_delimiter = ',')]
-    skip_inbound_ports: Vec<u16>,
-    /// Outbound destination ports the redirect leaves alone.
+    /// Outbound destination ports the redirect leaves alone (comma-separated).
     #[arg(long, value_delimiter = ',')]
     skip_outbound_ports: Vec<u16>,
+    /// Outbound destination networks the redirect leaves alone (`169.254.169.254/32`).
+    #[arg(long, value_delimiter = ',')]
+    skip_outbound_cidrs: Vec<fedmesh_deploy::redirect::Cidr>,
 }
 
 #[derive(clap::Args)]
@@ -323,8 +323,12 @@ pub fn inject(a: InjectArgs) -> anyhow::Result<ExitCode> {
     let opts = InjectOptions {
         image: a.image,
         pull_policy: a.pull_policy,
-        skip_inbound_ports: a.skip_inbound_ports,
         skip_outbound_ports: a.skip_outbound_ports,
+        skip_outbound_cidrs: a
+            .skip_outbound_cidrs
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
     };
     match inject::inject(&text, &opts) {
         Ok((out, reports)) => {
@@ -346,4 +350,72 @@ pub fn uninject(a: UninjectArgs) -> anyhow::Result<ExitCode> {
         }
         Err(e) => Ok(usage(format!("nothing written: {e}"))),
     }
+}
+
+#[derive(clap::Args)]
+pub struct RedirectArgs {
+    /// The sidecar's UID: its own connections are not redirected.
+    #[arg(long, default_value_t = 1337)]
+    proxy_uid: u32,
+    /// The sidecar's transparent outbound listener port.
+    #[arg(long, default_value_t = fedmesh_deploy::ports::SIDECAR_OUTBOUND)]
+    outbound_port: u16,
+    /// Destination ports left alone (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    skip_ports: Vec<u16>,
+    /// Destination networks left alone (comma-separated CIDRs).
+    #[arg(long, value_delimiter = ',')]
+    skip_cidrs: Vec<fedmesh_deploy::redirect::Cidr>,
+    /// Print the nftables script instead of applying it.
+    #[arg(long)]
+    dry_run: bool,
+    /// Remove the redirect.
+    #[arg(long, conflicts_with_all = ["skip_ports", "skip_cidrs"])]
+    undo: bool,
+}
+
+/// `fedmesh redirect`: the init container's job, in the pod's network
+/// namespace (needs CAP_NET_ADMIN and the `nft` binary).
+pub fn redirect(a: RedirectArgs) -> anyhow::Result<ExitCode> {
+    use fedmesh_deploy::redirect::RedirectSpec;
+    if a.outbound_port == 0 {
+        return Ok(usage("--outbound-port: must be 1-65535"));
+    }
+    let script = if a.undo {
+        RedirectSpec::undo_script()
+    } else {
+        RedirectSpec {
+            proxy_uid: a.proxy_uid,
+            outbound_port: a.outbound_port,
+            skip_ports: a.skip_ports,
+            skip_cidrs: a.skip_cidrs,
+        }
+        .nft_script()
+    };
+    if a.dry_run {
+        crate::emit(&script);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("running nft (the image ships it; elsewhere install nftables)")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        stdin.write_all(script.as_bytes())?;
+    }
+    let status = child.wait()?;
+    if !status.success() {
+        anyhow::bail!("nft refused the redirect ({status}); the script was:\n{script}");
+    }
+    crate::emit(&if a.undo {
+        "redirect removed\n".to_string()
+    } else {
+        format!(
+            "outbound TCP redirected to :{} (except UID {})\n",
+            a.outbound_port, a.proxy_uid
+        )
+    });
+    Ok(ExitCode::SUCCESS)
 }

@@ -70,6 +70,9 @@ enum Command {
     Inject(deploy::InjectArgs),
     /// Remove what `fedmesh inject` added.
     Uninject(deploy::UninjectArgs),
+    /// Send this network namespace's outbound TCP through the sidecar
+    /// (what the injected init container runs).
+    Redirect(deploy::RedirectArgs),
     /// Rehearse failures under load and measure what callers see.
     #[command(subcommand)]
     Drill(drill::Command),
@@ -121,6 +124,7 @@ fn main() -> ExitCode {
         Command::Install(a) => deploy::install(*a),
         Command::Inject(a) => deploy::inject(a),
         Command::Uninject(a) => deploy::uninject(a),
+        Command::Redirect(a) => deploy::redirect(a),
         Command::Demo(a) => runtime().and_then(|rt| rt.block_on(demo::run(a))),
         Command::Drill(c) => runtime().and_then(|rt| rt.block_on(drill::run(c))),
         Command::Gateway(a) => runtime().and_then(|rt| rt.block_on(daemons::gateway(a))),

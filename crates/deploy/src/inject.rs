@@ -29,11 +29,12 @@ const OTHER_MESHES: &[&str] = &["istio-proxy", "linkerd-proxy", "cilium-envoy"];
 pub struct InjectOptions {
     pub image: String,
     pub pull_policy: String,
-    /// Inbound ports left alone by the redirect (besides fedmesh's own).
-    pub skip_inbound_ports: Vec<u16>,
     /// Outbound destination ports left alone (e.g. a database reached
     /// outside the mesh).
     pub skip_outbound_ports: Vec<u16>,
+    /// Outbound destination networks left alone (e.g. the cloud metadata
+    /// address).
+    pub skip_outbound_cidrs: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -155,8 +156,8 @@ pub fn uninject(text: &str) -> Result<(String, Vec<Report>), InjectError> {
     let opts = InjectOptions {
         image: String::new(),
         pull_policy: String::new(),
-        skip_inbound_ports: Vec::new(),
         skip_outbound_ports: Vec::new(),
+        skip_outbound_cidrs: Vec::new(),
     };
     run(text, Mode::Uninject, &opts)
 }
@@ -411,20 +412,26 @@ fn list(ports: impl IntoIterator<Item = u16>) -> String {
 }
 
 fn init_container(opts: &InjectOptions) -> Value {
-    let mut skip_in = vec![ports::SIDECAR_ADMIN];
-    skip_in.extend(&opts.skip_inbound_ports);
+    let mut args = vec![
+        "redirect".to_string(),
+        "--proxy-uid".into(),
+        PROXY_UID.to_string(),
+        "--outbound-port".into(),
+        ports::SIDECAR_OUTBOUND.to_string(),
+    ];
+    if !opts.skip_outbound_ports.is_empty() {
+        args.push("--skip-ports".into());
+        args.push(list(opts.skip_outbound_ports.iter().copied()));
+    }
+    if !opts.skip_outbound_cidrs.is_empty() {
+        args.push("--skip-cidrs".into());
+        args.push(opts.skip_outbound_cidrs.join(","));
+    }
     let v = serde_json::json!({
         "name": INIT_CONTAINER,
         "image": opts.image,
         "imagePullPolicy": opts.pull_policy,
-        "args": [
-            "redirect",
-            "--proxy-uid", PROXY_UID.to_string(),
-            "--inbound-port", ports::SIDECAR_INBOUND.to_string(),
-            "--outbound-port", ports::SIDECAR_OUTBOUND.to_string(),
-            "--skip-inbound-ports", list(skip_in),
-            "--skip-outbound-ports", list(opts.skip_outbound_ports.iter().copied()),
-        ],
+        "args": args,
         // Only what writing nftables rules in the pod's own network
         // namespace needs; runs as root once, then exits.
         "securityContext": {

@@ -3,13 +3,15 @@
 //! Owns what gets applied to a cluster: the install manifests
 //! ([`install`], rendered by `fedmesh install` and, through it, by the
 //! Terraform module, so there is one source for both), the sidecar
-//! injection ([`inject`]), and the name and port rules both enforce
+//! injection ([`inject`]) and the pod traffic redirect its init container
+//! installs ([`redirect`]), and the name and port rules both enforce
 //! ([`names`]) before anything is written.
 #![forbid(unsafe_code)]
 
 pub mod inject;
 pub mod install;
 pub mod names;
+pub mod redirect;
 mod yaml;
 
 pub use yaml::{parse_documents, to_documents, YamlError};

@@ -11,8 +11,8 @@ fn opts() -> InjectOptions {
     InjectOptions {
         image: "fedmesh:dev".into(),
         pull_policy: "IfNotPresent".into(),
-        skip_inbound_ports: vec![9090],
         skip_outbound_ports: vec![5432],
+        skip_outbound_cidrs: vec!["169.254.169.254/32".into()],
     }
 }
 
@@ -126,13 +126,12 @@ fn every_workload_kind_gets_the_proxy_first_and_others_pass_through() {
         .map(|a| a.as_str().unwrap())
         .collect();
     assert!(
-        args.windows(2)
-            .any(|w| w == ["--skip-inbound-ports", "15020,9090"]),
+        args.windows(2).any(|w| w == ["--skip-ports", "5432"]),
         "{args:?}"
     );
     assert!(
         args.windows(2)
-            .any(|w| w == ["--skip-outbound-ports", "5432"]),
+            .any(|w| w == ["--skip-cidrs", "169.254.169.254/32"]),
         "{args:?}"
     );
     let env = &web["containers"][0]["env"];

@@ -27,6 +27,11 @@ pub struct SidecarConfig {
     pub outbound: Vec<Outbound>,
     #[serde(default)]
     pub inbound: Option<Inbound>,
+    /// Where redirected connections arrive (`fedmesh redirect` sends the
+    /// pod's outbound TCP here): a connection to a service's VIP is
+    /// routed as that service, anything else passes through as sent.
+    #[serde(default)]
+    pub transparent: Option<Transparent>,
     /// Admin endpoint (`/metrics`, `/live`, `/ready`); off when absent.
     #[serde(default)]
     pub admin: Option<SocketAddr>,
@@ -135,6 +140,13 @@ pub struct Outbound {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct Transparent {
+    /// Usually `0.0.0.0:15001` (the redirect's target port).
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Inbound {
     /// mTLS listener other sidecars and the gateway connect to.
     pub listen: SocketAddr,
@@ -181,6 +193,7 @@ pub struct SidecarSettings {
     pub bundles: SharedBundles,
     pub outbound: Vec<OutboundRoute>,
     pub inbound: Option<InboundSettings>,
+    pub transparent: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub limits: Limits,
     pub http: HttpLimits,
@@ -281,6 +294,7 @@ impl SidecarConfig {
                     bundles,
                     outbound,
                     inbound,
+                    transparent: self.transparent.as_ref().map(|t| t.listen),
                     admin: self.admin,
                     limits: self.limits.clone(),
                     http: self.http.clone(),

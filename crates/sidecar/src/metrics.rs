@@ -76,6 +76,11 @@ pub struct InboundLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProtocolLabels {
     pub protocol: &'static str,
 }
@@ -125,6 +130,10 @@ pub struct SidecarMetrics {
     pub http_retries: Family<ServiceLabels, Counter>,
     /// Outbound connections by detected protocol (`http1`, `http2`, `opaque`).
     pub protocols: Family<ProtocolLabels, Counter>,
+    /// Connections of the transparent listener by what became of them:
+    /// `mesh` (a service's VIP), `passthrough` (anything else, as sent),
+    /// `refused` (not redirected, or a passthrough connect failed).
+    pub transparent: Family<ResultLabels, Counter>,
     // prometheus-client cannot list a family's label sets; this keeps the
     // inbound table for reports (one entry per distinct caller, not per call).
     seen: Mutex<BTreeMap<(String, String, &'static str), u64>>,
@@ -146,6 +155,7 @@ impl Default for SidecarMetrics {
             http_latency: Family::new_with_constructor(NewHistogram),
             http_retries: Family::default(),
             protocols: Family::default(),
+            transparent: Family::default(),
             seen: Mutex::default(),
         }
     }
@@ -154,6 +164,11 @@ impl Default for SidecarMetrics {
 impl SidecarMetrics {
     pub fn register(&self, reg: &mut Registry) {
         let reg = reg.sub_registry_with_prefix("fedmesh_sidecar");
+        reg.register(
+            "transparent_connections",
+            "Connections of the transparent listener: mesh (a service VIP), passthrough, refused",
+            self.transparent.clone(),
+        );
         reg.register(
             "connect_latency_seconds",
             "Dial, handshake and status frame of successful outbound attempts, by service and cluster",

@@ -188,6 +188,7 @@ pub struct Sidecar {
     identity: SvidSource,
     outbound: Vec<OutboundRoute>,
     inbound_addr: Option<SocketAddr>,
+    transparent_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -249,6 +250,13 @@ impl Sidecar {
                 o.protocol,
             )));
         }
+        let mut transparent_addr = None;
+        if let Some(addr) = s.transparent {
+            let (l, local) = bind("transparent", addr).await?;
+            tracing::info!(listen = %local, "transparent outbound listener");
+            transparent_addr = Some(local);
+            tasks.push(tokio::spawn(accept_transparent(shared.clone(), l, local)));
+        }
         let mut inbound_addr = None;
         if let Some(inbound) = &s.inbound {
             // Only this cluster's workloads and gateway may connect: remote
@@ -303,9 +311,15 @@ impl Sidecar {
             identity: source,
             outbound,
             inbound_addr,
+            transparent_addr,
             admin_addr,
             tasks,
         })
+    }
+
+    /// Where the transparent listener is bound, when there is one.
+    pub fn transparent_addr(&self) -> Option<SocketAddr> {
+        self.transparent_addr
     }
 
     /// Outbound listeners, with the addresses actually bound.
@@ -420,6 +434,114 @@ async fn accept_outbound(
         },
     )
     .await
+}
+
+/// Where a connection accepted by the transparent listener was going:
+/// its original destination when the kernel redirected it, else the
+/// address it connected to (`None` for the second: not redirected).
+fn original_dst(tcp: &TcpStream) -> Option<SocketAddr> {
+    let sock = socket2::SockRef::from(tcp);
+    let orig = match tcp.local_addr() {
+        Ok(SocketAddr::V6(_)) => sock.original_dst_v6(),
+        _ => sock.original_dst_v4(),
+    };
+    orig.ok().and_then(|a| a.as_socket())
+}
+
+async fn accept_transparent(shared: Arc<Shared>, listener: TcpListener, local: SocketAddr) {
+    let m = shared.metrics.clone();
+    let limit = shared.limits.max_connections;
+    serve_tcp(
+        listener,
+        "transparent",
+        limit,
+        move |_| m.reject("connection_limit"),
+        |tcp, remote| {
+            let shared = shared.clone();
+            async move {
+                let count = |result| {
+                    shared
+                        .metrics
+                        .transparent
+                        .get_or_create(&crate::metrics::ResultLabels { result })
+                        .inc();
+                };
+                let redirected = original_dst(&tcp).filter(|d| *d != local);
+                let dst = match redirected.or_else(|| tcp.local_addr().ok()) {
+                    Some(d) => d,
+                    None => return count("refused"),
+                };
+                let service = shared
+                    .catalog()
+                    .service_for_vip(dst.ip(), dst.port())
+                    .cloned();
+                let id: u64 = rand::random();
+                match (service, redirected) {
+                    (Some(service), _) => {
+                        count("mesh");
+                        let span = tracing::debug_span!(
+                            "outbound",
+                            id,
+                            %service,
+                            %remote,
+                            %dst,
+                            trace = tracing::field::Empty
+                        );
+                        outbound_conn(
+                            &shared,
+                            tcp,
+                            &service,
+                            dst.port(),
+                            OutboundProtocol::Detect,
+                            id,
+                        )
+                        .instrument(span)
+                        .await
+                    }
+                    (None, Some(dst)) => passthrough(&shared, tcp, dst, &count).await,
+                    // Connected to the listener itself: nothing to pass
+                    // through to (it would loop).
+                    (None, None) => {
+                        tracing::debug!(%remote, "not redirected and not a service VIP; closing");
+                        count("refused");
+                    }
+                }
+            }
+        },
+    )
+    .await
+}
+
+/// A redirected connection to something outside the mesh: connected to
+/// as the app meant (the sidecar's own UID is not redirected) and spliced.
+async fn passthrough(
+    shared: &Shared,
+    mut app: TcpStream,
+    dst: SocketAddr,
+    count: &impl Fn(&'static str),
+) {
+    let connect =
+        tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(dst)).await;
+    let mut up = match connect {
+        Ok(Ok(up)) => up,
+        Ok(Err(e)) => {
+            tracing::debug!(%dst, error = %e, "passthrough connect failed");
+            return count("refused");
+        }
+        Err(_) => {
+            tracing::debug!(%dst, "passthrough connect timed out");
+            return count("refused");
+        }
+    };
+    count("passthrough");
+    let _ = up.set_nodelay(true);
+    let _ = app.set_nodelay(true);
+    match splice(&mut app, &mut up, shared.limits.splice_buffer_bytes).await {
+        Ok((a, b)) => {
+            shared.metrics.bytes.inc_by(a + b);
+        }
+        Err(e) => tracing::debug!(%dst, error = %e, "passthrough ended with an error"),
+    }
 }
 
 async fn outbound_conn(

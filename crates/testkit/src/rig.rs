@@ -269,6 +269,7 @@ impl Rig {
                                     app: app.addr,
                                 }],
                             }),
+                            transparent: None,
                             admin: None,
                             limits: topo.limits.clone(),
                             http: Default::default(),
@@ -312,6 +313,7 @@ impl Rig {
             for s in &p.topo.services {
                 let name = ServiceName::parse(&s.name)?;
                 spec.services.push(ServiceSpec {
+                    vips: Vec::new(),
                     name: name.to_string(),
                     ports: vec![s.port],
                     export: s.export,
@@ -408,6 +410,7 @@ impl Rig {
                         bundles: p.bundles.clone(),
                         outbound,
                         inbound: None,
+                        transparent: None,
                         admin: None,
                         limits: topo.limits.clone(),
                         http: Default::default(),
@@ -541,6 +544,7 @@ fn local_services(
             .filter_map(|x| Some((x.3.inbound_addr()?, x.3.identity().clone())))
             .collect();
         out.push(LocalService {
+            vips: Vec::new(),
             name,
             ports: vec![(s.port, Protocol::Tcp)],
             service_type: ServiceType::ClusterSetIP,
