@@ -85,7 +85,8 @@ done
 
 say "sample app in east and west, exported"
 for c in east west; do
-  "$FEDMESH" inject --image "$IMAGE" --pull-policy Never -f e2e/kind/samples/app.yaml >"$WORK/app-$c.yaml"
+  "$FEDMESH" inject --image "$IMAGE" --pull-policy Never --cluster "$c" --bundle "$WORK/ca/$c/bundle.pem" \
+    -f e2e/kind/samples/app.yaml >"$WORK/app-$c.yaml"
   kubectl --context "kind-fedmesh-$c" apply -f "$WORK/app-$c.yaml"
   kubectl --context "kind-fedmesh-$c" apply -f e2e/kind/samples/export.yaml
 done

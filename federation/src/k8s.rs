@@ -732,3 +732,62 @@ async fn sync_exports(
     }
     ok
 }
+
+/// The audience fedmesh's projected service account tokens carry: a token
+/// minted for the API server (or anyone else) is refused.
+pub const TOKEN_AUDIENCE: &str = "fedmesh";
+
+/// Service account tokens checked with a TokenReview: the API server says
+/// who the token belongs to (and that it is not expired or revoked, and
+/// its pod still exists for bound tokens).
+pub struct KubeTokenReviewer {
+    api: Api<k8s_openapi::api::authentication::v1::TokenReview>,
+}
+
+impl KubeTokenReviewer {
+    pub fn new(client: Client) -> Self {
+        Self {
+            api: Api::all(client),
+        }
+    }
+}
+
+/// `system:serviceaccount:NS:NAME` → (NS, NAME).
+pub fn service_account_of(username: &str) -> Option<(String, String)> {
+    let rest = username.strip_prefix("system:serviceaccount:")?;
+    let (ns, sa) = rest.split_once(':')?;
+    (!ns.is_empty() && !sa.is_empty() && !sa.contains(':')).then(|| (ns.to_owned(), sa.to_owned()))
+}
+
+#[async_trait::async_trait]
+impl fedmesh_api::server::TokenReviewer for KubeTokenReviewer {
+    async fn review(&self, token: &str) -> Result<(String, String), String> {
+        use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(vec![TOKEN_AUDIENCE.to_owned()]),
+            },
+            ..Default::default()
+        };
+        let answer = self
+            .api
+            .create(&kube::api::PostParams::default(), &review)
+            .await
+            .map_err(|e| format!("TokenReview failed: {e}"))?;
+        let status = answer.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            return Err(status.error.unwrap_or_else(|| "not authenticated".into()));
+        }
+        if !status
+            .audiences
+            .unwrap_or_default()
+            .iter()
+            .any(|a| a == TOKEN_AUDIENCE)
+        {
+            return Err(format!("not a token for audience `{TOKEN_AUDIENCE}`"));
+        }
+        let user = status.user.and_then(|u| u.username).unwrap_or_default();
+        service_account_of(&user).ok_or_else(|| format!("`{user}` is not a service account"))
+    }
+}

@@ -26,6 +26,21 @@ pub enum CertError {
     Response(String),
 }
 
+impl CertError {
+    /// The controller could not be reached or did not answer (worth a
+    /// retry), as opposed to a refusal or a bad answer.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            Self::Connect(_) => true,
+            Self::Rpc(s) => matches!(
+                s.code(),
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Unknown
+            ),
+            _ => false,
+        }
+    }
+}
+
 /// How to reach the controller that signs.
 #[derive(Debug, Clone)]
 pub struct SignerAddress {
@@ -70,14 +85,19 @@ async fn sign(
     at: &SignerAddress,
     identity: Option<&SvidSource>,
     id: &SpiffeId,
-    token: &str,
+    credential: Credential<'_>,
 ) -> Result<Svid, CertError> {
     let (csr_pem, key) = csr::new_request(id)?;
+    let (token, k8s_token) = match credential {
+        Credential::Token(t) => (t.to_owned(), String::new()),
+        Credential::K8s(t) => (String::new(), t.to_owned()),
+    };
     let channel = net::channel(at.controller, tls_for(at, identity)?, at.timeout)?;
     let mut client = pb::certificates_client::CertificatesClient::new(channel);
     let req = pb::SignRequest {
         csr_pem,
-        token: token.to_owned(),
+        token,
+        k8s_token,
     };
     let resp = tokio::time::timeout(at.timeout, client.sign(req))
         .await
@@ -102,13 +122,27 @@ async fn sign(
 
 /// First contact: a fresh SVID for `id` in exchange for a bootstrap token.
 pub async fn bootstrap(at: &SignerAddress, id: &SpiffeId, token: &str) -> Result<Svid, CertError> {
-    sign(at, None, id, token).await
+    sign(at, None, id, Credential::Token(token)).await
+}
+
+/// First contact from a Kubernetes pod: its service account token.
+pub async fn bootstrap_k8s(
+    at: &SignerAddress,
+    id: &SpiffeId,
+    k8s_token: &str,
+) -> Result<Svid, CertError> {
+    sign(at, None, id, Credential::K8s(k8s_token)).await
+}
+
+enum Credential<'a> {
+    Token(&'a str),
+    K8s(&'a str),
 }
 
 /// A fresh SVID for the identity `current` presents, authenticated by it.
 pub async fn renew(at: &SignerAddress, current: &SvidSource) -> Result<Svid, CertError> {
     let id = current.current().id().clone();
-    sign(at, Some(current), &id, "").await
+    sign(at, Some(current), &id, Credential::Token("")).await
 }
 
 /// When to renew an SVID received at `got`: at two thirds of what was left.

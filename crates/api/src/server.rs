@@ -438,6 +438,19 @@ pub enum SignError {
     TokenScope(String),
     #[error("signing failed: {0}")]
     Ca(#[from] fedmesh_trust::CaError),
+    #[error("Kubernetes token refused: {0}")]
+    K8sToken(String),
+    #[error("the service account token is for {allowed}, not {requested}")]
+    K8sScope { allowed: String, requested: String },
+    #[error("this controller does not take Kubernetes tokens")]
+    K8sOff,
+}
+
+/// Checks a Kubernetes service account token (a TokenReview, in the
+/// controller): the namespace and service account it proves.
+#[tonic::async_trait]
+pub trait TokenReviewer: Send + Sync {
+    async fn review(&self, token: &str) -> Result<(String, String), String>;
 }
 
 impl SignError {
@@ -449,13 +462,19 @@ impl SignError {
             Self::UnknownToken => "unknown_token",
             Self::TokenScope(_) => "token_scope",
             Self::Ca(_) => "ca_error",
+            Self::K8sToken(_) => "k8s_token",
+            Self::K8sScope { .. } => "k8s_token_scope",
+            Self::K8sOff => "k8s_token_off",
         }
     }
 
     fn status(&self) -> Status {
         match self {
             Self::Csr(_) => Status::invalid_argument(self.to_string()),
-            Self::NoCredentials | Self::UnknownToken => Status::unauthenticated(self.to_string()),
+            Self::NoCredentials | Self::UnknownToken | Self::K8sToken(_) | Self::K8sOff => {
+                Status::unauthenticated(self.to_string())
+            }
+            Self::K8sScope { .. } => Status::permission_denied(self.to_string()),
             Self::NotOwnIdentity { .. } | Self::TokenScope(_) => {
                 Status::permission_denied(self.to_string())
             }
@@ -471,6 +490,7 @@ pub struct Signer {
     tokens: Vec<([u8; 32], Vec<String>)>,
     ttl: Duration,
     metrics: ApiMetrics,
+    reviewer: Option<Arc<dyn TokenReviewer>>,
 }
 
 impl Signer {
@@ -489,7 +509,41 @@ impl Signer {
             tokens,
             ttl,
             metrics,
+            reviewer: None,
         }
+    }
+
+    /// Also sign for callers that prove a Kubernetes service account.
+    pub fn with_reviewer(mut self, reviewer: Arc<dyn TokenReviewer>) -> Self {
+        self.reviewer = Some(reviewer);
+        self
+    }
+
+    /// First contact from a pod: its service account token, reviewed by
+    /// the API server, allows exactly that service account's ID.
+    pub async fn sign_for_k8s(
+        &self,
+        csr_pem: &str,
+        k8s_token: &str,
+    ) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, SignError> {
+        let csr = Csr::parse(csr_pem)?;
+        let reviewer = self.reviewer.as_ref().ok_or(SignError::K8sOff)?;
+        let (ns, sa) = reviewer
+            .review(k8s_token)
+            .await
+            .map_err(SignError::K8sToken)?;
+        let allowed = self
+            .ca
+            .trust_domain()
+            .id(&["ns", &ns, "sa", &sa])
+            .map_err(|e| SignError::K8sToken(e.to_string()))?;
+        if &allowed != csr.id() {
+            return Err(SignError::K8sScope {
+                allowed: allowed.to_string(),
+                requested: csr.id().to_string(),
+            });
+        }
+        Ok(self.ca.sign_csr(&csr, self.ttl)?)
     }
 
     /// Decides and signs; pure apart from the CA.
@@ -538,7 +592,12 @@ impl pb::certificates_server::Certificates for Signer {
         let caller = peer.as_ref().and_then(|p| p.id.clone());
         let remote = peer.map(|p| p.remote);
         let body = req.into_inner();
-        match self.sign_for(caller.as_ref(), &body.csr_pem, &body.token) {
+        let signed = if caller.is_none() && !body.k8s_token.is_empty() {
+            self.sign_for_k8s(&body.csr_pem, &body.k8s_token).await
+        } else {
+            self.sign_for(caller.as_ref(), &body.csr_pem, &body.token)
+        };
+        match signed {
             Ok(chain) => {
                 self.metrics.signed.inc();
                 tracing::info!(caller = ?caller.as_ref().map(|c| c.to_string()), ?remote, "SVID signed");

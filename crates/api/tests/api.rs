@@ -437,6 +437,7 @@ async fn an_svid_renews_itself_and_nothing_else() {
         .sign(pb::SignRequest {
             csr_pem: csr,
             token: "s3cret".into(),
+            k8s_token: String::new(),
         })
         .await
         .unwrap_err();
@@ -448,6 +449,7 @@ async fn an_svid_renews_itself_and_nothing_else() {
                 "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
                     .into(),
             token: String::new(),
+            k8s_token: String::new(),
         })
         .await
         .unwrap_err();

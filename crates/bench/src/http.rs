@@ -261,6 +261,7 @@ pub async fn run(p: Params, json_out: bool) -> anyhow::Result<()> {
         ca.issue(&server_id, TTL)?,
         vec![],
         Some(InboundSettings {
+            app_ports: Vec::new(),
             listen: "127.0.0.1:0".parse()?,
             routes: vec![InboundRoute {
                 service: service.clone(),

@@ -265,6 +265,13 @@ pub struct InjectArgs {
     /// YAML to read (default: stdin); the result goes to stdout.
     #[arg(long, short = 'f')]
     file: Option<PathBuf>,
+    /// The cluster the workloads run in.
+    #[arg(long)]
+    cluster: String,
+    /// The cluster's trust bundle (PEM, `bundle.pem` of its CA): sidecars
+    /// check their controller against it at first contact.
+    #[arg(long)]
+    bundle: PathBuf,
     #[arg(long, default_value = DEFAULT_IMAGE)]
     image: String,
     #[arg(long, default_value = "IfNotPresent")]
@@ -319,10 +326,21 @@ pub fn inject(a: InjectArgs) -> anyhow::Result<ExitCode> {
     }) {
         return Ok(usage(e));
     }
+    if let Err(e) = fedmesh_deploy::names::cluster_name(&a.cluster) {
+        return Ok(usage(e));
+    }
+    let bundle_pem = read(&a.bundle)?;
+    let trust_domain = match fedmesh_deploy::install::check_peer_bundle(&a.cluster, &bundle_pem) {
+        Ok(td) => td,
+        Err(e) => return Ok(usage(e)),
+    };
     let text = input(&a.file)?;
     let opts = InjectOptions {
         image: a.image,
         pull_policy: a.pull_policy,
+        cluster: a.cluster,
+        bundle_pem,
+        trust_domain,
         skip_outbound_ports: a.skip_outbound_ports,
         skip_outbound_cidrs: a
             .skip_outbound_cidrs

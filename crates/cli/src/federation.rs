@@ -209,8 +209,15 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     };
     let api = match &cfg.api {
         Some(api) => {
-            let (handle, renewer) =
-                crate::control::serve(api, &td, &own_bundle, &ctrl, &mut registry).await?;
+            let (handle, renewer) = crate::control::serve(
+                api,
+                &td,
+                &own_bundle,
+                &ctrl,
+                &mut registry,
+                reviewer(&cfg).await?,
+            )
+            .await?;
             crate::emit(&format!("controller api {}\n", handle.addr));
             Some((handle, renewer))
         }
@@ -266,6 +273,22 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     }
     leadership.release().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// With the Kubernetes source, pods prove who they are with their
+/// service account token (a TokenReview) to get their first SVID.
+async fn reviewer(
+    cfg: &ControllerConfig,
+) -> anyhow::Result<Option<Arc<dyn fedmesh_api::server::TokenReviewer>>> {
+    #[cfg(feature = "kube")]
+    if cfg.kubernetes.is_some() {
+        let client = kube::Client::try_default().await?;
+        return Ok(Some(Arc::new(
+            fedmesh_federation::k8s::KubeTokenReviewer::new(client),
+        )));
+    }
+    let _ = cfg;
+    Ok(None)
 }
 
 pub fn join(pins: PathBuf, name: ClusterName, bundle: PathBuf) -> anyhow::Result<ExitCode> {

@@ -93,8 +93,16 @@ enum CertCmd {
         #[arg(long)]
         spiffe_id: fedmesh_trust::SpiffeId,
         /// File holding the bootstrap token.
+        #[arg(
+            long,
+            required_unless_present = "k8s_token_file",
+            conflicts_with = "k8s_token_file"
+        )]
+        token_file: Option<std::path::PathBuf>,
+        /// A Kubernetes service account token (projected, audience
+        /// `fedmesh`) instead: the controller asks the API server whose it is.
         #[arg(long)]
-        token_file: std::path::PathBuf,
+        k8s_token_file: Option<std::path::PathBuf>,
         #[arg(long)]
         out: std::path::PathBuf,
     },
@@ -111,13 +119,19 @@ fn main() -> ExitCode {
             bundle,
             spiffe_id,
             token_file,
+            k8s_token_file,
             out,
         }) => runtime().and_then(|rt| {
+            let token = match (token_file, k8s_token_file) {
+                (_, Some(k)) => control::Token::Kubernetes(k),
+                (Some(t), None) => control::Token::Bootstrap(t),
+                (None, None) => anyhow::bail!("--token-file or --k8s-token-file"),
+            };
             rt.block_on(control::request(
                 &controller,
                 &bundle,
                 spiffe_id,
-                &token_file,
+                &token,
                 out,
             ))
         }),

@@ -382,7 +382,16 @@ fn manifests_and_mcs_objects_pass_the_kubernetes_1_33_schemas() {
         .collect();
     // Injected workloads are applied too.
     let app = std::fs::read_to_string(repo().join("e2e/kind/samples/app.yaml")).unwrap();
-    let o = fedmesh(&["inject", "--image=fedmesh:dev"], Some(&app));
+    let east = ca(dir.path(), "inject.acme");
+    let o = fedmesh(
+        &[
+            "inject",
+            "--image=fedmesh:dev",
+            "--cluster=east",
+            &format!("--bundle={}", s(&east.join("bundle.pem"))),
+        ],
+        Some(&app),
+    );
     assert!(o.status.success(), "{}", err(&o));
     let injected = dir.path().join("injected.yaml");
     std::fs::write(&injected, out(&o)).unwrap();

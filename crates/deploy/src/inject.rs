@@ -13,15 +13,17 @@ use crate::{parse_documents, ports, to_documents, YamlError, PROXY_UID};
 
 pub const PROXY_CONTAINER: &str = "fedmesh-proxy";
 pub const INIT_CONTAINER: &str = "fedmesh-init";
+/// Second init container: trades the pod's service account token for
+/// its SVID (as the proxy's UID, so the redirect leaves it alone).
+pub const IDENTITY_CONTAINER: &str = "fedmesh-identity";
+/// The cluster's trust bundle on the pod template, projected into the
+/// pod as a file (pods cannot mount fedmesh-system's ConfigMaps).
+pub const BUNDLE_ANNOTATION: &str = "fedmesh.io/trust-bundle";
 /// On the pod template of an injected workload: what injected it.
 pub const STATUS_ANNOTATION: &str = "fedmesh.io/inject-status";
 /// `disabled` on a pod template (or the object) skips it.
 pub const INJECT_ANNOTATION: &str = "fedmesh.io/inject";
-const VOLUMES: &[&str] = &[
-    "fedmesh-identity",
-    "fedmesh-sidecar-config",
-    "fedmesh-bundle",
-];
+const VOLUMES: &[&str] = &["fedmesh-identity", "fedmesh-token", "fedmesh-bundle"];
 /// Other meshes' proxies: two redirecting proxies in a pod break it.
 const OTHER_MESHES: &[&str] = &["istio-proxy", "linkerd-proxy", "cilium-envoy"];
 
@@ -29,6 +31,12 @@ const OTHER_MESHES: &[&str] = &["istio-proxy", "linkerd-proxy", "cilium-envoy"];
 pub struct InjectOptions {
     pub image: String,
     pub pull_policy: String,
+    /// The cluster the pods run in (the controller refuses config for
+    /// another).
+    pub cluster: String,
+    /// The cluster's trust bundle (PEM) and its trust domain.
+    pub bundle_pem: String,
+    pub trust_domain: String,
     /// Outbound destination ports left alone (e.g. a database reached
     /// outside the mesh).
     pub skip_outbound_ports: Vec<u16>,
@@ -156,6 +164,9 @@ pub fn uninject(text: &str) -> Result<(String, Vec<Report>), InjectError> {
     let opts = InjectOptions {
         image: String::new(),
         pull_policy: String::new(),
+        cluster: String::new(),
+        bundle_pem: String::new(),
+        trust_domain: String::new(),
         skip_outbound_ports: Vec::new(),
         skip_outbound_cidrs: Vec::new(),
     };
@@ -254,7 +265,8 @@ fn visit(
         )));
     }
     let injected = containers_named(spec, "containers").any(|c| c == PROXY_CONTAINER)
-        || containers_named(spec, "initContainers").any(|c| c == INIT_CONTAINER);
+        || containers_named(spec, "initContainers")
+            .any(|c| c == INIT_CONTAINER || c == IDENTITY_CONTAINER);
     let outcome = match mode {
         Mode::Uninject if !injected => Outcome::Unchanged,
         Mode::Uninject => {
@@ -307,7 +319,8 @@ fn add(doc: &mut Value, kind: &str, opts: &InjectOptions) -> Result<(), &'static
     let app_ports = app_ports(spec);
     if let Some(Value::Sequence(init)) = spec.get_mut("initContainers") {
         // First: the redirect must be in place before any other init
-        // container makes a connection.
+        // container makes a connection; then the identity.
+        init.insert(0, identity_container(opts));
         init.insert(0, init_container(opts));
     }
     if let Some(Value::Sequence(cs)) = spec.get_mut("containers") {
@@ -324,6 +337,7 @@ fn add(doc: &mut Value, kind: &str, opts: &InjectOptions) -> Result<(), &'static
         STATUS_ANNOTATION.into(),
         format!("injected by fedmesh {}", env!("CARGO_PKG_VERSION")).into(),
     );
+    annotations.insert(BUNDLE_ANNOTATION.into(), opts.bundle_pem.clone().into());
     Ok(())
 }
 
@@ -349,7 +363,11 @@ fn remove(doc: &mut Value, kind: &str) {
                 spec.remove(key);
             }
         };
-        drop_named(spec, "initContainers", &[INIT_CONTAINER]);
+        drop_named(
+            spec,
+            "initContainers",
+            &[INIT_CONTAINER, IDENTITY_CONTAINER],
+        );
         drop_named(spec, "containers", &[PROXY_CONTAINER]);
         drop_named(spec, "volumes", VOLUMES);
     }
@@ -358,6 +376,7 @@ fn remove(doc: &mut Value, kind: &str) {
         let empty = match m.get_mut("annotations").and_then(Value::as_mapping_mut) {
             Some(a) => {
                 a.remove(STATUS_ANNOTATION);
+                a.remove(BUNDLE_ANNOTATION);
                 a.is_empty()
             }
             None => false,
@@ -401,6 +420,10 @@ fn app_ports(spec: &Mapping) -> Vec<u16> {
     out.sort_unstable();
     out.dedup();
     out
+}
+
+fn list_ports(ports: &[u16]) -> String {
+    list(ports.iter().copied())
 }
 
 fn list(ports: impl IntoIterator<Item = u16>) -> String {
@@ -449,18 +472,70 @@ fn init_container(opts: &InjectOptions) -> Value {
     serde_yaml_ng::to_value(v).unwrap_or(Value::Null)
 }
 
+fn env(opts: &InjectOptions) -> serde_json::Value {
+    serde_json::json!([
+        { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
+        { "name": "POD_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } },
+        { "name": "POD_SERVICE_ACCOUNT", "valueFrom": { "fieldRef": { "fieldPath": "spec.serviceAccountName" } } },
+        { "name": "FEDMESH_CLUSTER", "value": opts.cluster },
+        { "name": "FEDMESH_TRUST_DOMAIN", "value": opts.trust_domain },
+        { "name": "FEDMESH_CONTROLLER", "value": format!("fedmesh-controller.{}.svc:{}", crate::NAMESPACE, ports::CONTROLLER_API) },
+    ])
+}
+
+fn proxy_security() -> serde_json::Value {
+    serde_json::json!({
+        "runAsUser": PROXY_UID,
+        "runAsGroup": PROXY_UID,
+        "runAsNonRoot": true,
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": { "drop": ["ALL"] },
+    })
+}
+
+fn identity_container(opts: &InjectOptions) -> Value {
+    let v = serde_json::json!({
+        "name": IDENTITY_CONTAINER,
+        "image": opts.image,
+        "imagePullPolicy": opts.pull_policy,
+        // $(VAR) is expanded by the kubelet from `env`.
+        "args": [
+            "cert", "request",
+            "--controller", "$(FEDMESH_CONTROLLER)",
+            "--bundle", "/etc/fedmesh/bundle/bundle.pem",
+            "--spiffe-id", "spiffe://$(FEDMESH_TRUST_DOMAIN)/ns/$(POD_NAMESPACE)/sa/$(POD_SERVICE_ACCOUNT)",
+            "--k8s-token-file", "/var/run/secrets/fedmesh/token",
+            "--out", "/var/run/fedmesh/identity",
+        ],
+        "env": env(opts),
+        "securityContext": proxy_security(),
+        "resources": {
+            "requests": { "cpu": "10m", "memory": "16Mi" },
+            "limits": { "cpu": "100m", "memory": "64Mi" },
+        },
+        "volumeMounts": [
+            { "name": "fedmesh-identity", "mountPath": "/var/run/fedmesh/identity" },
+            { "name": "fedmesh-bundle", "mountPath": "/etc/fedmesh/bundle", "readOnly": true },
+            { "name": "fedmesh-token", "mountPath": "/var/run/secrets/fedmesh", "readOnly": true },
+        ],
+    });
+    serde_yaml_ng::to_value(v).unwrap_or(Value::Null)
+}
+
 fn proxy_container(opts: &InjectOptions, app_ports: &[u16]) -> Value {
+    let mut env = env(opts);
+    if let Some(list) = env.as_array_mut() {
+        list.push(
+            serde_json::json!({ "name": "FEDMESH_APP_PORTS", "value": list_ports(app_ports) }),
+        );
+    }
     let v = serde_json::json!({
         "name": PROXY_CONTAINER,
         "image": opts.image,
         "imagePullPolicy": opts.pull_policy,
-        "args": ["sidecar", "--config", "/etc/fedmesh/sidecar/sidecar.yaml", "--log", "info"],
-        "env": [
-            { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
-            { "name": "POD_NAMESPACE", "valueFrom": { "fieldRef": { "fieldPath": "metadata.namespace" } } },
-            { "name": "POD_SERVICE_ACCOUNT", "valueFrom": { "fieldRef": { "fieldPath": "spec.serviceAccountName" } } },
-            { "name": "FEDMESH_APP_PORTS", "value": list(app_ports.iter().copied()) },
-        ],
+        "args": ["sidecar", "--kubernetes", "--log", "info"],
+        "env": env,
         "ports": [
             { "name": "fedmesh-in", "containerPort": ports::SIDECAR_INBOUND, "protocol": "TCP" },
             { "name": "fedmesh-admin", "containerPort": ports::SIDECAR_ADMIN, "protocol": "TCP" },
@@ -471,18 +546,9 @@ fn proxy_container(opts: &InjectOptions, app_ports: &[u16]) -> Value {
             "requests": { "cpu": "20m", "memory": "32Mi" },
             "limits": { "cpu": "1", "memory": "256Mi" },
         },
-        "securityContext": {
-            "runAsUser": PROXY_UID,
-            "runAsGroup": PROXY_UID,
-            "runAsNonRoot": true,
-            "allowPrivilegeEscalation": false,
-            "readOnlyRootFilesystem": true,
-            "capabilities": { "drop": ["ALL"] },
-        },
+        "securityContext": proxy_security(),
         "volumeMounts": [
             { "name": "fedmesh-identity", "mountPath": "/var/run/fedmesh/identity" },
-            { "name": "fedmesh-sidecar-config", "mountPath": "/etc/fedmesh/sidecar", "readOnly": true },
-            { "name": "fedmesh-bundle", "mountPath": "/etc/fedmesh/bundle", "readOnly": true },
         ],
     });
     serde_yaml_ng::to_value(v).unwrap_or(Value::Null)
@@ -490,9 +556,15 @@ fn proxy_container(opts: &InjectOptions, app_ports: &[u16]) -> Value {
 
 fn volumes() -> Vec<Value> {
     let v = serde_json::json!([
+        // Written by the identity init container, rewritten at renewals.
         { "name": "fedmesh-identity", "emptyDir": { "medium": "Memory", "sizeLimit": "1Mi" } },
-        { "name": "fedmesh-sidecar-config", "configMap": { "name": "fedmesh-sidecar", "optional": false } },
-        { "name": "fedmesh-bundle", "configMap": { "name": "fedmesh-bundle", "optional": false } },
+        { "name": "fedmesh-bundle", "downwardAPI": { "items": [
+            { "path": "bundle.pem", "fieldRef": { "fieldPath": format!("metadata.annotations['{BUNDLE_ANNOTATION}']") } },
+        ] } },
+        // A token only the fedmesh controller accepts (audience), short-lived.
+        { "name": "fedmesh-token", "projected": { "sources": [
+            { "serviceAccountToken": { "audience": "fedmesh", "expirationSeconds": 3600, "path": "token" } },
+        ] } },
     ]);
     match serde_yaml_ng::to_value(v) {
         Ok(Value::Sequence(s)) => s,

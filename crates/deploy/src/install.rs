@@ -260,6 +260,9 @@ impl InstallSpec {
                     // Imports it owns (server-side apply is a patch).
                     { "apiGroups": ["multicluster.x-k8s.io"], "resources": ["serviceimports"], "verbs": ["get", "list", "watch", "patch", "delete"] },
                     { "apiGroups": ["multicluster.x-k8s.io"], "resources": ["serviceimports/status"], "verbs": ["patch"] },
+                    // Pods' service account tokens, checked before their
+                    // first SVID is signed.
+                    { "apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"] },
                 ],
             }),
             json!({

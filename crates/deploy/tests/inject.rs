@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use fedmesh_deploy::inject::{
-    self, InjectError, InjectOptions, Outcome, INIT_CONTAINER, PROXY_CONTAINER,
+    self, InjectError, InjectOptions, Outcome, IDENTITY_CONTAINER, INIT_CONTAINER, PROXY_CONTAINER,
 };
 use fedmesh_deploy::parse_documents;
 use serde_yaml_ng::Value;
@@ -11,6 +11,9 @@ fn opts() -> InjectOptions {
     InjectOptions {
         image: "fedmesh:dev".into(),
         pull_policy: "IfNotPresent".into(),
+        cluster: "east".into(),
+        bundle_pem: "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".into(),
+        trust_domain: "east.acme".into(),
         skip_outbound_ports: vec![5432],
         skip_outbound_cidrs: vec!["169.254.169.254/32".into()],
     }
@@ -117,7 +120,28 @@ fn every_workload_kind_gets_the_proxy_first_and_others_pass_through() {
         names(web, "containers"),
         [PROXY_CONTAINER, "web", "fluent-bit"]
     );
-    assert_eq!(names(web, "initContainers"), [INIT_CONTAINER, "migrate"]);
+    assert_eq!(
+        names(web, "initContainers"),
+        [INIT_CONTAINER, IDENTITY_CONTAINER, "migrate"]
+    );
+    // The identity init container asks for the pod's own SPIFFE ID with
+    // its service account token; the bundle travels on the template.
+    let id_args: Vec<&str> = web["initContainers"][1]["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(id_args.contains(
+        &"spiffe://$(FEDMESH_TRUST_DOMAIN)/ns/$(POD_NAMESPACE)/sa/$(POD_SERVICE_ACCOUNT)"
+    ));
+    assert!(id_args.contains(&"--k8s-token-file"));
+    assert!(
+        docs[1]["spec"]["template"]["metadata"]["annotations"]["fedmesh.io/trust-bundle"]
+            .as_str()
+            .unwrap()
+            .starts_with("-----BEGIN CERTIFICATE-----")
+    );
     // The redirect knows the skipped ports; the proxy the app's TCP ports.
     let args: Vec<&str> = web["initContainers"][0]["args"]
         .as_sequence()

@@ -150,7 +150,14 @@ pub struct Transparent {
 pub struct Inbound {
     /// mTLS listener other sidecars and the gateway connect to.
     pub listen: SocketAddr,
+    #[serde(default)]
     pub services: Vec<InboundService>,
+    /// Serve every service the catalog lists this sidecar (its identity)
+    /// as an endpoint of, on these ports, from the app at 127.0.0.1:port:
+    /// the Kubernetes shape, where the controller knows which Services
+    /// select the pod and the pod knows its container ports.
+    #[serde(default)]
+    pub app_ports: Vec<u16>,
 }
 
 /// A service port this sidecar serves, and where its app listens.
@@ -183,6 +190,8 @@ pub struct InboundRoute {
 pub struct InboundSettings {
     pub listen: SocketAddr,
     pub routes: Vec<InboundRoute>,
+    /// Ports served for any service listing this sidecar (see `Inbound`).
+    pub app_ports: Vec<u16>,
 }
 
 /// Validated settings.
@@ -278,12 +287,16 @@ impl SidecarConfig {
                     Err(e) => problems.push(format!("inbound.services[{i}]: {e}")),
                 }
             }
-            if svcs.is_empty() && inb.services.is_empty() {
-                problems.push("inbound: needs at least one service".into());
+            if svcs.is_empty() && inb.services.is_empty() && inb.app_ports.is_empty() {
+                problems.push("inbound: needs services or app_ports".into());
+            }
+            if inb.app_ports.contains(&0) {
+                problems.push("inbound.app_ports: port 0".into());
             }
             InboundSettings {
                 listen: inb.listen,
                 routes: svcs,
+                app_ports: inb.app_ports.clone(),
             }
         });
         match (catalog, trust) {

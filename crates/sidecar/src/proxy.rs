@@ -46,6 +46,9 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<SidecarMetrics>,
     pub(crate) connector: TlsConnector,
     inbound: Vec<InboundRoute>,
+    /// Ports served for any service that lists this sidecar's identity
+    /// among its endpoints (app on 127.0.0.1:port).
+    app_ports: Vec<u16>,
     /// Where the inbound listener is bound; an endpoint target naming it
     /// means "this sidecar's (only) service".
     inbound_addr: std::sync::OnceLock<SocketAddr>,
@@ -227,6 +230,11 @@ impl Sidecar {
                 .inbound
                 .as_ref()
                 .map(|i| i.routes.clone())
+                .unwrap_or_default(),
+            app_ports: s
+                .inbound
+                .as_ref()
+                .map(|i| i.app_ports.clone())
                 .unwrap_or_default(),
             catalog: RwLock::new(Arc::new(s.catalog.clone())),
             inbound_addr: std::sync::OnceLock::new(),
@@ -807,7 +815,15 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
             .inbound
             .iter()
             .find(|r| &r.service == name && r.port == *port)
-            .map(|r| (r.service.clone(), r.app)),
+            .map(|r| (r.service.clone(), r.app))
+            .or_else(|| {
+                let ours = shared.app_ports.contains(port)
+                    && shared.catalog().service(name).is_some_and(|s| {
+                        s.ports.contains(port)
+                            && s.endpoints.iter().any(|e| e.identity == shared.identity)
+                    });
+                ours.then(|| (name.clone(), SocketAddr::from(([127, 0, 0, 1], *port))))
+            }),
         // An endpoint target names either an app directly, or this sidecar's
         // listener as the catalog lists it (unambiguous only with one route).
         Target::Endpoint(addr) => shared

@@ -65,6 +65,9 @@ struct State {
     singles: BTreeMap<String, Value>,
     /// Requests answered 503 from now on (an unreachable API server).
     down: bool,
+    /// Tokens the TokenReview endpoint vouches for: token → (username,
+    /// audiences).
+    tokens: BTreeMap<String, (String, Vec<String>)>,
 }
 
 /// The running fake. Dropping it stops accepting; open watches end.
@@ -227,6 +230,18 @@ impl FakeKube {
         self.lock().singles.insert(path, pod);
     }
 
+    /// Makes TokenReviews of `token` say it belongs to `username` and
+    /// was minted for `audiences`.
+    pub fn allow_token(&self, token: &str, username: &str, audiences: &[&str]) {
+        self.lock().tokens.insert(
+            token.into(),
+            (
+                username.into(),
+                audiences.iter().map(|a| (*a).to_owned()).collect(),
+            ),
+        );
+    }
+
     /// Every request answered 503 (`true`) or served again (`false`).
     pub fn set_down(&self, down: bool) {
         self.lock().down = down;
@@ -284,6 +299,12 @@ async fn serve(
                 &status(503, "ServiceUnavailable", "down"),
             )
             .await?;
+            continue;
+        }
+        if method == "POST" && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+            let review: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let answer = token_review(&state, &review);
+            respond(stream.get_mut(), 201, &answer).await?;
             continue;
         }
         if let Some((code, obj)) = single(&state, &method, path, &body) {
@@ -388,6 +409,34 @@ async fn serve(
             }
         }
     }
+}
+
+/// A TokenReview as the API server answers it: authenticated only for a
+/// known token whose audiences include one asked for.
+fn token_review(state: &Mutex<State>, review: &Value) -> Value {
+    let token = review["spec"]["token"].as_str().unwrap_or_default();
+    let wanted: Vec<&str> = review["spec"]["audiences"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let st = lock(state);
+    let status = match st.tokens.get(token) {
+        Some((user, auds))
+            if wanted.is_empty() || wanted.iter().any(|w| auds.iter().any(|a| a == w)) =>
+        {
+            json!({
+                "authenticated": true,
+                "user": { "username": user },
+                "audiences": auds.iter().filter(|a| wanted.is_empty() || wanted.contains(&a.as_str())).collect::<Vec<_>>(),
+            })
+        }
+        Some(_) => json!({ "authenticated": false, "error": "token audiences do not match" }),
+        None => json!({ "authenticated": false, "error": "invalid bearer token" }),
+    };
+    json!({
+        "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+        "metadata": {}, "spec": review["spec"], "status": status,
+    })
 }
 
 /// Leases and Pods: one object per path, optimistic concurrency on PUT.

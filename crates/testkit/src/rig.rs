@@ -262,6 +262,7 @@ impl Rig {
                             bundles: bundles.clone(),
                             outbound: Vec::new(),
                             inbound: Some(InboundSettings {
+                                app_ports: Vec::new(),
                                 listen: ANY.parse()?,
                                 routes: vec![InboundRoute {
                                     service: name.clone(),
