@@ -146,6 +146,11 @@ async fn lists_then_follows_watch_events() {
     assert!(cart.export);
     assert_eq!(cart.ports, vec![(80, Protocol::Tcp), (5353, Protocol::Udp)]);
     assert_eq!(cart.service_type, ServiceType::ClusterSetIP);
+    // The cluster IP is what apps dial: sidecars route it as the service.
+    assert_eq!(
+        cart.vips,
+        vec!["10.0.0.1".parse::<std::net::IpAddr>().unwrap()]
+    );
     assert_eq!(
         cart.endpoints,
         vec![(

@@ -481,7 +481,12 @@ mod tests {
         let services = (0..8)
             .filter(|i| services & (1 << i) != 0)
             .map(|i| LocalService {
-                vips: Vec::new(),
+                // Some with a cluster IP, which must survive the trip.
+                vips: if i % 3 == 0 {
+                    vec![std::net::IpAddr::from([10, 96, 0, i])]
+                } else {
+                    Vec::new()
+                },
                 name: svc(i),
                 ports: vec![port],
                 exported: i % 2 == 0,

@@ -139,7 +139,10 @@ fn kubernetes_sidecar() -> Result<SidecarConfig, Vec<String>> {
     if !problems.is_empty() {
         return Err(problems);
     }
-    let id = std::path::Path::new(K8S_IDENTITY);
+    // Overridable for running an "injected pod" outside Kubernetes.
+    let id = std::path::PathBuf::from(
+        std::env::var("FEDMESH_IDENTITY_DIR").unwrap_or_else(|_| K8S_IDENTITY.into()),
+    );
     let any = |port: u16| std::net::SocketAddr::from(([0, 0, 0, 0], port)).to_string();
     let cfg = serde_json::json!({
         "identity": { "cert": id.join("svid.pem"), "key": id.join("svid.key") },
