@@ -9,63 +9,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fedmesh_testkit::fake_kube::FakeKube;
 use fedmesh_testkit::{run_load, App, AppKind, LoadSpec};
 use serde_json::json;
 
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_fedmesh")
-}
-
-fn p(x: &Path) -> String {
-    x.display().to_string()
-}
-
-fn free() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn ok(args: &[&str]) {
-    let o = Command::new(bin()).args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-fn admin_ready(addr: SocketAddr) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
-    let _ = write!(
-        s,
-        "GET /ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    );
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.starts_with("HTTP/1.1 200")
-}
+mod common;
+use common::{bin, free_tcp as free, http_get, kubeconfig, ok, p, Procs};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_injected_pod_gets_its_identity_and_serves_its_service() {
@@ -107,14 +59,7 @@ async fn an_injected_pod_gets_its_identity_and_serves_its_service() {
         "--out",
         &p(&d.join("ca")),
     ]);
-    std::fs::write(
-        d.join("kubeconfig"),
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: f\n  cluster: {{ server: \"{}\" }}\ncontexts:\n- name: f\n  context: {{ cluster: f, user: f }}\ncurrent-context: f\nusers:\n- name: f\n  user: {{ token: x }}\n",
-            fake.url()
-        ),
-    )
-    .unwrap();
+    let kc = kubeconfig(d, &fake.url());
     std::fs::write(d.join("tokens.yaml"), "tokens:\n  - token: client-boot\n    identities: [\"spiffe://east.acme/ns/demo/sa/client\"]\n").unwrap();
     let (api, ctl_admin) = (free(), free());
     std::fs::write(
@@ -133,7 +78,7 @@ async fn an_injected_pod_gets_its_identity_and_serves_its_service() {
     procs.0.push(
         Command::new(bin())
             .args(["controller", "--config", &p(&d.join("controller.yaml"))])
-            .env("KUBECONFIG", d.join("kubeconfig"))
+            .env("KUBECONFIG", &kc)
             .stdout(Stdio::null())
             .spawn()
             .unwrap(),
@@ -143,7 +88,8 @@ async fn an_injected_pod_gets_its_identity_and_serves_its_service() {
     // controller starts).
     std::fs::write(d.join("token"), "pod-token\n").unwrap();
     std::fs::write(d.join("bad-token"), "wrong-audience\n").unwrap();
-    let request = |id: &str, token: &str, out: &str| {
+    // `--k8s-token-file` (a pod) or `--token-file` (a bootstrap token).
+    let request_with = |kind: &str, id: &str, token: &str, out: &str| {
         Command::new(bin())
             .args([
                 "cert",
@@ -156,7 +102,7 @@ async fn an_injected_pod_gets_its_identity_and_serves_its_service() {
             .args([
                 "--spiffe-id",
                 id,
-                "--k8s-token-file",
+                kind,
                 &p(&d.join(token)),
                 "--out",
                 &p(&d.join(out)),
@@ -164,6 +110,8 @@ async fn an_injected_pod_gets_its_identity_and_serves_its_service() {
             .output()
             .unwrap()
     };
+    let request =
+        |id: &str, token: &str, out: &str| request_with("--k8s-token-file", id, token, out);
     let o = request("spiffe://east.acme/ns/demo/sa/web", "token", "identity");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     // The token is web's: no other identity, and no token minted for
@@ -195,25 +143,12 @@ async fn an_injected_pod_gets_its_identity_and_serves_its_service() {
     );
     // A caller elsewhere in the cluster (explicit outbound listener).
     std::fs::write(d.join("client-token"), "client-boot\n").unwrap();
-    let o = Command::new(bin())
-        .args([
-            "cert",
-            "request",
-            "--controller",
-            &api.to_string(),
-            "--bundle",
-            &p(&d.join("ca/bundle.pem")),
-        ])
-        .args([
-            "--spiffe-id",
-            "spiffe://east.acme/ns/demo/sa/client",
-            "--token-file",
-            &p(&d.join("client-token")),
-            "--out",
-            &p(&d.join("client")),
-        ])
-        .output()
-        .unwrap();
+    let o = request_with(
+        "--token-file",
+        "spiffe://east.acme/ns/demo/sa/client",
+        "client-token",
+        "client",
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let out = free();
     std::fs::write(
@@ -236,7 +171,7 @@ async fn an_injected_pod_gets_its_identity_and_serves_its_service() {
     // The injected sidecar turns ready once it has the controller's config.
     let admin: SocketAddr = "127.0.0.1:15020".parse().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !admin_ready(admin) {
+    while !http_get(admin, "/ready").starts_with("HTTP/1.1 200") {
         assert!(
             Instant::now() < deadline,
             "the injected sidecar never became ready"

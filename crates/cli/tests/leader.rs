@@ -6,14 +6,17 @@
 #![cfg(feature = "kube")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use fedmesh_testkit::fake_kube::FakeKube;
+
+mod common;
+use common::{bin, free_tcp as free, http_get as get, kubeconfig};
 
 const LEASE: &str =
     "/apis/coordination.k8s.io/v1/namespaces/fedmesh-system/leases/fedmesh-controller";
@@ -36,7 +39,7 @@ impl Proc {
             ),
         )
         .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fedmesh"))
+        let mut child = Command::new(bin())
             .args([
                 "controller",
                 "--leader-elect",
@@ -94,26 +97,6 @@ impl Drop for Proc {
     }
 }
 
-fn free() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn get(addr: SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
-}
-
 fn label(fake: &FakeKube, pod: &str) -> String {
     fake.object(&format!("/api/v1/namespaces/fedmesh-system/pods/{pod}"))
         .unwrap()["metadata"]["labels"]["fedmesh.io/leader"]
@@ -143,23 +126,13 @@ fn setup() -> (
         fake.put_pod("fedmesh-system", p);
     }
     let dir = tempfile::tempdir().unwrap();
-    let o = Command::new(env!("CARGO_BIN_EXE_fedmesh"))
+    let o = Command::new(bin())
         .args(["ca", "init", "--trust-domain", "east.acme", "--out"])
         .arg(dir.path().join("ca"))
         .output()
         .unwrap();
     assert!(o.status.success());
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{ server: \"{}\" }}\n\
-             contexts:\n- name: fake\n  context: {{ cluster: fake, user: fake }}\ncurrent-context: fake\n\
-             users:\n- name: fake\n  user: {{ token: x }}\n",
-            fake.url()
-        ),
-    )
-    .unwrap();
+    let kubeconfig = kubeconfig(dir.path(), &fake.url());
     (rt, fake, dir, kubeconfig)
 }
 

@@ -10,25 +10,13 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use fedmesh_testkit::{run_load, App, AppKind, LoadSpec};
 
-struct Procs(Vec<Child>);
-
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_fedmesh")
-}
+mod common;
+use common::{bin, free_tcp, http_get, p, Procs};
 
 fn run(cmd: &str, args: &[&str]) -> Output {
     let o = Command::new(cmd).args(args).output().unwrap();
@@ -38,31 +26,6 @@ fn run(cmd: &str, args: &[&str]) -> Output {
         String::from_utf8_lossy(&o.stderr)
     );
     o
-}
-
-fn p(path: &Path) -> String {
-    path.display().to_string()
-}
-
-fn free_tcp() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn get(addr: SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
 }
 
 /// A CA and one SVID for `spiffe://east.acme/ns/demo/sa/echo` in `d`.
@@ -164,7 +127,7 @@ async fn a_service_vip_is_routed_through_the_mesh() {
     };
     assert_eq!((r.ok, r.failed), (20, 0), "{:?}", r.errors);
     assert_eq!(r.served_by.keys().collect::<Vec<_>>(), ["demo/echo"]);
-    let metrics = get(admin, "/metrics");
+    let metrics = http_get(admin, "/metrics");
     assert!(
         metrics.contains("fedmesh_sidecar_transparent_connections_total{result=\"mesh\"} 4"),
         "{metrics}"

@@ -409,6 +409,51 @@ pub(crate) fn new_traceparent() -> Option<Traceparent> {
     Traceparent::parse(&format!("00-{trace:032x}-{span:016x}-01")).ok()
 }
 
+/// Accepts on `listener` (bounded by `limits.max_connections`, the excess
+/// closed and counted) and runs `handle` for each connection.
+async fn serve_listener<H, Fut>(
+    shared: &Arc<Shared>,
+    listener: TcpListener,
+    what: &'static str,
+    handle: H,
+) where
+    H: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let m = shared.metrics.clone();
+    let limit = shared.limits.max_connections;
+    serve_tcp(
+        listener,
+        what,
+        limit,
+        move |_| m.reject("connection_limit"),
+        handle,
+    )
+    .await
+}
+
+/// One app connection to `service:port`, in its own span.
+async fn outbound_traced(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    service: ServiceName,
+    port: u16,
+    protocol: OutboundProtocol,
+    remote: SocketAddr,
+) {
+    let id: u64 = rand::random();
+    let span = tracing::debug_span!(
+        "outbound",
+        id,
+        %service,
+        %remote,
+        trace = tracing::field::Empty
+    );
+    outbound_conn(&shared, tcp, &service, port, protocol, id)
+        .instrument(span)
+        .await
+}
+
 async fn accept_outbound(
     shared: Arc<Shared>,
     listener: TcpListener,
@@ -416,31 +461,9 @@ async fn accept_outbound(
     port: u16,
     protocol: OutboundProtocol,
 ) {
-    let m = shared.metrics.clone();
-    let limit = shared.limits.max_connections;
-    serve_tcp(
-        listener,
-        "outbound",
-        limit,
-        move |_| m.reject("connection_limit"),
-        |tcp, remote| {
-            let shared = shared.clone();
-            let service = service.clone();
-            async move {
-                let id: u64 = rand::random();
-                let span = tracing::debug_span!(
-                    "outbound",
-                    id,
-                    %service,
-                    %remote,
-                    trace = tracing::field::Empty
-                );
-                outbound_conn(&shared, tcp, &service, port, protocol, id)
-                    .instrument(span)
-                    .await
-            }
-        },
-    )
+    serve_listener(&shared.clone(), listener, "outbound", |tcp, remote| {
+        outbound_traced(shared.clone(), tcp, service.clone(), port, protocol, remote)
+    })
     .await
 }
 
@@ -457,67 +480,47 @@ fn original_dst(tcp: &TcpStream) -> Option<SocketAddr> {
 }
 
 async fn accept_transparent(shared: Arc<Shared>, listener: TcpListener, local: SocketAddr) {
-    let m = shared.metrics.clone();
-    let limit = shared.limits.max_connections;
-    serve_tcp(
-        listener,
-        "transparent",
-        limit,
-        move |_| m.reject("connection_limit"),
-        |tcp, remote| {
-            let shared = shared.clone();
-            async move {
-                let count = |result| {
-                    shared
-                        .metrics
-                        .transparent
-                        .get_or_create(&crate::metrics::ResultLabels { result })
-                        .inc();
-                };
-                let redirected = original_dst(&tcp).filter(|d| *d != local);
-                let dst = match redirected.or_else(|| tcp.local_addr().ok()) {
-                    Some(d) => d,
-                    None => return count("refused"),
-                };
-                let service = shared
-                    .catalog()
-                    .service_for_vip(dst.ip(), dst.port())
-                    .cloned();
-                let id: u64 = rand::random();
-                match (service, redirected) {
-                    (Some(service), _) => {
-                        count("mesh");
-                        let span = tracing::debug_span!(
-                            "outbound",
-                            id,
-                            %service,
-                            %remote,
-                            %dst,
-                            trace = tracing::field::Empty
-                        );
-                        outbound_conn(
-                            &shared,
-                            tcp,
-                            &service,
-                            dst.port(),
-                            OutboundProtocol::Detect,
-                            id,
-                        )
-                        .instrument(span)
-                        .await
-                    }
-                    (None, Some(dst)) => passthrough(&shared, tcp, dst, &count).await,
-                    // Connected to the listener itself: nothing to pass
-                    // through to (it would loop).
-                    (None, None) => {
-                        tracing::debug!(%remote, "not redirected and not a service VIP; closing");
-                        count("refused");
-                    }
-                }
-            }
-        },
-    )
+    serve_listener(&shared.clone(), listener, "transparent", |tcp, remote| {
+        transparent_conn(shared.clone(), tcp, remote, local)
+    })
     .await
+}
+
+async fn transparent_conn(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    local: SocketAddr,
+) {
+    let count = |result| {
+        shared
+            .metrics
+            .transparent
+            .get_or_create(&crate::metrics::ResultLabels { result })
+            .inc();
+    };
+    let redirected = original_dst(&tcp).filter(|d| *d != local);
+    let Some(dst) = redirected.or_else(|| tcp.local_addr().ok()) else {
+        return count("refused");
+    };
+    let service = shared
+        .catalog()
+        .service_for_vip(dst.ip(), dst.port())
+        .cloned();
+    match (service, redirected) {
+        (Some(service), _) => {
+            count("mesh");
+            let protocol = OutboundProtocol::Detect;
+            outbound_traced(shared.clone(), tcp, service, dst.port(), protocol, remote).await
+        }
+        (None, Some(dst)) => passthrough(&shared, tcp, dst, &count).await,
+        // Connected to the listener itself: nothing to pass through to
+        // (it would loop).
+        (None, None) => {
+            tracing::debug!(%remote, "not redirected and not a service VIP; closing");
+            count("refused");
+        }
+    }
 }
 
 /// A redirected connection to something outside the mesh: connected to
@@ -745,19 +748,11 @@ fn access(
 }
 
 async fn accept_inbound(shared: Arc<Shared>, listener: TcpListener, acceptor: TlsAcceptor) {
-    let m = shared.metrics.clone();
-    let limit = shared.limits.max_connections;
-    serve_tcp(
-        listener,
-        "inbound",
-        limit,
-        move |_| m.reject("connection_limit"),
-        |tcp, remote| {
-            let shared = shared.clone();
-            let acceptor = acceptor.clone();
-            async move { inbound_conn(&shared, tcp, remote, &acceptor).await }
-        },
-    )
+    serve_listener(&shared.clone(), listener, "inbound", |tcp, remote| {
+        let shared = shared.clone();
+        let acceptor = acceptor.clone();
+        async move { inbound_conn(&shared, tcp, remote, &acceptor).await }
+    })
     .await
 }
 

@@ -1,0 +1,78 @@
+//! What the CLI's process tests share: the binary, child processes that
+//! die with the test, free ports, a plain HTTP GET of admin endpoints, a
+//! kubeconfig for the API server stand-in.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::Duration;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_fedmesh")
+}
+
+pub fn p(path: &Path) -> String {
+    path.display().to_string()
+}
+
+/// Runs `fedmesh ARGS` and asserts it succeeded.
+pub fn ok(args: &[&str]) {
+    let o = Command::new(bin()).args(args).output().unwrap();
+    assert!(
+        o.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Children killed (and reaped) when the test ends, pass or fail.
+pub struct Procs(pub Vec<Child>);
+
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+pub fn free_tcp() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+/// `GET path` on an admin endpoint: the whole response, or "" when the
+/// port does not answer.
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// A kubeconfig in `dir` pointing at `server` (the fake API server).
+pub fn kubeconfig(dir: &Path, server: &str) -> PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{ server: \"{server}\" }}\n\
+             contexts:\n- name: fake\n  context: {{ cluster: fake, user: fake }}\ncurrent-context: fake\n\
+             users:\n- name: fake\n  user: {{ token: x }}\n"
+        ),
+    )
+    .unwrap();
+    path
+}
