@@ -22,9 +22,20 @@ import kubernetes_validate
 import yaml
 
 
+class K8sLoader(yaml.SafeLoader):
+    """YAML as the API server reads it (sigs.k8s.io/yaml goes through
+    JSON): an unquoted timestamp stays a string."""
+
+
+K8sLoader.yaml_implicit_resolvers = {
+    k: [r for r in v if r[0] != "tag:yaml.org,2002:timestamp"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+
+
 def docs(path):
     with open(path, encoding="utf-8") as f:
-        return [d for d in yaml.safe_load_all(f) if d is not None]
+        return [d for d in yaml.load_all(f, Loader=K8sLoader) if d is not None]
 
 
 def k8s_errors(obj, version):

@@ -354,6 +354,45 @@ fn terraform_mode_speaks_the_external_protocol() {
     assert_eq!(o.status.code(), Some(2));
 }
 
+/// The MCS objects the controller writes (a ServiceImport, and export
+/// statuses with and without a conflict) as YAML documents, or nothing in
+/// a build without the Kubernetes source.
+fn controller_writes() -> String {
+    #[cfg(feature = "kube")]
+    {
+        use fedmesh_catalog::mcs::{Conflict, ConflictKind, Import, Protocol, ServiceType};
+        use fedmesh_federation::k8s::{export_status, service_import, stamped};
+        let name: fedmesh_wire::ServiceName = "cart.shop".parse().unwrap();
+        let import = Import {
+            service: name.clone(),
+            service_type: ServiceType::ClusterSetIP,
+            ports: vec![(8080, Protocol::Tcp), (5353, Protocol::Udp)],
+            clusters: vec!["east".parse().unwrap(), "west".parse().unwrap()],
+            conflicts: Vec::new(),
+        };
+        let conflict = vec![Conflict {
+            kind: ConflictKind::PortProtocol { port: 8080 },
+            winner: "east".into(),
+            loser: "west".into(),
+        }];
+        let now = std::time::SystemTime::now();
+        let mut with_meta = |mut v: serde_json::Value| {
+            v["metadata"] = serde_json::json!({ "name": "cart", "namespace": "shop" });
+            v
+        };
+        let docs = [
+            service_import(&name, &import),
+            with_meta(stamped(&export_status(None), now)),
+            with_meta(stamped(&export_status(Some(&conflict)), now)),
+        ];
+        docs.iter()
+            .map(|d| format!("---\n{}", serde_yaml_ng::to_string(d).unwrap()))
+            .collect()
+    }
+    #[cfg(not(feature = "kube"))]
+    String::new()
+}
+
 /// The Python validator from the venv `scripts/test.sh` makes.
 fn validator() -> Option<String> {
     let py = std::env::var("FEDMESH_K8S_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -396,6 +435,9 @@ fn manifests_and_mcs_objects_pass_the_kubernetes_1_33_schemas() {
     let injected = dir.path().join("injected.yaml");
     std::fs::write(&injected, out(&o)).unwrap();
     files.push(s(&injected).to_owned());
+    // And what the controller itself writes back, from its own code.
+    let written = dir.path().join("controller-writes.yaml");
+    std::fs::write(&written, controller_writes()).unwrap();
     let o = Command::new(py)
         .arg(repo().join("scripts/validate-manifests.py"))
         .args(["--k8s", "1.33.0"])
@@ -403,6 +445,7 @@ fn manifests_and_mcs_objects_pass_the_kubernetes_1_33_schemas() {
         .arg("--crd-samples")
         .arg(repo().join("e2e/kind/samples/mcs-objects.yaml"))
         .arg(repo().join("e2e/kind/samples/export.yaml"))
+        .arg(&written)
         .output()
         .unwrap();
     println!("{}", out(&o));
