@@ -376,7 +376,7 @@ fn controller_writes() -> String {
             loser: "west".into(),
         }];
         let now = std::time::SystemTime::now();
-        let mut with_meta = |mut v: serde_json::Value| {
+        let with_meta = |mut v: serde_json::Value| {
             v["metadata"] = serde_json::json!({ "name": "cart", "namespace": "shop" });
             v
         };
