@@ -278,6 +278,32 @@ fn bad_flags_are_refused_naming_the_rule_and_nothing_is_printed() {
         );
         assert!(o.stdout.is_empty(), "{extra:?}: printed something");
     }
+    // A CA directory whose key is another CA's.
+    let west = ca(dir.path(), "west.acme");
+    let mixed = dir.path().join("mixed");
+    std::fs::create_dir_all(&mixed).unwrap();
+    for f in ["ca.pem", "chain.pem", "bundle.pem"] {
+        std::fs::copy(east.join(f), mixed.join(f)).unwrap();
+    }
+    std::fs::copy(west.join("ca.key"), mixed.join("ca.key")).unwrap();
+    let o = fedmesh(
+        &[
+            "install",
+            "--cluster=east",
+            "--trust-domain=east.acme",
+            "--store=http://e:1",
+            &format!("--ca={}", s(&mixed)),
+            "--advertise=10.0.0.1:15443",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        err(&o).contains("CA ca.key: does not sign for bundle.pem"),
+        "{}",
+        err(&o)
+    );
+    assert!(o.stdout.is_empty());
     // A bad port is clap's to refuse, also with exit 2.
     let o = fedmesh(
         &[

@@ -169,6 +169,7 @@ fn one_leads_the_other_stands_by_and_takes_over() {
         Duration::from_secs(10),
     );
     assert!(took < Duration::from_secs(5), "took over after {took:?}");
+    println!("standby leading {took:?} after the leader was killed (lease 2 s)");
     b.wait_line("controller up", Duration::from_secs(10));
     assert_eq!(label(&fake, "b"), "true");
     assert!(get(admin_b, "/metrics").contains("fedmesh_controller_leader 1"));

@@ -453,10 +453,12 @@ impl InstallSpec {
     fn controller(&self) -> Vec<Value> {
         let labels = self.labels("controller");
         let selector = json!({ "app.kubernetes.io/name": "fedmesh", "app.kubernetes.io/component": "controller" });
+        // Secrets are 0440, root and the pod's fsGroup: the non-root
+        // process reads them through its group, nobody else can.
         let mut volumes = vec![
             json!({ "name": "config", "configMap": { "name": "fedmesh-controller" } }),
-            json!({ "name": "ca", "secret": { "secretName": "fedmesh-ca", "defaultMode": 0o400 } }),
-            json!({ "name": "bootstrap", "secret": { "secretName": "fedmesh-bootstrap", "defaultMode": 0o400 } }),
+            json!({ "name": "ca", "secret": { "secretName": "fedmesh-ca", "defaultMode": 0o440 } }),
+            json!({ "name": "bootstrap", "secret": { "secretName": "fedmesh-bootstrap", "defaultMode": 0o440 } }),
             json!({ "name": "pins", "configMap": { "name": "fedmesh-pins" } }),
         ];
         let mut mounts = vec![
@@ -466,7 +468,7 @@ impl InstallSpec {
             json!({ "name": "pins", "mountPath": "/etc/fedmesh/pins", "readOnly": true }),
         ];
         if self.store.tls.is_some() {
-            volumes.push(json!({ "name": "store-tls", "secret": { "secretName": "fedmesh-store-tls", "defaultMode": 0o400 } }));
+            volumes.push(json!({ "name": "store-tls", "secret": { "secretName": "fedmesh-store-tls", "defaultMode": 0o440 } }));
             mounts.push(json!({ "name": "store-tls", "mountPath": "/etc/fedmesh/store-tls", "readOnly": true }));
         }
         let mut pod_labels = labels.clone();
@@ -644,7 +646,7 @@ impl InstallSpec {
                                 { "name": "identity", "emptyDir": { "medium": "Memory", "sizeLimit": "1Mi" } },
                                 { "name": "config", "configMap": { "name": "fedmesh-gateway" } },
                                 { "name": "bundle", "configMap": { "name": "fedmesh-bundle" } },
-                                { "name": "bootstrap", "secret": { "secretName": "fedmesh-bootstrap", "defaultMode": 0o400, "items": [{ "key": "gateway-token", "path": "gateway-token" }] } },
+                                { "name": "bootstrap", "secret": { "secretName": "fedmesh-bootstrap", "defaultMode": 0o440, "items": [{ "key": "gateway-token", "path": "gateway-token" }] } },
                             ],
                         },
                     },
@@ -939,11 +941,34 @@ impl CaFiles {
                 "CA is for trust domain `{td}`, not `{trust_domain}`"
             )));
         }
-        if !self.ca_key.contains("PRIVATE KEY-----") {
-            return Err(bad("ca.key", &"not a PEM private key"));
-        }
-        let bundle = fedmesh_trust::TrustBundle::from_pem(td, &self.bundle_pem)
+        let bundle = fedmesh_trust::TrustBundle::from_pem(td.clone(), &self.bundle_pem)
             .map_err(|e| bad("bundle.pem", &e))?;
+        // What the controller will do at start, done now: load the CA,
+        // issue, and check the result against the bundle (a key that does
+        // not belong to ca.pem, or a bundle without its root, fails here).
+        let dir = tempfile::tempdir().map_err(|e| bad("check", &e))?;
+        for (name, text) in [
+            ("ca.pem", &self.ca_pem),
+            ("ca.key", &self.ca_key),
+            ("chain.pem", &self.chain_pem),
+            ("bundle.pem", &self.bundle_pem),
+        ] {
+            std::fs::write(dir.path().join(name), text).map_err(|e| bad("check", &e))?;
+        }
+        let ca =
+            fedmesh_trust::CertificateAuthority::load(dir.path()).map_err(|e| bad("dir", &e))?;
+        let probe = td.system_id("install-check");
+        let svid = ca
+            .issue(&probe, std::time::Duration::from_secs(60))
+            .map_err(|e| bad("ca.key", &e))?;
+        let bundles = fedmesh_trust::TrustBundles::new().with(bundle.clone());
+        fedmesh_trust::verify_svid(
+            &bundles,
+            svid.chain(),
+            std::time::SystemTime::now(),
+            fedmesh_trust::Usage::Client,
+        )
+        .map_err(|e| bad("ca.key", &format!("does not sign for bundle.pem ({e})")))?;
         Ok(bundle.fingerprint())
     }
 }
