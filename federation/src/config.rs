@@ -23,6 +23,9 @@ pub struct ControllerConfig {
     #[serde(default)]
     pub locality: Locality,
     /// QUIC addresses of this cluster's gateways, as peers reach them.
+    /// May be empty with `kubernetes.gateway_service`: then they are the
+    /// addresses its load balancer gets.
+    #[serde(default)]
     pub gateways: Vec<SocketAddr>,
     /// TLS/TCP fallback addresses of the same gateways (HTTP/2 CONNECT),
     /// as peers reach them; peers whose path drops UDP use these.
@@ -72,6 +75,12 @@ pub struct KubernetesSource {
     /// Write ServiceImports and ServiceExport conditions back.
     #[serde(default = "yes")]
     pub write_back: bool,
+    /// `NAMESPACE/NAME` of the gateway's LoadBalancer Service: when
+    /// `gateways` is empty, its load balancer addresses (with the
+    /// Service's `quic` and `tls-fallback` ports) are advertised, and
+    /// follow it when they change.
+    #[serde(default)]
+    pub gateway_service: Option<String>,
 }
 
 fn default_inbound_port() -> u16 {
@@ -253,8 +262,29 @@ impl ControllerConfig {
         let td = TrustDomain::new(&self.trust_domain)
             .map_err(|e| errs.push(format!("trust_domain: {e}")))
             .ok();
-        if self.gateways.is_empty() || self.gateways.len() > 16 {
-            errs.push("gateways: 1 to 16 addresses".into());
+        let discovered = self
+            .kubernetes
+            .as_ref()
+            .is_some_and(|k| k.gateway_service.is_some());
+        if self.gateways.len() > 16 || (self.gateways.is_empty() && !discovered) {
+            errs.push(
+                "gateways: 1 to 16 addresses (or none, with kubernetes.gateway_service)".into(),
+            );
+        }
+        if let Some(svc) = self
+            .kubernetes
+            .as_ref()
+            .and_then(|k| k.gateway_service.as_ref())
+        {
+            let ok = svc.split_once('/').is_some_and(|(ns, name)| {
+                fedmesh_wire::check_label("namespace", ns).is_ok()
+                    && fedmesh_wire::check_label("service name", name).is_ok()
+            });
+            if !ok {
+                errs.push(format!(
+                    "kubernetes.gateway_service `{svc}`: expected NAMESPACE/NAME"
+                ));
+            }
         }
         if self.gateways_tcp.len() > 16 {
             errs.push("gateways_tcp: at most 16 addresses".into());

@@ -155,6 +155,9 @@ pub struct Controller {
     bundles: watch::Receiver<Arc<TrustBundles>>,
     status: Arc<Mutex<Status>>,
     local: watch::Sender<Vec<LocalService>>,
+    /// The advertised gateway addresses (QUIC, TCP fallback): from the
+    /// settings, or discovered (a load balancer's address) later.
+    gateways: watch::Sender<Gateways>,
     /// Set by [`Controller::leave`]: the publisher announces the leave.
     leaving: Arc<std::sync::atomic::AtomicBool>,
     metrics: ControllerMetrics,
@@ -167,6 +170,13 @@ impl Drop for Controller {
             t.abort();
         }
     }
+}
+
+/// Where peers reach this cluster's gateways: QUIC, and the TCP fallback.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Gateways {
+    pub quic: Vec<SocketAddr>,
+    pub tcp: Vec<SocketAddr>,
 }
 
 fn now_ms() -> u64 {
@@ -186,6 +196,10 @@ impl Controller {
         let metrics = ControllerMetrics::default();
         metrics.register(registry);
         let (local_tx, local_rx) = watch::channel(local);
+        let (gateways_tx, gateways_rx) = watch::channel(Gateways {
+            quic: settings.gateways.clone(),
+            tcp: settings.gateways_tcp.clone(),
+        });
         let mut own = TrustBundles::new();
         own.insert(settings.bundle.clone());
         let (bundles_tx, bundles_rx) = watch::channel(Arc::new(own));
@@ -201,6 +215,7 @@ impl Controller {
             store.clone(),
             settings.clone(),
             local_rx.clone(),
+            gateways_rx,
             metrics.clone(),
             leaving.clone(),
         ));
@@ -222,6 +237,7 @@ impl Controller {
             bundles: bundles_rx,
             status,
             local: local_tx,
+            gateways: gateways_tx,
             leaving,
             metrics,
             tasks: vec![publisher, watcher],
@@ -284,6 +300,17 @@ impl Controller {
     pub fn set_local(&self, services: Vec<LocalService>) {
         self.local.send_replace(services);
     }
+
+    /// Replaces the advertised gateway addresses (a load balancer got or
+    /// changed its address); republished at once. While there are none,
+    /// nothing is published: peers could not reach this cluster anyway.
+    pub fn set_gateways(&self, gateways: Gateways) {
+        self.gateways.send_if_modified(|g| {
+            let changed = *g != gateways;
+            *g = gateways;
+            changed
+        });
+    }
 }
 
 impl PartialEq for McsView {
@@ -295,12 +322,12 @@ impl PartialEq for McsView {
 
 // ---- publishing ----
 
-fn info_record(s: &ControllerSettings) -> Vec<u8> {
+fn info_record(s: &ControllerSettings, g: &Gateways) -> Vec<u8> {
     let r = ClusterInfo {
         cluster: s.cluster.to_string(),
         trust_domain: s.trust_domain.to_string(),
-        gateways: s.gateways.clone(),
-        gateways_tcp: s.gateways_tcp.clone(),
+        gateways: g.quic.clone(),
+        gateways_tcp: g.tcp.clone(),
         locality: s.locality.clone(),
         bundle_pem: s.bundle.to_pem(),
         bundle_endorsements: s.endorsements.clone(),
@@ -339,6 +366,7 @@ async fn publish_loop(
     store: Arc<dyn Store>,
     s: Arc<ControllerSettings>,
     mut local: watch::Receiver<Vec<LocalService>>,
+    mut gateways: watch::Receiver<Gateways>,
     metrics: ControllerMetrics,
     leaving: Arc<std::sync::atomic::AtomicBool>,
 ) {
@@ -347,7 +375,11 @@ async fn publish_loop(
     let cap = (s.lease_ttl / 3).clamp(Duration::from_millis(100), Duration::from_secs(5));
     let mut backoff = Duration::from_millis(100);
     loop {
-        match publish_session(&*store, &s, &mut local, &metrics, &leaving).await {
+        // Not before there is an address peers can reach.
+        if gateways.wait_for(|g| !g.quic.is_empty()).await.is_err() {
+            return;
+        }
+        match publish_session(&*store, &s, &mut local, &mut gateways, &metrics, &leaving).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(cluster = %s.cluster, error = %e, "publishing to the store failed; retrying");
@@ -362,6 +394,7 @@ async fn publish_session(
     store: &dyn Store,
     s: &ControllerSettings,
     local: &mut watch::Receiver<Vec<LocalService>>,
+    gateways: &mut watch::Receiver<Gateways>,
     metrics: &ControllerMetrics,
     leaving: &std::sync::atomic::AtomicBool,
 ) -> Result<(), StoreError> {
@@ -376,14 +409,16 @@ async fn publish_session(
             }
         }
     }
+    let info = info_record(s, &gateways.borrow_and_update());
     store
-        .put(&keys::info_key(&s.cluster), info_record(s), Some(lease))
+        .put(&keys::info_key(&s.cluster), info, Some(lease))
         .await?;
     let mut published: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let keepalive = s.lease_ttl / 3;
     let mut tick = tokio::time::interval(keepalive.max(Duration::from_millis(100)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dirty = true;
+    let mut gateways_open = true;
     loop {
         if dirty {
             let services = local.borrow_and_update().clone();
@@ -443,6 +478,22 @@ async fn publish_session(
                             tokio::time::sleep(Duration::from_millis(100)).await;
                         }
                     }
+                }
+            }
+            changed = gateways.changed(), if gateways_open => {
+                // The sender goes with the controller; `local` ends the
+                // session then.
+                gateways_open = changed.is_ok();
+                if gateways_open {
+                    let g = gateways.borrow_and_update().clone();
+                    if g.quic.is_empty() {
+                        // Lost its address: the info would be refused;
+                        // keep the last one until the lease says otherwise.
+                        continue;
+                    }
+                    tracing::info!(cluster = %s.cluster, gateways = ?g.quic, tcp = ?g.tcp, "advertised gateways changed");
+                    store.put(&keys::info_key(&s.cluster), info_record(s, &g), Some(lease)).await?;
+                    metrics.publishes.inc();
                 }
             }
             changed = local.changed() => {
@@ -1174,11 +1225,18 @@ mod tests {
             .map(|i| svc(i, i % 2 == 0, Protocol::Tcp, &cas[0].trust_domain().clone()))
             .collect();
         let mut cache = Cache::default();
+        let record = |s: &ControllerSettings| {
+            let g = Gateways {
+                quic: s.gateways.clone(),
+                tcp: s.gateways_tcp.clone(),
+            };
+            Some(info_record(s, &g))
+        };
         let mut changes: Vec<(String, Option<Vec<u8>>)> = others
             .iter()
-            .map(|o| (keys::info_key(&o.cluster), Some(info_record(o))))
+            .map(|o| (keys::info_key(&o.cluster), record(o)))
             .collect();
-        changes.push((keys::info_key(&me.cluster), Some(info_record(&me))));
+        changes.push((keys::info_key(&me.cluster), record(&me)));
         // Our own exports come back from the store like everyone else's.
         for l in local.iter().filter(|l| l.export) {
             changes.push((

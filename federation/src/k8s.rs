@@ -44,7 +44,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::controller::{LocalService, McsView};
+use crate::controller::{Gateways, LocalService, McsView};
 
 /// Annotation naming the service account a Service's pods run as.
 pub const SERVICE_ACCOUNT_ANNOTATION: &str = "fedmesh.io/service-account";
@@ -790,4 +790,87 @@ impl fedmesh_api::server::TokenReviewer for KubeTokenReviewer {
         let user = status.user.and_then(|u| u.username).unwrap_or_default();
         service_account_of(&user).ok_or_else(|| format!("`{user}` is not a service account"))
     }
+}
+
+/// What a gateway LoadBalancer Service advertises: every ingress IP with
+/// the Service's `quic` (UDP) and `tls-fallback` (TCP) ports. Hostname-only
+/// ingresses are skipped (peers need IPs) and logged by the caller.
+pub fn advertised(svc: &Service) -> Gateways {
+    let port = |name: &str, proto: &str| {
+        svc.spec
+            .as_ref()
+            .and_then(|s| s.ports.as_ref())
+            .and_then(|ps| {
+                ps.iter()
+                    .find(|p| {
+                        p.name.as_deref() == Some(name)
+                            && p.protocol.as_deref().unwrap_or("TCP") == proto
+                    })
+                    .and_then(|p| u16::try_from(p.port).ok())
+            })
+    };
+    let ips: Vec<IpAddr> = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|lb| lb.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.ip.as_deref()?.parse().ok())
+        .take(16)
+        .collect();
+    let with = |p: Option<u16>| match p {
+        Some(p) => ips.iter().map(|ip| SocketAddr::new(*ip, p)).collect(),
+        None => Vec::new(),
+    };
+    Gateways {
+        quic: with(port("quic", "UDP")),
+        tcp: with(port("tls-fallback", "TCP")),
+    }
+}
+
+/// Follows the gateway Service `namespace/name` and sends what it
+/// advertises on every change (empty until its load balancer has an IP).
+pub fn watch_gateway_service(
+    client: Client,
+    namespace: &str,
+    name: &str,
+) -> (watch::Receiver<Gateways>, JoinHandle<()>) {
+    let (tx, rx) = watch::channel(Gateways::default());
+    // Cluster-wide with a field selector: the controller may list Services
+    // everywhere anyway, and one code path serves every API server.
+    let api: Api<Service> = Api::all(client);
+    let cfg = watcher::Config::default().fields(&format!(
+        "metadata.namespace={namespace},metadata.name={name}"
+    ));
+    let (ns, want) = (namespace.to_owned(), name.to_owned());
+    let task = tokio::spawn(async move {
+        let mut stream = watcher::watcher(api, cfg)
+            .default_backoff()
+            .applied_objects()
+            .boxed();
+        while let Some(ev) = stream.next().await {
+            match ev {
+                Ok(svc)
+                    if svc.name_any() == want
+                        && svc.namespace().as_deref() == Some(ns.as_str()) =>
+                {
+                    let g = advertised(&svc);
+                    if g.quic.is_empty() {
+                        tracing::info!(service = %format!("{ns}/{want}"), "gateway load balancer has no IP yet");
+                    }
+                    tx.send_if_modified(|cur| {
+                        let changed = *cur != g;
+                        *cur = g;
+                        changed
+                    });
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, service = %format!("{ns}/{want}"), "watching the gateway Service")
+                }
+            }
+        }
+    });
+    (rx, task)
 }

@@ -14,5 +14,5 @@ pub mod records;
 pub mod source;
 pub mod store;
 
-pub use controller::{Controller, ControllerSettings, LocalService, McsView, Status};
+pub use controller::{Controller, ControllerSettings, Gateways, LocalService, McsView, Status};
 pub use store::{KeyValue, LeaseId, Listing, Revision, Store, StoreError, WatchEvent};

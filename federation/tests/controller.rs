@@ -654,3 +654,59 @@ async fn three_member_etcd_survives_losing_one() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_whose_gateway_address_is_discovered_joins_when_it_has_one() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new(EmbeddedLimits::default()));
+    let (e, w) = (member("east"), member("west"));
+    let all = [&e, &w];
+    let mut reg = Registry::default();
+    let ce = Controller::start(store.clone(), settings(&e, &all, 1000), vec![], &mut reg);
+    // West's load balancer has no address yet: nothing is published.
+    let mut ws = settings(&w, &all, 2000);
+    ws.gateways.clear();
+    ws.gateways_tcp.clear();
+    let cw = Controller::start(store.clone(), ws, vec![echo(&w, true)], &mut reg);
+    tokio::time::sleep(TTL).await;
+    let west_info = store.list("/fedmesh/v1/clusters/west/").await.unwrap().kvs;
+    assert!(west_info.is_empty(), "published before it had an address");
+    assert!(ce
+        .catalog()
+        .borrow()
+        .as_ref()
+        .is_some_and(|c| c.peers().count() == 0));
+    // The address arrives: west joins, reachable there.
+    let quic: std::net::SocketAddr = "203.0.113.7:15443".parse().unwrap();
+    let tcp: std::net::SocketAddr = "203.0.113.7:15444".parse().unwrap();
+    cw.set_gateways(fedmesh_federation::Gateways {
+        quic: vec![quic],
+        tcp: vec![tcp],
+    });
+    until(
+        &ce,
+        "east sees west at its load balancer",
+        Duration::from_secs(10),
+        |c| {
+            c.peer(&w.name)
+                .is_some_and(|p| p.address == quic && p.tcp_address == Some(tcp))
+                && c.imports(&svc()) == [w.name.clone()]
+        },
+    )
+    .await;
+    // It moves: peers follow.
+    let moved: std::net::SocketAddr = "203.0.113.8:15443".parse().unwrap();
+    cw.set_gateways(fedmesh_federation::Gateways {
+        quic: vec![moved],
+        tcp: vec![],
+    });
+    until(
+        &ce,
+        "east follows west's new address",
+        Duration::from_secs(10),
+        |c| {
+            c.peer(&w.name)
+                .is_some_and(|p| p.address == moved && p.tcp_address.is_none())
+        },
+    )
+    .await;
+}

@@ -49,9 +49,11 @@ pub struct InstallArgs {
     /// cloud load balancer.
     #[arg(long = "gateway-annotation", value_parser = parse_kv)]
     gateway_annotations: Vec<(String, String)>,
-    /// The QUIC address peers reach this cluster's gateways at (the load
-    /// balancer's or a node's IP, and the port).
-    #[arg(long, required_unless_present = "terraform")]
+    /// The QUIC address peers reach this cluster's gateways at (a reserved
+    /// load balancer IP, or a node's IP and the node port). Without it (a
+    /// LoadBalancer only) the controller advertises the address the load
+    /// balancer gets.
+    #[arg(long)]
     advertise: Option<SocketAddr>,
     /// The TCP fallback address peers reach (default: the advertised IP
     /// with the fallback port or node port).
@@ -172,7 +174,7 @@ fn from_args(a: InstallArgs) -> anyhow::Result<InstallSpec> {
         gateway: GatewaySpec {
             service_type: a.gateway_service_type,
             annotations: a.gateway_annotations.into_iter().collect(),
-            advertise: a.advertise.ok_or_else(|| missing("advertise"))?,
+            advertise: a.advertise,
             advertise_tcp: a.advertise_tcp,
             node_ports: a.node_ports,
             replicas: a.gateway_replicas,
@@ -249,8 +251,7 @@ fn from_query(q: &str) -> Result<InstallSpec, String> {
                 .unwrap_or("LoadBalancer")
                 .to_owned(),
             annotations,
-            advertise: addr("gateway_advertise")?
-                .ok_or("query: `gateway_advertise` is required")?,
+            advertise: addr("gateway_advertise")?,
             advertise_tcp: addr("gateway_advertise_tcp")?,
             node_ports,
             replicas: num("gateway_replicas", 2)?,

@@ -196,6 +196,36 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     let store = open_store(&cfg.store).await?;
     let (td, own_bundle) = (settings.trust_domain.clone(), settings.bundle.clone());
     let ctrl = Arc::new(Controller::start(store, settings, initial, &mut registry));
+    // Gateways advertised from their LoadBalancer Service, when the config
+    // names none.
+    #[cfg(feature = "kube")]
+    let _gateway_watch = match cfg
+        .kubernetes
+        .as_ref()
+        .and_then(|k| k.gateway_service.as_ref())
+    {
+        Some(svc) if cfg.gateways.is_empty() => {
+            let (ns, name) = svc.split_once('/').unwrap_or(("", svc.as_str()));
+            let (mut rx, task) = fedmesh_federation::k8s::watch_gateway_service(
+                kube::Client::try_default().await?,
+                ns,
+                name,
+            );
+            // Weak: the controller's clean shutdown needs the only Arc.
+            let c = Arc::downgrade(&ctrl);
+            let relay = tokio::spawn(async move {
+                while rx.changed().await.is_ok() {
+                    let g = rx.borrow_and_update().clone();
+                    match c.upgrade() {
+                        Some(c) => c.set_gateways(g),
+                        None => return,
+                    }
+                }
+            });
+            Some((AbortOnDrop(task), AbortOnDrop(relay)))
+        }
+        _ => None,
+    };
     #[cfg(feature = "kube")]
     let _write_back = match &cfg.kubernetes {
         Some(k) if k.write_back => Some(fedmesh_federation::k8s::write_back(

@@ -77,7 +77,7 @@ fn render_variants(dir: &Path) -> Vec<(PathBuf, String)> {
             &format!("--store-cert={}", s(&east.join("ca.pem"))),
             &format!("--store-key={}", s(&east.join("ca.key"))),
             &format!("--ca={}", s(&east)),
-            "--advertise=203.0.113.10:15443",
+            // No --advertise: the controller follows the load balancer.
             "--gateway-annotation=service.beta.kubernetes.io/aws-load-balancer-type=nlb",
             &format!("--peer=west={}", s(&west.join("bundle.pem"))),
             &format!("--peer=north={}", s(&north.join("bundle.pem"))),
@@ -138,8 +138,14 @@ fn install_manifests_configure_our_binaries() {
         let text = cm["data"]["controller.yaml"].as_str().unwrap();
         let cfg: fedmesh_federation::config::ControllerConfig = serde_yaml_ng::from_str(text)
             .unwrap_or_else(|e| panic!("{}: controller.yaml: {e}\n{text}", path.display()));
-        assert!(cfg.kubernetes.is_some() && cfg.api.is_some());
-        assert_eq!(cfg.gateways.len(), 1);
+        let k = cfg.kubernetes.as_ref().unwrap();
+        assert!(cfg.api.is_some());
+        // Advertised as given, or discovered from the LoadBalancer.
+        match (cfg.gateways.len(), &k.gateway_service) {
+            (1, None) => {}
+            (0, Some(svc)) => assert_eq!(svc, "fedmesh-system/fedmesh-gateway"),
+            other => panic!("{}: gateways {other:?}", path.display()),
+        }
         let gw = find(&objs, "ConfigMap", "fedmesh-gateway");
         let text = gw["data"]["gateway.yaml"].as_str().unwrap();
         let g: fedmesh_gateway::GatewayConfig = serde_yaml_ng::from_str(text)
@@ -304,6 +310,24 @@ fn bad_flags_are_refused_naming_the_rule_and_nothing_is_printed() {
         err(&o)
     );
     assert!(o.stdout.is_empty());
+    // Only a load balancer's address can be discovered.
+    let o = fedmesh(
+        &[
+            "install",
+            "--cluster=east",
+            "--trust-domain=east.acme",
+            "--store=http://e:1",
+            &format!("--ca={}", s(&east)),
+            "--gateway-service-type=NodePort",
+        ],
+        None,
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        err(&o).contains("required unless the gateway Service is a LoadBalancer"),
+        "{}",
+        err(&o)
+    );
     // A bad port is clap's to refuse, also with exit 2.
     let o = fedmesh(
         &[

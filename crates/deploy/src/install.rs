@@ -64,8 +64,10 @@ pub struct GatewaySpec {
     pub annotations: BTreeMap<String, String>,
     /// The QUIC address peers reach this cluster's gateways at (the load
     /// balancer's or a node's IP); the TCP fallback is the same host on
-    /// its own port unless `advertise_tcp` says otherwise.
-    pub advertise: std::net::SocketAddr,
+    /// its own port unless `advertise_tcp` says otherwise. `None` (a
+    /// LoadBalancer only): the controller advertises whatever address the
+    /// load balancer gets, and follows it.
+    pub advertise: Option<std::net::SocketAddr>,
     pub advertise_tcp: Option<std::net::SocketAddr>,
     /// For `NodePort`: the node ports of QUIC and the TCP fallback.
     pub node_ports: Option<(u16, u16)>,
@@ -137,10 +139,17 @@ impl InstallSpec {
                 "gateway node ports: only with gateway service type NodePort".into(),
             ));
         }
-        if self.gateway.advertise.port() == 0 {
-            p.push(Problem::Other(
+        match self.gateway.advertise {
+            Some(a) if a.port() == 0 => p.push(Problem::Other(
                 "gateway advertise address: port must be 1-65535".into(),
-            ));
+            )),
+            None if self.gateway.service_type != "LoadBalancer" => p.push(Problem::Other(
+                "gateway advertise address: required unless the gateway Service is a LoadBalancer (whose address is then discovered)".into(),
+            )),
+            None if self.gateway.advertise_tcp.is_some() => p.push(Problem::Other(
+                "gateway advertise TCP address: only with an advertise address".into(),
+            )),
+            _ => {}
         }
         for (what, n) in [
             ("controller replicas", self.controller_replicas),
@@ -338,15 +347,25 @@ impl InstallSpec {
 
     /// The controller's config file, exactly as the controller reads it.
     pub fn controller_config(&self) -> Value {
-        let tcp = self
-            .gateway
-            .advertise_tcp
-            .unwrap_or(std::net::SocketAddr::new(
-                self.gateway.advertise.ip(),
-                self.gateway
-                    .node_ports
-                    .map_or(ports::GATEWAY_TCP, |(_, t)| t),
-            ));
+        let (quic, tcp) = match self.gateway.advertise {
+            Some(a) => {
+                let tcp = self
+                    .gateway
+                    .advertise_tcp
+                    .unwrap_or(std::net::SocketAddr::new(
+                        a.ip(),
+                        self.gateway
+                            .node_ports
+                            .map_or(ports::GATEWAY_TCP, |(_, t)| t),
+                    ));
+                (vec![a.to_string()], vec![tcp.to_string()])
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        let mut kubernetes = json!({ "inbound_port": ports::SIDECAR_INBOUND, "write_back": true });
+        if self.gateway.advertise.is_none() {
+            kubernetes["gateway_service"] = format!("{NAMESPACE}/fedmesh-gateway").into();
+        }
         let mut store = json!({ "kind": "etcd", "endpoints": self.store.endpoints });
         if let Some(tls) = &self.store.tls {
             let mut t = json!({ "ca": "/etc/fedmesh/store-tls/ca.pem" });
@@ -362,14 +381,14 @@ impl InstallSpec {
         json!({
             "cluster": self.cluster,
             "trust_domain": self.trust_domain,
-            "gateways": [self.gateway.advertise.to_string()],
-            "gateways_tcp": [tcp.to_string()],
+            "gateways": quic,
+            "gateways_tcp": tcp,
             "gateway_tunnel": format!("fedmesh-gateway-tunnel.{NAMESPACE}.svc:{}", ports::GATEWAY_TUNNEL),
             "lease_ttl": "10s",
             "store": store,
             "bundle": "/etc/fedmesh/ca/bundle.pem",
             "pins_dir": "/etc/fedmesh/pins",
-            "kubernetes": { "inbound_port": ports::SIDECAR_INBOUND, "write_back": true },
+            "kubernetes": kubernetes,
             "admin": format!("0.0.0.0:{}", ports::CONTROLLER_ADMIN),
             "api": {
                 "listen": format!("0.0.0.0:{}", ports::CONTROLLER_API),

@@ -187,6 +187,11 @@ fn variable_validations_match_the_cli_rules() {
         ),
         (
             "gateway",
+            json!({ "service_type": "NodePort" }),
+            "required unless service_type is LoadBalancer",
+        ),
+        (
+            "gateway",
             json!({ "advertise_address": "10.0.0.1:15443", "annotations": { "bad key": "x" } }),
             "gateway.annotations",
         ),
@@ -232,6 +237,8 @@ fn variable_validations_match_the_cli_rules() {
             json!({ "advertise_address": "[2001:db8::1]:15443", "service_type": "NodePort", "node_ports": { "quic": 30443, "tcp": 30444 }, "replicas": 1, "annotations": { "service.beta.kubernetes.io/aws-load-balancer-type": "nlb" } }),
         ),
         ("peers", json!({ "west": "-----BEGIN CERTIFICATE-----\n" })),
+        // A LoadBalancer's address may be left to discovery.
+        ("gateway", json!({ "annotations": { "x.io/y": "z" } })),
         (
             "store_tls",
             json!({ "ca_pem": "x", "cert_pem": "c", "key_pem": "k" }),

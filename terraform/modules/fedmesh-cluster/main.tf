@@ -25,8 +25,8 @@ data "external" "install" {
     pull_policy           = var.image_pull_policy
     gateway_service_type  = var.gateway.service_type
     gateway_annotations   = jsonencode(var.gateway.annotations)
-    gateway_advertise     = var.gateway.advertise_address
-    gateway_advertise_tcp = coalesce(var.gateway.advertise_tcp_address, "")
+    gateway_advertise     = var.gateway.advertise_address == null ? "" : var.gateway.advertise_address
+    gateway_advertise_tcp = var.gateway.advertise_tcp_address == null ? "" : var.gateway.advertise_tcp_address
     gateway_node_ports    = var.gateway.node_ports == null ? "" : "${var.gateway.node_ports.quic},${var.gateway.node_ports.tcp}"
     gateway_replicas      = tostring(var.gateway.replicas)
     controller_replicas   = tostring(var.controller_replicas)

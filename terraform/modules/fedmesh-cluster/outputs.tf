@@ -1,6 +1,9 @@
 output "gateway_address" {
-  description = "The QUIC address peers reach this cluster's gateways at (as advertised in the federation store)."
-  value       = var.gateway.advertise_address
+  description = "The QUIC address peers reach this cluster's gateways at: advertise_address, or the load balancer's IP and the QUIC port once it has one (what the controller then advertises)."
+  value = var.gateway.advertise_address != null ? var.gateway.advertise_address : try(
+    "${kubernetes_manifest.this["Service/fedmesh-system/fedmesh-gateway"].object.status.loadBalancer.ingress[0].ip}:15443",
+    null,
+  )
 }
 
 output "gateway_load_balancer" {

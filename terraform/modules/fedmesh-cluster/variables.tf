@@ -115,12 +115,14 @@ variable "gateway" {
   description = <<-EOT
     The east-west gateway: `advertise_address` is the QUIC address (IP:port)
     peers reach it at (a reserved load balancer IP, or a node IP with
-    the node port); `service_type` LoadBalancer, NodePort or ClusterIP;
+    the node port); left out with a LoadBalancer, the controller advertises
+    the address the load balancer gets; `service_type` LoadBalancer,
+    NodePort or ClusterIP;
     `annotations` on its Service (cloud load balancer settings);
     `node_ports` for NodePort; `replicas` 1 to 5.
   EOT
   type = object({
-    advertise_address     = string
+    advertise_address     = optional(string)
     advertise_tcp_address = optional(string)
     service_type          = optional(string, "LoadBalancer")
     annotations           = optional(map(string), {})
@@ -136,8 +138,12 @@ variable "gateway" {
     error_message = "gateway.service_type: must be one of LoadBalancer, NodePort, ClusterIP."
   }
   validation {
-    condition     = can(regex("^([0-9.]+|\\[[0-9a-fA-F:.]+\\]):[0-9]{1,5}$", var.gateway.advertise_address))
+    condition     = var.gateway.advertise_address == null || can(regex("^([0-9.]+|\\[[0-9a-fA-F:.]+\\]):[0-9]{1,5}$", var.gateway.advertise_address))
     error_message = "gateway.advertise_address: must be IP:PORT (IPv6 as [addr]:port)."
+  }
+  validation {
+    condition     = var.gateway.advertise_address != null || var.gateway.service_type == "LoadBalancer"
+    error_message = "gateway.advertise_address: required unless service_type is LoadBalancer (whose address is then discovered)."
   }
   validation {
     condition     = var.gateway.node_ports == null || (var.gateway.service_type == "NodePort" && try(var.gateway.node_ports.quic >= 30000 && var.gateway.node_ports.quic <= 32767 && var.gateway.node_ports.tcp >= 30000 && var.gateway.node_ports.tcp <= 32767, false))
