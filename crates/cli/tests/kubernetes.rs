@@ -204,144 +204,144 @@ fn the_same_input_renders_the_same_manifests() {
 fn bad_flags_are_refused_naming_the_rule_and_nothing_is_printed() {
     let dir = tempfile::tempdir().unwrap();
     let east = ca(dir.path(), "east.acme");
-    let base = |extra: &[&str]| {
-        let mut a = vec![
-            "install".to_string(),
-            "--store=http://etcd:2379".into(),
-            format!("--ca={}", s(&east)),
-            "--advertise=10.0.0.1:15443".into(),
-        ];
-        a.extend(extra.iter().map(|s| s.to_string()));
-        a
-    };
-    let cases: &[(&[&str], &str)] = &[
-        (
-            &["--cluster=East", "--trust-domain=east.acme"],
-            "cluster name `East`: may contain only lowercase letters",
-        ),
-        (
-            &["--cluster=-east", "--trust-domain=east.acme"],
-            "must start and end with a lowercase letter or digit",
-        ),
-        (
-            &["--cluster=east", "--trust-domain=east..acme"],
-            "must not have empty labels",
-        ),
-        (
-            &["--cluster=east", "--trust-domain=west.acme"],
-            "CA is for trust domain `east.acme`, not `west.acme`",
-        ),
-        (
-            &[
-                "--cluster=east",
-                "--trust-domain=east.acme",
-                "--gateway-service-type=Ingress",
-            ],
-            "must be one of LoadBalancer, NodePort, ClusterIP",
-        ),
-        (
-            &[
-                "--cluster=east",
-                "--trust-domain=east.acme",
-                "--gateway-service-type=NodePort",
-                "--node-ports=8080,30444",
-            ],
-            "gateway QUIC node port `8080`: must be a port number from 30000 to 32767",
-        ),
-        (
-            &[
-                "--cluster=east",
-                "--trust-domain=east.acme",
-                "--image=Fedmesh:dev",
-            ],
-            "image `Fedmesh:dev`",
-        ),
-        (
-            &[
-                "--cluster=east",
-                "--trust-domain=east.acme",
-                "--peer=east=/dev/null",
-            ],
-            "a cluster does not join itself",
-        ),
-        (
-            &[
-                "--cluster=east",
-                "--trust-domain=east.acme",
-                "--gateway-replicas=0",
-            ],
-            "gateway replicas: 0: must be from 1 to 5",
-        ),
-    ];
-    for (extra, want) in cases {
-        let args = base(extra);
-        let o = fedmesh(&args.iter().map(String::as_str).collect::<Vec<_>>(), None);
-        assert_eq!(o.status.code(), Some(2), "{extra:?}: {}", err(&o));
-        assert!(
-            err(&o).contains(want),
-            "{extra:?}: wanted `{want}` in:\n{}",
-            err(&o)
-        );
-        assert!(o.stdout.is_empty(), "{extra:?}: printed something");
-    }
-    // A CA directory whose key is another CA's.
     let west = ca(dir.path(), "west.acme");
+    // A CA directory whose key is another CA's.
     let mixed = dir.path().join("mixed");
     std::fs::create_dir_all(&mixed).unwrap();
     for f in ["ca.pem", "chain.pem", "bundle.pem"] {
         std::fs::copy(east.join(f), mixed.join(f)).unwrap();
     }
     std::fs::copy(west.join("ca.key"), mixed.join("ca.key")).unwrap();
-    let o = fedmesh(
-        &[
-            "install",
-            "--cluster=east",
-            "--trust-domain=east.acme",
-            "--store=http://e:1",
-            &format!("--ca={}", s(&mixed)),
-            "--advertise=10.0.0.1:15443",
-        ],
-        None,
-    );
-    assert_eq!(o.status.code(), Some(2));
-    assert!(
-        err(&o).contains("CA ca.key: does not sign for bundle.pem"),
-        "{}",
-        err(&o)
-    );
-    assert!(o.stdout.is_empty());
-    // Only a load balancer's address can be discovered.
-    let o = fedmesh(
-        &[
-            "install",
-            "--cluster=east",
-            "--trust-domain=east.acme",
-            "--store=http://e:1",
-            &format!("--ca={}", s(&east)),
-            "--gateway-service-type=NodePort",
-        ],
-        None,
-    );
-    assert_eq!(o.status.code(), Some(2));
-    assert!(
-        err(&o).contains("required unless the gateway Service is a LoadBalancer"),
-        "{}",
-        err(&o)
-    );
-    // A bad port is clap's to refuse, also with exit 2.
-    let o = fedmesh(
-        &[
-            "install",
-            "--cluster=east",
-            "--trust-domain=east.acme",
-            "--store=http://e:1",
-            &format!("--ca={}", s(&east)),
-            "--advertise=10.0.0.1:70000",
-        ],
-        None,
-    );
-    assert_eq!(o.status.code(), Some(2));
-    assert!(o.stdout.is_empty());
+    let ca_flag = format!("--ca={}", s(&east));
+    let mixed_flag = format!("--ca={}", s(&mixed));
+    // Each case: the flags after `install` (a good base unless replaced)
+    // and the words the refusal must contain ("" for clap's own errors).
+    let ok_base: Vec<&str> = vec![
+        "--store=http://etcd:2379",
+        &ca_flag,
+        "--advertise=10.0.0.1:15443",
+    ];
+    fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        [base, extra].concat()
+    }
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            with(&ok_base, &["--cluster=East", "--trust-domain=east.acme"]),
+            "cluster name `East`: may contain only lowercase letters",
+        ),
+        (
+            with(&ok_base, &["--cluster=-east", "--trust-domain=east.acme"]),
+            "must start and end with a lowercase letter or digit",
+        ),
+        (
+            with(&ok_base, &["--cluster=east", "--trust-domain=east..acme"]),
+            "must not have empty labels",
+        ),
+        (
+            with(&ok_base, &["--cluster=east", "--trust-domain=west.acme"]),
+            "CA is for trust domain `east.acme`, not `west.acme`",
+        ),
+        (
+            with(
+                &ok_base,
+                &[
+                    "--cluster=east",
+                    "--trust-domain=east.acme",
+                    "--gateway-service-type=Ingress",
+                ],
+            ),
+            "must be one of LoadBalancer, NodePort, ClusterIP",
+        ),
+        (
+            with(
+                &ok_base,
+                &[
+                    "--cluster=east",
+                    "--trust-domain=east.acme",
+                    "--gateway-service-type=NodePort",
+                    "--node-ports=8080,30444",
+                ],
+            ),
+            "gateway QUIC node port `8080`: must be a port number from 30000 to 32767",
+        ),
+        (
+            with(
+                &ok_base,
+                &[
+                    "--cluster=east",
+                    "--trust-domain=east.acme",
+                    "--image=Fedmesh:dev",
+                ],
+            ),
+            "image `Fedmesh:dev`",
+        ),
+        (
+            with(
+                &ok_base,
+                &[
+                    "--cluster=east",
+                    "--trust-domain=east.acme",
+                    "--peer=east=/dev/null",
+                ],
+            ),
+            "a cluster does not join itself",
+        ),
+        (
+            with(
+                &ok_base,
+                &[
+                    "--cluster=east",
+                    "--trust-domain=east.acme",
+                    "--gateway-replicas=0",
+                ],
+            ),
+            "gateway replicas: 0: must be from 1 to 5",
+        ),
+        (
+            vec![
+                "--cluster=east",
+                "--trust-domain=east.acme",
+                "--store=http://e:1",
+                &mixed_flag,
+                "--advertise=10.0.0.1:15443",
+            ],
+            "CA ca.key: does not sign for bundle.pem",
+        ),
+        // Only a load balancer's address can be discovered.
+        (
+            vec![
+                "--cluster=east",
+                "--trust-domain=east.acme",
+                "--store=http://e:1",
+                &ca_flag,
+                "--gateway-service-type=NodePort",
+            ],
+            "required unless the gateway Service is a LoadBalancer",
+        ),
+        // A bad port is clap's to refuse, also with exit 2.
+        (
+            vec![
+                "--cluster=east",
+                "--trust-domain=east.acme",
+                "--store=http://e:1",
+                &ca_flag,
+                "--advertise=10.0.0.1:70000",
+            ],
+            "",
+        ),
+    ];
+    for (flags, want) in &cases {
+        let mut args = vec!["install"];
+        args.extend(flags);
+        let o = fedmesh(&args, None);
+        assert_eq!(o.status.code(), Some(2), "{flags:?}: {}", err(&o));
+        assert!(
+            err(&o).contains(want),
+            "{flags:?}: wanted `{want}` in:\n{}",
+            err(&o)
+        );
+        assert!(o.stdout.is_empty(), "{flags:?}: printed something");
+    }
 }
 
 #[test]
