@@ -117,14 +117,14 @@ async fn a_service_vip_is_routed_through_the_mesh() {
         timeout: Duration::from_secs(2),
         ..LoadSpec::default()
     };
+    // The admin endpoint comes up after every listener (the transparent
+    // one accepts before the inbound one is bound).
     let deadline = Instant::now() + Duration::from_secs(15);
-    let r = loop {
-        let r = run_load(vip, &spec).await;
-        if r.ok > 0 || Instant::now() > deadline {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    while !http_get(admin, "/ready").starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "the sidecar never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = run_load(vip, &spec).await;
     assert_eq!((r.ok, r.failed), (20, 0), "{:?}", r.errors);
     assert_eq!(r.served_by.keys().collect::<Vec<_>>(), ["demo/echo"]);
     let metrics = http_get(admin, "/metrics");
