@@ -52,6 +52,11 @@ pub struct GatewayMetrics {
     pub rejected: Family<ReasonLabels, Counter>,
     pub bytes: Family<DirectionLabels, Counter>,
     pub invalid_datagrams: Counter,
+    /// UDP datagrams sent and received on the QUIC port.
+    pub udp_datagrams: Family<DirectionLabels, Counter>,
+    /// Send and receive calls that moved them: datagrams per call above 1
+    /// means GSO (send) and GRO (receive) batch packets.
+    pub udp_calls: Family<DirectionLabels, Counter>,
     pub peer_connections: Gauge,
     pub sidecar_connections: Gauge,
 }
@@ -78,6 +83,16 @@ impl GatewayMetrics {
             "invalid_datagrams",
             "UDP datagrams on the QUIC port that cannot be QUIC packets",
             self.invalid_datagrams.clone(),
+        );
+        reg.register(
+            "udp_datagrams",
+            "UDP datagrams moved on the QUIC port, by direction (tx, rx)",
+            self.udp_datagrams.clone(),
+        );
+        reg.register(
+            "udp_calls",
+            "Socket calls that moved them (datagrams per call above 1: GSO/GRO at work)",
+            self.udp_calls.clone(),
         );
         reg.register(
             "peer_connections",

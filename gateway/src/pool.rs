@@ -22,17 +22,29 @@
 //! Streams never wait for a reconnect to a peer known to be down: they get
 //! [`PoolError::Down`] and the caller fails over. Only the very first
 //! connect to a peer is waited for (up to `connect_timeout`).
+//!
+//! One QUIC connection per gateway pair: of two clusters, the one whose
+//! name sorts first dials ([`dials`]) and serves the other's streams on
+//! that connection too; the other adopts the accepted connection for its
+//! own streams. It dials itself only when no connection from the peer
+//! arrived within [`ADOPT_GRACE`] (the peer may not list us yet, or be
+//! down), and folds that connection away as soon as the peer's arrives:
+//! new streams move over at once, the old connection closes when the
+//! streams it carries have ended.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use fedmesh_catalog::{ClusterName, Peer};
 use fedmesh_transport::Limits;
 use quinn::{Connection, Endpoint};
 use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -53,6 +65,23 @@ const WATCH_TICK: Duration = Duration::from_millis(100);
 pub const CLOSE_POLICY: u32 = 1;
 /// Application close code for a connection declared dead by the watcher.
 pub const CLOSE_SILENT: u32 = 2;
+/// Application close code for our own dial, folded into the pair's one
+/// connection (the peer's dial) once its streams ended.
+pub const CLOSE_FOLDED: u32 = 3;
+
+/// How long the gateway that does not dial ([`dials`]) waits for the
+/// peer's connection before dialing itself: a few handshakes' worth, so a
+/// peer that does not list us yet (or is down) costs little.
+pub const ADOPT_GRACE: Duration = Duration::from_millis(500);
+/// A folded connection carrying long-lived streams is closed after this
+/// even if they have not ended (bounds how long a pair holds two).
+const DRAIN_MAX: Duration = Duration::from_secs(300);
+
+/// Whether `local` dials `peer` for the pair's one QUIC connection. Both
+/// sides compute the same answer from the two names alone.
+pub fn dials(local: &ClusterName, peer: &ClusterName) -> bool {
+    local.as_str() < peer.as_str()
+}
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -106,8 +135,93 @@ impl Transport {
 /// A connection to a peer gateway over either transport.
 #[derive(Clone)]
 pub enum PeerConn {
-    Quic(Connection),
+    Quic(QuicPeer),
     Tcp(TcpConn),
+}
+
+/// A QUIC connection to a peer and a count of the tunnel streams this
+/// gateway opened on it, so a connection folded away closes only once
+/// they are done.
+#[derive(Clone)]
+pub struct QuicPeer {
+    pub conn: Connection,
+    streams: Arc<AtomicUsize>,
+}
+
+impl QuicPeer {
+    pub fn new(conn: Connection) -> Self {
+        Self {
+            conn,
+            streams: Arc::default(),
+        }
+    }
+
+    /// Wraps a stream opened on this connection so it counts as open
+    /// until dropped.
+    pub fn counted<T>(&self, io: T) -> Counted<T> {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        Counted {
+            io,
+            streams: self.streams.clone(),
+        }
+    }
+}
+
+/// A stream that counts as open on its connection until dropped.
+pub struct Counted<T> {
+    io: T,
+    streams: Arc<AtomicUsize>,
+}
+
+impl<T> Drop for Counted<T> {
+    fn drop(&mut self) {
+        self.streams.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// Ends a folded-away connection once the streams we opened on it are done
+/// (or [`DRAIN_MAX`] passed), after a few round trips more so their last
+/// bytes are acknowledged: a QUIC close abandons unacknowledged data.
+async fn drain(q: QuicPeer) {
+    let deadline = Instant::now() + DRAIN_MAX;
+    while q.streams.load(Ordering::Relaxed) > 0
+        && q.conn.close_reason().is_none()
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(WATCH_TICK).await;
+    }
+    let linger = (q.conn.rtt() * 4).max(Duration::from_millis(100));
+    tokio::time::sleep(linger).await;
+    q.conn
+        .close(CLOSE_FOLDED.into(), b"folded into the pair's connection");
 }
 
 impl PeerConn {
@@ -120,7 +234,7 @@ impl PeerConn {
 
     pub fn is_open(&self) -> bool {
         match self {
-            Self::Quic(c) => c.close_reason().is_none(),
+            Self::Quic(q) => q.conn.close_reason().is_none(),
             Self::Tcp(t) => t.is_open(),
         }
     }
@@ -128,7 +242,7 @@ impl PeerConn {
     /// Ends the connection now, streams included.
     fn close(&self, reason: &'static [u8]) {
         match self {
-            Self::Quic(c) => c.close(CLOSE_POLICY.into(), reason),
+            Self::Quic(q) => q.conn.close(CLOSE_POLICY.into(), reason),
             Self::Tcp(t) => t.close(),
         }
     }
@@ -175,6 +289,10 @@ struct Cell {
     answered: AtomicBool,
     /// Wakes the supervisor out of its backoff.
     kick: Notify,
+    /// The peer's dial, accepted and waiting to become this pair's
+    /// connection (only when the peer is the one that [`dials`]).
+    adopted: Mutex<Option<Connection>>,
+    adopted_ready: Notify,
     supervisor: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -189,7 +307,33 @@ impl Cell {
     fn live(&self) -> Option<PeerConn> {
         lock(&self.conn).as_ref().filter(|c| c.is_open()).cloned()
     }
+
+    fn take_adopted(&self) -> Option<Connection> {
+        lock(&self.adopted)
+            .take()
+            .filter(|c| c.close_reason().is_none())
+    }
+
+    /// The peer's dial, waiting up to `grace` for it to arrive.
+    async fn adopted_within(&self, grace: Duration) -> Option<Connection> {
+        if let Some(c) = self.take_adopted() {
+            return Some(c);
+        }
+        tokio::time::timeout(grace, async {
+            loop {
+                self.adopted_ready.notified().await;
+                if let Some(c) = self.take_adopted() {
+                    return c;
+                }
+            }
+        })
+        .await
+        .ok()
+    }
 }
+
+/// Serves the peer's streams on a connection this gateway dialed.
+pub type ServeDialed = Arc<dyn Fn(Connection, Peer) + Send + Sync>;
 
 struct Inner {
     cells: Mutex<HashMap<ClusterName, Arc<Cell>>>,
@@ -197,11 +341,14 @@ struct Inner {
     /// address here and stop when their peer is gone.
     peers: Mutex<HashMap<ClusterName, Peer>>,
     dialer: Dialer,
+    serve_dialed: OnceLock<ServeDialed>,
 }
 
 /// What a supervisor needs to dial a peer over either transport.
 #[derive(Clone)]
 pub struct Dialer {
+    /// This gateway's cluster, for the pair's tie-break ([`dials`]).
+    pub local: ClusterName,
     pub endpoint: Endpoint,
     pub quic: quinn::ClientConfig,
     /// TLS for the TCP fallback (ALPN `fedmesh-h2/1`).
@@ -249,7 +396,7 @@ impl Dialer {
             }
         }
         let e = match self.quic(peer).await {
-            Ok(c) => return Ok(PeerConn::Quic(c)),
+            Ok(c) => return Ok(PeerConn::Quic(QuicPeer::new(c))),
             Err(e @ PoolError::Silent { .. }) => e,
             Err(e) => return Err(e),
         };
@@ -313,8 +460,30 @@ impl Pool {
                 cells: Mutex::default(),
                 peers: Mutex::default(),
                 dialer,
+                serve_dialed: OnceLock::new(),
             }),
         }
+    }
+
+    /// How the peer's streams on a connection this gateway dialed are
+    /// served (the pair shares that one connection). Set once, before
+    /// peers are set.
+    pub fn serve_dialed(&self, serve: ServeDialed) {
+        let _ = self.inner.serve_dialed.set(serve);
+    }
+
+    /// A QUIC connection the peer dialed and we accepted (and identified):
+    /// when the peer is the one that [`dials`], it becomes the pair's
+    /// connection for our streams too, replacing any we dialed ourselves.
+    pub fn adopt(&self, peer: &Peer, conn: &Connection) {
+        if dials(&self.inner.dialer.local, &peer.cluster) {
+            return;
+        }
+        let Some(cell) = lock(&self.inner.cells).get(&peer.cluster).cloned() else {
+            return;
+        };
+        *lock(&cell.adopted) = Some(conn.clone());
+        cell.adopted_ready.notify_one();
     }
 
     /// Stops every supervisor and ends every connection at once.
@@ -488,15 +657,32 @@ async fn supervise(inner: Weak<Inner>, cell: Arc<Cell>, cluster: ClusterName) {
             return;
         };
         let dialer = strong.dialer.clone();
+        let serve_dialed = strong.serve_dialed.get().cloned();
         drop(strong);
+        let we_dial = dials(&dialer.local, &peer.cluster);
         let result = match next.take() {
             Some(c) => Ok(c),
-            None => dialer.establish(&cell, &peer).await,
+            None => {
+                // Over QUIC the pair shares the connection the peer dials;
+                // a peer known to need TCP is dialed at once.
+                let grace = if we_dial || cell.prefer_tcp.load(Ordering::Relaxed) {
+                    Duration::ZERO
+                } else {
+                    ADOPT_GRACE
+                };
+                match cell.adopted_within(grace).await {
+                    Some(c) => Ok(PeerConn::Quic(QuicPeer::new(c))),
+                    None => dialer.establish(&cell, &peer).await,
+                }
+            }
         };
         match result {
             Ok(c) => {
                 let transport = c.transport().as_str();
                 tracing::info!(peer = %peer.cluster, addr = %peer.address, transport, "connected to peer gateway");
+                if let (PeerConn::Quic(q), true, Some(serve)) = (&c, we_dial, &serve_dialed) {
+                    serve(q.conn.clone(), peer.clone());
+                }
                 let opened = Instant::now();
                 *lock(&cell.conn) = Some(c.clone());
                 *lock(&cell.opened) = Some(opened);
@@ -506,6 +692,9 @@ async fn supervise(inner: Weak<Inner>, cell: Arc<Cell>, cluster: ClusterName) {
                     Watched::Replaced(q) => {
                         failures = 0;
                         next = Some(q);
+                        if let PeerConn::Quic(old) = c {
+                            tokio::spawn(drain(old));
+                        }
                     }
                     Watched::Closed if opened.elapsed() < MIN_HEALTHY => {
                         cell.answered.store(true, Ordering::Relaxed);
@@ -545,7 +734,8 @@ async fn pause(cell: &Cell, d: Duration) {
 
 enum Watched {
     Closed,
-    /// QUIC works again: this connection replaces the TCP one.
+    /// QUIC works again and replaces the TCP fallback, or the peer's dial
+    /// replaces ours.
     Replaced(PeerConn),
 }
 
@@ -566,12 +756,19 @@ async fn watch(cell: &Cell, conn: &PeerConn, peer: &Peer, dialer: &Dialer) -> Wa
     let mut tick = tokio::time::interval(WATCH_TICK);
     let opened = Instant::now();
     let outcome = match conn {
-        PeerConn::Quic(conn) => {
+        PeerConn::Quic(q) => {
+            let conn = &q.conn;
             let mut seen = conn.stats().udp_rx.datagrams;
             let mut heard = opened;
             let reason = loop {
                 tokio::select! {
                     r = conn.closed() => break r,
+                    _ = cell.adopted_ready.notified() => {
+                        if let Some(theirs) = cell.take_adopted() {
+                            tracing::info!(peer = %cluster, "the peer's dial replaces ours: one connection per gateway pair");
+                            return Watched::Replaced(PeerConn::Quic(QuicPeer::new(theirs)));
+                        }
+                    }
                     _ = tick.tick() => {
                         let stats = conn.stats();
                         if opened.elapsed() >= MIN_HEALTHY {
@@ -606,11 +803,18 @@ async fn watch(cell: &Cell, conn: &PeerConn, peer: &Peer, dialer: &Dialer) -> Wa
                             cell.healthy_once.store(true, Ordering::Relaxed);
                         }
                     }
+                    _ = cell.adopted_ready.notified() => {
+                        if let Some(theirs) = cell.take_adopted() {
+                            tracing::info!(peer = %cluster, "the peer's QUIC dial got through; new streams move off the TCP fallback");
+                            cell.prefer_tcp.store(false, Ordering::Relaxed);
+                            break Watched::Replaced(PeerConn::Quic(QuicPeer::new(theirs)));
+                        }
+                    }
                     q = &mut probing => match q {
                         Ok(q) => {
                             tracing::info!(peer = %cluster, "QUIC gets through again; new streams move off the TCP fallback");
                             cell.prefer_tcp.store(false, Ordering::Relaxed);
-                            break Watched::Replaced(PeerConn::Quic(q));
+                            break Watched::Replaced(PeerConn::Quic(QuicPeer::new(q)));
                         }
                         Err(e) => {
                             tracing::debug!(peer = %cluster, error = %e, "QUIC still does not get through");

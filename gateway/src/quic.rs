@@ -91,20 +91,82 @@ pub fn client_config(
     Ok(cfg)
 }
 
-/// Binds the gateway's one UDP port, serving and dialing from it.
+/// What the socket wrapper counts.
+pub struct SocketCounters {
+    pub invalid: Counter,
+    pub tx_datagrams: Counter,
+    pub tx_calls: Counter,
+    pub rx_datagrams: Counter,
+    pub rx_calls: Counter,
+}
+
+impl SocketCounters {
+    pub fn of(m: &crate::metrics::GatewayMetrics) -> Self {
+        use crate::metrics::DirectionLabels;
+        // One statement per counter: a family's guard from get_or_create
+        // must be gone before the next call on it takes its write lock.
+        let get =
+            |f: &prometheus_client::metrics::family::Family<DirectionLabels, Counter>,
+             direction| f.get_or_create(&DirectionLabels { direction }).clone();
+        let tx_datagrams = get(&m.udp_datagrams, "tx");
+        let rx_datagrams = get(&m.udp_datagrams, "rx");
+        let tx_calls = get(&m.udp_calls, "tx");
+        let rx_calls = get(&m.udp_calls, "rx");
+        Self {
+            invalid: m.invalid_datagrams.clone(),
+            tx_datagrams,
+            tx_calls,
+            rx_datagrams,
+            rx_calls,
+        }
+    }
+}
+
+/// Binds the gateway's one UDP port, serving and dialing from it, with
+/// socket buffers of `buffer` bytes (as far as the kernel allows).
 pub fn endpoint(
     addr: SocketAddr,
     server: quinn::ServerConfig,
-    invalid_datagrams: Counter,
+    buffer: usize,
+    counters: SocketCounters,
 ) -> Result<Endpoint, QuicError> {
     let bind = |source| QuicError::Bind { addr, source };
-    let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .map_err(bind)?;
+    if addr.is_ipv6() {
+        // Dual-stack when bound to [::], as std's bind would not be.
+        let _ = socket.set_only_v6(false);
+    }
+    socket.bind(&addr.into()).map_err(bind)?;
+    // Ask for large buffers; the kernel caps them at its maxima. Linux
+    // reports twice what it grants (its bookkeeping share), hence the /2.
+    let _ = socket.set_recv_buffer_size(buffer);
+    let _ = socket.set_send_buffer_size(buffer);
+    let got_rx = socket.recv_buffer_size().unwrap_or(0) / 2;
+    let got_tx = socket.send_buffer_size().unwrap_or(0) / 2;
+    if got_rx < buffer || got_tx < buffer {
+        tracing::warn!(
+            asked = buffer,
+            recv = got_rx,
+            send = got_tx,
+            "UDP socket buffers capped by the kernel; raise net.core.rmem_max and net.core.wmem_max for lossless bursts"
+        );
+    }
+    let socket: std::net::UdpSocket = socket.into();
     let runtime = Arc::new(quinn::TokioRuntime);
     let inner = quinn::Runtime::wrap_udp_socket(&*runtime, socket).map_err(bind)?;
-    let socket = Arc::new(CountingSocket {
-        inner,
-        invalid: invalid_datagrams,
-    });
+    tracing::info!(
+        gso_segments = inner.max_transmit_segments(),
+        gro_segments = inner.max_receive_segments(),
+        recv_buffer = got_rx,
+        send_buffer = got_tx,
+        "QUIC UDP socket ready"
+    );
+    let socket = Arc::new(CountingSocket { inner, counters });
     let mut ep_cfg = EndpointConfig::default();
     // With greasing off, every QUIC packet we accept has the fixed bit set,
     // so a datagram without it is certainly not QUIC (RFC 9000 §17.2).
@@ -112,11 +174,13 @@ pub fn endpoint(
     Endpoint::new_with_abstract_socket(ep_cfg, Some(server), socket, runtime).map_err(bind)
 }
 
-/// Delegates to quinn's socket and counts received datagrams that cannot be
-/// QUIC packets. quinn drops them silently; operators want to see them.
+/// Delegates to quinn's socket and counts datagrams and the calls that
+/// moved them (GSO/GRO batching shows as several datagrams per call), and
+/// received datagrams that cannot be QUIC packets: quinn drops those
+/// silently; operators want to see them.
 struct CountingSocket {
     inner: Arc<dyn AsyncUdpSocket>,
-    invalid: Counter,
+    counters: SocketCounters,
 }
 
 impl fmt::Debug for CountingSocket {
@@ -135,7 +199,17 @@ impl AsyncUdpSocket for CountingSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        self.inner.try_send(transmit)
+        let r = self.inner.try_send(transmit);
+        if r.is_ok() {
+            let len = transmit.contents.len();
+            let segments = match transmit.segment_size {
+                Some(s) if s > 0 => len.div_ceil(s),
+                _ => 1,
+            };
+            self.counters.tx_calls.inc();
+            self.counters.tx_datagrams.inc_by(segments as u64);
+        }
+        r
     }
 
     fn poll_recv(
@@ -149,10 +223,12 @@ impl AsyncUdpSocket for CountingSocket {
             for (buf, m) in bufs.iter().zip(meta.iter()).take(*n) {
                 let data = buf.get(..m.len).unwrap_or_default();
                 let stride = m.stride.max(1);
+                self.counters.rx_calls.inc();
                 for dgram in data.chunks(stride) {
+                    self.counters.rx_datagrams.inc();
                     let fixed_bit = dgram.first().is_some_and(|b| b & 0x40 != 0);
                     if !fixed_bit || dgram.len() < MIN_QUIC_DATAGRAM {
-                        self.invalid.inc();
+                        self.counters.invalid.inc();
                     }
                 }
             }

@@ -81,6 +81,7 @@ impl Shared {
         serde_json::json!({
             "cluster": catalog.cluster.as_str(),
             "draining": self.config.is_draining(),
+            "quic_connections": self.endpoint.open_connections(),
             "peers": self.pool.status(),
         })
         .to_string()
@@ -107,7 +108,12 @@ impl Gateway {
         // presents it from the next handshake on.
         let identity = SvidSource::new(s.identity.clone())?;
         let server = quic::server_config(&identity, s.bundles.clone(), &s.limits)?;
-        let endpoint = quic::endpoint(s.quic, server, metrics.invalid_datagrams.clone())?;
+        let endpoint = quic::endpoint(
+            s.quic,
+            server,
+            s.limits.quic_socket_buffer_bytes,
+            quic::SocketCounters::of(&metrics),
+        )?;
         let quic_addr = endpoint.local_addr().map_err(|source| GatewayError::Bind {
             what: "QUIC",
             addr: s.quic,
@@ -180,9 +186,11 @@ impl Gateway {
             peers = s.catalog.peers().count(),
             "gateway listening"
         );
+        let local_cluster = s.catalog.cluster.clone();
         let shared = Arc::new(Shared {
             catalog: RwLock::new(Arc::new(s.catalog)),
             pool: Pool::new(Dialer {
+                local: local_cluster,
                 endpoint: endpoint.clone(),
                 quic: quic_client.clone(),
                 tcp: TlsConnector::from(Arc::new(fallback_client)),
@@ -200,6 +208,13 @@ impl Gateway {
             next_id: AtomicU64::new(1),
             stopped: tokio::sync::watch::channel(false).0,
         });
+        // The peer that does not dial opens its streams on our connection.
+        let weak = Arc::downgrade(&shared);
+        shared.pool.serve_dialed(Arc::new(move |conn, peer| {
+            let Some(shared) = weak.upgrade() else { return };
+            let span = tracing::info_span!("peer", cluster = %peer.cluster, remote = %conn.remote_address());
+            tokio::spawn(serve_peer(shared, conn, peer).instrument(span));
+        }));
         shared.pool.set_peers(shared.catalog().peers());
         let mut tasks = vec![
             tokio::spawn(accept_peers(shared.clone())),
@@ -297,6 +312,12 @@ impl Gateway {
 
     /// Replaces the catalog; streams already spliced are not affected.
     /// Peer gateways this gateway holds a live QUIC connection to.
+    /// QUIC connections this gateway holds (one per live peer once each
+    /// pair has settled on the connection its tie-break names).
+    pub fn quic_connections(&self) -> usize {
+        self.shared.endpoint.open_connections()
+    }
+
     pub fn live_peers(&self) -> usize {
         self.shared.pool.live_peers()
     }
@@ -400,6 +421,7 @@ async fn accept_peers(shared: Arc<Shared>) {
                 return;
             };
             let span = tracing::info_span!("peer", cluster = %peer.cluster, %remote);
+            shared.pool.adopt(&peer, &conn);
             serve_peer(shared, conn, peer).instrument(span).await;
         });
     }
@@ -839,8 +861,8 @@ async fn open_on_peer(
     // Opening waits while the peer's stream cap is reached; bound the wait.
     let limit = shared.limits.status_timeout;
     let opened: Result<Box<dyn PeerIo>, String> = match &conn {
-        PeerConn::Quic(c) => match tokio::time::timeout(limit, c.open_bi()).await {
-            Ok(Ok((send, recv))) => Ok(Box::new(tokio::io::join(recv, send))),
+        PeerConn::Quic(q) => match tokio::time::timeout(limit, q.conn.open_bi()).await {
+            Ok(Ok((send, recv))) => Ok(Box::new(q.counted(tokio::io::join(recv, send)))),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => {
                 return Err(PeerOpenError::Stream(

@@ -241,3 +241,71 @@ async fn controllers_drive_the_data_path_and_proxies_survive_their_loss() {
     let r = run_load(addr, &spec).await;
     assert_eq!(r.failed, 0, "{:?}", r.errors);
 }
+
+/// Two clusters that call each other share one QUIC connection: `east`
+/// (the name that sorts first) dials, `west` adopts that connection for
+/// its own streams and folds away any connection it dialed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_pair_shares_one_quic_connection() {
+    use fedmesh_testkit::{AppKind, ClusterTopo, ServiceTopo};
+    let svc = |name: &str| ServiceTopo {
+        name: name.into(),
+        port: 7000,
+        replicas: 1,
+        export: true,
+        app: AppKind::Echo,
+    };
+    let topo = Topology {
+        clusters: vec![
+            ClusterTopo {
+                name: "east".into(),
+                services: vec![svc("hello.demo")],
+            },
+            ClusterTopo {
+                name: "west".into(),
+                services: vec![svc("echo.demo")],
+            },
+        ],
+        ..Topology::demo()
+    };
+    let rig = Rig::start(&topo).await.unwrap();
+    let east = rig.cluster("east").unwrap();
+    let west = rig.cluster("west").unwrap();
+    let spec = LoadSpec {
+        connections: 8,
+        requests_per_connection: 4,
+        request_bytes: 1024,
+        ..LoadSpec::default()
+    };
+    let both_ways = || async {
+        let there = run_load(east.client_addr("echo.demo").unwrap(), &spec).await;
+        assert_eq!(there.failed, 0, "{:?}", there.errors);
+        assert!(there.served_by.keys().all(|k| k.starts_with("west/")));
+        let back = run_load(west.client_addr("hello.demo").unwrap(), &spec).await;
+        assert_eq!(back.failed, 0, "{:?}", back.errors);
+        assert!(back.served_by.keys().all(|k| k.starts_with("east/")));
+    };
+    both_ways().await;
+    // A connection west dialed before east's arrived closes once its
+    // streams are done (plus a short linger).
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while (
+        east.gateway.quic_connections(),
+        west.gateway.quic_connections(),
+    ) != (1, 1)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still {} / {} QUIC connections",
+            east.gateway.quic_connections(),
+            west.gateway.quic_connections()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    both_ways().await;
+    assert_eq!(east.gateway.quic_connections(), 1);
+    assert_eq!(west.gateway.quic_connections(), 1);
+    // Both directions ran over it: each side served the other's streams.
+    assert!(east.gateway.metrics().stream_count("from_peer", "ok") >= 16);
+    assert!(west.gateway.metrics().stream_count("from_peer", "ok") >= 16);
+}

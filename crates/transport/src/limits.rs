@@ -45,6 +45,11 @@ pub struct Limits {
     /// succeeds, new streams move back to QUIC.
     #[serde(with = "humantime_serde")]
     pub quic_retry_interval: Duration,
+    /// Send and receive buffer asked for on the gateway's UDP socket. The
+    /// kernel caps it at `net.core.{r,w}mem_max` (the gateway logs what
+    /// it got); too small a receive buffer drops bursts of datagrams that
+    /// QUIC then has to retransmit.
+    pub quic_socket_buffer_bytes: usize,
 }
 
 impl Default for Limits {
@@ -63,6 +68,7 @@ impl Default for Limits {
             splice_buffer_bytes: 64 * 1024,
             quic_max_udp_payload: 8952,
             quic_retry_interval: Duration::from_secs(10),
+            quic_socket_buffer_bytes: 4 << 20,
         }
     }
 }
@@ -116,6 +122,9 @@ impl Limits {
         }
         if !(1200..=65527).contains(&self.quic_max_udp_payload) {
             v.push("limits.quic_max_udp_payload must be within 1200..=65527".into());
+        }
+        if self.quic_socket_buffer_bytes < 64 * 1024 || self.quic_socket_buffer_bytes > 256 << 20 {
+            v.push("limits.quic_socket_buffer_bytes must be within 64KiB..=256MiB".into());
         }
         if self.splice_buffer_bytes < 1024 || self.splice_buffer_bytes > 16 << 20 {
             v.push("limits.splice_buffer_bytes must be within 1KiB..=16MiB".into());
