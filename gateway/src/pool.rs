@@ -145,21 +145,40 @@ pub enum PeerConn {
 #[derive(Clone)]
 pub struct QuicPeer {
     pub conn: Connection,
-    streams: Arc<AtomicUsize>,
+    /// The peer dialed it and we adopted it ([`dials`]).
+    pub adopted: bool,
+    streams: Arc<Streams>,
+}
+
+/// Tunnel streams open on one connection; `idle` fires when the last ends.
+#[derive(Default)]
+struct Streams {
+    open: AtomicUsize,
+    idle: Notify,
 }
 
 impl QuicPeer {
-    pub fn new(conn: Connection) -> Self {
+    /// A connection this gateway dialed.
+    pub fn dialed(conn: Connection) -> Self {
         Self {
             conn,
+            adopted: false,
             streams: Arc::default(),
+        }
+    }
+
+    /// The peer's dial, used for our streams too.
+    pub fn adopted(conn: Connection) -> Self {
+        Self {
+            adopted: true,
+            ..Self::dialed(conn)
         }
     }
 
     /// Wraps a stream opened on this connection so it counts as open
     /// until dropped.
     pub fn counted<T>(&self, io: T) -> Counted<T> {
-        self.streams.fetch_add(1, Ordering::Relaxed);
+        self.streams.open.fetch_add(1, Ordering::Relaxed);
         Counted {
             io,
             streams: self.streams.clone(),
@@ -170,12 +189,16 @@ impl QuicPeer {
 /// A stream that counts as open on its connection until dropped.
 pub struct Counted<T> {
     io: T,
-    streams: Arc<AtomicUsize>,
+    streams: Arc<Streams>,
 }
 
 impl<T> Drop for Counted<T> {
     fn drop(&mut self) {
-        self.streams.fetch_sub(1, Ordering::Relaxed);
+        if self.streams.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            // notify_one keeps a permit, so a drain that checks the count
+            // and then waits cannot miss this.
+            self.streams.idle.notify_one();
+        }
     }
 }
 
@@ -208,15 +231,17 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
 }
 
 /// Ends a folded-away connection once the streams we opened on it are done
-/// (or [`DRAIN_MAX`] passed), after a few round trips more so their last
-/// bytes are acknowledged: a QUIC close abandons unacknowledged data.
+/// (or [`DRAIN_MAX`] passed). It lingers a few round trips more to give
+/// their last bytes time to be acknowledged, since a QUIC close abandons
+/// unacknowledged data; this is a heuristic, not a guarantee.
 async fn drain(q: QuicPeer) {
     let deadline = Instant::now() + DRAIN_MAX;
-    while q.streams.load(Ordering::Relaxed) > 0
-        && q.conn.close_reason().is_none()
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(WATCH_TICK).await;
+    while q.streams.open.load(Ordering::Acquire) > 0 {
+        tokio::select! {
+            _ = q.streams.idle.notified() => {}
+            _ = q.conn.closed() => return,
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
     }
     let linger = (q.conn.rtt() * 4).max(Duration::from_millis(100));
     tokio::time::sleep(linger).await;
@@ -256,6 +281,9 @@ pub struct PeerStatus {
     pub tcp_address: Option<std::net::SocketAddr>,
     /// `quic`, `tcp`, or `down`.
     pub transport: &'static str,
+    /// Who dialed the connection in use: `us`, or `peer` when this gateway
+    /// adopted the peer's QUIC dial (one connection per pair).
+    pub dialed_by: Option<&'static str>,
     /// Seconds since the current connection opened.
     pub connected_for_s: Option<f64>,
     /// This peer's UDP path failed and TCP worked: reconnects try TCP
@@ -396,7 +424,7 @@ impl Dialer {
             }
         }
         let e = match self.quic(peer).await {
-            Ok(c) => return Ok(PeerConn::Quic(QuicPeer::new(c))),
+            Ok(c) => return Ok(PeerConn::Quic(QuicPeer::dialed(c))),
             Err(e @ PoolError::Silent { .. }) => e,
             Err(e) => return Err(e),
         };
@@ -512,6 +540,10 @@ impl Pool {
                     address: p.address,
                     tcp_address: p.tcp_address,
                     transport: live.as_ref().map_or("down", |c| c.transport().as_str()),
+                    dialed_by: live.as_ref().map(|c| match c {
+                        PeerConn::Quic(q) if q.adopted => "peer",
+                        _ => "us",
+                    }),
                     connected_for_s: live.and_then(|_| {
                         cell.and_then(|c| *lock(&c.opened))
                             .map(|t| t.elapsed().as_secs_f64())
@@ -671,7 +703,7 @@ async fn supervise(inner: Weak<Inner>, cell: Arc<Cell>, cluster: ClusterName) {
                     ADOPT_GRACE
                 };
                 match cell.adopted_within(grace).await {
-                    Some(c) => Ok(PeerConn::Quic(QuicPeer::new(c))),
+                    Some(c) => Ok(PeerConn::Quic(QuicPeer::adopted(c))),
                     None => dialer.establish(&cell, &peer).await,
                 }
             }
@@ -766,7 +798,7 @@ async fn watch(cell: &Cell, conn: &PeerConn, peer: &Peer, dialer: &Dialer) -> Wa
                     _ = cell.adopted_ready.notified() => {
                         if let Some(theirs) = cell.take_adopted() {
                             tracing::info!(peer = %cluster, "the peer's dial replaces ours: one connection per gateway pair");
-                            return Watched::Replaced(PeerConn::Quic(QuicPeer::new(theirs)));
+                            return Watched::Replaced(PeerConn::Quic(QuicPeer::adopted(theirs)));
                         }
                     }
                     _ = tick.tick() => {
@@ -807,14 +839,14 @@ async fn watch(cell: &Cell, conn: &PeerConn, peer: &Peer, dialer: &Dialer) -> Wa
                         if let Some(theirs) = cell.take_adopted() {
                             tracing::info!(peer = %cluster, "the peer's QUIC dial got through; new streams move off the TCP fallback");
                             cell.prefer_tcp.store(false, Ordering::Relaxed);
-                            break Watched::Replaced(PeerConn::Quic(QuicPeer::new(theirs)));
+                            break Watched::Replaced(PeerConn::Quic(QuicPeer::adopted(theirs)));
                         }
                     }
                     q = &mut probing => match q {
                         Ok(q) => {
                             tracing::info!(peer = %cluster, "QUIC gets through again; new streams move off the TCP fallback");
                             cell.prefer_tcp.store(false, Ordering::Relaxed);
-                            break Watched::Replaced(PeerConn::Quic(QuicPeer::new(q)));
+                            break Watched::Replaced(PeerConn::Quic(QuicPeer::dialed(q)));
                         }
                         Err(e) => {
                             tracing::debug!(peer = %cluster, error = %e, "QUIC still does not get through");

@@ -137,10 +137,6 @@ pub fn endpoint(
         Some(socket2::Protocol::UDP),
     )
     .map_err(bind)?;
-    if addr.is_ipv6() {
-        // Dual-stack when bound to [::], as std's bind would not be.
-        let _ = socket.set_only_v6(false);
-    }
     socket.bind(&addr.into()).map_err(bind)?;
     // Ask for large buffers; the kernel caps them at its maxima. Linux
     // reports twice what it grants (its bookkeeping share), hence the /2.
@@ -224,8 +220,10 @@ impl AsyncUdpSocket for CountingSocket {
                 let data = buf.get(..m.len).unwrap_or_default();
                 let stride = m.stride.max(1);
                 self.counters.rx_calls.inc();
+                self.counters
+                    .rx_datagrams
+                    .inc_by(data.len().div_ceil(stride) as u64);
                 for dgram in data.chunks(stride) {
-                    self.counters.rx_datagrams.inc();
                     let fixed_bit = dgram.first().is_some_and(|b| b & 0x40 != 0);
                     if !fixed_bit || dgram.len() < MIN_QUIC_DATAGRAM {
                         self.counters.invalid.inc();

@@ -310,18 +310,18 @@ impl Gateway {
         self.shared.catalog()
     }
 
-    /// Replaces the catalog; streams already spliced are not affected.
-    /// Peer gateways this gateway holds a live QUIC connection to.
     /// QUIC connections this gateway holds (one per live peer once each
     /// pair has settled on the connection its tie-break names).
     pub fn quic_connections(&self) -> usize {
         self.shared.endpoint.open_connections()
     }
 
+    /// Peer gateways this gateway holds a live connection to.
     pub fn live_peers(&self) -> usize {
         self.shared.pool.live_peers()
     }
 
+    /// Replaces the catalog; streams already spliced are not affected.
     pub fn set_catalog(&self, catalog: Catalog) {
         self.set_config(catalog, None);
     }

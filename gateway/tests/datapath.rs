@@ -242,11 +242,9 @@ async fn controllers_drive_the_data_path_and_proxies_survive_their_loss() {
     assert_eq!(r.failed, 0, "{:?}", r.errors);
 }
 
-/// Two clusters that call each other share one QUIC connection: `east`
-/// (the name that sorts first) dials, `west` adopts that connection for
-/// its own streams and folds away any connection it dialed meanwhile.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gateway_pair_shares_one_quic_connection() {
+/// `east` exports `hello.demo`, `west` exports `echo.demo`: each calls the
+/// other.
+fn pair_topology() -> Topology {
     use fedmesh_testkit::{AppKind, ClusterTopo, ServiceTopo};
     let svc = |name: &str| ServiceTopo {
         name: name.into(),
@@ -255,7 +253,7 @@ async fn a_gateway_pair_shares_one_quic_connection() {
         export: true,
         app: AppKind::Echo,
     };
-    let topo = Topology {
+    Topology {
         clusters: vec![
             ClusterTopo {
                 name: "east".into(),
@@ -267,8 +265,15 @@ async fn a_gateway_pair_shares_one_quic_connection() {
             },
         ],
         ..Topology::demo()
-    };
-    let rig = Rig::start(&topo).await.unwrap();
+    }
+}
+
+/// Two clusters that call each other share one QUIC connection: `east`
+/// (the name that sorts first) dials, `west` adopts that connection for
+/// its own streams and folds away any connection it dialed meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_pair_shares_one_quic_connection() {
+    let rig = Rig::start(&pair_topology()).await.unwrap();
     let east = rig.cluster("east").unwrap();
     let west = rig.cluster("west").unwrap();
     let spec = LoadSpec {
@@ -288,24 +293,132 @@ async fn a_gateway_pair_shares_one_quic_connection() {
     both_ways().await;
     // A connection west dialed before east's arrived closes once its
     // streams are done (plus a short linger).
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    while (
-        east.gateway.quic_connections(),
-        west.gateway.quic_connections(),
-    ) != (1, 1)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "still {} / {} QUIC connections",
+    until("one QUIC connection each", || {
+        (
             east.gateway.quic_connections(),
-            west.gateway.quic_connections()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+            west.gateway.quic_connections(),
+        ) == (1, 1)
+    })
+    .await;
     both_ways().await;
     assert_eq!(east.gateway.quic_connections(), 1);
     assert_eq!(west.gateway.quic_connections(), 1);
     // Both directions ran over it: each side served the other's streams.
     assert!(east.gateway.metrics().stream_count("from_peer", "ok") >= 16);
     assert!(west.gateway.metrics().stream_count("from_peer", "ok") >= 16);
+}
+
+/// The fold path: when `east`'s dial cannot reach `west`, west dials east
+/// itself; once east's dial gets through again, west moves new streams to
+/// it but keeps its own connection until the stream it carries ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_folded_connection_closes_only_after_its_streams_end() {
+    use std::time::Duration;
+
+    use fedmesh_testkit::faults::RelayMode;
+    use tokio::io::AsyncBufReadExt;
+    use tokio::time::Instant;
+
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+    let mut topo = pair_topology();
+    topo.fault_relays = true;
+    topo.limits.connect_timeout = Duration::from_millis(500);
+    let rig = Rig::start(&topo).await.unwrap();
+    let east = rig.cluster("east").unwrap();
+    let west = rig.cluster("west").unwrap();
+    let quic = || {
+        (
+            east.gateway.quic_connections(),
+            west.gateway.quic_connections(),
+        )
+    };
+    until("the pair settles on east's dial", || quic() == (1, 1)).await;
+
+    // Packets to west's QUIC port vanish: the pair's connection goes
+    // silent, east's redials cannot reach west, and west dials east.
+    west.relay.as_ref().unwrap().set(RelayMode::Blackhole);
+    let spec = LoadSpec {
+        connections: 2,
+        requests_per_connection: 2,
+        request_bytes: 256,
+        ..LoadSpec::default()
+    };
+    let hello = west.client_addr("hello.demo").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = run_load(hello, &spec).await;
+        if r.failed == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "west never reached east: {:?}",
+            r.errors
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A long-lived tunneled connection on west's own dial.
+    let mut held = tokio::io::BufReader::new(tokio::net::TcpStream::connect(hello).await.unwrap());
+    let mut banner = String::new();
+    held.read_line(&mut banner).await.unwrap();
+    assert!(banner.starts_with("east/"), "{banner}");
+    echo(&mut held, b"before the fold").await;
+
+    // East's dial gets through again: west adopts it and holds two
+    // connections while the held stream lives on the old one.
+    west.relay.as_ref().unwrap().set(RelayMode::Pass);
+    let dialed_by = || {
+        west.gateway
+            .peer_status()
+            .into_iter()
+            .find(|p| p.cluster == "east")
+            .and_then(|p| p.dialed_by)
+    };
+    assert_eq!(dialed_by(), Some("us"));
+    until("west adopts east's dial", || dialed_by() == Some("peer")).await;
+    let r = run_load(hello, &spec).await;
+    assert_eq!(r.failed, 0, "{:?}", r.errors);
+    // East's dials abandoned during the blackhole may still be closing
+    // (3 PTOs of an unmeasured path, about 3 s); then west holds exactly
+    // its own dial and the adopted one.
+    until("abandoned handshakes drained", || {
+        west.gateway.quic_connections() == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        west.gateway.quic_connections(),
+        2,
+        "folded before its stream ended"
+    );
+    echo(&mut held, b"after the fold").await;
+
+    drop(held);
+    until("west closes its folded dial", || quic() == (1, 1)).await;
+    let r = run_load(hello, &spec).await;
+    assert_eq!(r.failed, 0, "{:?}", r.errors);
+    let r = run_load(east.client_addr("echo.demo").unwrap(), &spec).await;
+    assert_eq!(r.failed, 0, "{:?}", r.errors);
+}
+
+/// Waits (bounded) until `ok` holds.
+async fn until(what: &str, ok: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !ok() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Writes `msg` on an echo connection and checks it comes back.
+async fn echo(held: &mut tokio::io::BufReader<tokio::net::TcpStream>, msg: &[u8]) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    held.get_mut().write_all(msg).await.unwrap();
+    let mut back = vec![0; msg.len()];
+    held.read_exact(&mut back).await.unwrap();
+    assert_eq!(back, msg);
 }

@@ -504,11 +504,12 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         let mut out = format!(
-            "gateway of {} — draining: {}\n{:<12} {:<10} {:>10} {:<12} {:<22} {:<22} {}\n",
+            "gateway of {} — draining: {}\n{:<12} {:<10} {:<7} {:>10} {:<12} {:<22} {:<22} {}\n",
             v["cluster"].as_str().unwrap_or("?"),
             v["draining"],
             "PEER",
             "TRANSPORT",
+            "DIALED",
             "CONNECTED",
             "UDP BLOCKED",
             "QUIC ADDRESS",
@@ -517,9 +518,10 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         );
         for p in v["peers"].as_array().cloned().unwrap_or_default() {
             out.push_str(&format!(
-                "{:<12} {:<10} {:>10} {:<12} {:<22} {:<22} {}\n",
+                "{:<12} {:<10} {:<7} {:>10} {:<12} {:<22} {:<22} {}\n",
                 p["cluster"].as_str().unwrap_or_default(),
                 p["transport"].as_str().unwrap_or_default(),
+                p["dialed_by"].as_str().unwrap_or("-"),
                 p["connected_for_s"]
                     .as_f64()
                     .map(|s| format!("{s:.0}s"))
