@@ -15,6 +15,7 @@ mod metrics;
 mod pool;
 mod quic;
 mod server;
+mod splice;
 mod tcp;
 
 pub use config::{ConfigError, GatewayConfig, GatewaySettings, Listen};

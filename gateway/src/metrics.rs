@@ -179,4 +179,13 @@ impl GatewayMetrics {
             .get_or_create(&StreamLabels { direction, status })
             .get()
     }
+
+    /// UDP datagrams and the socket calls that moved them, in `direction`
+    /// (`tx` or `rx`): their ratio is the GSO/GRO batch size achieved.
+    pub fn udp_counts(&self, direction: &'static str) -> (u64, u64) {
+        let labels = DirectionLabels { direction };
+        let datagrams = self.udp_datagrams.get_or_create(&labels).get();
+        let calls = self.udp_calls.get_or_create(&labels).get();
+        (datagrams, calls)
+    }
 }

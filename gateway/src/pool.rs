@@ -34,17 +34,14 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use fedmesh_catalog::{ClusterName, Peer};
 use fedmesh_transport::Limits;
 use quinn::{Connection, Endpoint};
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -175,58 +172,23 @@ impl QuicPeer {
         }
     }
 
-    /// Wraps a stream opened on this connection so it counts as open
-    /// until dropped.
-    pub fn counted<T>(&self, io: T) -> Counted<T> {
+    /// Counts a stream opened on this connection until the guard drops.
+    pub fn open_stream(&self) -> OpenStream {
         self.streams.open.fetch_add(1, Ordering::Relaxed);
-        Counted {
-            io,
-            streams: self.streams.clone(),
-        }
+        OpenStream(self.streams.clone())
     }
 }
 
-/// A stream that counts as open on its connection until dropped.
-pub struct Counted<T> {
-    io: T,
-    streams: Arc<Streams>,
-}
+/// A stream counted as open on its connection until dropped.
+pub struct OpenStream(Arc<Streams>);
 
-impl<T> Drop for Counted<T> {
+impl Drop for OpenStream {
     fn drop(&mut self) {
-        if self.streams.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
             // notify_one keeps a permit, so a drain that checks the count
             // and then waits cannot miss this.
-            self.streams.idle.notify_one();
+            self.0.idle.notify_one();
         }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

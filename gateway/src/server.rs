@@ -10,8 +10,7 @@ use std::time::Instant;
 use fedmesh_catalog::{Catalog, Hop, Peer};
 use fedmesh_transport::admin;
 use fedmesh_transport::{
-    accept_tls, answer, check_hops, connect_first, open, read_request, serve_tcp, splice, Limits,
-    OpenError,
+    accept_tls, answer, check_hops, connect_first, open, read_request, serve_tcp, Limits, OpenError,
 };
 use fedmesh_trust::{ClientAuth, PeerPolicy, SpiffeId, SvidSource};
 use fedmesh_wire::{Header, Status, StatusCode};
@@ -26,6 +25,7 @@ use tracing::Instrument;
 use crate::config::GatewaySettings;
 use crate::metrics::GatewayMetrics;
 use crate::pool::{self, Dialer, PeerConn, Pool, CLOSE_POLICY};
+use crate::splice::PeerStream;
 use crate::{quic, tcp};
 
 const FROM_SIDECAR: &str = "from_sidecar";
@@ -436,7 +436,11 @@ async fn serve_peer(shared: Arc<Shared>, conn: Connection, peer: Peer) {
                 let shared = shared.clone();
                 let peer = peer.clone();
                 tokio::spawn(async move {
-                    let mut down = tokio::io::join(recv, send);
+                    let mut down = PeerStream::Quic {
+                        recv,
+                        send,
+                        _open: None,
+                    };
                     peer_stream(&shared, &peer, &mut down).await;
                     let _ = down.shutdown().await;
                 });
@@ -526,12 +530,13 @@ async fn fallback_conn(
         shared.metrics.peer_connections.inc();
         let stream = {
             let shared = shared.clone();
-            move |mut io: tcp::TcpStream| {
+            move |io: tcp::TcpStream| {
                 let shared = shared.clone();
                 let peer = peer.clone();
                 async move {
-                    peer_stream(&shared, &peer, &mut io).await;
-                    let _ = io.shutdown().await;
+                    let mut down = PeerStream::Tcp(Box::new(io));
+                    peer_stream(&shared, &peer, &mut down).await;
+                    let _ = down.shutdown().await;
                 }
             }
         };
@@ -556,11 +561,7 @@ async fn refuse<S: AsyncWrite + Unpin>(
     answer(down, &Status::new(code, msg)).await;
 }
 
-async fn peer_stream<S: AsyncRead + AsyncWrite + Unpin>(
-    shared: &Shared,
-    peer: &Peer,
-    down: &mut S,
-) {
+async fn peer_stream(shared: &Shared, peer: &Peer, down: &mut PeerStream) {
     let started = Instant::now();
     let header = match read_request(down, &shared.limits).await {
         Ok(h) => h,
@@ -653,7 +654,7 @@ async fn peer_stream<S: AsyncRead + AsyncWrite + Unpin>(
             _ => None,
         });
         match connect_first(targets, &shared.connector, &next, &shared.limits).await {
-            Ok((mut up, _)) => forward(shared, FROM_PEER, down, &mut up).await,
+            Ok((mut up, _)) => forward(shared, FROM_PEER, &mut up, down).await,
             Err(r) => refuse(shared, down, FROM_PEER, r.code, r.message).await,
         }
     }
@@ -672,17 +673,30 @@ fn next_header(h: &Header, started: Instant) -> Option<Header> {
     Some(next)
 }
 
-async fn forward<D, U>(shared: &Shared, direction: &'static str, down: &mut D, up: &mut U)
+/// Answers `ok` to whoever opened the stream (the peer for
+/// [`FROM_PEER`], else the local side), then splices.
+async fn forward<L>(shared: &Shared, direction: &'static str, local: &mut L, peer: &mut PeerStream)
 where
-    D: AsyncRead + AsyncWrite + Unpin,
-    U: AsyncRead + AsyncWrite + Unpin,
+    L: AsyncRead + AsyncWrite + Unpin,
 {
     shared.metrics.stream(direction, StatusCode::Ok.as_str());
-    if !answer(down, &Status::ok()).await {
+    let from_peer = direction == FROM_PEER;
+    let answered = if from_peer {
+        answer(peer, &Status::ok()).await
+    } else {
+        answer(local, &Status::ok()).await
+    };
+    if !answered {
         return;
     }
-    match splice(down, up, shared.limits.splice_buffer_bytes).await {
-        Ok((tx, rx)) => {
+    match peer.splice(local, shared.limits.splice_buffer_bytes).await {
+        Ok((to_peer, to_local)) => {
+            // tx: opener to target.
+            let (tx, rx) = if from_peer {
+                (to_local, to_peer)
+            } else {
+                (to_peer, to_local)
+            };
             shared
                 .metrics
                 .bytes
@@ -848,21 +862,21 @@ impl PeerOpenError {
     }
 }
 
-/// A tunnel stream to a peer gateway, over whichever transport reaches it.
-trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> PeerIo for T {}
-
 async fn open_on_peer(
     shared: &Shared,
     peer: &Peer,
     header: &Header,
-) -> Result<Box<dyn PeerIo>, PeerOpenError> {
+) -> Result<PeerStream, PeerOpenError> {
     let conn = shared.pool.get(peer).await?;
     // Opening waits while the peer's stream cap is reached; bound the wait.
     let limit = shared.limits.status_timeout;
-    let opened: Result<Box<dyn PeerIo>, String> = match &conn {
+    let opened: Result<PeerStream, String> = match &conn {
         PeerConn::Quic(q) => match tokio::time::timeout(limit, q.conn.open_bi()).await {
-            Ok(Ok((send, recv))) => Ok(Box::new(q.counted(tokio::io::join(recv, send)))),
+            Ok(Ok((send, recv))) => Ok(PeerStream::Quic {
+                recv,
+                send,
+                _open: Some(q.open_stream()),
+            }),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => {
                 return Err(PeerOpenError::Stream(
@@ -871,7 +885,7 @@ async fn open_on_peer(
             }
         },
         PeerConn::Tcp(t) => match tokio::time::timeout(limit, t.open()).await {
-            Ok(Ok(io)) => Ok(Box::new(io)),
+            Ok(Ok(io)) => Ok(PeerStream::Tcp(Box::new(io))),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => {
                 return Err(PeerOpenError::Stream(

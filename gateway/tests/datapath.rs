@@ -422,3 +422,88 @@ async fn echo(held: &mut tokio::io::BufReader<tokio::net::TcpStream>, msg: &[u8]
     held.read_exact(&mut back).await.unwrap();
     assert_eq!(back, msg);
 }
+
+/// Payload crosses the QUIC leg in both directions byte for byte (chunks
+/// spliced without a buffer copy), and a half-close is passed on: the sink
+/// answers its count only after our shutdown reached it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_payloads_cross_byte_exact_and_half_closes_pass() {
+    use fedmesh_testkit::{AppKind, ClusterTopo, ServiceTopo};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let svc = |name: &str, app| ServiceTopo {
+        name: name.into(),
+        port: 7000,
+        replicas: 1,
+        export: true,
+        app,
+    };
+    let topo = Topology {
+        clusters: vec![
+            ClusterTopo {
+                name: "east".into(),
+                services: vec![],
+            },
+            ClusterTopo {
+                name: "west".into(),
+                services: vec![
+                    svc("echo.demo", AppKind::Echo),
+                    svc("sink.demo", AppKind::Sink),
+                ],
+            },
+        ],
+        ..Topology::demo()
+    };
+    let rig = Rig::start(&topo).await.unwrap();
+    let east = rig.cluster("east").unwrap();
+
+    // Pseudo-random bytes, so a dropped, duplicated or reordered chunk shows.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let data: Vec<u8> = (0..(4 << 20))
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+
+    let echo = tokio::net::TcpStream::connect(east.client_addr("echo.demo").unwrap())
+        .await
+        .unwrap();
+    let (rd, mut wr) = echo.into_split();
+    let mut rd = tokio::io::BufReader::new(rd);
+    let mut banner = String::new();
+    rd.read_line(&mut banner).await.unwrap();
+    assert!(banner.starts_with("west/"), "{banner}");
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        for piece in sent.chunks(100_003) {
+            wr.write_all(piece).await.unwrap();
+        }
+        wr.shutdown().await.unwrap();
+    });
+    let mut back = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        rd.read_to_end(&mut back),
+    )
+    .await
+    .expect("echo ended after our half-close")
+    .unwrap();
+    writer.await.unwrap();
+    assert!(
+        back == data,
+        "echo differs: {} of {} bytes back",
+        back.len(),
+        data.len()
+    );
+
+    let mut sink = tokio::net::TcpStream::connect(east.client_addr("sink.demo").unwrap())
+        .await
+        .unwrap();
+    sink.write_all(&data).await.unwrap();
+    sink.shutdown().await.unwrap();
+    let mut count = [0u8; 8];
+    sink.read_exact(&mut count).await.unwrap();
+    assert_eq!(u64::from_be_bytes(count), data.len() as u64);
+}

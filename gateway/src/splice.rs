@@ -1,0 +1,174 @@
+//! Tunnel stream payload between a local connection and a peer gateway.
+//!
+//! Over QUIC, chunks move into and out of quinn as `Bytes`
+//! (`write_chunk`, `read_chunk`), so a byte is copied once in user space
+//! per direction instead of twice as through `copy_bidirectional`'s buffer;
+//! the TCP fallback's streams go through that buffer as before.
+
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use fedmesh_transport::splice;
+use quinn::{RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+use crate::pool::OpenStream;
+
+/// Reads smaller than this would fragment chunks: refill the buffer first.
+const MIN_READ: usize = 4096;
+/// Received chunks taken per vectored write (each about one packet).
+const CHUNKS: usize = 32;
+
+/// A tunnel stream's I/O over the TCP fallback.
+pub trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> PeerIo for T {}
+
+/// A tunnel stream to or from a peer gateway. QUIC streams stay typed so
+/// their payload can be spliced chunk by chunk.
+pub enum PeerStream {
+    Quic {
+        recv: RecvStream,
+        send: SendStream,
+        /// Counts the stream on the connection we opened it on.
+        _open: Option<OpenStream>,
+    },
+    Tcp(Box<dyn PeerIo>),
+}
+
+impl PeerStream {
+    /// Copies both ways until both sides are done, passing half-closes on;
+    /// returns bytes (local → peer, peer → local).
+    pub async fn splice<L>(&mut self, local: &mut L, chunk: usize) -> io::Result<(u64, u64)>
+    where
+        L: AsyncRead + AsyncWrite + Unpin,
+    {
+        match self {
+            Self::Quic { recv, send, .. } => splice_quic(local, send, recv, chunk).await,
+            Self::Tcp(io) => splice(local, io, chunk).await,
+        }
+    }
+}
+
+async fn splice_quic<L>(
+    local: &mut L,
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    chunk: usize,
+) -> io::Result<(u64, u64)>
+where
+    L: AsyncRead + AsyncWrite + Unpin,
+{
+    // Both halves are polled by this one task, so the split's lock is
+    // never contended.
+    let (mut rd, mut wr) = tokio::io::split(local);
+    let to_peer = async {
+        let mut buf = BytesMut::new();
+        let mut total = 0u64;
+        loop {
+            if buf.capacity() < MIN_READ {
+                buf.reserve(chunk.max(MIN_READ));
+            }
+            if read_ready(&mut rd, &mut buf).await? == 0 {
+                // Already reset or stopped by the peer: nothing to finish.
+                let _ = send.finish();
+                return Ok(total);
+            }
+            total += buf.len() as u64;
+            // Chunks share the buffer's allocation until it is used up, so
+            // small reads pin at most one buffer beyond the data in flight.
+            send.write_chunk(buf.split().freeze()).await?;
+        }
+    };
+    let from_peer = async {
+        // quinn hands over the stream as it arrived, about a packet per
+        // chunk: take every chunk ready and write them in one vectored
+        // write, so the TLS side still sends large records in one syscall.
+        let mut chunks: [Bytes; CHUNKS] = Default::default();
+        let mut total = 0u64;
+        while let Some(n) = recv.read_chunks(&mut chunks).await? {
+            let mut ready = &mut chunks[..n];
+            total += ready.iter().map(|b| b.len() as u64).sum::<u64>();
+            while !ready.is_empty() {
+                let slices: Vec<IoSlice<'_>> = ready.iter().map(|b| IoSlice::new(b)).collect();
+                let mut written = wr.write_vectored(&slices).await?;
+                drop(slices);
+                if written == 0 {
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                while let Some(first) = ready.first_mut() {
+                    if written < first.len() {
+                        first.advance(written);
+                        break;
+                    }
+                    written -= first.len();
+                    ready = &mut ready[1..];
+                }
+            }
+            wr.flush().await?;
+        }
+        wr.shutdown().await?;
+        Ok(total)
+    };
+    tokio::try_join!(to_peer, from_peer)
+}
+
+/// Reads everything ready (at least a byte, or none at end of stream) up
+/// to `buf`'s spare capacity, so a chunk spans many TLS records.
+async fn read_ready<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut read = 0;
+        while buf.len() < buf.capacity() {
+            match tokio_util::io::poll_read_buf(Pin::new(&mut *rd), cx, buf) {
+                Poll::Ready(Ok(0)) => break,
+                Poll::Ready(Ok(n)) => read += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending if read == 0 => return Poll::Pending,
+                Poll::Pending => break,
+            }
+        }
+        Poll::Ready(Ok(read))
+    })
+    .await
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Quic { recv, .. } => Pin::new(recv).poll_read(cx, buf),
+            Self::Tcp(io) => Pin::new(io).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Quic { send, .. } => AsyncWrite::poll_write(Pin::new(send), cx, buf),
+            Self::Tcp(io) => Pin::new(io).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Quic { send, .. } => Pin::new(send).poll_flush(cx),
+            Self::Tcp(io) => Pin::new(io).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Quic { send, .. } => Pin::new(send).poll_shutdown(cx),
+            Self::Tcp(io) => Pin::new(io).poll_shutdown(cx),
+        }
+    }
+}
