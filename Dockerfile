@@ -3,16 +3,13 @@
 #
 #   docker build -t fedmesh:dev .
 #
-# Build stage: the release binary with the etcd store and the Kubernetes
-# source (etcd-client's codegen needs protoc).
+# Build stage: the default release binary (the etcd store and the
+# Kubernetes source included; no protoc needed, and the release profile
+# already leaves debug info out).
 FROM rust:1.95-bookworm AS build
-RUN apt-get update -qq \
- && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends protobuf-compiler \
- && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p fedmesh-cli --features etcd,kube \
- && strip target/release/fedmesh
+RUN cargo build --release --locked -p fedmesh-cli
 
 # Runtime: Debian slim (glibc for the binary) plus nftables for the
 # sidecar's redirect init container; nothing else. Runs as a non-root

@@ -18,5 +18,5 @@ if ! command -v nft >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get 
 fi
 profile="${E2E_PROFILE:-release}"
 flag=(); [ "$profile" = release ] && flag=(--release)
-cargo build "${flag[@]}" -p fedmesh-cli --features etcd -p fedmesh-e2e
+cargo build "${flag[@]}" -p fedmesh-cli -p fedmesh-e2e
 exec "target/$profile/fedmesh-e2e" run "$@"

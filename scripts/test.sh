@@ -6,12 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages the tests need, as "command:debian-package" pairs:
-# a real etcd for the store tests, protoc for etcd-client's codegen,
+# a real etcd for the store tests (no protoc: protox generates the gRPC
+# code in Rust),
 # ip + nft for the e2e rig's network namespaces and cuts (used when root;
 # the rig falls back to loopback addresses and relays otherwise),
 # the ShellCheck linter for the kind scripts, python3-venv for the manifest
 # schema checks.
-NEEDS=("etcd:etcd-server" "protoc:protobuf-compiler" "ip:iproute2" "nft:nftables"
+NEEDS=("etcd:etcd-server" "ip:iproute2" "nft:nftables"
   "shellcheck:shellcheck")
 
 missing=()

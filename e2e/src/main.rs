@@ -131,7 +131,9 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 .or_else(|| std::env::var_os("FEDMESH_BIN").map(PathBuf::from))
                 .or_else(|| me.parent().map(|d| d.join("fedmesh")))
                 .filter(|p| p.exists())
-                .context("no fedmesh binary: build it (cargo build -p fedmesh-cli --features etcd) or pass --fedmesh")?;
+                .context(
+                    "no fedmesh binary: build it (cargo build -p fedmesh-cli) or pass --fedmesh",
+                )?;
             let etcd = fedmesh_testkit::etcd::etcd_binary()
                 .context("etcd is not installed (apt-get install etcd-server)")?;
             let ns = match (net, netns::usable()) {

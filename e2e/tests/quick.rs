@@ -1,6 +1,6 @@
 //! The e2e scenarios at CI length, as a user runs them: the `fedmesh-e2e`
 //! binary against the `fedmesh` binary built beside it (the workspace
-//! build with `--all-features` builds both; `fedmesh` needs `etcd`).
+//! build builds both; `fedmesh` has the etcd store in its default build).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;

@@ -115,6 +115,14 @@ pub struct StoreConfig {
     /// TLS to etcd; endpoints must then be `https://`.
     #[serde(default)]
     pub tls: Option<StoreTls>,
+    /// Largest single response taken from etcd (the full listing of the
+    /// federation's exports is the largest).
+    #[serde(default = "default_max_response")]
+    pub max_response_bytes: usize,
+}
+
+fn default_max_response() -> usize {
+    64 << 20
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -139,6 +147,7 @@ impl StoreConfig {
             endpoints,
             connect_timeout: default_connect(),
             tls: None,
+            max_response_bytes: default_max_response(),
         }
     }
 }
@@ -153,6 +162,9 @@ pub async fn open_store(cfg: &StoreConfig) -> Result<Arc<dyn Store>, StoreError>
         StoreKind::Embedded => Ok(Arc::new(EmbeddedStore::new(EmbeddedLimits::default()))),
         StoreKind::Etcd if cfg.endpoints.is_empty() => Err(StoreError::Other(
             "store.endpoints: etcd needs at least one endpoint".into(),
+        )),
+        StoreKind::Etcd if cfg.max_response_bytes < 64 << 10 => Err(StoreError::Other(
+            "store.max_response_bytes: at least 65536".into(),
         )),
         #[cfg(feature = "etcd")]
         StoreKind::Etcd => {
@@ -184,6 +196,7 @@ pub async fn open_store(cfg: &StoreConfig) -> Result<Arc<dyn Store>, StoreError>
                 endpoints: cfg.endpoints.clone(),
                 connect_timeout: cfg.connect_timeout,
                 tls,
+                max_response_bytes: cfg.max_response_bytes,
                 ..Default::default()
             })
             .await?;
@@ -191,7 +204,7 @@ pub async fn open_store(cfg: &StoreConfig) -> Result<Arc<dyn Store>, StoreError>
         }
         #[cfg(not(feature = "etcd"))]
         StoreKind::Etcd => Err(StoreError::Other(
-            "this fedmesh was built without etcd support; rebuild with `--features etcd`".into(),
+            "this fedmesh was built without the etcd store (--no-default-features); rebuild with the default features".into(),
         )),
     }
 }

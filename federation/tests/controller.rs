@@ -525,6 +525,7 @@ async fn etcd_store(endpoints: Vec<String>) -> Arc<dyn Store> {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_secs(2),
             tls: None,
+            ..EtcdOptions::default()
         })
         .await
         .unwrap(),

@@ -245,6 +245,7 @@ async fn etcd_store_meets_the_contract_over_mutual_tls() {
         connect_timeout: Duration::from_secs(2),
         request_timeout: Duration::from_secs(2),
         tls,
+        ..EtcdOptions::default()
     };
     let good = EtcdTls {
         ca_pem: m.ca_pem.clone(),

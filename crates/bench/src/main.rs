@@ -76,7 +76,7 @@ enum Cmd {
         /// Service changes measured.
         #[arg(long, default_value_t = 20)]
         changes: usize,
-        /// `embedded`, `etcd` (build with `--features etcd`) or `both`.
+        /// `embedded`, `etcd` or `both`.
         #[arg(long, default_value = "both")]
         stores: String,
         #[arg(long)]

@@ -396,7 +396,7 @@ pub async fn run(p: Params, stores: &str, as_json: bool) -> anyhow::Result<()> {
     }
     #[cfg(not(feature = "etcd"))]
     if stores == "etcd" || stores == "both" {
-        eprintln!("etcd skipped: build with `--features etcd`");
+        eprintln!("etcd skipped: this fedmesh-bench was built without its default `etcd` feature");
     }
     if as_json {
         println!("{}", serde_json::to_string_pretty(&results)?);

@@ -684,6 +684,6 @@ async fn kube_source(
     _: &mut Registry,
 ) -> anyhow::Result<(watch::Receiver<Option<Vec<LocalService>>>, Keep)> {
     anyhow::bail!(
-        "this fedmesh was built without Kubernetes support; rebuild with `--features kube`"
+        "this fedmesh was built without the Kubernetes source (--no-default-features); rebuild with the default features"
     )
 }

@@ -10,6 +10,7 @@ mod deploy;
 mod drill;
 mod federation;
 mod leader;
+mod logging;
 mod trust;
 
 use std::process::ExitCode;
@@ -27,9 +28,15 @@ every workload has a SPIFFE identity issued by its cluster's own CA.\n\n\
 Start with `fedmesh demo`: three clusters on loopback, real QUIC and mTLS, a report at the end."
 )]
 struct Cli {
-    /// Log filter (RUST_LOG syntax), e.g. `info` or `fedmesh_gateway=debug`.
-    #[arg(long, global = true, env = "FEDMESH_LOG", default_value = "warn")]
-    log: String,
+    /// Log filter (RUST_LOG syntax: a level, or TARGET=LEVEL pairs), e.g.
+    /// `info` or `warn,fedmesh_gateway=debug`. Without it: -v, then the
+    /// FEDMESH_LOG and RUST_LOG variables, then the command's default
+    /// (daemons `info`, demo and drills nothing, other commands `warn`).
+    #[arg(long, global = true, value_name = "FILTER")]
+    log: Option<String>,
+    /// More log lines on stderr: -v info, -vv debug for fedmesh, -vvv trace.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "log")]
+    verbose: u8,
     /// Log as JSON lines instead of text.
     #[arg(long, global = true)]
     log_json: bool,
@@ -110,7 +117,21 @@ enum CertCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log, cli.log_json);
+    let loudness = match cli.command {
+        Command::Gateway(_) | Command::Sidecar(_) | Command::Controller(_) => {
+            logging::Loudness::Daemon
+        }
+        Command::Demo(_) | Command::Drill(_) => logging::Loudness::Report,
+        _ => logging::Loudness::Command,
+    };
+    let filter = logging::choose(cli.log.as_deref(), cli.verbose, loudness, |k| {
+        std::env::var(k).ok()
+    })
+    .and_then(|f| logging::init(&f, cli.log_json));
+    if let Err(e) = filter {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let result = match cli.command {
         Command::Ca(c) => ca::run(c),
         Command::Trust(c) => return trust::run(c),
@@ -176,17 +197,4 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?)
-}
-
-fn init_logging(filter: &str, json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
 }
