@@ -151,6 +151,19 @@ pub fn renew_at(got: SystemTime, not_after: SystemTime) -> SystemTime {
     got + life * 2 / 3
 }
 
+/// Puts a renewed SVID in use, then hands it to `on_renew` (which saves it
+/// to disk): one that `source` refuses (another identity, a key that does
+/// not match) is never written, so a restart does not pick it up either.
+pub fn install(
+    source: &SvidSource,
+    svid: Svid,
+    on_renew: impl Fn(&Svid),
+) -> Result<(), fedmesh_trust::TlsError> {
+    source.store(svid.clone())?;
+    on_renew(&svid);
+    Ok(())
+}
+
 /// Keeps `source` fresh until dropped: renews at two thirds of the
 /// lifetime; on failure retries with backoff (never later than the old
 /// SVID's expiry allows). `on_renew` sees every new SVID (to save it).
@@ -167,13 +180,13 @@ pub fn keep_renewed(
             tokio::time::sleep(wait).await;
             let mut backoff = Duration::from_millis(200);
             loop {
-                match renew(&at, &source).await {
-                    Ok(svid) => {
-                        tracing::info!(id = %svid.id(), "SVID renewed");
-                        on_renew(&svid);
-                        if let Err(e) = source.store(svid) {
-                            tracing::error!(error = %e, "renewed SVID refused");
-                        }
+                let renewed = renew(&at, &source).await.and_then(|svid| {
+                    install(&source, svid, &on_renew)
+                        .map_err(|e| CertError::Response(format!("renewed SVID refused: {e}")))
+                });
+                match renewed {
+                    Ok(()) => {
+                        tracing::info!(id = %source.current().id(), "SVID renewed");
                         got = SystemTime::now();
                         break;
                     }

@@ -483,3 +483,37 @@ async fn a_burst_of_changes_reaches_a_proxy_as_one_update() {
         "the burst was not coalesced"
     );
 }
+
+#[test]
+fn a_renewal_the_source_refuses_is_never_written_to_disk() {
+    let td: TrustDomain = "east.acme".parse().unwrap();
+    let ca = CertificateAuthority::new_root(td.clone(), Duration::from_secs(3600)).unwrap();
+    let id = td.workload("shop", "cart").unwrap();
+    let first = ca.issue(&id, Duration::from_secs(600)).unwrap();
+    let dir = std::env::temp_dir().join(format!("fedmesh-renewal-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert, key) = (dir.join("svid.pem"), dir.join("svid.key"));
+    first.save_to(&cert, &key).unwrap();
+    let before = (std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap());
+    let source = SvidSource::new(first.clone()).unwrap();
+    let save = |s: &Svid| s.save_to(&cert, &key).unwrap();
+
+    // Another identity: the source refuses it, and nothing is written.
+    let other = ca
+        .issue(
+            &td.workload("shop", "admin").unwrap(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+    assert!(certs::install(&source, other, save).is_err());
+    let after = (std::fs::read(&cert).unwrap(), std::fs::read(&key).unwrap());
+    assert!(before == after, "a refused SVID reached the disk");
+    assert_eq!(source.current().not_after(), first.not_after());
+
+    // A good renewal is used, then written.
+    let renewed = ca.issue(&id, Duration::from_secs(900)).unwrap();
+    certs::install(&source, renewed.clone(), save).unwrap();
+    assert_eq!(source.current().not_after(), renewed.not_after());
+    assert_ne!(std::fs::read(&cert).unwrap(), before.0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
