@@ -118,6 +118,9 @@ pub struct ClusterStatus {
     pub exported: usize,
     pub bundle_fingerprint: String,
     pub bundle_trusted: bool,
+    /// Whether that cluster says it trusts this one (its gateways accept
+    /// ours); it is routed to only then.
+    pub trusts_us: bool,
     pub published_at_ms: u64,
 }
 
@@ -205,6 +208,7 @@ impl Controller {
         let (bundles_tx, bundles_rx) = watch::channel(Arc::new(own));
         let (catalog_tx, catalog_rx) = watch::channel(None);
         let (imports_tx, imports_rx) = watch::channel(Arc::new(McsView::default()));
+        let (trusts_tx, trusts_rx) = watch::channel(None);
         let status = Arc::new(Mutex::new(Status {
             cluster: settings.cluster.to_string(),
             ..Status::default()
@@ -216,6 +220,7 @@ impl Controller {
             settings.clone(),
             local_rx.clone(),
             gateways_rx,
+            trusts_rx,
             metrics.clone(),
             leaving.clone(),
         ));
@@ -227,6 +232,7 @@ impl Controller {
                 catalog: catalog_tx,
                 imports: imports_tx,
                 bundles: bundles_tx,
+                trusts: trusts_tx,
             },
             status.clone(),
             metrics.clone(),
@@ -322,7 +328,11 @@ impl PartialEq for McsView {
 
 // ---- publishing ----
 
-fn info_record(s: &ControllerSettings, g: &Gateways) -> Vec<u8> {
+/// The clusters whose bundles the watch loop accepted; `None` until its
+/// first computation.
+type Trusts = Option<BTreeSet<ClusterName>>;
+
+fn info_record(s: &ControllerSettings, g: &Gateways, trusts: &BTreeSet<ClusterName>) -> Vec<u8> {
     let r = ClusterInfo {
         cluster: s.cluster.to_string(),
         trust_domain: s.trust_domain.to_string(),
@@ -332,6 +342,7 @@ fn info_record(s: &ControllerSettings, g: &Gateways) -> Vec<u8> {
         bundle_pem: s.bundle.to_pem(),
         bundle_endorsements: s.endorsements.clone(),
         published_at_ms: now_ms(),
+        trusts: Some(trusts.iter().map(|c| c.to_string()).collect()),
     };
     serde_json::to_vec(&r).unwrap_or_default()
 }
@@ -367,6 +378,7 @@ async fn publish_loop(
     s: Arc<ControllerSettings>,
     mut local: watch::Receiver<Vec<LocalService>>,
     mut gateways: watch::Receiver<Gateways>,
+    mut trusts: watch::Receiver<Trusts>,
     metrics: ControllerMetrics,
     leaving: Arc<std::sync::atomic::AtomicBool>,
 ) {
@@ -379,7 +391,23 @@ async fn publish_loop(
         if gateways.wait_for(|g| !g.quic.is_empty()).await.is_err() {
             return;
         }
-        match publish_session(&*store, &s, &mut local, &mut gateways, &metrics, &leaving).await {
+        // Nor before the first view: the info says whom this cluster
+        // trusts, and a restart must not briefly say "nobody" (peers
+        // would stop routing here). Until then a predecessor's keys hold.
+        if trusts.wait_for(Option::is_some).await.is_err() {
+            return;
+        }
+        match publish_session(
+            &*store,
+            &s,
+            &mut local,
+            &mut gateways,
+            &mut trusts,
+            &metrics,
+            &leaving,
+        )
+        .await
+        {
             Ok(()) => return,
             Err(e) => {
                 tracing::warn!(cluster = %s.cluster, error = %e, "publishing to the store failed; retrying");
@@ -395,6 +423,7 @@ async fn publish_session(
     s: &ControllerSettings,
     local: &mut watch::Receiver<Vec<LocalService>>,
     gateways: &mut watch::Receiver<Gateways>,
+    trusts: &mut watch::Receiver<Trusts>,
     metrics: &ControllerMetrics,
     leaving: &std::sync::atomic::AtomicBool,
 ) -> Result<(), StoreError> {
@@ -409,7 +438,9 @@ async fn publish_session(
             }
         }
     }
-    let info = info_record(s, &gateways.borrow_and_update());
+    let mut advertised = gateways.borrow_and_update().clone();
+    let mut trusted = trusts.borrow_and_update().clone().unwrap_or_default();
+    let info = info_record(s, &advertised, &trusted);
     store
         .put(&keys::info_key(&s.cluster), info, Some(lease))
         .await?;
@@ -419,6 +450,7 @@ async fn publish_session(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut dirty = true;
     let mut gateways_open = true;
+    let mut trusts_open = true;
     loop {
         if dirty {
             let services = local.borrow_and_update().clone();
@@ -492,7 +524,21 @@ async fn publish_session(
                         continue;
                     }
                     tracing::info!(cluster = %s.cluster, gateways = ?g.quic, tcp = ?g.tcp, "advertised gateways changed");
-                    store.put(&keys::info_key(&s.cluster), info_record(s, &g), Some(lease)).await?;
+                    advertised = g;
+                    store.put(&keys::info_key(&s.cluster), info_record(s, &advertised, &trusted), Some(lease)).await?;
+                    metrics.publishes.inc();
+                }
+            }
+            changed = trusts.changed(), if trusts_open => {
+                trusts_open = changed.is_ok();
+                let now = trusts.borrow_and_update().clone().unwrap_or_default();
+                if trusts_open && now != trusted {
+                    // Peers start routing here once they see themselves in
+                    // it: by then this cluster's gateways hold their bundles
+                    // (the watch loop hands bundles out before saying so).
+                    tracing::debug!(cluster = %s.cluster, trusts = ?now, "trusted clusters changed");
+                    trusted = now;
+                    store.put(&keys::info_key(&s.cluster), info_record(s, &advertised, &trusted), Some(lease)).await?;
                     metrics.publishes.inc();
                 }
             }
@@ -657,6 +703,8 @@ struct Outputs {
     catalog: watch::Sender<Option<Arc<Catalog>>>,
     imports: watch::Sender<Arc<McsView>>,
     bundles: watch::Sender<Arc<TrustBundles>>,
+    /// Whom this cluster trusts, for the publisher's info record.
+    trusts: watch::Sender<Trusts>,
 }
 
 async fn watch_loop(
@@ -749,6 +797,14 @@ async fn watch_loop(
             out.catalog
                 .send_replace(Some(Arc::new(view.catalog.clone())));
         }
+        // Last: peers route here once they read this, and by then the
+        // bundles above are on their way to this cluster's gateways.
+        let trusts: BTreeSet<ClusterName> = trusted.keys().cloned().collect();
+        out.trusts.send_if_modified(|t| {
+            let changed = t.as_ref() != Some(&trusts);
+            *t = Some(trusts);
+            changed
+        });
         prev = Some(view);
         // At most one recompute per interval: a burst of changes (a cluster
         // joining with 10,000 services) costs a few recomputes, not 10,000.
@@ -971,9 +1027,12 @@ fn compute(
             exported: export_counts.get(c).copied().unwrap_or(0),
             bundle_fingerprint: info.bundle.fingerprint(),
             bundle_trusted: ok,
+            trusts_us: info.trusts(&s.cluster),
             published_at_ms: info.published_at_ms,
         });
-        if ok {
+        // Routed to once both ways hold: we accept its gateways, and it
+        // says it accepts ours (else our first dial fails its handshake).
+        if ok && info.trusts(&s.cluster) {
             usable.insert(c.clone());
         }
     }
@@ -1230,7 +1289,9 @@ mod tests {
                 quic: s.gateways.clone(),
                 tcp: s.gateways_tcp.clone(),
             };
-            Some(info_record(s, &g))
+            // Everyone trusts everyone: this test is about exports.
+            let all = ["a", "b", "c"].map(|c| ClusterName::new(c).unwrap());
+            Some(info_record(s, &g, &all.into_iter().collect()))
         };
         let mut changes: Vec<(String, Option<Vec<u8>>)> = others
             .iter()

@@ -46,7 +46,16 @@ pub struct ClusterInfo {
     #[serde(default)]
     pub bundle_endorsements: Vec<fedmesh_trust::rotation::Endorsement>,
     pub published_at_ms: u64,
+    /// The clusters whose bundles this cluster trusts, so its gateways
+    /// accept their gateways' certificates. Peers route here only once
+    /// they are in it (a dial before that would fail its handshake).
+    /// Absent in records of controllers that predate it: then assumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trusts: Option<Vec<String>>,
 }
+
+/// Most clusters a record may say it trusts.
+pub const MAX_TRUSTS: usize = 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -116,6 +125,15 @@ pub struct ValidInfo {
     pub bundle: TrustBundle,
     pub endorsements: Vec<fedmesh_trust::rotation::Endorsement>,
     pub published_at_ms: u64,
+    /// `None`: the record does not say (an older controller).
+    pub trusts: Option<BTreeSet<ClusterName>>,
+}
+
+impl ValidInfo {
+    /// Whether this cluster's gateways accept `cluster`'s gateways.
+    pub fn trusts(&self, cluster: &ClusterName) -> bool {
+        self.trusts.as_ref().is_none_or(|t| t.contains(cluster))
+    }
 }
 
 impl ClusterInfo {
@@ -145,6 +163,24 @@ impl ClusterInfo {
                 why: format!("{} addresses; at most 16 expected", r.gateways_tcp.len()),
             });
         }
+        let trusts = match r.trusts {
+            None => None,
+            Some(t) if t.len() > MAX_TRUSTS => {
+                return Err(RecordError::Invalid {
+                    field: "trusts",
+                    why: format!("{} clusters; at most {MAX_TRUSTS} expected", t.len()),
+                })
+            }
+            Some(t) => Some(
+                t.iter()
+                    .map(|c| ClusterName::new(c))
+                    .collect::<Result<BTreeSet<_>, _>>()
+                    .map_err(|e| RecordError::Invalid {
+                        field: "trusts",
+                        why: e.to_string(),
+                    })?,
+            ),
+        };
         let bundle =
             TrustBundle::from_pem(td.clone(), &r.bundle_pem).map_err(|e| RecordError::Invalid {
                 field: "bundle_pem",
@@ -159,6 +195,7 @@ impl ClusterInfo {
             bundle,
             endorsements: r.bundle_endorsements,
             published_at_ms: r.published_at_ms,
+            trusts,
         })
     }
 }

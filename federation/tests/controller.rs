@@ -711,3 +711,86 @@ async fn a_cluster_whose_gateway_address_is_discovered_joins_when_it_has_one() {
     )
     .await;
 }
+
+/// A peer is routed to only once it says it trusts us, and by then its
+/// controller hands our bundle to its gateways: a dial never meets a
+/// gateway that would refuse our certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_is_routed_to_only_once_it_trusts_us() {
+    let store: Arc<dyn Store> = Arc::new(EmbeddedStore::new(EmbeddedLimits::default()));
+    let (e, w) = (member("east"), member("west"));
+    let mut reg = Registry::default();
+    let ce = Controller::start(
+        store.clone(),
+        settings(&e, &[&e, &w], 1000),
+        vec![],
+        &mut reg,
+    );
+    // west has not joined east yet: it trusts only itself.
+    let cw = Controller::start(
+        store.clone(),
+        settings(&w, &[&w], 2000),
+        vec![echo(&w, true)],
+        &mut reg,
+    );
+    let t0 = Instant::now();
+    let west = loop {
+        let found = ce
+            .status()
+            .clusters
+            .into_iter()
+            .find(|c| c.cluster == "west");
+        if let Some(w) = found {
+            break w;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(5), "west never seen");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(west.bundle_trusted && !west.trusts_us, "{west:?}");
+    // Give a wrong answer time to show.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let catalog = ce.catalog().borrow().clone().unwrap();
+    assert!(catalog.imports(&svc()).is_empty());
+    assert!(catalog.peer(&w.name).is_none());
+
+    // west joins east (restarts with the pin): east routes there, and not
+    // before west's gateways are given east's bundle.
+    cw.shutdown().await;
+    let cw2 = Controller::start(
+        store.clone(),
+        settings(&w, &[&e, &w], 2000),
+        vec![echo(&w, true)],
+        &mut reg,
+    );
+    let west_bundles = cw2.bundles();
+    let east_td = e.ca.trust_domain().clone();
+    let mut rx = ce.catalog();
+    let limit = Instant::now() + Duration::from_secs(5);
+    loop {
+        let names_west = rx
+            .borrow_and_update()
+            .as_deref()
+            .is_some_and(|c| c.peer(&w.name).is_some());
+        if names_west {
+            assert!(
+                west_bundles.borrow().get(&east_td).is_some(),
+                "east routes to west before west's gateways trust east"
+            );
+            break;
+        }
+        let left = limit
+            .checked_duration_since(Instant::now())
+            .expect("east never routed to west");
+        let _ = tokio::time::timeout(left, rx.changed()).await;
+    }
+    until(&ce, "west imported", Duration::from_secs(5), |c| {
+        c.imports(&svc()) == [w.name.clone()]
+    })
+    .await;
+    let west = ce
+        .status()
+        .clusters
+        .into_iter()
+        .find(|c| c.cluster == "west");
+    assert!(west.is_some_and(|w| w.trusts_us));
+}

@@ -31,6 +31,13 @@ pub struct PeerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerReasonLabels {
+    pub peer: String,
+    /// One of [`PEER_FAILURE_REASONS`].
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransportLabels {
     pub peer: String,
     /// `quic` or `tcp` (the HTTP/2-over-TLS fallback).
@@ -48,6 +55,11 @@ pub struct GatewayMetrics {
     /// 1 while a live connection (either transport) to the peer exists.
     pub peer_up: Family<PeerLabels, Gauge>,
     pub ejections: Family<PeerLabels, Counter>,
+    /// Streams opened to a peer gateway (answered ok), by transport.
+    pub peer_streams: Family<TransportLabels, Counter>,
+    /// Tries to open a stream on a peer that failed (another cluster may
+    /// then be tried), by why.
+    pub peer_attempt_failures: Family<PeerReasonLabels, Counter>,
     pub streams: Family<StreamLabels, Counter>,
     pub rejected: Family<ReasonLabels, Counter>,
     pub bytes: Family<DirectionLabels, Counter>,
@@ -60,6 +72,13 @@ pub struct GatewayMetrics {
     pub peer_connections: Gauge,
     pub sidecar_connections: Gauge,
 }
+
+/// Every `reason` of `peer_attempt_failures`: the peer was known down,
+/// no connection could be made, no stream could be opened on it, the
+/// stream broke before the peer answered, it answered timeout, or it
+/// answered another refusal.
+pub const PEER_FAILURE_REASONS: [&str; 6] =
+    ["peer_down", "connect", "stream", "io", "timeout", "refused"];
 
 impl GatewayMetrics {
     pub fn register(&self, reg: &mut Registry) {
@@ -125,6 +144,16 @@ impl GatewayMetrics {
             self.ejections.clone(),
         );
         reg.register(
+            "peer_streams",
+            "Streams opened to peer gateways and answered ok, by peer and transport (quic, tcp)",
+            self.peer_streams.clone(),
+        );
+        reg.register(
+            "peer_attempt_failures",
+            "Tries to open a stream to a peer gateway that failed, by peer and reason",
+            self.peer_attempt_failures.clone(),
+        );
+        reg.register(
             "sidecar_connections",
             "Open TLS connections from sidecars",
             self.sidecar_connections.clone(),
@@ -142,6 +171,50 @@ impl GatewayMetrics {
                 })
                 .set(i64::from(now == Some(t)));
         }
+    }
+
+    pub fn peer_stream(&self, peer: &str, transport: crate::pool::Transport) {
+        self.peer_streams
+            .get_or_create(&TransportLabels {
+                peer: peer.to_owned(),
+                transport: transport.as_str(),
+            })
+            .inc();
+    }
+
+    /// Streams opened to `peer` over `transport` so far.
+    pub fn peer_stream_count(&self, peer: &str, transport: crate::pool::Transport) -> u64 {
+        self.peer_streams
+            .get_or_create(&TransportLabels {
+                peer: peer.to_owned(),
+                transport: transport.as_str(),
+            })
+            .get()
+    }
+
+    pub fn peer_attempt_failure(&self, peer: &str, reason: &'static str) {
+        self.peer_attempt_failures
+            .get_or_create(&PeerReasonLabels {
+                peer: peer.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Failed tries on `peer` so far, whatever the reason.
+    pub fn peer_attempt_failure_count(&self, peer: &str) -> u64 {
+        let mut n = 0;
+        // Families have no iteration: sum the known reasons.
+        for reason in PEER_FAILURE_REASONS {
+            n += self
+                .peer_attempt_failures
+                .get_or_create(&PeerReasonLabels {
+                    peer: peer.to_owned(),
+                    reason,
+                })
+                .get();
+        }
+        n
     }
 
     pub fn fallback(&self, peer: &str) {

@@ -347,9 +347,15 @@ pub struct Dialer {
     pub from: Option<IpAddr>,
     pub limits: Limits,
     pub metrics: GatewayMetrics,
+    /// Faults announced by a drill: what they cause is logged at debug.
+    pub announced: fedmesh_transport::Announced,
 }
 
 impl Dialer {
+    fn expects_trouble(&self, peer: &ClusterName) -> bool {
+        self.announced.expects(self.local.as_str(), peer.as_str())
+    }
+
     fn dead_after(&self) -> Duration {
         self.limits.peer_dead_after()
     }
@@ -706,7 +712,11 @@ async fn supervise(inner: Weak<Inner>, cell: Arc<Cell>, cluster: ClusterName) {
                 cell.down.store(true, Ordering::Relaxed);
                 cell.settled.notify_waiters();
                 failures = failures.saturating_add(1);
-                tracing::warn!(error = %e, failures, "peer connect failed");
+                // Once per outage; the retries that follow are debug.
+                fedmesh_transport::warn_unless_announced!(
+                    failures > 1 || dialer.expects_trouble(&peer.cluster),
+                    error = %e, failures, "peer connect failed"
+                );
                 pause(&cell, backoff(failures)).await;
             }
         }
@@ -773,7 +783,10 @@ async fn watch(cell: &Cell, conn: &PeerConn, peer: &Peer, dialer: &Dialer) -> Wa
                             seen = stats.udp_rx.datagrams;
                             heard = Instant::now();
                         } else if heard.elapsed() >= dialer.dead_after() {
-                            tracing::warn!(peer = %cluster, silent = ?heard.elapsed(), "peer gateway silent; declaring it dead");
+                            fedmesh_transport::warn_unless_announced!(
+                                dialer.expects_trouble(cluster),
+                                peer = %cluster, silent = ?heard.elapsed(), "peer gateway silent; declaring it dead"
+                            );
                             conn.close(CLOSE_SILENT.into(), b"peer silent");
                         }
                     }
@@ -823,7 +836,10 @@ async fn watch(cell: &Cell, conn: &PeerConn, peer: &Peer, dialer: &Dialer) -> Wa
         cell.down.store(true, Ordering::Relaxed);
         metrics.peer_up.get_or_create(&labels).set(0);
         metrics.set_transport(cluster.as_str(), None);
-        tracing::warn!(peer = %cluster, transport = transport.as_str(), reason = %lock(&cell.last_error), "connection to peer gateway closed");
+        fedmesh_transport::warn_unless_announced!(
+            dialer.expects_trouble(cluster),
+            peer = %cluster, transport = transport.as_str(), reason = %lock(&cell.last_error), "connection to peer gateway closed"
+        );
     }
     outcome
 }

@@ -61,6 +61,10 @@ struct Shared {
     next_id: AtomicU64,
     /// Set when the gateway closes: accepted TCP connections end.
     stopped: tokio::sync::watch::Sender<bool>,
+    /// Faults a drill announced (shared with the pool's dialer).
+    announced: fedmesh_transport::Announced,
+    /// Woken by every new catalog.
+    catalog_changed: tokio::sync::Notify,
 }
 
 impl Shared {
@@ -68,6 +72,34 @@ impl Shared {
         match self.catalog.read() {
             Ok(g) => g.clone(),
             Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// The peer whose gateway presents `id`. Two clusters' controllers
+    /// learn that they trust each other at slightly different times, so a
+    /// peer's dial can beat the catalog that names it here: an identity of
+    /// a trust domain no peer has yet waits up to the handshake timeout
+    /// for a catalog that names it.
+    async fn peer_for(&self, id: &SpiffeId) -> Option<Peer> {
+        let deadline = tokio::time::Instant::now() + self.limits.handshake_timeout;
+        loop {
+            let changed = self.catalog_changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let catalog = self.catalog();
+            if let Some(p) = catalog.peer_by_identity(id) {
+                return Some(p.clone());
+            }
+            // A known peer's trust domain but not its gateway: a workload
+            // on the peer port, not a race.
+            let td = id.trust_domain_name();
+            if catalog.peers().any(|p| p.trust_domain.as_str() == td) {
+                return None;
+            }
+            tracing::debug!(%id, "identity is no peer gateway (yet); waiting for the catalog");
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return None;
+            }
         }
     }
 
@@ -187,6 +219,7 @@ impl Gateway {
             "gateway listening"
         );
         let local_cluster = s.catalog.cluster.clone();
+        let announced = fedmesh_transport::Announced::default();
         let shared = Arc::new(Shared {
             catalog: RwLock::new(Arc::new(s.catalog)),
             pool: Pool::new(Dialer {
@@ -197,6 +230,7 @@ impl Gateway {
                 from: Some(quic_addr.ip()),
                 limits: s.limits.clone(),
                 metrics: metrics.clone(),
+                announced: announced.clone(),
             }),
             limits: s.limits,
             metrics,
@@ -207,6 +241,8 @@ impl Gateway {
             cursor: AtomicUsize::new(0),
             next_id: AtomicU64::new(1),
             stopped: tokio::sync::watch::channel(false).0,
+            announced,
+            catalog_changed: tokio::sync::Notify::new(),
         });
         // The peer that does not dial opens its streams on our connection.
         let weak = Arc::downgrade(&shared);
@@ -321,6 +357,13 @@ impl Gateway {
         self.shared.pool.live_peers()
     }
 
+    /// Announces that `cluster` is broken on purpose (a failover drill;
+    /// `on: false` when it is over): the failures it causes are logged at
+    /// debug instead of warn. Counters are unaffected.
+    pub fn announce_fault(&self, cluster: &str, on: bool) {
+        self.shared.announced.set(cluster, on);
+    }
+
     /// Replaces the catalog; streams already spliced are not affected.
     pub fn set_catalog(&self, catalog: Catalog) {
         self.set_config(catalog, None);
@@ -337,6 +380,7 @@ impl Gateway {
             };
             *g = Arc::new(catalog);
         }
+        self.shared.catalog_changed.notify_waiters();
         self.shared.pool.set_peers(&peers);
         self.shared.config.applied(version);
     }
@@ -413,8 +457,7 @@ async fn accept_peers(shared: Arc<Shared>) {
                 conn.close(CLOSE_POLICY.into(), b"no SPIFFE ID");
                 return;
             };
-            let catalog = shared.catalog();
-            let Some(peer) = catalog.peer_by_identity(&id).cloned() else {
+            let Some(peer) = shared.peer_for(&id).await else {
                 shared.metrics.reject("unknown_peer");
                 tracing::warn!(%remote, %id, "QUIC connection from an identity that is no peer gateway; closing");
                 conn.close(CLOSE_POLICY.into(), b"not a peer gateway");
@@ -519,7 +562,7 @@ async fn fallback_conn(
             return;
         }
     };
-    let Some(peer) = shared.catalog().peer_by_identity(&id).cloned() else {
+    let Some(peer) = shared.peer_for(&id).await else {
         shared.metrics.reject("unknown_peer");
         tracing::warn!(%remote, %id, "TCP fallback connection from an identity that is no peer gateway; closing");
         return;
@@ -807,7 +850,12 @@ async fn sidecar_stream<S: AsyncRead + AsyncWrite + Unpin>(
         for a in &attempts {
             let Hop::Peer { cluster } = &a.hop else { continue };
             let Some(peer) = catalog.peer(cluster) else { continue };
-            match open_on_peer(shared, peer, &next).await {
+            let opened = open_on_peer(shared, peer, &next).await;
+            match &opened {
+                Ok(up) => shared.metrics.peer_stream(cluster.as_str(), up.transport()),
+                Err(e) => shared.metrics.peer_attempt_failure(cluster.as_str(), e.reason()),
+            }
+            match opened {
                 Ok(mut up) => {
                     shared.balancers.with(service, policy, |b| b.success(a, Instant::now()));
                     forward(shared, FROM_SIDECAR, down, &mut up).await;
@@ -819,7 +867,10 @@ async fn sidecar_stream<S: AsyncRead + AsyncWrite + Unpin>(
                         shared.balancers.with(service, policy, |b| b.failure(a, Instant::now()))
                     {
                         shared.metrics.ejection(cluster.as_str());
-                        tracing::warn!(peer = %cluster, %service, for_ = ?d, "peer cluster ejected after consecutive failures");
+                        fedmesh_transport::warn_unless_announced!(
+                            shared.announced.expects(catalog.cluster.as_str(), cluster.as_str()),
+                            peer = %cluster, %service, for_ = ?d, "peer cluster ejected after consecutive failures"
+                        );
                     }
                     last = (e.status(), format!("cluster {cluster}: {e}"));
                 }
@@ -846,6 +897,18 @@ enum PeerOpenError {
 }
 
 impl PeerOpenError {
+    /// The `reason` label of `fedmesh_gateway_peer_attempt_failures_total`.
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Pool(pool::PoolError::Down { .. }) => "peer_down",
+            Self::Pool(_) => "connect",
+            Self::Stream(_) => "stream",
+            Self::Open(OpenError::Timeout(_)) => "timeout",
+            Self::Open(OpenError::Refused(_)) => "refused",
+            Self::Open(_) => "io",
+        }
+    }
+
     fn retryable(&self) -> bool {
         match self {
             Self::Open(e) => e.retryable(),
@@ -904,8 +967,9 @@ async fn open_on_peer(
     if let Err(e) = open(&mut up, header, &shared.limits).await {
         if !conn.is_open() {
             // The peer closed the connection, for example because it refused
-            // our certificate (TLS 1.3 tells us only now).
-            tracing::warn!(peer = %peer.cluster, "peer connection closed");
+            // our certificate (TLS 1.3 tells us only now). The pool says so
+            // once per connection; each stream it cut says so at debug.
+            tracing::debug!(peer = %peer.cluster, "peer connection closed under a stream");
             shared.pool.failed(&peer.cluster, &conn);
         }
         return Err(PeerOpenError::Open(e));

@@ -38,6 +38,13 @@ pub enum PeerStream {
 }
 
 impl PeerStream {
+    pub fn transport(&self) -> crate::pool::Transport {
+        match self {
+            Self::Quic { .. } => crate::pool::Transport::Quic,
+            Self::Tcp(_) => crate::pool::Transport::Tcp,
+        }
+    }
+
     /// Copies both ways until both sides are done, passing half-closes on;
     /// returns bytes (local → peer, peer → local).
     pub async fn splice<L>(&mut self, local: &mut L, chunk: usize) -> io::Result<(u64, u64)>

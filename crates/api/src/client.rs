@@ -111,6 +111,9 @@ pub fn subscribe(settings: ClientSettings, tls: Arc<rustls::ClientConfig>) -> Su
     }
 }
 
+/// Tries a controller that stopped on purpose gets before a warning.
+const PLANNED_TRIES: u64 = 5;
+
 async fn run(
     s: ClientSettings,
     tls: Arc<rustls::ClientConfig>,
@@ -125,14 +128,23 @@ async fn run(
     let mut applied = Applied::new(s.cluster.clone());
     let mut backoff = s.backoff_min;
     let mut failures = 0u64;
+    // The controller said it stops on purpose: a restart gets a few tries
+    // to come back before anyone is warned.
+    let mut planned = false;
     loop {
         let progressed = match stream_once(&s, &tls, &mut applied, &config_tx, &status).await {
             Ok(p) => p,
             Err(e) => {
                 failures += 1;
+                let stopping =
+                    e.code() == tonic::Code::Unavailable && e.message() == crate::server::STOPPING;
+                planned |= stopping;
                 // A controller that is down for long is logged, not shouted
                 // about at every retry.
-                if failures == 1 || failures.is_multiple_of(20) {
+                let first = if planned { PLANNED_TRIES } else { 1 };
+                if stopping {
+                    tracing::info!(controller = %s.controller, "controller stopping (a restart or an upgrade); keeping the last good config and reconnecting");
+                } else if failures == first || failures.is_multiple_of(20) {
                     tracing::warn!(controller = %s.controller, error = %e, failures, "config stream failed; keeping the last good config");
                 } else {
                     tracing::debug!(controller = %s.controller, error = %e, failures, "config stream failed again");
@@ -145,6 +157,7 @@ async fn run(
         if progressed {
             backoff = s.backoff_min;
             failures = 0;
+            planned = false;
         }
         // Jitter spreads a fleet's reconnects after a controller restart.
         let jitter = rand::random::<f64>() * 0.5 + 0.75;

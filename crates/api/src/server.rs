@@ -24,6 +24,10 @@ use crate::delta::{diff, ProxyConfig};
 use crate::net::{self, PeerInfo};
 use crate::pb::{self, subscribe_request::Kind};
 
+/// The message of the `Unavailable` status a controller ends its config
+/// streams with when it stops on purpose (a restart, an upgrade).
+pub const STOPPING: &str = "controller stopping";
+
 /// Bounds of the API server, named in the controller's config.
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -312,7 +316,7 @@ async fn session(
     };
     tracing::info!(peer = %id, %node, "proxy subscribed");
     let mut closing = shared.closing.subscribe();
-    let stopping = || Err(Status::unavailable("controller stopping"));
+    let stopping = || Err(Status::unavailable(STOPPING));
     let mut source = shared.source.clone();
     // What the proxy has applied (None: nothing, or unknown after a NACK).
     let mut base: Option<Arc<Versioned>> = None;

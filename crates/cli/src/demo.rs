@@ -2,11 +2,15 @@
 //! `east` to a service exported by `west` and `north` and to a local one,
 //! every response checked byte for byte, and a report.
 
+use std::collections::BTreeMap;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fedmesh_gateway::Transport;
 use fedmesh_testkit::drill::{self, DrillSpec, FaultMode};
-use fedmesh_testkit::{percentile, run_load, ControlPlane, LoadReport, LoadSpec, Rig};
+use fedmesh_testkit::{percentile, run_load_counted, ControlPlane, LoadReport, LoadSpec, Rig};
 use serde_json::json;
 
 #[derive(clap::Args)]
@@ -38,6 +42,32 @@ struct Flow {
     service: &'static str,
     kind: &'static str,
     report: LoadReport,
+}
+
+/// Streams east's gateway opened to each peer, by transport: (QUIC, TCP).
+type StreamsByPeer = BTreeMap<String, (u64, u64)>;
+
+fn peer_streams(rig: &Rig, from: &fedmesh_testkit::RigCluster) -> StreamsByPeer {
+    let m = from.gateway.metrics();
+    rig.clusters
+        .iter()
+        .filter(|c| c.name != from.name)
+        .map(|c| {
+            let quic = m.peer_stream_count(&c.name, Transport::Quic);
+            let tcp = m.peer_stream_count(&c.name, Transport::Tcp);
+            (c.name.clone(), (quic, tcp))
+        })
+        .collect()
+}
+
+/// What the streams to one peer rode on.
+fn transport_name((quic, tcp): (u64, u64)) -> &'static str {
+    match (quic > 0, tcp > 0) {
+        (true, false) => "quic",
+        (false, true) => "tcp",
+        (true, true) => "quic+tcp",
+        (false, false) => "none",
+    }
 }
 
 fn us(d: Duration) -> u64 {
@@ -81,21 +111,58 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         ..LoadSpec::default()
     };
     let mut flows = Vec::new();
-    for (service, kind) in [("echo.demo", "cross-cluster"), ("hello.demo", "local")] {
+    let bar = crate::progress::Bar::new();
+    let services = [("echo.demo", "cross-cluster"), ("hello.demo", "local")];
+    let per_service = (spec.connections * spec.requests_per_connection) as u64;
+    let all = per_service * services.len() as u64;
+    let streams_before = peer_streams(&rig, east);
+    for (i, (service, kind)) in services.into_iter().enumerate() {
         let addr = east
             .client_addr(service)
             .ok_or_else(|| anyhow::anyhow!("east has no outbound listener for {service}"))?;
-        let report = run_load(addr, &spec).await;
+        let done = Arc::new(AtomicU64::new(0));
+        let offset = i as u64 * per_service;
+        let ticker = tokio::spawn({
+            let done = done.clone();
+            async move {
+                loop {
+                    let n = offset + done.load(Ordering::Relaxed);
+                    bar.draw(
+                        n as f64 / all as f64 * 0.999,
+                        &format!("traffic  {service:<10} {n:>5}/{all} requests"),
+                    );
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        });
+        let report = run_load_counted(addr, &spec, done).await;
+        ticker.abort();
         flows.push(Flow {
             service,
             kind,
             report,
         });
     }
+    bar.draw(1.0, &format!("traffic  done       {all:>5}/{all} requests"));
+    // Measured, not assumed: the streams east's gateway opened to each
+    // peer during the traffic, by the transport they rode.
+    let streams_after = peer_streams(&rig, east);
+    let by_peer: StreamsByPeer = streams_after
+        .iter()
+        .map(|(p, (q, t))| {
+            let (q0, t0) = streams_before.get(p).copied().unwrap_or_default();
+            (p.clone(), (q - q0, t - t0))
+        })
+        .collect();
+    let total_by_transport = by_peer
+        .values()
+        .fold((0, 0), |(q, t), (dq, dt)| (q + dq, t + dt));
+    let transport_of =
+        |cluster: &str| transport_name(by_peer.get(cluster).copied().unwrap_or_default());
 
     // Evidence of the path, from the gateways' own counters.
-    let quic_out = east.gateway.metrics().stream_count("from_sidecar", "ok");
-    let quic_in: u64 = rig
+    let streams_out = east.gateway.metrics().stream_count("from_sidecar", "ok");
+    let streams_in: u64 = rig
         .clusters
         .iter()
         .filter(|c| c.name != "east")
@@ -160,9 +227,14 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
             "cross_cluster": {
                 "ok": cross.ok,
                 "failed": cross.failed,
-                "transport": "quic",
-                "quic_streams_out": quic_out,
-                "quic_streams_in": quic_in,
+                "transport": transport_name(total_by_transport),
+                "streams_by_transport": {"quic": total_by_transport.0, "tcp": total_by_transport.1},
+                "connections": cross.served_by.iter().map(|(by, n)| {
+                    let cluster = by.split('/').next().unwrap_or("?");
+                    json!({"served_by": by, "connections": n, "transport": transport_of(cluster)})
+                }).collect::<Vec<_>>(),
+                "streams_out": streams_out,
+                "streams_in": streams_in,
                 "p50_us": us(percentile(&mut cl, 50.0)),
                 "p99_us": us(percentile(&mut cl, 99.0)),
             },
@@ -256,14 +328,22 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 let path = if cluster == "east" {
                     format!("app → sidecar(east) ─mTLS→ sidecar(east) → {by}")
                 } else {
-                    format!("app → sidecar(east) ─mTLS→ gateway(east) ═QUIC═ gateway({cluster}) ─mTLS→ sidecar({cluster}) → {by}")
+                    let wan = match transport_of(cluster) {
+                        "quic" => "═QUIC═",
+                        "tcp" => "═TCP fallback═",
+                        "quic+tcp" => "═QUIC or TCP fallback═",
+                        _ => "═?═",
+                    };
+                    format!("app → sidecar(east) ─mTLS→ gateway(east) {wan} gateway({cluster}) ─mTLS→ sidecar({cluster}) → {by}")
                 };
                 say!(out, "  {n:>4}  {path}");
             }
         }
         say!(
             out,
-            "  QUIC streams: {quic_out} opened by gateway(east), {quic_in} accepted by west+north"
+            "  streams gateway(east) opened to peers: {} over QUIC, {} over the TCP fallback; {streams_in} accepted by the peers",
+            total_by_transport.0,
+            total_by_transport.1
         );
         say!(out, "\ncaller identity as the server-side sidecar saw it");
         for (c, svc, s) in &identities {

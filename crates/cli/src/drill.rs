@@ -1,7 +1,6 @@
 //! `fedmesh drill failover`: steady load from one cluster to a service,
 //! one serving cluster broken and repaired, and what callers saw.
 
-use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -130,29 +129,19 @@ pub fn passed(r: &DrillReport, target: Duration) -> bool {
 
 /// Draws a progress bar on stderr when it is a terminal.
 pub fn progress_bar() -> impl FnMut(Progress) {
-    let tty = std::io::stderr().is_terminal();
+    let bar = crate::progress::Bar::new();
     move |p: Progress| {
-        if !tty {
-            return;
-        }
-        let frac = (p.elapsed.as_secs_f64() / p.total.as_secs_f64()).clamp(0.0, 1.0);
-        let filled = (frac * 30.0) as usize;
-        let mut err = std::io::stderr().lock();
-        let _ = write!(
-            err,
-            "\r[{}{}] {:>5.1}/{:.1} s  {:<8} ok {:>6}  failed {:>5}",
-            "#".repeat(filled),
-            ".".repeat(30 - filled),
-            p.elapsed.as_secs_f64().min(p.total.as_secs_f64()),
-            p.total.as_secs_f64(),
-            p.phase,
-            p.ok,
-            p.failed
+        bar.draw(
+            p.elapsed.as_secs_f64() / p.total.as_secs_f64(),
+            &format!(
+                "{:>5.1}/{:.1} s  {:<8} ok {:>6}  failed {:>5}",
+                p.elapsed.as_secs_f64().min(p.total.as_secs_f64()),
+                p.total.as_secs_f64(),
+                p.phase,
+                p.ok,
+                p.failed
+            ),
         );
-        if frac >= 1.0 {
-            let _ = writeln!(err);
-        }
-        let _ = err.flush();
     }
 }
 

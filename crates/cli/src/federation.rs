@@ -545,7 +545,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             crate::emit(&format!("{}\n", serde_json::to_string_pretty(&v)?));
         } else {
             let mut out = format!(
-                "controller of {} — synced: {}, imported services: {}, catalog version {}\n{:<12} {:<16} {:<24} {:>8} {:<8} {:<20}\n",
+                "controller of {} — synced: {}, imported services: {}, catalog version {}\n{:<12} {:<16} {:<24} {:>8} {:<8} {:<9} {:<20}\n",
                 v["cluster"].as_str().unwrap_or("?"),
                 v["synced"],
                 v["imported"],
@@ -555,16 +555,18 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
                 "GATEWAYS",
                 "EXPORTS",
                 "TRUSTED",
+                "TRUSTS US",
                 "PUBLISHED"
             );
             for c in v["clusters"].as_array().cloned().unwrap_or_default() {
                 out.push_str(&format!(
-                    "{:<12} {:<16} {:<24} {:>8} {:<8} {:<20}\n",
+                    "{:<12} {:<16} {:<24} {:>8} {:<8} {:<9} {:<20}\n",
                     c["cluster"].as_str().unwrap_or_default(),
                     c["trust_domain"].as_str().unwrap_or_default(),
                     c["gateways"].to_string(),
                     c["exported"],
                     c["bundle_trusted"],
+                    c["trusts_us"],
                     age(c["published_at_ms"].as_u64().unwrap_or(0))
                 ));
             }

@@ -149,8 +149,10 @@ pub fn init(filter: &str, json: bool) -> Result<(), FilterError> {
             filter: filter.chars().take(120).collect(),
             why: e.to_string(),
         })?;
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(parsed)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -11,6 +11,7 @@ mod drill;
 mod federation;
 mod leader;
 mod logging;
+mod progress;
 mod trust;
 
 use std::process::ExitCode;

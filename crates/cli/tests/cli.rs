@@ -250,7 +250,19 @@ fn demo_json_reports_quic_and_zero_failures() {
     assert_eq!(v["cross_cluster"]["ok"], 40);
     assert_eq!(v["cross_cluster"]["failed"], 0);
     assert_eq!(v["cross_cluster"]["transport"], "quic");
-    assert_eq!(v["cross_cluster"]["quic_streams_out"], 8);
+    assert_eq!(v["cross_cluster"]["streams_out"], 8);
+    // Measured from east's gateway: every connection rode QUIC.
+    assert_eq!(v["cross_cluster"]["streams_by_transport"]["quic"], 8);
+    assert_eq!(v["cross_cluster"]["streams_by_transport"]["tcp"], 0);
+    let conns = v["cross_cluster"]["connections"].as_array().unwrap();
+    assert_eq!(
+        conns
+            .iter()
+            .map(|c| c["connections"].as_u64().unwrap())
+            .sum::<u64>(),
+        8
+    );
+    assert!(conns.iter().all(|c| c["transport"] == "quic"), "{conns:?}");
     let ids = v["identities"].as_array().unwrap();
     assert!(ids
         .iter()
@@ -389,4 +401,48 @@ fn trust_endorse_makes_a_rotation_peers_accept() {
     let o = endorse("nope", "x.json");
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("nope"));
+}
+
+/// A healthy demo is quiet: the report on stdout, nothing on a piped
+/// stderr; with `-v`, logs on stderr and not one warning, drill included
+/// (its fault is announced, so what it breaks is logged at debug).
+#[test]
+fn a_healthy_demo_warns_about_nothing() {
+    let small = ["--connections", "4", "--requests", "3"];
+    let o = fedmesh(&[&["demo", "--no-drill"][..], &small].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout(&o).contains("PASS"), "{}", stdout(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "", "stderr not quiet");
+
+    let o = fedmesh(&[&["demo", "-v", "--drill-duration", "3s"][..], &small].concat());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{}\n{err}", stdout(&o));
+    assert!(err.contains(" INFO "), "-v logged nothing");
+    let warnings: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+        .collect();
+    assert!(warnings.is_empty(), "{warnings:#?}");
+    assert!(stdout(&o).contains("stream tries cut on west"));
+}
+
+#[test]
+fn unknown_log_levels_are_refused() {
+    for args in [
+        &["--log", "verbose", "demo"][..],
+        &["--log", "fedmesh_gateway=loud", "demo"][..],
+    ] {
+        let o = fedmesh(args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("unknown log level"), "{args:?}: {err}");
+        assert!(o.stdout.is_empty());
+    }
+    let o = Command::new(env!("CARGO_BIN_EXE_fedmesh"))
+        .args(["demo"])
+        .env("RUST_LOG", "chatty")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("RUST_LOG `chatty`"));
 }

@@ -58,6 +58,8 @@ pub(crate) struct Shared {
     pub(crate) upstreams: crate::http::Upstreams,
     /// Readiness, applied config version.
     config: admin::ConfigState,
+    /// Faults a drill announced: what they cause is logged at debug.
+    announced: fedmesh_transport::Announced,
 }
 
 impl Shared {
@@ -180,7 +182,16 @@ impl Shared {
                     kind,
                 })
                 .inc();
-            tracing::warn!(member = %a.member, for_ = ?d, "ejected after consecutive failures");
+            let expected = match &a.member {
+                Member::Cluster(c) => self
+                    .announced
+                    .expects(self.catalog().cluster.as_str(), c.as_str()),
+                Member::Endpoint(_) => false,
+            };
+            fedmesh_transport::warn_unless_announced!(
+                expected,
+                member = %a.member, for_ = ?d, "ejected after consecutive failures"
+            );
         }
     }
 }
@@ -240,6 +251,7 @@ impl Sidecar {
             inbound_addr: std::sync::OnceLock::new(),
             balancers: Balancers::default(),
             config: admin::ConfigState::new(s.controller.is_none()),
+            announced: fedmesh_transport::Announced::default(),
         });
         let mut tasks = Vec::new();
         let mut outbound = Vec::new();
@@ -362,6 +374,13 @@ impl Sidecar {
 
     pub fn metrics(&self) -> &SidecarMetrics {
         &self.shared.metrics
+    }
+
+    /// Announces that `cluster` is broken on purpose (a failover drill;
+    /// `on: false` when it is over): the failures it causes are logged at
+    /// debug instead of warn. Counters are unaffected.
+    pub fn announce_fault(&self, cluster: &str, on: bool) {
+        self.shared.announced.set(cluster, on);
     }
 
     pub fn set_catalog(&self, catalog: Catalog) {

@@ -115,6 +115,10 @@ pub struct DrillReport {
     pub failed_during_fault: u64,
     /// Failed requests that started after the repair.
     pub failed_after_restore: u64,
+    /// Stream attempts toward the failed cluster that gateways saw fail
+    /// during the drill (each then tried elsewhere or failed its request):
+    /// the fault's cost below the requests.
+    pub attempts_cut: u64,
     /// Successful requests slower than the SLO.
     pub slow: u64,
     pub slo_ms: f64,
@@ -171,6 +175,7 @@ pub fn analyze(
         failed: 0,
         failed_during_fault: 0,
         failed_after_restore: 0,
+        attempts_cut: 0,
         slow: 0,
         slo_ms: ms(spec.slo),
         served_by: BTreeMap::new(),
@@ -312,6 +317,19 @@ pub async fn run_on_rig(
         max_in_flight: 4096,
         http: spec.http,
     };
+    // Gateways count what the fault cuts; the drill reports the difference.
+    let cut = || -> u64 {
+        rig.clusters
+            .iter()
+            .map(|c| c.gateway.metrics().peer_attempt_failure_count(&spec.fail))
+            .sum()
+    };
+    let cut_before = cut();
+    let announce = |on: bool| {
+        for c in &rig.clusters {
+            c.announce_fault(&spec.fail, on);
+        }
+    };
     let started = tokio::time::Instant::now();
     let runner = tokio::spawn({
         let live = live.clone();
@@ -338,6 +356,8 @@ pub async fn run_on_rig(
         n += 1;
         let elapsed = started.elapsed();
         if broken.is_none() && elapsed >= spec.break_at() {
+            // Announced first: what the fault causes is expected.
+            announce(true);
             set(true);
             broken = Some(started.elapsed());
             tracing::info!(cluster = %spec.fail, mode = %spec.mode, "drill: fault on");
@@ -364,13 +384,27 @@ pub async fn run_on_rig(
         });
     }
     set(false);
+    {
+        use std::sync::atomic::Ordering::Relaxed;
+        progress(Progress {
+            elapsed: spec.duration,
+            total: spec.duration,
+            ok: live.ok.load(Relaxed),
+            failed: live.failed.load(Relaxed),
+            phase: "done",
+        });
+    }
     let samples = runner.await?;
-    Ok(analyze(
+    // Until the drill ends, not the repair: reconnecting is its aftermath.
+    announce(false);
+    let mut report = analyze(
         spec,
         &samples,
         broken.unwrap_or(spec.break_at()),
         restored.unwrap_or(spec.restore_at()),
-    ))
+    );
+    report.attempts_cut = cut().saturating_sub(cut_before);
+    Ok(report)
 }
 
 /// The report as a table for people.
@@ -403,6 +437,11 @@ pub fn render(rep: &DrillReport) -> String {
         &mut out,
         "failed after the repair",
         rep.failed_after_restore.to_string(),
+    );
+    line(
+        &mut out,
+        &format!("stream tries cut on {} (retried)", rep.fail),
+        rep.attempts_cut.to_string(),
     );
     line(
         &mut out,

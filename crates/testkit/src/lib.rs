@@ -16,6 +16,7 @@ pub mod tls;
 
 pub use apps::{http_app, serve as serve_app, App, AppKind, HttpConn, HttpReply};
 pub use load::{
-    percentile, run_load, run_open_loop, LiveCounts, LoadReport, LoadSpec, OpenLoopSpec, Sample,
+    percentile, run_load, run_load_counted, run_open_loop, LiveCounts, LoadReport, LoadSpec,
+    OpenLoopSpec, Sample,
 };
 pub use rig::{ClusterTopo, ControlPlane, Rig, RigCluster, ServiceTopo, Topology};

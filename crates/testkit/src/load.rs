@@ -78,15 +78,28 @@ pub fn percentile(v: &mut [Duration], p: f64) -> Duration {
 
 /// Runs `spec` against an echo service at `addr`.
 pub async fn run_load(addr: SocketAddr, spec: &LoadSpec) -> LoadReport {
+    run_load_counted(addr, spec, Default::default()).await
+}
+
+/// [`run_load`], counting finished requests (ok or failed) in `done` as
+/// it goes, for a progress display.
+pub async fn run_load_counted(
+    addr: SocketAddr,
+    spec: &LoadSpec,
+    done: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) -> LoadReport {
     let started = Instant::now();
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(spec.concurrency.max(1)));
     let mut tasks = Vec::with_capacity(spec.connections);
     for c in 0..spec.connections {
         let spec = spec.clone();
         let sem = sem.clone();
+        let done = done.clone();
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire_owned().await;
-            one_connection(addr, &spec, c as u64).await
+            let r = one_connection(addr, &spec, c as u64).await;
+            done.fetch_add(r.total(), std::sync::atomic::Ordering::Relaxed);
+            r
         }));
     }
     let mut report = LoadReport::default();

@@ -151,6 +151,16 @@ impl Drop for ProxyLink {
 }
 
 impl RigCluster {
+    /// Tells this cluster's gateway and sidecars that `cluster` is broken
+    /// on purpose (or repaired): see `Gateway::announce_fault`.
+    pub fn announce_fault(&self, cluster: &str, on: bool) {
+        self.gateway.announce_fault(cluster, on);
+        self.client.announce_fault(cluster, on);
+        for (_, s) in &self.sidecars {
+            s.announce_fault(cluster, on);
+        }
+    }
+
     pub fn catalog_spec(&self) -> &CatalogSpec {
         &self.spec
     }

@@ -5,10 +5,12 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+mod announced;
 mod identity;
 mod limits;
 mod tunnel;
 
+pub use announced::Announced;
 pub use identity::{load_trust, read_yaml, BundleFile, IdentityFiles};
 pub use limits::Limits;
 pub use tunnel::{
