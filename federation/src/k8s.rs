@@ -102,8 +102,8 @@ impl KubeMetrics {
         reg.register("watch_errors", "Watch stream errors", self.errors.clone());
         reg.register("lists", "Completed lists and re-lists", self.lists.clone());
         reg.register(
-            "skipped",
-            "Objects skipped as unusable",
+            "unusable",
+            "Objects or ports skipped as unusable right now, by kind and reason",
             self.skipped.clone(),
         );
         reg.register("writes", "Objects written back", self.writes.clone());

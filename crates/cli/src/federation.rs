@@ -228,13 +228,25 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     };
     #[cfg(feature = "kube")]
     let _write_back = match &cfg.kubernetes {
-        Some(k) if k.write_back => Some(fedmesh_federation::k8s::write_back(
-            kube::Client::try_default().await?,
-            ctrl.mcs(),
-            local.clone(),
-            fedmesh_federation::k8s::KubeMetrics::default(),
-            Duration::from_secs(5),
-        )),
+        Some(k) if k.write_back => {
+            // Counted with the source's (registered) metrics; a services
+            // file with write-back registers its own.
+            let metrics = match _source.downcast_ref::<fedmesh_federation::k8s::KubeSource>() {
+                Some(src) => src.metrics().clone(),
+                None => {
+                    let m = fedmesh_federation::k8s::KubeMetrics::default();
+                    m.register(&mut registry);
+                    m
+                }
+            };
+            Some(fedmesh_federation::k8s::write_back(
+                kube::Client::try_default().await?,
+                ctrl.mcs(),
+                local.clone(),
+                metrics,
+                Duration::from_secs(5),
+            ))
+        }
         _ => None,
     };
     let api = match &cfg.api {

@@ -3,8 +3,9 @@
 //!
 //! Precedence: `--log FILTER`, then `-v`, then `FEDMESH_LOG`, then
 //! `RUST_LOG`, then the command's default: daemons say what they do
-//! (`info`); the demo and drills print a report and log nothing unless
-//! asked; other commands print their result and warnings.
+//! (`info`, without the per-connection access log); the demo and drills
+//! print a report and log nothing unless asked; other commands print their
+//! result and warnings.
 
 use std::fmt;
 
@@ -26,7 +27,7 @@ pub enum Loudness {
 impl Loudness {
     fn filter(self) -> &'static str {
         match self {
-            Self::Daemon => "info",
+            Self::Daemon => QUIET_INFO,
             Self::Report => "off",
             Self::Command => "warn",
         }
@@ -63,13 +64,17 @@ pub struct FilterError {
     why: String,
 }
 
+/// `info`, but the access log (a line per connection, target
+/// `fedmesh::access`) stays opt-in, as in other meshes.
+const QUIET_INFO: &str = "info,fedmesh::access=warn";
+
 /// The filter a verbosity count asks for: `-v` info, `-vv` debug for
-/// fedmesh's own crates, `-vvv` and more trace for them and debug for the
-/// rest.
+/// fedmesh's own crates (access log included), `-vvv` and more trace for
+/// them and debug for the rest.
 fn verbose(count: u8) -> &'static str {
     match count {
         0 => "warn",
-        1 => "info",
+        1 => QUIET_INFO,
         2 => "info,fedmesh=debug",
         _ => "debug,fedmesh=trace",
     }
@@ -212,14 +217,14 @@ mod tests {
             choose(Some("warn"), 2, Loudness::Report, env).unwrap(),
             "warn"
         );
-        assert_eq!(choose(None, 1, Loudness::Report, env).unwrap(), "info");
+        assert_eq!(choose(None, 1, Loudness::Report, env).unwrap(), QUIET_INFO);
         assert_eq!(choose(None, 0, Loudness::Report, env).unwrap(), "debug");
         assert_eq!(
             choose(None, 0, Loudness::Report, rust_only).unwrap(),
             "error"
         );
         assert_eq!(choose(None, 0, Loudness::Report, none).unwrap(), "off");
-        assert_eq!(choose(None, 0, Loudness::Daemon, none).unwrap(), "info");
+        assert_eq!(choose(None, 0, Loudness::Daemon, none).unwrap(), QUIET_INFO);
         assert_eq!(
             choose(None, 3, Loudness::Daemon, none).unwrap(),
             "debug,fedmesh=trace"

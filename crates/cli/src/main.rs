@@ -32,10 +32,12 @@ struct Cli {
     /// Log filter (RUST_LOG syntax: a level, or TARGET=LEVEL pairs), e.g.
     /// `info` or `warn,fedmesh_gateway=debug`. Without it: -v, then the
     /// FEDMESH_LOG and RUST_LOG variables, then the command's default
-    /// (daemons `info`, demo and drills nothing, other commands `warn`).
+    /// (daemons `info` without the access log, demo and drills nothing,
+    /// other commands `warn`).
     #[arg(long, global = true, value_name = "FILTER")]
     log: Option<String>,
-    /// More log lines on stderr: -v info, -vv debug for fedmesh, -vvv trace.
+    /// More log lines on stderr: -v info, -vv debug for fedmesh (and the
+    /// access log), -vvv trace.
     #[arg(short, long, global = true, action = clap::ArgAction::Count, conflicts_with = "log")]
     verbose: u8,
     /// Log as JSON lines instead of text.

@@ -534,7 +534,7 @@ fn proxy_container(opts: &InjectOptions, app_ports: &[u16]) -> Value {
         "name": PROXY_CONTAINER,
         "image": opts.image,
         "imagePullPolicy": opts.pull_policy,
-        "args": ["sidecar", "--kubernetes", "--log", "info"],
+        "args": ["sidecar", "--kubernetes"],
         "env": env,
         "ports": [
             { "name": "fedmesh-in", "containerPort": ports::SIDECAR_INBOUND, "protocol": "TCP" },

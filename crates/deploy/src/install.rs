@@ -520,7 +520,7 @@ impl InstallSpec {
                                 "name": "controller",
                                 "image": self.image,
                                 "imagePullPolicy": self.pull_policy,
-                                "args": ["controller", "--config", "/etc/fedmesh/controller/controller.yaml", "--leader-elect", "--log", "info"],
+                                "args": ["controller", "--config", "/etc/fedmesh/controller/controller.yaml", "--leader-elect"],
                                 "env": downward_env(),
                                 "ports": [
                                     { "name": "grpc-api", "containerPort": ports::CONTROLLER_API, "protocol": "TCP" },
@@ -640,7 +640,7 @@ impl InstallSpec {
                                 "name": "gateway",
                                 "image": self.image,
                                 "imagePullPolicy": self.pull_policy,
-                                "args": ["gateway", "--config", "/etc/fedmesh/gateway/gateway.yaml", "--drain", "20s", "--log", "info"],
+                                "args": ["gateway", "--config", "/etc/fedmesh/gateway/gateway.yaml", "--drain", "20s"],
                                 "ports": [
                                     { "name": "quic", "containerPort": ports::GATEWAY_QUIC, "protocol": "UDP" },
                                     { "name": "tls-fallback", "containerPort": ports::GATEWAY_TCP, "protocol": "TCP" },
