@@ -91,6 +91,26 @@ async fn until(
     }
 }
 
+/// What `c` reports about `cluster`, once it has seen it (5 s at most).
+async fn seen(c: &Controller, cluster: &str) -> fedmesh_federation::controller::ClusterStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = c
+            .status()
+            .clusters
+            .into_iter()
+            .find(|s| s.cluster == cluster)
+        {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "{cluster} never seen"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn svc() -> ServiceName {
     ServiceName::new("echo", "shop").unwrap()
 }
@@ -434,19 +454,7 @@ async fn unpinned_or_unendorsed_bundles_are_not_trusted() {
         c.imports(&svc()).len() == 1
     })
     .await;
-    let t0 = Instant::now();
-    let north = loop {
-        if let Some(n) = ce
-            .status()
-            .clusters
-            .into_iter()
-            .find(|c| c.cluster == "north")
-        {
-            break n;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(5), "north never seen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let north = seen(&ce, "north").await;
     assert!(!north.bundle_trusted);
     assert_eq!(
         ce.catalog().borrow().as_ref().unwrap().imports(&svc()),
@@ -733,19 +741,7 @@ async fn a_cluster_is_routed_to_only_once_it_trusts_us() {
         vec![echo(&w, true)],
         &mut reg,
     );
-    let t0 = Instant::now();
-    let west = loop {
-        let found = ce
-            .status()
-            .clusters
-            .into_iter()
-            .find(|c| c.cluster == "west");
-        if let Some(w) = found {
-            break w;
-        }
-        assert!(t0.elapsed() < Duration::from_secs(5), "west never seen");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+    let west = seen(&ce, "west").await;
     assert!(west.bundle_trusted && !west.trusts_us, "{west:?}");
     // Give a wrong answer time to show.
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use fedmesh_testkit::fake_kube::FakeKube;
 
 mod common;
-use common::{bin, free_tcp as free, http_get, kubeconfig, ok, p, Procs};
+use common::{bin, ca_init, free_tcp as free, http_get, kubeconfig, ok, p, Procs};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -215,49 +215,27 @@ fn flags(words: &[String]) -> Vec<String> {
 /// a reader brings along (an app's manifest, etcd's TLS files, a peer's
 /// bundle).
 fn fixtures(dir: &Path) {
-    let d = |f: &str| p(&dir.join(f));
-    ok(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        "etcd.test",
-        "--out",
-        &d(".etcd-ca"),
-    ]);
+    let etcd_ca = ca_init(dir, ".etcd-ca", "etcd.test");
+    let client = dir.join(".etcd-client");
     ok(&[
         "ca",
         "issue",
         "--ca",
-        &d(".etcd-ca"),
+        &p(&etcd_ca),
         "--spiffe-id",
         "spiffe://etcd.test/client",
         "--out",
-        &d(".etcd-client"),
+        &p(&client),
     ]);
-    std::fs::copy(dir.join(".etcd-ca/ca.pem"), dir.join("etcd-ca.pem")).unwrap();
-    std::fs::copy(
-        dir.join(".etcd-client/svid.pem"),
-        dir.join("etcd-client.pem"),
-    )
-    .unwrap();
-    std::fs::copy(
-        dir.join(".etcd-client/svid.key"),
-        dir.join("etcd-client.key"),
-    )
-    .unwrap();
-    ok(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        "north.acme",
-        "--out",
-        &d(".north-ca"),
-    ]);
-    std::fs::copy(
-        dir.join(".north-ca/bundle.pem"),
-        dir.join("north-bundle.pem"),
-    )
-    .unwrap();
+    let north = ca_init(dir, ".north-ca", "north.acme");
+    for (from, to) in [
+        (etcd_ca.join("ca.pem"), "etcd-ca.pem"),
+        (client.join("svid.pem"), "etcd-client.pem"),
+        (client.join("svid.key"), "etcd-client.key"),
+        (north.join("bundle.pem"), "north-bundle.pem"),
+    ] {
+        std::fs::copy(from, dir.join(to)).unwrap();
+    }
     std::fs::write(
         dir.join("app.yaml"),
         "apiVersion: apps/v1\nkind: Deployment\nmetadata: { name: web, namespace: shop }\n\
@@ -493,14 +471,7 @@ async fn every_documented_metric_is_served() {
     let fake = FakeKube::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    ok(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        "east.acme",
-        "--out",
-        &p(&d.join("ca")),
-    ]);
+    ca_init(d, "ca", "east.acme");
     for (who, id) in [
         ("gw", "spiffe://east.acme/ns/fedmesh-system/sa/gateway"),
         ("web", "spiffe://east.acme/ns/shop/sa/web"),

@@ -17,7 +17,7 @@ use fedmesh_testkit::{run_load, App, AppKind, LoadSpec};
 use serde_json::json;
 
 mod common;
-use common::{bin, free_tcp as free, http_get, kubeconfig, ok, p, Procs};
+use common::{bin, ca_init, free_tcp as free, http_get, kubeconfig, p, Procs};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_injected_pod_gets_its_identity_and_serves_its_service() {
@@ -51,14 +51,7 @@ async fn an_injected_pod_gets_its_identity_and_serves_its_service() {
 
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    ok(&[
-        "ca",
-        "init",
-        "--trust-domain",
-        "east.acme",
-        "--out",
-        &p(&d.join("ca")),
-    ]);
+    ca_init(d, "ca", "east.acme");
     let kc = kubeconfig(d, &fake.url());
     std::fs::write(d.join("tokens.yaml"), "tokens:\n  - token: client-boot\n    identities: [\"spiffe://east.acme/ns/demo/sa/client\"]\n").unwrap();
     let (api, ctl_admin) = (free(), free());

@@ -38,6 +38,20 @@ impl Drop for Procs {
     }
 }
 
+/// `fedmesh ca init` for `trust_domain` into `dir/name`; returns that dir.
+pub fn ca_init(dir: &Path, name: &str, trust_domain: &str) -> PathBuf {
+    let out = dir.join(name);
+    ok(&[
+        "ca",
+        "init",
+        "--trust-domain",
+        trust_domain,
+        "--out",
+        &p(&out),
+    ]);
+    out
+}
+
 pub fn free_tcp() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
