@@ -575,10 +575,11 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
                     "{:<12} {:<16} {:<24} {:>8} {:<8} {:<9} {:<20}\n",
                     c["cluster"].as_str().unwrap_or_default(),
                     c["trust_domain"].as_str().unwrap_or_default(),
+                    // Values as text: a JSON value ignores width and alignment.
                     c["gateways"].to_string(),
-                    c["exported"],
-                    c["bundle_trusted"],
-                    c["trusts_us"],
+                    c["exported"].to_string(),
+                    c["bundle_trusted"].to_string(),
+                    c["trusts_us"].to_string(),
                     age(c["published_at_ms"].as_u64().unwrap_or(0))
                 ));
             }
@@ -637,8 +638,8 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
                 r["cluster"].as_str().unwrap_or_default(),
                 r["trust_domain"].as_str().unwrap_or_default(),
                 r["gateways"].to_string(),
-                r["exported"],
-                r["imported"],
+                r["exported"].to_string(),
+                r["imported"].to_string(),
                 r["bundle_fingerprint"]
                     .as_str()
                     .unwrap_or_default()
