@@ -420,3 +420,64 @@ async fn unreachable_peer_backs_off_instead_of_retrying_every_stream() {
         assert!(took < Duration::from_millis(100), "{took:?}");
     }
 }
+
+/// Two clusters' controllers learn of each other at slightly different
+/// times: a new peer's dial can arrive before the catalog that names it.
+/// The gateway holds such a connection (its trust domain is trusted but
+/// no peer has it yet) until a catalog names it, then serves it; one that
+/// is never named is closed after the handshake timeout and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_peer_is_served_once_the_catalog_names_it() {
+    let mut t = Topology::demo();
+    t.limits = Limits {
+        handshake_timeout: Duration::from_secs(1),
+        ..limits()
+    };
+    let rig = Rig::start(&t).await.unwrap();
+    let north = rig.cluster("north").unwrap();
+    // A new cluster `south`: north already trusts its bundle (its
+    // controller accepted it) but its catalog does not name it yet.
+    let south_td = TrustDomain::new("south.demo").unwrap();
+    let south =
+        CertificateAuthority::new_root(south_td.clone(), Duration::from_secs(3600)).unwrap();
+    north
+        .bundles
+        .store((*north.bundles.load()).clone().with(south.bundle()));
+    let south_gw = south
+        .issue(&south_td.system_id("gateway"), Duration::from_secs(3600))
+        .unwrap();
+    let m = north.gateway.metrics();
+
+    // Never named: closed once the handshake timeout passed.
+    let conn = quic_client(&rig, "north", &south_gw).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let outcome = send_raw(&conn, &header(echo(7000), None, 1)).await;
+    assert!(outcome.is_err(), "served before any catalog named it");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(900),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert_eq!(m.rejected_count("unknown_peer"), 1);
+
+    // Named while the connection waits: served.
+    let conn = quic_client(&rig, "north", &south_gw).await.unwrap();
+    let from_south = header(echo(7000), Some("spiffe://south.demo/ns/demo/sa/client"), 1);
+    let waiting = tokio::spawn(async move { send_raw(&conn, &from_south).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut spec = north.catalog_spec().clone();
+    spec.peers.push(fedmesh_catalog::PeerSpec {
+        cluster: "south".into(),
+        trust_domain: "south.demo".into(),
+        // Nobody listens there: only the accepting side matters here.
+        gateway: "127.0.0.1:9".parse().unwrap(),
+        gateway_tcp: None,
+        identity: None,
+        region: String::new(),
+    });
+    north.gateway.set_catalog(spec.build().unwrap());
+    let st = waiting.await.unwrap();
+    assert_eq!(st, Ok(StatusCode::Ok));
+    assert_eq!(m.rejected_count("unknown_peer"), 1);
+    neighbours_ok(rig.cluster("east").unwrap()).await;
+}
