@@ -600,7 +600,10 @@ async fn refuse<S: AsyncWrite + Unpin>(
     msg: String,
 ) {
     shared.metrics.stream(direction, code.as_str());
-    tracing::info!(direction, status = %code, reason = %msg, "stream refused");
+    // Per stream: counted above, and an outage would flood the log at
+    // info. What an operator acts on (a peer down, a refused handshake)
+    // is logged where it happens.
+    tracing::debug!(direction, status = %code, reason = %msg, "stream refused");
     answer(down, &Status::new(code, msg)).await;
 }
 
@@ -862,7 +865,7 @@ async fn sidecar_stream<S: AsyncRead + AsyncWrite + Unpin>(
                     return;
                 }
                 Err(e) if e.retryable() => {
-                    tracing::info!(peer = %cluster, error = %e, "peer cluster failed; trying the next");
+                    tracing::debug!(peer = %cluster, error = %e, "peer cluster failed; trying the next");
                     if let Some(fedmesh_catalog::Ejection::Ejected(d)) =
                         shared.balancers.with(service, policy, |b| b.failure(a, Instant::now()))
                     {

@@ -399,7 +399,7 @@ async fn forward(
                     },
                     Err(r) => {
                         drop(in_flight);
-                        tracing::info!(member = %a.member, status = %r.code, reason = %r.message, "attempt failed");
+                        tracing::debug!(member = %a.member, status = %r.code, reason = %r.message, "attempt failed");
                         last = Outcome {
                             response: reply(refusal_status(&r), &r.message),
                             cluster: String::new(),

@@ -706,7 +706,9 @@ async fn opaque_conn(
             }
             Err(r) => {
                 drop(in_flight);
-                tracing::info!(member = %a.member, status = %r.code, reason = %r.message, "attempt failed");
+                // Per attempt (counted as failovers): debug, or an outage
+                // floods the log.
+                tracing::debug!(member = %a.member, status = %r.code, reason = %r.message, "attempt failed");
                 let retryable = r.retryable();
                 if retryable {
                     shared.attempt_failed(service, policy, svc, a);
