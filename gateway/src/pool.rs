@@ -182,6 +182,20 @@ impl QuicPeer {
 /// A stream counted as open on its connection until dropped.
 pub struct OpenStream(Arc<Streams>);
 
+/// A connection handed to one stream. On QUIC the stream is counted from
+/// the hand-out (not from when `open_bi` returns, which can wait for the
+/// peer's stream cap): a drain that starts after it waits for it.
+pub struct Leased {
+    pub conn: PeerConn,
+    lease: Option<OpenStream>,
+}
+
+impl Leased {
+    pub fn into_parts(self) -> (PeerConn, Option<OpenStream>) {
+        (self.conn, self.lease)
+    }
+}
+
 impl Drop for OpenStream {
     fn drop(&mut self) {
         if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
@@ -296,6 +310,19 @@ impl Cell {
 
     fn live(&self) -> Option<PeerConn> {
         lock(&self.conn).as_ref().filter(|c| c.is_open()).cloned()
+    }
+
+    /// The live connection, leased to one stream. Taken under the same
+    /// lock a replacement is installed under, so a lease on the old
+    /// connection happens before its drain starts and the drain sees it.
+    fn lease(&self) -> Option<Leased> {
+        let g = lock(&self.conn);
+        let conn = g.as_ref().filter(|c| c.is_open())?.clone();
+        let lease = match &conn {
+            PeerConn::Quic(q) => Some(q.open_stream()),
+            PeerConn::Tcp(_) => None,
+        };
+        Some(Leased { conn, lease })
     }
 
     fn take_adopted(&self) -> Option<Connection> {
@@ -603,9 +630,9 @@ impl Pool {
     /// The live connection to `peer`. Waits for a connect only while the
     /// peer has never been healthy; a peer that was up and went down turns
     /// streams away at once.
-    pub async fn get(&self, peer: &Peer) -> Result<PeerConn, PoolError> {
+    pub async fn get(&self, peer: &Peer) -> Result<Leased, PoolError> {
         let cell = self.cell(peer);
-        if let Some(c) = cell.live() {
+        if let Some(c) = cell.lease() {
             return Ok(c);
         }
         let starting =
@@ -619,7 +646,7 @@ impl Pool {
         tokio::pin!(settled);
         settled.as_mut().enable();
         // The connect may have finished between the checks above.
-        if let Some(c) = cell.live() {
+        if let Some(c) = cell.lease() {
             return Ok(c);
         }
         cell.kick.notify_one();
@@ -629,7 +656,7 @@ impl Pool {
                 waited,
             });
         }
-        cell.live().ok_or_else(|| cell.down_error(&peer.cluster))
+        cell.lease().ok_or_else(|| cell.down_error(&peer.cluster))
     }
 
     /// A stream on `conn` failed at the connection level (for example our
@@ -691,6 +718,10 @@ async fn supervise(inner: Weak<Inner>, cell: Arc<Cell>, cluster: ClusterName) {
                 match watch(&cell, &c, &peer, &dialer).await {
                     Watched::Replaced(q) => {
                         failures = 0;
+                        // Installed before the old one drains: from here
+                        // no stream is handed the old connection, and every
+                        // one handed it before holds a lease its drain sees.
+                        *lock(&cell.conn) = Some(q.clone());
                         next = Some(q);
                         if let PeerConn::Quic(old) = c {
                             tokio::spawn(drain(old));
@@ -885,4 +916,149 @@ async fn connect(
         });
     }
     Ok(conn)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use fedmesh_trust::{
+        CertificateAuthority, SharedBundles, SvidSource, TrustBundles, TrustDomain,
+    };
+
+    /// A gateway identity of `td` and the QUIC endpoint it serves and
+    /// dials from, trusting `bundles`.
+    fn side(
+        ca: &CertificateAuthority,
+        bundles: &SharedBundles,
+        limits: &Limits,
+    ) -> (Endpoint, quinn::ClientConfig, fedmesh_trust::SpiffeId) {
+        let id = ca.trust_domain().system_id("gateway");
+        let svid = SvidSource::new(ca.issue(&id, Duration::from_secs(600)).unwrap()).unwrap();
+        let server = crate::quic::server_config(&svid, bundles.clone(), limits).unwrap();
+        let ep = Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
+        let client = crate::quic::client_config(&svid, bundles.clone(), limits).unwrap();
+        (ep, client, id)
+    }
+
+    /// Echoes every stream of every connection `ep` accepts.
+    fn echo_server(ep: Endpoint) {
+        tokio::spawn(async move {
+            while let Some(incoming) = ep.accept().await {
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else { return };
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        tokio::spawn(async move {
+                            let _ = tokio::io::copy(&mut recv, &mut send).await;
+                            let _ = send.finish();
+                        });
+                    }
+                });
+            }
+        });
+    }
+
+    /// Defect 1 of the fold: a stream handed the pair's old connection just
+    /// before the peer's dial replaces it must not be cut by the drain of
+    /// that connection, however long it opens and runs after the fold.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stream_handed_the_old_connection_survives_the_fold() {
+        let limits = Limits {
+            connect_timeout: Duration::from_secs(2),
+            ..Limits::default()
+        };
+        let (east_td, west_td) = (
+            TrustDomain::new("east.test").unwrap(),
+            TrustDomain::new("west.test").unwrap(),
+        );
+        let east_ca = CertificateAuthority::new_root(east_td, Duration::from_secs(600)).unwrap();
+        let west_ca = CertificateAuthority::new_root(west_td, Duration::from_secs(600)).unwrap();
+        let bundles = SharedBundles::new(
+            TrustBundles::new()
+                .with(east_ca.bundle())
+                .with(west_ca.bundle()),
+        );
+        let (east_ep, east_client, east_id) = side(&east_ca, &bundles, &limits);
+        let (west_ep, west_client, _) = side(&west_ca, &bundles, &limits);
+        let east_addr = east_ep.local_addr().unwrap();
+        let west_addr = west_ep.local_addr().unwrap();
+        echo_server(east_ep.clone());
+
+        // West's pool: east sorts first, so west waits for east's dial,
+        // then dials itself when none came.
+        let tls = fedmesh_trust::client_config_from(
+            &SvidSource::new(
+                west_ca
+                    .issue(
+                        &west_ca.trust_domain().system_id("gateway"),
+                        Duration::from_secs(600),
+                    )
+                    .unwrap(),
+            )
+            .unwrap(),
+            bundles.clone(),
+            fedmesh_trust::PeerPolicy::AnyTrusted,
+            &[crate::tcp::ALPN_H2],
+        )
+        .unwrap();
+        let pool = Pool::new(Dialer {
+            local: ClusterName::new("west").unwrap(),
+            endpoint: west_ep.clone(),
+            quic: west_client,
+            tcp: TlsConnector::from(Arc::new(tls)),
+            from: None,
+            limits: limits.clone(),
+            metrics: GatewayMetrics::default(),
+            announced: fedmesh_transport::Announced::default(),
+        });
+        let east = Peer {
+            cluster: ClusterName::new("east").unwrap(),
+            trust_domain: east_ca.trust_domain().clone(),
+            address: east_addr,
+            tcp_address: None,
+            identity: east_id,
+            region: String::new(),
+        };
+        pool.set_peers([&east]);
+        let dialed_by = || pool.status().first().and_then(|s| s.dialed_by);
+        let old = pool.get(&east).await.unwrap();
+        assert_eq!(dialed_by(), Some("us"));
+
+        // East's dial arrives and west adopts it: the fold.
+        let accepting = tokio::spawn({
+            let west_ep = west_ep.clone();
+            async move { west_ep.accept().await.unwrap().await.unwrap() }
+        });
+        let _east_dial = east_ep
+            .connect_with(east_client, west_addr, "fedmesh.invalid")
+            .unwrap()
+            .await
+            .unwrap();
+        let accepted = accepting.await.unwrap();
+        pool.adopt(&east, &accepted);
+        let t0 = Instant::now();
+        while dialed_by() != Some("peer") {
+            assert!(t0.elapsed() < Duration::from_secs(5), "no fold");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+
+        // The stream handed `old` before the fold opens now and runs for
+        // well past the drain's linger.
+        let PeerConn::Quic(q) = &old.conn else {
+            panic!("not QUIC")
+        };
+        let (mut send, mut recv) = q.conn.open_bi().await.unwrap();
+        send.write_all(b"before").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        send.write_all(b" and after the fold").await.unwrap();
+        send.finish().unwrap();
+        let got = recv.read_to_end(1024).await;
+        assert_eq!(
+            got.as_deref().map_err(|e| e.to_string()),
+            Ok(&b"before and after the fold"[..]),
+            "the fold cut a stream handed the old connection"
+        );
+        drop(old);
+    }
 }

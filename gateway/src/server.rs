@@ -933,7 +933,7 @@ async fn open_on_peer(
     peer: &Peer,
     header: &Header,
 ) -> Result<PeerStream, PeerOpenError> {
-    let conn = shared.pool.get(peer).await?;
+    let (conn, lease) = shared.pool.get(peer).await?.into_parts();
     // Opening waits while the peer's stream cap is reached; bound the wait.
     let limit = shared.limits.status_timeout;
     let opened: Result<PeerStream, String> = match &conn {
@@ -941,7 +941,7 @@ async fn open_on_peer(
             Ok(Ok((send, recv))) => Ok(PeerStream::Quic {
                 recv,
                 send,
-                _open: Some(q.open_stream()),
+                _open: lease,
             }),
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => {
