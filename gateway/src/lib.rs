@@ -17,12 +17,14 @@ mod quic;
 mod server;
 mod splice;
 mod tcp;
+mod transport;
 
 pub use config::{ConfigError, GatewayConfig, GatewaySettings, Listen};
 pub use metrics::{GatewayMetrics, PeerLabels, TransportLabels};
-pub use pool::{PeerStatus, Transport};
+pub use pool::PeerStatus;
 pub use quic::{
     client_config as quic_client_config, server_config as quic_server_config, QuicError,
 };
 pub use server::{Gateway, GatewayError};
 pub use tcp::ALPN_H2;
+pub use transport::Transport;

@@ -5,6 +5,8 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+use crate::transport::Transport;
 use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -161,8 +163,7 @@ impl GatewayMetrics {
     }
 
     /// Records how `peer` is reached now (`None`: not at all).
-    pub fn set_transport(&self, peer: &str, now: Option<crate::pool::Transport>) {
-        use crate::pool::Transport;
+    pub fn set_transport(&self, peer: &str, now: Option<Transport>) {
         for t in [Transport::Quic, Transport::Tcp] {
             self.peer_transport
                 .get_or_create(&TransportLabels {
@@ -173,7 +174,7 @@ impl GatewayMetrics {
         }
     }
 
-    pub fn peer_stream(&self, peer: &str, transport: crate::pool::Transport) {
+    pub fn peer_stream(&self, peer: &str, transport: Transport) {
         self.peer_streams
             .get_or_create(&TransportLabels {
                 peer: peer.to_owned(),
@@ -183,7 +184,7 @@ impl GatewayMetrics {
     }
 
     /// Streams opened to `peer` over `transport` so far.
-    pub fn peer_stream_count(&self, peer: &str, transport: crate::pool::Transport) -> u64 {
+    pub fn peer_stream_count(&self, peer: &str, transport: Transport) -> u64 {
         self.peer_streams
             .get_or_create(&TransportLabels {
                 peer: peer.to_owned(),

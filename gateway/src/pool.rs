@@ -35,7 +35,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use fedmesh_catalog::{ClusterName, Peer};
@@ -49,6 +49,7 @@ use tokio_rustls::TlsConnector;
 
 use crate::metrics::{GatewayMetrics, PeerLabels};
 use crate::tcp::TcpConn;
+pub use crate::transport::Transport;
 
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -111,22 +112,6 @@ pub enum PoolError {
         cluster: ClusterName,
         waited: Duration,
     },
-}
-
-/// How a peer is reached right now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
-    Quic,
-    Tcp,
-}
-
-impl Transport {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Quic => "quic",
-            Self::Tcp => "tcp",
-        }
-    }
 }
 
 /// A connection to a peer gateway over either transport.
@@ -358,7 +343,7 @@ struct Inner {
     /// address here and stop when their peer is gone.
     peers: Mutex<HashMap<ClusterName, Peer>>,
     dialer: Dialer,
-    serve_dialed: OnceLock<ServeDialed>,
+    serve_dialed: ServeDialed,
 }
 
 /// What a supervisor needs to dial a peer over either transport.
@@ -477,22 +462,18 @@ pub fn peer_id(conn: &Connection) -> Option<fedmesh_trust::SpiffeId> {
 impl Pool {
     /// A peer that sent nothing for `dialer.limits.peer_dead_after()`
     /// (keep-alives included) is declared dead and its connection closed.
-    pub fn new(dialer: Dialer) -> Self {
+    /// `serve_dialed` serves the peer's streams on a connection this
+    /// gateway dialed (the pair shares that one connection); taken here so
+    /// no connection can be dialed before it is known.
+    pub fn new(dialer: Dialer, serve_dialed: ServeDialed) -> Self {
         Self {
             inner: Arc::new(Inner {
                 cells: Mutex::default(),
                 peers: Mutex::default(),
                 dialer,
-                serve_dialed: OnceLock::new(),
+                serve_dialed,
             }),
         }
-    }
-
-    /// How the peer's streams on a connection this gateway dialed are
-    /// served (the pair shares that one connection). Set once, before
-    /// peers are set.
-    pub fn serve_dialed(&self, serve: ServeDialed) {
-        let _ = self.inner.serve_dialed.set(serve);
     }
 
     /// A QUIC connection the peer dialed and we accepted (and identified):
@@ -502,9 +483,11 @@ impl Pool {
         if dials(&self.inner.dialer.local, &peer.cluster) {
             return;
         }
-        let Some(cell) = lock(&self.inner.cells).get(&peer.cluster).cloned() else {
-            return;
-        };
+        // The accept path knows the peer from the catalog, which can reach
+        // it before `set_peers` does: the cell is made here then, not
+        // skipped (a dial dropped here would never be adopted, and the
+        // pair would keep two connections).
+        let cell = self.cell(peer);
         *lock(&cell.adopted) = Some(conn.clone());
         cell.adopted_ready.notify_one();
     }
@@ -563,8 +546,8 @@ impl Pool {
             .map(|p| (p.cluster.clone(), p.clone()))
             .collect();
         // A peer that is gone, or whose addresses or identity changed,
-        // loses its connection (a changed one gets a new supervisor below).
-        let gone: Vec<Arc<Cell>> = {
+        // loses its supervisor (a changed one gets a new one below).
+        let gone: Vec<(ClusterName, Arc<Cell>)> = {
             let old = lock(&self.inner.peers).clone();
             let same = |a: &Peer, b: &Peer| {
                 (a.address, a.tcp_address, &a.identity) == (b.address, b.tcp_address, &b.identity)
@@ -579,23 +562,56 @@ impl Pool {
             let gone = cells
                 .iter()
                 .filter(|(c, _)| !keep(c))
-                .map(|(_, cell)| cell.clone())
+                .map(|(c, cell)| (c.clone(), cell.clone()))
                 .collect();
             cells.retain(|c, _| keep(c));
             gone
         };
-        for cell in gone {
+        let list: Vec<Peer> = peers.values().cloned().collect();
+        for (_, cell) in &gone {
             if let Some(t) = lock(&cell.supervisor).take() {
                 t.abort();
             }
-            if let Some(c) = lock(&cell.conn).take() {
-                c.close(b"peer removed or changed");
-            }
         }
-        let list: Vec<Peer> = peers.values().cloned().collect();
-        *lock(&self.inner.peers) = peers;
+        *lock(&self.inner.peers) = peers.clone();
         for p in &list {
             self.cell(p);
+        }
+        for (cluster, old) in gone {
+            let conn = lock(&old.conn).take();
+            let waiting = old.take_adopted();
+            let Some(new) = peers.get(&cluster).map(|p| self.cell(p)) else {
+                // Removed from the catalog: nothing of it stays.
+                if let Some(c) = conn {
+                    c.close(b"peer removed");
+                }
+                if let Some(c) = waiting {
+                    c.close(CLOSE_POLICY.into(), b"peer removed");
+                }
+                continue;
+            };
+            // Changed: the peer's own dial does not depend on what we
+            // think its address is, so the new supervisor adopts it (its
+            // streams live on); our dial to the old address ends once its
+            // streams have.
+            let adopt = match conn {
+                Some(PeerConn::Quic(q)) if q.adopted => Some(q.conn),
+                Some(PeerConn::Quic(q)) => {
+                    tokio::spawn(drain(q));
+                    waiting
+                }
+                Some(c @ PeerConn::Tcp(_)) => {
+                    c.close(b"peer address changed");
+                    waiting
+                }
+                None => waiting,
+            };
+            if let Some(c) = adopt {
+                if !dials(&self.inner.dialer.local, &cluster) {
+                    *lock(&new.adopted) = Some(c);
+                    new.adopted_ready.notify_one();
+                }
+            }
         }
     }
 
@@ -684,7 +700,7 @@ async fn supervise(inner: Weak<Inner>, cell: Arc<Cell>, cluster: ClusterName) {
             return;
         };
         let dialer = strong.dialer.clone();
-        let serve_dialed = strong.serve_dialed.get().cloned();
+        let serve_dialed = strong.serve_dialed.clone();
         drop(strong);
         let we_dial = dials(&dialer.local, &peer.cluster);
         let result = match next.take() {
@@ -707,8 +723,8 @@ async fn supervise(inner: Weak<Inner>, cell: Arc<Cell>, cluster: ClusterName) {
             Ok(c) => {
                 let transport = c.transport().as_str();
                 tracing::info!(peer = %peer.cluster, addr = %peer.address, transport, "connected to peer gateway");
-                if let (PeerConn::Quic(q), true, Some(serve)) = (&c, we_dial, &serve_dialed) {
-                    serve(q.conn.clone(), peer.clone());
+                if let (PeerConn::Quic(q), true) = (&c, we_dial) {
+                    serve_dialed(q.conn.clone(), peer.clone());
                 }
                 let opened = Instant::now();
                 *lock(&cell.conn) = Some(c.clone());
@@ -927,19 +943,19 @@ mod tests {
         CertificateAuthority, SharedBundles, SvidSource, TrustBundles, TrustDomain,
     };
 
-    /// A gateway identity of `td` and the QUIC endpoint it serves and
-    /// dials from, trusting `bundles`.
+    /// A gateway identity of `ca`'s trust domain and the QUIC endpoint it
+    /// serves and dials from, trusting `bundles`.
     fn side(
         ca: &CertificateAuthority,
         bundles: &SharedBundles,
         limits: &Limits,
-    ) -> (Endpoint, quinn::ClientConfig, fedmesh_trust::SpiffeId) {
+    ) -> (Endpoint, quinn::ClientConfig, SvidSource) {
         let id = ca.trust_domain().system_id("gateway");
         let svid = SvidSource::new(ca.issue(&id, Duration::from_secs(600)).unwrap()).unwrap();
         let server = crate::quic::server_config(&svid, bundles.clone(), limits).unwrap();
         let ep = Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
         let client = crate::quic::client_config(&svid, bundles.clone(), limits).unwrap();
-        (ep, client, id)
+        (ep, client, svid)
     }
 
     /// Echoes every stream of every connection `ep` accepts.
@@ -948,15 +964,147 @@ mod tests {
             while let Some(incoming) = ep.accept().await {
                 tokio::spawn(async move {
                     let Ok(conn) = incoming.await else { return };
-                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                        tokio::spawn(async move {
-                            let _ = tokio::io::copy(&mut recv, &mut send).await;
-                            let _ = send.finish();
-                        });
-                    }
+                    serve_echo(conn).await;
                 });
             }
         });
+    }
+
+    async fn serve_echo(conn: Connection) {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut recv, &mut send).await;
+                let _ = send.finish();
+            });
+        }
+    }
+
+    /// West's pool facing a bare east endpoint that echoes. East sorts
+    /// first: it is the side that dials; west adopts its dial, and dials
+    /// itself only when none came within [`ADOPT_GRACE`].
+    struct Pair {
+        pool: Pool,
+        east: Peer,
+        east_ep: Endpoint,
+        east_client: quinn::ClientConfig,
+        west_ep: Endpoint,
+    }
+
+    impl Pair {
+        fn new() -> Self {
+            let limits = Limits {
+                connect_timeout: Duration::from_secs(2),
+                ..Limits::default()
+            };
+            let ca = |td: &str| {
+                CertificateAuthority::new_root(
+                    TrustDomain::new(td).unwrap(),
+                    Duration::from_secs(600),
+                )
+                .unwrap()
+            };
+            let (east_ca, west_ca) = (ca("east.test"), ca("west.test"));
+            let bundles = SharedBundles::new(
+                TrustBundles::new()
+                    .with(east_ca.bundle())
+                    .with(west_ca.bundle()),
+            );
+            let (east_ep, east_client, east_svid) = side(&east_ca, &bundles, &limits);
+            let (west_ep, west_client, west_svid) = side(&west_ca, &bundles, &limits);
+            echo_server(east_ep.clone());
+            let tls = fedmesh_trust::client_config_from(
+                &west_svid,
+                bundles,
+                fedmesh_trust::PeerPolicy::AnyTrusted,
+                &[crate::tcp::ALPN_H2],
+            )
+            .unwrap();
+            let pool = Pool::new(
+                Dialer {
+                    local: ClusterName::new("west").unwrap(),
+                    endpoint: west_ep.clone(),
+                    quic: west_client,
+                    tcp: TlsConnector::from(Arc::new(tls)),
+                    from: None,
+                    limits,
+                    metrics: GatewayMetrics::default(),
+                    announced: fedmesh_transport::Announced::default(),
+                },
+                Arc::new(|_, _| {}),
+            );
+            let east = Peer {
+                cluster: ClusterName::new("east").unwrap(),
+                trust_domain: east_ca.trust_domain().clone(),
+                address: east_ep.local_addr().unwrap(),
+                tcp_address: None,
+                identity: east_svid.current().id().clone(),
+                region: String::new(),
+            };
+            Self {
+                pool,
+                east,
+                east_ep,
+                east_client,
+                west_ep,
+            }
+        }
+
+        /// East dials west; returns west's side of it (as its accept loop
+        /// would hand it to the pool) and keeps east's side serving echo.
+        async fn east_dials(&self) -> Connection {
+            let accepting = tokio::spawn({
+                let west_ep = self.west_ep.clone();
+                async move { west_ep.accept().await.unwrap().await.unwrap() }
+            });
+            let east_side = self
+                .east_ep
+                .connect_with(
+                    self.east_client.clone(),
+                    self.west_ep.local_addr().unwrap(),
+                    "fedmesh.invalid",
+                )
+                .unwrap()
+                .await
+                .unwrap();
+            tokio::spawn(serve_echo(east_side));
+            accepting.await.unwrap()
+        }
+
+        fn dialed_by(&self) -> Option<&'static str> {
+            self.pool.status().first().and_then(|s| s.dialed_by)
+        }
+
+        async fn until_dialed_by(&self, who: &str) {
+            let t0 = Instant::now();
+            while self.dialed_by() != Some(who) {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(5),
+                    "dialed by {:?}, not {who}",
+                    self.dialed_by()
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+
+    /// Opens a stream on `conn`, writes, waits `pause`, writes again and
+    /// reads the echo of both.
+    async fn echo_across(conn: &Connection, pause: Duration) -> Result<Vec<u8>, String> {
+        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+        send.write_all(b"before").await.map_err(|e| e.to_string())?;
+        tokio::time::sleep(pause).await;
+        send.write_all(b" and after")
+            .await
+            .map_err(|e| e.to_string())?;
+        send.finish().map_err(|e| e.to_string())?;
+        recv.read_to_end(1024).await.map_err(|e| e.to_string())
+    }
+
+    fn quic(c: &PeerConn) -> &Connection {
+        match c {
+            PeerConn::Quic(q) => &q.conn,
+            PeerConn::Tcp(_) => panic!("not QUIC"),
+        }
     }
 
     /// Defect 1 of the fold: a stream handed the pair's old connection just
@@ -964,101 +1112,74 @@ mod tests {
     /// that connection, however long it opens and runs after the fold.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stream_handed_the_old_connection_survives_the_fold() {
-        let limits = Limits {
-            connect_timeout: Duration::from_secs(2),
-            ..Limits::default()
-        };
-        let (east_td, west_td) = (
-            TrustDomain::new("east.test").unwrap(),
-            TrustDomain::new("west.test").unwrap(),
-        );
-        let east_ca = CertificateAuthority::new_root(east_td, Duration::from_secs(600)).unwrap();
-        let west_ca = CertificateAuthority::new_root(west_td, Duration::from_secs(600)).unwrap();
-        let bundles = SharedBundles::new(
-            TrustBundles::new()
-                .with(east_ca.bundle())
-                .with(west_ca.bundle()),
-        );
-        let (east_ep, east_client, east_id) = side(&east_ca, &bundles, &limits);
-        let (west_ep, west_client, _) = side(&west_ca, &bundles, &limits);
-        let east_addr = east_ep.local_addr().unwrap();
-        let west_addr = west_ep.local_addr().unwrap();
-        echo_server(east_ep.clone());
-
-        // West's pool: east sorts first, so west waits for east's dial,
-        // then dials itself when none came.
-        let tls = fedmesh_trust::client_config_from(
-            &SvidSource::new(
-                west_ca
-                    .issue(
-                        &west_ca.trust_domain().system_id("gateway"),
-                        Duration::from_secs(600),
-                    )
-                    .unwrap(),
-            )
-            .unwrap(),
-            bundles.clone(),
-            fedmesh_trust::PeerPolicy::AnyTrusted,
-            &[crate::tcp::ALPN_H2],
-        )
-        .unwrap();
-        let pool = Pool::new(Dialer {
-            local: ClusterName::new("west").unwrap(),
-            endpoint: west_ep.clone(),
-            quic: west_client,
-            tcp: TlsConnector::from(Arc::new(tls)),
-            from: None,
-            limits: limits.clone(),
-            metrics: GatewayMetrics::default(),
-            announced: fedmesh_transport::Announced::default(),
-        });
-        let east = Peer {
-            cluster: ClusterName::new("east").unwrap(),
-            trust_domain: east_ca.trust_domain().clone(),
-            address: east_addr,
-            tcp_address: None,
-            identity: east_id,
-            region: String::new(),
-        };
-        pool.set_peers([&east]);
-        let dialed_by = || pool.status().first().and_then(|s| s.dialed_by);
-        let old = pool.get(&east).await.unwrap();
-        assert_eq!(dialed_by(), Some("us"));
+        let p = Pair::new();
+        p.pool.set_peers([&p.east]);
+        let old = p.pool.get(&p.east).await.unwrap();
+        assert_eq!(p.dialed_by(), Some("us"));
 
         // East's dial arrives and west adopts it: the fold.
-        let accepting = tokio::spawn({
-            let west_ep = west_ep.clone();
-            async move { west_ep.accept().await.unwrap().await.unwrap() }
-        });
-        let _east_dial = east_ep
-            .connect_with(east_client, west_addr, "fedmesh.invalid")
-            .unwrap()
-            .await
-            .unwrap();
-        let accepted = accepting.await.unwrap();
-        pool.adopt(&east, &accepted);
-        let t0 = Instant::now();
-        while dialed_by() != Some("peer") {
-            assert!(t0.elapsed() < Duration::from_secs(5), "no fold");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let accepted = p.east_dials().await;
+        p.pool.adopt(&p.east, &accepted);
+        p.until_dialed_by("peer").await;
 
         // The stream handed `old` before the fold opens now and runs for
         // well past the drain's linger.
-        let PeerConn::Quic(q) = &old.conn else {
-            panic!("not QUIC")
-        };
-        let (mut send, mut recv) = q.conn.open_bi().await.unwrap();
-        send.write_all(b"before").await.unwrap();
-        tokio::time::sleep(Duration::from_millis(600)).await;
-        send.write_all(b" and after the fold").await.unwrap();
-        send.finish().unwrap();
-        let got = recv.read_to_end(1024).await;
+        let got = echo_across(quic(&old.conn), Duration::from_millis(600)).await;
         assert_eq!(
-            got.as_deref().map_err(|e| e.to_string()),
-            Ok(&b"before and after the fold"[..]),
+            got.as_deref(),
+            Ok(&b"before and after"[..]),
             "the fold cut a stream handed the old connection"
         );
-        drop(old);
+    }
+
+    /// Defect 2a: the side that does not dial sees the peer's address
+    /// change in its catalog. The connection it uses is the peer's own
+    /// dial, which does not depend on that address: it stays, and so do
+    /// the streams on it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_address_change_keeps_the_peers_own_dial() {
+        let p = Pair::new();
+        p.pool.set_peers([&p.east]);
+        let accepted = p.east_dials().await;
+        p.pool.adopt(&p.east, &accepted);
+        p.until_dialed_by("peer").await;
+        let before = p.pool.get(&p.east).await.unwrap();
+        let in_flight = tokio::spawn({
+            let conn = quic(&before.conn).clone();
+            async move { echo_across(&conn, Duration::from_millis(400)).await }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        let mut moved = p.east.clone();
+        moved.address = "127.0.0.1:9".parse().unwrap();
+        p.pool.set_peers([&moved]);
+        assert_eq!(
+            in_flight.await.unwrap().as_deref(),
+            Ok(&b"before and after"[..])
+        );
+        assert!(
+            accepted.close_reason().is_none(),
+            "the peer's dial was closed"
+        );
+        p.until_dialed_by("peer").await;
+        let after = p.pool.get(&moved).await.unwrap();
+        assert_eq!(quic(&after.conn).stable_id(), accepted.stable_id());
+    }
+
+    /// Defect 2b: the peer's dial can arrive before the catalog that names
+    /// the peer reaches the pool. It is kept and adopted once the peer is
+    /// set, instead of forgotten (and the pair holding two connections).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dial_that_beats_the_catalog_is_adopted() {
+        let p = Pair::new();
+        let accepted = p.east_dials().await;
+        p.pool.adopt(&p.east, &accepted);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        p.pool.set_peers([&p.east]);
+        p.until_dialed_by("peer").await;
+        // Past the adoption grace: still the peer's dial, no second one.
+        tokio::time::sleep(ADOPT_GRACE + Duration::from_millis(200)).await;
+        assert_eq!(p.dialed_by(), Some("peer"));
+        assert_eq!(p.west_ep.open_connections(), 1);
     }
 }

@@ -220,18 +220,30 @@ impl Gateway {
         );
         let local_cluster = s.catalog.cluster.clone();
         let announced = fedmesh_transport::Announced::default();
-        let shared = Arc::new(Shared {
+        // The peer that does not dial opens its streams on our connection:
+        // the pool serves them through this from the first dial on.
+        let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| Shared {
             catalog: RwLock::new(Arc::new(s.catalog)),
-            pool: Pool::new(Dialer {
-                local: local_cluster,
-                endpoint: endpoint.clone(),
-                quic: quic_client.clone(),
-                tcp: TlsConnector::from(Arc::new(fallback_client)),
-                from: Some(quic_addr.ip()),
-                limits: s.limits.clone(),
-                metrics: metrics.clone(),
-                announced: announced.clone(),
-            }),
+            pool: Pool::new(
+                Dialer {
+                    local: local_cluster,
+                    endpoint: endpoint.clone(),
+                    quic: quic_client.clone(),
+                    tcp: TlsConnector::from(Arc::new(fallback_client)),
+                    from: Some(quic_addr.ip()),
+                    limits: s.limits.clone(),
+                    metrics: metrics.clone(),
+                    announced: announced.clone(),
+                },
+                {
+                    let weak = weak.clone();
+                    Arc::new(move |conn, peer| {
+                        let Some(shared) = weak.upgrade() else { return };
+                        let span = tracing::info_span!("peer", cluster = %peer.cluster, remote = %conn.remote_address());
+                        tokio::spawn(serve_peer(shared, conn, peer).instrument(span));
+                    })
+                },
+            ),
             limits: s.limits,
             metrics,
             endpoint,
@@ -244,13 +256,6 @@ impl Gateway {
             announced,
             catalog_changed: tokio::sync::Notify::new(),
         });
-        // The peer that does not dial opens its streams on our connection.
-        let weak = Arc::downgrade(&shared);
-        shared.pool.serve_dialed(Arc::new(move |conn, peer| {
-            let Some(shared) = weak.upgrade() else { return };
-            let span = tracing::info_span!("peer", cluster = %peer.cluster, remote = %conn.remote_address());
-            tokio::spawn(serve_peer(shared, conn, peer).instrument(span));
-        }));
         shared.pool.set_peers(shared.catalog().peers());
         let mut tasks = vec![
             tokio::spawn(accept_peers(shared.clone())),

@@ -38,10 +38,10 @@ pub enum PeerStream {
 }
 
 impl PeerStream {
-    pub fn transport(&self) -> crate::pool::Transport {
+    pub fn transport(&self) -> crate::transport::Transport {
         match self {
-            Self::Quic { .. } => crate::pool::Transport::Quic,
-            Self::Tcp(_) => crate::pool::Transport::Tcp,
+            Self::Quic { .. } => crate::transport::Transport::Quic,
+            Self::Tcp(_) => crate::transport::Transport::Tcp,
         }
     }
 
