@@ -1182,4 +1182,47 @@ mod tests {
         assert_eq!(p.dialed_by(), Some("peer"));
         assert_eq!(p.west_ep.open_connections(), 1);
     }
+
+    /// The fold under load: 200 new streams per second, each handed a
+    /// connection by the pool and running 150 ms (longer than the folded
+    /// connection lingers after its last counted stream), while the peer's
+    /// dial replaces ours. Not one may fail, 20 times over.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn folding_under_load_fails_no_stream() {
+        for round in 0..20 {
+            let p = Arc::new(Pair::new());
+            p.pool.set_peers([&p.east]);
+            drop(p.pool.get(&p.east).await.unwrap());
+            assert_eq!(p.dialed_by(), Some("us"));
+            let load = tokio::spawn({
+                let p = p.clone();
+                async move {
+                    let mut streams = Vec::new();
+                    let mut tick = tokio::time::interval(Duration::from_millis(5));
+                    for _ in 0..80 {
+                        tick.tick().await;
+                        let p = p.clone();
+                        streams.push(tokio::spawn(async move {
+                            let leased = p.pool.get(&p.east).await.map_err(|e| e.to_string())?;
+                            echo_across(quic(&leased.conn), Duration::from_millis(150)).await
+                        }));
+                    }
+                    let mut failed = Vec::new();
+                    for s in streams {
+                        match s.await.unwrap() {
+                            Ok(b) if b == b"before and after" => {}
+                            other => failed.push(format!("{other:?}")),
+                        }
+                    }
+                    failed
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            let accepted = p.east_dials().await;
+            p.pool.adopt(&p.east, &accepted);
+            let failed = load.await.unwrap();
+            assert!(failed.is_empty(), "round {round}: {failed:?}");
+            assert_eq!(p.dialed_by(), Some("peer"), "round {round}: no fold");
+        }
+    }
 }
