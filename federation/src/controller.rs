@@ -535,7 +535,8 @@ async fn publish_session(
                 if trusts_open && now != trusted {
                     // Peers start routing here once they see themselves in
                     // it: by then this cluster's gateways hold their bundles
-                    // (the watch loop hands bundles out before saying so).
+                    // (the watch loop publishes its bundles to the config
+                    // API before it says so here).
                     tracing::debug!(cluster = %s.cluster, trusts = ?now, "trusted clusters changed");
                     trusted = now;
                     store.put(&keys::info_key(&s.cluster), info_record(s, &advertised, &trusted), Some(lease)).await?;

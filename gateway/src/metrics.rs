@@ -35,7 +35,7 @@ pub struct PeerLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerReasonLabels {
     pub peer: String,
-    /// One of [`PEER_FAILURE_REASONS`].
+    /// [`AttemptFailure::as_str`].
     pub reason: &'static str,
 }
 
@@ -75,12 +75,45 @@ pub struct GatewayMetrics {
     pub sidecar_connections: Gauge,
 }
 
-/// Every `reason` of `peer_attempt_failures`: the peer was known down,
-/// no connection could be made, no stream could be opened on it, the
-/// stream broke before the peer answered, it answered timeout, or it
-/// answered another refusal.
-pub const PEER_FAILURE_REASONS: [&str; 6] =
-    ["peer_down", "connect", "stream", "io", "timeout", "refused"];
+/// Why a try to open a stream on a peer failed: the `reason` label of
+/// `fedmesh_gateway_peer_attempt_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptFailure {
+    /// The peer was known down; nothing was sent.
+    PeerDown,
+    /// No connection could be made.
+    Connect,
+    /// No stream could be opened on the connection.
+    Stream,
+    /// The stream broke before the peer answered.
+    Io,
+    /// The peer did not answer in time.
+    Timeout,
+    /// The peer answered with a refusal.
+    Refused,
+}
+
+impl AttemptFailure {
+    pub const ALL: [Self; 6] = [
+        Self::PeerDown,
+        Self::Connect,
+        Self::Stream,
+        Self::Io,
+        Self::Timeout,
+        Self::Refused,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::PeerDown => "peer_down",
+            Self::Connect => "connect",
+            Self::Stream => "stream",
+            Self::Io => "io",
+            Self::Timeout => "timeout",
+            Self::Refused => "refused",
+        }
+    }
+}
 
 impl GatewayMetrics {
     pub fn register(&self, reg: &mut Registry) {
@@ -193,11 +226,11 @@ impl GatewayMetrics {
             .get()
     }
 
-    pub fn peer_attempt_failure(&self, peer: &str, reason: &'static str) {
+    pub fn peer_attempt_failure(&self, peer: &str, why: AttemptFailure) {
         self.peer_attempt_failures
             .get_or_create(&PeerReasonLabels {
                 peer: peer.to_owned(),
-                reason,
+                reason: why.as_str(),
             })
             .inc();
     }
@@ -205,13 +238,13 @@ impl GatewayMetrics {
     /// Failed tries on `peer` so far, whatever the reason.
     pub fn peer_attempt_failure_count(&self, peer: &str) -> u64 {
         let mut n = 0;
-        // Families have no iteration: sum the known reasons.
-        for reason in PEER_FAILURE_REASONS {
+        // Families have no iteration: sum every reason.
+        for why in AttemptFailure::ALL {
             n += self
                 .peer_attempt_failures
                 .get_or_create(&PeerReasonLabels {
                     peer: peer.to_owned(),
-                    reason,
+                    reason: why.as_str(),
                 })
                 .get();
         }

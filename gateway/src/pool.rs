@@ -191,11 +191,12 @@ impl Drop for OpenStream {
     }
 }
 
-/// Ends a folded-away connection once the streams we opened on it are done
-/// (or [`DRAIN_MAX`] passed). It lingers a few round trips more to give
-/// their last bytes time to be acknowledged, since a QUIC close abandons
-/// unacknowledged data; this is a heuristic, not a guarantee.
-async fn drain(q: QuicPeer) {
+/// Ends a connection we no longer hand out (folded away, or dialed to an
+/// address the peer no longer has) once the streams we opened on it are
+/// done (or [`DRAIN_MAX`] passed). It lingers a few round trips more to
+/// give their last bytes time to be acknowledged, since a QUIC close
+/// abandons unacknowledged data; this is a heuristic, not a guarantee.
+async fn drain(q: QuicPeer, code: u32, reason: &'static [u8]) {
     let deadline = Instant::now() + DRAIN_MAX;
     while q.streams.open.load(Ordering::Acquire) > 0 {
         tokio::select! {
@@ -206,8 +207,7 @@ async fn drain(q: QuicPeer) {
     }
     let linger = (q.conn.rtt() * 4).max(Duration::from_millis(100));
     tokio::time::sleep(linger).await;
-    q.conn
-        .close(CLOSE_FOLDED.into(), b"folded into the pair's connection");
+    q.conn.close(code.into(), reason);
 }
 
 impl PeerConn {
@@ -567,18 +567,18 @@ impl Pool {
             cells.retain(|c, _| keep(c));
             gone
         };
-        let list: Vec<Peer> = peers.values().cloned().collect();
         for (_, cell) in &gone {
             if let Some(t) = lock(&cell.supervisor).take() {
                 t.abort();
             }
         }
         *lock(&self.inner.peers) = peers.clone();
-        for p in &list {
+        for p in peers.values() {
             self.cell(p);
         }
         for (cluster, old) in gone {
             let conn = lock(&old.conn).take();
+            // Only the side that does not dial ever holds the peer's dial.
             let waiting = old.take_adopted();
             let Some(new) = peers.get(&cluster).map(|p| self.cell(p)) else {
                 // Removed from the catalog: nothing of it stays.
@@ -597,7 +597,7 @@ impl Pool {
             let adopt = match conn {
                 Some(PeerConn::Quic(q)) if q.adopted => Some(q.conn),
                 Some(PeerConn::Quic(q)) => {
-                    tokio::spawn(drain(q));
+                    tokio::spawn(drain(q, CLOSE_POLICY, b"peer address changed"));
                     waiting
                 }
                 Some(c @ PeerConn::Tcp(_)) => {
@@ -607,10 +607,8 @@ impl Pool {
                 None => waiting,
             };
             if let Some(c) = adopt {
-                if !dials(&self.inner.dialer.local, &cluster) {
-                    *lock(&new.adopted) = Some(c);
-                    new.adopted_ready.notify_one();
-                }
+                *lock(&new.adopted) = Some(c);
+                new.adopted_ready.notify_one();
             }
         }
     }
@@ -740,7 +738,11 @@ async fn supervise(inner: Weak<Inner>, cell: Arc<Cell>, cluster: ClusterName) {
                         *lock(&cell.conn) = Some(q.clone());
                         next = Some(q);
                         if let PeerConn::Quic(old) = c {
-                            tokio::spawn(drain(old));
+                            tokio::spawn(drain(
+                                old,
+                                CLOSE_FOLDED,
+                                b"folded into the pair's connection",
+                            ));
                         }
                     }
                     Watched::Closed if opened.elapsed() < MIN_HEALTHY => {
@@ -1143,20 +1145,18 @@ mod tests {
         let accepted = p.east_dials().await;
         p.pool.adopt(&p.east, &accepted);
         p.until_dialed_by("peer").await;
+        // A stream in flight on it: half sent before the change, half after.
         let before = p.pool.get(&p.east).await.unwrap();
-        let in_flight = tokio::spawn({
-            let conn = quic(&before.conn).clone();
-            async move { echo_across(&conn, Duration::from_millis(400)).await }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (mut send, mut recv) = quic(&before.conn).open_bi().await.unwrap();
+        send.write_all(b"before").await.unwrap();
 
         let mut moved = p.east.clone();
         moved.address = "127.0.0.1:9".parse().unwrap();
         p.pool.set_peers([&moved]);
-        assert_eq!(
-            in_flight.await.unwrap().as_deref(),
-            Ok(&b"before and after"[..])
-        );
+        send.write_all(b" and after").await.unwrap();
+        send.finish().unwrap();
+        let got = recv.read_to_end(1024).await.map_err(|e| e.to_string());
+        assert_eq!(got.as_deref(), Ok(&b"before and after"[..]));
         assert!(
             accepted.close_reason().is_none(),
             "the peer's dial was closed"
@@ -1174,7 +1174,6 @@ mod tests {
         let p = Pair::new();
         let accepted = p.east_dials().await;
         p.pool.adopt(&p.east, &accepted);
-        tokio::time::sleep(Duration::from_millis(50)).await;
         p.pool.set_peers([&p.east]);
         p.until_dialed_by("peer").await;
         // Past the adoption grace: still the peer's dial, no second one.

@@ -23,7 +23,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::Instrument;
 
 use crate::config::GatewaySettings;
-use crate::metrics::GatewayMetrics;
+use crate::metrics::{AttemptFailure, GatewayMetrics};
 use crate::pool::{self, Dialer, PeerConn, Pool, CLOSE_POLICY};
 use crate::splice::PeerStream;
 use crate::{quic, tcp};
@@ -905,15 +905,14 @@ enum PeerOpenError {
 }
 
 impl PeerOpenError {
-    /// The `reason` label of `fedmesh_gateway_peer_attempt_failures_total`.
-    fn reason(&self) -> &'static str {
+    fn reason(&self) -> AttemptFailure {
         match self {
-            Self::Pool(pool::PoolError::Down { .. }) => "peer_down",
-            Self::Pool(_) => "connect",
-            Self::Stream(_) => "stream",
-            Self::Open(OpenError::Timeout(_)) => "timeout",
-            Self::Open(OpenError::Refused(_)) => "refused",
-            Self::Open(_) => "io",
+            Self::Pool(pool::PoolError::Down { .. }) => AttemptFailure::PeerDown,
+            Self::Pool(_) => AttemptFailure::Connect,
+            Self::Stream(_) => AttemptFailure::Stream,
+            Self::Open(OpenError::Timeout(_)) => AttemptFailure::Timeout,
+            Self::Open(OpenError::Refused(_)) => AttemptFailure::Refused,
+            Self::Open(_) => AttemptFailure::Io,
         }
     }
 

@@ -9,6 +9,8 @@
 
 use std::fmt;
 
+use tracing_subscriber::EnvFilter;
+
 /// The levels a directive may name, as `tracing` spells them.
 const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
 
@@ -59,9 +61,17 @@ impl fmt::Display for Origin {
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{origin} `{filter}`: {why}")]
 pub struct FilterError {
-    origin: String,
+    origin: Origin,
     filter: String,
     why: String,
+}
+
+/// A checked filter: its text (blanks around directives removed) and the
+/// parsed form the subscriber takes.
+#[derive(Debug)]
+pub struct Filter {
+    pub text: String,
+    parsed: EnvFilter,
 }
 
 /// `info`, but the access log (a line per connection, target
@@ -73,8 +83,7 @@ const QUIET_INFO: &str = "info,fedmesh::access=warn";
 /// them and debug for the rest.
 fn verbose(count: u8) -> &'static str {
     match count {
-        0 => "warn",
-        1 => QUIET_INFO,
+        0 | 1 => QUIET_INFO,
         2 => "info,fedmesh=debug",
         _ => "debug,fedmesh=trace",
     }
@@ -86,7 +95,7 @@ pub fn choose(
     verbosity: u8,
     default: Loudness,
     env: impl Fn(&str) -> Option<String>,
-) -> Result<String, FilterError> {
+) -> Result<Filter, FilterError> {
     let (origin, filter) = if let Some(f) = flag {
         (Origin::Flag, f.to_owned())
     } else if verbosity > 0 {
@@ -99,7 +108,7 @@ pub fn choose(
         (Origin::Default, default.filter().to_owned())
     };
     check(&filter).map_err(|why| FilterError {
-        origin: origin.to_string(),
+        origin,
         // The filter may come from anywhere; keep the message one line.
         filter: filter.chars().take(120).collect(),
         why,
@@ -111,7 +120,7 @@ pub fn choose(
 /// every level of a module called `verbose` and nothing else), and an
 /// unknown level after `=` is a syntax error only sometimes. Returns the
 /// filter without the blanks around directives, which `EnvFilter` refuses.
-fn check(filter: &str) -> Result<String, String> {
+fn check(filter: &str) -> Result<Filter, String> {
     let mut directives = Vec::new();
     for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
         directives.push(directive);
@@ -137,24 +146,18 @@ fn check(filter: &str) -> Result<String, String> {
     if directives.is_empty() {
         return Err("empty filter; use `off` to log nothing".into());
     }
-    let filter = directives.join(",");
-    tracing_subscriber::EnvFilter::builder()
-        .parse(&filter)
+    let text = directives.join(",");
+    let parsed = EnvFilter::builder()
+        .parse(&text)
         .map_err(|e| e.to_string())?;
-    Ok(filter)
+    Ok(Filter { text, parsed })
 }
 
 /// Installs the subscriber: text or JSON lines, on stderr, so stdout
 /// carries only a command's result.
-pub fn init(filter: &str, json: bool) -> Result<(), FilterError> {
-    let parsed = tracing_subscriber::EnvFilter::builder()
-        .parse(filter)
-        .map_err(|e| FilterError {
-            origin: "log filter".into(),
-            filter: filter.chars().take(120).collect(),
-            why: e.to_string(),
-        })?;
+pub fn init(filter: Filter, json: bool) {
     use std::io::IsTerminal;
+    let Filter { text, parsed } = filter;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(parsed)
         .with_ansi(std::io::stderr().is_terminal())
@@ -164,7 +167,7 @@ pub fn init(filter: &str, json: bool) -> Result<(), FilterError> {
     } else {
         builder.init();
     }
-    Ok(())
+    tracing::debug!(filter = %text, "log filter");
 }
 
 #[cfg(test)]
@@ -186,7 +189,8 @@ mod tests {
             "fedmesh[conn{peer=west}]=debug",
         ] {
             let want = f.replace(", ", ",");
-            assert_eq!(choose(Some(f), 0, Loudness::Command, none), Ok(want), "{f}");
+            let got = choose(Some(f), 0, Loudness::Command, none).map(|f| f.text);
+            assert_eq!(got, Ok(want), "{f}");
         }
     }
 
@@ -214,19 +218,28 @@ mod tests {
         };
         let rust_only = |k: &str| (k == "RUST_LOG").then(|| "error".to_owned());
         assert_eq!(
-            choose(Some("warn"), 2, Loudness::Report, env).unwrap(),
+            choose(Some("warn"), 2, Loudness::Report, env).unwrap().text,
             "warn"
         );
-        assert_eq!(choose(None, 1, Loudness::Report, env).unwrap(), QUIET_INFO);
-        assert_eq!(choose(None, 0, Loudness::Report, env).unwrap(), "debug");
         assert_eq!(
-            choose(None, 0, Loudness::Report, rust_only).unwrap(),
+            choose(None, 1, Loudness::Report, env).unwrap().text,
+            QUIET_INFO
+        );
+        assert_eq!(
+            choose(None, 0, Loudness::Report, env).unwrap().text,
+            "debug"
+        );
+        assert_eq!(
+            choose(None, 0, Loudness::Report, rust_only).unwrap().text,
             "error"
         );
-        assert_eq!(choose(None, 0, Loudness::Report, none).unwrap(), "off");
-        assert_eq!(choose(None, 0, Loudness::Daemon, none).unwrap(), QUIET_INFO);
+        assert_eq!(choose(None, 0, Loudness::Report, none).unwrap().text, "off");
         assert_eq!(
-            choose(None, 3, Loudness::Daemon, none).unwrap(),
+            choose(None, 0, Loudness::Daemon, none).unwrap().text,
+            QUIET_INFO
+        );
+        assert_eq!(
+            choose(None, 3, Loudness::Daemon, none).unwrap().text,
             "debug,fedmesh=trace"
         );
         let bad = |k: &str| (k == "RUST_LOG").then(|| "chatty".to_owned());

@@ -127,13 +127,14 @@ fn main() -> ExitCode {
         Command::Demo(_) | Command::Drill(_) => logging::Loudness::Report,
         _ => logging::Loudness::Command,
     };
-    let filter = logging::choose(cli.log.as_deref(), cli.verbose, loudness, |k| {
+    match logging::choose(cli.log.as_deref(), cli.verbose, loudness, |k| {
         std::env::var(k).ok()
-    })
-    .and_then(|f| logging::init(&f, cli.log_json));
-    if let Err(e) = filter {
-        eprintln!("error: {e}");
-        return ExitCode::from(2);
+    }) {
+        Ok(filter) => logging::init(filter, cli.log_json),
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
     }
     let result = match cli.command {
         Command::Ca(c) => ca::run(c),

@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use fedmesh_testkit::fake_kube::FakeKube;
 
 mod common;
-use common::{bin, ca_init, free_tcp as free, http_get, kubeconfig, ok, p, Procs};
+use common::{
+    bin, ca_init, free_tcp as free, http_get, kube_controller_config, kubeconfig, ok, p, Procs,
+};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -491,18 +493,7 @@ async fn every_documented_metric_is_served() {
     std::fs::write(d.join("tokens.yaml"), "tokens: []\n").unwrap();
     let (api, ctl_admin, gw_admin, sc_admin) = (free(), free(), free(), free());
     let (quic, tunnel, out) = (free(), free(), free());
-    std::fs::write(
-        d.join("controller.yaml"),
-        format!(
-            "cluster: east\ntrust_domain: east.acme\ngateways: [\"{quic}\"]\nstore: {{ kind: embedded }}\nbundle: {}\npins_dir: {}\n\
-             kubernetes: {{ inbound_port: 15006, write_back: true }}\nadmin: \"{ctl_admin}\"\napi: {{ listen: \"{api}\", ca_dir: {}, tokens: {} }}\n",
-            p(&d.join("ca/bundle.pem")),
-            p(&d.join("pins")),
-            p(&d.join("ca")),
-            p(&d.join("tokens.yaml")),
-        ),
-    )
-    .unwrap();
+    kube_controller_config(d, quic, ctl_admin, api, true);
     let follow = |who: &str| {
         format!(
             "identity: {{ cert: {w}/svid.pem, key: {w}/svid.key }}\nbundles: [ {{ trust_domain: east.acme, path: {b} }} ]\n\

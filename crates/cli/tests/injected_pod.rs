@@ -17,7 +17,9 @@ use fedmesh_testkit::{run_load, App, AppKind, LoadSpec};
 use serde_json::json;
 
 mod common;
-use common::{bin, ca_init, free_tcp as free, http_get, kubeconfig, p, Procs};
+use common::{
+    bin, ca_init, free_tcp as free, http_get, kube_controller_config, kubeconfig, p, Procs,
+};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_injected_pod_gets_its_identity_and_serves_its_service() {
@@ -55,18 +57,7 @@ async fn an_injected_pod_gets_its_identity_and_serves_its_service() {
     let kc = kubeconfig(d, &fake.url());
     std::fs::write(d.join("tokens.yaml"), "tokens:\n  - token: client-boot\n    identities: [\"spiffe://east.acme/ns/demo/sa/client\"]\n").unwrap();
     let (api, ctl_admin) = (free(), free());
-    std::fs::write(
-        d.join("controller.yaml"),
-        format!(
-            "cluster: east\ntrust_domain: east.acme\ngateways: [\"127.0.0.1:9\"]\nstore: {{ kind: embedded }}\nbundle: {}\npins_dir: {}\n\
-             kubernetes: {{ inbound_port: 15006, write_back: false }}\nadmin: \"{ctl_admin}\"\napi: {{ listen: \"{api}\", ca_dir: {}, tokens: {} }}\n",
-            p(&d.join("ca/bundle.pem")),
-            p(&d.join("pins")),
-            p(&d.join("ca")),
-            p(&d.join("tokens.yaml")),
-        ),
-    )
-    .unwrap();
+    kube_controller_config(d, "127.0.0.1:9".parse().unwrap(), ctl_admin, api, false);
     let mut procs = Procs(Vec::new());
     procs.0.push(
         Command::new(bin())

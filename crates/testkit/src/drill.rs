@@ -384,6 +384,9 @@ pub async fn run_on_rig(
         });
     }
     set(false);
+    // Until the drill ends, not the repair: reconnecting is its aftermath.
+    // Said before anything below can return early.
+    announce(false);
     {
         use std::sync::atomic::Ordering::Relaxed;
         progress(Progress {
@@ -395,8 +398,6 @@ pub async fn run_on_rig(
         });
     }
     let samples = runner.await?;
-    // Until the drill ends, not the repair: reconnecting is its aftermath.
-    announce(false);
     let mut report = analyze(
         spec,
         &samples,

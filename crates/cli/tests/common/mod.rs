@@ -52,6 +52,32 @@ pub fn ca_init(dir: &Path, name: &str, trust_domain: &str) -> PathBuf {
     out
 }
 
+/// `dir/controller.yaml` for cluster `east` (`east.acme`, the CA in
+/// `dir/ca`) on the embedded store with the Kubernetes source and the
+/// config API (bootstrap tokens from `dir/tokens.yaml`).
+pub fn kube_controller_config(
+    dir: &Path,
+    gateway: SocketAddr,
+    admin: SocketAddr,
+    api: SocketAddr,
+    write_back: bool,
+) -> PathBuf {
+    let path = dir.join("controller.yaml");
+    std::fs::write(
+        &path,
+        format!(
+            "cluster: east\ntrust_domain: east.acme\ngateways: [\"{gateway}\"]\nstore: {{ kind: embedded }}\nbundle: {}\npins_dir: {}\n\
+             kubernetes: {{ inbound_port: 15006, write_back: {write_back} }}\nadmin: \"{admin}\"\napi: {{ listen: \"{api}\", ca_dir: {}, tokens: {} }}\n",
+            p(&dir.join("ca/bundle.pem")),
+            p(&dir.join("pins")),
+            p(&dir.join("ca")),
+            p(&dir.join("tokens.yaml")),
+        ),
+    )
+    .unwrap();
+    path
+}
+
 pub fn free_tcp() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
