@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod link;
 mod metrics;
 mod pool;
 mod quic;

@@ -1,17 +1,22 @@
-//! One connection per peer cluster, kept up by a supervisor task per peer
-//! and shared by every tunneled stream to that cluster: QUIC, or the TCP
-//! fallback ([`crate::tcp`]) when UDP does not get through.
+//! One connection per peer cluster, shared by every tunneled stream to
+//! that cluster: QUIC, or the TCP fallback ([`crate::tcp`]) when UDP does
+//! not get through.
+//!
+//! What to do when is decided by a [`Link`] per peer, a state machine
+//! with no I/O ([`crate::link`] describes its states). This module is its
+//! driver: a task per peer that dials what the link asks for, a watcher
+//! per connection that reports silence and closes, and the hand-out of
+//! connections to streams, each counted by a lease the link sees.
 //!
 //! Transport choice: QUIC first. When a QUIC connect meets silence (a
 //! timeout, not a refusal) and the peer offers a fallback address, the
-//! supervisor dials TCP and remembers that this peer needs it: reconnects
-//! go to TCP first, and every `limits.quic_retry_interval` one QUIC
-//! handshake is tried in the background; when it succeeds, new streams move
-//! to QUIC and the TCP connection ends once its streams have.
+//! link dials TCP and remembers that this peer needs it: reconnects go to
+//! TCP first, and every `limits.quic_retry_interval` one QUIC handshake is
+//! tried in the background; when it succeeds, new streams move to QUIC and
+//! the TCP connection ends once its streams have.
 //!
-//! The supervisor connects, watches the connection, and reconnects with
-//! exponential backoff (200 ms doubling to 2 s, with jitter) whenever it
-//! closes — whether or not any stream is waiting, so a repaired cluster is
+//! Reconnects back off exponentially (100 ms doubling to 2 s, with
+//! jitter) whether or not any stream is waiting, so a repaired cluster is
 //! back as soon as it answers. Liveness: keep-alives every
 //! `limits.keep_alive`; a peer that sent nothing for
 //! [`Limits::peer_dead_after`](fedmesh_transport::Limits::peer_dead_after)
@@ -21,7 +26,7 @@
 //!
 //! Streams never wait for a reconnect to a peer known to be down: they get
 //! [`PoolError::Down`] and the caller fails over. Only the very first
-//! connect to a peer is waited for (up to `connect_timeout`).
+//! connect to a peer is waited for (up to twice `connect_timeout`).
 //!
 //! One QUIC connection per gateway pair: of two clusters, the one whose
 //! name sorts first dials ([`dials`]) and serves the other's streams on
@@ -30,12 +35,12 @@
 //! arrived within [`ADOPT_GRACE`] (the peer may not list us yet, or be
 //! down), and folds that connection away as soon as the peer's arrives:
 //! new streams move over at once, the old connection closes when the
-//! streams it carries have ended.
+//! streams it was handed have ended.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use fedmesh_catalog::{ClusterName, Peer};
@@ -47,33 +52,19 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
+pub use crate::link::CLOSE_POLICY;
+use crate::link::{Action, Admit, ConnId, DialError, Event, Link, Note, Origin, Settings};
 use crate::metrics::{GatewayMetrics, PeerLabels};
 use crate::tcp::TcpConn;
 pub use crate::transport::Transport;
 
-const BACKOFF_BASE: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// A connection that closes sooner than this after it opened counts as a
-/// failure (a peer that accepts and then refuses us must not spin us).
-const MIN_HEALTHY: Duration = Duration::from_secs(1);
-/// How often the watcher looks at a connection.
+/// How often a watcher looks at a QUIC connection.
 const WATCH_TICK: Duration = Duration::from_millis(100);
-
-/// Application close code for connections we close on purpose.
-pub const CLOSE_POLICY: u32 = 1;
-/// Application close code for a connection declared dead by the watcher.
-pub const CLOSE_SILENT: u32 = 2;
-/// Application close code for our own dial, folded into the pair's one
-/// connection (the peer's dial) once its streams ended.
-pub const CLOSE_FOLDED: u32 = 3;
 
 /// How long the gateway that does not dial ([`dials`]) waits for the
 /// peer's connection before dialing itself: a few handshakes' worth, so a
 /// peer that does not list us yet (or is down) costs little.
 pub const ADOPT_GRACE: Duration = Duration::from_millis(500);
-/// A folded connection carrying long-lived streams is closed after this
-/// even if they have not ended (bounds how long a pair holds two).
-const DRAIN_MAX: Duration = Duration::from_secs(300);
 
 /// Whether `local` dials `peer` for the pair's one QUIC connection. Both
 /// sides compute the same answer from the two names alone.
@@ -93,13 +84,11 @@ pub enum PoolError {
         reason: String,
     },
     /// Nothing came back: the path may drop UDP (or the peer is gone).
-    #[error("connecting to peer {cluster} at {addr}: no answer within {waited:?}{}", .fallback.as_deref().map(|f| format!("; {f}")).unwrap_or_default())]
+    #[error("connecting to peer {cluster} at {addr}: no answer within {waited:?}")]
     Silent {
         cluster: ClusterName,
         addr: std::net::SocketAddr,
         waited: Duration,
-        /// Why the TCP fallback did not work either, when it was tried.
-        fallback: Option<String>,
     },
     #[error("peer {cluster} presented {got}, expected {expected}")]
     WrongPeer {
@@ -117,120 +106,59 @@ pub enum PoolError {
 /// A connection to a peer gateway over either transport.
 #[derive(Clone)]
 pub enum PeerConn {
-    Quic(QuicPeer),
+    Quic(Connection),
     Tcp(TcpConn),
 }
 
-/// A QUIC connection to a peer and a count of the tunnel streams this
-/// gateway opened on it, so a connection folded away closes only once
-/// they are done.
-#[derive(Clone)]
-pub struct QuicPeer {
-    pub conn: Connection,
-    /// The peer dialed it and we adopted it ([`dials`]).
-    pub adopted: bool,
-    streams: Arc<Streams>,
-}
-
-/// Tunnel streams open on one connection; `idle` fires when the last ends.
-#[derive(Default)]
-struct Streams {
-    open: AtomicUsize,
-    idle: Notify,
-}
-
-impl QuicPeer {
-    /// A connection this gateway dialed.
-    pub fn dialed(conn: Connection) -> Self {
-        Self {
-            conn,
-            adopted: false,
-            streams: Arc::default(),
-        }
-    }
-
-    /// The peer's dial, used for our streams too.
-    pub fn adopted(conn: Connection) -> Self {
-        Self {
-            adopted: true,
-            ..Self::dialed(conn)
-        }
-    }
-
-    /// Counts a stream opened on this connection until the guard drops.
-    pub fn open_stream(&self) -> OpenStream {
-        self.streams.open.fetch_add(1, Ordering::Relaxed);
-        OpenStream(self.streams.clone())
-    }
-}
-
-/// A stream counted as open on its connection until dropped.
-pub struct OpenStream(Arc<Streams>);
-
-/// A connection handed to one stream. On QUIC the stream is counted from
-/// the hand-out (not from when `open_bi` returns, which can wait for the
-/// peer's stream cap): a drain that starts after it waits for it.
-pub struct Leased {
-    pub conn: PeerConn,
-    lease: Option<OpenStream>,
-}
-
-impl Leased {
-    pub fn into_parts(self) -> (PeerConn, Option<OpenStream>) {
-        (self.conn, self.lease)
-    }
-}
-
-impl Drop for OpenStream {
-    fn drop(&mut self) {
-        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            // notify_one keeps a permit, so a drain that checks the count
-            // and then waits cannot miss this.
-            self.0.idle.notify_one();
-        }
-    }
-}
-
-/// Ends a connection we no longer hand out (folded away, or dialed to an
-/// address the peer no longer has) once the streams we opened on it are
-/// done (or [`DRAIN_MAX`] passed). It lingers a few round trips more to
-/// give their last bytes time to be acknowledged, since a QUIC close
-/// abandons unacknowledged data; this is a heuristic, not a guarantee.
-async fn drain(q: QuicPeer, code: u32, reason: &'static [u8]) {
-    let deadline = Instant::now() + DRAIN_MAX;
-    while q.streams.open.load(Ordering::Acquire) > 0 {
-        tokio::select! {
-            _ = q.streams.idle.notified() => {}
-            _ = q.conn.closed() => return,
-            _ = tokio::time::sleep_until(deadline) => break,
-        }
-    }
-    let linger = (q.conn.rtt() * 4).max(Duration::from_millis(100));
-    tokio::time::sleep(linger).await;
-    q.conn.close(code.into(), reason);
-}
-
 impl PeerConn {
-    pub fn transport(&self) -> Transport {
-        match self {
-            Self::Quic(_) => Transport::Quic,
-            Self::Tcp(_) => Transport::Tcp,
-        }
-    }
-
     pub fn is_open(&self) -> bool {
         match self {
-            Self::Quic(q) => q.conn.close_reason().is_none(),
+            Self::Quic(q) => q.close_reason().is_none(),
             Self::Tcp(t) => t.is_open(),
         }
     }
 
-    /// Ends the connection now, streams included.
-    fn close(&self, reason: &'static [u8]) {
+    fn close(&self, code: u32, reason: &'static str) {
         match self {
-            Self::Quic(q) => q.conn.close(CLOSE_POLICY.into(), reason),
+            Self::Quic(q) => q.close(code.into(), reason.as_bytes()),
             Self::Tcp(t) => t.close(),
         }
+    }
+}
+
+/// A connection handed to one stream, and the stream's lease on it: the
+/// link closes a connection it stopped handing out only once every lease
+/// on it has been dropped.
+pub struct Leased {
+    pub conn: PeerConn,
+    pub lease: Lease,
+}
+
+impl Leased {
+    pub fn into_parts(self) -> (PeerConn, Lease) {
+        (self.conn, self.lease)
+    }
+}
+
+/// One stream's hold on a connection, returned when dropped.
+pub struct Lease {
+    cell: Arc<Cell>,
+    conn: ConnId,
+}
+
+impl Lease {
+    /// A stream on this connection failed at the connection level (for
+    /// example our certificate was refused, which TLS 1.3 reveals only at
+    /// the first stream operation): the connection is closed and the link
+    /// reconnects with backoff.
+    pub fn failed(&self) {
+        self.cell.event(Event::Failed(self.conn));
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.cell.event(Event::StreamEnded(self.conn));
     }
 }
 
@@ -253,100 +181,174 @@ pub struct PeerStatus {
     pub last_error: String,
 }
 
-#[derive(Default)]
+/// One peer: its link, the connections the link numbers, and what the
+/// driver still has to do.
 struct Cell {
-    conn: Mutex<Option<PeerConn>>,
-    /// When the current connection opened.
-    opened: Mutex<Option<Instant>>,
-    /// QUIC met silence and the TCP fallback worked; cleared when a QUIC
-    /// handshake succeeds again.
-    prefer_tcp: AtomicBool,
-    /// The last connect failed or the connection died; cleared by a
-    /// successful connect.
-    down: AtomicBool,
-    /// A connect result (either way) is known.
+    peer: Mutex<Peer>,
+    state: Mutex<State>,
+    /// Wakes the driver: actions queued, or the next deadline moved.
+    wake: Notify,
+    /// A connect result is known ([`Action::Settled`]).
     settled: Notify,
-    /// Why the peer is down, for the callers it turns away.
-    last_error: Mutex<String>,
-    /// A connection to this peer once stayed up for `MIN_HEALTHY`. Until
-    /// then the peer is "starting" (its catalog may not list us yet), and
-    /// streams wait for a reconnect instead of failing over at once.
-    healthy_once: AtomicBool,
-    /// The peer answered the last attempt (it refused us, or closed soon
-    /// after the handshake) rather than staying silent: it is alive, maybe
-    /// not ready for us yet.
-    answered: AtomicBool,
-    /// Wakes the supervisor out of its backoff.
-    kick: Notify,
-    /// The peer's dial, accepted and waiting to become this pair's
-    /// connection (only when the peer is the one that [`dials`]).
-    adopted: Mutex<Option<Connection>>,
-    adopted_ready: Notify,
-    supervisor: Mutex<Option<JoinHandle<()>>>,
+    driver: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct State {
+    link: Link,
+    conns: HashMap<ConnId, PeerConn>,
+    /// Dials, serves and notes for the driver, in order.
+    queue: Vec<Action>,
 }
 
 impl Cell {
-    fn down_error(&self, cluster: &ClusterName) -> PoolError {
-        PoolError::Down {
-            cluster: cluster.clone(),
-            last: lock(&self.last_error).clone(),
+    fn peer(&self) -> Peer {
+        lock(&self.peer).clone()
+    }
+
+    /// Feeds the link one event now and carries out what it says.
+    fn event(&self, event: Event) {
+        let mut st = lock(&self.state);
+        let actions = st.link.on(event, Instant::now());
+        self.apply(st, actions);
+    }
+
+    /// A connection (ours or the peer's) arrives: numbered and kept
+    /// before the link hears of it, so every action on it finds it.
+    fn arrive(self: &Arc<Self>, conn: PeerConn, event: impl FnOnce(ConnId) -> Event, ctx: &Ctx) {
+        let id = ctx.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut st = lock(&self.state);
+        st.conns.insert(id, conn.clone());
+        let actions = st.link.on(event(id), Instant::now());
+        self.apply(st, actions);
+        tokio::spawn(watch(self.clone(), id, conn, ctx.clone()));
+    }
+
+    /// Closes and wakes at once; dials, serves and notes go to the driver
+    /// (a lease dropped anywhere can end a drain, and a removed peer's
+    /// driver is gone).
+    fn apply(&self, mut st: MutexGuard<'_, State>, actions: Vec<Action>) {
+        let staged = stage(&mut st, actions);
+        drop(st);
+        self.finish(staged);
+    }
+
+    fn finish(&self, s: Staged) {
+        for (c, code, reason, linger) in s.closes {
+            close_later(c, code, reason, linger);
+        }
+        if s.settled {
+            self.settled.notify_waiters();
+        }
+        if s.queued {
+            self.wake.notify_one();
         }
     }
 
-    fn live(&self) -> Option<PeerConn> {
-        lock(&self.conn).as_ref().filter(|c| c.is_open()).cloned()
-    }
-
-    /// The live connection, leased to one stream. Taken under the same
-    /// lock a replacement is installed under, so a lease on the old
-    /// connection happens before its drain starts and the drain sees it.
-    fn lease(&self) -> Option<Leased> {
-        let g = lock(&self.conn);
-        let conn = g.as_ref().filter(|c| c.is_open())?.clone();
-        let lease = match &conn {
-            PeerConn::Quic(q) => Some(q.open_stream()),
-            PeerConn::Tcp(_) => None,
-        };
-        Some(Leased { conn, lease })
-    }
-
-    fn take_adopted(&self) -> Option<Connection> {
-        lock(&self.adopted)
-            .take()
-            .filter(|c| c.close_reason().is_none())
-    }
-
-    /// The peer's dial, waiting up to `grace` for it to arrive.
-    async fn adopted_within(&self, grace: Duration) -> Option<Connection> {
-        if let Some(c) = self.take_adopted() {
-            return Some(c);
-        }
-        tokio::time::timeout(grace, async {
-            loop {
-                self.adopted_ready.notified().await;
-                if let Some(c) = self.take_adopted() {
-                    return c;
+    /// The installed connection, leased to one stream. A connection found
+    /// closed is reported first, so it is never handed out.
+    fn lease(self: &Arc<Self>, st: &mut MutexGuard<'_, State>) -> Option<Leased> {
+        // Bounded: each turn forgets one closed connection.
+        for _ in 0..4 {
+            let id = st.link.installed()?;
+            match st.conns.get(&id) {
+                Some(c) if c.is_open() => {
+                    let conn = c.clone();
+                    st.link.lease();
+                    return Some(Leased {
+                        conn,
+                        lease: Lease {
+                            cell: self.clone(),
+                            conn: id,
+                        },
+                    });
+                }
+                _ => {
+                    let actions = st.link.on(
+                        Event::Closed {
+                            conn: id,
+                            reason: "found closed".into(),
+                        },
+                        Instant::now(),
+                    );
+                    st.conns.remove(&id);
+                    let staged = stage(st, actions);
+                    self.finish(staged);
                 }
             }
-        })
-        .await
-        .ok()
+        }
+        None
+    }
+
+    fn down_error(&self, st: &State) -> PoolError {
+        PoolError::Down {
+            cluster: self.peer().cluster,
+            last: st.link.last_error().to_owned(),
+        }
+    }
+}
+
+/// Closes taken out of the registry, and whether to wake waiters or the
+/// driver: what [`Cell::finish`] does once the state lock is let go.
+#[derive(Default)]
+struct Staged {
+    closes: Vec<(PeerConn, u32, &'static str, bool)>,
+    settled: bool,
+    queued: bool,
+}
+
+fn stage(st: &mut State, actions: Vec<Action>) -> Staged {
+    let mut s = Staged::default();
+    for a in actions {
+        match a {
+            Action::Close {
+                conn,
+                code,
+                reason,
+                linger,
+            } => {
+                if let Some(c) = st.conns.remove(&conn) {
+                    s.closes.push((c, code, reason, linger));
+                }
+            }
+            Action::Settled => s.settled = true,
+            other => {
+                st.queue.push(other);
+                s.queued = true;
+            }
+        }
+    }
+    s
+}
+
+/// Closes `conn`; with `linger`, a few round trips from now, since a QUIC
+/// close abandons data not yet acknowledged (a heuristic, not a
+/// guarantee).
+fn close_later(conn: PeerConn, code: u32, reason: &'static str, linger: bool) {
+    let runtime = tokio::runtime::Handle::try_current();
+    match (&conn, linger, runtime) {
+        (PeerConn::Quic(q), true, Ok(rt)) => {
+            let wait = (q.rtt() * 4).max(Duration::from_millis(100));
+            rt.spawn(async move {
+                tokio::time::sleep(wait).await;
+                conn.close(code, reason);
+            });
+        }
+        _ => conn.close(code, reason),
     }
 }
 
 /// Serves the peer's streams on a connection this gateway dialed.
 pub type ServeDialed = Arc<dyn Fn(Connection, Peer) + Send + Sync>;
 
-struct Inner {
-    cells: Mutex<HashMap<ClusterName, Arc<Cell>>>,
-    /// The peers as the catalog names them; supervisors read their current
-    /// address here and stop when their peer is gone.
-    peers: Mutex<HashMap<ClusterName, Peer>>,
+/// What drivers and watchers share.
+#[derive(Clone)]
+struct Ctx {
     dialer: Dialer,
     serve_dialed: ServeDialed,
+    next_id: Arc<AtomicU64>,
 }
 
-/// What a supervisor needs to dial a peer over either transport.
+/// What the pool needs to dial a peer over either transport.
 #[derive(Clone)]
 pub struct Dialer {
     /// This gateway's cluster, for the pair's tie-break ([`dials`]).
@@ -368,67 +370,46 @@ impl Dialer {
         self.announced.expects(self.local.as_str(), peer.as_str())
     }
 
-    fn dead_after(&self) -> Duration {
-        self.limits.peer_dead_after()
-    }
-
-    async fn quic(&self, peer: &Peer) -> Result<Connection, PoolError> {
-        connect(
-            &self.endpoint,
-            &self.quic,
-            peer,
-            self.limits.connect_timeout,
-        )
-        .await
-    }
-
-    async fn tcp(&self, peer: &Peer) -> Result<Option<TcpConn>, String> {
-        let Some(addr) = peer.tcp_address else {
-            return Ok(None);
-        };
-        crate::tcp::connect(peer, addr, self.from, &self.tcp, &self.limits)
+    async fn dial(&self, peer: &Peer, transport: Transport) -> Result<PeerConn, DialError> {
+        match transport {
+            Transport::Quic => connect(
+                &self.endpoint,
+                &self.quic,
+                peer,
+                self.limits.connect_timeout,
+            )
             .await
-            .map(Some)
-            .map_err(|e| format!("TCP fallback {addr}: {e}"))
-    }
-
-    /// A connection to `peer` by the transport it is known to need: QUIC
-    /// first unless its UDP path was found blocked; TCP when QUIC meets
-    /// silence and the peer offers it.
-    async fn establish(&self, cell: &Cell, peer: &Peer) -> Result<PeerConn, PoolError> {
-        if cell.prefer_tcp.load(Ordering::Relaxed) {
-            match self.tcp(peer).await {
-                Ok(Some(t)) => return Ok(PeerConn::Tcp(t)),
-                // The TCP path broke too; next time start again from QUIC.
-                Ok(None) | Err(_) => cell.prefer_tcp.store(false, Ordering::Relaxed),
+            .map(PeerConn::Quic)
+            .map_err(|e| match e {
+                PoolError::Silent { .. } => DialError::Silent(e.to_string()),
+                e => DialError::Refused(e.to_string()),
+            }),
+            Transport::Tcp => {
+                let Some(addr) = peer.tcp_address else {
+                    return Err(DialError::Refused("the peer offers no TCP fallback".into()));
+                };
+                crate::tcp::connect(peer, addr, self.from, &self.tcp, &self.limits)
+                    .await
+                    .map(PeerConn::Tcp)
+                    .map_err(|e| DialError::Refused(format!("TCP fallback {addr}: {e}")))
             }
         }
-        let e = match self.quic(peer).await {
-            Ok(c) => return Ok(PeerConn::Quic(QuicPeer::dialed(c))),
-            Err(e @ PoolError::Silent { .. }) => e,
-            Err(e) => return Err(e),
-        };
-        match self.tcp(peer).await {
-            Ok(Some(t)) => {
-                tracing::warn!(peer = %peer.cluster, quic = %e, "no answer over UDP; using the TCP fallback and retrying QUIC in the background");
-                cell.prefer_tcp.store(true, Ordering::Relaxed);
-                self.metrics.fallback(peer.cluster.as_str());
-                Ok(PeerConn::Tcp(t))
-            }
-            Ok(None) => Err(e),
-            Err(t) => {
-                let mut e = e;
-                if let PoolError::Silent { fallback, .. } = &mut e {
-                    *fallback = Some(t);
-                }
-                Err(e)
-            }
+    }
+
+    fn settings(&self, peer: &Peer) -> Settings {
+        Settings {
+            we_dial: dials(&self.local, &peer.cluster),
+            has_tcp: peer.tcp_address.is_some(),
+            adopt_grace: ADOPT_GRACE,
+            quic_retry: self.limits.quic_retry_interval,
+            ..Settings::default()
         }
     }
 }
 
 pub struct Pool {
-    inner: Arc<Inner>,
+    cells: Mutex<HashMap<ClusterName, Arc<Cell>>>,
+    ctx: Arc<Ctx>,
 }
 
 impl Drop for Pool {
@@ -437,19 +418,11 @@ impl Drop for Pool {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     match m.lock() {
         Ok(g) => g,
         Err(p) => p.into_inner(),
     }
-}
-
-fn backoff(failures: u32) -> Duration {
-    let exp = BACKOFF_BASE.saturating_mul(1u32 << failures.min(10));
-    let capped = exp.min(BACKOFF_MAX);
-    // Up to 25% jitter so peers that failed together do not retry together.
-    let jitter = capped.mul_f64(rand::random::<f64>() * 0.25);
-    capped + jitter
 }
 
 /// The verified SPIFFE ID of a QUIC connection's peer.
@@ -467,11 +440,11 @@ impl Pool {
     /// no connection can be dialed before it is known.
     pub fn new(dialer: Dialer, serve_dialed: ServeDialed) -> Self {
         Self {
-            inner: Arc::new(Inner {
-                cells: Mutex::default(),
-                peers: Mutex::default(),
+            cells: Mutex::default(),
+            ctx: Arc::new(Ctx {
                 dialer,
                 serve_dialed,
+                next_id: Arc::new(AtomicU64::new(1)),
             }),
         }
     }
@@ -480,56 +453,54 @@ impl Pool {
     /// when the peer is the one that [`dials`], it becomes the pair's
     /// connection for our streams too, replacing any we dialed ourselves.
     pub fn adopt(&self, peer: &Peer, conn: &Connection) {
-        if dials(&self.inner.dialer.local, &peer.cluster) {
+        if dials(&self.ctx.dialer.local, &peer.cluster) {
             return;
         }
         // The accept path knows the peer from the catalog, which can reach
-        // it before `set_peers` does: the cell is made here then, not
-        // skipped (a dial dropped here would never be adopted, and the
-        // pair would keep two connections).
-        let cell = self.cell(peer);
-        *lock(&cell.adopted) = Some(conn.clone());
-        cell.adopted_ready.notify_one();
+        // it before `set_peers` does: the cell is made here then (a dial
+        // dropped here would never be adopted, and the pair would keep
+        // two connections).
+        self.cell(peer)
+            .arrive(PeerConn::Quic(conn.clone()), Event::Adopted, &self.ctx);
     }
 
-    /// Stops every supervisor and ends every connection at once.
+    /// Ends every connection at once and stops every driver.
     pub fn close_all(&self) {
-        for cell in lock(&self.inner.cells).values() {
-            if let Some(t) = lock(&cell.supervisor).take() {
+        for cell in lock(&self.cells).drain().map(|(_, c)| c) {
+            if let Some(t) = lock(&cell.driver).take() {
                 t.abort();
             }
-            if let Some(c) = lock(&cell.conn).take() {
-                c.close(b"gateway shutting down");
+            // Removed: dials still under way are closed when they end.
+            cell.event(Event::Removed);
+            for (_, c) in lock(&cell.state).conns.drain() {
+                c.close(CLOSE_POLICY, "gateway shutting down");
             }
         }
     }
 
     /// How each peer is reached, for `/status`.
     pub fn status(&self) -> Vec<PeerStatus> {
-        let peers = lock(&self.inner.peers).clone();
-        let cells = lock(&self.inner.cells).clone();
-        let mut rows: Vec<PeerStatus> = peers
-            .values()
-            .map(|p| {
-                let cell = cells.get(&p.cluster);
-                let live = cell.and_then(|c| c.live());
+        let cells: Vec<Arc<Cell>> = lock(&self.cells).values().cloned().collect();
+        let mut rows: Vec<PeerStatus> = cells
+            .iter()
+            .map(|cell| {
+                let p = cell.peer();
+                let st = lock(&cell.state);
+                let live = st.link.installed_info().filter(|_| {
+                    st.link
+                        .installed()
+                        .and_then(|id| st.conns.get(&id))
+                        .is_some_and(PeerConn::is_open)
+                });
                 PeerStatus {
                     cluster: p.cluster.to_string(),
                     address: p.address,
                     tcp_address: p.tcp_address,
-                    transport: live.as_ref().map_or("down", |c| c.transport().as_str()),
-                    dialed_by: live.as_ref().map(|c| match c {
-                        PeerConn::Quic(q) if q.adopted => "peer",
-                        _ => "us",
-                    }),
-                    connected_for_s: live.and_then(|_| {
-                        cell.and_then(|c| *lock(&c.opened))
-                            .map(|t| t.elapsed().as_secs_f64())
-                    }),
-                    udp_blocked: cell.is_some_and(|c| c.prefer_tcp.load(Ordering::Relaxed)),
-                    last_error: cell
-                        .map(|c| lock(&c.last_error).clone())
-                        .unwrap_or_default(),
+                    transport: live.map_or("down", |(t, ..)| t.as_str()),
+                    dialed_by: live.map(|(_, o, _)| o.as_str()),
+                    connected_for_s: live.map(|(.., at)| at.elapsed().as_secs_f64()),
+                    udp_blocked: st.link.udp_blocked(),
+                    last_error: st.link.last_error().to_owned(),
                 }
             })
             .collect();
@@ -537,366 +508,291 @@ impl Pool {
         rows
     }
 
-    /// The catalog's peers: each gets a supervised connection (kept warm,
-    /// so failing over to a cluster that took no traffic yet does not wait
-    /// for a handshake); peers no longer listed lose theirs.
+    /// The catalog's peers: each gets a connection kept warm (failing over
+    /// to a cluster that took no traffic yet does not wait for a
+    /// handshake); a peer whose address or identity changed reconnects,
+    /// keeping the peer's own dial; peers no longer listed lose theirs.
     pub fn set_peers<'a>(&self, peers: impl IntoIterator<Item = &'a Peer>) {
         let peers: HashMap<ClusterName, Peer> = peers
             .into_iter()
             .map(|p| (p.cluster.clone(), p.clone()))
             .collect();
-        // A peer that is gone, or whose addresses or identity changed,
-        // loses its supervisor (a changed one gets a new one below).
-        let gone: Vec<(ClusterName, Arc<Cell>)> = {
-            let old = lock(&self.inner.peers).clone();
-            let same = |a: &Peer, b: &Peer| {
-                (a.address, a.tcp_address, &a.identity) == (b.address, b.tcp_address, &b.identity)
-            };
-            let keep = |c: &ClusterName| {
-                peers
-                    .get(c)
-                    .zip(old.get(c))
-                    .is_some_and(|(new, old)| same(new, old))
-            };
-            let mut cells = lock(&self.inner.cells);
-            let gone = cells
-                .iter()
-                .filter(|(c, _)| !keep(c))
-                .map(|(c, cell)| (c.clone(), cell.clone()))
-                .collect();
-            cells.retain(|c, _| keep(c));
-            gone
-        };
-        for (_, cell) in &gone {
-            if let Some(t) = lock(&cell.supervisor).take() {
-                t.abort();
-            }
+        let mut events = Vec::new();
+        {
+            let mut cells = lock(&self.cells);
+            cells.retain(|name, cell| {
+                let Some(new) = peers.get(name) else {
+                    events.push((cell.clone(), Event::Removed));
+                    return false;
+                };
+                let mut old = lock(&cell.peer);
+                if (old.address, old.tcp_address, &old.identity)
+                    != (new.address, new.tcp_address, &new.identity)
+                {
+                    let identity = old.identity != new.identity;
+                    *old = new.clone();
+                    let has_tcp = new.tcp_address.is_some();
+                    events.push((cell.clone(), Event::Moved { identity, has_tcp }));
+                }
+                true
+            });
         }
-        *lock(&self.inner.peers) = peers.clone();
+        for (cell, event) in events {
+            cell.event(event);
+        }
         for p in peers.values() {
             self.cell(p);
-        }
-        for (cluster, old) in gone {
-            let conn = lock(&old.conn).take();
-            // Only the side that does not dial ever holds the peer's dial.
-            let waiting = old.take_adopted();
-            let Some(new) = peers.get(&cluster).map(|p| self.cell(p)) else {
-                // Removed from the catalog: nothing of it stays.
-                if let Some(c) = conn {
-                    c.close(b"peer removed");
-                }
-                if let Some(c) = waiting {
-                    c.close(CLOSE_POLICY.into(), b"peer removed");
-                }
-                continue;
-            };
-            // Changed: the peer's own dial does not depend on what we
-            // think its address is, so the new supervisor adopts it (its
-            // streams live on); our dial to the old address ends once its
-            // streams have.
-            let adopt = match conn {
-                Some(PeerConn::Quic(q)) if q.adopted => Some(q.conn),
-                Some(PeerConn::Quic(q)) => {
-                    tokio::spawn(drain(q, CLOSE_POLICY, b"peer address changed"));
-                    waiting
-                }
-                Some(c @ PeerConn::Tcp(_)) => {
-                    c.close(b"peer address changed");
-                    waiting
-                }
-                None => waiting,
-            };
-            if let Some(c) = adopt {
-                *lock(&new.adopted) = Some(c);
-                new.adopted_ready.notify_one();
-            }
         }
     }
 
     /// Peers with a live connection right now.
     pub fn live_peers(&self) -> usize {
-        lock(&self.inner.cells)
-            .values()
-            .filter(|c| c.live().is_some())
+        let cells: Vec<Arc<Cell>> = lock(&self.cells).values().cloned().collect();
+        cells
+            .iter()
+            .filter(|c| {
+                let st = lock(&c.state);
+                st.link
+                    .installed()
+                    .and_then(|id| st.conns.get(&id))
+                    .is_some_and(PeerConn::is_open)
+            })
             .count()
     }
 
-    /// The peer's cell, with its supervisor started.
+    /// The peer's cell, with its driver started.
     fn cell(&self, peer: &Peer) -> Arc<Cell> {
-        lock(&self.inner.peers)
-            .entry(peer.cluster.clone())
-            .or_insert_with(|| peer.clone());
-        let mut cells = lock(&self.inner.cells);
+        let mut cells = lock(&self.cells);
         if let Some(c) = cells.get(&peer.cluster) {
             return c.clone();
         }
-        let cell = Arc::new(Cell::default());
+        let (link, actions) = Link::new(
+            self.ctx.dialer.settings(peer),
+            rand::random(),
+            Instant::now(),
+        );
+        let cell = Arc::new(Cell {
+            peer: Mutex::new(peer.clone()),
+            state: Mutex::new(State {
+                link,
+                conns: HashMap::new(),
+                queue: Vec::new(),
+            }),
+            wake: Notify::new(),
+            settled: Notify::new(),
+            driver: Mutex::new(None),
+        });
         cells.insert(peer.cluster.clone(), cell.clone());
-        let task = tokio::spawn(supervise(
-            Arc::downgrade(&self.inner),
-            cell.clone(),
-            peer.cluster.clone(),
-        ));
-        *lock(&cell.supervisor) = Some(task);
+        drop(cells);
+        let task = tokio::spawn(drive(Arc::downgrade(&self.ctx), cell.clone()));
+        *lock(&cell.driver) = Some(task);
+        cell.apply(lock(&cell.state), actions);
         cell
     }
 
-    /// The live connection to `peer`. Waits for a connect only while the
-    /// peer has never been healthy; a peer that was up and went down turns
-    /// streams away at once.
+    /// The live connection to `peer`, leased. Waits for a connect only
+    /// while the peer has never been down, or is starting and answering;
+    /// a peer that was up and went down turns streams away at once.
     pub async fn get(&self, peer: &Peer) -> Result<Leased, PoolError> {
         let cell = self.cell(peer);
-        if let Some(c) = cell.lease() {
-            return Ok(c);
-        }
-        let starting =
-            !cell.healthy_once.load(Ordering::Relaxed) && cell.answered.load(Ordering::Relaxed);
-        if cell.down.load(Ordering::Relaxed) && !starting {
-            return Err(cell.down_error(&peer.cluster));
-        }
         // A first connect may take a QUIC timeout and then a TCP one.
-        let waited = self.inner.dialer.limits.connect_timeout * 2;
+        let waited = self.ctx.dialer.limits.connect_timeout * 2;
         let settled = cell.settled.notified();
         tokio::pin!(settled);
-        settled.as_mut().enable();
-        // The connect may have finished between the checks above.
-        if let Some(c) = cell.lease() {
-            return Ok(c);
+        {
+            let mut st = lock(&cell.state);
+            if let Some(l) = cell.lease(&mut st) {
+                return Ok(l);
+            }
+            if st.link.admit() == Admit::Down {
+                return Err(cell.down_error(&st));
+            }
+            // Registered before the lock is let go: a result that comes
+            // after this check wakes us.
+            settled.as_mut().enable();
+            let actions = st.link.on(Event::Wanted, Instant::now());
+            cell.apply(st, actions);
         }
-        cell.kick.notify_one();
         if tokio::time::timeout(waited, settled).await.is_err() {
             return Err(PoolError::FirstConnect {
                 cluster: peer.cluster.clone(),
                 waited,
             });
         }
-        cell.lease().ok_or_else(|| cell.down_error(&peer.cluster))
-    }
-
-    /// A stream on `conn` failed at the connection level (for example our
-    /// certificate was refused, which TLS 1.3 only reveals at the first
-    /// stream operation): close it; the supervisor reconnects with backoff.
-    pub fn failed(&self, cluster: &ClusterName, conn: &PeerConn) {
-        let cell = lock(&self.inner.cells).get(cluster).cloned();
-        if let Some(cell) = cell {
-            cell.down.store(true, Ordering::Relaxed);
+        let mut st = lock(&cell.state);
+        match cell.lease(&mut st) {
+            Some(l) => Ok(l),
+            None => Err(cell.down_error(&st)),
         }
-        conn.close(b"connection failed");
     }
 }
 
-/// Keeps one connection to `cluster` up for as long as it is a peer.
-async fn supervise(inner: Weak<Inner>, cell: Arc<Cell>, cluster: ClusterName) {
-    let mut failures = 0u32;
-    // A QUIC connection that replaced a TCP fallback one, to install next.
-    let mut next: Option<PeerConn> = None;
+/// Carries out what a peer's link asks for until the peer is removed:
+/// dials, serves, notes, and ticks at the link's deadlines.
+async fn drive(ctx: Weak<Ctx>, cell: Arc<Cell>) {
     loop {
-        let Some(strong) = inner.upgrade() else {
+        let (queue, deadline, removed) = {
+            let mut st = lock(&cell.state);
+            (
+                std::mem::take(&mut st.queue),
+                st.link.poll_timeout(),
+                st.link.is_removed(),
+            )
+        };
+        if !queue.is_empty() {
+            let Some(ctx) = ctx.upgrade() else {
+                return;
+            };
+            for action in queue {
+                run(&ctx, &cell, action);
+            }
+        }
+        if removed {
             return;
-        };
-        let Some(peer) = lock(&strong.peers).get(&cluster).cloned() else {
-            return;
-        };
-        let dialer = strong.dialer.clone();
-        let serve_dialed = strong.serve_dialed.clone();
-        drop(strong);
-        let we_dial = dials(&dialer.local, &peer.cluster);
-        let result = match next.take() {
-            Some(c) => Ok(c),
-            None => {
-                // Over QUIC the pair shares the connection the peer dials;
-                // a peer known to need TCP is dialed at once.
-                let grace = if we_dial || cell.prefer_tcp.load(Ordering::Relaxed) {
-                    Duration::ZERO
-                } else {
-                    ADOPT_GRACE
-                };
-                match cell.adopted_within(grace).await {
-                    Some(c) => Ok(PeerConn::Quic(QuicPeer::adopted(c))),
-                    None => dialer.establish(&cell, &peer).await,
-                }
-            }
-        };
-        match result {
-            Ok(c) => {
-                let transport = c.transport().as_str();
-                tracing::info!(peer = %peer.cluster, addr = %peer.address, transport, "connected to peer gateway");
-                if let (PeerConn::Quic(q), true) = (&c, we_dial) {
-                    serve_dialed(q.conn.clone(), peer.clone());
-                }
-                let opened = Instant::now();
-                *lock(&cell.conn) = Some(c.clone());
-                *lock(&cell.opened) = Some(opened);
-                cell.down.store(false, Ordering::Relaxed);
-                cell.settled.notify_waiters();
-                match watch(&cell, &c, &peer, &dialer).await {
-                    Watched::Replaced(q) => {
-                        failures = 0;
-                        // Installed before the old one drains: from here
-                        // no stream is handed the old connection, and every
-                        // one handed it before holds a lease its drain sees.
-                        *lock(&cell.conn) = Some(q.clone());
-                        next = Some(q);
-                        if let PeerConn::Quic(old) = c {
-                            tokio::spawn(drain(
-                                old,
-                                CLOSE_FOLDED,
-                                b"folded into the pair's connection",
-                            ));
-                        }
-                    }
-                    Watched::Closed if opened.elapsed() < MIN_HEALTHY => {
-                        cell.answered.store(true, Ordering::Relaxed);
-                        failures = failures.saturating_add(1);
-                        pause(&cell, backoff(failures)).await;
-                    }
-                    Watched::Closed => failures = 0,
-                }
-            }
-            Err(e) => {
-                // A timeout is silence; anything else came from the peer.
-                cell.answered
-                    .store(!matches!(e, PoolError::Silent { .. }), Ordering::Relaxed);
-                *lock(&cell.last_error) = e.to_string();
-                cell.down.store(true, Ordering::Relaxed);
-                cell.settled.notify_waiters();
-                failures = failures.saturating_add(1);
-                // Once per outage; the retries that follow are debug.
-                fedmesh_transport::warn_unless_announced!(
-                    failures > 1 || dialer.expects_trouble(&peer.cluster),
-                    error = %e, failures, "peer connect failed"
-                );
-                pause(&cell, backoff(failures)).await;
-            }
+        }
+        match deadline {
+            Some(at) => tokio::select! {
+                _ = cell.wake.notified() => {}
+                _ = tokio::time::sleep_until(at) => cell.event(Event::Tick),
+            },
+            None => cell.wake.notified().await,
         }
     }
 }
 
-/// Backs off, unless a stream for a peer that was never healthy asks for
-/// a connection now.
-async fn pause(cell: &Cell, d: Duration) {
-    if cell.healthy_once.load(Ordering::Relaxed) {
-        tokio::time::sleep(d).await;
-    } else {
-        tokio::select! {
-            _ = tokio::time::sleep(d) => {}
-            _ = cell.kick.notified() => {}
-        }
-    }
-}
-
-enum Watched {
-    Closed,
-    /// QUIC works again and replaces the TCP fallback, or the peer's dial
-    /// replaces ours.
-    Replaced(PeerConn),
-}
-
-/// Watches a connection until it closes. QUIC: publishes its RTT and
-/// declares the peer dead when nothing arrived for `dead_after` (keep-alives
-/// make a live peer send several packets in that time). TCP fallback:
-/// hyper's pings do the same; meanwhile QUIC is retried every
-/// `quic_retry_interval`, and a QUIC connection that comes up replaces it.
-async fn watch(cell: &Cell, conn: &PeerConn, peer: &Peer, dialer: &Dialer) -> Watched {
-    let cluster = &peer.cluster;
+fn run(ctx: &Ctx, cell: &Arc<Cell>, action: Action) {
+    let peer = cell.peer();
+    let dialer = &ctx.dialer;
     let metrics = &dialer.metrics;
-    let labels = PeerLabels {
-        peer: cluster.to_string(),
-    };
-    metrics.peer_up.get_or_create(&labels).set(1);
-    let transport = conn.transport();
-    metrics.set_transport(cluster.as_str(), Some(transport));
-    let mut tick = tokio::time::interval(WATCH_TICK);
-    let opened = Instant::now();
-    let outcome = match conn {
-        PeerConn::Quic(q) => {
-            let conn = &q.conn;
-            let mut seen = conn.stats().udp_rx.datagrams;
-            let mut heard = opened;
-            let reason = loop {
-                tokio::select! {
-                    r = conn.closed() => break r,
-                    _ = cell.adopted_ready.notified() => {
-                        if let Some(theirs) = cell.take_adopted() {
+    let cluster = peer.cluster.as_str();
+    match action {
+        Action::Dial { attempt, transport } => {
+            let (cell, ctx) = (cell.clone(), ctx.clone());
+            tokio::spawn(async move {
+                match ctx.dialer.dial(&peer, transport).await {
+                    Ok(conn) => cell.arrive(
+                        conn,
+                        |id| Event::Dialed {
+                            attempt,
+                            result: Ok((id, transport)),
+                        },
+                        &ctx,
+                    ),
+                    Err(e) => cell.event(Event::Dialed {
+                        attempt,
+                        result: Err(e),
+                    }),
+                }
+            });
+        }
+        Action::Serve(id) => {
+            let conn = lock(&cell.state).conns.get(&id).cloned();
+            if let Some(PeerConn::Quic(q)) = conn {
+                (ctx.serve_dialed)(q, peer);
+            }
+        }
+        Action::Note(note) => {
+            let labels = PeerLabels {
+                peer: cluster.to_owned(),
+            };
+            let trouble = dialer.expects_trouble(&peer.cluster);
+            match note {
+                Note::Up {
+                    transport,
+                    origin,
+                    replaced,
+                    ..
+                } => {
+                    metrics.peer_up.get_or_create(&labels).set(1);
+                    metrics.set_transport(cluster, Some(transport));
+                    match (replaced, origin) {
+                        (None, _) => {
+                            tracing::info!(peer = %cluster, addr = %peer.address, transport = transport.as_str(), dialed_by = origin.as_str(), "connected to peer gateway");
+                        }
+                        (Some(_), Origin::Peer) => {
                             tracing::info!(peer = %cluster, "the peer's dial replaces ours: one connection per gateway pair");
-                            return Watched::Replaced(PeerConn::Quic(QuicPeer::adopted(theirs)));
+                        }
+                        (Some(_), Origin::Us) => {
+                            tracing::info!(peer = %cluster, "QUIC gets through again; new streams move off the TCP fallback");
                         }
                     }
+                }
+                Note::Down { reason } => {
+                    metrics.peer_up.get_or_create(&labels).set(0);
+                    metrics.set_transport(cluster, None);
+                    fedmesh_transport::warn_unless_announced!(
+                        trouble,
+                        peer = %cluster, %reason, "connection to peer gateway closed"
+                    );
+                }
+                Note::ConnectFailed { error, failures } => {
+                    // Once per outage; the retries that follow are debug.
+                    fedmesh_transport::warn_unless_announced!(
+                        failures > 1 || trouble,
+                        peer = %cluster, %error, failures, "peer connect failed"
+                    );
+                }
+                Note::FellBack => {
+                    tracing::warn!(peer = %cluster, "no answer over UDP; using the TCP fallback and retrying QUIC in the background");
+                    metrics.fallback(cluster);
+                }
+                Note::ProbeFailed { error } => {
+                    tracing::debug!(peer = %cluster, %error, "QUIC still does not get through");
+                }
+                Note::Silent => {
+                    fedmesh_transport::warn_unless_announced!(
+                        trouble,
+                        peer = %cluster, "peer gateway silent; declaring it dead"
+                    );
+                }
+            }
+        }
+        // Handled where they arise (`Cell::apply`).
+        Action::Close { .. } | Action::Settled => {}
+    }
+}
+
+/// Watches one connection until it closes. QUIC: publishes its RTT while
+/// installed and reports silence when nothing arrived for the dead-after
+/// time (keep-alives make a live peer send several packets in that time).
+/// TCP: hyper's pings close a silent connection.
+async fn watch(cell: Arc<Cell>, id: ConnId, conn: PeerConn, ctx: Ctx) {
+    let reason = match &conn {
+        PeerConn::Quic(q) => {
+            let metrics = &ctx.dialer.metrics;
+            let labels = PeerLabels {
+                peer: cell.peer().cluster.to_string(),
+            };
+            let dead_after = ctx.dialer.limits.peer_dead_after();
+            let mut tick = tokio::time::interval(WATCH_TICK);
+            let mut seen = q.stats().udp_rx.datagrams;
+            let mut heard = Instant::now();
+            let mut reported = false;
+            loop {
+                tokio::select! {
+                    r = q.closed() => break r.to_string(),
                     _ = tick.tick() => {
-                        let stats = conn.stats();
-                        if opened.elapsed() >= MIN_HEALTHY {
-                            cell.healthy_once.store(true, Ordering::Relaxed);
+                        let stats = q.stats();
+                        if lock(&cell.state).link.installed() == Some(id) {
+                            metrics.peer_rtt.get_or_create(&labels).set(stats.path.rtt.as_secs_f64());
                         }
-                        metrics.peer_rtt.get_or_create(&labels).set(stats.path.rtt.as_secs_f64());
                         if stats.udp_rx.datagrams != seen {
                             seen = stats.udp_rx.datagrams;
                             heard = Instant::now();
-                        } else if heard.elapsed() >= dialer.dead_after() {
-                            fedmesh_transport::warn_unless_announced!(
-                                dialer.expects_trouble(cluster),
-                                peer = %cluster, silent = ?heard.elapsed(), "peer gateway silent; declaring it dead"
-                            );
-                            conn.close(CLOSE_SILENT.into(), b"peer silent");
+                        } else if heard.elapsed() >= dead_after && !reported {
+                            reported = true;
+                            cell.event(Event::Silent(id));
                         }
                     }
-                }
-            };
-            *lock(&cell.last_error) = format!("QUIC connection closed: {reason}");
-            Watched::Closed
-        }
-        PeerConn::Tcp(tcp) => {
-            let retry = dialer.limits.quic_retry_interval;
-            // Kept across loop turns: a tick must not cancel a handshake.
-            let mut probing = Box::pin(probe(dialer, peer, opened + retry));
-            loop {
-                tokio::select! {
-                    _ = tcp.closed() => {
-                        *lock(&cell.last_error) = "TCP fallback connection closed".into();
-                        break Watched::Closed;
-                    }
-                    _ = tick.tick() => {
-                        if opened.elapsed() >= MIN_HEALTHY {
-                            cell.healthy_once.store(true, Ordering::Relaxed);
-                        }
-                    }
-                    _ = cell.adopted_ready.notified() => {
-                        if let Some(theirs) = cell.take_adopted() {
-                            tracing::info!(peer = %cluster, "the peer's QUIC dial got through; new streams move off the TCP fallback");
-                            cell.prefer_tcp.store(false, Ordering::Relaxed);
-                            break Watched::Replaced(PeerConn::Quic(QuicPeer::adopted(theirs)));
-                        }
-                    }
-                    q = &mut probing => match q {
-                        Ok(q) => {
-                            tracing::info!(peer = %cluster, "QUIC gets through again; new streams move off the TCP fallback");
-                            cell.prefer_tcp.store(false, Ordering::Relaxed);
-                            break Watched::Replaced(PeerConn::Quic(QuicPeer::dialed(q)));
-                        }
-                        Err(e) => {
-                            tracing::debug!(peer = %cluster, error = %e, "QUIC still does not get through");
-                            probing.set(probe(dialer, peer, Instant::now() + retry));
-                        }
-                    },
                 }
             }
         }
+        PeerConn::Tcp(t) => {
+            t.closed().await;
+            "TCP connection ended".to_owned()
+        }
     };
-    if let Watched::Closed = outcome {
-        cell.down.store(true, Ordering::Relaxed);
-        metrics.peer_up.get_or_create(&labels).set(0);
-        metrics.set_transport(cluster.as_str(), None);
-        fedmesh_transport::warn_unless_announced!(
-            dialer.expects_trouble(cluster),
-            peer = %cluster, transport = transport.as_str(), reason = %lock(&cell.last_error), "connection to peer gateway closed"
-        );
-    }
-    outcome
-}
-
-/// One background QUIC handshake at `at`.
-async fn probe(dialer: &Dialer, peer: &Peer, at: Instant) -> Result<Connection, PoolError> {
-    tokio::time::sleep_until(at).await;
-    dialer.quic(peer).await
+    cell.event(Event::Closed { conn: id, reason });
 }
 
 async fn connect(
@@ -919,7 +815,6 @@ async fn connect(
             cluster: peer.cluster.clone(),
             addr: peer.address,
             waited: limit,
-            fallback: None,
         })?
         .map_err(|e| err(e.to_string()))?;
     let got = peer_id(&conn);
@@ -1104,7 +999,7 @@ mod tests {
 
     fn quic(c: &PeerConn) -> &Connection {
         match c {
-            PeerConn::Quic(q) => &q.conn,
+            PeerConn::Quic(q) => q,
             PeerConn::Tcp(_) => panic!("not QUIC"),
         }
     }

@@ -487,7 +487,7 @@ async fn serve_peer(shared: Arc<Shared>, conn: Connection, peer: Peer) {
                     let mut down = PeerStream::Quic {
                         recv,
                         send,
-                        _open: None,
+                        lease: None,
                     };
                     peer_stream(&shared, &peer, &mut down).await;
                     let _ = down.shutdown().await;
@@ -582,7 +582,10 @@ async fn fallback_conn(
                 let shared = shared.clone();
                 let peer = peer.clone();
                 async move {
-                    let mut down = PeerStream::Tcp(Box::new(io));
+                    let mut down = PeerStream::Tcp {
+                        io: Box::new(io),
+                        lease: None,
+                    };
                     peer_stream(&shared, &peer, &mut down).await;
                     let _ = down.shutdown().await;
                 }
@@ -941,13 +944,16 @@ async fn open_on_peer(
     // Opening waits while the peer's stream cap is reached; bound the wait.
     let limit = shared.limits.status_timeout;
     let opened: Result<PeerStream, String> = match &conn {
-        PeerConn::Quic(q) => match tokio::time::timeout(limit, q.conn.open_bi()).await {
+        PeerConn::Quic(q) => match tokio::time::timeout(limit, q.open_bi()).await {
             Ok(Ok((send, recv))) => Ok(PeerStream::Quic {
                 recv,
                 send,
-                _open: lease,
+                lease: Some(lease),
             }),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Err(e)) => {
+                lease.failed();
+                Err(e.to_string())
+            }
             Err(_) => {
                 return Err(PeerOpenError::Stream(
                     "stream cap reached and no stream freed in time".into(),
@@ -955,8 +961,14 @@ async fn open_on_peer(
             }
         },
         PeerConn::Tcp(t) => match tokio::time::timeout(limit, t.open()).await {
-            Ok(Ok(io)) => Ok(PeerStream::Tcp(Box::new(io))),
-            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(io)) => Ok(PeerStream::Tcp {
+                io: Box::new(io),
+                lease: Some(lease),
+            }),
+            Ok(Err(e)) => {
+                lease.failed();
+                Err(e.to_string())
+            }
             Err(_) => {
                 return Err(PeerOpenError::Stream(
                     "stream cap reached and no stream freed in time".into(),
@@ -964,20 +976,14 @@ async fn open_on_peer(
             }
         },
     };
-    let mut up = match opened {
-        Ok(up) => up,
-        Err(e) => {
-            shared.pool.failed(&peer.cluster, &conn);
-            return Err(PeerOpenError::Stream(e));
-        }
-    };
+    let mut up = opened.map_err(PeerOpenError::Stream)?;
     if let Err(e) = open(&mut up, header, &shared.limits).await {
         if !conn.is_open() {
             // The peer closed the connection, for example because it refused
             // our certificate (TLS 1.3 tells us only now). The pool says so
             // once per connection; each stream it cut says so at debug.
             tracing::debug!(peer = %peer.cluster, "peer connection closed under a stream");
-            shared.pool.failed(&peer.cluster, &conn);
+            up.failed();
         }
         return Err(PeerOpenError::Open(e));
     }

@@ -14,7 +14,7 @@ use fedmesh_transport::splice;
 use quinn::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
-use crate::pool::OpenStream;
+use crate::pool::Lease;
 
 /// Reads smaller than this would fragment chunks: refill the buffer first.
 const MIN_READ: usize = 4096;
@@ -31,17 +31,29 @@ pub enum PeerStream {
     Quic {
         recv: RecvStream,
         send: SendStream,
-        /// Counts the stream on the connection we opened it on.
-        _open: Option<OpenStream>,
+        /// Holds the connection we opened it on until the stream ends.
+        lease: Option<Lease>,
     },
-    Tcp(Box<dyn PeerIo>),
+    Tcp {
+        io: Box<dyn PeerIo>,
+        /// Holds the connection we opened it on until the stream ends.
+        lease: Option<Lease>,
+    },
 }
 
 impl PeerStream {
+    /// The connection under this stream failed: the pool closes it and
+    /// reconnects (a stream the peer opened has nothing to report).
+    pub fn failed(&self) {
+        if let Self::Quic { lease: Some(l), .. } | Self::Tcp { lease: Some(l), .. } = self {
+            l.failed();
+        }
+    }
+
     pub fn transport(&self) -> crate::transport::Transport {
         match self {
             Self::Quic { .. } => crate::transport::Transport::Quic,
-            Self::Tcp(_) => crate::transport::Transport::Tcp,
+            Self::Tcp { .. } => crate::transport::Transport::Tcp,
         }
     }
 
@@ -53,7 +65,7 @@ impl PeerStream {
     {
         match self {
             Self::Quic { recv, send, .. } => splice_quic(local, send, recv, chunk).await,
-            Self::Tcp(io) => splice(local, io, chunk).await,
+            Self::Tcp { io, .. } => splice(local, io, chunk).await,
         }
     }
 }
@@ -148,7 +160,7 @@ impl AsyncRead for PeerStream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Quic { recv, .. } => Pin::new(recv).poll_read(cx, buf),
-            Self::Tcp(io) => Pin::new(io).poll_read(cx, buf),
+            Self::Tcp { io, .. } => Pin::new(io).poll_read(cx, buf),
         }
     }
 }
@@ -161,21 +173,21 @@ impl AsyncWrite for PeerStream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Quic { send, .. } => AsyncWrite::poll_write(Pin::new(send), cx, buf),
-            Self::Tcp(io) => Pin::new(io).poll_write(cx, buf),
+            Self::Tcp { io, .. } => Pin::new(io).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Quic { send, .. } => Pin::new(send).poll_flush(cx),
-            Self::Tcp(io) => Pin::new(io).poll_flush(cx),
+            Self::Tcp { io, .. } => Pin::new(io).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Quic { send, .. } => Pin::new(send).poll_shutdown(cx),
-            Self::Tcp(io) => Pin::new(io).poll_shutdown(cx),
+            Self::Tcp { io, .. } => Pin::new(io).poll_shutdown(cx),
         }
     }
 }
