@@ -15,7 +15,7 @@
 //! tried in the background; when it succeeds, new streams move to QUIC and
 //! the TCP connection ends once its streams have.
 //!
-//! Reconnects back off exponentially (100 ms doubling to 2 s, with
+//! Reconnects back off exponentially (200 ms doubling to 2 s, with
 //! jitter) whether or not any stream is waiting, so a repaired cluster is
 //! back as soon as it answers. Liveness: keep-alives every
 //! `limits.keep_alive`; a peer that sent nothing for
@@ -1075,6 +1075,58 @@ mod tests {
         tokio::time::sleep(ADOPT_GRACE + Duration::from_millis(200)).await;
         assert_eq!(p.dialed_by(), Some("peer"));
         assert_eq!(p.west_ep.open_connections(), 1);
+    }
+
+    /// 200 new streams per second from a cold start while both sides dial
+    /// at once: west dials when the adoption grace ends, east's dial
+    /// lands from 40 ms before that to 40 ms after (before, during or
+    /// after west's handshake). Streams wait for the first connection,
+    /// then every one must get through, and one connection stays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn both_sides_dialing_under_load_fails_no_stream() {
+        for round in 0..20u32 {
+            let p = Arc::new(Pair::new());
+            p.pool.set_peers([&p.east]);
+            let load = tokio::spawn({
+                let p = p.clone();
+                async move {
+                    let mut streams = Vec::new();
+                    let mut tick = tokio::time::interval(Duration::from_millis(5));
+                    for _ in 0..160 {
+                        tick.tick().await;
+                        let p = p.clone();
+                        streams.push(tokio::spawn(async move {
+                            let leased = p.pool.get(&p.east).await.map_err(|e| e.to_string())?;
+                            echo_across(quic(&leased.conn), Duration::from_millis(150)).await
+                        }));
+                    }
+                    let mut failed = Vec::new();
+                    for s in streams {
+                        match s.await.unwrap() {
+                            Ok(b) if b == b"before and after" => {}
+                            other => failed.push(format!("{other:?}")),
+                        }
+                    }
+                    failed
+                }
+            });
+            let offset = Duration::from_millis(u64::from(round % 5) * 20);
+            tokio::time::sleep(ADOPT_GRACE - Duration::from_millis(40) + offset).await;
+            let accepted = p.east_dials().await;
+            p.pool.adopt(&p.east, &accepted);
+            let failed = load.await.unwrap();
+            assert!(failed.is_empty(), "round {round}: {failed:?}");
+            assert_eq!(p.dialed_by(), Some("peer"), "round {round}: no fold");
+            // West's own dial, superseded or folded, is gone.
+            let t0 = Instant::now();
+            while p.west_ep.open_connections() > 1 {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(5),
+                    "round {round}: two connections stay"
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
     }
 
     /// The fold under load: 200 new streams per second, each handed a
