@@ -155,6 +155,8 @@ pub enum Note {
     ProbeFailed { error: String },
     /// An installed QUIC connection went silent.
     Silent,
+    /// The peer left the catalog; its connections are closed.
+    Removed,
 }
 
 /// What a link needs to decide, fixed per peer.
@@ -459,6 +461,7 @@ impl Link {
                 self.down = true;
                 self.last_error = "peer removed from the catalog".into();
                 out.push(Action::Settled);
+                out.push(Action::Note(Note::Removed));
             }
             Event::Tick => self.tick(now, &mut out),
         }

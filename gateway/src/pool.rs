@@ -739,6 +739,11 @@ fn run(ctx: &Ctx, cell: &Arc<Cell>, action: Action) {
                 Note::ProbeFailed { error } => {
                     tracing::debug!(peer = %cluster, %error, "QUIC still does not get through");
                 }
+                Note::Removed => {
+                    metrics.peer_up.get_or_create(&labels).set(0);
+                    metrics.set_transport(cluster, None);
+                    tracing::info!(peer = %cluster, "peer left the catalog; its connections are closed");
+                }
                 Note::Silent => {
                     fedmesh_transport::warn_unless_announced!(
                         trouble,
