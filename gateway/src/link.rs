@@ -864,6 +864,18 @@ mod tests {
             )
         }
 
+        /// The side that does not dial: its own dial (100) is installed at
+        /// 510 ms, handed to `leases` streams, and the peer's (200)
+        /// arrives at 600 ms.
+        fn ours_then_theirs(&mut self, leases: usize) -> Vec<Action> {
+            self.tick(500);
+            self.ok(510, 1, 100, Quic);
+            for _ in 0..leases {
+                assert_eq!(self.link.lease(), Some(100));
+            }
+            self.on(600, Event::Adopted(200))
+        }
+
         fn err(&mut self, at: u64, attempt: Attempt, e: DialError) -> Vec<Action> {
             self.on(
                 at,
@@ -929,13 +941,7 @@ mod tests {
     #[test]
     fn a_fold_waits_for_every_stream_handed_the_old_connection() {
         let mut t = T::new(false, false);
-        t.tick(500);
-        let (attempt, _) = t.dial();
-        t.ok(520, attempt, 100, Quic);
-        for _ in 0..3 {
-            assert_eq!(t.link.lease(), Some(100));
-        }
-        let out = t.on(600, Event::Adopted(200));
+        let out = t.ours_then_theirs(3);
         assert!(closes(&out).is_empty(), "closed under leases: {out:?}");
         assert!(out.contains(&Action::Note(Note::Up {
             conn: 200,
@@ -970,11 +976,7 @@ mod tests {
     #[test]
     fn a_long_drain_is_bounded() {
         let mut t = T::new(false, false);
-        t.tick(500);
-        let (attempt, _) = t.dial();
-        t.ok(520, attempt, 100, Quic);
-        t.link.lease();
-        t.on(600, Event::Adopted(200));
+        t.ours_then_theirs(1);
         // The new connection's healthy mark is due first.
         t.tick(1600);
         let max = Settings::default().drain_max;
@@ -1181,10 +1183,7 @@ mod tests {
     #[test]
     fn a_failure_on_a_draining_connection_leaves_the_installed_one_alone() {
         let mut t = T::new(false, false);
-        t.tick(500);
-        t.ok(510, 1, 100, Quic);
-        t.link.lease();
-        t.on(600, Event::Adopted(200));
+        t.ours_then_theirs(1);
         t.on(610, Event::Failed(100));
         assert_eq!(t.closes(), [(100, CLOSE_POLICY, "connection failed")]);
         assert_eq!(t.link.installed(), Some(200));
@@ -1195,10 +1194,7 @@ mod tests {
     #[test]
     fn a_removed_peer_closes_everything_and_keeps_nothing() {
         let mut t = T::new(false, false);
-        t.tick(500);
-        t.ok(510, 1, 100, Quic);
-        t.link.lease();
-        t.on(600, Event::Adopted(200));
+        t.ours_then_theirs(1);
         t.link.lease();
         t.on(700, Event::Removed);
         let mut c = t.closes();

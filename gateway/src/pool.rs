@@ -1002,6 +1002,30 @@ mod tests {
         recv.read_to_end(1024).await.map_err(|e| e.to_string())
     }
 
+    /// `n` streams, one every 5 ms (200/s), each handed a connection by
+    /// the pool and echoing across 150 ms (longer than a folded
+    /// connection lingers after its last lease); returns the failures.
+    async fn load(p: Arc<Pair>, n: usize) -> Vec<String> {
+        let mut streams = Vec::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(5));
+        for _ in 0..n {
+            tick.tick().await;
+            let p = p.clone();
+            streams.push(tokio::spawn(async move {
+                let leased = p.pool.get(&p.east).await.map_err(|e| e.to_string())?;
+                echo_across(quic(&leased.conn), Duration::from_millis(150)).await
+            }));
+        }
+        let mut failed = Vec::new();
+        for s in streams {
+            match s.await.unwrap() {
+                Ok(b) if b == b"before and after" => {}
+                other => failed.push(format!("{other:?}")),
+            }
+        }
+        failed
+    }
+
     fn quic(c: &PeerConn) -> &Connection {
         match c {
             PeerConn::Quic(q) => q,
@@ -1092,29 +1116,7 @@ mod tests {
         for round in 0..20u32 {
             let p = Arc::new(Pair::new());
             p.pool.set_peers([&p.east]);
-            let load = tokio::spawn({
-                let p = p.clone();
-                async move {
-                    let mut streams = Vec::new();
-                    let mut tick = tokio::time::interval(Duration::from_millis(5));
-                    for _ in 0..160 {
-                        tick.tick().await;
-                        let p = p.clone();
-                        streams.push(tokio::spawn(async move {
-                            let leased = p.pool.get(&p.east).await.map_err(|e| e.to_string())?;
-                            echo_across(quic(&leased.conn), Duration::from_millis(150)).await
-                        }));
-                    }
-                    let mut failed = Vec::new();
-                    for s in streams {
-                        match s.await.unwrap() {
-                            Ok(b) if b == b"before and after" => {}
-                            other => failed.push(format!("{other:?}")),
-                        }
-                    }
-                    failed
-                }
-            });
+            let load = tokio::spawn(load(p.clone(), 160));
             let offset = Duration::from_millis(u64::from(round % 5) * 20);
             tokio::time::sleep(ADOPT_GRACE - Duration::from_millis(40) + offset).await;
             let accepted = p.east_dials().await;
@@ -1145,29 +1147,7 @@ mod tests {
             p.pool.set_peers([&p.east]);
             drop(p.pool.get(&p.east).await.unwrap());
             assert_eq!(p.dialed_by(), Some("us"));
-            let load = tokio::spawn({
-                let p = p.clone();
-                async move {
-                    let mut streams = Vec::new();
-                    let mut tick = tokio::time::interval(Duration::from_millis(5));
-                    for _ in 0..80 {
-                        tick.tick().await;
-                        let p = p.clone();
-                        streams.push(tokio::spawn(async move {
-                            let leased = p.pool.get(&p.east).await.map_err(|e| e.to_string())?;
-                            echo_across(quic(&leased.conn), Duration::from_millis(150)).await
-                        }));
-                    }
-                    let mut failed = Vec::new();
-                    for s in streams {
-                        match s.await.unwrap() {
-                            Ok(b) if b == b"before and after" => {}
-                            other => failed.push(format!("{other:?}")),
-                        }
-                    }
-                    failed
-                }
-            });
+            let load = tokio::spawn(load(p.clone(), 80));
             tokio::time::sleep(Duration::from_millis(150)).await;
             let accepted = p.east_dials().await;
             p.pool.adopt(&p.east, &accepted);
