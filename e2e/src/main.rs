@@ -7,8 +7,11 @@
 //! SIGTERM). `fedmesh-e2e app …` is one of the rig's apps.
 
 mod netns;
+mod probe;
 mod rig;
 mod scenarios;
+mod selftest;
+mod wan;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -58,6 +61,23 @@ enum Cmd {
         #[arg(long)]
         listen: std::net::SocketAddr,
     },
+    /// Check the packet-level WAN emulator (root): two namespaces joined
+    /// by it, 30 ms RTT and 1 % loss each way; observed loss, RTT and one
+    /// TCP flow's goodput against the Mathis estimate.
+    WanSelftest {
+        /// How long the TCP flow runs.
+        #[arg(long, default_value_t = 20)]
+        tcp_secs: u64,
+        /// Also write the report as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// A measuring end the rig runs inside a namespace (WAN self-test).
+    #[command(hide = true)]
+    Probe {
+        #[command(subcommand)]
+        probe: probe::Probe,
+    },
 }
 
 fn main() -> ExitCode {
@@ -67,6 +87,7 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -77,7 +98,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match rt.block_on(real_main(Cli::parse())) {
+    match rt.block_on(real_main(cli)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -88,6 +109,43 @@ fn main() -> ExitCode {
 
 async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
+        Cmd::WanSelftest { tcp_secs, json } => {
+            if let Err(why) = netns::usable() {
+                println!("WAN self-test skipped: {why} (it needs network namespaces)");
+                return Ok(ExitCode::SUCCESS);
+            }
+            netns::clean_stale();
+            let ns = netns::Netns::create(&["east", "west"])?;
+            let wan = wan::Wan::create(ns.members())?;
+            wan.attach("cubic")?;
+            println!("{}", wan.describe());
+            let m = ns.members();
+            let (a, b) = (&m[0], &m[1]);
+            let me = std::env::current_exe()?;
+            let t =
+                selftest::run(&wan, &me, (&a.0, &a.1, a.2), (&b.0, &b.1, b.2), tcp_secs).await?;
+            println!("{}", t.summary());
+            println!("  packets for no member on the WAN: {}", wan.unroutable());
+            for (what, ok, detail) in &t.checks {
+                println!("  [{}] {what}: {detail}", if *ok { "ok" } else { "FAIL" });
+            }
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&t)?)
+                    .with_context(|| path.display().to_string())?;
+            }
+            drop(wan);
+            drop(ns);
+            Ok(if t.passed() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Cmd::Probe { probe } => {
+            // Blocking sockets and threads: their timing is their own.
+            tokio::task::spawn_blocking(move || probe::run(probe)).await??;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::App { kind, name, listen } => {
             let kind = match kind.as_str() {
                 "echo" => fedmesh_testkit::AppKind::Echo,

@@ -148,6 +148,11 @@ impl Netns {
         Ok(n)
     }
 
+    /// (cluster, namespace, address) of every cluster.
+    pub fn members(&self) -> &[(String, String, IpAddr)] {
+        &self.members
+    }
+
     /// A cluster's address inside its namespace.
     pub fn addr(&self, cluster: &str) -> Option<IpAddr> {
         self.members.iter().find(|m| m.0 == cluster).map(|m| m.2)
