@@ -12,10 +12,12 @@
 //! ring (east → west → north → east), so that load is cross-cluster and
 //! fails over to the third cluster.
 //!
-//! Peers reach each gateway through relays run by this process (on the
-//! cluster's address): a UDP relay in front of its QUIC port and a TCP
-//! relay in front of its TCP fallback port, which scenarios use to cut or
-//! impair either path.
+//! In network namespaces with `nft`, peers reach each gateway directly:
+//! cuts are nftables rules, and the WAN scenarios route every packet
+//! between clusters through the packet-level WAN ([`crate::wan`]). On
+//! loopback (or without `nft`) peers reach each gateway through relays
+//! run by this process: a UDP relay in front of its QUIC port and a TCP
+//! relay in front of its TCP fallback port, which cut either path.
 //!
 //! Proxies follow their controller (config and SVIDs); nothing is static
 //! but their first SVID and their own trust bundle. Every process writes
@@ -47,7 +49,8 @@ const STOP_LIMIT: Duration = Duration::from_secs(15);
 pub struct Cluster {
     pub name: String,
     pub ip: IpAddr,
-    /// Where peers reach the gateway (its relay).
+    /// Where peers reach the gateway: its own address in namespaces with
+    /// `nft`, else its relay.
     pub quic_public: SocketAddr,
     pub quic: SocketAddr,
     /// The gateway's TCP fallback listener, and where peers reach it.
@@ -84,9 +87,9 @@ struct Proc {
 
 pub struct Rig {
     pub clusters: Vec<Cluster>,
-    /// In front of each cluster's gateway QUIC port (by cluster): peers
-    /// reach the gateway only through it, so scenarios can impair or cut
-    /// the path between clusters.
+    /// In front of each cluster's gateway QUIC port (by cluster): without
+    /// namespaces and `nft`, peers reach the gateway only through it, so
+    /// the rig can cut the path between clusters.
     pub relays: BTreeMap<String, UdpRelay>,
     /// In front of each cluster's gateway TCP fallback port.
     pub tcp_relays: BTreeMap<String, TcpRelay>,
@@ -99,6 +102,9 @@ pub struct Rig {
     store_cuts: Mutex<std::collections::BTreeSet<String>>,
     /// etcd members' client addresses.
     etcd_clients: Vec<SocketAddr>,
+    /// The packet-level WAN between the namespaces (detached unless a WAN
+    /// scenario runs); dropped before the namespaces.
+    pub wan: Result<crate::wan::Wan, String>,
     /// Dropped after the processes (fields drop after `Drop::drop`).
     pub netns: Option<Netns>,
     /// As written into controller configs (all members, whatever runs).
@@ -195,6 +201,13 @@ impl Rig {
         std::fs::create_dir_all(d.join("logs"))?;
         // Shared parts (etcd, relays) live where every cluster reaches them.
         let host: IpAddr = netns.as_ref().map_or([127, 0, 0, 1].into(), |n| n.host_ip);
+        // Gateways are reached directly where nftables can cut the paths.
+        let direct = netns.as_ref().is_some_and(|n| n.nft);
+        let wan = match &netns {
+            None => Err("no network namespaces (the WAN needs root and `ip`)".to_owned()),
+            Some(n) if !n.nft => Err("nft is not installed (apt-get install nftables)".to_owned()),
+            Some(n) => crate::wan::Wan::create(n.members()).map_err(|e| format!("{e:#}")),
+        };
         let etcd = EtcdCluster::start_on(etcd_bin, 3, host)
             .context("starting the 3-member etcd cluster")?;
         let etcd_clients: Vec<SocketAddr> = etcd
@@ -238,11 +251,11 @@ impl Rig {
             cas.push(ca);
             let quic = port(true)?;
             let relay = UdpRelay::start_on(relay_ip, quic).await?;
-            let quic_public = relay.addr();
+            let quic_public = if direct { quic } else { relay.addr() };
             relays.insert((*name).to_owned(), relay);
             let tcp = port(false)?;
             let tcp_relay = TcpRelay::start_on(relay_ip, tcp).await?;
-            let tcp_public = tcp_relay.addr();
+            let tcp_public = if direct { tcp } else { tcp_relay.addr() };
             tcp_relays.insert((*name).to_owned(), tcp_relay);
             clusters.push(Cluster {
                 name: (*name).to_owned(),
@@ -277,6 +290,7 @@ impl Rig {
             cuts: Mutex::new(BTreeMap::new()),
             store_cuts: Mutex::new(Default::default()),
             etcd_clients,
+            wan,
             netns,
             etcd_endpoints: endpoints.clone(),
             svid_ttl,

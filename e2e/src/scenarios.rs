@@ -13,6 +13,8 @@ use serde::Serialize;
 
 use crate::rig::{admin_get, Rig, CLUSTERS, SERVICES};
 
+mod lossy;
+
 pub const ALL: [&str; 8] = [
     "steady",
     "partition",
@@ -79,6 +81,12 @@ pub struct Outcome {
     pub events: Vec<(u64, String)>,
     pub loads: Vec<LoadSummary>,
     pub checks: Vec<Check>,
+    /// Lines of a scenario's own table (`lossy-wan`'s transports).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub table: Vec<String>,
+    /// The WAN scenarios' report: self-test and measured runs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wan: Option<serde_json::Value>,
 }
 
 impl Outcome {
@@ -348,6 +356,8 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
         events: Vec::new(),
         loads: Vec::new(),
         checks: Vec::new(),
+        table: Vec::new(),
+        wan: None,
     };
     match name {
         "steady" => {
@@ -477,84 +487,7 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
                 format!("{west_http_local} served by west"),
             );
         }
-        "lossy-wan" => {
-            // 30 ms round trip between east and west (west's relays), small
-            // HTTP requests alone and then beside a bulk transfer on the
-            // same peer connection: first over QUIC (with 1 % loss and
-            // 0.5 % reordering), then with UDP blocked so the TCP fallback
-            // carries it (same delay and jitter; a user-space TCP relay
-            // cannot drop segments, so no loss on that path).
-            let phase = p.len(20, 8);
-            let wan = fedmesh_testkit::faults::Impairment {
-                delay: Duration::from_millis(15),
-                jitter: Duration::from_millis(2),
-                loss_percent: 1.0,
-                reorder_percent: 0.5,
-            };
-            if let Some(r) = rig.relays.get("west") {
-                r.impair(wan);
-            }
-            tl.note("west's UDP path impaired: 15 ms ±2 ms each way, 1% loss, 0.5% reordered");
-            let quic = wan_phases(rig, p, phase, &mut tl, "QUIC").await;
-            if let Some(r) = rig.relays.get("west") {
-                r.impair(fedmesh_testkit::faults::Impairment::default());
-            }
-            let delay_only = fedmesh_testkit::faults::Impairment {
-                loss_percent: 0.0,
-                reorder_percent: 0.0,
-                ..wan
-            };
-            let tcp_ok = rig
-                .tcp_relays
-                .get("west")
-                .is_some_and(|r| r.impair(delay_only).is_ok());
-            cut_path(rig, "east", "west", Path::Udp, true, &mut o);
-            tl.note(
-                "UDP between east and west blocked; west's TCP path: 15 ms ±2 ms each way, no loss",
-            );
-            let on_tcp = until_transport(rig, "east", "west", "tcp", Duration::from_secs(20)).await;
-            o.check(
-                "east reaches west over the TCP fallback",
-                tcp_ok && on_tcp.is_some(),
-                format!("{on_tcp:?}"),
-            );
-            let tcp = wan_phases(rig, p, phase, &mut tl, "TCP").await;
-            cut_path(rig, "east", "west", Path::Udp, false, &mut o);
-            if let Some(r) = rig.tcp_relays.get("west") {
-                let _ = r.impair(fedmesh_testkit::faults::Impairment::default());
-            }
-            tl.note("paths restored");
-            tl.note(format!(
-                "small requests p99 alone / beside bulk: QUIC (1% loss) {:.1} / {:.1} ms; TCP fallback (no loss) {:.1} / {:.1} ms; bulk goodput QUIC {:.1}, TCP {:.1} Mbit/s both ways",
-                quic.p99_alone, quic.p99_with, tcp.p99_alone, tcp.p99_with, quic.goodput_mbit, tcp.goodput_mbit
-            ));
-            for w in [&quic, &tcp] {
-                for l in &w.loads {
-                    // Idempotent and retried, so failures should be none; a
-                    // loaded CI machine once lost 1 of 400 (cause unknown,
-                    // reported in the detail): at most 1 % is allowed.
-                    o.check(
-                        format!("{}: at most 1% of small requests failed", l.cluster),
-                        l.requests > 0 && l.failed * 100 <= l.requests,
-                        format!("{} failed of {}: {:?}", l.failed, l.requests, l.errors),
-                    );
-                }
-                o.check(
-                    format!("{}: bulk transfers completed", w.label),
-                    w.bulk_ok > 0 && w.bulk_failed == 0,
-                    format!("{} ok, {} failed", w.bulk_ok, w.bulk_failed),
-                );
-                o.check(
-                    format!(
-                        "{}: the bulk transfer does not hold small requests up (p99 within 4× + 100 ms of alone)",
-                        w.label
-                    ),
-                    w.p99_with <= w.p99_alone * 4.0 + 100.0,
-                    format!("{:.1} ms → {:.1} ms", w.p99_alone, w.p99_with),
-                );
-            }
-            o.loads = quic.loads.into_iter().chain(tcp.loads).collect();
-        }
+        "lossy-wan" => lossy::lossy_wan(rig, p, &mut o, &mut tl).await,
         "udp-blocked" => {
             // UDP between east and west is dropped both ways (TCP passes):
             // their gateways must move to the TCP fallback by themselves,
@@ -1085,99 +1018,6 @@ async fn until_transport(
     .await
 }
 
-/// What one `lossy-wan` pass measured.
-struct WanPhases {
-    label: &'static str,
-    loads: Vec<LoadSummary>,
-    p99_alone: f64,
-    p99_with: f64,
-    bulk_ok: u64,
-    bulk_failed: u64,
-    goodput_mbit: f64,
-}
-
-/// Small requests from east alone for `phase`, then beside back-to-back
-/// 1 MiB transfers on the same path for another `phase`.
-async fn wan_phases(
-    rig: &Rig,
-    p: &Params,
-    phase: Duration,
-    tl: &mut Timeline,
-    label: &'static str,
-) -> WanPhases {
-    let alone = start_load(rig, p, phase, &["east"], false);
-    tokio::time::sleep(phase).await;
-    let a = finish_load(alone).await;
-    tl.note(format!(
-        "{label}: small requests alone done; bulk transfer starts"
-    ));
-    let east_http = rig.cluster("east").map(|c| c.http_out);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let started = Arc::new(tokio::sync::Notify::new());
-    let bulk = {
-        let stop = stop.clone();
-        let started = started.clone();
-        tokio::spawn(async move {
-            let Some(addr) = east_http else {
-                started.notify_one();
-                return (0u64, 0u64, Duration::ZERO);
-            };
-            let body = bytes_of(BULK);
-            let (mut ok, mut failed) = (0u64, 0u64);
-            let t0 = Instant::now();
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let r = async {
-                    let mut c = fedmesh_testkit::HttpConn::connect(addr, false).await?;
-                    started.notify_one();
-                    c.request("PUT", "/bulk", &[], body.clone()).await
-                };
-                match tokio::time::timeout(Duration::from_secs(20), r).await {
-                    Ok(Ok(r)) if r.status == 200 && r.body.len() == body.len() => ok += 1,
-                    _ => failed += 1,
-                }
-            }
-            (ok, failed, t0.elapsed())
-        })
-    };
-    // The small requests start once the bulk connection is open.
-    let _ = tokio::time::timeout(Duration::from_secs(5), started.notified()).await;
-    let with = start_load(rig, p, phase, &["east"], false);
-    let mut w = finish_load(with).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (bulk_ok, bulk_failed, bulk_time) = bulk.await.unwrap_or_default();
-    let goodput_mbit =
-        (bulk_ok as f64 * 8.0 * 2.0 * BULK as f64) / bulk_time.as_secs_f64().max(1e-9) / 1e6;
-    tl.note(format!(
-        "{label}: bulk {bulk_ok} transfers of 1 MiB each way ({goodput_mbit:.1} Mbit/s both ways), {bulk_failed} failed"
-    ));
-    let p99_alone = a.first().map(|l| l.p99_ms).unwrap_or(0.0);
-    let p99_with = w.first().map(|l| l.p99_ms).unwrap_or(0.0);
-    let mut loads = a;
-    for l in loads.iter_mut() {
-        l.cluster = format!("east ({label})");
-    }
-    for l in w.iter_mut() {
-        l.cluster = format!("east ({label} +bulk)");
-    }
-    loads.extend(w);
-    WanPhases {
-        label,
-        loads,
-        p99_alone,
-        p99_with,
-        bulk_ok,
-        bulk_failed,
-        goodput_mbit,
-    }
-}
-
-/// One bulk transfer (sent and echoed back).
-const BULK: usize = 1 << 20;
-
-fn bytes_of(n: usize) -> bytes::Bytes {
-    bytes::Bytes::from((0..n).map(|i| (i % 251) as u8).collect::<Vec<u8>>())
-}
-
 pub fn render(o: &Outcome) -> String {
     let mut s = format!(
         "== {} ({:.1} s): {}\n",
@@ -1204,6 +1044,10 @@ pub fn render(o: &Outcome) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         ));
+    }
+    for l in &o.table {
+        s.push_str(l);
+        s.push('\n');
     }
     for (at, e) in &o.events {
         s.push_str(&format!("  {:>7.1} s  {e}\n", *at as f64 / 1000.0));
