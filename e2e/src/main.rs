@@ -142,8 +142,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             })
         }
         Cmd::Probe { probe } => {
-            // Blocking sockets and threads: their timing is their own.
-            tokio::task::spawn_blocking(move || probe::run(probe)).await??;
+            probe::run(probe).await?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::App { kind, name, listen } => {

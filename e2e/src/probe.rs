@@ -41,6 +41,27 @@ pub enum Probe {
         #[arg(long)]
         secs: u64,
     },
+    /// Accepts one QUIC connection (the gateways' transport settings and
+    /// socket buffers, an SVID of the CA in `ca_dir`), reads its first
+    /// stream for `secs` from the first byte, then closes the connection.
+    QuicSink {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long)]
+        ca_dir: std::path::PathBuf,
+        #[arg(long)]
+        secs: f64,
+    },
+    /// Sends on one stream of a fresh QUIC connection with the gateways'
+    /// settings until the sink closes it (at most `secs`).
+    QuicSend {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        ca_dir: std::path::PathBuf,
+        #[arg(long)]
+        secs: f64,
+    },
     /// Sends for `secs` seconds on one TCP connection.
     TcpSend {
         #[arg(long)]
@@ -87,8 +108,31 @@ impl SinkReport {
     }
 }
 
-pub fn run(p: Probe) -> anyhow::Result<()> {
+pub async fn run(p: Probe) -> anyhow::Result<()> {
     let line = match p {
+        Probe::QuicSink {
+            listen,
+            ca_dir,
+            secs,
+        } => serde_json::to_string(
+            &quic::sink(listen, &ca_dir, Duration::from_secs_f64(secs)).await?,
+        )?,
+        Probe::QuicSend { to, ca_dir, secs } => {
+            let sent = quic::send(to, &ca_dir, Duration::from_secs_f64(secs)).await?;
+            serde_json::to_string(&serde_json::json!({ "bytes": sent }))?
+        }
+        // Blocking sockets and threads: their timing is their own.
+        p => return tokio::task::spawn_blocking(move || run_blocking(p)).await?,
+    };
+    println!("{line}");
+    Ok(())
+}
+
+fn run_blocking(p: Probe) -> anyhow::Result<()> {
+    let line = match p {
+        Probe::QuicSink { .. } | Probe::QuicSend { .. } => {
+            anyhow::bail!("QUIC probes run on the runtime")
+        }
         Probe::UdpEcho { listen, secs } => {
             udp_echo(listen, Duration::from_secs(secs))?;
             return Ok(());
@@ -281,4 +325,124 @@ fn tcp_send(to: SocketAddr, secs: Duration, congestion: Option<&str>) -> anyhow:
     }
     c.shutdown(std::net::Shutdown::Write)?;
     Ok(sent)
+}
+
+/// Raw quinn between two namespaces: what QUIC itself moves on the path,
+/// with the gateways' transport settings (windows, MTU discovery,
+/// keep-alives) and their UDP socket buffers.
+mod quic {
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use anyhow::Context;
+    use fedmesh_transport::Limits;
+    use fedmesh_trust::{CertificateAuthority, SharedBundles, SvidSource, TrustBundles};
+
+    use super::SinkReport;
+
+    fn identity(ca_dir: &Path) -> anyhow::Result<(SvidSource, SharedBundles)> {
+        let ca = CertificateAuthority::load(ca_dir)
+            .with_context(|| format!("loading the CA in {}", ca_dir.display()))?;
+        let id = ca.trust_domain().system_id("gateway");
+        let svid = SvidSource::new(ca.issue(&id, Duration::from_secs(3600))?)?;
+        let bundles = SharedBundles::new(TrustBundles::new().with(ca.bundle()));
+        Ok((svid, bundles))
+    }
+
+    fn endpoint(
+        addr: SocketAddr,
+        server: Option<quinn::ServerConfig>,
+        limits: &Limits,
+    ) -> anyhow::Result<quinn::Endpoint> {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        s.bind(&addr.into())?;
+        let _ = s.set_recv_buffer_size(limits.quic_socket_buffer_bytes);
+        let _ = s.set_send_buffer_size(limits.quic_socket_buffer_bytes);
+        Ok(quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            server,
+            s.into(),
+            Arc::new(quinn::TokioRuntime),
+        )?)
+    }
+
+    pub async fn sink(
+        listen: SocketAddr,
+        ca_dir: &Path,
+        window: Duration,
+    ) -> anyhow::Result<SinkReport> {
+        let limits = Limits::default();
+        let (svid, bundles) = identity(ca_dir)?;
+        let server = fedmesh_gateway::quic_server_config(&svid, bundles, &limits)?;
+        let ep = endpoint(listen, Some(server), &limits)?;
+        super::ready(listen);
+        // Goodput over `window` from the first byte; what the sender still
+        // buffers after it would take long to drain on a lossy path.
+        let run = async {
+            let conn = ep.accept().await.context("no connection")?.await?;
+            let (_send, mut recv) = conn.accept_bi().await?;
+            let mut bytes = 0u64;
+            let mut first: Option<Instant> = None;
+            loop {
+                let left = first.map_or(window, |f| window.saturating_sub(f.elapsed()));
+                if left.is_zero() {
+                    break;
+                }
+                match tokio::time::timeout(left, recv.read_chunk(1 << 20, true)).await {
+                    Ok(Ok(Some(c))) => {
+                        if first.is_none() {
+                            first = Some(Instant::now());
+                        } else {
+                            bytes += c.bytes.len() as u64;
+                        }
+                    }
+                    Ok(Ok(None)) => break,
+                    Ok(Err(e)) => return Err(e.into()),
+                    Err(_) => {}
+                }
+            }
+            conn.close(0u32.into(), b"done");
+            anyhow::Ok(SinkReport {
+                bytes,
+                secs: first.map_or(0.0, |f| f.elapsed().as_secs_f64()),
+            })
+        };
+        tokio::time::timeout(window + Duration::from_secs(30), run)
+            .await
+            .context("no stream within 30 s")?
+    }
+
+    pub async fn send(to: SocketAddr, ca_dir: &Path, secs: Duration) -> anyhow::Result<u64> {
+        let limits = Limits::default();
+        let (svid, bundles) = identity(ca_dir)?;
+        let from: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+        let mut ep = endpoint(from, None, &limits)?;
+        ep.set_default_client_config(fedmesh_gateway::quic_client_config(
+            &svid, bundles, &limits,
+        )?);
+        let conn =
+            tokio::time::timeout(Duration::from_secs(10), ep.connect(to, "fedmesh.invalid")?)
+                .await
+                .context("no QUIC handshake within 10 s")??;
+        // A bidirectional stream: the gateways allow no unidirectional ones.
+        let (mut s, _recv) = conn.open_bi().await?;
+        let chunk = bytes::Bytes::from(vec![0x5au8; 64 * 1024]);
+        let end = Instant::now() + secs;
+        let mut sent = 0u64;
+        // The sink closes the connection when it has measured enough.
+        while Instant::now() < end {
+            match tokio::time::timeout_at(end.into(), s.write_chunk(chunk.clone())).await {
+                Ok(Ok(())) => sent += chunk.len() as u64,
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        conn.close(0u32.into(), b"done");
+        Ok(sent)
+    }
 }

@@ -72,14 +72,14 @@ impl SelfTest {
     }
 }
 
-/// A probe in `ns`; its first stdout line is returned by `first_line`.
-struct Probe {
+/// A probe process in a namespace, read line by line.
+pub(crate) struct Probe {
     child: tokio::process::Child,
     out: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
 }
 
 impl Probe {
-    fn start(exe: &Path, ns: &str, args: &[String]) -> anyhow::Result<Probe> {
+    pub(crate) fn start(exe: &Path, ns: &str, args: &[String]) -> anyhow::Result<Probe> {
         let mut child = tokio::process::Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(exe)
@@ -95,7 +95,7 @@ impl Probe {
         Ok(Probe { child, out })
     }
 
-    async fn line(&mut self, limit: Duration) -> anyhow::Result<String> {
+    pub(crate) async fn line(&mut self, limit: Duration) -> anyhow::Result<String> {
         match tokio::time::timeout(limit, self.out.next_line()).await {
             Ok(Ok(Some(l))) => Ok(l),
             Ok(Ok(None)) => bail!("the probe ended without a report"),
@@ -104,7 +104,7 @@ impl Probe {
         }
     }
 
-    async fn finish(mut self, limit: Duration) -> anyhow::Result<String> {
+    pub(crate) async fn finish(mut self, limit: Duration) -> anyhow::Result<String> {
         let l = self.line(limit).await?;
         let _ = tokio::time::timeout(Duration::from_secs(5), self.child.wait()).await;
         Ok(l)

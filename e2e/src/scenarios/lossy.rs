@@ -160,6 +160,14 @@ async fn run(
     }
 
     let phase = p.len(20, 8);
+    let r_rtt = RTT.as_secs_f64() * 1e3;
+    // The raw-quinn reference's identity: a CA of its own.
+    let ca_dir = rig.dir.path().join("wan-ca");
+    fedmesh_trust::CertificateAuthority::new_root(
+        fedmesh_trust::TrustDomain::new("wan.e2e")?,
+        Duration::from_secs(86_400),
+    )?
+    .save(&ca_dir)?;
     let losses: &[f64] = if p.quick { &[1.0] } else { &[0.0, 1.0] };
     let mut runs = Vec::new();
     for &loss in losses {
@@ -189,7 +197,7 @@ async fn run(
             o.loads.extend(loads);
             r.transport = transport.to_owned();
             r.congestion = congestion;
-            r.rtt_ms = RTT.as_secs_f64() * 1e3;
+            r.rtt_ms = r_rtt;
             r.loss_percent = loss;
             tl.note(format!(
                 "{} {} at {loss}% loss: bulk {:.2} Mbit/s ({} B in {:.1} s, served by {}{}), small requests p50/p99 {:.1}/{:.1} ms alone, {:.1}/{:.1} ms beside the bulk stream",
@@ -218,10 +226,51 @@ async fn run(
                 ),
             );
             runs.push(r);
+            if transport == "quic" {
+                wan.impair_both("east", "west", set)?;
+                let raw = raw_quinn(wan, &exe, &ca_dir, (&east.1, (&west.1, west.2)), phase).await;
+                wan.impair_both("east", "west", Impairment::default())?;
+                let mut raw = raw.unwrap_or_else(|e| WanRun {
+                    transport: "raw".into(),
+                    congestion: "quinn".into(),
+                    bulk_error: Some(format!("{e:#}")),
+                    ..WanRun::default()
+                });
+                raw.loss_percent = loss;
+                raw.rtt_ms = r_rtt;
+                tl.note(format!(
+                    "raw quinn at {loss}% loss: {:.2} Mbit/s one way ({} B in {:.1} s){}",
+                    raw.bulk_mbit,
+                    raw.bulk_bytes,
+                    raw.bulk_secs,
+                    raw.bulk_error
+                        .as_deref()
+                        .map(|e| format!("; {e}"))
+                        .unwrap_or_default()
+                ));
+                runs.push(raw);
+            }
         }
     }
+    match recovery(rig, wan, p, tl).await {
+        Ok(rec) => {
+            o.check(
+                "recovery: a clean bulk stream moves data after the blackout (reported)",
+                true,
+                format!(
+                    "before {:?} Mbit/s per second, after {:?}; QUIC back {:.1} s after the blackout (via {})",
+                    rec.before_mbit,
+                    rec.after_mbit,
+                    rec.back_on_quic_after_s,
+                    rec.transports_seen.join(" → ")
+                ),
+            );
+            report["recovery"] = serde_json::to_value(&rec)?;
+        }
+        Err(e) => o.check("recovery case ran", false, format!("{e:#}")),
+    }
     o.table.push(format!(
-        "  {} ms RTT; one bulk stream echoed (goodput of the payload), 64 B HTTP requests",
+        "  {} ms RTT; one bulk stream echoed (goodput of the payload each way), 64 B HTTP requests; raw quinn: one stream one way, the gateways' settings",
         RTT.as_millis()
     ));
     o.table.push(header());
@@ -409,6 +458,17 @@ async fn bulk_echo(
     stop: Arc<AtomicBool>,
     started: Arc<tokio::sync::Notify>,
 ) -> anyhow::Result<Echoed> {
+    bulk_echo_marked(addr, stop, started, Arc::default()).await
+}
+
+/// [`bulk_echo`], also pushing the running byte count to `marks` at the
+/// first echoed byte and every second after it.
+async fn bulk_echo_marked(
+    addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+    started: Arc<tokio::sync::Notify>,
+    marks: Arc<std::sync::Mutex<Vec<u64>>>,
+) -> anyhow::Result<Echoed> {
     let c = tokio::time::timeout(
         Duration::from_secs(10),
         tokio::net::TcpStream::connect(addr),
@@ -446,6 +506,12 @@ async fn bulk_echo(
             }
             Err(_) => {}
         }
+        if let (Some(f), Ok(mut m)) = (first, marks.lock()) {
+            // A mark at the first echoed byte and at every second after.
+            while (m.len() as f64) <= f.elapsed().as_secs_f64() {
+                m.push(bytes);
+            }
+        }
     }
     writer.abort();
     Ok(Echoed {
@@ -454,4 +520,173 @@ async fn bulk_echo(
         served_by: banner.trim().to_owned(),
         error,
     })
+}
+
+/// One raw quinn stream east → west for `secs` (`probe quic-send` and
+/// `quic-sink` in the two namespaces): what QUIC itself moves on the path.
+async fn raw_quinn(
+    wan: &Wan,
+    exe: &std::path::Path,
+    ca_dir: &std::path::Path,
+    (east_ns, (west_ns, west_ip)): (&str, (&str, std::net::IpAddr)),
+    secs: Duration,
+) -> anyhow::Result<WanRun> {
+    use crate::selftest::Probe;
+    let at = SocketAddr::new(west_ip, 29_003);
+    let ca = ca_dir.display().to_string();
+    let (out0, back0) = (wan.stats("east", "west")?, wan.stats("west", "east")?);
+    let rcv0 = (rcvbuf_errors(east_ns).await, rcvbuf_errors(west_ns).await);
+    let mut sink = Probe::start(
+        exe,
+        west_ns,
+        &[
+            "quic-sink".into(),
+            "--listen".into(),
+            at.to_string(),
+            "--ca-dir".into(),
+            ca.clone(),
+            "--secs".into(),
+            secs.as_secs_f64().to_string(),
+        ],
+    )?;
+    sink.line(Duration::from_secs(5)).await?;
+    Probe::start(
+        exe,
+        east_ns,
+        &[
+            "quic-send".into(),
+            "--to".into(),
+            at.to_string(),
+            "--ca-dir".into(),
+            ca,
+            "--secs".into(),
+            (secs.as_secs_f64() + 30.0).to_string(),
+        ],
+    )?
+    .finish(secs + Duration::from_secs(40))
+    .await?;
+    let got: crate::probe::SinkReport =
+        serde_json::from_str(&sink.finish(Duration::from_secs(10)).await?)?;
+    let mut r = WanRun {
+        transport: "raw".into(),
+        congestion: "quinn".into(),
+        bulk_bytes: got.bytes,
+        bulk_secs: got.secs,
+        bulk_mbit: got.mbit(),
+        bulk_served_by: "quic-sink".into(),
+        ..WanRun::default()
+    };
+    r.observed_loss_out_percent = loss_percent(&wan.stats("east", "west")?.since(&out0));
+    r.observed_loss_back_percent = loss_percent(&wan.stats("west", "east")?.since(&back0));
+    for (who, n, before) in [("east", east_ns, rcv0.0), ("west", west_ns, rcv0.1)] {
+        if let (Some(a), Some(b)) = (rcvbuf_errors(n).await, before) {
+            r.rcvbuf_errors.insert(who.to_owned(), a.saturating_sub(b));
+        }
+    }
+    Ok(r)
+}
+
+/// The recovery case, on QUIC over a clean 30 ms path: a bulk stream's
+/// goodput per second, then the peer connection idles, the WAN drops
+/// everything for a moment (long enough for the gateways to declare each
+/// other dead), and a new bulk stream's goodput per second once east is
+/// back on QUIC: a slow climb shows in the series.
+#[derive(Debug, Clone, Serialize)]
+pub struct Recovery {
+    pub blackout_s: f64,
+    pub back_on_quic_after_s: f64,
+    /// How east reached west from the end of the blackout until QUIC, as
+    /// its gateway's `/status` said (each change once).
+    pub transports_seen: Vec<String>,
+    pub before_mbit: Vec<f64>,
+    pub after_mbit: Vec<f64>,
+}
+
+async fn recovery(rig: &Rig, wan: &Wan, p: &Params, tl: &mut Timeline) -> anyhow::Result<Recovery> {
+    use_transport(rig, wan, "quic", "cubic", tl).await?;
+    wan.impair_both("east", "west", Impairment::path(RTT, 0.0))?;
+    let windows = if p.quick { 5 } else { 10 };
+    let addr = rig
+        .cluster("east")
+        .map(|c| c.echox_out)
+        .ok_or_else(|| anyhow::anyhow!("no east"))?;
+    let before = series(addr, windows).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let blackout = Duration::from_secs(2);
+    wan.impair_both(
+        "east",
+        "west",
+        Impairment {
+            loss_percent: 100.0,
+            ..Impairment::path(RTT, 0.0)
+        },
+    )?;
+    tl.note(format!(
+        "recovery: the WAN drops everything for {blackout:?}"
+    ));
+    tokio::time::sleep(blackout).await;
+    wan.impair_both("east", "west", Impairment::path(RTT, 0.0))?;
+    let t0 = Instant::now();
+    let mut seen: Vec<String> = Vec::new();
+    // Bounded: 30 s of looks, 10 a second.
+    let back = loop {
+        let now = super::gateway_peer(rig, "east", "west")
+            .await
+            .map_or_else(|| "unknown".to_owned(), |(t, _)| t);
+        if seen.last() != Some(&now) {
+            seen.push(now.clone());
+        }
+        if now == "quic" {
+            break t0.elapsed();
+        }
+        anyhow::ensure!(
+            t0.elapsed() < Duration::from_secs(30),
+            "east not back on QUIC within 30 s (seen: {seen:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let after = series(addr, windows).await?;
+    wan.impair_both("east", "west", Impairment::default())?;
+    let round = |v: Vec<f64>| v.into_iter().map(|x| (x * 10.0).round() / 10.0).collect();
+    let r = Recovery {
+        blackout_s: blackout.as_secs_f64(),
+        back_on_quic_after_s: back.as_secs_f64(),
+        transports_seen: seen,
+        before_mbit: round(before),
+        after_mbit: round(after),
+    };
+    tl.note(format!(
+        "recovery: QUIC back after {:.1} s (east's gateway on {}); bulk Mbit/s per second before {:?}, after {:?}",
+        r.back_on_quic_after_s,
+        r.transports_seen.join(" → "),
+        r.before_mbit,
+        r.after_mbit
+    ));
+    Ok(r)
+}
+
+/// A bulk stream's echoed goodput in each of `windows` one-second
+/// windows from its first echoed byte.
+async fn series(addr: SocketAddr, windows: usize) -> anyhow::Result<Vec<f64>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let marks = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let b = tokio::spawn(bulk_echo_marked(addr, stop.clone(), started, marks.clone()));
+    let t0 = Instant::now();
+    // Bounded: the windows, plus time for the stream to open.
+    while marks.lock().map(|m| m.len()).unwrap_or(0) <= windows
+        && t0.elapsed() < Duration::from_secs(30 + windows as u64)
+    {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let e = b.await??;
+    if let Some(err) = e.error {
+        anyhow::bail!("bulk stream: {err}");
+    }
+    let m = marks.lock().map(|m| m.clone()).unwrap_or_default();
+    Ok(m.windows(2)
+        .take(windows)
+        .map(|w| (w[1] - w[0]) as f64 * 8.0 / 1e6)
+        .collect())
 }
