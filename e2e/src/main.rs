@@ -176,10 +176,13 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 if scenarios::NOT_YET.contains(&n.as_str()) {
                     anyhow::bail!("scenario {n} is not built yet (see e2e/README.md)");
                 }
-                if !scenarios::ALL.contains(&n.as_str()) {
+                if !scenarios::ALL.contains(&n.as_str())
+                    && !scenarios::ON_REQUEST.contains(&n.as_str())
+                {
                     anyhow::bail!(
-                        "unknown scenario {n:?}; known: {}",
-                        scenarios::ALL.join(", ")
+                        "unknown scenario {n:?}; known: {}, and on request {}",
+                        scenarios::ALL.join(", "),
+                        scenarios::ON_REQUEST.join(", ")
                     );
                 }
             }
@@ -244,7 +247,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                     t0.elapsed().as_secs_f64(),
                     rig.dir.path().display()
                 );
-                let p = scenarios::Params { quick };
+                let p = scenarios::Params {
+                    quick,
+                    report: json.clone(),
+                };
                 let mut outcomes = Vec::new();
                 for n in &names {
                     let o = scenarios::run(&mut rig, n, &p).await?;

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::rig::{admin_get, Rig, CLUSTERS, SERVICES};
 
 mod lossy;
+mod matrix;
 
 pub const ALL: [&str; 8] = [
     "steady",
@@ -29,10 +30,15 @@ pub const ALL: [&str; 8] = [
 /// Not built yet; named so that asking for them says so.
 pub const NOT_YET: [&str; 0] = [];
 
-#[derive(Debug, Clone, Copy)]
+/// Run only when named (long; not in CI).
+pub const ON_REQUEST: [&str; 1] = ["wan-matrix"];
+
+#[derive(Debug, Clone)]
 pub struct Params {
     /// Scales every scenario's length (CI runs short).
     pub quick: bool,
+    /// Where the JSON report goes; plots go beside it.
+    pub report: Option<PathBuf>,
 }
 
 impl Params {
@@ -488,6 +494,7 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
             );
         }
         "lossy-wan" => lossy::lossy_wan(rig, p, &mut o, &mut tl).await,
+        "wan-matrix" => matrix::wan_matrix(rig, p, &mut o, &mut tl).await,
         "udp-blocked" => {
             // UDP between east and west is dropped both ways (TCP passes):
             // their gateways must move to the TCP fallback by themselves,

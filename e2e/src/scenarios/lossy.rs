@@ -284,7 +284,7 @@ async fn run(
 /// fallback with congestion control `cc` (a new fallback connection:
 /// both paths are cut until east sees west down, then TCP passes again).
 /// Returns the congestion control in use.
-async fn use_transport(
+pub(super) async fn use_transport(
     rig: &Rig,
     wan: &Wan,
     transport: &str,
@@ -441,11 +441,11 @@ async fn measure(
     (r, alone)
 }
 
-struct Echoed {
-    bytes: u64,
-    secs: f64,
-    served_by: String,
-    error: Option<String>,
+pub(super) struct Echoed {
+    pub bytes: u64,
+    pub secs: f64,
+    pub served_by: String,
+    pub error: Option<String>,
 }
 
 /// One stream through `addr` (a sidecar's listener for the echo app):
@@ -453,7 +453,7 @@ struct Echoed {
 /// the proxies still buffer would take long to drain on a slow path and
 /// is not goodput). `bytes` is what came back between the first echoed
 /// byte and `stop`.
-async fn bulk_echo(
+pub(super) async fn bulk_echo(
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
     started: Arc<tokio::sync::Notify>,
@@ -524,7 +524,7 @@ async fn bulk_echo_marked(
 
 /// One raw quinn stream east → west for `secs` (`probe quic-send` and
 /// `quic-sink` in the two namespaces): what QUIC itself moves on the path.
-async fn raw_quinn(
+pub(super) async fn raw_quinn(
     wan: &Wan,
     exe: &std::path::Path,
     ca_dir: &std::path::Path,
