@@ -448,6 +448,9 @@ pub(super) struct Echoed {
     pub error: Option<String>,
 }
 
+/// Whose echo app a bulk stream must reach (its banner's start).
+const EXPECT: &str = "west/";
+
 /// One stream through `addr` (a sidecar's listener for the echo app):
 /// writes and reads the echo until `stop`, then drops the stream (what
 /// the proxies still buffer would take long to drain on a slow path and
@@ -469,15 +472,31 @@ async fn bulk_echo_marked(
     started: Arc<tokio::sync::Notify>,
     marks: Arc<std::sync::Mutex<Vec<u64>>>,
 ) -> anyhow::Result<Echoed> {
-    let c = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await??;
-    let (rd, mut wr) = c.into_split();
-    let mut rd = BufReader::new(rd);
-    let mut banner = String::new();
-    tokio::time::timeout(Duration::from_secs(10), rd.read_line(&mut banner)).await??;
+    // The stream must cross the WAN to west: a stream the sidecar sent
+    // elsewhere (west ejected for a moment, say) is not this path's
+    // goodput. Bounded: five tries, a second apart.
+    let mut tries = 0;
+    let (mut rd, mut wr, banner) = loop {
+        tries += 1;
+        let c = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::net::TcpStream::connect(addr),
+        )
+        .await??;
+        let (rd, wr) = c.into_split();
+        let mut rd = BufReader::new(rd);
+        let mut banner = String::new();
+        tokio::time::timeout(Duration::from_secs(10), rd.read_line(&mut banner)).await??;
+        if banner.starts_with(EXPECT) {
+            break (rd, wr, banner);
+        }
+        anyhow::ensure!(
+            tries < 5,
+            "the bulk stream was served by {:?}, not {EXPECT}, {tries} times",
+            banner.trim()
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
     started.notify_one();
     let writer = tokio::spawn(async move {
         let chunk = vec![0x42u8; 64 * 1024];

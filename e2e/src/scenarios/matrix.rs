@@ -120,6 +120,16 @@ async fn run(
                             Err(e) => (0.0, Some(e.to_string())),
                         }
                     };
+                    // A cell counts only if the mesh stayed on its transport.
+                    let mut error = error;
+                    if transport != "raw" {
+                        let on = super::gateway_peer(rig, "east", "west")
+                            .await
+                            .map(|(t, _)| t);
+                        if on.as_deref() != Some(transport) {
+                            error = Some(format!("east's gateway on {on:?}, not {transport}"));
+                        }
+                    }
                     wan.impair_both("east", "west", Impairment::default())?;
                     tl.note(format!(
                         "{label}: {rtt} ms, {loss}% loss, {reorder}% reordered: {mbit:.2} Mbit/s{}",
@@ -235,6 +245,7 @@ pub fn plot(cells: &[Cell]) -> String {
                                     && c.rtt_ms == *rtt
                                     && c.loss_percent == *loss
                                     && c.reorder_percent == *reorder
+                                    && c.error.is_none()
                             })
                             .map(|c| format!("{:.1},{:.1}", x(i), y(c.mbit)))
                     })
