@@ -141,12 +141,14 @@ async fn run(
     wan.attach("cubic")?;
     tl.note(format!("WAN attached: {}", wan.describe()));
     let exe = std::env::current_exe()?;
+    // One TCP flow's goodput over 8 s scattered 0.79-1.30x Mathis in
+    // seven runs: 16 s keeps CI's self-test from failing on chance.
     let st = selftest::run(
         wan,
         &exe,
         (&east.0, &east.1, east.2),
         (&west.0, &west.1, west.2),
-        if p.quick { 8 } else { 20 },
+        if p.quick { 16 } else { 30 },
     )
     .await?;
     tl.note(st.summary());
