@@ -282,10 +282,10 @@ async fn run(
     Ok(())
 }
 
-/// Gets east→west onto `transport`: QUIC with nothing cut, or the TCP
-/// fallback with congestion control `cc` (a new fallback connection:
-/// both paths are cut until east sees west down, then TCP passes again).
-/// Returns the congestion control in use.
+/// Gets east→west onto a fresh connection of `transport`: both paths are
+/// cut until east sees west down, then QUIC gets through again, or only
+/// TCP (the fallback, with congestion control `cc` from the WAN's
+/// routes). Returns the congestion control in use.
 pub(super) async fn use_transport(
     rig: &Rig,
     wan: &Wan,
@@ -295,22 +295,27 @@ pub(super) async fn use_transport(
 ) -> anyhow::Result<String> {
     wan.attach(cc)?;
     let limit = Duration::from_secs(30);
-    if transport == "quic" {
-        rig.cut("east", "west", true, false)?;
-        let waited = until_transport(rig, "east", "west", "quic", limit).await;
-        anyhow::ensure!(
-            waited.is_some(),
-            "east is not on QUIC to west within {limit:?}"
-        );
-        tl.note("east reaches west over QUIC");
-        return Ok("quinn".to_owned());
-    }
+    // A fresh peer connection every time: one carries every stream of
+    // the pair, and the congestion state a run leaves (a window shrunk
+    // by loss) would otherwise carry over into the next one.
     rig.cut("east", "west", true, true)?;
     let down = until_transport(rig, "east", "west", "down", Duration::from_secs(15)).await;
     anyhow::ensure!(
         down.is_some(),
         "east still reaches west with both paths cut"
     );
+    if transport == "quic" {
+        rig.cut("east", "west", true, false)?;
+        // A dial that met the cut may land on TCP first; QUIC is taken
+        // back within the retry interval.
+        let waited = until_transport(rig, "east", "west", "quic", limit).await;
+        anyhow::ensure!(
+            waited.is_some(),
+            "east is not on QUIC to west within {limit:?}"
+        );
+        tl.note("east reaches west over QUIC (a fresh connection)");
+        return Ok("quinn".to_owned());
+    }
     rig.cut("east", "west", false, true)?;
     let waited = until_transport(rig, "east", "west", "tcp", limit).await;
     anyhow::ensure!(

@@ -2,7 +2,9 @@
 //! transport over the packet-level WAN for every RTT (1, 30, 100 ms) ×
 //! loss (0, 0.1, 1, 3 %) × reordering (0, 0.5 %), each way alike. A table
 //! on stdout and an SVG plot: goodput against loss per transport, one
-//! panel per RTT (solid: no reordering; dashed: 0.5 %).
+//! panel per RTT (solid: no reordering; dashed: 0.5 %). Every cell gets a
+//! fresh peer connection (the pair's one connection would otherwise
+//! carry the congestion window a lossy cell left into the next cell).
 
 use std::fmt::Write as _;
 use std::sync::atomic::AtomicBool;
@@ -86,14 +88,15 @@ async fn run(
         .ok_or_else(|| anyhow::anyhow!("no east"))?;
     let mut cells = Vec::new();
     for (label, transport, cc) in TRANSPORTS {
-        if transport != "raw" {
-            use_transport(rig, wan, transport, cc, tl).await?;
-        } else {
-            wan.attach(cc)?;
-        }
+        wan.attach(cc)?;
         for rtt in RTTS_MS {
             for loss in LOSSES {
                 for reorder in REORDERS {
+                    // Each cell on a fresh peer connection: no congestion
+                    // state carried over from the cell before.
+                    if transport != "raw" {
+                        use_transport(rig, wan, transport, cc, tl).await?;
+                    }
                     let set = Impairment {
                         reorder_percent: reorder,
                         ..Impairment::path(Duration::from_millis(rtt), loss)
