@@ -75,6 +75,31 @@ async fn run(
         ns.addr("west").ok_or_else(|| anyhow::anyhow!("no west"))?,
     );
     let exe = std::env::current_exe()?;
+    // The emulator's self-test first, as in every WAN scenario.
+    wan.attach("cubic")?;
+    let member = |c: &str| {
+        ns.members()
+            .iter()
+            .find(|m| m.0 == c)
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("{c} has no namespace"))
+    };
+    let (e, w) = (member("east")?, member("west")?);
+    let st = crate::selftest::run(
+        wan,
+        &exe,
+        (&e.0, &e.1, e.2),
+        (&w.0, &w.1, w.2),
+        if p.quick { 16 } else { 30 },
+    )
+    .await?;
+    tl.note(st.summary());
+    for (what, ok, detail) in &st.checks {
+        o.check(format!("WAN self-test: {what}"), *ok, detail.clone());
+    }
+    if !st.passed() {
+        return Ok(());
+    }
     let ca_dir = rig.dir.path().join("wan-ca");
     fedmesh_trust::CertificateAuthority::new_root(
         fedmesh_trust::TrustDomain::new("wan.e2e")?,
