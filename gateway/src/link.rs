@@ -577,24 +577,21 @@ impl Link {
             }
             return;
         }
-        let Phase::Dialing {
-            attempt: current,
-            transport,
-            after_silence,
-        } = self.phase
-        else {
-            // Given up on (adopted meanwhile, address changed): unused.
-            if let Ok((conn, _)) = result {
-                out.push(close(conn, CLOSE_POLICY, "superseded", false));
+        let (transport, after_silence) = match self.phase {
+            Phase::Dialing {
+                attempt: current,
+                transport,
+                after_silence,
+            } if current == attempt => (transport, after_silence),
+            _ => {
+                // Given up on (adopted meanwhile, address changed,
+                // superseded by a newer attempt): never handed out.
+                if let Ok((conn, _)) = result {
+                    out.push(close(conn, CLOSE_POLICY, "superseded", false));
+                }
+                return;
             }
-            return;
         };
-        if current != attempt {
-            if let Ok((conn, _)) = result {
-                out.push(close(conn, CLOSE_POLICY, "superseded", false));
-            }
-            return;
-        }
         match (result, transport) {
             (Ok((conn, t)), _) => {
                 if t == Transport::Tcp && after_silence {
@@ -699,6 +696,7 @@ impl Link {
     }
 
     /// `conn` is no longer handed out; it closes once its leases end.
+    /// Callers move the phase on (install another, or connect).
     fn drain(
         &mut self,
         conn: ConnId,
@@ -707,10 +705,6 @@ impl Link {
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        if self.installed() == Some(conn) {
-            // Callers install or connect next; until then nothing is.
-            self.phase = Phase::Backoff { until: now };
-        }
         let Some(c) = self.conns.get_mut(&conn) else {
             return;
         };
