@@ -29,7 +29,8 @@ pub struct Netns {
     pub nft: bool,
 }
 
-fn ip(args: &[&str]) -> anyhow::Result<()> {
+/// Runs `ip` with `args`; its stderr is the error.
+pub(crate) fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip")
         .args(args)
         .stdin(Stdio::null())

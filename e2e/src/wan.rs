@@ -27,7 +27,6 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -35,6 +34,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use rand::Rng;
 use serde::Serialize;
+
+use crate::netns::ip;
 
 /// Packets waiting per device at most (about 100 MB of full-size ones).
 pub const MAX_QUEUED: usize = 65_536;
@@ -140,11 +141,25 @@ struct Dir {
     stats: DirStats,
 }
 
-/// A packet due to be written into a device at `.0`.
+/// A packet due to be written into a device at `.0` (then its arrival
+/// number, the member it came from, and its bytes).
 type Due = Reverse<(Instant, u64, usize, Vec<u8>)>;
 
+/// Packets waiting to be written into one device, and buffers of ones
+/// already written, so relaying a packet allocates nothing.
+#[derive(Default)]
+struct Line {
+    due: BinaryHeap<Due>,
+    /// Ties in `due` leave in arrival order.
+    seq: u64,
+    spare: Vec<Vec<u8>>,
+}
+
+/// Spare buffers kept per device at most.
+const SPARE: usize = 1024;
+
 struct Outbox {
-    queue: Mutex<(BinaryHeap<Due>, u64)>,
+    queue: Mutex<Line>,
     ready: Condvar,
 }
 
@@ -182,22 +197,6 @@ impl Shared {
 pub struct Wan {
     shared: Arc<Shared>,
     attached: Mutex<Option<String>>,
-}
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip")
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running ip {}", args.join(" ")))?;
-    if !out.status.success() {
-        bail!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// An IPv4 packet's destination.
@@ -241,7 +240,7 @@ impl Wan {
                 addr,
                 dev,
                 out: Outbox {
-                    queue: Mutex::new((BinaryHeap::new(), 0)),
+                    queue: Mutex::new(Line::default()),
                     ready: Condvar::new(),
                 },
             });
@@ -457,17 +456,20 @@ fn read_loop(s: &Shared, from: usize) {
         let Some(at) = at else { continue };
         let out = &s.ports[to].out;
         let mut q = lock(&out.queue);
-        if q.0.len() >= MAX_QUEUED {
+        if q.due.len() >= MAX_QUEUED {
             drop(q);
             lock(s.dir(from, to)).stats.queue_drops += 1;
             continue;
         }
         // Wake the writer only when this packet is due before what it
         // sleeps for (with a constant delay: when the line was empty).
-        let wake = q.0.peek().is_none_or(|Reverse(head)| at < head.0);
-        let seq = q.1;
-        q.1 += 1;
-        q.0.push(Reverse((at, seq, from, packet.to_vec())));
+        let wake = q.due.peek().is_none_or(|Reverse(head)| at < head.0);
+        let seq = q.seq;
+        q.seq += 1;
+        let mut copy = q.spare.pop().unwrap_or_default();
+        copy.clear();
+        copy.extend_from_slice(packet);
+        q.due.push(Reverse((at, seq, from, copy)));
         drop(q);
         if wake {
             out.ready.notify_one();
@@ -479,15 +481,20 @@ fn write_loop(s: &Shared, to: usize) {
     let port = &s.ports[to];
     let n = s.ports.len();
     let mut due = Vec::new();
+    // Buffers written, handed back to the readers under the lock taken
+    // anyway for the next batch.
+    let mut done: Vec<Vec<u8>> = Vec::new();
     loop {
         {
             let mut q = lock(&port.out.queue);
+            let room = SPARE.saturating_sub(q.spare.len());
+            q.spare.extend(done.drain(..).take(room));
             loop {
                 if s.stop.load(Ordering::Relaxed) {
                     return;
                 }
                 let now = Instant::now();
-                match q.0.peek() {
+                match q.due.peek() {
                     Some(Reverse(head)) if head.0 <= now => break,
                     Some(Reverse(head)) => {
                         let wait = head.0 - now;
@@ -509,11 +516,11 @@ fn write_loop(s: &Shared, to: usize) {
                 }
             }
             let now = Instant::now();
-            while let Some(Reverse(head)) = q.0.peek() {
+            while let Some(Reverse(head)) = q.due.peek() {
                 if head.0 > now {
                     break;
                 }
-                if let Some(Reverse((_, _, from, p))) = q.0.pop() {
+                if let Some(Reverse((_, _, from, p))) = q.due.pop() {
                     due.push((from, p));
                 }
             }
@@ -526,6 +533,7 @@ fn write_loop(s: &Shared, to: usize) {
             } else {
                 lock(s.dir(from, to)).stats.queue_drops += 1;
             }
+            done.push(p);
         }
     }
 }

@@ -59,6 +59,15 @@ pub struct WanRun {
 }
 
 impl WanRun {
+    /// p50 / p99, or `-` for the raw-quinn reference (no requests).
+    fn latency(&self, p50: f64, p99: f64) -> String {
+        if self.transport == "raw" {
+            "-".to_owned()
+        } else {
+            format!("{p50:.1} / {p99:.1}")
+        }
+    }
+
     fn row(&self) -> String {
         let rcv = |c: &str| {
             self.rcvbuf_errors
@@ -70,8 +79,8 @@ impl WanRun {
             format!("{} {}", self.transport, self.congestion),
             format!("{}%", self.loss_percent),
             self.bulk_mbit,
-            format!("{:.1} / {:.1}", self.p50_alone_ms, self.p99_alone_ms),
-            format!("{:.1} / {:.1}", self.p50_beside_ms, self.p99_beside_ms),
+            self.latency(self.p50_alone_ms, self.p99_alone_ms),
+            self.latency(self.p50_beside_ms, self.p99_beside_ms),
             format!(
                 "{:.2} / {:.2}%",
                 self.observed_loss_out_percent, self.observed_loss_back_percent
@@ -98,34 +107,102 @@ fn loss_percent(s: &DirStats) -> f64 {
     100.0 * (s.lost + s.queue_drops) as f64 / s.packets.max(1) as f64
 }
 
+/// The WAN's counts and the namespaces' `RcvbufErrors` when a run
+/// starts; [`Before::fill`] puts what changed since into the run.
+struct Before {
+    out: DirStats,
+    back: DirStats,
+    rcvbuf: [Option<u64>; 2],
+}
+
+impl Before {
+    async fn take(wan: &Wan, ends: &Ends) -> Before {
+        Before {
+            out: wan.stats("east", "west").unwrap_or_default(),
+            back: wan.stats("west", "east").unwrap_or_default(),
+            rcvbuf: [
+                rcvbuf_errors(&ends.east.1).await,
+                rcvbuf_errors(&ends.west.1).await,
+            ],
+        }
+    }
+
+    async fn fill(self, wan: &Wan, ends: &Ends, r: &mut WanRun) {
+        let now = |a, b| wan.stats(a, b).unwrap_or_default();
+        r.observed_loss_out_percent = loss_percent(&now("east", "west").since(&self.out));
+        r.observed_loss_back_percent = loss_percent(&now("west", "east").since(&self.back));
+        for (m, before) in [&ends.east, &ends.west].into_iter().zip(self.rcvbuf) {
+            if let (Some(a), Some(b)) = (rcvbuf_errors(&m.1).await, before) {
+                r.rcvbuf_errors.insert(m.0.clone(), a.saturating_sub(b));
+            }
+        }
+    }
+}
+
 pub(super) async fn lossy_wan(rig: &mut Rig, p: &Params, o: &mut Outcome, tl: &mut Timeline) {
-    let Ok(wan) = &rig.wan else {
-        let why = rig.wan.as_ref().err().cloned().unwrap_or_default();
-        tl.note(format!("lossy-wan skipped: {why}"));
-        o.check(
-            "lossy-wan skipped (reported)",
-            true,
-            format!("no packet-level WAN: {why}"),
-        );
+    let Some(wan) = wan_or_skip(rig, o, tl, "lossy-wan") else {
         return;
     };
     let r = run(rig, wan, p, o, tl).await;
-    // Whatever happened: the clusters meet on the bridge again, uncut.
+    restore(rig, wan, o, "lossy-wan", r);
+}
+
+/// The WAN, or a passing check that says why the scenario `name` is
+/// skipped without it.
+pub(super) fn wan_or_skip<'r>(
+    rig: &'r Rig,
+    o: &mut Outcome,
+    tl: &mut Timeline,
+    name: &str,
+) -> Option<&'r Wan> {
+    match &rig.wan {
+        Ok(w) => Some(w),
+        Err(why) => {
+            tl.note(format!("{name} skipped: {why}"));
+            o.check(
+                format!("{name} skipped (reported)"),
+                true,
+                format!("no packet-level WAN: {why}"),
+            );
+            None
+        }
+    }
+}
+
+/// Whatever a WAN scenario did: the clusters meet on the bridge again,
+/// unimpaired and uncut; an error becomes a failed check.
+pub(super) fn restore(rig: &Rig, wan: &Wan, o: &mut Outcome, name: &str, r: anyhow::Result<()>) {
     wan.detach();
     wan.impair_both("east", "west", Impairment::default()).ok();
     cut_path(rig, "east", "west", Path::Both, false, o);
     if let Err(e) = r {
-        o.check("lossy-wan ran to the end", false, format!("{e:#}"));
+        o.check(format!("{name} ran to the end"), false, format!("{e:#}"));
     }
 }
 
-async fn run(
+/// (cluster, namespace, address).
+pub(super) type Member = (String, String, std::net::IpAddr);
+
+/// What every WAN scenario starts from: east and west on the attached WAN
+/// after the emulator's self-test, and a CA for the raw-quinn probes.
+pub(super) struct Ends {
+    pub east: Member,
+    pub west: Member,
+    pub exe: std::path::PathBuf,
+    pub ca_dir: std::path::PathBuf,
+    pub selftest: selftest::SelfTest,
+}
+
+/// Attaches the WAN (Cubic on its routes) and runs its self-test between
+/// east and west, each check reported in `o`; the caller goes on only if
+/// it passed.
+pub(super) async fn prepare(
     rig: &Rig,
     wan: &Wan,
     p: &Params,
     o: &mut Outcome,
     tl: &mut Timeline,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Ends> {
     let ns = rig
         .netns
         .as_ref()
@@ -140,9 +217,6 @@ async fn run(
     let (east, west) = (member("east")?, member("west")?);
     wan.attach("cubic")?;
     tl.note(format!("WAN attached: {}", wan.describe()));
-    if p.quick {
-        tl.note("--quick: 1% loss only (not 0% too), 8 s phases (not 20 s), a 16 s self-test flow (not 30 s), recovery series of 5 s (not 10 s)");
-    }
     let exe = std::env::current_exe()?;
     // One TCP flow's goodput over 8 s scattered 0.79-1.30x Mathis in
     // seven runs: 16 s keeps CI's self-test from failing on chance.
@@ -158,14 +232,6 @@ async fn run(
     for (what, ok, detail) in &st.checks {
         o.check(format!("WAN self-test: {what}"), *ok, detail.clone());
     }
-    let mut report = serde_json::json!({ "selftest": st.clone(), "runs": [] });
-    if !st.passed() {
-        o.wan = Some(report);
-        return Ok(());
-    }
-
-    let phase = p.len(20, 8);
-    let r_rtt = RTT.as_secs_f64() * 1e3;
     // The raw-quinn reference's identity: a CA of its own.
     let ca_dir = rig.dir.path().join("wan-ca");
     fedmesh_trust::CertificateAuthority::new_root(
@@ -173,6 +239,34 @@ async fn run(
         Duration::from_secs(86_400),
     )?
     .save(&ca_dir)?;
+    Ok(Ends {
+        east,
+        west,
+        exe,
+        ca_dir,
+        selftest: st,
+    })
+}
+
+async fn run(
+    rig: &Rig,
+    wan: &Wan,
+    p: &Params,
+    o: &mut Outcome,
+    tl: &mut Timeline,
+) -> anyhow::Result<()> {
+    if p.quick {
+        tl.note("--quick: 1% loss only (not 0% too), 8 s phases (not 20 s), a 16 s self-test flow (not 30 s), recovery series of 5 s (not 10 s)");
+    }
+    let ends = prepare(rig, wan, p, o, tl).await?;
+    let mut report = serde_json::json!({ "selftest": ends.selftest.clone(), "runs": [] });
+    if !ends.selftest.passed() {
+        o.wan = Some(report);
+        return Ok(());
+    }
+
+    let phase = p.len(20, 8);
+    let r_rtt = RTT.as_secs_f64() * 1e3;
     let losses: &[f64] = if p.quick { &[1.0] } else { &[0.0, 1.0] };
     let mut runs = Vec::new();
     for &loss in losses {
@@ -194,7 +288,7 @@ async fn run(
                 "east–west: {}; {transport} {congestion}",
                 set.describe()
             ));
-            let (mut r, mut loads) = measure(rig, wan, p, phase, (&east.1, &west.1)).await;
+            let (mut r, mut loads) = measure(rig, wan, p, phase, &ends).await;
             wan.impair_both("east", "west", Impairment::default())?;
             for (l, when) in loads.iter_mut().zip(["alone", "+bulk"]) {
                 l.cluster = format!("east {transport}/{cc} {loss}% {when}");
@@ -233,7 +327,7 @@ async fn run(
             runs.push(r);
             if transport == "quic" {
                 wan.impair_both("east", "west", set)?;
-                let raw = raw_quinn(wan, &exe, &ca_dir, (&east.1, (&west.1, west.2)), phase).await;
+                let raw = raw_quinn(wan, &ends, phase).await;
                 wan.impair_both("east", "west", Impairment::default())?;
                 let mut raw = raw.unwrap_or_else(|e| WanRun {
                     transport: "raw".into(),
@@ -383,14 +477,10 @@ async fn measure(
     wan: &Wan,
     p: &Params,
     phase: Duration,
-    ns: (&str, &str),
+    ends: &Ends,
 ) -> (WanRun, Vec<super::LoadSummary>) {
     let mut r = WanRun::default();
-    let (out0, back0) = (
-        wan.stats("east", "west").unwrap_or_default(),
-        wan.stats("west", "east").unwrap_or_default(),
-    );
-    let rcv0 = (rcvbuf_errors(ns.0).await, rcvbuf_errors(ns.1).await);
+    let before = Before::take(wan, ends).await;
 
     let alone = start_load(rig, p, phase, &["east"], false);
     tokio::time::sleep(phase).await;
@@ -427,9 +517,9 @@ async fn measure(
     match bulk {
         Some(b) => match b.await {
             Ok(Ok(e)) => {
+                r.bulk_mbit = e.mbit();
                 r.bulk_bytes = e.bytes;
                 r.bulk_secs = e.secs;
-                r.bulk_mbit = e.bytes as f64 * 8.0 / e.secs.max(1e-9) / 1e6;
                 r.bulk_served_by = e.served_by;
                 r.bulk_error = e.error;
             }
@@ -438,17 +528,15 @@ async fn measure(
         },
         None => r.bulk_error = Some("east has no echox listener".into()),
     }
-    r.observed_loss_out_percent =
-        loss_percent(&wan.stats("east", "west").unwrap_or_default().since(&out0));
-    r.observed_loss_back_percent =
-        loss_percent(&wan.stats("west", "east").unwrap_or_default().since(&back0));
-    for (who, n, before) in [("east", ns.0, rcv0.0), ("west", ns.1, rcv0.1)] {
-        if let (Some(a), Some(b)) = (rcvbuf_errors(n).await, before) {
-            r.rcvbuf_errors.insert(who.to_owned(), a.saturating_sub(b));
-        }
-    }
+    before.fill(wan, ends, &mut r).await;
     alone.extend(beside);
     (r, alone)
+}
+
+impl Echoed {
+    pub fn mbit(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.secs.max(1e-9) / 1e6
+    }
 }
 
 pub(super) struct Echoed {
@@ -553,21 +641,14 @@ async fn bulk_echo_marked(
 
 /// One raw quinn stream east → west for `secs` (`probe quic-send` and
 /// `quic-sink` in the two namespaces): what QUIC itself moves on the path.
-pub(super) async fn raw_quinn(
-    wan: &Wan,
-    exe: &std::path::Path,
-    ca_dir: &std::path::Path,
-    (east_ns, (west_ns, west_ip)): (&str, (&str, std::net::IpAddr)),
-    secs: Duration,
-) -> anyhow::Result<WanRun> {
+pub(super) async fn raw_quinn(wan: &Wan, ends: &Ends, secs: Duration) -> anyhow::Result<WanRun> {
     use crate::selftest::Probe;
-    let at = SocketAddr::new(west_ip, 29_003);
-    let ca = ca_dir.display().to_string();
-    let (out0, back0) = (wan.stats("east", "west")?, wan.stats("west", "east")?);
-    let rcv0 = (rcvbuf_errors(east_ns).await, rcvbuf_errors(west_ns).await);
+    let at = SocketAddr::new(ends.west.2, 29_003);
+    let ca = ends.ca_dir.display().to_string();
+    let before = Before::take(wan, ends).await;
     let mut sink = Probe::start(
-        exe,
-        west_ns,
+        &ends.exe,
+        &ends.west.1,
         &[
             "quic-sink".into(),
             "--listen".into(),
@@ -580,8 +661,8 @@ pub(super) async fn raw_quinn(
     )?;
     sink.line(Duration::from_secs(5)).await?;
     Probe::start(
-        exe,
-        east_ns,
+        &ends.exe,
+        &ends.east.1,
         &[
             "quic-send".into(),
             "--to".into(),
@@ -605,13 +686,7 @@ pub(super) async fn raw_quinn(
         bulk_served_by: "quic-sink".into(),
         ..WanRun::default()
     };
-    r.observed_loss_out_percent = loss_percent(&wan.stats("east", "west")?.since(&out0));
-    r.observed_loss_back_percent = loss_percent(&wan.stats("west", "east")?.since(&back0));
-    for (who, n, before) in [("east", east_ns, rcv0.0), ("west", west_ns, rcv0.1)] {
-        if let (Some(a), Some(b)) = (rcvbuf_errors(n).await, before) {
-            r.rcvbuf_errors.insert(who.to_owned(), a.saturating_sub(b));
-        }
-    }
+    before.fill(wan, ends, &mut r).await;
     Ok(r)
 }
 

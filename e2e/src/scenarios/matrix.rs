@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::lossy::{bulk_echo, raw_quinn, use_transport};
+use super::lossy::{bulk_echo, prepare, raw_quinn, restore, use_transport, wan_or_skip};
 use super::{Outcome, Params, Timeline};
 use crate::rig::Rig;
 use crate::wan::{Impairment, Wan};
@@ -40,22 +40,11 @@ pub struct Cell {
 }
 
 pub(super) async fn wan_matrix(rig: &mut Rig, p: &Params, o: &mut Outcome, tl: &mut Timeline) {
-    let Ok(wan) = &rig.wan else {
-        let why = rig.wan.as_ref().err().cloned().unwrap_or_default();
-        o.check(
-            "wan-matrix skipped (reported)",
-            true,
-            format!("no packet-level WAN: {why}"),
-        );
+    let Some(wan) = wan_or_skip(rig, o, tl, "wan-matrix") else {
         return;
     };
     let r = run(rig, wan, p, o, tl).await;
-    wan.detach();
-    wan.impair_both("east", "west", Impairment::default()).ok();
-    super::cut_path(rig, "east", "west", super::Path::Both, false, o);
-    if let Err(e) = r {
-        o.check("wan-matrix ran to the end", false, format!("{e:#}"));
-    }
+    restore(rig, wan, o, "wan-matrix", r);
 }
 
 async fn run(
@@ -65,47 +54,10 @@ async fn run(
     o: &mut Outcome,
     tl: &mut Timeline,
 ) -> anyhow::Result<()> {
-    let ns = rig
-        .netns
-        .as_ref()
-        .ok_or_else(|| anyhow::anyhow!("no namespaces"))?;
-    let (east_ns, west_ns, west_ip) = (
-        ns.namespace("east").unwrap_or_default().to_owned(),
-        ns.namespace("west").unwrap_or_default().to_owned(),
-        ns.addr("west").ok_or_else(|| anyhow::anyhow!("no west"))?,
-    );
-    let exe = std::env::current_exe()?;
-    // The emulator's self-test first, as in every WAN scenario.
-    wan.attach("cubic")?;
-    let member = |c: &str| {
-        ns.members()
-            .iter()
-            .find(|m| m.0 == c)
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("{c} has no namespace"))
-    };
-    let (e, w) = (member("east")?, member("west")?);
-    let st = crate::selftest::run(
-        wan,
-        &exe,
-        (&e.0, &e.1, e.2),
-        (&w.0, &w.1, w.2),
-        if p.quick { 16 } else { 30 },
-    )
-    .await?;
-    tl.note(st.summary());
-    for (what, ok, detail) in &st.checks {
-        o.check(format!("WAN self-test: {what}"), *ok, detail.clone());
-    }
-    if !st.passed() {
+    let ends = prepare(rig, wan, p, o, tl).await?;
+    if !ends.selftest.passed() {
         return Ok(());
     }
-    let ca_dir = rig.dir.path().join("wan-ca");
-    fedmesh_trust::CertificateAuthority::new_root(
-        fedmesh_trust::TrustDomain::new("wan.e2e")?,
-        Duration::from_secs(86_400),
-    )?
-    .save(&ca_dir)?;
     let secs = p.len(10, 4);
     let echo = rig
         .cluster("east")
@@ -128,9 +80,7 @@ async fn run(
                     };
                     wan.impair_both("east", "west", set)?;
                     let (mbit, error) = if transport == "raw" {
-                        match raw_quinn(wan, &exe, &ca_dir, (&east_ns, (&west_ns, west_ip)), secs)
-                            .await
-                        {
+                        match raw_quinn(wan, &ends, secs).await {
                             Ok(r) => (r.bulk_mbit, r.bulk_error),
                             Err(e) => (0.0, Some(format!("{e:#}"))),
                         }
@@ -143,7 +93,7 @@ async fn run(
                         tokio::time::sleep(secs).await;
                         stop.store(true, std::sync::atomic::Ordering::Relaxed);
                         match b.await {
-                            Ok(Ok(e)) => (e.bytes as f64 * 8.0 / e.secs.max(1e-9) / 1e6, e.error),
+                            Ok(Ok(e)) => (e.mbit(), e.error),
                             Ok(Err(e)) => (0.0, Some(format!("{e:#}"))),
                             Err(e) => (0.0, Some(e.to_string())),
                         }
