@@ -53,7 +53,8 @@ enum Cmd {
     },
     /// Serve one app (the rig starts these as processes).
     App {
-        /// `echo` (banner, then echo) or `http`.
+        /// `echo` (banner, then echo), `http`, or `sink` (reads until EOF,
+        /// then answers the byte count as 8 bytes big-endian).
         #[arg(long)]
         kind: String,
         #[arg(long)]
@@ -149,7 +150,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             let kind = match kind.as_str() {
                 "echo" => fedmesh_testkit::AppKind::Echo,
                 "http" => fedmesh_testkit::AppKind::Http,
-                other => anyhow::bail!("unknown app kind {other:?} (echo, http)"),
+                "sink" => fedmesh_testkit::AppKind::Sink,
+                other => anyhow::bail!("unknown app kind {other:?} (echo, http, sink)"),
             };
             let l = tokio::net::TcpListener::bind(listen)
                 .await

@@ -51,6 +51,9 @@ pub enum Probe {
         ca_dir: std::path::PathBuf,
         #[arg(long)]
         secs: f64,
+        /// Congestion controller (cubic, newreno, bbr); the gateways' default when absent.
+        #[arg(long)]
+        congestion: Option<fedmesh_gateway::Algorithm>,
     },
     /// Sends on one stream of a fresh QUIC connection with the gateways'
     /// settings until the sink closes it (at most `secs`).
@@ -61,6 +64,9 @@ pub enum Probe {
         ca_dir: std::path::PathBuf,
         #[arg(long)]
         secs: f64,
+        /// Congestion controller (cubic, newreno, bbr); the gateways' default when absent.
+        #[arg(long)]
+        congestion: Option<fedmesh_gateway::Algorithm>,
     },
     /// Sends for `secs` seconds on one TCP connection.
     TcpSend {
@@ -114,11 +120,17 @@ pub async fn run(p: Probe) -> anyhow::Result<()> {
             listen,
             ca_dir,
             secs,
+            congestion,
         } => serde_json::to_string(
-            &quic::sink(listen, &ca_dir, Duration::from_secs_f64(secs)).await?,
+            &quic::sink(listen, &ca_dir, Duration::from_secs_f64(secs), congestion).await?,
         )?,
-        Probe::QuicSend { to, ca_dir, secs } => {
-            let sent = quic::send(to, &ca_dir, Duration::from_secs_f64(secs)).await?;
+        Probe::QuicSend {
+            to,
+            ca_dir,
+            secs,
+            congestion,
+        } => {
+            let sent = quic::send(to, &ca_dir, Duration::from_secs_f64(secs), congestion).await?;
             serde_json::to_string(&serde_json::json!({ "bytes": sent }))?
         }
         // Blocking sockets and threads: their timing is their own.
@@ -341,6 +353,15 @@ mod quic {
     use fedmesh_trust::{CertificateAuthority, SharedBundles, SvidSource, TrustBundles};
 
     use super::SinkReport;
+    use fedmesh_gateway::{Algorithm, CongestionConfig};
+
+    fn congestion(cc: Option<Algorithm>) -> CongestionConfig {
+        let mut c = CongestionConfig::default();
+        if let Some(a) = cc {
+            c.controller = a;
+        }
+        c
+    }
 
     fn identity(ca_dir: &Path) -> anyhow::Result<(SvidSource, SharedBundles)> {
         let ca = CertificateAuthority::load(ca_dir)
@@ -376,10 +397,11 @@ mod quic {
         listen: SocketAddr,
         ca_dir: &Path,
         window: Duration,
+        cc: Option<Algorithm>,
     ) -> anyhow::Result<SinkReport> {
         let limits = Limits::default();
         let (svid, bundles) = identity(ca_dir)?;
-        let server = fedmesh_gateway::quic_server_config(&svid, bundles, &limits)?;
+        let server = fedmesh_gateway::quic_server_config(&svid, bundles, &limits, &congestion(cc))?;
         let ep = endpoint(listen, Some(server), &limits)?;
         super::ready(listen);
         // Goodput over `window` from the first byte; what the sender still
@@ -418,13 +440,21 @@ mod quic {
             .context("no stream within 30 s")?
     }
 
-    pub async fn send(to: SocketAddr, ca_dir: &Path, secs: Duration) -> anyhow::Result<u64> {
+    pub async fn send(
+        to: SocketAddr,
+        ca_dir: &Path,
+        secs: Duration,
+        cc: Option<Algorithm>,
+    ) -> anyhow::Result<u64> {
         let limits = Limits::default();
         let (svid, bundles) = identity(ca_dir)?;
         let from: SocketAddr = if to.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
         let mut ep = endpoint(from, None, &limits)?;
         ep.set_default_client_config(fedmesh_gateway::quic_client_config(
-            &svid, bundles, &limits,
+            &svid,
+            bundles,
+            &limits,
+            &congestion(cc),
         )?);
         let conn =
             tokio::time::timeout(Duration::from_secs(10), ep.connect(to, "fedmesh.invalid")?)

@@ -1,14 +1,15 @@
 //! The multi-process rig: three clusters (`east`, `west`, `north`), each
 //! in its own network namespace ([`crate::netns`], when root) or else on
 //! its own loopback address (`127.0.11.1`, `127.0.12.1`, `127.0.13.1`),
-//! with a controller, a gateway, two sidecars and two apps as separate
+//! with a controller, a gateway, two sidecars and three apps as separate
 //! processes, and a three-member etcd cluster they all publish to.
 //!
 //! Every cluster serves and exports `echo.demo` and `echox.demo` (a TCP
-//! echo app, port 7000) and `http.demo` and `httpl.demo` (an HTTP app, port
-//! 8080) behind its `srv` sidecar; its `web` sidecar has outbound listeners
-//! for all four. Policy: `echo.demo` and `httpl.demo` stay local
-//! (locality); `http.demo` and `echox.demo` prefer the next cluster in the
+//! echo app, port 7000), `http.demo` and `httpl.demo` (an HTTP app, port
+//! 8080) and `sinkx.demo` (a sink app counting what it reads, port 7000)
+//! behind its `srv` sidecar; its `web` sidecar has outbound listeners for
+//! all five. Policy: `echo.demo` and `httpl.demo` stay local (locality);
+//! `http.demo`, `echox.demo` and `sinkx.demo` prefer the next cluster in the
 //! ring (east → west → north → east), so that load is cross-cluster and
 //! fails over to the third cluster.
 //!
@@ -70,8 +71,12 @@ pub struct Cluster {
     /// local HTTP (`httpl.demo`, stays local), for `steady`'s mix.
     pub echox_out: SocketAddr,
     pub httpl_out: SocketAddr,
+    /// Cross-cluster one-way TCP (`sinkx.demo`, prefers the next cluster
+    /// like `echox.demo`), served by a sink app that counts what it read.
+    pub sinkx_out: SocketAddr,
     pub echo_app: SocketAddr,
     pub http_app: SocketAddr,
+    pub sink_app: SocketAddr,
     /// The cluster `http.demo` prefers (the next in the ring).
     pub http_prefers: String,
 }
@@ -139,7 +144,8 @@ fn controller_yaml(
          store: {{ kind: etcd, endpoints: [{endpoints}] }}\nbundle: {bundle}\n{endorsements}pins_dir: {pins}\nservices: {services}\n\
          admin: \"{admin}\"\napi:\n  listen: \"{api}\"\n  ca_dir: {ca_dir}\n  limits: {{ svid_ttl: {ttl}s }}\n\
          policies:\n  http.demo:\n    failover: [{prefers}, {third}]\n    retry: {{ attempts: 3 }}\n    outlier: {{ consecutive_failures: 3, base_ejection: 1s }}\n  \
-           echox.demo:\n    failover: [{prefers}, {third}]\n    outlier: {{ consecutive_failures: 3, base_ejection: 1s }}\n",
+           echox.demo:\n    failover: [{prefers}, {third}]\n    outlier: {{ consecutive_failures: 3, base_ejection: 1s }}\n  \
+           sinkx.demo:\n    failover: [{prefers}, {third}]\n",
         name = c.name,
         quic = c.quic_public,
         tcp = c.tcp_public,
@@ -275,8 +281,10 @@ impl Rig {
                 http_out: port(false)?,
                 echox_out: port(false)?,
                 httpl_out: port(false)?,
+                sinkx_out: port(false)?,
                 echo_app: port(false)?,
                 http_app: port(false)?,
+                sink_app: port(false)?,
                 http_prefers: CLUSTERS[(i + 1) % CLUSTERS.len()].to_owned(),
             });
         }
@@ -349,23 +357,25 @@ impl Rig {
                 common("gw")
             );
             let web = format!(
-                "{}admin: \"{}\"\noutbound:\n  - {{ listen: \"{}\", service: echo.demo, port: 7000, protocol: tcp }}\n  - {{ listen: \"{}\", service: http.demo, port: 8080 }}\n  - {{ listen: \"{}\", service: echox.demo, port: 7000, protocol: tcp }}\n  - {{ listen: \"{}\", service: httpl.demo, port: 8080 }}\n",
+                "{}admin: \"{}\"\noutbound:\n  - {{ listen: \"{}\", service: echo.demo, port: 7000, protocol: tcp }}\n  - {{ listen: \"{}\", service: http.demo, port: 8080 }}\n  - {{ listen: \"{}\", service: echox.demo, port: 7000, protocol: tcp }}\n  - {{ listen: \"{}\", service: httpl.demo, port: 8080 }}\n  - {{ listen: \"{}\", service: sinkx.demo, port: 7000, protocol: tcp }}\n",
                 common("web"),
                 c.web_admin,
                 c.echo_out,
                 c.http_out,
                 c.echox_out,
-                c.httpl_out
+                c.httpl_out,
+                c.sinkx_out
             );
             let srv = format!(
-                "{}admin: \"{}\"\ninbound:\n  listen: \"{}\"\n  services:\n    - {{ service: echo.demo, port: 7000, app: \"{}\" }}\n    - {{ service: http.demo, port: 8080, app: \"{}\" }}\n    - {{ service: echox.demo, port: 7000, app: \"{}\" }}\n    - {{ service: httpl.demo, port: 8080, app: \"{}\" }}\n",
+                "{}admin: \"{}\"\ninbound:\n  listen: \"{}\"\n  services:\n    - {{ service: echo.demo, port: 7000, app: \"{}\" }}\n    - {{ service: http.demo, port: 8080, app: \"{}\" }}\n    - {{ service: echox.demo, port: 7000, app: \"{}\" }}\n    - {{ service: httpl.demo, port: 8080, app: \"{}\" }}\n    - {{ service: sinkx.demo, port: 7000, app: \"{}\" }}\n",
                 common("srv"),
                 c.srv_admin,
                 c.srv_inbound,
                 c.echo_app,
                 c.http_app,
                 c.echo_app,
-                c.http_app
+                c.http_app,
+                c.sink_app
             );
             for (file, text) in [
                 ("controller", controller),
@@ -392,6 +402,20 @@ impl Rig {
                     &format!("{}/echo", c.name),
                     "--listen",
                     &c.echo_app.to_string(),
+                ],
+            );
+            rig.add(
+                &format!("{}-sink", c.name),
+                ns.clone(),
+                self_exe,
+                &[
+                    "app",
+                    "--kind",
+                    "sink",
+                    "--name",
+                    &format!("{}/sink", c.name),
+                    "--listen",
+                    &c.sink_app.to_string(),
                 ],
             );
             rig.add(
@@ -684,6 +708,33 @@ impl Rig {
         self.start_proc(&name)
     }
 
+    /// Restarts `cluster`'s gateway (SIGTERM, start) with `congestion`
+    /// as its config's `congestion` mapping (inline YAML without braces,
+    /// e.g. `controller: bbr`; `None`: the defaults), and waits until
+    /// every cluster serves again.
+    pub async fn restart_gateway_with_congestion(
+        &mut self,
+        cluster: &str,
+        congestion: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let file = self.dir.path().join(format!("{cluster}-gateway.yaml"));
+        let text = std::fs::read_to_string(&file)?;
+        let mut kept: String = text
+            .lines()
+            .filter(|l| !l.starts_with("congestion:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        if let Some(c) = congestion {
+            kept.push_str(&format!("congestion: {{ {c} }}\n"));
+        }
+        std::fs::write(&file, kept)?;
+        let name = format!("{cluster}-gateway");
+        self.stop(&name).await?;
+        self.start_proc(&name)?;
+        self.wait_serving(Duration::from_secs(30)).await?;
+        Ok(())
+    }
+
     /// The SVID file a cluster's proxy (`gw`, `web`, `srv`) presents; the
     /// proxy rewrites it on every renewal.
     pub fn svid_file(&self, cluster: &str, who: &str) -> PathBuf {
@@ -705,7 +756,7 @@ impl Rig {
 }
 
 /// Services every cluster exports (`services_file` without `extra.demo`).
-pub const SERVICES: u64 = 4;
+pub const SERVICES: u64 = 5;
 
 fn services_file(c: &Cluster, srv_id: &str, extra: bool) -> String {
     let mut s = String::from("services:\n");
@@ -719,6 +770,7 @@ fn services_file(c: &Cluster, srv_id: &str, extra: bool) -> String {
     svc("http.demo", 8080);
     svc("echox.demo", 7000);
     svc("httpl.demo", 8080);
+    svc("sinkx.demo", 7000);
     if extra {
         svc("extra.demo", 7000);
     }

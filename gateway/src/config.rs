@@ -9,6 +9,8 @@ use fedmesh_transport::{load_trust, BundleFile, IdentityFiles, Limits};
 use fedmesh_trust::{SharedBundles, Svid};
 use serde::{Deserialize, Serialize};
 
+use crate::congestion::CongestionConfig;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
@@ -23,6 +25,9 @@ pub struct GatewayConfig {
     pub controller: Option<ControllerLink>,
     #[serde(default)]
     pub limits: Limits,
+    /// Congestion control of what this gateway sends to its peers.
+    #[serde(default)]
+    pub congestion: CongestionConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,6 +58,7 @@ pub struct GatewaySettings {
     pub tcp_fallback: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub limits: Limits,
+    pub congestion: CongestionConfig,
     pub controller: Option<ControllerLink>,
 }
 
@@ -76,6 +82,7 @@ impl GatewayConfig {
     /// Validates every part, collecting all problems before failing.
     pub fn settings(&self) -> Result<GatewaySettings, Vec<String>> {
         let mut problems = self.limits.problems();
+        problems.extend(self.congestion.problems());
         let trust = load_trust(&self.identity, &self.bundles)
             .map_err(|e| problems.extend(e))
             .ok();
@@ -103,6 +110,7 @@ impl GatewayConfig {
                     tcp_fallback: self.listen.tcp_fallback,
                     admin: self.listen.admin,
                     limits: self.limits.clone(),
+                    congestion: self.congestion.clone(),
                     controller: self.controller.clone(),
                 })
             }

@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 mod config;
+mod congestion;
 mod link;
 mod metrics;
 mod pool;
@@ -21,10 +22,12 @@ mod tcp;
 mod transport;
 
 pub use config::{ConfigError, GatewayConfig, GatewaySettings, Listen};
+pub use congestion::{Algorithm, CongestionConfig, Observation, Observed};
 pub use metrics::{GatewayMetrics, PeerLabels, TransportLabels};
 pub use pool::PeerStatus;
 pub use quic::{
-    client_config as quic_client_config, server_config as quic_server_config, QuicError,
+    client_config as quic_client_config, server_config as quic_server_config, PeerConfigs,
+    QuicError,
 };
 pub use server::{Gateway, GatewayError};
 pub use tcp::ALPN_H2;

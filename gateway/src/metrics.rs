@@ -73,6 +73,177 @@ pub struct GatewayMetrics {
     pub udp_calls: Family<DirectionLabels, Counter>,
     pub peer_connections: Gauge,
     pub sidecar_connections: Gauge,
+    pub path: PathMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ControllerLabels {
+    pub peer: String,
+    pub controller: &'static str,
+}
+
+/// The QUIC path to each peer gateway, from quinn's connection stats and
+/// the congestion controller ([`crate::congestion::Observed`]). Gauges
+/// follow the connection in use; counters add up every QUIC connection
+/// to the peer.
+#[derive(Clone, Debug, Default)]
+pub struct PathMetrics {
+    pub cwnd: Family<PeerLabels, Gauge>,
+    pub in_flight: Family<PeerLabels, Gauge>,
+    /// +Inf while the controller is in slow start without a threshold;
+    /// absent for BBR, which has none.
+    pub ssthresh: Family<PeerLabels, Gauge<f64, AtomicU64>>,
+    pub mtu: Family<PeerLabels, Gauge>,
+    pub controller: Family<ControllerLabels, Gauge>,
+    pub sent_packets: Family<PeerLabels, Counter>,
+    pub lost_packets: Family<PeerLabels, Counter>,
+    pub congestion_events: Family<PeerLabels, Counter>,
+    pub black_holes: Family<PeerLabels, Counter>,
+    pub restarts: Family<PeerLabels, Counter>,
+}
+
+/// What a connection's counters stood at when last published.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PathTotals {
+    sent: u64,
+    lost: u64,
+    events: u64,
+    black_holes: u64,
+    restarts: u64,
+}
+
+impl PathMetrics {
+    fn register(&self, reg: &mut Registry) {
+        reg.register(
+            "peer_cwnd_bytes",
+            "Congestion window of the QUIC connection to the peer gateway",
+            self.cwnd.clone(),
+        );
+        reg.register(
+            "peer_bytes_in_flight",
+            "Bytes sent to the peer gateway and not yet acknowledged or lost",
+            self.in_flight.clone(),
+        );
+        reg.register(
+            "peer_ssthresh_bytes",
+            "Slow-start threshold of a loss-based controller (+Inf: none yet)",
+            self.ssthresh.clone(),
+        );
+        reg.register(
+            "peer_path_mtu_bytes",
+            "Largest UDP payload the QUIC path to the peer carries now",
+            self.mtu.clone(),
+        );
+        reg.register(
+            "peer_congestion_controller",
+            "1 for the congestion controller of the connection to the peer",
+            self.controller.clone(),
+        );
+        reg.register(
+            "peer_sent_packets",
+            "QUIC packets sent to the peer gateway",
+            self.sent_packets.clone(),
+        );
+        reg.register(
+            "peer_lost_packets",
+            "QUIC packets to the peer gateway declared lost",
+            self.lost_packets.clone(),
+        );
+        reg.register(
+            "peer_congestion_events",
+            "Congestion events (window reductions) on the QUIC path to the peer",
+            self.congestion_events.clone(),
+        );
+        reg.register(
+            "peer_black_holes",
+            "MTU black holes detected on the path to the peer (packets shrink to 1200 bytes)",
+            self.black_holes.clone(),
+        );
+        reg.register(
+            "peer_slow_start_restarts",
+            "Slow starts restarted after persistent congestion (a path event)",
+            self.restarts.clone(),
+        );
+    }
+
+    /// Zeroes `peer`'s gauges when its QUIC connection closes: they
+    /// describe the connection in use, and the next one in use (within a
+    /// watch tick) sets them again.
+    pub fn clear(&self, peer: &str) {
+        let l = PeerLabels {
+            peer: peer.to_owned(),
+        };
+        for g in [&self.cwnd, &self.in_flight, &self.mtu] {
+            g.get_or_create(&l).set(0);
+        }
+        for a in crate::congestion::Algorithm::ALL {
+            self.controller
+                .get_or_create(&ControllerLabels {
+                    peer: peer.to_owned(),
+                    controller: a.as_str(),
+                })
+                .set(0);
+        }
+    }
+
+    /// Publishes one QUIC connection to `peer`: its counters' growth since
+    /// `last` always, its gauges when it is the connection in use.
+    pub fn publish(
+        &self,
+        peer: &str,
+        path: &quinn::PathStats,
+        seen: &crate::congestion::Observation,
+        in_use: bool,
+        last: &mut PathTotals,
+    ) {
+        let l = PeerLabels {
+            peer: peer.to_owned(),
+        };
+        let now = PathTotals {
+            sent: path.sent_packets,
+            lost: path.lost_packets,
+            events: path.congestion_events,
+            black_holes: path.black_holes_detected,
+            restarts: seen.restarts,
+        };
+        for (family, was, is) in [
+            (&self.sent_packets, last.sent, now.sent),
+            (&self.lost_packets, last.lost, now.lost),
+            (&self.congestion_events, last.events, now.events),
+            (&self.black_holes, last.black_holes, now.black_holes),
+            (&self.restarts, last.restarts, now.restarts),
+        ] {
+            if is > was {
+                family.get_or_create(&l).inc_by(is - was);
+            }
+        }
+        *last = now;
+        if !in_use {
+            return;
+        }
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.cwnd.get_or_create(&l).set(gauge(path.cwnd));
+        self.in_flight.get_or_create(&l).set(gauge(seen.in_flight));
+        self.mtu.get_or_create(&l).set(i64::from(path.current_mtu));
+        if let Some(t) = seen.ssthresh {
+            let v = if t == u64::MAX {
+                f64::INFINITY
+            } else {
+                t as f64
+            };
+            self.ssthresh.get_or_create(&l).set(v);
+        }
+        if let Some(a) = seen.algorithm {
+            for other in crate::congestion::Algorithm::ALL {
+                self.controller
+                    .get_or_create(&ControllerLabels {
+                        peer: peer.to_owned(),
+                        controller: other.as_str(),
+                    })
+                    .set(i64::from(other == a));
+            }
+        }
+    }
 }
 
 /// Why a try to open a stream on a peer failed: the `reason` label of
@@ -193,6 +364,7 @@ impl GatewayMetrics {
             "Open TLS connections from sidecars",
             self.sidecar_connections.clone(),
         );
+        self.path.register(reg);
     }
 
     /// Records how `peer` is reached now (`None`: not at all).

@@ -354,7 +354,8 @@ pub struct Dialer {
     /// This gateway's cluster, for the pair's tie-break ([`dials`]).
     pub local: ClusterName,
     pub endpoint: Endpoint,
-    pub quic: quinn::ClientConfig,
+    /// QUIC client configs, one per congestion controller in use.
+    pub quic: crate::quic::PeerConfigs,
     /// TLS for the TCP fallback (ALPN `fedmesh-h2/1`).
     pub tcp: TlsConnector,
     /// The gateway's own address, to dial TCP from.
@@ -374,7 +375,7 @@ impl Dialer {
         match transport {
             Transport::Quic => connect(
                 &self.endpoint,
-                &self.quic,
+                self.quic.client_for(peer.cluster.as_str()),
                 peer,
                 self.limits.connect_timeout,
             )
@@ -773,14 +774,31 @@ async fn watch(cell: Arc<Cell>, id: ConnId, conn: PeerConn, ctx: Ctx) {
             let mut seen = q.stats().udp_rx.datagrams;
             let mut heard = Instant::now();
             let mut reported = false;
+            let mut totals = crate::metrics::PathTotals::default();
+            let publish = |totals: &mut crate::metrics::PathTotals| {
+                let stats = q.stats();
+                let in_use = lock(&cell.state).link.installed() == Some(id);
+                if in_use {
+                    metrics
+                        .peer_rtt
+                        .get_or_create(&labels)
+                        .set(stats.path.rtt.as_secs_f64());
+                }
+                let observed = crate::congestion::Observed::of(q);
+                metrics
+                    .path
+                    .publish(&labels.peer, &stats.path, &observed, in_use, totals);
+                stats
+            };
             loop {
                 tokio::select! {
-                    r = q.closed() => break r.to_string(),
+                    r = q.closed() => {
+                        publish(&mut totals);
+                        metrics.path.clear(&labels.peer);
+                        break r.to_string();
+                    }
                     _ = tick.tick() => {
-                        let stats = q.stats();
-                        if lock(&cell.state).link.installed() == Some(id) {
-                            metrics.peer_rtt.get_or_create(&labels).set(stats.path.rtt.as_secs_f64());
-                        }
+                        let stats = publish(&mut totals);
                         if stats.udp_rx.datagrams != seen {
                             seen = stats.udp_rx.datagrams;
                             heard = Instant::now();
@@ -851,13 +869,19 @@ mod tests {
         ca: &CertificateAuthority,
         bundles: &SharedBundles,
         limits: &Limits,
-    ) -> (Endpoint, quinn::ClientConfig, SvidSource) {
+    ) -> (Endpoint, crate::quic::PeerConfigs, SvidSource) {
         let id = ca.trust_domain().system_id("gateway");
         let svid = SvidSource::new(ca.issue(&id, Duration::from_secs(600)).unwrap()).unwrap();
-        let server = crate::quic::server_config(&svid, bundles.clone(), limits).unwrap();
-        let ep = Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
-        let client = crate::quic::client_config(&svid, bundles.clone(), limits).unwrap();
-        (ep, client, svid)
+        let configs = crate::quic::PeerConfigs::new(
+            &svid,
+            bundles.clone(),
+            limits,
+            &crate::congestion::CongestionConfig::default(),
+        )
+        .unwrap();
+        let ep =
+            Endpoint::server(configs.default_server(), "127.0.0.1:0".parse().unwrap()).unwrap();
+        (ep, configs, svid)
     }
 
     /// Echoes every stream of every connection `ep` accepts.
@@ -946,7 +970,7 @@ mod tests {
                 pool,
                 east,
                 east_ep,
-                east_client,
+                east_client: east_client.client_for("west").clone(),
                 west_ep,
             }
         }

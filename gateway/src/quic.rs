@@ -10,6 +10,9 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use fedmesh_transport::Limits;
+use std::collections::BTreeMap;
+
+use crate::congestion::{Algorithm, CongestionConfig};
 use fedmesh_trust::{ClientAuth, PeerPolicy, SharedBundles, SvidSource};
 use prometheus_client::metrics::counter::Counter;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -27,7 +30,27 @@ pub enum QuicError {
     Bind { addr: SocketAddr, source: io::Error },
 }
 
-fn transport(limits: &Limits) -> Arc<TransportConfig> {
+/// Largest reordering, in packets, before a packet counts as lost by
+/// number: RACK's view (RFC 8985) that on paths that reorder, time is
+/// the signal. At 1 Gbit/s a packet overtaken by 1 ms is ~85 packets
+/// behind; quinn's default of 3 would call it lost, and a loss-based
+/// controller would cut its window for it.
+const PACKET_THRESHOLD: u32 = 256;
+/// A packet is lost once acknowledgements of later ones have arrived for
+/// this many round trips: RACK's reordering window of a quarter round
+/// trip (quinn's default is an eighth).
+const TIME_THRESHOLD: f32 = 1.25;
+/// Flow-control windows sized for a 100 ms × 1 Gbit/s path: its
+/// bandwidth-delay product is 12.5 MB, so one stream may fill it with
+/// room for the reader to lag, and the connection may carry two such.
+const STREAM_WINDOW: u32 = 16 << 20;
+const CONNECTION_WINDOW: u32 = 32 << 20;
+
+fn transport(
+    limits: &Limits,
+    congestion: &CongestionConfig,
+    algorithm: Algorithm,
+) -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(limits.max_streams_per_connection));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
@@ -38,22 +61,34 @@ fn transport(limits: &Limits) -> Arc<TransportConfig> {
     t.max_idle_timeout(Some(idle));
     // Larger windows than quinn's defaults: one connection carries every
     // tunneled connection to a peer cluster.
-    t.stream_receive_window(VarInt::from_u32(8 << 20));
-    t.receive_window(VarInt::from_u32(32 << 20));
-    t.send_window(32 << 20);
+    t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
+    t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
+    t.send_window(u64::from(CONNECTION_WINDOW));
+    t.packet_threshold(PACKET_THRESHOLD);
+    t.time_threshold(TIME_THRESHOLD);
+    t.congestion_controller_factory(congestion.factory(algorithm));
     // Path MTU discovery may grow packets up to the configured bound:
     // jumbo-frame cluster networks (and loopback) then carry ~6x fewer
     // packets, and fewer packets is what QUIC throughput is bound by.
+    // After a black hole (a burst of large packets lost) quinn falls back
+    // to 1200-byte packets; it probes again after 5 s rather than its
+    // default minute, so a short path event costs seconds of small
+    // packets, not a minute.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(limits.quic_max_udp_payload);
+    mtu.black_hole_cooldown(BLACK_HOLE_COOLDOWN);
     t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
 }
 
+const BLACK_HOLE_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The QUIC server config for peers sending with `congestion.controller`.
 pub fn server_config(
     svid: &SvidSource,
     bundles: SharedBundles,
     limits: &Limits,
+    congestion: &CongestionConfig,
 ) -> Result<quinn::ServerConfig, QuicError> {
     // Any SVID that verifies against its own domain's bundle completes the
     // handshake; which peer gateways are welcome is decided right after,
@@ -67,17 +102,19 @@ pub fn server_config(
     )?;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    cfg.transport_config(transport(limits));
+    cfg.transport_config(transport(limits, congestion, congestion.controller));
     // Gateways have stable addresses; refusing migration means a peer's
     // connection cannot be moved to another address mid-flight.
     cfg.migration(false);
     Ok(cfg)
 }
 
+/// The QUIC client config for dialing with `congestion.controller`.
 pub fn client_config(
     svid: &SvidSource,
     bundles: SharedBundles,
     limits: &Limits,
+    congestion: &CongestionConfig,
 ) -> Result<quinn::ClientConfig, QuicError> {
     let tls = fedmesh_trust::client_config_from(
         svid,
@@ -87,8 +124,70 @@ pub fn client_config(
     )?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| QuicError::Crypto(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport(limits));
+    cfg.transport_config(transport(limits, congestion, congestion.controller));
     Ok(cfg)
+}
+
+/// The QUIC configs of a gateway: one server and one client config per
+/// congestion controller some peer uses, the same TLS for all.
+#[derive(Clone)]
+pub struct PeerConfigs {
+    congestion: CongestionConfig,
+    server: BTreeMap<Algorithm, Arc<quinn::ServerConfig>>,
+    client: BTreeMap<Algorithm, quinn::ClientConfig>,
+    /// For `congestion.controller`, also in the maps.
+    default_server: Arc<quinn::ServerConfig>,
+    default_client: quinn::ClientConfig,
+}
+
+impl PeerConfigs {
+    pub fn new(
+        svid: &SvidSource,
+        bundles: SharedBundles,
+        limits: &Limits,
+        congestion: &CongestionConfig,
+    ) -> Result<Self, QuicError> {
+        let server = server_config(svid, bundles.clone(), limits, congestion)?;
+        let client = client_config(svid, bundles, limits, congestion)?;
+        let mut configs = Self {
+            congestion: congestion.clone(),
+            server: BTreeMap::new(),
+            client: BTreeMap::new(),
+            default_server: Arc::new(server.clone()),
+            default_client: client.clone(),
+        };
+        for a in congestion.in_use() {
+            let t = transport(limits, congestion, a);
+            let mut s = server.clone();
+            s.transport_config(t.clone());
+            let mut c = client.clone();
+            c.transport_config(t);
+            configs.server.insert(a, Arc::new(s));
+            configs.client.insert(a, c);
+        }
+        Ok(configs)
+    }
+
+    /// The server config for connections no peer is known for yet.
+    pub fn default_server(&self) -> quinn::ServerConfig {
+        self.server_for(None).as_ref().clone()
+    }
+
+    /// The server config for a connection from `peer` (by its address;
+    /// `None` when no peer has it).
+    pub fn server_for(&self, peer: Option<&str>) -> Arc<quinn::ServerConfig> {
+        let a = peer.map_or(self.congestion.controller, |p| self.congestion.for_peer(p));
+        self.server.get(&a).unwrap_or(&self.default_server).clone()
+    }
+
+    pub fn client_for(&self, peer: &str) -> &quinn::ClientConfig {
+        let a = self.congestion.for_peer(peer);
+        self.client.get(&a).unwrap_or(&self.default_client)
+    }
+
+    pub fn algorithm_for(&self, peer: &str) -> Algorithm {
+        self.congestion.for_peer(peer)
+    }
 }
 
 /// What the socket wrapper counts.

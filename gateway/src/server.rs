@@ -49,6 +49,8 @@ pub enum GatewayError {
 struct Shared {
     catalog: RwLock<Arc<Catalog>>,
     limits: Limits,
+    /// QUIC configs per congestion controller (chosen per peer).
+    quic: quic::PeerConfigs,
     metrics: GatewayMetrics,
     endpoint: Endpoint,
     connector: TlsConnector,
@@ -139,10 +141,11 @@ impl Gateway {
         // Renewal stores a new SVID here; every listener and dialer below
         // presents it from the next handshake on.
         let identity = SvidSource::new(s.identity.clone())?;
-        let server = quic::server_config(&identity, s.bundles.clone(), &s.limits)?;
+        let quic_configs =
+            quic::PeerConfigs::new(&identity, s.bundles.clone(), &s.limits, &s.congestion)?;
         let endpoint = quic::endpoint(
             s.quic,
-            server,
+            quic_configs.default_server(),
             s.limits.quic_socket_buffer_bytes,
             quic::SocketCounters::of(&metrics),
         )?;
@@ -151,7 +154,6 @@ impl Gateway {
             addr: s.quic,
             source,
         })?;
-        let quic_client = quic::client_config(&identity, s.bundles.clone(), &s.limits)?;
         // Sidecars reach the gateway only from inside the cluster: the TLS
         // handshake itself refuses any other trust domain.
         let own = PeerPolicy::trust_domain(s.catalog.trust_domain.clone());
@@ -228,7 +230,7 @@ impl Gateway {
                 Dialer {
                     local: local_cluster,
                     endpoint: endpoint.clone(),
-                    quic: quic_client.clone(),
+                    quic: quic_configs.clone(),
                     tcp: TlsConnector::from(Arc::new(fallback_client)),
                     from: Some(quic_addr.ip()),
                     limits: s.limits.clone(),
@@ -245,6 +247,7 @@ impl Gateway {
                 },
             ),
             limits: s.limits,
+            quic: quic_configs,
             metrics,
             endpoint,
             connector: TlsConnector::from(Arc::new(client_tls)),
@@ -449,7 +452,25 @@ async fn accept_peers(shared: Arc<Shared>) {
         let shared = shared.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            let conn = match incoming.await {
+            // The congestion controller is chosen before the handshake,
+            // so by the address the peer dials from: its catalog address
+            // when it dials from its QUIC port (gateways do). Behind a
+            // NAT no peer matches and the default controller is used.
+            let by_addr = shared
+                .catalog()
+                .peers()
+                .find(|p| p.address == remote)
+                .map(|p| p.cluster.to_string());
+            let config = shared.quic.server_for(by_addr.as_deref());
+            let accepting = match incoming.accept_with(config) {
+                Ok(a) => a,
+                Err(e) => {
+                    shared.metrics.reject("handshake_failed");
+                    tracing::warn!(%remote, error = %e, "peer QUIC connection not accepted");
+                    return;
+                }
+            };
+            let conn = match accepting.await {
                 Ok(c) => c,
                 Err(e) => {
                     shared.metrics.reject("handshake_failed");

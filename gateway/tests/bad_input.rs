@@ -39,7 +39,8 @@ async fn quic_client(rig: &Rig, to: &str, svid: &Svid) -> Result<quinn::Connecti
     let to = rig.cluster(to).unwrap();
     let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     let svid = fedmesh_trust::SvidSource::new(svid.clone()).unwrap();
-    let cfg = quic_client_config(&svid, to.bundles.clone(), &limits()).unwrap();
+    let cfg =
+        quic_client_config(&svid, to.bundles.clone(), &limits(), &Default::default()).unwrap();
     ep.set_default_client_config(cfg);
     let conn = ep
         .connect(to.gateway.quic_addr(), "fedmesh.invalid")

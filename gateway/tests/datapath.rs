@@ -109,6 +109,7 @@ async fn admin_gateway(
         tcp_fallback: None,
         admin: Some(any),
         limits: Default::default(),
+        congestion: Default::default(),
         controller,
     };
     let mut reg = prometheus_client::registry::Registry::default();

@@ -245,8 +245,12 @@ async fn raw_quic_goodput(
         .ca
         .issue(&east.trust_domain.system_id("gateway"), day)?;
     let client_id = fedmesh_trust::SvidSource::new(client_id)?;
-    let server_cfg =
-        fedmesh_gateway::quic_server_config(&server_id, west.bundles.clone(), &limits)?;
+    let server_cfg = fedmesh_gateway::quic_server_config(
+        &server_id,
+        west.bundles.clone(),
+        &limits,
+        &Default::default(),
+    )?;
     let server = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse()?)?;
     let addr = server.local_addr()?;
     let srv = tokio::spawn(async move {
@@ -267,6 +271,7 @@ async fn raw_quic_goodput(
         &client_id,
         east.bundles.clone(),
         &limits,
+        &Default::default(),
     )?);
     let conn = client.connect(addr, "fedmesh.invalid")?.await?;
     let (mut send, mut recv) = conn.open_bi().await?;

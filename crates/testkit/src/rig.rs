@@ -251,6 +251,7 @@ impl Rig {
                     tcp_fallback: topo.tcp_fallback.then(|| ANY.parse()).transpose()?,
                     admin: None,
                     limits: topo.limits.clone(),
+                    congestion: Default::default(),
                     controller: None,
                 },
                 reg,

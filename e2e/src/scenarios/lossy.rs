@@ -140,11 +140,81 @@ impl Before {
 }
 
 pub(super) async fn lossy_wan(rig: &mut Rig, p: &Params, o: &mut Outcome, tl: &mut Timeline) {
-    let Some(wan) = wan_or_skip(rig, o, tl, "lossy-wan") else {
+    if wan_or_skip(rig, o, tl, "lossy-wan").is_none() {
         return;
-    };
-    let r = run(rig, wan, p, o, tl).await;
-    restore(rig, wan, o, "lossy-wan", r);
+    }
+    // The gateways start with the default controller.
+    let default = default_spec();
+    let mut controller = Some(default.clone());
+    let r = run(rig, p, o, tl, &mut controller).await;
+    if controller != Some(default) {
+        for c in ["east", "west"] {
+            if let Err(e) = rig.restart_gateway_with_congestion(c, None).await {
+                o.check(
+                    format!("{c}'s gateway restarts with its default controller"),
+                    false,
+                    format!("{e:#}"),
+                );
+            }
+        }
+    }
+    if let Ok(wan) = &rig.wan {
+        restore(rig, wan, o, "lossy-wan", r);
+    }
+}
+
+/// The WAN of a rig that has one.
+fn the_wan(rig: &Rig) -> anyhow::Result<&Wan> {
+    rig.wan.as_ref().map_err(|e| anyhow::anyhow!("no WAN: {e}"))
+}
+
+fn default_spec() -> String {
+    format!(
+        "controller: {}",
+        fedmesh_gateway::CongestionConfig::default().controller
+    )
+}
+
+/// What each case runs: (transport, congestion control). For QUIC, both
+/// gateways restart with that controller; for TCP, the WAN's routes set
+/// it. `--quick` (CI) runs QUIC with the default controller only.
+const CASES: [(&str, &str); 4] = [
+    ("quic", "bbr"),
+    ("quic", "cubic"),
+    ("tcp", "cubic"),
+    ("tcp", "bbr"),
+];
+
+/// The path-event case's runs: the [`CASES`], and Cubic without
+/// fedmesh's path-event handling (quinn's Cubic as it is), to show what
+/// that handling changes.
+const EVENT_CASES: [(&str, &str, &str); 5] = [
+    ("quic", "bbr", "controller: bbr"),
+    ("quic", "cubic", "controller: cubic"),
+    (
+        "quic",
+        "cubic-plain",
+        "controller: cubic, path_event_recovery: false",
+    ),
+    ("tcp", "cubic", ""),
+    ("tcp", "bbr", ""),
+];
+
+/// Restarts east's and west's gateways with `spec` as their config's
+/// `congestion` mapping, unless they already run it.
+async fn quic_controller(
+    rig: &mut Rig,
+    spec: &str,
+    now: &mut Option<String>,
+) -> anyhow::Result<()> {
+    if now.as_deref() == Some(spec) {
+        return Ok(());
+    }
+    for c in ["east", "west"] {
+        rig.restart_gateway_with_congestion(c, Some(spec)).await?;
+    }
+    *now = Some(spec.to_owned());
+    Ok(())
 }
 
 /// The WAN, or a passing check that says why the scenario `name` is
@@ -249,16 +319,20 @@ pub(super) async fn prepare(
 }
 
 async fn run(
-    rig: &Rig,
-    wan: &Wan,
+    rig: &mut Rig,
     p: &Params,
     o: &mut Outcome,
     tl: &mut Timeline,
+    controller: &mut Option<String>,
 ) -> anyhow::Result<()> {
     if p.quick {
-        tl.note("--quick: 1% loss only (not 0% too), 8 s phases (not 20 s), a 16 s self-test flow (not 30 s), recovery series of 5 s (not 10 s)");
+        tl.note("--quick: 1% loss only (not 0% too), QUIC with the default controller only, 8 s phases (not 20 s), a 16 s self-test flow (not 30 s), recovery series of 5 s (not 10 s), path event on QUIC only with 3 s transfers (not 10 s)");
     }
-    let ends = prepare(rig, wan, p, o, tl).await?;
+    let default_cc = fedmesh_gateway::CongestionConfig::default()
+        .controller
+        .to_string();
+    let wanted = |transport: &str, cc: &str| !p.quick || transport == "tcp" || cc == default_cc;
+    let ends = prepare(rig, the_wan(rig)?, p, o, tl).await?;
     let mut report = serde_json::json!({ "selftest": ends.selftest.clone(), "runs": [] });
     if !ends.selftest.passed() {
         o.wan = Some(report);
@@ -270,7 +344,14 @@ async fn run(
     let losses: &[f64] = if p.quick { &[1.0] } else { &[0.0, 1.0] };
     let mut runs = Vec::new();
     for &loss in losses {
-        for (transport, cc) in [("quic", "cubic"), ("tcp", "cubic"), ("tcp", "bbr")] {
+        for (transport, cc) in CASES {
+            if !wanted(transport, cc) {
+                continue;
+            }
+            if transport == "quic" {
+                quic_controller(rig, &format!("controller: {cc}"), controller).await?;
+            }
+            let wan = the_wan(rig)?;
             let congestion = match use_transport(rig, wan, transport, cc, tl).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -327,18 +408,18 @@ async fn run(
             runs.push(r);
             if transport == "quic" {
                 wan.impair_both("east", "west", set)?;
-                let raw = raw_quinn(wan, &ends, phase).await;
+                let raw = raw_quinn(wan, &ends, phase, Some(cc)).await;
                 wan.impair_both("east", "west", Impairment::default())?;
                 let mut raw = raw.unwrap_or_else(|e| WanRun {
                     transport: "raw".into(),
-                    congestion: "quinn".into(),
+                    congestion: cc.into(),
                     bulk_error: Some(format!("{e:#}")),
                     ..WanRun::default()
                 });
                 raw.loss_percent = loss;
                 raw.rtt_ms = r_rtt;
                 tl.note(format!(
-                    "raw quinn at {loss}% loss: {:.2} Mbit/s one way ({} B in {:.1} s){}",
+                    "raw quinn {cc} at {loss}% loss: {:.2} Mbit/s one way ({} B in {:.1} s){}",
                     raw.bulk_mbit,
                     raw.bulk_bytes,
                     raw.bulk_secs,
@@ -351,6 +432,25 @@ async fn run(
             }
         }
     }
+    let mut events = Vec::new();
+    for (transport, cc, spec) in EVENT_CASES {
+        if p.quick && (transport != "quic" || cc != default_cc) {
+            continue;
+        }
+        if transport == "quic" {
+            quic_controller(rig, spec, controller).await?;
+        }
+        match path_event(rig, the_wan(rig)?, p, transport, cc, tl).await {
+            Ok(e) => events.push(e),
+            Err(e) => o.check(
+                format!("path event on {transport} {cc} ran"),
+                false,
+                format!("{e:#}"),
+            ),
+        }
+    }
+    quic_controller(rig, &default_spec(), controller).await?;
+    let wan = the_wan(rig)?;
     match recovery(rig, wan, p, tl).await {
         Ok(rec) => {
             o.check(
@@ -374,7 +474,15 @@ async fn run(
     ));
     o.table.push(header());
     o.table.extend(runs.iter().map(WanRun::row));
+    o.table.push(format!(
+        "  path event, clean {} ms path: bulk Mbit/s (mean of 1 s windows) on a fresh connection, right after (warm), and after idling, a {} ms blackout and 1 s of small requests",
+        RTT.as_millis(),
+        BLIP.as_millis()
+    ));
+    o.table.push(PathEvent::header());
+    o.table.extend(events.iter().map(PathEvent::row));
     report["runs"] = serde_json::to_value(&runs)?;
+    report["path_events"] = serde_json::to_value(&events)?;
     o.wan = Some(report);
     Ok(())
 }
@@ -390,7 +498,9 @@ pub(super) async fn use_transport(
     cc: &str,
     tl: &mut Timeline,
 ) -> anyhow::Result<String> {
-    wan.attach(cc)?;
+    // The routes' TCP congestion control matters only to the fallback;
+    // for QUIC `cc` names the gateways' controller.
+    wan.attach(if transport == "tcp" { cc } else { "cubic" })?;
     let limit = Duration::from_secs(30);
     // A fresh peer connection every time: one carries every stream of
     // the pair, and the congestion state a run leaves (a window shrunk
@@ -411,7 +521,7 @@ pub(super) async fn use_transport(
             "east is not on QUIC to west within {limit:?}"
         );
         tl.note("east reaches west over QUIC (a fresh connection)");
-        return Ok("quinn".to_owned());
+        return Ok(cc.to_owned());
     }
     rig.cut("east", "west", false, true)?;
     let waited = until_transport(rig, "east", "west", "tcp", limit).await;
@@ -641,7 +751,12 @@ async fn bulk_echo_marked(
 
 /// One raw quinn stream east → west for `secs` (`probe quic-send` and
 /// `quic-sink` in the two namespaces): what QUIC itself moves on the path.
-pub(super) async fn raw_quinn(wan: &Wan, ends: &Ends, secs: Duration) -> anyhow::Result<WanRun> {
+pub(super) async fn raw_quinn(
+    wan: &Wan,
+    ends: &Ends,
+    secs: Duration,
+    cc: Option<&str>,
+) -> anyhow::Result<WanRun> {
     use crate::selftest::Probe;
     let at = SocketAddr::new(ends.west.2, 29_003);
     let ca = ends.ca_dir.display().to_string();
@@ -657,7 +772,10 @@ pub(super) async fn raw_quinn(wan: &Wan, ends: &Ends, secs: Duration) -> anyhow:
             ca.clone(),
             "--secs".into(),
             secs.as_secs_f64().to_string(),
-        ],
+        ]
+        .into_iter()
+        .chain(congestion_args(cc))
+        .collect::<Vec<String>>(),
     )?;
     sink.line(Duration::from_secs(5)).await?;
     Probe::start(
@@ -671,7 +789,10 @@ pub(super) async fn raw_quinn(wan: &Wan, ends: &Ends, secs: Duration) -> anyhow:
             ca,
             "--secs".into(),
             (secs.as_secs_f64() + 30.0).to_string(),
-        ],
+        ]
+        .into_iter()
+        .chain(congestion_args(cc))
+        .collect::<Vec<String>>(),
     )?
     .finish(secs + Duration::from_secs(40))
     .await?;
@@ -679,7 +800,7 @@ pub(super) async fn raw_quinn(wan: &Wan, ends: &Ends, secs: Duration) -> anyhow:
         serde_json::from_str(&sink.finish(Duration::from_secs(10)).await?)?;
     let mut r = WanRun {
         transport: "raw".into(),
-        congestion: "quinn".into(),
+        congestion: cc.unwrap_or("default").into(),
         bulk_bytes: got.bytes,
         bulk_secs: got.secs,
         bulk_mbit: got.mbit(),
@@ -688,6 +809,228 @@ pub(super) async fn raw_quinn(wan: &Wan, ends: &Ends, secs: Duration) -> anyhow:
     };
     before.fill(wan, ends, &mut r).await;
     Ok(r)
+}
+
+fn congestion_args(cc: Option<&str>) -> Vec<String> {
+    cc.map(|c| vec!["--congestion".to_owned(), c.to_owned()])
+        .unwrap_or_default()
+}
+
+/// How long the path-event case's blackout lasts: long enough for QUIC
+/// to declare persistent congestion (3 PTOs, ~200 ms at 30 ms), short
+/// enough that the gateways keep the connection (they declare a peer
+/// dead after 3 missed keep-alives, 600 ms by default).
+const BLIP: Duration = Duration::from_millis(400);
+
+/// The path-event case of one transport: what users feel on a gateway
+/// pair whose one connection lives for days.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct PathEvent {
+    pub transport: String,
+    pub congestion: String,
+    /// Per 1 s window: the first bulk stream on a fresh connection, the
+    /// next one right after it, and the first after the event.
+    pub fresh_mbit: Vec<f64>,
+    pub warm_mbit: Vec<f64>,
+    pub after_mbit: Vec<f64>,
+    /// The same three with one-way bulk streams (`sinkx.demo`: east →
+    /// west's sink app), on a second fresh connection: the goodput of
+    /// each whole stream, drained. An echo couples the two directions'
+    /// congestion controllers (each sends what the other delivered),
+    /// which a bandwidth-probing controller may not get out of.
+    pub oneway_fresh_mbit: f64,
+    pub oneway_warm_mbit: f64,
+    pub oneway_after_mbit: f64,
+    /// East's gateway's path metrics for west just before and just after
+    /// the bulk stream after the event (QUIC only).
+    pub before_bulk: BTreeMap<String, f64>,
+    pub after_bulk: BTreeMap<String, f64>,
+}
+
+fn mean(v: &[f64]) -> f64 {
+    v.iter().sum::<f64>() / v.len().max(1) as f64
+}
+
+impl PathEvent {
+    fn header() -> String {
+        format!(
+            "  {:<17} {:>23} {:>23}  {}",
+            "transport",
+            "echo fresh/warm/after",
+            "one-way fresh/warm/after",
+            "echo after event, per second"
+        )
+    }
+
+    fn row(&self) -> String {
+        format!(
+            "  {:<17} {:>23} {:>23}  {:?}",
+            format!("{} {}", self.transport, self.congestion),
+            format!(
+                "{:.1} / {:.1} / {:.1}",
+                mean(&self.fresh_mbit),
+                mean(&self.warm_mbit),
+                mean(&self.after_mbit)
+            ),
+            format!(
+                "{:.1} / {:.1} / {:.1}",
+                self.oneway_fresh_mbit, self.oneway_warm_mbit, self.oneway_after_mbit
+            ),
+            self.after_mbit
+        )
+    }
+}
+
+/// `from`'s gateway's `fedmesh_gateway_peer_*` samples for `peer`, by
+/// name without the prefix.
+async fn peer_path(rig: &Rig, from: &str, peer: &str) -> BTreeMap<String, f64> {
+    let mut out = BTreeMap::new();
+    let Some(c) = rig.cluster(from) else {
+        return out;
+    };
+    let Some((200, body)) = crate::rig::admin_get(c.gateway_admin, "/metrics").await else {
+        return out;
+    };
+    let label = format!("peer=\"{peer}\"");
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix("fedmesh_gateway_peer_") else {
+            continue;
+        };
+        let Some((name, tail)) = rest.split_once('{') else {
+            continue;
+        };
+        let Some((labels, value)) = tail.split_once("} ") else {
+            continue;
+        };
+        if !labels.split(',').any(|l| l == label) {
+            continue;
+        }
+        let key = match labels.split(',').find(|l| l.starts_with("controller=")) {
+            Some(c) => format!("{name}{{{c}}}"),
+            None => name.to_owned(),
+        };
+        if let Ok(v) = value.trim().parse::<f64>() {
+            out.insert(key, v);
+        }
+    }
+    out
+}
+
+/// A fresh connection of `transport` on a clean 30 ms path: a bulk
+/// stream, another right after, then the connection idles, the WAN drops
+/// everything for [`BLIP`], 1 s of small requests follow, and a last bulk
+/// stream shows how the connection came back.
+async fn path_event(
+    rig: &Rig,
+    wan: &Wan,
+    p: &Params,
+    transport: &str,
+    cc: &str,
+    tl: &mut Timeline,
+) -> anyhow::Result<PathEvent> {
+    let congestion = use_transport(rig, wan, transport, cc, tl).await?;
+    let clean = Impairment::path(RTT, 0.0);
+    wan.impair_both("east", "west", clean)?;
+    let windows = if p.quick { 3 } else { 10 };
+    let east = rig
+        .cluster("east")
+        .ok_or_else(|| anyhow::anyhow!("no east"))?;
+    let fresh = series(east.echox_out, windows).await?;
+    let warm = series(east.echox_out, windows).await?;
+    blip(rig, wan, p, transport).await?;
+    let before_bulk = peer_path(rig, "east", "west").await;
+    let after = series(east.echox_out, windows).await?;
+    let after_bulk = peer_path(rig, "east", "west").await;
+
+    // One way, on a fresh connection of its own.
+    use_transport(rig, wan, transport, cc, tl).await?;
+    wan.impair_both("east", "west", clean)?;
+    let secs = Duration::from_secs(windows as u64);
+    let oneway_fresh = one_way(east.sinkx_out, secs).await?;
+    let oneway_warm = one_way(east.sinkx_out, secs).await?;
+    blip(rig, wan, p, transport).await?;
+    let oneway_after = one_way(east.sinkx_out, secs).await?;
+    wan.impair_both("east", "west", Impairment::default())?;
+    let round =
+        |v: Vec<f64>| -> Vec<f64> { v.into_iter().map(|x| (x * 10.0).round() / 10.0).collect() };
+    let e = PathEvent {
+        transport: transport.to_owned(),
+        congestion,
+        fresh_mbit: round(fresh),
+        warm_mbit: round(warm),
+        after_mbit: round(after),
+        oneway_fresh_mbit: oneway_fresh,
+        oneway_warm_mbit: oneway_warm,
+        oneway_after_mbit: oneway_after,
+        before_bulk,
+        after_bulk,
+    };
+    tl.note(format!(
+        "path event {} {}: echoed bulk Mbit/s fresh {:?}, warm {:?}, after a {} ms blackout {:?}; one way {:.1} / {:.1} / {:.1}; east's path to west before the echoed bulk after the event {:?}, after it {:?}",
+        e.transport,
+        e.congestion,
+        e.fresh_mbit,
+        e.warm_mbit,
+        BLIP.as_millis(),
+        e.after_mbit,
+        e.oneway_fresh_mbit,
+        e.oneway_warm_mbit,
+        e.oneway_after_mbit,
+        e.before_bulk,
+        e.after_bulk
+    ));
+    Ok(e)
+}
+
+/// The path event: the connection idles 2 s, the WAN drops everything
+/// for [`BLIP`], then 1 s of small requests; the connection must have
+/// survived it.
+async fn blip(rig: &Rig, wan: &Wan, p: &Params, transport: &str) -> anyhow::Result<()> {
+    let clean = Impairment::path(RTT, 0.0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    wan.impair_both(
+        "east",
+        "west",
+        Impairment {
+            loss_percent: 100.0,
+            ..clean
+        },
+    )?;
+    tokio::time::sleep(BLIP).await;
+    wan.impair_both("east", "west", clean)?;
+    let small = start_load(rig, p, Duration::from_secs(1), &["east"], false);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    finish_load(small).await;
+    let now = super::gateway_peer(rig, "east", "west")
+        .await
+        .map(|(t, _)| t);
+    anyhow::ensure!(
+        now.as_deref() == Some(transport),
+        "east is on {now:?} to west after the blackout, not {transport}: the case needs the connection to survive it"
+    );
+    Ok(())
+}
+
+/// One stream through `addr` (a sidecar's listener for a sink app):
+/// writes for `secs`, closes its side, and waits (bounded) for the sink's
+/// count of what it read. Goodput of the whole stream, drained.
+async fn one_way(addr: SocketAddr, secs: Duration) -> anyhow::Result<f64> {
+    let t0 = Instant::now();
+    let mut c = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(addr),
+    )
+    .await??;
+    let chunk = vec![0x42u8; 64 * 1024];
+    while t0.elapsed() < secs {
+        tokio::time::timeout(Duration::from_secs(10), c.write_all(&chunk)).await??;
+    }
+    c.shutdown().await?;
+    let mut count = [0u8; 8];
+    tokio::time::timeout(Duration::from_secs(60), c.read_exact(&mut count)).await??;
+    let bytes = u64::from_be_bytes(count);
+    let mbit = bytes as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e6;
+    Ok((mbit * 10.0).round() / 10.0)
 }
 
 /// The recovery case, on QUIC over a clean 30 ms path: a bulk stream's

@@ -80,7 +80,7 @@ async fn run(
                     };
                     wan.impair_both("east", "west", set)?;
                     let (mbit, error) = if transport == "raw" {
-                        match raw_quinn(wan, &ends, secs).await {
+                        match raw_quinn(wan, &ends, secs, None).await {
                             Ok(r) => (r.bulk_mbit, r.bulk_error),
                             Err(e) => (0.0, Some(format!("{e:#}"))),
                         }
