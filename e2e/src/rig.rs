@@ -390,48 +390,26 @@ impl Rig {
                 .as_ref()
                 .and_then(|n| n.namespace(&c.name))
                 .map(str::to_owned);
-            rig.add(
-                &format!("{}-echo", c.name),
-                ns.clone(),
-                self_exe,
-                &[
-                    "app",
-                    "--kind",
-                    "echo",
-                    "--name",
-                    &format!("{}/echo", c.name),
-                    "--listen",
-                    &c.echo_app.to_string(),
-                ],
-            );
-            rig.add(
-                &format!("{}-sink", c.name),
-                ns.clone(),
-                self_exe,
-                &[
-                    "app",
-                    "--kind",
-                    "sink",
-                    "--name",
-                    &format!("{}/sink", c.name),
-                    "--listen",
-                    &c.sink_app.to_string(),
-                ],
-            );
-            rig.add(
-                &format!("{}-http", c.name),
-                ns.clone(),
-                self_exe,
-                &[
-                    "app",
-                    "--kind",
-                    "http",
-                    "--name",
-                    &format!("{}/http", c.name),
-                    "--listen",
-                    &c.http_app.to_string(),
-                ],
-            );
+            for (kind, listen) in [
+                ("echo", c.echo_app),
+                ("sink", c.sink_app),
+                ("http", c.http_app),
+            ] {
+                rig.add(
+                    &format!("{}-{kind}", c.name),
+                    ns.clone(),
+                    self_exe,
+                    &[
+                        "app",
+                        "--kind",
+                        kind,
+                        "--name",
+                        &format!("{}/{kind}", c.name),
+                        "--listen",
+                        &listen.to_string(),
+                    ],
+                );
+            }
             for (kind, file) in [
                 ("controller", "controller"),
                 ("gateway", "gateway"),

@@ -381,14 +381,19 @@ mod tests {
         c.on_end_acks(now, w, app_limited, Some(1));
     }
 
+    /// A default Cubic that lost a packet of a window in use at `t0`.
+    fn loaded_loss(t0: Instant) -> Box<dyn Controller> {
+        let mut c = build(&CongestionConfig::default(), Algorithm::Cubic, t0);
+        busy(c.as_mut(), t0, false);
+        c.on_congestion_event(t0 + Duration::from_millis(40), t0, false, 1200);
+        c
+    }
+
     #[test]
     fn a_loss_of_a_window_in_use_cuts_it_like_cubic() {
         let t0 = Instant::now();
-        let cfg = CongestionConfig::default();
-        let mut c = build(&cfg, Algorithm::Cubic, t0);
-        let iw = c.window();
-        busy(c.as_mut(), t0, false);
-        c.on_congestion_event(t0 + Duration::from_millis(40), t0, false, 1200);
+        let iw = build(&CongestionConfig::default(), Algorithm::Cubic, t0).window();
+        let c = loaded_loss(t0);
         assert_eq!(c.window(), (iw as f64 * 0.7) as u64);
         let o = observe(c.as_ref());
         assert_eq!(o.ssthresh, Some(c.window()));
@@ -415,12 +420,9 @@ mod tests {
     #[test]
     fn persistent_congestion_restarts_slow_start_instead_of_crippling_it() {
         let t0 = Instant::now();
-        let cfg = CongestionConfig::default();
-        let mut c = build(&cfg, Algorithm::Cubic, t0);
-        let iw = c.window();
+        let iw = build(&CongestionConfig::default(), Algorithm::Cubic, t0).window();
         // A loss under load first: a threshold is set.
-        busy(c.as_mut(), t0, false);
-        c.on_congestion_event(t0 + Duration::from_millis(40), t0, false, 1200);
+        let mut c = loaded_loss(t0);
         assert!(observe(c.as_ref()).ssthresh < Some(u64::MAX));
         // Then a path event: everything of 3 PTOs lost. Plain Cubic would
         // now sit at 2 packets with a threshold of 0.7 of a cut window.
