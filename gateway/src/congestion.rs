@@ -17,11 +17,14 @@
 //!
 //! - persistent congestion (a path event: every packet of 3 PTOs lost)
 //!   restarts the controller: slow start from the initial window with no
-//!   threshold, as on a new connection. A path that is really congested
-//!   sets a threshold again at the first loss of that slow start;
-//! - a loss while the connection is application-limited (it was not
-//!   using its window) does not cut the window: the window was not what
-//!   was sent, so the loss says nothing about it.
+//!   threshold, as on a new connection. Losses of packets sent before the
+//!   restart belong to the same event and are not passed on (quinn may
+//!   declare them in later batches); a path that is really congested
+//!   sets a threshold again at the first loss of the new slow start;
+//! - a loss while the connection is application-limited (as quinn last
+//!   reported with an acknowledgement: it was not using its window) does
+//!   not cut the window: the window was not what was sent, so the loss
+//!   says nothing about it.
 //!
 //! BBR models bandwidth and round trip instead of reacting to loss and is
 //! wrapped for observation only.
@@ -207,6 +210,7 @@ impl ControllerFactory for ObservedFactory {
             mtu: current_mtu,
             in_flight: 0,
             app_limited: false,
+            restarted_at: None,
             restarts: 0,
             forgiven: 0,
         })
@@ -221,6 +225,8 @@ pub struct Observed {
     mtu: u16,
     in_flight: u64,
     app_limited: bool,
+    /// When the controller was last restarted.
+    restarted_at: Option<Instant>,
     restarts: u64,
     forgiven: u64,
 }
@@ -229,13 +235,12 @@ pub struct Observed {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Observation {
     pub algorithm: Option<Algorithm>,
-    /// Bytes in flight after the last batch of acknowledgements.
+    /// Bytes in flight after the last batch of acknowledgements, plus
+    /// what was sent since.
     pub in_flight: u64,
     /// Slow-start threshold (loss-based controllers; `u64::MAX` in slow
     /// start from the beginning).
     pub ssthresh: Option<u64>,
-    /// Pacing rate, bit/s (BBR).
-    pub pacing_rate: Option<u64>,
     /// Slow starts restarted after persistent congestion.
     pub restarts: u64,
     /// Congestion events not passed on: losses while application-limited.
@@ -259,7 +264,6 @@ impl Observed {
             algorithm: Some(self.factory.algorithm),
             in_flight: self.in_flight,
             ssthresh: m.ssthresh,
-            pacing_rate: m.pacing_rate,
             restarts: self.restarts,
             forgiven: self.forgiven,
         }
@@ -309,8 +313,12 @@ impl Controller for Observed {
                 .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
             return;
         }
+        if self.restarted_at.is_some_and(|t| sent <= t) {
+            return;
+        }
         if is_persistent_congestion {
             self.restarts += 1;
+            self.restarted_at = Some(now);
             self.inner = self.factory.inner.clone().build(now, self.mtu);
             return;
         }
@@ -342,6 +350,7 @@ impl Controller for Observed {
             mtu: self.mtu,
             in_flight: self.in_flight,
             app_limited: self.app_limited,
+            restarted_at: self.restarted_at,
             restarts: self.restarts,
             forgiven: self.forgiven,
         })
@@ -433,6 +442,15 @@ mod tests {
         let o = observe(c.as_ref());
         assert_eq!(o.ssthresh, Some(u64::MAX));
         assert_eq!(o.restarts, 1);
+        // More packets of the outage declared lost in a later batch are
+        // the same event: the new slow start keeps its window.
+        let t2 = t1 + Duration::from_millis(600);
+        c.on_congestion_event(t2, t1 + Duration::from_millis(300), false, 1200);
+        assert_eq!(c.window(), iw);
+        // A loss of a packet sent after the restart, under load, is news.
+        busy(c.as_mut(), t2, false);
+        c.on_congestion_event(t2 + Duration::from_millis(40), t2, false, 1200);
+        assert!(c.window() < iw, "{}", c.window());
     }
 
     #[test]

@@ -100,6 +100,7 @@ pub struct PathMetrics {
     pub congestion_events: Family<PeerLabels, Counter>,
     pub black_holes: Family<PeerLabels, Counter>,
     pub restarts: Family<PeerLabels, Counter>,
+    pub forgiven: Family<PeerLabels, Counter>,
 }
 
 /// What a connection's counters stood at when last published.
@@ -110,6 +111,7 @@ pub struct PathTotals {
     events: u64,
     black_holes: u64,
     restarts: u64,
+    forgiven: u64,
 }
 
 impl PathMetrics {
@@ -164,6 +166,11 @@ impl PathMetrics {
             "Slow starts restarted after persistent congestion (a path event)",
             self.restarts.clone(),
         );
+        reg.register(
+            "peer_idle_losses",
+            "Losses not passed to Cubic/NewReno: the connection was application-limited, not using its window",
+            self.forgiven.clone(),
+        );
     }
 
     /// Zeroes `peer`'s gauges when its QUIC connection closes: they
@@ -176,6 +183,9 @@ impl PathMetrics {
         for g in [&self.cwnd, &self.in_flight, &self.mtu] {
             g.get_or_create(&l).set(0);
         }
+        // Absent rather than 0: the next connection may use BBR, which
+        // has no threshold.
+        self.ssthresh.remove(&l);
         for a in crate::congestion::Algorithm::ALL {
             self.controller
                 .get_or_create(&ControllerLabels {
@@ -205,6 +215,7 @@ impl PathMetrics {
             events: path.congestion_events,
             black_holes: path.black_holes_detected,
             restarts: seen.restarts,
+            forgiven: seen.forgiven,
         };
         for (family, was, is) in [
             (&self.sent_packets, last.sent, now.sent),
@@ -212,6 +223,7 @@ impl PathMetrics {
             (&self.congestion_events, last.events, now.events),
             (&self.black_holes, last.black_holes, now.black_holes),
             (&self.restarts, last.restarts, now.restarts),
+            (&self.forgiven, last.forgiven, now.forgiven),
         ] {
             if is > was {
                 family.get_or_create(&l).inc_by(is - was);

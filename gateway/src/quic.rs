@@ -170,7 +170,7 @@ impl PeerConfigs {
 
     /// The server config for connections no peer is known for yet.
     pub fn default_server(&self) -> quinn::ServerConfig {
-        self.server_for(None).as_ref().clone()
+        self.default_server.as_ref().clone()
     }
 
     /// The server config for a connection from `peer` (by its address;
@@ -183,10 +183,6 @@ impl PeerConfigs {
     pub fn client_for(&self, peer: &str) -> &quinn::ClientConfig {
         let a = self.congestion.for_peer(peer);
         self.client.get(&a).unwrap_or(&self.default_client)
-    }
-
-    pub fn algorithm_for(&self, peer: &str) -> Algorithm {
-        self.congestion.for_peer(peer)
     }
 }
 

@@ -946,19 +946,17 @@ async fn path_event(
     use_transport(rig, wan, transport, cc, tl).await?;
     wan.impair_both("east", "west", clean)?;
     let secs = Duration::from_secs(windows as u64);
-    let oneway_fresh = one_way(east.sinkx_out, secs).await?;
-    let oneway_warm = one_way(east.sinkx_out, secs).await?;
+    let oneway_fresh = one_way(rig, secs).await?;
+    let oneway_warm = one_way(rig, secs).await?;
     blip(rig, wan, p, transport).await?;
-    let oneway_after = one_way(east.sinkx_out, secs).await?;
+    let oneway_after = one_way(rig, secs).await?;
     wan.impair_both("east", "west", Impairment::default())?;
-    let round =
-        |v: Vec<f64>| -> Vec<f64> { v.into_iter().map(|x| (x * 10.0).round() / 10.0).collect() };
     let e = PathEvent {
         transport: transport.to_owned(),
         congestion,
-        fresh_mbit: round(fresh),
-        warm_mbit: round(warm),
-        after_mbit: round(after),
+        fresh_mbit: fresh,
+        warm_mbit: warm,
+        after_mbit: after,
         oneway_fresh_mbit: oneway_fresh,
         oneway_warm_mbit: oneway_warm,
         oneway_after_mbit: oneway_after,
@@ -986,18 +984,8 @@ async fn path_event(
 /// for [`BLIP`], then 1 s of small requests; the connection must have
 /// survived it.
 async fn blip(rig: &Rig, wan: &Wan, p: &Params, transport: &str) -> anyhow::Result<()> {
-    let clean = Impairment::path(RTT, 0.0);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    wan.impair_both(
-        "east",
-        "west",
-        Impairment {
-            loss_percent: 100.0,
-            ..clean
-        },
-    )?;
-    tokio::time::sleep(BLIP).await;
-    wan.impair_both("east", "west", clean)?;
+    blackout(wan, BLIP).await?;
     let small = start_load(rig, p, Duration::from_secs(1), &["east"], false);
     tokio::time::sleep(Duration::from_secs(1)).await;
     finish_load(small).await;
@@ -1014,7 +1002,12 @@ async fn blip(rig: &Rig, wan: &Wan, p: &Params, transport: &str) -> anyhow::Resu
 /// One stream through `addr` (a sidecar's listener for a sink app):
 /// writes for `secs`, closes its side, and waits (bounded) for the sink's
 /// count of what it read. Goodput of the whole stream, drained.
-async fn one_way(addr: SocketAddr, secs: Duration) -> anyhow::Result<f64> {
+async fn one_way(rig: &Rig, secs: Duration) -> anyhow::Result<f64> {
+    let addr = rig
+        .cluster("east")
+        .map(|c| c.sinkx_out)
+        .ok_or_else(|| anyhow::anyhow!("no east"))?;
+    let before = sink_connections_to_west(rig).await;
     let t0 = Instant::now();
     let mut c = tokio::time::timeout(
         Duration::from_secs(10),
@@ -1030,7 +1023,13 @@ async fn one_way(addr: SocketAddr, secs: Duration) -> anyhow::Result<f64> {
     tokio::time::timeout(Duration::from_secs(60), c.read_exact(&mut count)).await??;
     let bytes = u64::from_be_bytes(count);
     let mbit = bytes as f64 * 8.0 / t0.elapsed().as_secs_f64() / 1e6;
-    Ok((mbit * 10.0).round() / 10.0)
+    // What crossed the WAN to west is this path's goodput; a stream the
+    // sidecar sent elsewhere (west ejected for a moment) is not.
+    anyhow::ensure!(
+        sink_connections_to_west(rig).await > before,
+        "east's web sidecar did not send the one-way stream to west"
+    );
+    Ok(tenths(mbit))
 }
 
 /// The recovery case, on QUIC over a clean 30 ms path: a bulk stream's
@@ -1059,20 +1058,9 @@ async fn recovery(rig: &Rig, wan: &Wan, p: &Params, tl: &mut Timeline) -> anyhow
         .ok_or_else(|| anyhow::anyhow!("no east"))?;
     let before = series(addr, windows).await?;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let blackout = Duration::from_secs(2);
-    wan.impair_both(
-        "east",
-        "west",
-        Impairment {
-            loss_percent: 100.0,
-            ..Impairment::path(RTT, 0.0)
-        },
-    )?;
-    tl.note(format!(
-        "recovery: the WAN drops everything for {blackout:?}"
-    ));
-    tokio::time::sleep(blackout).await;
-    wan.impair_both("east", "west", Impairment::path(RTT, 0.0))?;
+    let dark = Duration::from_secs(2);
+    tl.note(format!("recovery: the WAN drops everything for {dark:?}"));
+    blackout(wan, dark).await?;
     let t0 = Instant::now();
     let mut seen: Vec<String> = Vec::new();
     // Bounded: 30 s of looks, 10 a second.
@@ -1094,13 +1082,12 @@ async fn recovery(rig: &Rig, wan: &Wan, p: &Params, tl: &mut Timeline) -> anyhow
     };
     let after = series(addr, windows).await?;
     wan.impair_both("east", "west", Impairment::default())?;
-    let round = |v: Vec<f64>| v.into_iter().map(|x| (x * 10.0).round() / 10.0).collect();
     let r = Recovery {
-        blackout_s: blackout.as_secs_f64(),
+        blackout_s: dark.as_secs_f64(),
         back_on_quic_after_s: back.as_secs_f64(),
         transports_seen: seen,
-        before_mbit: round(before),
-        after_mbit: round(after),
+        before_mbit: before,
+        after_mbit: after,
     };
     tl.note(format!(
         "recovery: QUIC back after {:.1} s (east's gateway on {}); bulk Mbit/s per second before {:?}, after {:?}",
@@ -1134,6 +1121,45 @@ async fn series(addr: SocketAddr, windows: usize) -> anyhow::Result<Vec<f64>> {
     let m = marks.lock().map(|m| m.clone()).unwrap_or_default();
     Ok(m.windows(2)
         .take(windows)
-        .map(|w| (w[1] - w[0]) as f64 * 8.0 / 1e6)
+        .map(|w| tenths((w[1] - w[0]) as f64 * 8.0 / 1e6))
         .collect())
+}
+
+/// Rounded to 0.1, for reports.
+fn tenths(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+/// The WAN between east and west drops everything for `dark`, then is a
+/// clean 30 ms path again.
+async fn blackout(wan: &Wan, dark: Duration) -> anyhow::Result<()> {
+    let clean = Impairment::path(RTT, 0.0);
+    wan.impair_both(
+        "east",
+        "west",
+        Impairment {
+            loss_percent: 100.0,
+            ..clean
+        },
+    )?;
+    tokio::time::sleep(dark).await;
+    wan.impair_both("east", "west", clean)
+}
+
+/// Connections east's `web` sidecar has sent to `sinkx.demo` in west.
+async fn sink_connections_to_west(rig: &Rig) -> u64 {
+    let Some(c) = rig.cluster("east") else {
+        return 0;
+    };
+    let Some((200, body)) = crate::rig::admin_get(c.web_admin, "/metrics").await else {
+        return 0;
+    };
+    body.lines()
+        .filter(|l| {
+            l.starts_with("fedmesh_sidecar_outbound_connections_total{")
+                && l.contains("service=\"sinkx.demo\"")
+                && l.contains("cluster=\"west\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
