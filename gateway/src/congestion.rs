@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use quinn::congestion::{
-    BbrConfig, Controller, ControllerFactory, ControllerMetrics, CubicConfig, NewRenoConfig,
+    Controller, ControllerFactory, ControllerMetrics, CubicConfig, NewRenoConfig,
 };
 use serde::{Deserialize, Serialize};
 
@@ -178,18 +178,18 @@ impl CongestionConfig {
                 }
                 Arc::new(c)
             }
-            Algorithm::Bbr => {
-                let mut c = BbrConfig::default();
-                if iw > 0 {
-                    c.initial_window(iw);
-                }
-                Arc::new(c)
-            }
+            Algorithm::Bbr => Arc::new(crate::bbr::BbrFactory {
+                initial_window: if iw > 0 {
+                    iw
+                } else {
+                    crate::bbr::DEFAULT_INITIAL_WINDOW
+                },
+            }),
         };
         Arc::new(ObservedFactory {
             algorithm,
             inner,
-            recovery: self.path_event_recovery && algorithm.loss_based(),
+            recovery: self.path_event_recovery,
         })
     }
 }
@@ -482,14 +482,21 @@ mod tests {
     }
 
     #[test]
-    fn bbr_sees_every_loss_and_is_never_restarted() {
+    fn bbr_ignores_random_loss_and_starts_over_after_a_path_event() {
         let t0 = Instant::now();
         let cfg = CongestionConfig::default();
         let mut c = build(&cfg, Algorithm::Bbr, t0);
-        busy(c.as_mut(), t0, true);
-        c.on_congestion_event(t0 + Duration::from_millis(500), t0, true, 12_000);
+        let iw = c.window();
+        busy(c.as_mut(), t0, false);
+        let grown = c.window();
+        c.on_congestion_event(t0 + Duration::from_millis(40), t0, false, 1200);
+        assert_eq!(c.window(), grown);
+        let t1 = t0 + Duration::from_secs(1);
+        busy(c.as_mut(), t1, false);
+        c.on_congestion_event(t1 + Duration::from_millis(500), t1, true, 12_000);
+        assert_eq!(c.window(), iw);
         let o = observe(c.as_ref());
-        assert_eq!((o.restarts, o.forgiven), (0, 0));
+        assert_eq!((o.restarts, o.forgiven), (1, 0));
         assert_eq!(o.algorithm, Some(Algorithm::Bbr));
         assert_eq!(o.ssthresh, None);
     }

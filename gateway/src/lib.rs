@@ -10,6 +10,7 @@
 //! Routing decisions come from [`fedmesh_catalog`]; this crate is the I/O.
 #![forbid(unsafe_code)]
 
+mod bbr;
 mod config;
 mod congestion;
 mod link;
