@@ -347,7 +347,18 @@ impl Bbr {
         if self.mode == Mode::ProbeBw {
             self.advance_cycle(now, in_flight + acked, in_flight);
         }
-        if round_start && !self.filled_pipe && !sample.is_some_and(|s| s.app_limited) {
+        // Only a round that used its window says the pipe is full: the
+        // handshake and keep-alives of an idle connection deliver a
+        // packet a round, and quinn does not always call them
+        // application-limited.
+        let full_flight = newest.is_some_and(|p| {
+            (self.delivered - p.delivered).saturating_add(acked) >= self.cwnd / 4
+        });
+        if round_start
+            && full_flight
+            && !self.filled_pipe
+            && !sample.is_some_and(|s| s.app_limited)
+        {
             self.check_full_pipe();
         }
         if self.mode == Mode::Startup && self.filled_pipe {
@@ -809,6 +820,26 @@ mod tests {
         let rtt = b.min_rtt().unwrap();
         assert!(rtt >= Duration::from_millis(40) && rtt < Duration::from_millis(43));
         assert!(r.goodput > 0.85 * longer.rate, "{} of {}", r.goodput, longer.rate);
+    }
+
+    #[test]
+    fn an_idle_connection_does_not_end_startup() {
+        // A connection that carried only its handshake and keep-alives
+        // for 5 s (which quinn may not call application-limited), then
+        // a bulk transfer: it must still find the path's bandwidth.
+        let t0 = Instant::now();
+        let mut b = bbr();
+        let ms = Duration::from_millis;
+        for i in 0..20u32 {
+            let t = t0 + ms(250) * i;
+            b.sent(t, 60);
+            b.acked(t + ms(55), t, 60);
+            b.end_acks(t + ms(55), 0, false);
+        }
+        assert_eq!(b.mode(), Mode::Startup);
+        let link = Link::wan(100.0);
+        let r = simulate_from(t0 + Duration::from_secs(5), &mut b, &link, 4.0, 2.0);
+        assert!(r.goodput > 0.9 * link.rate, "{} of {}", r.goodput, link.rate);
     }
 
     #[test]

@@ -111,7 +111,7 @@ pub struct CongestionConfig {
 /// Mathis allows, ~5 Mbit/s), but quinn 0.11's BBR collapses to a few
 /// Mbit/s on the gateways' traffic, even on a clean path, so Cubic (with
 /// this module's path-event handling) is the default until that is fixed.
-pub const DEFAULT_ALGORITHM: Algorithm = Algorithm::Cubic;
+pub const DEFAULT_ALGORITHM: Algorithm = Algorithm::Bbr;
 
 impl Default for CongestionConfig {
     fn default() -> Self {
