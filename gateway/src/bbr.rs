@@ -48,6 +48,12 @@ const PROBE_RTT_TIME: Duration = Duration::from_millis(200);
 /// Startup ends after this many rounds without 25 % more bandwidth.
 const FULL_BW_ROUNDS: u8 = 3;
 const FULL_BW_GROWTH: f64 = 1.25;
+/// A round trip this many times the minimum (and [`RTT_RISE_MIN`] above
+/// it), for [`RTT_RISE_TIME`] and [`RTT_RISE_ROUNDS`], is a longer route.
+const RTT_RISE: u32 = 4;
+const RTT_RISE_MIN: Duration = Duration::from_millis(5);
+const RTT_RISE_TIME: Duration = Duration::from_secs(1);
+const RTT_RISE_ROUNDS: u64 = 8;
 /// The window never goes below this many packets.
 const MIN_WINDOW_PACKETS: u64 = 4;
 /// Sends remembered for rate samples: a window of 1 Gbit/s × 100 ms is
@@ -165,6 +171,9 @@ pub struct Bbr {
     prior_cwnd: u64,
     extra_acked: RoundMax,
     ack_epoch: Option<(Instant, u64)>,
+    /// Since when (and which round) every round trip was far above
+    /// the minimum.
+    rtt_high_since: Option<(Instant, u64)>,
     cwnd: u64,
 }
 
@@ -200,6 +209,7 @@ impl Bbr {
             prior_cwnd: 0,
             extra_acked: RoundMax::default(),
             ack_epoch: None,
+            rtt_high_since: None,
             cwnd: initial_window.max(MIN_WINDOW_PACKETS * mtu),
         }
     }
@@ -280,15 +290,21 @@ impl Bbr {
         });
     }
 
-    /// One packet sent at `sent` acknowledged.
-    pub fn acked(&mut self, now: Instant, sent: Instant, bytes: u64) {
+    /// One packet sent at `sent` acknowledged. `rtt_floor`: the
+    /// connection's minimum RTT from ACK frames (quinn's), below which no
+    /// sample of this packet's round trip is believed: quinn also reports
+    /// packets as acknowledged when it infers it (handshake packets once
+    /// the handshake is confirmed), and their `now - sent` can be a
+    /// fraction of a millisecond on a 30 ms path, which would shrink the
+    /// estimated bandwidth-delay product, and the window, to nothing.
+    pub fn acked(&mut self, now: Instant, sent: Instant, bytes: u64, rtt_floor: Duration) {
         self.delivered += bytes;
         self.delivered_at = Some(now);
         self.acked_in_batch += bytes;
         if self.app_limited_until != 0 && self.delivered > self.app_limited_until {
             self.app_limited_until = 0;
         }
-        let rtt = now.saturating_duration_since(sent);
+        let rtt = now.saturating_duration_since(sent).max(rtt_floor);
         self.rtt_in_batch = Some(self.rtt_in_batch.map_or(rtt, |r| r.min(rtt)));
         if self.newest_acked.is_some_and(|p| p.at >= sent) {
             return;
@@ -306,6 +322,7 @@ impl Bbr {
     /// End of one ACK frame's acknowledgements: take the rate sample and
     /// update the model.
     pub fn end_acks(&mut self, now: Instant, in_flight: u64, app_limited: bool) {
+        let mode_before = self.mode;
         let acked = std::mem::take(&mut self.acked_in_batch);
         let rtt = self.rtt_in_batch.take();
         let newest = self.newest_acked.take();
@@ -369,10 +386,39 @@ impl Bbr {
         }
         self.check_probe_rtt(now, in_flight, round_start);
         self.set_cwnd(acked);
+        if self.mode != mode_before {
+            tracing::debug!(
+                mode = ?self.mode,
+                was = ?mode_before,
+                bandwidth_mbit = self.max_bw.get() * 8 / 1_000_000,
+                min_rtt_ms = self.min_rtt.map(|r| r.as_secs_f64() * 1e3),
+                cwnd = self.cwnd,
+                in_flight,
+                round = self.round,
+                "bbr state"
+            );
+        }
     }
 
     fn update_min_rtt(&mut self, now: Instant, rtt: Option<Duration>) {
-        let expired = self.min_rtt_at.is_some_and(|t| now > t + MIN_RTT_WINDOW);
+        let mut expired = self.min_rtt_at.is_some_and(|t| now > t + MIN_RTT_WINDOW);
+        // A route change to a longer path: no sample comes near the old
+        // minimum again. BBR v1 waits out its 10 s window at a window
+        // sized for the old path (from 0.3 ms to 30 ms: 1 % of it); a
+        // round trip this far above the minimum for a second and several
+        // rounds is not a queue this sender built (its window is at most
+        // ~3 × the product), so the minimum is measured again now.
+        if let (Some(r), Some(m)) = (rtt, self.min_rtt) {
+            if r > m * RTT_RISE && r > m + RTT_RISE_MIN {
+                let (since, round) = *self.rtt_high_since.get_or_insert((now, self.round));
+                if now >= since + RTT_RISE_TIME && self.round >= round + RTT_RISE_ROUNDS {
+                    expired = true;
+                    self.rtt_high_since = None;
+                }
+            } else {
+                self.rtt_high_since = None;
+            }
+        }
         if let Some(r) = rtt {
             if self.min_rtt.is_none_or(|m| r <= m) || expired {
                 self.min_rtt = Some(r);
@@ -497,9 +543,9 @@ impl Controller for Bbr {
         sent: Instant,
         bytes: u64,
         _app_limited: bool,
-        _rtt: &quinn_proto::RttEstimator,
+        rtt: &quinn_proto::RttEstimator,
     ) {
-        self.acked(now, sent, bytes);
+        self.acked(now, sent, bytes, rtt.min());
     }
 
     fn on_end_acks(
@@ -705,7 +751,7 @@ mod tests {
                         in_flight -= PKT;
                         let rtt = now - sent;
                         srtt = (srtt * 7 + rtt) / 8;
-                        bbr.acked(now, sent, PKT);
+                        bbr.acked(now, sent, PKT, Duration::ZERO);
                     }
                 }
                 let lost: Vec<u64> = outstanding
@@ -833,13 +879,32 @@ mod tests {
         for i in 0..20u32 {
             let t = t0 + ms(250) * i;
             b.sent(t, 60);
-            b.acked(t + ms(55), t, 60);
+            b.acked(t + ms(55), t, 60, Duration::ZERO);
             b.end_acks(t + ms(55), 0, false);
         }
         assert_eq!(b.mode(), Mode::Startup);
         let link = Link::wan(100.0);
         let r = simulate_from(t0 + Duration::from_secs(5), &mut b, &link, 4.0, 2.0);
         assert!(r.goodput > 0.9 * link.rate, "{} of {}", r.goodput, link.rate);
+    }
+
+    #[test]
+    fn a_much_longer_route_is_found_within_seconds() {
+        // Connected over a 0.3 ms path, then routed over 30 ms (the rig
+        // saw this; so does a real failover to a far path): waiting out
+        // the 10 s minimum-RTT window would move ~1 % of the path.
+        let t0 = Instant::now();
+        let mut b = bbr();
+        let near = Link {
+            one_way: Duration::from_micros(150),
+            ..Link::wan(100.0)
+        };
+        simulate_from(t0, &mut b, &near, 2.0, 1.0);
+        let far = Link::wan(100.0);
+        let r = simulate_from(t0 + Duration::from_secs(2), &mut b, &far, 6.0, 3.0);
+        assert!(r.goodput > 0.85 * far.rate, "{} of {}", r.goodput, far.rate);
+        let rtt = b.min_rtt().unwrap();
+        assert!(rtt >= Duration::from_millis(30) && rtt < Duration::from_millis(33));
     }
 
     #[test]
@@ -854,7 +919,7 @@ mod tests {
         }
         let now = t0 + ms(39);
         for i in 0..10 {
-            b.acked(now, t0 + ms(i), PKT);
+            b.acked(now, t0 + ms(i), PKT, Duration::ZERO);
         }
         b.end_acks(now, 0, false);
         let s = b.last_sample().unwrap();
@@ -876,12 +941,30 @@ mod tests {
             b.end_acks(now, 0, true);
             b.sent(now, PKT);
             now += Duration::from_millis(31);
-            b.acked(now, now - Duration::from_millis(31), PKT);
+            b.acked(now, now - Duration::from_millis(31), PKT, Duration::ZERO);
             b.end_acks(now, 0, true);
             now += Duration::from_millis(100);
         }
         assert!(b.last_sample().unwrap().app_limited);
         assert!(b.bandwidth() >= bw / 2, "{} from {bw}", b.bandwidth());
+    }
+
+    #[test]
+    fn an_inferred_acknowledgement_does_not_shrink_the_round_trip() {
+        // quinn acknowledges handshake packets it infers were received:
+        // `now - sent` of 0.1 ms on a 30 ms path. Its own minimum RTT
+        // (from ACK frames) is the floor.
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut b = bbr();
+        b.sent(t0, PKT);
+        b.acked(t0 + ms(30), t0, PKT, ms(30));
+        b.end_acks(t0 + ms(30), 0, false);
+        let t1 = t0 + ms(40);
+        b.sent(t1, PKT);
+        b.acked(t1 + Duration::from_micros(100), t1, PKT, ms(30));
+        b.end_acks(t1 + Duration::from_micros(100), 0, false);
+        assert_eq!(b.min_rtt(), Some(ms(30)));
     }
 
     #[test]

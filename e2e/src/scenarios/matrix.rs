@@ -69,16 +69,17 @@ async fn run(
         for rtt in RTTS_MS {
             for loss in LOSSES {
                 for reorder in REORDERS {
-                    // Each cell on a fresh peer connection: no congestion
-                    // state carried over from the cell before.
-                    if transport != "raw" {
-                        use_transport(rig, wan, transport, cc, tl).await?;
-                    }
                     let set = Impairment {
                         reorder_percent: reorder,
                         ..Impairment::path(Duration::from_millis(rtt), loss)
                     };
                     wan.impair_both("east", "west", set)?;
+                    // Each cell on a fresh peer connection, made on the
+                    // cell's path: no congestion state carried over from
+                    // the cell before, no route change after the handshake.
+                    if transport != "raw" {
+                        use_transport(rig, wan, transport, cc, tl).await?;
+                    }
                     let (mbit, error) = if transport == "raw" {
                         match raw_quinn(wan, &ends, secs, None).await {
                             Ok(r) => (r.bulk_mbit, r.bulk_error),
