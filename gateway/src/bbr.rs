@@ -368,13 +368,9 @@ impl Bbr {
         // handshake and keep-alives of an idle connection deliver a
         // packet a round, and quinn does not always call them
         // application-limited.
-        let full_flight = newest.is_some_and(|p| {
-            (self.delivered - p.delivered).saturating_add(acked) >= self.cwnd / 4
-        });
-        if round_start
-            && full_flight
-            && !self.filled_pipe
-            && !sample.is_some_and(|s| s.app_limited)
+        let full_flight = newest
+            .is_some_and(|p| (self.delivered - p.delivered).saturating_add(acked) >= self.cwnd / 4);
+        if round_start && full_flight && !self.filled_pipe && !sample.is_some_and(|s| s.app_limited)
         {
             self.check_full_pipe();
         }
@@ -662,13 +658,7 @@ mod tests {
         simulate_from(Instant::now(), bbr, link, secs, measure_from)
     }
 
-    fn simulate_from(
-        t0: Instant,
-        bbr: &mut Bbr,
-        link: &Link,
-        secs: f64,
-        measure_from: f64,
-    ) -> Run {
+    fn simulate_from(t0: Instant, bbr: &mut Bbr, link: &Link, secs: f64, measure_from: f64) -> Run {
         let end = t0 + Duration::from_secs_f64(secs);
         let measure_from = t0 + Duration::from_secs_f64(measure_from);
         let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
@@ -797,7 +787,12 @@ mod tests {
         let link = Link::wan(100.0);
         let mut b = bbr();
         let r = simulate(&mut b, &link, 8.0, 3.0);
-        assert!(r.goodput > 0.9 * link.rate, "{} of {}", r.goodput, link.rate);
+        assert!(
+            r.goodput > 0.9 * link.rate,
+            "{} of {}",
+            r.goodput,
+            link.rate
+        );
         let bw = b.bandwidth() as f64;
         assert!((bw / link.rate - 1.0).abs() < 0.15, "estimate {bw}");
         let rtt = b.min_rtt().unwrap();
@@ -865,7 +860,12 @@ mod tests {
         assert!((1..=2).contains(&probes), "{:?}", r.modes);
         let rtt = b.min_rtt().unwrap();
         assert!(rtt >= Duration::from_millis(40) && rtt < Duration::from_millis(43));
-        assert!(r.goodput > 0.85 * longer.rate, "{} of {}", r.goodput, longer.rate);
+        assert!(
+            r.goodput > 0.85 * longer.rate,
+            "{} of {}",
+            r.goodput,
+            longer.rate
+        );
     }
 
     #[test]
@@ -885,7 +885,12 @@ mod tests {
         assert_eq!(b.mode(), Mode::Startup);
         let link = Link::wan(100.0);
         let r = simulate_from(t0 + Duration::from_secs(5), &mut b, &link, 4.0, 2.0);
-        assert!(r.goodput > 0.9 * link.rate, "{} of {}", r.goodput, link.rate);
+        assert!(
+            r.goodput > 0.9 * link.rate,
+            "{} of {}",
+            r.goodput,
+            link.rate
+        );
     }
 
     #[test]

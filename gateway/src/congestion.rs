@@ -1,7 +1,7 @@
-//! Congestion control of what a gateway sends to its peers: which of
-//! quinn's controllers (Cubic, NewReno, BBR), chosen per peer, and a thin
-//! wrapper around it that the gateway's metrics read and that keeps a
-//! long-lived connection from staying crippled after a path event.
+//! Congestion control of what a gateway sends to its peers: which
+//! controller (fedmesh's BBR, quinn's Cubic or NewReno), chosen per peer,
+//! and a thin wrapper around it that the gateway's metrics read and that
+//! keeps a long-lived connection from staying crippled after a path event.
 //!
 //! Why the wrapper: a gateway's one connection to a peer lives for days
 //! and idles between bursts. A loss-based controller (Cubic, NewReno)
@@ -12,24 +12,21 @@
 //! (the initial window, or a few packets), and the next bulk transfer
 //! starts in congestion avoidance from there: Cubic's curve
 //! (0.4 packets/s³) needs about 20 s to reach a 30 ms × 1 Gbit/s window.
-//! Neither loss measured the path's capacity. So, for loss-based
-//! controllers only:
+//! Neither loss measured the path's capacity. So:
 //!
 //! - persistent congestion (a path event: every packet of 3 PTOs lost)
-//!   restarts the controller: slow start from the initial window with no
-//!   threshold, as on a new connection. Losses of packets sent before the
-//!   restart belong to the same event and are not passed on (quinn may
-//!   declare them in later batches); a path that is really congested
-//!   sets a threshold again at the first loss of the new slow start;
+//!   restarts the controller, any of the three: slow start (BBR:
+//!   Startup) from the initial window with no threshold and no model,
+//!   as on a new connection. Losses of packets sent before the restart
+//!   belong to the same event and are not passed on (quinn may declare
+//!   them in later batches); a path that is really congested sets a
+//!   threshold again at the first loss of the new slow start;
 //! - a loss while the connection is application-limited (as quinn last
 //!   reported with an acknowledgement: it was not using its window) does
 //!   not cut the window: the window was not what was sent, so the loss
-//!   says nothing about it.
+//!   says nothing about it. (BBR does not cut for loss anyway.)
 //!
-//! BBR models bandwidth and round trip instead of reacting to loss and is
-//! wrapped for observation only.
-//!
-//! `path_event_recovery: false` turns the two changes off (quinn's
+//! `path_event_recovery: false` turns the two changes off (the
 //! controllers as they are), so the rig can measure what they change.
 
 use std::any::Any;
@@ -49,7 +46,7 @@ use serde::{Deserialize, Serialize};
 pub enum Algorithm {
     Cubic,
     NewReno,
-    /// quinn's BBR (v1, labelled experimental by quinn).
+    /// fedmesh's BBR (v1 with a delivery-rate sampler, `bbr.rs`).
     Bbr,
 }
 
@@ -62,12 +59,6 @@ impl Algorithm {
             Self::NewReno => "newreno",
             Self::Bbr => "bbr",
         }
-    }
-
-    /// Whether it reads every loss as congestion (and so gets the
-    /// path-event handling of [`Observed`]).
-    pub fn loss_based(self) -> bool {
-        !matches!(self, Self::Bbr)
     }
 }
 
@@ -96,21 +87,19 @@ pub struct CongestionConfig {
     /// Per peer cluster: the controller for what this gateway sends to it.
     pub peers: BTreeMap<String, Algorithm>,
     /// Congestion window of a new connection (and of a restarted one),
-    /// bytes. 0: the controller's own default (Cubic and NewReno 14,720,
-    /// BBR 240,000).
+    /// bytes. 0: the default, 14,720 (RFC 9002) for all three.
     pub initial_window_bytes: u64,
-    /// Cubic and NewReno: restart slow start after persistent congestion
-    /// and keep the window through losses while application-limited
-    /// (the module docs say why). `false`: quinn's behaviour, to compare.
+    /// Restart the controller after persistent congestion, and (Cubic,
+    /// NewReno) keep the window through losses while application-limited
+    /// (the module docs say why). `false`: the controllers as they are,
+    /// to compare.
     pub path_event_recovery: bool,
 }
 
-/// Chosen on the rig's packet-level WAN (`docs/performance.md`). BBR
-/// would be the one for lossy paths (raw quinn with BBR moves ~1 Gbit/s
-/// at 30 ms and 1 % loss, where any loss-based controller gets what
-/// Mathis allows, ~5 Mbit/s), but quinn 0.11's BBR collapses to a few
-/// Mbit/s on the gateways' traffic, even on a clean path, so Cubic (with
-/// this module's path-event handling) is the default until that is fixed.
+/// Chosen on the rig's packet-level WAN (`docs/performance.md`): at
+/// 30 ms and 1 % loss BBR moves hundreds of Mbit/s where any loss-based
+/// controller gets what Mathis allows (~5 Mbit/s), and on a clean path it
+/// moves about what Cubic does.
 pub const DEFAULT_ALGORITHM: Algorithm = Algorithm::Bbr;
 
 impl Default for CongestionConfig {
