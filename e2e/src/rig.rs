@@ -477,6 +477,20 @@ impl Rig {
         Ok(())
     }
 
+    /// A running process's resident set, KiB (`/proc/<pid>/status`).
+    pub fn rss_kib(&self, name: &str) -> Option<u64> {
+        let pid = self.procs.get(name)?.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// SIGKILL: a crash.
     pub fn kill(&mut self, name: &str) {
         if let Some(mut c) = self.procs.get_mut(name).and_then(|p| p.child.take()) {

@@ -472,6 +472,30 @@ async fn run(
         }
         Err(e) => o.check("recovery case ran", false, format!("{e:#}")),
     }
+    let mut faults = Vec::new();
+    for case in FAULTS {
+        match fault(rig, the_wan(rig)?, p, case, tl).await {
+            Ok(f) => faults.push(f),
+            Err(e) => o.check(format!("fault {} ran", case.0), false, format!("{e:#}")),
+        }
+    }
+    for f in &faults {
+        let grew = f
+            .rss_max_mib
+            .iter()
+            .zip(&f.rss_start_mib)
+            .map(|(m, s)| m - s);
+        let grew = grew.fold(0.0, f64::max);
+        o.check(
+            format!("fault {}: the gateways' memory stays bounded", f.case),
+            grew < RSS_BOUND_MIB,
+            format!(
+                "RSS east/west {:.0}/{:.0} MiB at the start, at most {:.0}/{:.0} (bound: {RSS_BOUND_MIB} MiB more)",
+                f.rss_start_mib[0], f.rss_start_mib[1], f.rss_max_mib[0], f.rss_max_mib[1]
+            ),
+        );
+    }
+    report["faults"] = serde_json::to_value(&faults)?;
     o.table.push(format!(
         "  {} ms RTT; one bulk stream echoed (goodput of the payload each way), 64 B HTTP requests; raw quinn: one stream one way, the gateways' settings",
         RTT.as_millis()
@@ -1135,6 +1159,134 @@ fn tenths(x: f64) -> f64 {
 
 /// The WAN between east and west drops everything for `dark`, then is a
 /// clean 30 ms path again.
+/// Fault cases on a fresh QUIC connection made on a clean 30 ms path:
+/// (name, loss east → west %, loss west → east %, seconds, `--quick`
+/// seconds). A peer that "stops acknowledging" still receives everything
+/// but nothing of its comes back.
+const FAULTS: [(&str, f64, f64, u64, u64); 3] = [
+    ("3% loss", 3.0, 3.0, 60, 10),
+    ("30% loss", 30.0, 30.0, 20, 6),
+    ("west stops acknowledging", 0.0, 100.0, 10, 5),
+];
+
+/// How much a gateway's resident memory may grow during a fault case:
+/// a connection may hold its flow-control windows (32 MB received, 32 MB
+/// to send) and the splices their buffers, far below this.
+const RSS_BOUND_MIB: f64 = 256.0;
+
+/// One fault case: a bulk stream echoed through it, the gateways'
+/// resident memory each second, how east reached west meanwhile, and how
+/// long after the fault QUIC was back.
+#[derive(Debug, Clone, Serialize)]
+pub struct Fault {
+    pub case: String,
+    pub secs: f64,
+    pub echoed_mbit: f64,
+    pub stream_error: Option<String>,
+    /// East's gateway's `/status` for west, each change once.
+    pub transports_seen: Vec<String>,
+    /// East, west.
+    pub rss_start_mib: [f64; 2],
+    pub rss_max_mib: [f64; 2],
+    pub quic_back_after_s: Option<f64>,
+}
+
+async fn fault(
+    rig: &Rig,
+    wan: &Wan,
+    p: &Params,
+    (case, out, back, secs, quick_secs): (&str, f64, f64, u64, u64),
+    tl: &mut Timeline,
+) -> anyhow::Result<Fault> {
+    let clean = Impairment::path(RTT, 0.0);
+    wan.impair_both("east", "west", clean)?;
+    use_transport(rig, wan, "quic", "default", tl).await?;
+    let addr = rig
+        .cluster("east")
+        .map(|c| c.echox_out)
+        .ok_or_else(|| anyhow::anyhow!("no east"))?;
+    let rss = |name: &str| rig.rss_kib(name).map_or(0.0, |k| k as f64 / 1024.0);
+    let names = ["east-gateway", "west-gateway"];
+    let start = names.map(rss);
+    let mut max = start;
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let bulk = tokio::spawn(bulk_echo(addr, stop.clone(), started.clone()));
+    tokio::time::timeout(Duration::from_secs(10), started.notified()).await?;
+    wan.impair(
+        "east",
+        "west",
+        Impairment {
+            loss_percent: out,
+            ..clean
+        },
+    )?;
+    wan.impair(
+        "west",
+        "east",
+        Impairment {
+            loss_percent: back,
+            ..clean
+        },
+    )?;
+    tl.note(format!(
+        "fault {case}: {out}% loss east → west, {back}% back"
+    ));
+    let length = Duration::from_secs(if p.quick { quick_secs } else { secs });
+    let t0 = Instant::now();
+    let mut seen: Vec<String> = Vec::new();
+    // Bounded: one look a second for the case's length.
+    while t0.elapsed() < length {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for (m, n) in max.iter_mut().zip(names) {
+            *m = m.max(rss(n));
+        }
+        let now = super::gateway_peer(rig, "east", "west")
+            .await
+            .map_or_else(|| "unknown".to_owned(), |(t, _)| t);
+        if seen.last() != Some(&now) {
+            seen.push(now);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    wan.impair_both("east", "west", clean)?;
+    let echoed = match tokio::time::timeout(Duration::from_secs(15), bulk).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(anyhow::anyhow!("bulk task: {e}")),
+        Err(_) => Err(anyhow::anyhow!("the bulk stream did not stop within 15 s")),
+    };
+    let back_after = until_transport(rig, "east", "west", "quic", Duration::from_secs(30)).await;
+    wan.impair_both("east", "west", Impairment::default())?;
+    let (mbit, error) = match echoed {
+        Ok(e) => (e.bytes as f64 * 8.0 / e.secs.max(0.001) / 1e6, e.error),
+        Err(e) => (0.0, Some(format!("{e:#}"))),
+    };
+    let f = Fault {
+        case: case.to_owned(),
+        secs: length.as_secs_f64(),
+        echoed_mbit: mbit,
+        stream_error: error,
+        transports_seen: seen,
+        rss_start_mib: start,
+        rss_max_mib: max,
+        quic_back_after_s: back_after.map(|d| d.as_secs_f64()),
+    };
+    tl.note(format!(
+        "fault {}: {:.0} s, echoed {:.2} Mbit/s{}, east's gateway on {}; RSS east {:.0} → max {:.0} MiB, west {:.0} → {:.0} MiB; QUIC {}",
+        f.case,
+        f.secs,
+        f.echoed_mbit,
+        f.stream_error.as_deref().map(|e| format!(" (stream: {e})")).unwrap_or_default(),
+        f.transports_seen.join(" → "),
+        f.rss_start_mib[0],
+        f.rss_max_mib[0],
+        f.rss_start_mib[1],
+        f.rss_max_mib[1],
+        f.quic_back_after_s.map_or("not back within 30 s".to_owned(), |s| format!("back {s:.1} s after")),
+    ));
+    Ok(f)
+}
+
 async fn blackout(wan: &Wan, dark: Duration) -> anyhow::Result<()> {
     let clean = Impairment::path(RTT, 0.0);
     wan.impair_both(
