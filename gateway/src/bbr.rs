@@ -782,17 +782,23 @@ mod tests {
         Bbr::new(DEFAULT_INITIAL_WINDOW, MTU)
     }
 
+    /// The run delivered more than `share` of `rate` (bytes/s).
+    fn fills(r: &Run, rate: f64, share: f64, what: &str) {
+        assert!(
+            r.goodput > share * rate,
+            "{what}: {:.0} of {:.0} B/s ({:.2})",
+            r.goodput,
+            rate,
+            r.goodput / rate
+        );
+    }
+
     #[test]
     fn it_fills_a_clean_path_without_a_standing_queue() {
         let link = Link::wan(100.0);
         let mut b = bbr();
         let r = simulate(&mut b, &link, 8.0, 3.0);
-        assert!(
-            r.goodput > 0.9 * link.rate,
-            "{} of {}",
-            r.goodput,
-            link.rate
-        );
+        fills(&r, link.rate, 0.9, "");
         let bw = b.bandwidth() as f64;
         assert!((bw / link.rate - 1.0).abs() < 0.15, "estimate {bw}");
         let rtt = b.min_rtt().unwrap();
@@ -817,12 +823,7 @@ mod tests {
             };
             let mut b = bbr();
             let r = simulate(&mut b, &link, 8.0, 3.0);
-            assert!(
-                r.goodput > 0.85 * link.rate,
-                "ack every {every}: {} of {}",
-                r.goodput,
-                link.rate
-            );
+            fills(&r, link.rate, 0.85, &format!("ack every {every}"));
         }
     }
 
@@ -835,12 +836,7 @@ mod tests {
             };
             let mut b = bbr();
             let r = simulate(&mut b, &link, 8.0, 3.0);
-            assert!(
-                r.goodput > 0.8 * (1.0 - loss) * link.rate,
-                "loss {loss}: {} of {}",
-                r.goodput,
-                link.rate
-            );
+            fills(&r, (1.0 - loss) * link.rate, 0.8, &format!("loss {loss}"));
         }
     }
 
@@ -860,12 +856,7 @@ mod tests {
         assert!((1..=2).contains(&probes), "{:?}", r.modes);
         let rtt = b.min_rtt().unwrap();
         assert!(rtt >= Duration::from_millis(40) && rtt < Duration::from_millis(43));
-        assert!(
-            r.goodput > 0.85 * longer.rate,
-            "{} of {}",
-            r.goodput,
-            longer.rate
-        );
+        fills(&r, longer.rate, 0.85, "");
     }
 
     #[test]
@@ -885,12 +876,7 @@ mod tests {
         assert_eq!(b.mode(), Mode::Startup);
         let link = Link::wan(100.0);
         let r = simulate_from(t0 + Duration::from_secs(5), &mut b, &link, 4.0, 2.0);
-        assert!(
-            r.goodput > 0.9 * link.rate,
-            "{} of {}",
-            r.goodput,
-            link.rate
-        );
+        fills(&r, link.rate, 0.9, "");
     }
 
     #[test]
@@ -907,7 +893,7 @@ mod tests {
         simulate_from(t0, &mut b, &near, 2.0, 1.0);
         let far = Link::wan(100.0);
         let r = simulate_from(t0 + Duration::from_secs(2), &mut b, &far, 6.0, 3.0);
-        assert!(r.goodput > 0.85 * far.rate, "{} of {}", r.goodput, far.rate);
+        fills(&r, far.rate, 0.85, "");
         let rtt = b.min_rtt().unwrap();
         assert!(rtt >= Duration::from_millis(30) && rtt < Duration::from_millis(33));
     }
