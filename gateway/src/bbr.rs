@@ -577,6 +577,8 @@ impl Controller for Bbr {
     fn metrics(&self) -> ControllerMetrics {
         let mut m = ControllerMetrics::default();
         m.congestion_window = self.cwnd();
+        // quinn paces from the window; the rate BBR would pace at with
+        // gain 1 is its bandwidth estimate, which the metrics read.
         m.pacing_rate = Some(self.max_bw.get().saturating_mul(8));
         m
     }

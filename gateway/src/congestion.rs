@@ -234,6 +234,8 @@ pub struct Observation {
     pub restarts: u64,
     /// Congestion events not passed on: losses while application-limited.
     pub forgiven: u64,
+    /// BBR's estimate of the path's bottleneck bandwidth, bytes/s.
+    pub bandwidth: Option<u64>,
 }
 
 impl Observed {
@@ -255,6 +257,10 @@ impl Observed {
             ssthresh: m.ssthresh,
             restarts: self.restarts,
             forgiven: self.forgiven,
+            bandwidth: match self.factory.algorithm {
+                Algorithm::Bbr => m.pacing_rate.map(|bits| bits / 8),
+                _ => None,
+            },
         }
     }
 }
@@ -488,6 +494,7 @@ mod tests {
         assert_eq!((o.restarts, o.forgiven), (1, 0));
         assert_eq!(o.algorithm, Some(Algorithm::Bbr));
         assert_eq!(o.ssthresh, None);
+        assert_eq!(o.bandwidth, Some(0), "no sample yet after the restart");
     }
 
     #[test]

@@ -101,6 +101,8 @@ pub struct PathMetrics {
     pub black_holes: Family<PeerLabels, Counter>,
     pub restarts: Family<PeerLabels, Counter>,
     pub forgiven: Family<PeerLabels, Counter>,
+    /// BBR only.
+    pub bandwidth: Family<PeerLabels, Gauge>,
 }
 
 /// What a connection's counters stood at when last published.
@@ -167,6 +169,11 @@ impl PathMetrics {
             self.restarts.clone(),
         );
         reg.register(
+            "peer_bandwidth_estimate_bytes_per_second",
+            "BBR's estimate of the bottleneck bandwidth of the QUIC path to the peer",
+            self.bandwidth.clone(),
+        );
+        reg.register(
             "peer_idle_losses",
             "Losses not passed to Cubic/NewReno: the connection was application-limited, not using its window",
             self.forgiven.clone(),
@@ -186,6 +193,7 @@ impl PathMetrics {
         // Absent rather than 0: the next connection may use BBR, which
         // has no threshold.
         self.ssthresh.remove(&l);
+        self.bandwidth.remove(&l);
         for a in crate::congestion::Algorithm::ALL {
             self.controller
                 .get_or_create(&ControllerLabels {
@@ -244,6 +252,14 @@ impl PathMetrics {
                 t as f64
             };
             self.ssthresh.get_or_create(&l).set(v);
+        }
+        match seen.bandwidth {
+            Some(b) => {
+                self.bandwidth.get_or_create(&l).set(gauge(b));
+            }
+            None => {
+                self.bandwidth.remove(&l);
+            }
         }
         if let Some(a) = seen.algorithm {
             for other in crate::congestion::Algorithm::ALL {
