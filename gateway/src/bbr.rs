@@ -368,8 +368,7 @@ impl Bbr {
         // handshake and keep-alives of an idle connection deliver a
         // packet a round, and quinn does not always call them
         // application-limited.
-        let full_flight = newest
-            .is_some_and(|p| (self.delivered - p.delivered).saturating_add(acked) >= self.cwnd / 4);
+        let full_flight = newest.is_some_and(|p| self.delivered - p.delivered >= self.cwnd / 4);
         if round_start && full_flight && !self.filled_pipe && !sample.is_some_and(|s| s.app_limited)
         {
             self.check_full_pipe();
