@@ -19,10 +19,11 @@
 //!
 //! What differs from the draft, and why: quinn paces from the window
 //! (1.25 × window per smoothed RTT), not from a controller's pacing rate,
-//! so this BBR steers through the window alone: the pacing gains of each
-//! phase (2.885 in Startup, 1/2.885 to Drain, the 1.25/0.75/1 cycle of
-//! ProbeBW) act as window gains on the estimated bandwidth-delay product,
-//! plus the ACK aggregation measured in the last 10 rounds. Loss does not
+//! so this BBR steers through the window alone: the gains of each phase
+//! (2.885 in Startup, the 1.25/0.75/1 cycle of ProbeBW) act as window
+//! gains on the estimated bandwidth-delay product, plus the ACK
+//! aggregation measured in the last 10 rounds; Drain holds the window at
+//! one product until what Startup queued has left. Loss does not
 //! shrink the window (BBR v1: random loss is not congestion); persistent
 //! congestion (a path event) starts the model over, as a new connection,
 //! done by the [`crate::congestion::Observed`] wrapper for every
@@ -60,21 +61,10 @@ const MIN_WINDOW_PACKETS: u64 = 4;
 /// ~9,000 packets in ~1,000 transmits of up to 10 (GSO), so this bounds
 /// memory without losing samples on any path the gateway is sized for.
 const MAX_SENDS: usize = 16_384;
-/// RFC 9002's initial window for 1,200-byte datagrams.
-pub const DEFAULT_INITIAL_WINDOW: u64 = 14_720;
-
 /// Builds [`Bbr`] controllers.
 #[derive(Debug, Clone)]
 pub struct BbrFactory {
     pub initial_window: u64,
-}
-
-impl Default for BbrFactory {
-    fn default() -> Self {
-        Self {
-            initial_window: DEFAULT_INITIAL_WINDOW,
-        }
-    }
 }
 
 impl ControllerFactory for BbrFactory {
@@ -780,7 +770,7 @@ mod tests {
     }
 
     fn bbr() -> Bbr {
-        Bbr::new(DEFAULT_INITIAL_WINDOW, MTU)
+        Bbr::new(crate::congestion::DEFAULT_INITIAL_WINDOW, MTU)
     }
 
     /// The run delivered more than `share` of `rate` (bytes/s).

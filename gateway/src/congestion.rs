@@ -87,7 +87,7 @@ pub struct CongestionConfig {
     /// Per peer cluster: the controller for what this gateway sends to it.
     pub peers: BTreeMap<String, Algorithm>,
     /// Congestion window of a new connection (and of a restarted one),
-    /// bytes. 0: the default, 14,720 (RFC 9002) for all three.
+    /// bytes. 0: [`DEFAULT_INITIAL_WINDOW`] for all three.
     pub initial_window_bytes: u64,
     /// Restart the controller after persistent congestion, and (Cubic,
     /// NewReno) keep the window through losses while application-limited
@@ -151,44 +151,37 @@ impl CongestionConfig {
 
     /// The factory quinn builds each connection's controller from.
     pub fn factory(&self, algorithm: Algorithm) -> Arc<ObservedFactory> {
-        let iw = self.initial_window_bytes;
+        let iw = match self.initial_window_bytes {
+            0 => DEFAULT_INITIAL_WINDOW,
+            n => n,
+        };
         let inner: Arc<dyn ControllerFactory + Send + Sync> = match algorithm {
-            Algorithm::Cubic => {
-                let mut c = CubicConfig::default();
-                if iw > 0 {
-                    c.initial_window(iw);
-                }
-                Arc::new(c)
-            }
-            Algorithm::NewReno => {
-                let mut c = NewRenoConfig::default();
-                if iw > 0 {
-                    c.initial_window(iw);
-                }
-                Arc::new(c)
-            }
-            Algorithm::Bbr => Arc::new(crate::bbr::BbrFactory {
-                initial_window: if iw > 0 {
-                    iw
-                } else {
-                    crate::bbr::DEFAULT_INITIAL_WINDOW
-                },
-            }),
+            Algorithm::Cubic => Arc::new(CubicConfig::default().initial_window(iw).clone()),
+            Algorithm::NewReno => Arc::new(NewRenoConfig::default().initial_window(iw).clone()),
+            Algorithm::Bbr => Arc::new(crate::bbr::BbrFactory { initial_window: iw }),
         };
         Arc::new(ObservedFactory {
             algorithm,
             inner,
-            recovery: self.path_event_recovery,
+            restart: self.path_event_recovery,
+            // BBR does not shrink its window for loss: nothing to keep.
+            keep_idle_window: self.path_event_recovery && algorithm != Algorithm::Bbr,
         })
     }
 }
+
+/// RFC 9002's initial window for 1,200-byte datagrams:
+/// min(10 × 1200, max(2 × 1200, 14,720)), as quinn's Cubic and NewReno.
+pub const DEFAULT_INITIAL_WINDOW: u64 = 12_000;
 
 /// Builds [`Observed`] controllers around one of quinn's.
 pub struct ObservedFactory {
     algorithm: Algorithm,
     inner: Arc<dyn ControllerFactory + Send + Sync>,
-    /// The path-event handling is on (loss-based controllers only).
-    recovery: bool,
+    /// Persistent congestion restarts the controller.
+    restart: bool,
+    /// Losses while application-limited are not passed on.
+    keep_idle_window: bool,
 }
 
 impl ControllerFactory for ObservedFactory {
@@ -230,7 +223,7 @@ pub struct Observation {
     /// Slow-start threshold (loss-based controllers; `u64::MAX` in slow
     /// start from the beginning).
     pub ssthresh: Option<u64>,
-    /// Slow starts restarted after persistent congestion.
+    /// Restarts after persistent congestion (slow start, BBR's Startup).
     pub restarts: u64,
     /// Congestion events not passed on: losses while application-limited.
     pub forgiven: u64,
@@ -303,21 +296,18 @@ impl Controller for Observed {
         is_persistent_congestion: bool,
         lost_bytes: u64,
     ) {
-        if !self.factory.recovery {
-            self.inner
-                .on_congestion_event(now, sent, is_persistent_congestion, lost_bytes);
-            return;
+        if self.factory.restart {
+            if self.restarted_at.is_some_and(|t| sent <= t) {
+                return;
+            }
+            if is_persistent_congestion {
+                self.restarts += 1;
+                self.restarted_at = Some(now);
+                self.inner = self.factory.inner.clone().build(now, self.mtu);
+                return;
+            }
         }
-        if self.restarted_at.is_some_and(|t| sent <= t) {
-            return;
-        }
-        if is_persistent_congestion {
-            self.restarts += 1;
-            self.restarted_at = Some(now);
-            self.inner = self.factory.inner.clone().build(now, self.mtu);
-            return;
-        }
-        if self.app_limited {
+        if self.factory.keep_idle_window && self.app_limited {
             self.forgiven += 1;
             return;
         }
@@ -495,6 +485,12 @@ mod tests {
         assert_eq!(o.algorithm, Some(Algorithm::Bbr));
         assert_eq!(o.ssthresh, None);
         assert_eq!(o.bandwidth, Some(0), "no sample yet after the restart");
+        // A loss while application-limited is BBR's to ignore, not one
+        // the wrapper keeps from it (and counts as an idle loss).
+        let t2 = t1 + Duration::from_secs(1);
+        busy(c.as_mut(), t2, true);
+        c.on_congestion_event(t2 + Duration::from_millis(40), t2, false, 1200);
+        assert_eq!(observe(c.as_ref()).forgiven, 0);
     }
 
     #[test]

@@ -155,7 +155,7 @@ impl PathMetrics {
         );
         reg.register(
             "peer_congestion_events",
-            "Congestion events (window reductions) on the QUIC path to the peer",
+            "Loss events quinn reported on the QUIC path to the peer (window reductions for Cubic/NewReno)",
             self.congestion_events.clone(),
         );
         reg.register(
@@ -165,7 +165,7 @@ impl PathMetrics {
         );
         reg.register(
             "peer_slow_start_restarts",
-            "Slow starts restarted after persistent congestion (a path event)",
+            "Controller restarts after persistent congestion (a path event): slow start, or BBR's Startup",
             self.restarts.clone(),
         );
         reg.register(

@@ -1157,8 +1157,6 @@ fn tenths(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-/// The WAN between east and west drops everything for `dark`, then is a
-/// clean 30 ms path again.
 /// Fault cases on a fresh QUIC connection made on a clean 30 ms path:
 /// (name, loss east → west %, loss west → east %, seconds, `--quick`
 /// seconds). A peer that "stops acknowledging" still receives everything
@@ -1205,9 +1203,15 @@ async fn fault(
         .cluster("east")
         .map(|c| c.echox_out)
         .ok_or_else(|| anyhow::anyhow!("no east"))?;
-    let rss = |name: &str| rig.rss_kib(name).map_or(0.0, |k| k as f64 / 1024.0);
     let names = ["east-gateway", "west-gateway"];
-    let start = names.map(rss);
+    // A gateway whose memory cannot be read fails the case rather than
+    // passing the bound with 0.
+    let rss = |name: &str| {
+        rig.rss_kib(name)
+            .map(|k| k as f64 / 1024.0)
+            .ok_or_else(|| anyhow::anyhow!("no resident set for {name}"))
+    };
+    let start = [rss(names[0])?, rss(names[1])?];
     let mut max = start;
     let stop = Arc::new(AtomicBool::new(false));
     let started = Arc::new(tokio::sync::Notify::new());
@@ -1239,7 +1243,7 @@ async fn fault(
     while t0.elapsed() < length {
         tokio::time::sleep(Duration::from_secs(1)).await;
         for (m, n) in max.iter_mut().zip(names) {
-            *m = m.max(rss(n));
+            *m = m.max(rss(n)?);
         }
         let now = super::gateway_peer(rig, "east", "west")
             .await
@@ -1250,15 +1254,21 @@ async fn fault(
     }
     stop.store(true, Ordering::Relaxed);
     wan.impair_both("east", "west", clean)?;
+    let restored = Instant::now();
     let echoed = match tokio::time::timeout(Duration::from_secs(15), bulk).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => Err(anyhow::anyhow!("bulk task: {e}")),
         Err(_) => Err(anyhow::anyhow!("the bulk stream did not stop within 15 s")),
     };
-    let back_after = until_transport(rig, "east", "west", "quic", Duration::from_secs(30)).await;
+    let back_after = until_transport(rig, "east", "west", "quic", Duration::from_secs(30))
+        .await
+        .map(|_| restored.elapsed());
     wan.impair_both("east", "west", Impairment::default())?;
     let (mbit, error) = match echoed {
-        Ok(e) => (e.bytes as f64 * 8.0 / e.secs.max(0.001) / 1e6, e.error),
+        Ok(e) => (
+            tenths(e.bytes as f64 * 8.0 / e.secs.max(0.001) / 1e6),
+            e.error,
+        ),
         Err(e) => (0.0, Some(format!("{e:#}"))),
     };
     let f = Fault {
@@ -1287,6 +1297,8 @@ async fn fault(
     Ok(f)
 }
 
+/// The WAN between east and west drops everything for `dark`, then is a
+/// clean 30 ms path again.
 async fn blackout(wan: &Wan, dark: Duration) -> anyhow::Result<()> {
     let clean = Impairment::path(RTT, 0.0);
     wan.impair_both(
