@@ -11,15 +11,16 @@ cd "$(dirname "$0")/.."
 # ip + nft for the e2e rig's network namespaces and cuts (used when root;
 # the rig falls back to loopback addresses and relays otherwise),
 # the ShellCheck linter for the kind scripts, python3-venv for the manifest
-# schema checks.
+# schema checks, haproxy and stunnel4 as the baselines of the data-path
+# benchmark's smoke (`fedmesh-bench datapath --quick`).
 NEEDS=("etcd:etcd-server" "ip:iproute2" "nft:nftables"
-  "shellcheck:shellcheck")
+  "shellcheck:shellcheck" "haproxy:haproxy" "stunnel4:stunnel4")
 
 missing=()
 for pair in "${NEEDS[@]+"${NEEDS[@]}"}"; do
   cmd=${pair%%:*}
   pkg=${pair#*:}
-  command -v "$cmd" >/dev/null 2>&1 || missing+=("$pkg")
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || missing+=("$pkg")
 done
 python3 -c 'import ensurepip' >/dev/null 2>&1 || missing+=("python3-venv")
 if [ ${#missing[@]} -gt 0 ]; then

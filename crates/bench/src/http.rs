@@ -30,6 +30,8 @@ use fedmesh_testkit::{percentile, HttpConn};
 use fedmesh_trust::{CertificateAuthority, SharedBundles, TrustBundles, TrustDomain};
 use fedmesh_wire::ServiceName;
 use serde_json::json;
+
+use crate::procs::{free_tcp, require, wait_listening, Proc};
 use tokio::sync::Mutex;
 
 #[derive(Clone, Copy)]
@@ -135,45 +137,15 @@ fn isolated(
     ))
 }
 
-struct Haproxy {
-    child: std::process::Child,
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-async fn wait_listening(addr: SocketAddr) -> anyhow::Result<()> {
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    bail!("{addr} did not start listening within 5 s")
-}
-
-async fn start_haproxy(dir: &Path, name: &str, config: &str) -> anyhow::Result<Haproxy> {
+fn start_haproxy(dir: &Path, name: &str, config: &str) -> anyhow::Result<Proc> {
     let cfg = dir.join(format!("{name}.cfg"));
     std::fs::write(&cfg, config)?;
-    let child = std::process::Command::new("haproxy")
-        .arg("-db")
-        .arg("-f")
-        .arg(&cfg)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("starting haproxy")?;
-    Ok(Haproxy { child })
+    Proc::spawn(
+        &format!("haproxy-{name}"),
+        &require("haproxy", "haproxy")?,
+        &["-db", "-f", &cfg.display().to_string()],
+        dir,
+    )
 }
 
 #[derive(Default)]
@@ -302,11 +274,7 @@ pub async fn run(p: Params, json_out: bool) -> anyhow::Result<()> {
     // haproxy pair with the same certificates, if haproxy is installed.
     let dir = tempfile::tempdir()?;
     let mut haproxy = None;
-    if std::process::Command::new("haproxy")
-        .arg("-v")
-        .output()
-        .is_ok()
-    {
+    if require("haproxy", "haproxy").is_ok() {
         let ca_pem = dir.path().join("ca.pem");
         std::fs::write(
             &ca_pem,
@@ -323,7 +291,7 @@ pub async fn run(p: Params, json_out: bool) -> anyhow::Result<()> {
             };
         let a_pem = pem("a", &td.workload("demo", "client")?)?;
         let b_pem = pem("b", &server_id)?;
-        let (pa, pb) = (free_port()?, free_port()?);
+        let (pa, pb) = (free_tcp()?.port(), free_tcp()?.port());
         let common = "global\n  nbthread 1\n  maxconn 4096\ndefaults\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n";
         let hb = start_haproxy(
             dir.path(),
@@ -334,7 +302,7 @@ pub async fn run(p: Params, json_out: bool) -> anyhow::Result<()> {
                 ca_pem.display()
             ),
         )
-        .await?;
+        ?;
         let ha = start_haproxy(
             dir.path(),
             "a",
@@ -344,10 +312,10 @@ pub async fn run(p: Params, json_out: bool) -> anyhow::Result<()> {
                 a_pem.display()
             ),
         )
-        .await?;
+        ?;
         let addr: SocketAddr = format!("127.0.0.1:{pa}").parse()?;
-        wait_listening(addr).await?;
-        wait_listening(format!("127.0.0.1:{pb}").parse()?).await?;
+        wait_listening(addr, &mut []).await?;
+        wait_listening(format!("127.0.0.1:{pb}").parse()?, &mut []).await?;
         haproxy = Some((addr, ha, hb));
     } else {
         eprintln!("haproxy is not installed: its column is skipped (apt-get install haproxy)");
@@ -392,10 +360,10 @@ pub async fn run(p: Params, json_out: bool) -> anyhow::Result<()> {
         cpu_a += cpu_ns(pid, Some(a.tid)) - a0;
         cpu_b += cpu_ns(pid, Some(b.tid)) - b0;
         if let (Some(c), Some((_, ha, hb))) = (&ha_c, &haproxy) {
-            let (x0, y0) = (cpu_ns(ha.child.id(), None), cpu_ns(hb.child.id(), None));
+            let (x0, y0) = (cpu_ns(ha.pid(), None), cpu_ns(hb.pid(), None));
             phase(c, &p, &body, &mut ha_s).await;
-            cpu_ha += cpu_ns(ha.child.id(), None) - x0;
-            cpu_hb += cpu_ns(hb.child.id(), None) - y0;
+            cpu_ha += cpu_ns(ha.pid(), None) - x0;
+            cpu_hb += cpu_ns(hb.pid(), None) - y0;
         }
     }
 

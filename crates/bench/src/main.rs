@@ -1,11 +1,14 @@
-//! Benchmark programs. `tunnel`: goodput of one TCP connection and the
-//! round-trip latency of 64-byte requests, direct on loopback versus
-//! through the mesh, measured in one process and one run so the ratios
-//! hold on a noisy machine.
+//! Benchmark programs. `datapath`: every data path with its proxies as
+//! separate processes against direct TCP, haproxy and a stunnel pair, in
+//! one run. `tunnel`: the mesh's paths inside this process, for quick
+//! A/B of one change. `http`: the sidecar's L7 path. `propagation`: the
+//! control plane at federation scale.
 //!
-//! `cargo run --release -p fedmesh-bench -- tunnel [--json]`
+//! `cargo run --release -p fedmesh-bench -- datapath [--quick] [--json]`
 
+mod datapath;
 mod http;
+mod procs;
 mod propagation;
 
 use std::net::SocketAddr;
@@ -26,6 +29,55 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Every data path with its proxies as separate processes (direct TCP,
+    /// haproxy, stunnel pair, sidecar pair, cross-cluster over QUIC and
+    /// over the TCP fallback, raw quinn): goodput, CPU-seconds per GB per
+    /// process, latency back to back and at fixed rates, new connections,
+    /// RSS. Needs haproxy, stunnel4 and the `fedmesh` binary.
+    Datapath {
+        /// A seconds-long smoke (small transfers, short phases): checks
+        /// that every path works; its figures mean nothing.
+        #[arg(long)]
+        quick: bool,
+        /// Bytes per bulk run [default: 1 GiB, 16 MiB with --quick].
+        #[arg(long)]
+        bytes: Option<u64>,
+        /// Bulk runs per path and width, best reported [default: 3, 1 with --quick].
+        #[arg(long)]
+        runs: Option<usize>,
+        /// 64-byte round trips back to back [default: 20000, 300 with --quick].
+        #[arg(long)]
+        round_trips: Option<usize>,
+        /// Fixed request rates per second, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        rates: Vec<u32>,
+        /// Length of each fixed-rate run and connection test [default: 2s, 300ms with --quick].
+        #[arg(long, value_parser = humantime::parse_duration)]
+        phase: Option<Duration>,
+        /// Parallel clients of the new-connection rate test.
+        #[arg(long, default_value_t = 16)]
+        connect_workers: usize,
+        /// Only these paths, comma-separated: direct, haproxy, stunnel,
+        /// sidecars, quic, tcp, quinn.
+        #[arg(long, value_delimiter = ',')]
+        paths: Vec<String>,
+        /// The fedmesh binary [default: `fedmesh` next to this program].
+        #[arg(long)]
+        fedmesh: Option<std::path::PathBuf>,
+        /// Record a perf profile of every proxy process during the bulk
+        /// runs into DIR (`<path>-<process>.data`).
+        #[arg(long, value_name = "DIR")]
+        perf: Option<std::path::PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The raw quinn path's far end (started by `datapath`).
+    #[command(hide = true)]
+    QuicPeer {
+        /// A gateway config: its identity, bundles, limits and congestion.
+        #[arg(long)]
+        config: std::path::PathBuf,
+    },
     /// Direct TCP vs local (sidecar → sidecar) vs cross-cluster
     /// (sidecar → gateway ═QUIC═ gateway → sidecar).
     Tunnel {
@@ -96,6 +148,44 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match cli.cmd {
+        Cmd::Datapath {
+            quick,
+            bytes,
+            runs,
+            round_trips,
+            rates,
+            phase,
+            connect_workers,
+            paths,
+            fedmesh,
+            perf,
+            json,
+        } => {
+            if rates.iter().any(|r| *r == 0 || *r > 200_000) || connect_workers == 0 {
+                bail!("--rates must be within 1..=200000, --connect-workers at least 1");
+            }
+            let pick = |given: Option<u64>, full: u64, smoke: u64| {
+                given.unwrap_or(if quick { smoke } else { full })
+            };
+            rt.block_on(datapath::run(datapath::Params {
+                quick,
+                bytes: pick(bytes, 1 << 30, 16 << 20).max(8),
+                runs: pick(runs.map(|r| r as u64), 3, 1).max(1) as usize,
+                round_trips: pick(round_trips.map(|r| r as u64), 20_000, 300).max(1) as usize,
+                rates,
+                phase: phase.unwrap_or(if quick {
+                    Duration::from_millis(300)
+                } else {
+                    Duration::from_secs(2)
+                }),
+                connect_workers,
+                paths,
+                fedmesh,
+                perf,
+                json,
+            }))
+        }
+        Cmd::QuicPeer { config } => rt.block_on(datapath::rawquic::serve(&config)),
         Cmd::Tunnel {
             bytes,
             runs,
