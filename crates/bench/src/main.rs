@@ -68,6 +68,10 @@ enum Cmd {
         /// runs into DIR (`<path>-<process>.data`).
         #[arg(long, value_name = "DIR")]
         perf: Option<std::path::PathBuf>,
+        /// QUIC congestion controller of every gateway (cubic, newreno,
+        /// bbr) [default: the gateways' default].
+        #[arg(long)]
+        congestion: Option<fedmesh_gateway::Algorithm>,
         #[arg(long)]
         json: bool,
     },
@@ -159,6 +163,7 @@ fn main() -> anyhow::Result<()> {
             paths,
             fedmesh,
             perf,
+            congestion,
             json,
         } => {
             if rates.iter().any(|r| *r == 0 || *r > 200_000) || connect_workers == 0 {
@@ -182,6 +187,7 @@ fn main() -> anyhow::Result<()> {
                 paths,
                 fedmesh,
                 perf,
+                congestion,
                 json,
             }))
         }

@@ -43,6 +43,8 @@ pub struct Params {
     pub fedmesh: Option<PathBuf>,
     /// Record a `perf` profile of each proxy during the bulk runs here.
     pub perf: Option<PathBuf>,
+    /// QUIC congestion controller of every gateway (default: theirs).
+    pub congestion: Option<fedmesh_gateway::Algorithm>,
     pub json: bool,
 }
 
@@ -118,7 +120,7 @@ impl Perf {
             let out = dir.join(format!("{path}-{}.data", p.name));
             v.push(
                 std::process::Command::new("perf")
-                    .args(["record", "-F", "999", "-g", "-o"])
+                    .args(["record", "-F", "999", "-o"])
                     .arg(&out)
                     .args(["-p", &p.pid().to_string()])
                     .stdout(std::process::Stdio::null())
@@ -278,6 +280,7 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
         haproxy,
         stunnel,
         app,
+        p.congestion,
     )?;
     let mut reports = Vec::new();
     for id in ALL.iter().filter(|id| wanted(id)) {
@@ -320,7 +323,8 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "quick": p.quick, "bytes_per_run": p.bytes, "runs": p.runs,
                 "round_trips": p.round_trips, "phase_ms": p.phase.as_millis() as u64,
-                "connect_workers": p.connect_workers, "paths": reports,
+                "connect_workers": p.connect_workers,
+                "congestion": p.congestion.map(|a| a.to_string()), "paths": reports,
             }))?
         );
     } else {

@@ -41,6 +41,9 @@ pub struct Env {
     pub haproxy: PathBuf,
     pub stunnel: PathBuf,
     pub app: SocketAddr,
+    /// `congestion:` of every gateway config (QUIC's controller), when
+    /// not the default.
+    pub congestion: Option<fedmesh_gateway::Algorithm>,
     east: (TrustDomain, CertificateAuthority),
     west: (TrustDomain, CertificateAuthority),
 }
@@ -57,6 +60,7 @@ impl Env {
         haproxy: PathBuf,
         stunnel: PathBuf,
         app: SocketAddr,
+        congestion: Option<fedmesh_gateway::Algorithm>,
     ) -> anyhow::Result<Env> {
         let ca = |name: &str| -> anyhow::Result<(TrustDomain, CertificateAuthority)> {
             let td = TrustDomain::new(name)?;
@@ -77,7 +81,15 @@ impl Env {
             haproxy,
             stunnel,
             app,
+            congestion,
         })
+    }
+
+    /// The lines every gateway config of the benchmark adds.
+    fn gateway_extra(&self) -> String {
+        self.congestion
+            .map(|a| format!("congestion: {{ controller: {a} }}\n"))
+            .unwrap_or_default()
     }
 
     pub async fn start(&self, id: &str) -> anyhow::Result<RunningPath> {
@@ -293,11 +305,13 @@ impl Env {
         let gw_id = |west: bool| self.td(west).system_id("gateway");
         let files = [
             ("gateway", "east-gateway", format!(
-                "listen: {{ quic: \"{q1}\", tunnel: \"{t1}\", admin: \"{a1}\" }}\n{}{east_catalog}",
+                "listen: {{ quic: \"{q1}\", tunnel: \"{t1}\", admin: \"{a1}\" }}\n{}{}{east_catalog}",
+                self.gateway_extra(),
                 self.fedmesh_identity(false, &gw_id(false), "east-gateway")?
             )),
             ("gateway", "west-gateway", format!(
-                "listen: {{ quic: \"{q2}\", tunnel: \"{t2}\"{west_listen_tcp} }}\n{}{west_catalog}",
+                "listen: {{ quic: \"{q2}\", tunnel: \"{t2}\"{west_listen_tcp} }}\n{}{}{west_catalog}",
+                self.gateway_extra(),
                 self.fedmesh_identity(true, &gw_id(true), "west-gateway")?
             )),
             ("sidecar", "east-sidecar", format!(
@@ -369,7 +383,8 @@ impl Env {
         std::fs::write(
             &server_yaml,
             format!(
-                "listen: {{ quic: \"{q}\", tunnel: \"127.0.0.1:1\" }}\ncatalog: {{ cluster: west, trust_domain: west.bench }}\n{}",
+                "listen: {{ quic: \"{q}\", tunnel: \"127.0.0.1:1\" }}\ncatalog: {{ cluster: west, trust_domain: west.bench }}\n{}{}",
+                self.gateway_extra(),
                 self.fedmesh_identity(true, &west, "quinn-server")?
             ),
         )?;
@@ -377,7 +392,8 @@ impl Env {
         std::fs::write(
             &client_yaml,
             format!(
-                "listen: {{ quic: \"127.0.0.1:0\", tunnel: \"127.0.0.1:1\" }}\ncatalog: {{ cluster: east, trust_domain: east.bench }}\n{}",
+                "listen: {{ quic: \"127.0.0.1:0\", tunnel: \"127.0.0.1:1\" }}\ncatalog: {{ cluster: east, trust_domain: east.bench }}\n{}{}",
+                self.gateway_extra(),
                 self.fedmesh_identity(false, &east, "quinn-client")?
             ),
         )?;
