@@ -73,6 +73,26 @@ impl Proc {
         Ok((ticks(11)? + ticks(12)?) as f64 / clock_ticks())
     }
 
+    /// Context switches (voluntary and not) of the process's live
+    /// threads: a proxy that wakes up for every small read shows many per
+    /// byte moved.
+    pub fn context_switches(&self) -> u64 {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else {
+            return 0;
+        };
+        tasks
+            .filter_map(Result::ok)
+            .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+            .flat_map(|status| {
+                status
+                    .lines()
+                    .filter(|l| l.contains("ctxt_switches:"))
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .collect::<Vec<_>>()
+            })
+            .sum()
+    }
+
     /// A `/proc/PID/status` memory figure in KiB (`VmRSS`, `VmHWM`).
     pub fn memory_kib(&self, field: &str) -> anyhow::Result<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;

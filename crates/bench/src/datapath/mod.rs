@@ -70,6 +70,8 @@ impl Latency {
 struct ProcReport {
     name: String,
     cpu_s_per_gb: f64,
+    /// Context switches per MB moved in the bulk runs.
+    switches_per_mb: f64,
     rss_idle_mib: f64,
     rss_peak_mib: f64,
 }
@@ -157,6 +159,7 @@ async fn measure(path: &mut paths::RunningPath, p: &Params) -> anyhow::Result<Pa
     load::goodput(&d, 1, 4 << 20).await?;
     load::goodput(&d, 8, 4 << 20).await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let sw0: Vec<u64> = path.procs.iter().map(Proc::context_switches).collect();
     let cpu0: Vec<f64> = path
         .procs
         .iter()
@@ -175,6 +178,7 @@ async fn measure(path: &mut paths::RunningPath, p: &Params) -> anyhow::Result<Pa
         best8 = best8.max(load::goodput(&d, 8, p.bytes).await?);
         moved += p.bytes / 8 * 8;
     }
+    let sw1: Vec<u64> = path.procs.iter().map(Proc::context_switches).collect();
     let cpu1: Vec<f64> = path
         .procs
         .iter()
@@ -189,6 +193,7 @@ async fn measure(path: &mut paths::RunningPath, p: &Params) -> anyhow::Result<Pa
         processes.push(ProcReport {
             name: x.name.clone(),
             cpu_s_per_gb: (cpu1[i] - cpu0[i]) / gb,
+            switches_per_mb: sw1[i].saturating_sub(sw0[i]) as f64 / (gb * 1000.0),
             rss_idle_mib: idle[i] as f64 / 1024.0,
             rss_peak_mib: x.memory_kib("VmHWM")? as f64 / 1024.0,
         });
@@ -456,17 +461,17 @@ fn print_tables(p: &Params, reports: &[PathReport]) {
         );
     }
     println!(
-        "\n{:<28} {:<16} {:>9} {:>9} {:>9}",
-        "per process", "", "CPU s/GB", "RSS idle", "RSS peak"
+        "\n{:<28} {:<16} {:>9} {:>11} {:>9} {:>9}",
+        "per process", "", "CPU s/GB", "switches/MB", "RSS idle", "RSS peak"
     );
     for r in reports {
         for x in &r.processes {
             println!(
-                "{:<28} {:<16} {:>9.2} {:>8.1}M {:>8.1}M",
-                r.name, x.name, x.cpu_s_per_gb, x.rss_idle_mib, x.rss_peak_mib
+                "{:<28} {:<16} {:>9.2} {:>11.1} {:>8.1}M {:>8.1}M",
+                r.name, x.name, x.cpu_s_per_gb, x.switches_per_mb, x.rss_idle_mib, x.rss_peak_mib
             );
         }
     }
     println!("\nhops = proxy processes between client and app; the raw quinn stream's far end is the app's own process (its CPU includes the app's reads).");
-    println!("CPU s/GB counts the bulk runs (1 and 8 connections); RSS idle is taken once the path carried its first probe, RSS peak is the process's high-water mark.");
+    println!("CPU s/GB and context switches per MB count the bulk runs (1 and 8 connections); RSS idle is taken once the path carried its first probe, RSS peak is the process's high-water mark.");
 }
