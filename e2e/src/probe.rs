@@ -345,7 +345,6 @@ fn tcp_send(to: SocketAddr, secs: Duration, congestion: Option<&str>) -> anyhow:
 mod quic {
     use std::net::SocketAddr;
     use std::path::Path;
-    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use anyhow::Context;
@@ -377,19 +376,10 @@ mod quic {
         server: Option<quinn::ServerConfig>,
         limits: &Limits,
     ) -> anyhow::Result<quinn::Endpoint> {
-        let s = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::DGRAM,
-            Some(socket2::Protocol::UDP),
-        )?;
-        s.bind(&addr.into())?;
-        let _ = s.set_recv_buffer_size(limits.quic_socket_buffer_bytes);
-        let _ = s.set_send_buffer_size(limits.quic_socket_buffer_bytes);
-        Ok(quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+        Ok(fedmesh_gateway::quic_baseline_endpoint(
+            addr,
             server,
-            s.into(),
-            Arc::new(quinn::TokioRuntime),
+            limits.quic_socket_buffer_bytes,
         )?)
     }
 

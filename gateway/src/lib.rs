@@ -27,8 +27,8 @@ pub use congestion::{Algorithm, CongestionConfig, Observation, Observed};
 pub use metrics::{GatewayMetrics, PeerLabels, TransportLabels};
 pub use pool::PeerStatus;
 pub use quic::{
-    client_config as quic_client_config, server_config as quic_server_config, PeerConfigs,
-    QuicError,
+    baseline_endpoint as quic_baseline_endpoint, client_config as quic_client_config,
+    server_config as quic_server_config, PeerConfigs, QuicError,
 };
 pub use server::{Gateway, GatewayError};
 pub use tcp::ALPN_H2;

@@ -217,14 +217,9 @@ impl SocketCounters {
     }
 }
 
-/// Binds the gateway's one UDP port, serving and dialing from it, with
-/// socket buffers of `buffer` bytes (as far as the kernel allows).
-pub fn endpoint(
-    addr: SocketAddr,
-    server: quinn::ServerConfig,
-    buffer: usize,
-    counters: SocketCounters,
-) -> Result<Endpoint, QuicError> {
+/// A UDP socket bound to `addr` with buffers of `buffer` bytes (as far
+/// as the kernel allows, which is logged when it is less).
+fn bound_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, QuicError> {
     let bind = |source| QuicError::Bind { addr, source };
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
@@ -247,14 +242,47 @@ pub fn endpoint(
             "UDP socket buffers capped by the kernel; raise net.core.rmem_max and net.core.wmem_max for lossless bursts"
         );
     }
-    let socket: std::net::UdpSocket = socket.into();
+    tracing::debug!(
+        recv_buffer = got_rx,
+        send_buffer = got_tx,
+        "UDP socket bound"
+    );
+    Ok(socket.into())
+}
+
+/// A plain quinn endpoint (quinn's own socket, no counting, QUIC bit
+/// greasing as quinn does it) with the gateway's socket buffers: the
+/// baseline the benchmarks and probes compare the gateway against.
+pub fn baseline_endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    buffer: usize,
+) -> Result<Endpoint, QuicError> {
+    let socket = bound_socket(addr, buffer)?;
+    Endpoint::new(
+        EndpointConfig::default(),
+        server,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| QuicError::Bind { addr, source })
+}
+
+/// Binds the gateway's one UDP port, serving and dialing from it, with
+/// socket buffers of `buffer` bytes (as far as the kernel allows).
+pub fn endpoint(
+    addr: SocketAddr,
+    server: quinn::ServerConfig,
+    buffer: usize,
+    counters: SocketCounters,
+) -> Result<Endpoint, QuicError> {
+    let bind = |source| QuicError::Bind { addr, source };
+    let socket = bound_socket(addr, buffer)?;
     let runtime = Arc::new(quinn::TokioRuntime);
     let inner = quinn::Runtime::wrap_udp_socket(&*runtime, socket).map_err(bind)?;
     tracing::info!(
         gso_segments = inner.max_transmit_segments(),
         gro_segments = inner.max_receive_segments(),
-        recv_buffer = got_rx,
-        send_buffer = got_tx,
         "QUIC UDP socket ready"
     );
     let socket = Arc::new(CountingSocket { inner, counters });

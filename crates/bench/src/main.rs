@@ -280,23 +280,9 @@ fn topology(splice_buffer: usize) -> Topology {
 async fn goodput(addr: SocketAddr, bytes: u64) -> anyhow::Result<f64> {
     let mut s = TcpStream::connect(addr).await?;
     s.set_nodelay(true)?;
-    let buf = vec![0x5au8; 256 * 1024];
     let t0 = Instant::now();
-    let mut left = bytes;
-    while left > 0 {
-        let n = left.min(buf.len() as u64) as usize;
-        s.write_all(&buf[..n]).await?;
-        left -= n as u64;
-    }
-    s.shutdown().await?;
-    let mut count = [0u8; 8];
-    s.read_exact(&mut count).await.context("sink count")?;
-    let secs = t0.elapsed().as_secs_f64();
-    let got = u64::from_be_bytes(count);
-    if got != bytes {
-        bail!("sink received {got} bytes of {bytes}");
-    }
-    Ok(bytes as f64 * 8.0 / secs)
+    datapath::send_counted(&mut s, bytes).await?;
+    Ok(bytes as f64 * 8.0 / t0.elapsed().as_secs_f64())
 }
 
 /// 64-byte request/response round trips on one connection.

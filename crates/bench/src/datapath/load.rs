@@ -117,6 +117,14 @@ async fn step<T>(
 /// Sends `bytes` to the sink over one connection and checks its count.
 async fn sink(dialer: &Dialer, bytes: u64) -> anyhow::Result<()> {
     let mut c = dialer.open(&[SINK]).await?;
+    send_counted(&mut c, bytes).await
+}
+
+/// Writes `bytes`, ends the stream, and checks the count a sink answers.
+pub async fn send_counted<S: AsyncRead + AsyncWrite + Unpin>(
+    c: &mut S,
+    bytes: u64,
+) -> anyhow::Result<()> {
     let buf = vec![0x5au8; 256 * 1024];
     let mut left = bytes;
     while left > 0 {

@@ -24,6 +24,7 @@ use fedmesh_testkit::percentile;
 use serde::Serialize;
 
 use crate::procs::{require, Proc};
+pub use load::send_counted;
 pub use paths::ALL;
 
 pub struct Params {

@@ -1,42 +1,20 @@
 //! The raw quinn path: one QUIC connection with a gateway's TLS,
-//! transport and UDP socket buffer settings, and no proxy. Its server end
+//! transport and UDP socket buffer settings (quinn's own socket), and no
+//! proxy. Its server end
 //! is `fedmesh-bench quic-peer`, a separate process that runs the app on
 //! each stream it accepts.
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
 
 use anyhow::Context;
-use fedmesh_gateway::{GatewayConfig, GatewaySettings};
+use fedmesh_gateway::{quic_baseline_endpoint, GatewayConfig, GatewaySettings};
 
 /// What the peer prints once it listens.
 pub const UP: &str = "quic-peer listening on";
 
 fn settings(config: &Path) -> anyhow::Result<GatewaySettings> {
     GatewayConfig::load(config).map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-/// A quinn endpoint on quinn's own socket, with a gateway's buffer sizes.
-fn endpoint(
-    addr: SocketAddr,
-    server: Option<quinn::ServerConfig>,
-    buffer: usize,
-) -> anyhow::Result<quinn::Endpoint> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    socket.bind(&addr.into())?;
-    let _ = socket.set_recv_buffer_size(buffer);
-    let _ = socket.set_send_buffer_size(buffer);
-    Ok(quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        server,
-        socket.into(),
-        Arc::new(quinn::TokioRuntime),
-    )?)
 }
 
 /// `fedmesh-bench quic-peer --config GATEWAY_YAML`: serves the app on
@@ -46,7 +24,7 @@ pub async fn serve(config: &Path) -> anyhow::Result<()> {
     let id = fedmesh_trust::SvidSource::new(s.identity.clone())?;
     let server =
         fedmesh_gateway::quic_server_config(&id, s.bundles.clone(), &s.limits, &s.congestion)?;
-    let ep = endpoint(s.quic, Some(server), s.limits.quic_socket_buffer_bytes)?;
+    let ep = quic_baseline_endpoint(s.quic, Some(server), s.limits.quic_socket_buffer_bytes)?;
     println!("{UP} {}", ep.local_addr()?);
     while let Some(incoming) = ep.accept().await {
         tokio::spawn(async move {
@@ -68,7 +46,7 @@ pub async fn connect(
     let id = fedmesh_trust::SvidSource::new(s.identity.clone())?;
     let client =
         fedmesh_gateway::quic_client_config(&id, s.bundles.clone(), &s.limits, &s.congestion)?;
-    let mut ep = endpoint(
+    let mut ep = quic_baseline_endpoint(
         "127.0.0.1:0".parse()?,
         None,
         s.limits.quic_socket_buffer_bytes,
