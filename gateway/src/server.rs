@@ -8,15 +8,15 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use fedmesh_catalog::{Catalog, Hop, Peer};
-use fedmesh_transport::admin;
 use fedmesh_transport::{
     accept_tls, answer, check_hops, connect_first, open, read_request, serve_tcp, Limits, OpenError,
 };
+use fedmesh_transport::{admin, Cut};
 use fedmesh_trust::{ClientAuth, PeerPolicy, SpiffeId, SvidSource};
 use fedmesh_wire::{Header, Status, StatusCode};
 use prometheus_client::registry::Registry;
 use quinn::{Connection, Endpoint};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -509,9 +509,10 @@ async fn serve_peer(shared: Arc<Shared>, conn: Connection, peer: Peer) {
                         recv,
                         send,
                         lease: None,
+                        cut: false,
                     };
                     peer_stream(&shared, &peer, &mut down).await;
-                    let _ = down.shutdown().await;
+                    fedmesh_transport::close(&mut down).await;
                 });
             }
             Err(e) => {
@@ -606,9 +607,10 @@ async fn fallback_conn(
                     let mut down = PeerStream::Tcp {
                         io: Box::new(io),
                         lease: None,
+                        cut: false,
                     };
                     peer_stream(&shared, &peer, &mut down).await;
-                    let _ = down.shutdown().await;
+                    fedmesh_transport::close(&mut down).await;
                 }
             }
         };
@@ -752,7 +754,7 @@ fn next_header(h: &Header, started: Instant) -> Option<Header> {
 /// [`FROM_PEER`], else the local side), then splices.
 async fn forward<L>(shared: &Shared, direction: &'static str, local: &mut L, peer: &mut PeerStream)
 where
-    L: AsyncRead + AsyncWrite + Unpin,
+    L: AsyncRead + AsyncWrite + Unpin + Cut,
 {
     shared.metrics.stream(direction, StatusCode::Ok.as_str());
     let from_peer = direction == FROM_PEER;
@@ -803,11 +805,11 @@ async fn sidecar_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
     };
     shared.metrics.sidecar_connections.inc();
     sidecar_stream(shared, &mut down, client, started).await;
-    let _ = down.shutdown().await;
+    fedmesh_transport::close(&mut down).await;
     shared.metrics.sidecar_connections.dec();
 }
 
-async fn sidecar_stream<S: AsyncRead + AsyncWrite + Unpin>(
+async fn sidecar_stream<S: AsyncRead + AsyncWrite + Unpin + Cut>(
     shared: &Shared,
     down: &mut S,
     client: SpiffeId,
@@ -970,6 +972,7 @@ async fn open_on_peer(
                 recv,
                 send,
                 lease: Some(lease),
+                cut: false,
             }),
             Ok(Err(e)) => {
                 lease.failed();
@@ -985,6 +988,7 @@ async fn open_on_peer(
             Ok(Ok(io)) => Ok(PeerStream::Tcp {
                 io: Box::new(io),
                 lease: Some(lease),
+                cut: false,
             }),
             Ok(Err(e)) => {
                 lease.failed();

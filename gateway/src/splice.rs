@@ -10,7 +10,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use fedmesh_transport::splice;
+use fedmesh_transport::Cut;
 use quinn::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
@@ -33,12 +33,47 @@ pub enum PeerStream {
         send: SendStream,
         /// Holds the connection we opened it on until the stream ends.
         lease: Option<Lease>,
+        /// Reset (see [`Cut`]).
+        cut: bool,
     },
     Tcp {
         io: Box<dyn PeerIo>,
         /// Holds the connection we opened it on until the stream ends.
         lease: Option<Lease>,
+        cut: bool,
     },
+}
+
+/// The stream reset and stop-sending code that says "the tunneled
+/// connection was cut" (`docs/wire.md`).
+pub const STREAM_CUT: u32 = 1;
+
+impl Cut for PeerStream {
+    fn cut(&mut self) {
+        match self {
+            Self::Quic {
+                send, recv, cut, ..
+            } => {
+                // Both ways: the peer's reads fail with a reset, its
+                // writes with stop-sending.
+                let _ = send.reset(quinn::VarInt::from_u32(STREAM_CUT));
+                let _ = recv.stop(quinn::VarInt::from_u32(STREAM_CUT));
+                *cut = true;
+            }
+            // hyper's upgraded CONNECT stream can only end cleanly or be
+            // dropped, and a dropped one reaches the peer as RST_STREAM
+            // CANCEL, which hyper reads as an end of stream: not yet a
+            // reset over the fallback. Dropping it at least stops the
+            // transfer; no END_STREAM is sent.
+            Self::Tcp { cut, .. } => *cut = true,
+        }
+    }
+
+    fn is_cut(&self) -> bool {
+        match self {
+            Self::Quic { cut, .. } | Self::Tcp { cut, .. } => *cut,
+        }
+    }
 }
 
 impl PeerStream {
@@ -58,15 +93,23 @@ impl PeerStream {
     }
 
     /// Copies both ways until both sides are done, passing half-closes on;
-    /// returns bytes (local → peer, peer → local).
+    /// returns bytes (local → peer, peer → local). When either side fails,
+    /// both are cut, so the far ends see a reset, not an end of stream.
     pub async fn splice<L>(&mut self, local: &mut L, chunk: usize) -> io::Result<(u64, u64)>
     where
-        L: AsyncRead + AsyncWrite + Unpin,
+        L: AsyncRead + AsyncWrite + Unpin + Cut,
     {
-        match self {
+        let r = match self {
             Self::Quic { recv, send, .. } => splice_quic(local, send, recv, chunk).await,
-            Self::Tcp { io, .. } => splice(local, io, chunk).await,
+            Self::Tcp { io, .. } => {
+                tokio::io::copy_bidirectional_with_sizes(local, io, chunk, chunk).await
+            }
+        };
+        if r.is_err() {
+            local.cut();
+            self.cut();
         }
+        r
     }
 }
 

@@ -116,6 +116,16 @@ impl<S> Rewind<S> {
     }
 }
 
+impl<S: fedmesh_transport::Cut> fedmesh_transport::Cut for Rewind<S> {
+    fn cut(&mut self) {
+        self.inner.cut();
+    }
+
+    fn is_cut(&self) -> bool {
+        self.inner.is_cut()
+    }
+}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -12,7 +12,6 @@ use fedmesh_transport::{
 use fedmesh_trust::{ClientAuth, PeerPolicy, SpiffeId, SvidSource};
 use fedmesh_wire::{Header, ServiceName, Status, StatusCode, Target, Traceparent};
 use prometheus_client::registry::Registry;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
@@ -917,7 +916,7 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
                 (0, 0)
             }
         };
-    let _ = down.shutdown().await;
+    fedmesh_transport::close(&mut down).await;
     access(
         &header,
         Some(source.as_str()),

@@ -14,6 +14,9 @@ pub enum AppKind {
     Sink,
     /// HTTP/1.1 and HTTP/2 (prior knowledge); see [`http_app`].
     Http,
+    /// Tells how connections ended, for tests of cut propagation; see
+    /// [`ends_app`].
+    Ends,
 }
 
 /// A running app; dropping it stops the listener.
@@ -48,6 +51,9 @@ pub async fn serve(kind: AppKind, listener: TcpListener, name: String) {
     if kind == AppKind::Http {
         return http_app(listener, name).await;
     }
+    if kind == AppKind::Ends {
+        return ends_app(listener).await;
+    }
     let l = listener;
     let banner = format!("{name}\n");
     loop {
@@ -75,7 +81,7 @@ pub async fn serve(kind: AppKind, listener: TcpListener, name: String) {
                     }
                     let _ = s.shutdown().await;
                 }
-                AppKind::Http => {}
+                AppKind::Http | AppKind::Ends => {}
                 AppKind::Sink => {
                     let mut total = 0u64;
                     loop {
@@ -88,6 +94,94 @@ pub async fn serve(kind: AppKind, listener: TcpListener, name: String) {
                     let _ = s.write_all(&total.to_be_bytes()).await;
                     let _ = s.shutdown().await;
                 }
+            }
+        });
+    }
+}
+
+/// How held connections ended, by the id the client gave (bounded).
+type Endings = std::sync::Arc<std::sync::Mutex<std::collections::BTreeMap<String, &'static str>>>;
+
+/// At most this many endings are remembered; the oldest ids go first.
+const MAX_ENDINGS: usize = 4096;
+
+/// Reads one command line, byte by byte so nothing after it is consumed.
+async fn command_line(s: &mut tokio::net::TcpStream) -> Option<String> {
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() < 128 {
+        match s.read(&mut b).await {
+            Ok(1) if b[0] == b'\n' => return String::from_utf8(line).ok(),
+            Ok(1) => line.push(b[0]),
+            _ => return None,
+        }
+    }
+    None
+}
+
+/// An app that tells how its connections ended, so a test can check what
+/// the far application of a cut tunnel saw. Each connection starts with
+/// one command line:
+/// - `hold ID`: echo every byte until the connection ends, then remember
+///   `fin` (end of stream), `reset` (connection reset) or `error` for ID;
+/// - `cut`: answer `ok`, read one byte, then reset the connection (RST);
+/// - `ended ID`: answer one line, how ID ended, `open` while it lasts, or
+///   `unknown`.
+pub async fn ends_app(listener: TcpListener) {
+    let endings: Endings = Default::default();
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = s.set_nodelay(true);
+        let endings = endings.clone();
+        tokio::spawn(async move {
+            let Some(cmd) = command_line(&mut s).await else {
+                return;
+            };
+            let record = |id: &str, how: &'static str| {
+                let mut e = endings.lock().unwrap_or_else(|p| p.into_inner());
+                if e.len() >= MAX_ENDINGS && !e.contains_key(id) {
+                    e.pop_first();
+                }
+                e.insert(id.to_owned(), how);
+            };
+            if let Some(id) = cmd.strip_prefix("hold ") {
+                record(id, "open");
+                let mut buf = vec![0u8; 16 * 1024];
+                let how = loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break "fin",
+                        Ok(n) => {
+                            if let Err(e) = s.write_all(&buf[..n]).await {
+                                break if e.kind() == std::io::ErrorKind::ConnectionReset {
+                                    "reset"
+                                } else {
+                                    "error"
+                                };
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+                        Err(_) => break "error",
+                    }
+                };
+                record(id, how);
+            } else if cmd == "cut" {
+                if s.write_all(b"ok\n").await.is_ok() {
+                    let mut b = [0u8; 1];
+                    let _ = s.read(&mut b).await;
+                }
+                let _ = s.set_zero_linger();
+                drop(s);
+            } else if let Some(id) = cmd.strip_prefix("ended ") {
+                let how = endings
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(id)
+                    .copied()
+                    .unwrap_or("unknown");
+                let _ = s.write_all(format!("{how}\n").as_bytes()).await;
+                let _ = s.shutdown().await;
             }
         });
     }

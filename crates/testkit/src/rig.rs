@@ -400,7 +400,7 @@ impl Rig {
                 // The echo app speaks first (its banner): detection would
                 // only add its timeout, so it is declared plain TCP.
                 let protocol = match topo_of(&n).map(|s| s.app) {
-                    Some(AppKind::Echo) => OutboundProtocol::Tcp,
+                    Some(AppKind::Echo | AppKind::Ends) => OutboundProtocol::Tcp,
                     _ => OutboundProtocol::Detect,
                 };
                 outbound.push(OutboundRoute {

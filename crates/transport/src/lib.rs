@@ -6,11 +6,13 @@
 
 pub mod admin;
 mod announced;
+mod cut;
 mod identity;
 mod limits;
 mod tunnel;
 
 pub use announced::Announced;
+pub use cut::{close, Cut};
 pub use identity::{load_trust, read_yaml, BundleFile, IdentityFiles};
 pub use limits::Limits;
 pub use tunnel::{

@@ -244,13 +244,20 @@ pub async fn answer<W: AsyncWrite + Unpin>(w: &mut W, status: &Status) -> bool {
 
 /// Copies both ways until both sides have closed; returns bytes (a→b, b→a).
 /// A half-close on one side is passed on, so request/response protocols
-/// that shut down their write side still get their answer.
+/// that shut down their write side still get their answer. When either
+/// side fails (reset, cut, lost), both are cut: each far end sees a reset,
+/// not an end of stream ([`crate::Cut`]).
 pub async fn splice<A, B>(a: &mut A, b: &mut B, buffer: usize) -> std::io::Result<(u64, u64)>
 where
-    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
-    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    A: AsyncRead + AsyncWrite + Unpin + crate::Cut + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + crate::Cut + ?Sized,
 {
-    tokio::io::copy_bidirectional_with_sizes(a, b, buffer, buffer).await
+    let r = tokio::io::copy_bidirectional_with_sizes(a, b, buffer, buffer).await;
+    if r.is_err() {
+        a.cut();
+        b.cut();
+    }
+    r
 }
 
 /// Why no next hop took a stream: the status to answer with, and why.
