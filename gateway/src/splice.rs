@@ -22,8 +22,8 @@ const MIN_READ: usize = 4096;
 const CHUNKS: usize = 32;
 
 /// A tunnel stream's I/O over the TCP fallback.
-pub trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> PeerIo for T {}
+pub trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send + Cut {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + Cut> PeerIo for T {}
 
 /// A tunnel stream to or from a peer gateway. QUIC streams stay typed so
 /// their payload can be spliced chunk by chunk.
@@ -60,12 +60,11 @@ impl Cut for PeerStream {
                 let _ = recv.stop(quinn::VarInt::from_u32(STREAM_CUT));
                 *cut = true;
             }
-            // hyper's upgraded CONNECT stream can only end cleanly or be
-            // dropped, and a dropped one reaches the peer as RST_STREAM
-            // CANCEL, which hyper reads as an end of stream: not yet a
-            // reset over the fallback. Dropping it at least stops the
-            // transfer; no END_STREAM is sent.
-            Self::Tcp { cut, .. } => *cut = true,
+            // RST_STREAM with CONNECT_ERROR (`fedmesh_transport::H2Stream`).
+            Self::Tcp { io, cut, .. } => {
+                io.cut();
+                *cut = true;
+            }
         }
     }
 

@@ -9,13 +9,11 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use bytes::Bytes;
 use fedmesh_catalog::Peer;
-use fedmesh_transport::Limits;
-use http_body_util::Empty;
-use hyper::body::Bytes;
-use hyper::client::conn::http2::SendRequest;
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use fedmesh_transport::{H2Stream, Limits};
+use h2::client::SendRequest;
+use http::{Method, Request, Response, StatusCode};
 use tokio::net::TcpSocket;
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
@@ -50,7 +48,7 @@ fn header_list(limits: &Limits) -> u32 {
 }
 
 /// A tunneled byte stream over the fallback.
-pub type TcpStream = TokioIo<hyper::upgrade::Upgraded>;
+pub type TcpStream = H2Stream;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -70,25 +68,25 @@ pub enum TcpError {
     #[error("peer presented {got}, expected {expected}")]
     WrongPeer { got: String, expected: String },
     #[error("HTTP/2: {0}")]
-    Http(#[from] hyper::Error),
+    Http(#[from] h2::Error),
     #[error("peer answered CONNECT with {0}")]
     Refused(StatusCode),
 }
 
 /// A live fallback connection to one peer gateway. Clones share it. When
 /// the last clone is dropped the connection ends by itself once its open
-/// streams have (hyper closes an HTTP/2 client with no `SendRequest` left
+/// streams have (h2 closes a client connection with no `SendRequest` left
 /// after its last stream), which is how a move back to QUIC drains it.
 #[derive(Clone)]
 pub struct TcpConn {
-    send: SendRequest<Empty<Bytes>>,
+    send: SendRequest<Bytes>,
     closed: watch::Receiver<bool>,
     task: tokio::task::AbortHandle,
 }
 
 impl TcpConn {
     pub fn is_open(&self) -> bool {
-        !*self.closed.borrow() && !self.send.is_closed()
+        !*self.closed.borrow()
     }
 
     /// Resolves once the connection has ended (either side, or pings went
@@ -111,15 +109,15 @@ impl TcpConn {
         let req = Request::builder()
             .method(Method::CONNECT)
             .uri(AUTHORITY)
-            .body(Empty::new())
+            .body(())
             .map_err(|_| TcpError::Refused(StatusCode::BAD_REQUEST))?;
-        let mut send = self.send.clone();
-        send.ready().await?;
-        let resp = send.send_request(req).await?;
+        let mut send = self.send.clone().ready().await?;
+        let (resp, stream) = send.send_request(req, false)?;
+        let resp = resp.await?;
         if resp.status() != StatusCode::OK {
             return Err(TcpError::Refused(resp.status()));
         }
-        Ok(TokioIo::new(hyper::upgrade::on(resp).await?))
+        Ok(H2Stream::new(stream, resp.into_body()))
     }
 }
 
@@ -160,22 +158,27 @@ pub async fn connect(
                 expected: peer.identity.to_string(),
             });
         }
-        let (send, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(STREAM_WINDOW)
+        let (send, mut conn) = h2::client::Builder::new()
+            .initial_window_size(STREAM_WINDOW)
             .initial_connection_window_size(CONN_WINDOW)
-            .max_send_buf_size(SEND_BUF)
+            .max_send_buffer_size(SEND_BUF)
             .max_header_list_size(header_list(limits))
-            .keep_alive_interval(limits.keep_alive)
-            .keep_alive_timeout(dead_after(limits))
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(stream))
+            .handshake::<_, Bytes>(stream)
             .await?;
+        let pings = conn.ping_pong();
         let (tx, rx) = watch::channel(false);
         let cluster = peer.cluster.clone();
+        let (interval, dead) = (limits.keep_alive, dead_after(limits));
         let task = tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::info!(peer = %cluster, error = %e, "TCP fallback connection ended");
+            tokio::select! {
+                r = &mut conn => {
+                    if let Err(e) = r {
+                        tracing::info!(peer = %cluster, error = %e, "TCP fallback connection ended");
+                    }
+                }
+                why = keep_alive(pings, interval, dead) => {
+                    tracing::info!(peer = %cluster, reason = why, "TCP fallback connection ended");
+                }
             }
             let _ = tx.send(true);
         });
@@ -190,6 +193,27 @@ pub async fn connect(
         .map_err(|_| TcpError::Timeout(limit))?
 }
 
+/// Pings every `interval` and returns when a ping goes unanswered for
+/// `dead`, or pings cannot be sent (the connection is gone). Runs beside
+/// the connection, which must be polled for pongs to arrive.
+async fn keep_alive(
+    pings: Option<h2::PingPong>,
+    interval: Duration,
+    dead: Duration,
+) -> &'static str {
+    let Some(mut pings) = pings else {
+        return "no ping handle";
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(dead, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return "ping failed",
+            Err(_) => return "ping unanswered",
+        }
+    }
+}
+
 /// Serves one accepted fallback connection: after the TLS handshake (the
 /// caller has checked the peer's identity) every `CONNECT` becomes a byte
 /// stream handed to `stream`; any other request is answered 405.
@@ -197,37 +221,44 @@ pub async fn serve<F, Fut>(
     tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
     limits: &Limits,
     stream: F,
-) -> Result<(), hyper::Error>
+) -> Result<(), h2::Error>
 where
     F: Fn(TcpStream) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let stream = stream.clone();
-        async move {
-            let mut resp = Response::new(Empty::<Bytes>::new());
-            if req.method() != Method::CONNECT {
-                *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-                return Ok::<_, std::convert::Infallible>(resp);
-            }
-            tokio::spawn(async move {
-                match hyper::upgrade::on(req).await {
-                    Ok(up) => stream(TokioIo::new(up)).await,
-                    Err(e) => tracing::debug!(error = %e, "CONNECT stream ended before it opened"),
-                }
-            });
-            Ok(resp)
-        }
-    });
-    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
-        .max_send_buf_size(SEND_BUF)
+        .max_send_buffer_size(SEND_BUF)
         .max_concurrent_streams(limits.max_streams_per_connection)
         .max_header_list_size(header_list(limits))
-        .keep_alive_interval(limits.keep_alive)
-        .keep_alive_timeout(dead_after(limits))
-        .serve_connection(TokioIo::new(tls), service)
-        .await
+        .handshake::<_, Bytes>(tls)
+        .await?;
+    let pings = conn.ping_pong();
+    let accept = async {
+        while let Some(r) = conn.accept().await {
+            let (req, mut respond) = r?;
+            if req.method() != Method::CONNECT {
+                let mut resp = Response::new(());
+                *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+                let _ = respond.send_response(resp, true);
+                continue;
+            }
+            match respond.send_response(Response::new(()), false) {
+                Ok(send) => {
+                    let io = H2Stream::new(send, req.into_body());
+                    tokio::spawn(stream.clone()(io));
+                }
+                Err(e) => tracing::debug!(error = %e, "CONNECT stream ended before it opened"),
+            }
+        }
+        Ok(())
+    };
+    tokio::select! {
+        r = accept => r,
+        why = keep_alive(pings, limits.keep_alive, dead_after(limits)) => {
+            tracing::info!(reason = why, "TCP fallback connection from a peer ended");
+            Ok(())
+        }
+    }
 }

@@ -148,3 +148,64 @@ async fn a_lost_peer_connection_reaches_both_ends_as_a_reset() {
     // West's gateway lost the connection too and cut its side.
     assert_eq!(ended(local, "lost").await, "reset");
 }
+
+/// The same cuts over the TCP fallback: UDP to west's gateway is dropped,
+/// so east reaches it over TLS + HTTP/2, where a cut is an `RST_STREAM`
+/// with `CONNECT_ERROR`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cuts_cross_the_tcp_fallback_as_resets() {
+    use fedmesh_testkit::faults::RelayMode;
+    let rig = Rig::start(&Topology {
+        fault_relays: true,
+        tcp_fallback: true,
+        ..topology()
+    })
+    .await
+    .unwrap();
+    let east = rig.cluster("east").unwrap();
+    let west = rig.cluster("west").unwrap();
+    let [(_, cross), _] = paths(&rig).await;
+    hold(cross, "warm").await; // east has dialed west over QUIC
+    west.relay.as_ref().unwrap().set(RelayMode::Blackhole);
+    let t0 = Instant::now();
+    while !east
+        .gateway
+        .peer_status()
+        .iter()
+        .any(|p| p.cluster == "west" && p.transport == "tcp")
+    {
+        assert!(t0.elapsed() < LIMIT, "east never fell back to TCP");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Client reset → the app sees a reset; a clean close stays clean.
+    let cut = hold(cross, "tcp-cut").await;
+    cut.get_ref().set_zero_linger().unwrap();
+    drop(cut);
+    assert_eq!(ended(cross, "tcp-cut").await, "reset");
+    let mut clean = hold(cross, "tcp-clean").await;
+    clean.get_mut().shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(LIMIT, clean.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(ended(cross, "tcp-clean").await, "fin");
+
+    // App reset → the client sees a reset.
+    let mut s = BufReader::new(TcpStream::connect(cross).await.unwrap());
+    s.get_mut().write_all(b"cut\n").await.unwrap();
+    assert_eq!(line(&mut s).await, "ok");
+    s.get_mut().write_all(b"x").await.unwrap();
+    let mut buf = [0u8; 16];
+    match tokio::time::timeout(LIMIT, s.read(&mut buf)).await.unwrap() {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("the app's reset arrived as {n} bytes and a clean end"),
+    }
+    // Still on the fallback: these were its streams.
+    assert!(east
+        .gateway
+        .peer_status()
+        .iter()
+        .any(|p| p.cluster == "west" && p.transport == "tcp"));
+}

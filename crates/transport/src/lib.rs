@@ -7,12 +7,14 @@
 pub mod admin;
 mod announced;
 mod cut;
+mod h2stream;
 mod identity;
 mod limits;
 mod tunnel;
 
 pub use announced::Announced;
 pub use cut::{close, Cut};
+pub use h2stream::H2Stream;
 pub use identity::{load_trust, read_yaml, BundleFile, IdentityFiles};
 pub use limits::Limits;
 pub use tunnel::{

@@ -1,0 +1,151 @@
+//! A tunnel byte stream carried by one HTTP/2 stream (a `CONNECT`), built
+//! on `h2` directly so a cut can be sent and told apart from an end.
+//!
+//! hyper's upgraded `CONNECT` stream can only end cleanly or be dropped,
+//! and it reads a peer's `RST_STREAM` with `CANCEL` (what a dropped stream
+//! sends) as an end of stream. Here a clean end is `END_STREAM`; a cut
+//! ([`Cut::cut`]) is `RST_STREAM` with `CONNECT_ERROR`, the code RFC 9113
+//! §8.5 gives a proxied connection that was reset; a dropped stream still
+//! sends `CANCEL`. A reader sees any reset but `NO_ERROR` as a connection
+//! reset, so the cut passes on.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use bytes::{Buf, Bytes};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::Cut;
+
+/// Largest write handed to h2 at once (bounds the copy of one write).
+const MAX_WRITE: usize = 256 * 1024;
+
+pub struct H2Stream {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received and not yet read.
+    pending: Bytes,
+    cut: bool,
+}
+
+impl H2Stream {
+    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        Self {
+            send,
+            recv,
+            pending: Bytes::new(),
+            cut: false,
+        }
+    }
+}
+
+/// A peer's reset, or a lost connection, as an I/O error. `NO_ERROR` is
+/// an early but orderly end (RFC 9113 §8.1).
+fn reset_error(e: h2::Error) -> Option<io::Error> {
+    match e.reason() {
+        Some(Reason::NO_ERROR) => None,
+        Some(_) => Some(io::Error::new(io::ErrorKind::ConnectionReset, e)),
+        None if e.is_io() => Some(
+            e.into_io()
+                .unwrap_or_else(|| io::ErrorKind::ConnectionReset.into()),
+        ),
+        None => Some(io::Error::new(io::ErrorKind::ConnectionReset, e)),
+    }
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        while this.pending.is_empty() {
+            match ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => this.pending = data,
+                None => return Poll::Ready(Ok(())),
+                Some(Err(e)) => {
+                    return Poll::Ready(match reset_error(e) {
+                        Some(e) => Err(e),
+                        None => Ok(()),
+                    })
+                }
+            }
+        }
+        let n = this.pending.len().min(buf.remaining());
+        buf.put_slice(&this.pending[..n]);
+        this.pending.advance(n);
+        // Read by the application: the peer may send that much more.
+        let _ = this.recv.flow_control().release_capacity(n);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl H2Stream {
+    /// Why writing failed: the peer's reset, read as [`reset_error`].
+    fn poll_write_error(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        Poll::Ready(match ready!(self.send.poll_reset(cx)) {
+            Ok(Reason::NO_ERROR) => io::ErrorKind::BrokenPipe.into(),
+            Ok(reason) => io::Error::new(io::ErrorKind::ConnectionReset, h2::Error::from(reason)),
+            Err(e) => reset_error(e).unwrap_or_else(|| io::ErrorKind::BrokenPipe.into()),
+        })
+    }
+}
+
+impl AsyncWrite for H2Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        this.send.reserve_capacity(buf.len().min(MAX_WRITE));
+        // Capacity is what flow control and h2's send buffer allow now; a
+        // reset or a lost connection shows as no capacity.
+        let sent = match ready!(this.send.poll_capacity(cx)) {
+            Some(Ok(n)) if n > 0 => {
+                let n = n.min(buf.len());
+                this.send
+                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                    .ok()
+                    .map(|()| n)
+            }
+            _ => None,
+        };
+        match sent {
+            Some(n) => Poll::Ready(Ok(n)),
+            None => this.poll_write_error(cx).map(Err),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // h2 sends what it holds as the connection task runs.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.send.send_data(Bytes::new(), true).is_ok() {
+            return Poll::Ready(Ok(()));
+        }
+        this.poll_write_error(cx).map(Err)
+    }
+}
+
+impl Cut for H2Stream {
+    fn cut(&mut self) {
+        if !self.cut {
+            self.send.send_reset(Reason::CONNECT_ERROR);
+            self.cut = true;
+        }
+    }
+
+    fn is_cut(&self) -> bool {
+        self.cut
+    }
+}
