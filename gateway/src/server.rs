@@ -157,11 +157,13 @@ impl Gateway {
         // Sidecars reach the gateway only from inside the cluster: the TLS
         // handshake itself refuses any other trust domain.
         let own = PeerPolicy::trust_domain(s.catalog.trust_domain.clone());
+        // One stream per connection (`fedmesh/1`), or many multiplexed
+        // over HTTP/2 (`fedmesh-h2/1`, a sidecar's pooled connection).
         let tunnel_tls = fedmesh_trust::server_config_from(
             &identity,
             s.bundles.clone(),
             own,
-            &[fedmesh_wire::ALPN],
+            &[fedmesh_wire::ALPN, fedmesh_wire::ALPN_H2],
             ClientAuth::Required,
         )?;
         let client_tls = fedmesh_trust::client_config_from(
@@ -792,7 +794,12 @@ where
 
 // ---- sidecars (TLS over TCP) ----
 
-async fn sidecar_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, acceptor: &TlsAcceptor) {
+async fn sidecar_conn(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    acceptor: &TlsAcceptor,
+) {
     let started = Instant::now();
     let (mut down, client) = match accept_tls(acceptor, tcp, shared.limits.handshake_timeout).await
     {
@@ -804,8 +811,27 @@ async fn sidecar_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
         }
     };
     shared.metrics.sidecar_connections.inc();
-    sidecar_stream(shared, &mut down, client, started).await;
-    fedmesh_transport::close(&mut down).await;
+    if down.get_ref().1.alpn_protocol() == Some(fedmesh_wire::ALPN_H2) {
+        // A pooled connection: every CONNECT stream is served as one
+        // connection would be, as the identity the handshake verified.
+        let stream = {
+            let shared = shared.clone();
+            move |mut io: tcp::TcpStream| {
+                let shared = shared.clone();
+                let client = client.clone();
+                async move {
+                    sidecar_stream(&shared, &mut io, client, Instant::now()).await;
+                    fedmesh_transport::close(&mut io).await;
+                }
+            }
+        };
+        if let Err(e) = tcp::serve(down, &shared.limits, stream).await {
+            tracing::debug!(%remote, error = %e, "pooled sidecar connection ended");
+        }
+    } else {
+        sidecar_stream(shared, &mut down, client, started).await;
+        fedmesh_transport::close(&mut down).await;
+    }
     shared.metrics.sidecar_connections.dec();
 }
 

@@ -19,32 +19,19 @@ use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 
 /// ALPN of the fallback: fedmesh tunnel streams inside HTTP/2 `CONNECT`.
-/// Distinct from the sidecar tunnel's `fedmesh/1`, so neither port can be
-/// mistaken for the other.
-pub const ALPN_H2: &[u8] = b"fedmesh-h2/1";
+/// Distinct from the one-stream tunnel's `fedmesh/1`, so neither port can
+/// be mistaken for the other.
+pub const ALPN_H2: &[u8] = fedmesh_wire::ALPN_H2;
 /// The authority every `CONNECT` names; the tunnel header says where the
 /// stream really goes.
 const AUTHORITY: &str = "fedmesh.invalid:443";
-/// Per-stream and per-connection HTTP/2 windows: one connection carries
-/// every tunneled connection to a peer, like the QUIC one (same sizes).
-const STREAM_WINDOW: u32 = 8 << 20;
-const CONN_WINDOW: u32 = 32 << 20;
-/// What hyper buffers per stream before a writer waits.
-const SEND_BUF: usize = 1 << 20;
-
 /// How long an HTTP/2 ping may go unanswered before the peer counts as
-/// dead: three times QUIC's silence bound. hyper pings only after a
-/// keep-alive interval with nothing received, but a PING queued behind a
-/// full TCP send buffer on a slow or lossy path (retransmission timeouts
-/// start at 200 ms and double) can take longer than QUIC's 600 ms to be
+/// dead: three times QUIC's silence bound. A PING queued behind a full
+/// TCP send buffer on a slow or lossy path (retransmission timeouts start
+/// at 200 ms and double) can take longer than QUIC's 600 ms to be
 /// answered; a false "dead" would fail every stream on the connection.
-fn dead_after(limits: &Limits) -> Duration {
+pub fn dead_after(limits: &Limits) -> Duration {
     limits.peer_dead_after() * 3
-}
-
-/// HTTP/2 header lists are bounded like tunnel headers (validated to fit).
-fn header_list(limits: &Limits) -> u32 {
-    u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX)
 }
 
 /// A tunneled byte stream over the fallback.
@@ -158,11 +145,7 @@ pub async fn connect(
                 expected: peer.identity.to_string(),
             });
         }
-        let (send, mut conn) = h2::client::Builder::new()
-            .initial_window_size(STREAM_WINDOW)
-            .initial_connection_window_size(CONN_WINDOW)
-            .max_send_buffer_size(SEND_BUF)
-            .max_header_list_size(header_list(limits))
+        let (send, mut conn) = fedmesh_transport::h2_client(limits)
             .handshake::<_, Bytes>(stream)
             .await?;
         let pings = conn.ping_pong();
@@ -176,7 +159,7 @@ pub async fn connect(
                         tracing::info!(peer = %cluster, error = %e, "TCP fallback connection ended");
                     }
                 }
-                why = keep_alive(pings, interval, dead) => {
+                why = fedmesh_transport::h2_keep_alive(pings, interval, dead) => {
                     tracing::info!(peer = %cluster, reason = why, "TCP fallback connection ended");
                 }
             }
@@ -193,27 +176,6 @@ pub async fn connect(
         .map_err(|_| TcpError::Timeout(limit))?
 }
 
-/// Pings every `interval` and returns when a ping goes unanswered for
-/// `dead`, or pings cannot be sent (the connection is gone). Runs beside
-/// the connection, which must be polled for pongs to arrive.
-async fn keep_alive(
-    pings: Option<h2::PingPong>,
-    interval: Duration,
-    dead: Duration,
-) -> &'static str {
-    let Some(mut pings) = pings else {
-        return "no ping handle";
-    };
-    loop {
-        tokio::time::sleep(interval).await;
-        match tokio::time::timeout(dead, pings.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return "ping failed",
-            Err(_) => return "ping unanswered",
-        }
-    }
-}
-
 /// Serves one accepted fallback connection: after the TLS handshake (the
 /// caller has checked the peer's identity) every `CONNECT` becomes a byte
 /// stream handed to `stream`; any other request is answered 405.
@@ -226,12 +188,7 @@ where
     F: Fn(TcpStream) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let mut conn = h2::server::Builder::new()
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONN_WINDOW)
-        .max_send_buffer_size(SEND_BUF)
-        .max_concurrent_streams(limits.max_streams_per_connection)
-        .max_header_list_size(header_list(limits))
+    let mut conn = fedmesh_transport::h2_server(limits, limits.max_streams_per_connection)
         .handshake::<_, Bytes>(tls)
         .await?;
     let pings = conn.ping_pong();
@@ -256,7 +213,7 @@ where
     };
     tokio::select! {
         r = accept => r,
-        why = keep_alive(pings, limits.keep_alive, dead_after(limits)) => {
+        why = fedmesh_transport::h2_keep_alive(pings, limits.keep_alive, dead_after(limits)) => {
             tracing::info!(reason = why, "TCP fallback connection from a peer ended");
             Ok(())
         }

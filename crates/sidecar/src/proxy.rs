@@ -8,6 +8,7 @@ use fedmesh_catalog::{Attempt, Balancers, Catalog, Ejection, Hop, Member, Servic
 use fedmesh_transport::admin;
 use fedmesh_transport::{
     accept_tls, answer, check_hops, connect_one, read_request, serve_tcp, splice, Limits, Refusal,
+    TunnelIo,
 };
 use fedmesh_trust::{ClientAuth, PeerPolicy, SpiffeId, SvidSource};
 use fedmesh_wire::{Header, ServiceName, Status, StatusCode, Target, Traceparent};
@@ -44,6 +45,8 @@ pub(crate) struct Shared {
     pub(crate) http: HttpLimits,
     pub(crate) metrics: Arc<SidecarMetrics>,
     pub(crate) connector: TlsConnector,
+    /// Pooled, multiplexed connections to this cluster's gateway.
+    pub(crate) gateway_legs: fedmesh_transport::LegPool,
     inbound: Vec<InboundRoute>,
     /// Ports served for any service that lists this sidecar's identity
     /// among its endpoints (app on 127.0.0.1:port).
@@ -236,6 +239,11 @@ impl Sidecar {
             upstreams: crate::http::Upstreams::new(&s.http),
             metrics,
             connector: TlsConnector::from(Arc::new(client_tls)),
+            gateway_legs: fedmesh_transport::LegPool::new(
+                &source,
+                s.bundles.clone(),
+                s.limits.clone(),
+            )?,
             inbound: s
                 .inbound
                 .as_ref()
@@ -252,6 +260,11 @@ impl Sidecar {
             config: admin::ConfigState::new(s.controller.is_none()),
             announced: fedmesh_transport::Announced::default(),
         });
+        shared.gateway_legs.counts.register(
+            registry.sub_registry_with_prefix("fedmesh_sidecar"),
+            "gateway_pool",
+            "this cluster's gateway",
+        );
         let mut tasks = Vec::new();
         let mut outbound = Vec::new();
         for o in &s.outbound {
@@ -310,9 +323,12 @@ impl Sidecar {
             };
             let register = |reg: &mut Registry| {
                 m.register(reg);
+                let sub = reg.sub_registry_with_prefix("fedmesh_sidecar");
+                shared.config.register(sub);
                 shared
-                    .config
-                    .register(reg.sub_registry_with_prefix("fedmesh_sidecar"));
+                    .gateway_legs
+                    .counts
+                    .register(sub, "gateway_pool", "this cluster's gateway");
             };
             let ready = shared.config.ready_flag();
             let (bound, task) = admin::spawn_with(addr, register, ready, None, Some(dump))
@@ -365,6 +381,11 @@ impl Sidecar {
     /// The SVID the sidecar presents; store a renewed one here.
     pub fn identity_source(&self) -> &SvidSource {
         &self.identity
+    }
+
+    /// What the pool of connections to the gateway has done.
+    pub fn gateway_pool(&self) -> &fedmesh_transport::PoolCounts {
+        &self.shared.gateway_legs.counts
     }
 
     pub fn identity(&self) -> &SpiffeId {
@@ -669,7 +690,19 @@ async fn opaque_conn(
         header.cluster = (!a.local).then(|| a.cluster.to_string());
         let in_flight = a.load.start();
         let started = Instant::now();
-        match connect_one(*address, identity, &shared.connector, &header, &limits).await {
+        // To the gateway, over a pooled connection when pooling is on;
+        // to a sidecar of this cluster, over a connection of its own.
+        let opened: Result<Box<dyn TunnelIo>, Refusal> = match &a.hop {
+            Hop::Gateway { .. } if shared.gateway_legs.enabled() => shared
+                .gateway_legs
+                .open(*address, identity, &header)
+                .await
+                .map(|s| Box::new(s) as Box<dyn TunnelIo>),
+            _ => connect_one(*address, identity, &shared.connector, &header, &limits)
+                .await
+                .map(|s| Box::new(s) as Box<dyn TunnelIo>),
+        };
+        match opened {
             Ok(mut up) => {
                 shared.attempt_ok(service, policy, svc, a, started.elapsed());
                 let cluster = a.cluster.as_str();

@@ -74,6 +74,11 @@ impl<T: Cut + ?Sized> Cut for Box<T> {
     }
 }
 
+/// A tunnel stream of any carrier (its own TLS connection, a pooled
+/// HTTP/2 stream), as the splice takes it.
+pub trait TunnelIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Cut {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Cut> TunnelIo for T {}
+
 /// Ends the write side cleanly (TLS close_notify, TCP FIN) unless the
 /// connection was cut, in which case dropping it is what ends it.
 pub async fn close<S>(s: &mut S)

@@ -17,10 +17,63 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::Cut;
+use crate::{Cut, Limits};
 
 /// Largest write handed to h2 at once (bounds the copy of one write).
 const MAX_WRITE: usize = 256 * 1024;
+/// Per-stream and per-connection HTTP/2 windows: one connection carries
+/// many tunneled connections (the same sizes as the gateways' QUIC).
+const STREAM_WINDOW: u32 = 8 << 20;
+const CONN_WINDOW: u32 = 32 << 20;
+/// What h2 buffers per stream before a writer waits.
+const SEND_BUF: usize = 1 << 20;
+
+/// HTTP/2 header lists are bounded like tunnel headers.
+fn header_list(limits: &Limits) -> u32 {
+    u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX)
+}
+
+/// The client side of a tunnel-carrying HTTP/2 connection.
+pub fn client_builder(limits: &Limits) -> h2::client::Builder {
+    let mut b = h2::client::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_send_buffer_size(SEND_BUF)
+        .max_header_list_size(header_list(limits));
+    b
+}
+
+/// The server side: at most `streams` open at once.
+pub fn server_builder(limits: &Limits, streams: u32) -> h2::server::Builder {
+    let mut b = h2::server::Builder::new();
+    b.initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONN_WINDOW)
+        .max_send_buffer_size(SEND_BUF)
+        .max_concurrent_streams(streams)
+        .max_header_list_size(header_list(limits));
+    b
+}
+
+/// Pings every `interval` and returns when a ping goes unanswered for
+/// `dead`, or pings cannot be sent (the connection is gone). Runs beside
+/// the connection, which must be polled for pongs to arrive.
+pub async fn keep_alive(
+    pings: Option<h2::PingPong>,
+    interval: std::time::Duration,
+    dead: std::time::Duration,
+) -> &'static str {
+    let Some(mut pings) = pings else {
+        return "no ping handle";
+    };
+    loop {
+        tokio::time::sleep(interval).await;
+        match tokio::time::timeout(dead, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return "ping failed",
+            Err(_) => return "ping unanswered",
+        }
+    }
+}
 
 pub struct H2Stream {
     send: SendStream<Bytes>,
@@ -28,6 +81,8 @@ pub struct H2Stream {
     /// Received and not yet read.
     pending: Bytes,
     cut: bool,
+    /// Released with the stream (a pooled connection's stream slot).
+    _hold: Option<Box<dyn Send + Sync>>,
 }
 
 impl H2Stream {
@@ -37,7 +92,14 @@ impl H2Stream {
             recv,
             pending: Bytes::new(),
             cut: false,
+            _hold: None,
         }
+    }
+
+    /// Keeps `hold` until the stream is dropped.
+    pub fn holding(mut self, hold: impl Send + Sync + 'static) -> Self {
+        self._hold = Some(Box::new(hold));
+        self
     }
 }
 

@@ -10,13 +10,17 @@ mod cut;
 mod h2stream;
 mod identity;
 mod limits;
+mod pool;
 mod tunnel;
 
 pub use announced::Announced;
-pub use cut::{close, Cut};
-pub use h2stream::H2Stream;
+pub use cut::{close, Cut, TunnelIo};
+pub use h2stream::{
+    client_builder as h2_client, keep_alive as h2_keep_alive, server_builder as h2_server, H2Stream,
+};
 pub use identity::{load_trust, read_yaml, BundleFile, IdentityFiles};
 pub use limits::Limits;
+pub use pool::{LegPool, PoolCounts};
 pub use tunnel::{
     accept_tls, answer, check_hops, connect_first, connect_one, dial_tls, expect_peer, open,
     read_request, splice, AcceptError, DialError, OpenError, Refusal, RequestError, TlsClient,

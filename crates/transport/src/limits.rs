@@ -50,6 +50,16 @@ pub struct Limits {
     /// it got); too small a receive buffer drops bursts of datagrams that
     /// QUIC then has to retransmit.
     pub quic_socket_buffer_bytes: usize,
+    /// Pooled connections a sidecar keeps to its gateway (mTLS, HTTP/2,
+    /// one stream per tunneled connection). 0: no pooling, one connection
+    /// and handshake per tunneled connection.
+    pub pool_connections: usize,
+    /// Tunneled connections one pooled connection carries at once; past
+    /// every connection's cap a new one waits up to `status_timeout`.
+    pub pool_streams_per_connection: u32,
+    /// A pooled connection with no stream for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -69,6 +79,9 @@ impl Default for Limits {
             quic_max_udp_payload: 8952,
             quic_retry_interval: Duration::from_secs(10),
             quic_socket_buffer_bytes: 4 << 20,
+            pool_connections: 4,
+            pool_streams_per_connection: 256,
+            pool_idle_timeout: Duration::from_secs(90),
         }
     }
 }
@@ -103,6 +116,7 @@ impl Limits {
             ("keep_alive", self.keep_alive),
             ("idle_timeout", self.idle_timeout),
             ("quic_retry_interval", self.quic_retry_interval),
+            ("pool_idle_timeout", self.pool_idle_timeout),
         ] {
             if d.is_zero() {
                 v.push(format!("limits.{name} must be more than zero"));
@@ -125,6 +139,17 @@ impl Limits {
         }
         if self.quic_socket_buffer_bytes < 64 * 1024 || self.quic_socket_buffer_bytes > 256 << 20 {
             v.push("limits.quic_socket_buffer_bytes must be within 64KiB..=256MiB".into());
+        }
+        if self.pool_connections > 64 {
+            v.push("limits.pool_connections must be within 0..=64".into());
+        }
+        if self.pool_streams_per_connection == 0
+            || self.pool_streams_per_connection > self.max_streams_per_connection
+        {
+            v.push(
+                "limits.pool_streams_per_connection must be within 1..=limits.max_streams_per_connection"
+                    .into(),
+            );
         }
         if self.splice_buffer_bytes < 1024 || self.splice_buffer_bytes > 16 << 20 {
             v.push("limits.splice_buffer_bytes must be within 1KiB..=16MiB".into());

@@ -33,3 +33,8 @@ pub(crate) fn split_prefix(buf: &[u8]) -> Result<&[u8; PREFIX_LEN], DecodeError>
 
 /// ALPN protocol id for tunnel connections (QUIC and TLS/TCP).
 pub const ALPN: &[u8] = b"fedmesh/1";
+/// ALPN protocol id for tunnel streams multiplexed over HTTP/2 on TLS/TCP:
+/// one `CONNECT` stream per tunneled connection, each carrying exactly
+/// what a [`ALPN`] connection carries (the gateways' TCP fallback, and a
+/// sidecar's pooled connections to its gateway).
+pub const ALPN_H2: &[u8] = b"fedmesh-h2/1";

@@ -1,0 +1,170 @@
+//! A sidecar's pooled, multiplexed connections to its gateway: new
+//! tunneled connections cost a stream, the pool and its queue are
+//! bounded, and a renewed SVID moves new streams to a new connection
+//! while the old one drains.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use fedmesh_testkit::{AppKind, ClusterTopo, Rig, ServiceTopo, Topology};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+fn topology(limits: fedmesh_transport::Limits) -> Topology {
+    Topology {
+        clusters: vec![
+            ClusterTopo {
+                name: "east".into(),
+                services: vec![],
+            },
+            ClusterTopo {
+                name: "west".into(),
+                services: vec![ServiceTopo {
+                    name: "ends.demo".into(),
+                    port: 7000,
+                    replicas: 1,
+                    export: true,
+                    app: AppKind::Ends,
+                }],
+            },
+        ],
+        limits,
+        ..Topology::demo()
+    }
+}
+
+const LIMIT: Duration = Duration::from_secs(10);
+
+async fn line(s: &mut BufReader<TcpStream>) -> String {
+    let mut l = String::new();
+    tokio::time::timeout(LIMIT, s.read_line(&mut l))
+        .await
+        .expect("no line in time")
+        .expect("read a line");
+    l.trim_end().to_owned()
+}
+
+/// A connection holding `id` open; returns once `ping` came back.
+async fn hold(addr: SocketAddr, id: &str) -> BufReader<TcpStream> {
+    let mut s = BufReader::new(TcpStream::connect(addr).await.unwrap());
+    s.get_mut()
+        .write_all(format!("hold {id}\nping\n").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(line(&mut s).await, "ping", "{id}");
+    s
+}
+
+/// Ends a held connection cleanly and waits for the far end's close.
+async fn close(mut s: BufReader<TcpStream>) {
+    s.get_mut().shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(LIMIT, s.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_to_the_gateway_share_one_pooled_connection() {
+    let rig = Rig::start(&topology(Default::default())).await.unwrap();
+    let east = rig.cluster("east").unwrap();
+    let addr = east.client_addr("ends.demo").unwrap();
+    for i in 0..30 {
+        close(hold(addr, &format!("seq-{i}")).await).await;
+    }
+    let mut held = Vec::new();
+    for i in 0..8 {
+        held.push(hold(addr, &format!("par-{i}")).await);
+    }
+    let pool = east.client.gateway_pool();
+    assert_eq!(
+        pool.dials.get(),
+        1,
+        "one handshake with the gateway for 38 connections"
+    );
+    assert!(pool.streams.get() >= 38, "{}", pool.streams.get());
+    for s in held {
+        close(s).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_every_stream_slot_a_connection_waits_then_is_refused() {
+    let rig = Rig::start(&topology(fedmesh_transport::Limits {
+        pool_connections: 1,
+        pool_streams_per_connection: 2,
+        status_timeout: Duration::from_millis(1500),
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    let east = rig.cluster("east").unwrap();
+    let addr = east.client_addr("ends.demo").unwrap();
+    let a = hold(addr, "a").await;
+    let _b = hold(addr, "b").await;
+    // A third waits for a slot rather than dialing past the bound...
+    let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());
+    c.get_mut().write_all(b"hold c\nping\n").await.unwrap();
+    let mut l = String::new();
+    let early = tokio::time::timeout(Duration::from_millis(300), c.read_line(&mut l)).await;
+    assert!(
+        early.is_err(),
+        "the third stream opened past the cap: {l:?}"
+    );
+    // ...and takes the slot the first frees.
+    close(a).await;
+    assert_eq!(line(&mut c).await, "ping");
+    // With every slot still taken, a fourth is refused after the wait.
+    let mut d = TcpStream::connect(addr).await.unwrap();
+    d.write_all(b"hold d\nping\n").await.unwrap();
+    let mut buf = [0u8; 16];
+    let r = tokio::time::timeout(LIMIT, d.read(&mut buf)).await.unwrap();
+    assert!(matches!(r, Ok(0) | Err(_)), "the fourth got {r:?}");
+    let pool = east.client.gateway_pool();
+    assert_eq!(pool.dials.get(), 1);
+    assert!(pool.overloaded.get() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_svid_moves_new_streams_and_the_old_connection_drains() {
+    let rig = Rig::start(&topology(Default::default())).await.unwrap();
+    let east = rig.cluster("east").unwrap();
+    let addr = east.client_addr("ends.demo").unwrap();
+    let mut old = hold(addr, "old").await;
+    let pool = east.client.gateway_pool();
+    assert_eq!(pool.dials.get(), 1);
+
+    let renewed = east
+        .ca
+        .issue(east.client.identity(), Duration::from_secs(3600))
+        .unwrap();
+    east.client.identity_source().store(renewed).unwrap();
+    let new = hold(addr, "new").await;
+    assert_eq!(
+        pool.dials.get(),
+        2,
+        "new streams go to a connection with the new SVID"
+    );
+
+    // The old stream is not failed by the move.
+    old.get_mut().write_all(b"again\n").await.unwrap();
+    assert_eq!(line(&mut old).await, "again");
+    close(old).await;
+    // The drained connection closes once its last stream has ended.
+    let open = || east.gateway.metrics().sidecar_connections.get();
+    let t0 = std::time::Instant::now();
+    while open() != 1 {
+        assert!(
+            t0.elapsed() < LIMIT,
+            "{} sidecar connections still open",
+            open()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    close(new).await;
+    let more = hold(addr, "more").await;
+    assert_eq!(pool.dials.get(), 2, "the new connection is the pool's now");
+    close(more).await;
+}
