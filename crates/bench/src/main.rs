@@ -72,6 +72,11 @@ enum Cmd {
         /// bbr) [default: the gateways' default].
         #[arg(long)]
         congestion: Option<fedmesh_gateway::Algorithm>,
+        /// Pooled connections each sidecar keeps to its gateway
+        /// (`limits.pool_connections`; 0: one connection per tunneled
+        /// connection) [default: the sidecars' default].
+        #[arg(long)]
+        sidecar_pool: Option<usize>,
         #[arg(long)]
         json: bool,
     },
@@ -164,6 +169,7 @@ fn main() -> anyhow::Result<()> {
             fedmesh,
             perf,
             congestion,
+            sidecar_pool,
             json,
         } => {
             if rates.iter().any(|r| *r == 0 || *r > 200_000) || connect_workers == 0 {
@@ -188,6 +194,7 @@ fn main() -> anyhow::Result<()> {
                 fedmesh,
                 perf,
                 congestion,
+                sidecar_pool,
                 json,
             }))
         }

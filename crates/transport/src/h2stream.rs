@@ -27,6 +27,9 @@ const STREAM_WINDOW: u32 = 8 << 20;
 const CONN_WINDOW: u32 = 32 << 20;
 /// What h2 buffers per stream before a writer waits.
 const SEND_BUF: usize = 1 << 20;
+/// Largest DATA frame either side accepts: bulk moves in few frames, so
+/// few TLS records and syscalls (HTTP/2's default is 16 KiB).
+const MAX_FRAME: u32 = 256 * 1024;
 
 /// HTTP/2 header lists are bounded like tunnel headers.
 fn header_list(limits: &Limits) -> u32 {
@@ -39,6 +42,7 @@ pub fn client_builder(limits: &Limits) -> h2::client::Builder {
     b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .max_send_buffer_size(SEND_BUF)
+        .max_frame_size(MAX_FRAME)
         .max_header_list_size(header_list(limits));
     b
 }
@@ -49,6 +53,7 @@ pub fn server_builder(limits: &Limits, streams: u32) -> h2::server::Builder {
     b.initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONN_WINDOW)
         .max_send_buffer_size(SEND_BUF)
+        .max_frame_size(MAX_FRAME)
         .max_concurrent_streams(streams)
         .max_header_list_size(header_list(limits));
     b

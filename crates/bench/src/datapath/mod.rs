@@ -46,6 +46,8 @@ pub struct Params {
     pub perf: Option<PathBuf>,
     /// QUIC congestion controller of every gateway (default: theirs).
     pub congestion: Option<fedmesh_gateway::Algorithm>,
+    /// `limits.pool_connections` of every sidecar (default: theirs).
+    pub sidecar_pool: Option<usize>,
     pub json: bool,
 }
 
@@ -287,6 +289,7 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
         stunnel,
         app,
         p.congestion,
+        p.sidecar_pool,
     )?;
     let mut reports = Vec::new();
     for id in ALL.iter().filter(|id| wanted(id)) {

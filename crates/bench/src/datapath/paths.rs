@@ -44,6 +44,8 @@ pub struct Env {
     /// `congestion:` of every gateway config (QUIC's controller), when
     /// not the default.
     pub congestion: Option<fedmesh_gateway::Algorithm>,
+    /// `limits.pool_connections` of every sidecar, when not the default.
+    pub sidecar_pool: Option<usize>,
     east: (TrustDomain, CertificateAuthority),
     west: (TrustDomain, CertificateAuthority),
 }
@@ -61,6 +63,7 @@ impl Env {
         stunnel: PathBuf,
         app: SocketAddr,
         congestion: Option<fedmesh_gateway::Algorithm>,
+        sidecar_pool: Option<usize>,
     ) -> anyhow::Result<Env> {
         let ca = |name: &str| -> anyhow::Result<(TrustDomain, CertificateAuthority)> {
             let td = TrustDomain::new(name)?;
@@ -82,7 +85,15 @@ impl Env {
             stunnel,
             app,
             congestion,
+            sidecar_pool,
         })
+    }
+
+    /// The lines every sidecar config of the benchmark adds.
+    fn sidecar_extra(&self) -> String {
+        self.sidecar_pool
+            .map(|n| format!("limits: {{ pool_connections: {n} }}\n"))
+            .unwrap_or_default()
     }
 
     /// The lines every gateway config of the benchmark adds.
@@ -247,7 +258,8 @@ impl Env {
             "catalog:\n  cluster: east\n  trust_domain: east.bench\n  services:\n    - name: app.bench\n      ports: [7000]\n      endpoints: [ {{ address: \"{inb}\", identity: \"{app_id}\" }} ]\n"
         );
         let a = format!(
-            "{}{catalog}outbound: [ {{ listen: \"{out}\", service: app.bench, port: 7000, protocol: tcp }} ]\n",
+            "{}{}{catalog}outbound: [ {{ listen: \"{out}\", service: app.bench, port: 7000, protocol: tcp }} ]\n",
+            self.sidecar_extra(),
             self.fedmesh_identity(false, &td.workload("bench", "client")?, "sidecar-a")?
         );
         let b = format!(
@@ -315,7 +327,8 @@ impl Env {
                 self.fedmesh_identity(true, &gw_id(true), "west-gateway")?
             )),
             ("sidecar", "east-sidecar", format!(
-                "{}{east_catalog}outbound: [ {{ listen: \"{out}\", service: app.bench, port: 7000, protocol: tcp }} ]\n",
+                "{}{}{east_catalog}outbound: [ {{ listen: \"{out}\", service: app.bench, port: 7000, protocol: tcp }} ]\n",
+                self.sidecar_extra(),
                 self.fedmesh_identity(false, &east.workload("bench", "client")?, "east-sidecar")?
             )),
             ("sidecar", "west-sidecar", format!(
