@@ -288,8 +288,10 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
         haproxy,
         stunnel,
         app,
-        p.congestion,
-        p.sidecar_pool,
+        paths::Knobs {
+            congestion: p.congestion,
+            sidecar_pool: p.sidecar_pool,
+        },
     )?;
     let mut reports = Vec::new();
     for id in ALL.iter().filter(|id| wanted(id)) {

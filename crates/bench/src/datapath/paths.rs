@@ -32,6 +32,12 @@ pub struct RunningPath {
     pub _keep: Vec<Box<dyn std::any::Any + Send>>,
 }
 
+/// Settings the benchmark changes in the proxies' configs.
+pub struct Knobs {
+    pub congestion: Option<fedmesh_gateway::Algorithm>,
+    pub sidecar_pool: Option<usize>,
+}
+
 /// What every path is built from.
 pub struct Env {
     pub dir: PathBuf,
@@ -62,8 +68,7 @@ impl Env {
         haproxy: PathBuf,
         stunnel: PathBuf,
         app: SocketAddr,
-        congestion: Option<fedmesh_gateway::Algorithm>,
-        sidecar_pool: Option<usize>,
+        knobs: Knobs,
     ) -> anyhow::Result<Env> {
         let ca = |name: &str| -> anyhow::Result<(TrustDomain, CertificateAuthority)> {
             let td = TrustDomain::new(name)?;
@@ -84,8 +89,8 @@ impl Env {
             haproxy,
             stunnel,
             app,
-            congestion,
-            sidecar_pool,
+            congestion: knobs.congestion,
+            sidecar_pool: knobs.sidecar_pool,
         })
     }
 
