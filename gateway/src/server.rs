@@ -11,7 +11,7 @@ use fedmesh_catalog::{Catalog, Hop, Peer};
 use fedmesh_transport::{
     accept_tls, answer, check_hops, connect_first, open, read_request, serve_tcp, Limits, OpenError,
 };
-use fedmesh_transport::{admin, Cut};
+use fedmesh_transport::{admin, Cut, TunnelIo};
 use fedmesh_trust::{ClientAuth, PeerPolicy, SpiffeId, SvidSource};
 use fedmesh_wire::{Header, Status, StatusCode};
 use prometheus_client::registry::Registry;
@@ -54,6 +54,8 @@ struct Shared {
     metrics: GatewayMetrics,
     endpoint: Endpoint,
     connector: TlsConnector,
+    /// Pooled, multiplexed connections to this cluster's sidecars.
+    sidecar_legs: fedmesh_transport::LegPool,
     pool: Pool,
     balancers: fedmesh_catalog::Balancers,
     /// Refuse new streams from peers (retryable elsewhere); keep the rest.
@@ -141,6 +143,13 @@ impl Gateway {
         // Renewal stores a new SVID here; every listener and dialer below
         // presents it from the next handshake on.
         let identity = SvidSource::new(s.identity.clone())?;
+        let sidecar_legs =
+            fedmesh_transport::LegPool::new(&identity, s.bundles.clone(), s.limits.clone())?;
+        sidecar_legs.counts.register(
+            registry.sub_registry_with_prefix("fedmesh_gateway"),
+            "sidecar_pool",
+            "this cluster's sidecars",
+        );
         let quic_configs =
             quic::PeerConfigs::new(&identity, s.bundles.clone(), &s.limits, &s.congestion)?;
         let endpoint = quic::endpoint(
@@ -253,6 +262,7 @@ impl Gateway {
             metrics,
             endpoint,
             connector: TlsConnector::from(Arc::new(client_tls)),
+            sidecar_legs,
             balancers: fedmesh_catalog::Balancers::default(),
             config: admin::ConfigState::new(s.controller.is_none()),
             cursor: AtomicUsize::new(0),
@@ -291,9 +301,12 @@ impl Gateway {
             };
             let register = |reg: &mut prometheus_client::registry::Registry| {
                 m.register(reg);
+                let sub = reg.sub_registry_with_prefix("fedmesh_gateway");
+                shared.config.register(sub);
                 shared
-                    .config
-                    .register(reg.sub_registry_with_prefix("fedmesh_gateway"));
+                    .sidecar_legs
+                    .counts
+                    .register(sub, "sidecar_pool", "this cluster's sidecars");
             };
             let ready = shared.config.ready_flag();
             let status = {
@@ -350,6 +363,11 @@ impl Gateway {
 
     pub fn metrics(&self) -> &GatewayMetrics {
         &self.shared.metrics
+    }
+
+    /// What the pool of connections to this cluster's sidecars has done.
+    pub fn sidecar_pool(&self) -> &fedmesh_transport::PoolCounts {
+        &self.shared.sidecar_legs.counts
     }
 
     pub fn catalog(&self) -> Arc<Catalog> {
@@ -732,8 +750,22 @@ async fn peer_stream(shared: &Shared, peer: &Peer, down: &mut PeerStream) {
             Hop::Endpoint { address, identity } => Some((address, identity)),
             _ => None,
         });
-        match connect_first(targets, &shared.connector, &next, &shared.limits).await {
-            Ok((mut up, _)) => forward(shared, FROM_PEER, &mut up, down).await,
+        // Over a pooled connection to the destination sidecar when pooling
+        // is on, else over a connection of its own.
+        let up: Result<Box<dyn TunnelIo>, fedmesh_transport::Refusal> =
+            if shared.sidecar_legs.enabled() {
+                shared
+                    .sidecar_legs
+                    .open_first(targets, &next)
+                    .await
+                    .map(|(s, _)| Box::new(s) as Box<dyn TunnelIo>)
+            } else {
+                connect_first(targets, &shared.connector, &next, &shared.limits)
+                    .await
+                    .map(|(s, _)| Box::new(s) as Box<dyn TunnelIo>)
+            };
+        match up {
+            Ok(mut up) => forward(shared, FROM_PEER, &mut up, down).await,
             Err(r) => refuse(shared, down, FROM_PEER, r.code, r.message).await,
         }
     }

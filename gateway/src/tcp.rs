@@ -13,7 +13,7 @@ use bytes::Bytes;
 use fedmesh_catalog::Peer;
 use fedmesh_transport::{H2Stream, Limits};
 use h2::client::SendRequest;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, StatusCode};
 use tokio::net::TcpSocket;
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
@@ -188,34 +188,5 @@ where
     F: Fn(TcpStream) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let mut conn = fedmesh_transport::h2_server(limits, limits.max_streams_per_connection)
-        .handshake::<_, Bytes>(tls)
-        .await?;
-    let pings = conn.ping_pong();
-    let accept = async {
-        while let Some(r) = conn.accept().await {
-            let (req, mut respond) = r?;
-            if req.method() != Method::CONNECT {
-                let mut resp = Response::new(());
-                *resp.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-                let _ = respond.send_response(resp, true);
-                continue;
-            }
-            match respond.send_response(Response::new(()), false) {
-                Ok(send) => {
-                    let io = H2Stream::new(send, req.into_body());
-                    tokio::spawn(stream.clone()(io));
-                }
-                Err(e) => tracing::debug!(error = %e, "CONNECT stream ended before it opened"),
-            }
-        }
-        Ok(())
-    };
-    tokio::select! {
-        r = accept => r,
-        why = fedmesh_transport::h2_keep_alive(pings, limits.keep_alive, dead_after(limits)) => {
-            tracing::info!(reason = why, "TCP fallback connection from a peer ended");
-            Ok(())
-        }
-    }
+    fedmesh_transport::serve_h2(tls, limits, limits.max_streams_per_connection, stream).await
 }

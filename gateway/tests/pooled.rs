@@ -1,7 +1,7 @@
-//! A sidecar's pooled, multiplexed connections to its gateway: new
-//! tunneled connections cost a stream, the pool and its queue are
-//! bounded, and a renewed SVID moves new streams to a new connection
-//! while the old one drains.
+//! Pooled, multiplexed connections from a sidecar to its gateway and
+//! from a gateway to its sidecars: new tunneled connections cost a
+//! stream, the pool and its queue are bounded, and a renewed SVID moves
+//! new streams to a new connection while the old one drains.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;

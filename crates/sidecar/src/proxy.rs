@@ -298,7 +298,9 @@ impl Sidecar {
                 &source,
                 s.bundles.clone(),
                 own,
-                &[fedmesh_wire::ALPN],
+                // One stream per connection, or many over HTTP/2 (the
+                // gateway's pooled connections).
+                &[fedmesh_wire::ALPN, fedmesh_wire::ALPN_H2],
                 ClientAuth::Required,
             )?;
             let (l, local) = bind("inbound", inbound.listen).await?;
@@ -809,7 +811,12 @@ async fn accept_inbound(shared: Arc<Shared>, listener: TcpListener, acceptor: Tl
     .await
 }
 
-async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, acceptor: &TlsAcceptor) {
+async fn inbound_conn(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    remote: SocketAddr,
+    acceptor: &TlsAcceptor,
+) {
     let (mut down, peer) = match accept_tls(acceptor, tcp, shared.limits.handshake_timeout).await {
         Ok(x) => x,
         Err(e) => {
@@ -818,22 +825,50 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
             return;
         }
     };
+    if down.get_ref().1.alpn_protocol() == Some(fedmesh_wire::ALPN_H2) {
+        // A pooled connection (from the gateway): each CONNECT stream is
+        // served as a connection would be, as the handshake's identity.
+        let handle = {
+            let shared = shared.clone();
+            move |mut io: fedmesh_transport::H2Stream| {
+                let shared = shared.clone();
+                let peer = peer.clone();
+                async move { inbound_stream(&shared, &mut io, peer, remote).await }
+            }
+        };
+        let streams = shared.limits.max_streams_per_connection;
+        if let Err(e) = fedmesh_transport::serve_h2(down, &shared.limits, streams, handle).await {
+            tracing::debug!(%remote, error = %e, "pooled inbound connection ended");
+        }
+        return;
+    }
+    inbound_stream(shared, &mut down, peer, remote).await;
+}
+
+/// One inbound tunnel stream: its own TLS connection, or a stream of a
+/// pooled one.
+async fn inbound_stream<S: TunnelIo>(
+    shared: &Shared,
+    down: &mut S,
+    peer: SpiffeId,
+    remote: SocketAddr,
+) {
     let refuse = |code: StatusCode, msg: String| {
         tracing::info!(%remote, %peer, status = %code, reason = %msg, "inbound stream refused");
         Status::new(code, msg)
     };
-    let header = match read_request(&mut down, &shared.limits).await {
+    let header = match read_request(down, &shared.limits).await {
         Ok(h) => h,
         Err(e) => {
             shared.metrics.reject(e.reason());
             let code = e.status();
-            answer(&mut down, &refuse(code, e.to_string())).await;
+            answer(down, &refuse(code, e.to_string())).await;
             return;
         }
     };
     if let Err(why) = check_hops(&header) {
         shared.metrics.reject("loop");
-        answer(&mut down, &refuse(StatusCode::Loop, why)).await;
+        answer(down, &refuse(StatusCode::Loop, why)).await;
         return;
     }
     // Only our own gateway may relay a caller's identity; from anyone else
@@ -845,7 +880,7 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
             _ => {
                 shared.metrics.reject("bad_source");
                 answer(
-                    &mut down,
+                    down,
                     &refuse(
                         StatusCode::Denied,
                         "gateway stream without a valid source identity".into(),
@@ -886,7 +921,7 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
     };
     let Some((service, app_addr)) = app else {
         answer(
-            &mut down,
+            down,
             &refuse(
                 StatusCode::UnknownService,
                 format!("this sidecar does not serve {}", header.target),
@@ -904,7 +939,7 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
             .inc_service(&shared.metrics.denied, &svc_label);
         shared.metrics.reject("denied");
         tracing::warn!(%remote, %source, via, %service, "denied by authorization policy");
-        answer(&mut down, &refuse(StatusCode::Denied, e.to_string())).await;
+        answer(down, &refuse(StatusCode::Denied, e.to_string())).await;
         return;
     }
     let connect =
@@ -913,7 +948,7 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             answer(
-                &mut down,
+                down,
                 &refuse(StatusCode::UpstreamRefused, format!("app {app_addr}: {e}")),
             )
             .await;
@@ -921,7 +956,7 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
         }
         Err(_) => {
             answer(
-                &mut down,
+                down,
                 &refuse(
                     StatusCode::UpstreamRefused,
                     format!("app {app_addr}: connect timed out"),
@@ -934,22 +969,21 @@ async fn inbound_conn(shared: &Shared, tcp: TcpStream, remote: SocketAddr, accep
     let _ = app.set_nodelay(true);
     shared.metrics.inbound(&svc_label, source.as_str(), via);
     tracing::debug!(%source, via, %service, id = header.connection_id, "inbound stream accepted");
-    if !answer(&mut down, &Status::ok()).await {
+    if !answer(down, &Status::ok()).await {
         return;
     }
     let accepted = Instant::now();
-    let (sent, received) =
-        match splice(&mut down, &mut app, shared.limits.splice_buffer_bytes).await {
-            Ok((a, b)) => {
-                shared.metrics.bytes.inc_by(a + b);
-                (a, b)
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "inbound stream ended with an error");
-                (0, 0)
-            }
-        };
-    fedmesh_transport::close(&mut down).await;
+    let (sent, received) = match splice(down, &mut app, shared.limits.splice_buffer_bytes).await {
+        Ok((a, b)) => {
+            shared.metrics.bytes.inc_by(a + b);
+            (a, b)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "inbound stream ended with an error");
+            (0, 0)
+        }
+    };
+    fedmesh_transport::close(down).await;
     access(
         &header,
         Some(source.as_str()),

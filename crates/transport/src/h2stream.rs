@@ -216,3 +216,51 @@ impl Cut for H2Stream {
         self.cut
     }
 }
+
+/// Serves one accepted HTTP/2 tunnel connection (the caller has checked
+/// the peer's identity): every `CONNECT` becomes an [`H2Stream`] handed to
+/// `handle`, at most `streams` at once; any other request is answered
+/// 405. Pings every `limits.keep_alive`; a peer that leaves one
+/// unanswered for three times `peer_dead_after` is gone.
+pub async fn serve<IO, F, Fut>(
+    io: IO,
+    limits: &Limits,
+    streams: u32,
+    handle: F,
+) -> Result<(), h2::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    F: Fn(H2Stream) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut conn = server_builder(limits, streams)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let pings = conn.ping_pong();
+    let accept = async {
+        while let Some(r) = conn.accept().await {
+            let (req, mut respond) = r?;
+            if req.method() != http::Method::CONNECT {
+                let mut resp = http::Response::new(());
+                *resp.status_mut() = http::StatusCode::METHOD_NOT_ALLOWED;
+                let _ = respond.send_response(resp, true);
+                continue;
+            }
+            match respond.send_response(http::Response::new(()), false) {
+                Ok(send) => {
+                    tokio::spawn(handle.clone()(H2Stream::new(send, req.into_body())));
+                }
+                Err(e) => tracing::debug!(error = %e, "CONNECT stream ended before it opened"),
+            }
+        }
+        Ok(())
+    };
+    let dead = limits.peer_dead_after() * 3;
+    tokio::select! {
+        r = accept => r,
+        why = keep_alive(pings, limits.keep_alive, dead) => {
+            tracing::info!(reason = why, "HTTP/2 tunnel connection from a peer ended");
+            Ok(())
+        }
+    }
+}

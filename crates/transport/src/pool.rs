@@ -192,6 +192,31 @@ impl LegPool {
         }
     }
 
+    /// [`LegPool::open`] on each `(address, identity)` in order, at most
+    /// `limits.max_attempts`, moving on after a retryable refusal, as
+    /// [`crate::connect_first`] does with connections of their own.
+    pub async fn open_first<I>(
+        &self,
+        targets: I,
+        header: &Header,
+    ) -> Result<(H2Stream, SocketAddr), Refusal>
+    where
+        I: IntoIterator<Item = (SocketAddr, SpiffeId)>,
+    {
+        let mut last = Refusal::new(StatusCode::NoHealthyEndpoint, "no endpoint to try");
+        for (addr, identity) in targets.into_iter().take(self.limits.max_attempts) {
+            match self.open(addr, &identity, header).await {
+                Ok(s) => return Ok((s, addr)),
+                Err(r) if r.retryable() => {
+                    tracing::debug!(code = %r.code, reason = %r.message, "next hop failed; trying the next");
+                    last = r;
+                }
+                Err(r) => return Err(r),
+            }
+        }
+        Err(last)
+    }
+
     /// A pooled connection with a free stream slot: an open one, else a
     /// new one while the bound allows, else the first slot freed.
     async fn leg(
