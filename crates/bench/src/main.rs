@@ -72,10 +72,10 @@ enum Cmd {
         /// bbr) [default: the gateways' default].
         #[arg(long)]
         congestion: Option<fedmesh_gateway::Algorithm>,
-        /// Pooled connections each sidecar keeps to its gateway
+        /// Pooled connections per next hop of every sidecar and gateway
         /// (`limits.pool_connections`; 0: one connection per tunneled
-        /// connection) [default: the sidecars' default].
-        #[arg(long)]
+        /// connection) [default: theirs].
+        #[arg(long = "pool")]
         sidecar_pool: Option<usize>,
         #[arg(long)]
         json: bool,

@@ -190,6 +190,48 @@ impl AsyncWrite for H2Stream {
         }
     }
 
+    /// Every slice ready goes out as one DATA frame: the gateway's QUIC
+    /// splice hands over a packet's worth per slice, and a frame per slice
+    /// would cost the reader a wake-up and a write each.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        if total == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        this.send.reserve_capacity(total.min(MAX_WRITE));
+        let sent = match ready!(this.send.poll_capacity(cx)) {
+            Some(Ok(n)) if n > 0 => {
+                let mut frame = bytes::BytesMut::with_capacity(n.min(total));
+                for b in bufs {
+                    let take = (n - frame.len()).min(b.len());
+                    frame.extend_from_slice(&b[..take]);
+                    if frame.len() == n {
+                        break;
+                    }
+                }
+                let len = frame.len();
+                this.send
+                    .send_data(frame.freeze(), false)
+                    .ok()
+                    .map(|()| len)
+            }
+            _ => None,
+        };
+        match sent {
+            Some(n) => Poll::Ready(Ok(n)),
+            None => this.poll_write_error(cx).map(Err),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         // h2 sends what it holds as the connection task runs.
         Poll::Ready(Ok(()))

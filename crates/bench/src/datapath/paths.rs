@@ -50,7 +50,8 @@ pub struct Env {
     /// `congestion:` of every gateway config (QUIC's controller), when
     /// not the default.
     pub congestion: Option<fedmesh_gateway::Algorithm>,
-    /// `limits.pool_connections` of every sidecar, when not the default.
+    /// `limits.pool_connections` of every sidecar and gateway, when not
+    /// the default.
     pub sidecar_pool: Option<usize>,
     east: (TrustDomain, CertificateAuthority),
     west: (TrustDomain, CertificateAuthority),
@@ -94,7 +95,8 @@ impl Env {
         })
     }
 
-    /// The lines every sidecar config of the benchmark adds.
+    /// The lines every sidecar config of the benchmark adds (gateways
+    /// too: the pool bound).
     fn sidecar_extra(&self) -> String {
         self.sidecar_pool
             .map(|n| format!("limits: {{ pool_connections: {n} }}\n"))
@@ -103,9 +105,12 @@ impl Env {
 
     /// The lines every gateway config of the benchmark adds.
     fn gateway_extra(&self) -> String {
-        self.congestion
+        let mut s = self
+            .congestion
             .map(|a| format!("congestion: {{ controller: {a} }}\n"))
-            .unwrap_or_default()
+            .unwrap_or_default();
+        s.push_str(&self.sidecar_extra());
+        s
     }
 
     pub async fn start(&self, id: &str) -> anyhow::Result<RunningPath> {
