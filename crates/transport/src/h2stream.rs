@@ -113,12 +113,9 @@ impl H2Stream {
 fn reset_error(e: h2::Error) -> Option<io::Error> {
     match e.reason() {
         Some(Reason::NO_ERROR) => None,
-        Some(_) => Some(io::Error::new(io::ErrorKind::ConnectionReset, e)),
-        None if e.is_io() => Some(
-            e.into_io()
-                .unwrap_or_else(|| io::ErrorKind::ConnectionReset.into()),
-        ),
-        None => Some(io::Error::new(io::ErrorKind::ConnectionReset, e)),
+        // Any other reset, or the connection under the stream lost (its
+        // TLS or TCP failed): for the stream, a reset.
+        _ => Some(io::Error::new(io::ErrorKind::ConnectionReset, e)),
     }
 }
 

@@ -39,7 +39,7 @@ struct Leg {
     /// The SVID it was dialed with ([`generation`]).
     generation: u64,
     /// Set once the connection ended or is being retired.
-    closed: watch::Receiver<bool>,
+    closed: Arc<watch::Sender<bool>>,
 }
 
 impl Leg {
@@ -150,32 +150,41 @@ impl LegPool {
         header: &Header,
     ) -> Result<H2Stream, Refusal> {
         let refuse = |code, why: String| Refusal::new(code, format!("{addr}: {why}"));
-        let (leg, slot) = self.leg(addr, identity).await?;
         let limit = self.limits.status_timeout;
-        let req = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri("fedmesh.invalid:443")
-            .body(())
-            .map_err(|e| refuse(StatusCode::UpstreamRefused, e.to_string()))?;
-        let opened = async {
-            let mut send = leg.send.clone().ready().await?;
-            let (resp, stream) = send.send_request(req, false)?;
-            let resp = resp.await?;
-            Ok::<_, h2::Error>((resp, stream))
-        };
-        let (resp, stream) = match tokio::time::timeout(limit, opened).await {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => {
-                return Err(refuse(
-                    StatusCode::UpstreamRefused,
-                    format!("pooled connection: {e}"),
-                ))
-            }
-            Err(_) => {
-                return Err(refuse(
-                    StatusCode::Timeout,
-                    "pooled stream not answered in time".into(),
-                ))
+        // A connection that died before its task noticed fails the first
+        // try; it leaves the pool and the second try dials a fresh one.
+        let mut tries = 0;
+        let (resp, stream, slot) = loop {
+            tries += 1;
+            let (leg, slot) = self.leg(addr, identity).await?;
+            let req = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri("fedmesh.invalid:443")
+                .body(())
+                .map_err(|e| refuse(StatusCode::UpstreamRefused, e.to_string()))?;
+            let opened = async {
+                let mut send = leg.send.clone().ready().await?;
+                let (resp, stream) = send.send_request(req, false)?;
+                let resp = resp.await?;
+                Ok::<_, h2::Error>((resp, stream))
+            };
+            match tokio::time::timeout(limit, opened).await {
+                Ok(Ok((resp, stream))) => break (resp, stream, slot),
+                Ok(Err(e)) => {
+                    leg.closed.send_replace(true);
+                    if tries >= 2 {
+                        return Err(refuse(
+                            StatusCode::UpstreamRefused,
+                            format!("pooled connection: {e}"),
+                        ));
+                    }
+                }
+                Err(_) => {
+                    return Err(refuse(
+                        StatusCode::Timeout,
+                        "pooled stream not answered in time".into(),
+                    ))
+                }
             }
         };
         if resp.status() != http::StatusCode::OK {
@@ -303,7 +312,8 @@ impl LegPool {
         .map_err(|e| refuse(format!("HTTP/2 handshake: {e}")))?;
         let streams = self.limits.pool_streams_per_connection as usize;
         let slots = Arc::new(Semaphore::new(streams));
-        let (tx, closed) = watch::channel(false);
+        let closed = Arc::new(watch::channel(false).0);
+        let tx = closed.clone();
         let pings = conn.ping_pong();
         let (interval, dead) = (self.limits.keep_alive, self.limits.peer_dead_after() * 3);
         let idle = self.limits.pool_idle_timeout;
@@ -321,7 +331,7 @@ impl LegPool {
                 () = idle_out(&watch_slots, streams, idle, &tx) => "idle",
             };
             tracing::debug!(%addr, reason = why, "pooled connection ended");
-            let _ = tx.send(true);
+            tx.send_replace(true);
         });
         Ok(Leg {
             send,
@@ -345,7 +355,7 @@ async fn idle_out(slots: &Semaphore, all: usize, idle: Duration, closed: &watch:
         }
         let since = *idle_since.get_or_insert_with(Instant::now);
         if since.elapsed() >= idle {
-            let _ = closed.send(true);
+            closed.send_replace(true);
             // A stream that took a slot just before the mark keeps the
             // connection until it ends.
             let _ = slots.acquire_many(all as u32).await;

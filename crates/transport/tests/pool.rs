@@ -1,0 +1,149 @@
+//! The pooled legs against a real HTTP/2 tunnel server over mTLS: streams
+//! share one connection; a connection that dies fails only its own
+//! streams, as resets, and the next stream gets a fresh connection.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedmesh_transport::{answer, read_request, LegPool, Limits};
+use fedmesh_trust::{
+    CertificateAuthority, ClientAuth, PeerPolicy, SharedBundles, SpiffeId, SvidSource,
+    TrustBundles, TrustDomain,
+};
+use fedmesh_wire::{Header, Status, Target};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+struct Server {
+    addr: SocketAddr,
+    identity: SpiffeId,
+    /// Every accepted connection's task: aborting one kills it.
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+/// An h2 tunnel server that answers `ok` and echoes every stream.
+async fn server(ca: &CertificateAuthority, bundles: SharedBundles) -> Server {
+    let identity = ca.trust_domain().workload("demo", "app").unwrap();
+    let source = SvidSource::new(ca.issue(&identity, DAY).unwrap()).unwrap();
+    let tls = fedmesh_trust::server_config_from(
+        &source,
+        bundles,
+        PeerPolicy::AnyTrusted,
+        &[fedmesh_wire::ALPN_H2],
+        ClientAuth::Required,
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+    let kept = conns.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = l.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            let task = tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let limits = Limits::default();
+                let _ = fedmesh_transport::serve_h2(tls, &limits, 64, |mut io| async move {
+                    let limits = Limits::default();
+                    if read_request(&mut io, &limits).await.is_err() {
+                        return;
+                    }
+                    answer(&mut io, &Status::ok()).await;
+                    let mut buf = [0u8; 1024];
+                    while let Ok(n) = io.read(&mut buf).await {
+                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = io.shutdown().await;
+                })
+                .await;
+            });
+            kept.lock().unwrap().push(task.abort_handle());
+        }
+    });
+    Server {
+        addr,
+        identity,
+        conns,
+    }
+}
+
+fn header() -> Header {
+    Header::new(Target::Service {
+        name: fedmesh_wire::ServiceName::parse("app.demo").unwrap(),
+        port: 80,
+    })
+}
+
+async fn echo(s: &mut fedmesh_transport::H2Stream, msg: &[u8]) {
+    s.write_all(msg).await.unwrap();
+    let mut got = vec![0u8; msg.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, msg);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_pooled_connection_fails_only_its_streams_and_is_replaced() {
+    let td = TrustDomain::new("pool.test").unwrap();
+    let ca = CertificateAuthority::new_root(td.clone(), DAY * 30).unwrap();
+    let bundles = SharedBundles::new(TrustBundles::new().with(ca.bundle()));
+    let srv = server(&ca, bundles.clone()).await;
+    let me = SvidSource::new(ca.issue(&td.workload("demo", "web").unwrap(), DAY).unwrap()).unwrap();
+    let pool = LegPool::new(&me, bundles, Limits::default()).unwrap();
+
+    let mut a = pool.open(srv.addr, &srv.identity, &header()).await.unwrap();
+    let mut b = pool.open(srv.addr, &srv.identity, &header()).await.unwrap();
+    echo(&mut a, b"one").await;
+    echo(&mut b, b"two").await;
+    assert_eq!(pool.counts.dials.get(), 1);
+    assert_eq!(pool.counts.streams.get(), 2);
+
+    // The connection dies under both streams: each fails, as a reset.
+    for c in srv.conns.lock().unwrap().iter() {
+        c.abort();
+    }
+    for s in [&mut a, &mut b] {
+        let mut buf = [0u8; 8];
+        let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+            .await
+            .expect("the dead connection was never noticed");
+        match r {
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+            Ok(n) => panic!("a stream of a dead connection read {n} bytes and a clean end"),
+        }
+    }
+
+    // The next stream gets a fresh connection.
+    let mut c = match pool.open(srv.addr, &srv.identity, &header()).await {
+        Ok(c) => c,
+        Err(e) => panic!("{e} after {} dials", pool.counts.dials.get()),
+    };
+    echo(&mut c, b"three").await;
+    assert_eq!(pool.counts.dials.get(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_hop_with_another_identity_is_refused() {
+    let td = TrustDomain::new("pool.test").unwrap();
+    let ca = CertificateAuthority::new_root(td.clone(), DAY * 30).unwrap();
+    let bundles = SharedBundles::new(TrustBundles::new().with(ca.bundle()));
+    let srv = server(&ca, bundles.clone()).await;
+    let me = SvidSource::new(ca.issue(&td.workload("demo", "web").unwrap(), DAY).unwrap()).unwrap();
+    let pool = LegPool::new(&me, bundles, Limits::default()).unwrap();
+    let other = td.workload("demo", "not-the-app").unwrap();
+    let r = pool.open(srv.addr, &other, &header()).await;
+    let e = r.err().expect("a wrong identity must not get a stream");
+    assert!(e.message.contains("presented"), "{e}");
+}
