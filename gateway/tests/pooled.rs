@@ -4,67 +4,14 @@
 //! new streams to a new connection while the old one drains.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
+mod common;
+
 use std::time::Duration;
 
-use fedmesh_testkit::{AppKind, ClusterTopo, Rig, ServiceTopo, Topology};
+use common::{close, ends_topology as topology, hold, line, LIMIT};
+use fedmesh_testkit::Rig;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
-
-fn topology(limits: fedmesh_transport::Limits) -> Topology {
-    Topology {
-        clusters: vec![
-            ClusterTopo {
-                name: "east".into(),
-                services: vec![],
-            },
-            ClusterTopo {
-                name: "west".into(),
-                services: vec![ServiceTopo {
-                    name: "ends.demo".into(),
-                    port: 7000,
-                    replicas: 1,
-                    export: true,
-                    app: AppKind::Ends,
-                }],
-            },
-        ],
-        limits,
-        ..Topology::demo()
-    }
-}
-
-const LIMIT: Duration = Duration::from_secs(10);
-
-async fn line(s: &mut BufReader<TcpStream>) -> String {
-    let mut l = String::new();
-    tokio::time::timeout(LIMIT, s.read_line(&mut l))
-        .await
-        .expect("no line in time")
-        .expect("read a line");
-    l.trim_end().to_owned()
-}
-
-/// A connection holding `id` open; returns once `ping` came back.
-async fn hold(addr: SocketAddr, id: &str) -> BufReader<TcpStream> {
-    let mut s = BufReader::new(TcpStream::connect(addr).await.unwrap());
-    s.get_mut()
-        .write_all(format!("hold {id}\nping\n").as_bytes())
-        .await
-        .unwrap();
-    assert_eq!(line(&mut s).await, "ping", "{id}");
-    s
-}
-
-/// Ends a held connection cleanly and waits for the far end's close.
-async fn close(mut s: BufReader<TcpStream>) {
-    s.get_mut().shutdown().await.unwrap();
-    let mut rest = Vec::new();
-    tokio::time::timeout(LIMIT, s.read_to_end(&mut rest))
-        .await
-        .unwrap()
-        .unwrap();
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_connections_to_the_gateway_share_one_pooled_connection() {

@@ -94,14 +94,20 @@ async fn echo(s: &mut fedmesh_transport::H2Stream, msg: &[u8]) {
     assert_eq!(got, msg);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_dead_pooled_connection_fails_only_its_streams_and_is_replaced() {
+/// A server and a pool of one trust domain.
+async fn setup() -> (Server, LegPool, TrustDomain) {
     let td = TrustDomain::new("pool.test").unwrap();
     let ca = CertificateAuthority::new_root(td.clone(), DAY * 30).unwrap();
     let bundles = SharedBundles::new(TrustBundles::new().with(ca.bundle()));
     let srv = server(&ca, bundles.clone()).await;
     let me = SvidSource::new(ca.issue(&td.workload("demo", "web").unwrap(), DAY).unwrap()).unwrap();
     let pool = LegPool::new(&me, bundles, Limits::default()).unwrap();
+    (srv, pool, td)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_pooled_connection_fails_only_its_streams_and_is_replaced() {
+    let (srv, pool, _) = setup().await;
 
     let mut a = pool.open(srv.addr, &srv.identity, &header()).await.unwrap();
     let mut b = pool.open(srv.addr, &srv.identity, &header()).await.unwrap();
@@ -136,12 +142,7 @@ async fn a_dead_pooled_connection_fails_only_its_streams_and_is_replaced() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_next_hop_with_another_identity_is_refused() {
-    let td = TrustDomain::new("pool.test").unwrap();
-    let ca = CertificateAuthority::new_root(td.clone(), DAY * 30).unwrap();
-    let bundles = SharedBundles::new(TrustBundles::new().with(ca.bundle()));
-    let srv = server(&ca, bundles.clone()).await;
-    let me = SvidSource::new(ca.issue(&td.workload("demo", "web").unwrap(), DAY).unwrap()).unwrap();
-    let pool = LegPool::new(&me, bundles, Limits::default()).unwrap();
+    let (srv, pool, td) = setup().await;
     let other = td.workload("demo", "not-the-app").unwrap();
     let r = pool.open(srv.addr, &other, &header()).await;
     let e = r.err().expect("a wrong identity must not get a stream");
