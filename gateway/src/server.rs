@@ -857,7 +857,8 @@ async fn sidecar_conn(
                 }
             }
         };
-        if let Err(e) = tcp::serve(down, &shared.limits, stream).await {
+        let windows = fedmesh_transport::H2Windows::pooled(&shared.limits);
+        if let Err(e) = fedmesh_transport::serve_h2(down, &shared.limits, windows, stream).await {
             tracing::debug!(%remote, error = %e, "pooled sidecar connection ended");
         }
     } else {

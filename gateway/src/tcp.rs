@@ -145,9 +145,10 @@ pub async fn connect(
                 expected: peer.identity.to_string(),
             });
         }
-        let (send, mut conn) = fedmesh_transport::h2_client(limits)
-            .handshake::<_, Bytes>(stream)
-            .await?;
+        let (send, mut conn) =
+            fedmesh_transport::h2_client(limits, fedmesh_transport::H2Windows::wan(limits))
+                .handshake::<_, Bytes>(stream)
+                .await?;
         let pings = conn.ping_pong();
         let (tx, rx) = watch::channel(false);
         let cluster = peer.cluster.clone();
@@ -188,5 +189,11 @@ where
     F: Fn(TcpStream) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    fedmesh_transport::serve_h2(tls, limits, limits.max_streams_per_connection, stream).await
+    fedmesh_transport::serve_h2(
+        tls,
+        limits,
+        fedmesh_transport::H2Windows::wan(limits),
+        stream,
+    )
+    .await
 }

@@ -115,3 +115,42 @@ async fn a_renewed_svid_moves_new_streams_and_the_old_connection_drains() {
     assert_eq!(pool.dials.get(), 2, "the new connection is the pool's now");
     close(more).await;
 }
+
+/// Six streams push 48 MiB each and never read their echo, so every
+/// window along their path fills (QUIC's 16 MiB per stream included);
+/// another stream on the same pooled connections still gets through.
+/// With a connection window smaller than its streams' windows together
+/// (8 MiB per stream, 32 MiB per connection, as between gateways), four
+/// stalled streams would hold back every other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_whose_readers_stall_do_not_hold_back_the_others() {
+    let rig = Rig::start(&topology(Default::default())).await.unwrap();
+    let east = rig.cluster("east").unwrap();
+    let addr = east.client_addr("ends.demo").unwrap();
+    let mut stuck = Vec::new();
+    for i in 0..6 {
+        let (r, mut w) = tokio::io::split(hold(addr, &format!("stuck-{i}")).await);
+        let push = tokio::spawn(async move {
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..768 {
+                if w.write_all(&chunk).await.is_err() {
+                    break;
+                }
+            }
+            w
+        });
+        stuck.push((r, push));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut free = hold(addr, "free").await;
+    free.get_mut().write_all(b"again\n").await.unwrap();
+    assert_eq!(line(&mut free).await, "again");
+    assert_eq!(
+        east.client.gateway_pool().dials.get(),
+        1,
+        "all on one pooled connection"
+    );
+    for (_, push) in stuck {
+        push.abort();
+    }
+}

@@ -836,8 +836,8 @@ async fn inbound_conn(
                 async move { inbound_stream(&shared, &mut io, peer, remote).await }
             }
         };
-        let streams = shared.limits.max_streams_per_connection;
-        if let Err(e) = fedmesh_transport::serve_h2(down, &shared.limits, streams, handle).await {
+        let windows = fedmesh_transport::H2Windows::pooled(&shared.limits);
+        if let Err(e) = fedmesh_transport::serve_h2(down, &shared.limits, windows, handle).await {
             tracing::debug!(%remote, error = %e, "pooled inbound connection ended");
         }
         return;

@@ -21,15 +21,50 @@ use crate::{Cut, Limits};
 
 /// Largest write handed to h2 at once (bounds the copy of one write).
 const MAX_WRITE: usize = 256 * 1024;
-/// Per-stream and per-connection HTTP/2 windows: one connection carries
-/// many tunneled connections (the same sizes as the gateways' QUIC).
-const STREAM_WINDOW: u32 = 8 << 20;
-const CONN_WINDOW: u32 = 32 << 20;
 /// What h2 buffers per stream before a writer waits.
 const SEND_BUF: usize = 1 << 20;
 /// Largest DATA frame either side accepts: bulk moves in few frames, so
 /// few TLS records and syscalls (HTTP/2's default is 16 KiB).
 const MAX_FRAME: u32 = 256 * 1024;
+/// A pooled leg's per-stream window: inside a cluster a round trip takes
+/// tens of microseconds, so 256 KiB per round trip is gigabytes a second.
+const POOLED_STREAM_WINDOW: u32 = 256 * 1024;
+
+/// Flow-control windows and the stream cap of one HTTP/2 tunnel
+/// connection, as the receiving side grants them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct H2Windows {
+    pub stream: u32,
+    pub connection: u32,
+    /// Streams open at once.
+    pub streams: u32,
+}
+
+impl H2Windows {
+    /// Between gateways (the TCP fallback): a long, fast path needs large
+    /// windows, as QUIC's.
+    pub fn wan(limits: &Limits) -> Self {
+        Self {
+            stream: 8 << 20,
+            connection: 32 << 20,
+            streams: limits.max_streams_per_connection,
+        }
+    }
+
+    /// Inside a cluster (pooled legs): small stream windows, and a
+    /// connection window that covers every stream's, so a stream whose
+    /// reader stalls holds back only itself.
+    pub fn pooled(limits: &Limits) -> Self {
+        let streams = limits.pool_streams_per_connection.max(1);
+        Self {
+            stream: POOLED_STREAM_WINDOW,
+            connection: u32::try_from(u64::from(POOLED_STREAM_WINDOW) * u64::from(streams))
+                .unwrap_or(u32::MAX)
+                .min((1 << 31) - 1),
+            streams,
+        }
+    }
+}
 
 /// HTTP/2 header lists are bounded like tunnel headers.
 fn header_list(limits: &Limits) -> u32 {
@@ -37,24 +72,24 @@ fn header_list(limits: &Limits) -> u32 {
 }
 
 /// The client side of a tunnel-carrying HTTP/2 connection.
-pub fn client_builder(limits: &Limits) -> h2::client::Builder {
+pub fn client_builder(limits: &Limits, windows: H2Windows) -> h2::client::Builder {
     let mut b = h2::client::Builder::new();
-    b.initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONN_WINDOW)
+    b.initial_window_size(windows.stream)
+        .initial_connection_window_size(windows.connection)
         .max_send_buffer_size(SEND_BUF)
         .max_frame_size(MAX_FRAME)
         .max_header_list_size(header_list(limits));
     b
 }
 
-/// The server side: at most `streams` open at once.
-pub fn server_builder(limits: &Limits, streams: u32) -> h2::server::Builder {
+/// The server side.
+pub fn server_builder(limits: &Limits, windows: H2Windows) -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
-    b.initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONN_WINDOW)
+    b.initial_window_size(windows.stream)
+        .initial_connection_window_size(windows.connection)
         .max_send_buffer_size(SEND_BUF)
         .max_frame_size(MAX_FRAME)
-        .max_concurrent_streams(streams)
+        .max_concurrent_streams(windows.streams)
         .max_header_list_size(header_list(limits));
     b
 }
@@ -258,13 +293,13 @@ impl Cut for H2Stream {
 
 /// Serves one accepted HTTP/2 tunnel connection (the caller has checked
 /// the peer's identity): every `CONNECT` becomes an [`H2Stream`] handed to
-/// `handle`, at most `streams` at once; any other request is answered
+/// `handle`, at most `windows.streams` at once; any other request is answered
 /// 405. Pings every `limits.keep_alive`; a peer that leaves one
 /// unanswered for three times `peer_dead_after` is gone.
 pub async fn serve<IO, F, Fut>(
     io: IO,
     limits: &Limits,
-    streams: u32,
+    windows: H2Windows,
     handle: F,
 ) -> Result<(), h2::Error>
 where
@@ -272,7 +307,7 @@ where
     F: Fn(H2Stream) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let mut conn = server_builder(limits, streams)
+    let mut conn = server_builder(limits, windows)
         .handshake::<_, Bytes>(io)
         .await?;
     let pings = conn.ping_pong();

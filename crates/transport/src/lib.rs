@@ -17,7 +17,7 @@ pub use announced::Announced;
 pub use cut::{close, Cut, TunnelIo};
 pub use h2stream::{
     client_builder as h2_client, keep_alive as h2_keep_alive, serve as serve_h2,
-    server_builder as h2_server, H2Stream,
+    server_builder as h2_server, H2Stream, H2Windows,
 };
 pub use identity::{load_trust, read_yaml, BundleFile, IdentityFiles};
 pub use limits::Limits;

@@ -305,7 +305,8 @@ impl LegPool {
         }
         let (send, mut conn) = tokio::time::timeout(
             self.limits.connect_timeout,
-            crate::h2_client(&self.limits).handshake::<_, Bytes>(tls),
+            crate::h2_client(&self.limits, crate::H2Windows::pooled(&self.limits))
+                .handshake::<_, Bytes>(tls),
         )
         .await
         .map_err(|_| refuse("HTTP/2 handshake timed out".into()))?

@@ -51,20 +51,25 @@ async fn server(ca: &CertificateAuthority, bundles: SharedBundles) -> Server {
                     return;
                 };
                 let limits = Limits::default();
-                let _ = fedmesh_transport::serve_h2(tls, &limits, 64, |mut io| async move {
-                    let limits = Limits::default();
-                    if read_request(&mut io, &limits).await.is_err() {
-                        return;
-                    }
-                    answer(&mut io, &Status::ok()).await;
-                    let mut buf = [0u8; 1024];
-                    while let Ok(n) = io.read(&mut buf).await {
-                        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
-                            break;
+                let _ = fedmesh_transport::serve_h2(
+                    tls,
+                    &limits,
+                    fedmesh_transport::H2Windows::pooled(&limits),
+                    |mut io| async move {
+                        let limits = Limits::default();
+                        if read_request(&mut io, &limits).await.is_err() {
+                            return;
                         }
-                    }
-                    let _ = io.shutdown().await;
-                })
+                        answer(&mut io, &Status::ok()).await;
+                        let mut buf = [0u8; 1024];
+                        while let Ok(n) = io.read(&mut buf).await {
+                            if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = io.shutdown().await;
+                    },
+                )
                 .await;
             });
             kept.lock().unwrap().push(task.abort_handle());
