@@ -833,7 +833,10 @@ async fn inbound_conn(
             move |mut io: fedmesh_transport::H2Stream| {
                 let shared = shared.clone();
                 let peer = peer.clone();
-                async move { inbound_stream(&shared, &mut io, peer, remote).await }
+                async move {
+                    inbound_stream(&shared, &mut io, peer, remote).await;
+                    fedmesh_transport::close(&mut io).await;
+                }
             }
         };
         let windows = fedmesh_transport::H2Windows::pooled(&shared.limits);
@@ -843,10 +846,12 @@ async fn inbound_conn(
         return;
     }
     inbound_stream(shared, &mut down, peer, remote).await;
+    fedmesh_transport::close(&mut down).await;
 }
 
 /// One inbound tunnel stream: its own TLS connection, or a stream of a
-/// pooled one.
+/// pooled one. The caller closes it (after a refusal too, so the status
+/// frame is delivered).
 async fn inbound_stream<S: TunnelIo>(
     shared: &Shared,
     down: &mut S,
@@ -983,7 +988,6 @@ async fn inbound_stream<S: TunnelIo>(
             (0, 0)
         }
     };
-    fedmesh_transport::close(down).await;
     access(
         &header,
         Some(source.as_str()),

@@ -79,15 +79,37 @@ impl<T: Cut + ?Sized> Cut for Box<T> {
 pub trait TunnelIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Cut {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Cut> TunnelIo for T {}
 
-/// Ends the write side cleanly (TLS close_notify, TCP FIN) unless the
-/// connection was cut, in which case dropping it is what ends it.
+/// How long [`close`] waits for the far end to finish after this end
+/// did, and how much it reads meanwhile.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// Ends the write side cleanly (TLS `close_notify` and FIN, HTTP/2
+/// `END_STREAM`) unless the connection was cut, in which case dropping it
+/// is what ends it; then waits (bounded) for the far end to finish too.
+/// The wait matters on a multiplexed stream: dropping an HTTP/2 stream the
+/// peer has not finished resets it, and a reset discards what was still
+/// queued, such as the status frame that just refused it.
 pub async fn close<S>(s: &mut S)
 where
-    S: tokio::io::AsyncWrite + Unpin + Cut + ?Sized,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Cut + ?Sized,
 {
-    if !s.is_cut() {
-        let _ = tokio::io::AsyncWriteExt::shutdown(s).await;
+    use tokio::io::AsyncReadExt;
+    if s.is_cut() {
+        return;
     }
+    let _ = tokio::io::AsyncWriteExt::shutdown(s).await;
+    let drain = async {
+        let mut buf = [0u8; 4096];
+        let mut read = 0;
+        while read < LINGER_BYTES {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 #[cfg(test)]
