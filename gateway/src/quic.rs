@@ -42,9 +42,13 @@ const PACKET_THRESHOLD: u32 = 256;
 const TIME_THRESHOLD: f32 = 1.25;
 /// Flow-control windows sized for a 100 ms × 1 Gbit/s path: its
 /// bandwidth-delay product is 12.5 MB, so one stream may fill it with
-/// room for the reader to lag, and the connection may carry two such.
+/// room for the reader to lag. The connection window covers eight such
+/// streams: data a stalled reader leaves unread counts against it, and
+/// with room for only two, two stalled applications held back every
+/// stream between the two clusters (`gateway/tests/pooled.rs`). What a
+/// peer can make a gateway buffer stays bounded by it.
 const STREAM_WINDOW: u32 = 16 << 20;
-const CONNECTION_WINDOW: u32 = 32 << 20;
+const CONNECTION_WINDOW: u32 = 128 << 20;
 
 fn transport(
     limits: &Limits,
