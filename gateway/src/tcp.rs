@@ -13,7 +13,7 @@ use bytes::Bytes;
 use fedmesh_catalog::Peer;
 use fedmesh_transport::{H2Stream, Limits};
 use h2::client::SendRequest;
-use http::{Method, Request, StatusCode};
+use http::StatusCode;
 use tokio::net::TcpSocket;
 use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
@@ -22,18 +22,6 @@ use tokio_rustls::TlsConnector;
 /// Distinct from the one-stream tunnel's `fedmesh/1`, so neither port can
 /// be mistaken for the other.
 pub const ALPN_H2: &[u8] = fedmesh_wire::ALPN_H2;
-/// The authority every `CONNECT` names; the tunnel header says where the
-/// stream really goes.
-const AUTHORITY: &str = "fedmesh.invalid:443";
-/// How long an HTTP/2 ping may go unanswered before the peer counts as
-/// dead: three times QUIC's silence bound. A PING queued behind a full
-/// TCP send buffer on a slow or lossy path (retransmission timeouts start
-/// at 200 ms and double) can take longer than QUIC's 600 ms to be
-/// answered; a false "dead" would fail every stream on the connection.
-pub fn dead_after(limits: &Limits) -> Duration {
-    limits.peer_dead_after() * 3
-}
-
 /// A tunneled byte stream over the fallback.
 pub type TcpStream = H2Stream;
 
@@ -77,7 +65,7 @@ impl TcpConn {
     }
 
     /// Resolves once the connection has ended (either side, or pings went
-    /// unanswered for [`dead_after`]).
+    /// unanswered for `Limits::h2_dead_after`).
     pub async fn closed(&self) {
         let mut rx = self.closed.clone();
         let _ = rx.wait_for(|c| *c).await;
@@ -93,18 +81,12 @@ impl TcpConn {
     /// bytes both ways. Waits while the peer's stream cap is reached; the
     /// caller bounds the wait.
     pub async fn open(&self) -> Result<TcpStream, TcpError> {
-        let req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(AUTHORITY)
-            .body(())
-            .map_err(|_| TcpError::Refused(StatusCode::BAD_REQUEST))?;
-        let mut send = self.send.clone().ready().await?;
-        let (resp, stream) = send.send_request(req, false)?;
-        let resp = resp.await?;
-        if resp.status() != StatusCode::OK {
-            return Err(TcpError::Refused(resp.status()));
-        }
-        Ok(H2Stream::new(stream, resp.into_body()))
+        fedmesh_transport::h2_open(&self.send)
+            .await
+            .map_err(|e| match e {
+                fedmesh_transport::ConnectError::H2(e) => TcpError::Http(e),
+                fedmesh_transport::ConnectError::Refused(s) => TcpError::Refused(s),
+            })
     }
 }
 
@@ -152,7 +134,7 @@ pub async fn connect(
         let pings = conn.ping_pong();
         let (tx, rx) = watch::channel(false);
         let cluster = peer.cluster.clone();
-        let (interval, dead) = (limits.keep_alive, dead_after(limits));
+        let (interval, dead) = (limits.keep_alive, limits.h2_dead_after());
         let task = tokio::spawn(async move {
             tokio::select! {
                 r = &mut conn => {

@@ -214,6 +214,9 @@ pub enum ClientAuth {
 #[derive(Clone)]
 pub struct SvidSource {
     current: Arc<RwLock<(Svid, Arc<CertifiedKey>)>>,
+    /// Bumped by every [`SvidSource::store`]: lets a connection pool tell
+    /// which SVID a connection was made with without copying it.
+    generation: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl std::fmt::Debug for SvidSource {
@@ -234,6 +237,7 @@ impl SvidSource {
         let key = certified(&svid)?;
         Ok(Self {
             current: Arc::new(RwLock::new((svid, key))),
+            generation: Arc::default(),
         })
     }
 
@@ -267,7 +271,15 @@ impl SvidSource {
             Ok(mut g) => *g = (svid, key),
             Err(p) => *p.into_inner() = (svid, key),
         }
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// How many SVIDs were stored since this source was made: changes
+    /// exactly when the SVID presented at the next handshake does.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 

@@ -26,6 +26,35 @@ const SEND_BUF: usize = 1 << 20;
 /// Largest DATA frame either side accepts: bulk moves in few frames, so
 /// few TLS records and syscalls (HTTP/2's default is 16 KiB).
 const MAX_FRAME: u32 = 256 * 1024;
+/// The authority every `CONNECT` names; the tunnel header says where the
+/// stream really goes.
+const AUTHORITY: &str = "fedmesh.invalid:443";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The connection under the stream failed (or is gone).
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+    #[error("peer answered CONNECT with {0}")]
+    Refused(http::StatusCode),
+}
+
+/// Opens one tunnel stream on `send`'s connection: a `CONNECT` the peer
+/// answers with 200, then bytes both ways. Waits while the peer's stream
+/// cap is reached; the caller bounds the wait.
+pub async fn open_connect(send: &h2::client::SendRequest<Bytes>) -> Result<H2Stream, ConnectError> {
+    let mut req = http::Request::new(());
+    *req.method_mut() = http::Method::CONNECT;
+    *req.uri_mut() = http::Uri::from_static(AUTHORITY);
+    let mut send = send.clone().ready().await?;
+    let (resp, stream) = send.send_request(req, false)?;
+    let resp = resp.await?;
+    if resp.status() != http::StatusCode::OK {
+        return Err(ConnectError::Refused(resp.status()));
+    }
+    Ok(H2Stream::new(stream, resp.into_body()))
+}
+
 /// A pooled leg's per-stream window: inside a cluster a round trip takes
 /// tens of microseconds, so 256 KiB per round trip is gigabytes a second.
 const POOLED_STREAM_WINDOW: u32 = 256 * 1024;
@@ -329,7 +358,7 @@ where
         }
         Ok(())
     };
-    let dead = limits.peer_dead_after() * 3;
+    let dead = limits.h2_dead_after();
     tokio::select! {
         r = accept => r,
         why = keep_alive(pings, limits.keep_alive, dead) => {

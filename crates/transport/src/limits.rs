@@ -93,6 +93,16 @@ impl Limits {
         (self.keep_alive * 3).min(self.idle_timeout)
     }
 
+    /// How long an HTTP/2 ping may go unanswered before the connection
+    /// counts as dead: three times [`Limits::peer_dead_after`]. A PING
+    /// queued behind a full TCP send buffer on a slow or lossy path
+    /// (retransmission timeouts start at 200 ms and double) can take longer
+    /// than QUIC's silence bound to be answered, and a false "dead" fails
+    /// every stream on the connection.
+    pub fn h2_dead_after(&self) -> Duration {
+        self.peer_dead_after() * 3
+    }
+
     pub fn wire(&self) -> fedmesh_wire::Limits {
         fedmesh_wire::Limits {
             max_header_bytes: self.max_header_bytes,

@@ -17,7 +17,6 @@
 //! their last stream ends.
 
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,7 +25,9 @@ use bytes::Bytes;
 use fedmesh_trust::{PeerPolicy, SharedBundles, SpiffeId, SvidSource, TlsError};
 use fedmesh_wire::{Header, StatusCode};
 use prometheus_client::metrics::counter::Counter;
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 
 use crate::{dial_tls, open, H2Stream, Limits, Refusal};
@@ -36,15 +37,15 @@ struct Leg {
     send: h2::client::SendRequest<Bytes>,
     /// Free stream slots.
     slots: Arc<Semaphore>,
-    /// The SVID it was dialed with ([`generation`]).
+    /// The SVID it was dialed with ([`SvidSource::generation`]).
     generation: u64,
     /// Set once the connection ended or is being retired.
-    closed: Arc<watch::Sender<bool>>,
+    closed: Arc<AtomicBool>,
 }
 
 impl Leg {
     fn usable(&self, generation: u64) -> bool {
-        !*self.closed.borrow() && self.generation == generation
+        !self.closed.load(Ordering::Acquire) && self.generation == generation
     }
 }
 
@@ -100,14 +101,6 @@ pub struct LegPool {
     pub counts: PoolCounts,
 }
 
-/// Which SVID is presented now: a hash of its leaf certificate.
-fn generation(source: &SvidSource) -> u64 {
-    let svid = source.current();
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    svid.chain().first().map(|c| c.as_ref()).hash(&mut h);
-    h.finish()
-}
-
 impl LegPool {
     /// A pool presenting `source`'s SVID (renewals included) and checking
     /// each next hop's exact identity after the handshake.
@@ -154,24 +147,13 @@ impl LegPool {
         // A connection that died before its task noticed fails the first
         // try; it leaves the pool and the second try dials a fresh one.
         let mut tries = 0;
-        let (resp, stream, slot) = loop {
+        let (io, slot) = loop {
             tries += 1;
             let (leg, slot) = self.leg(addr, identity).await?;
-            let req = http::Request::builder()
-                .method(http::Method::CONNECT)
-                .uri("fedmesh.invalid:443")
-                .body(())
-                .map_err(|e| refuse(StatusCode::UpstreamRefused, e.to_string()))?;
-            let opened = async {
-                let mut send = leg.send.clone().ready().await?;
-                let (resp, stream) = send.send_request(req, false)?;
-                let resp = resp.await?;
-                Ok::<_, h2::Error>((resp, stream))
-            };
-            match tokio::time::timeout(limit, opened).await {
-                Ok(Ok((resp, stream))) => break (resp, stream, slot),
-                Ok(Err(e)) => {
-                    leg.closed.send_replace(true);
+            match tokio::time::timeout(limit, crate::h2_open(&leg.send)).await {
+                Ok(Ok(io)) => break (io, slot),
+                Ok(Err(crate::ConnectError::H2(e))) => {
+                    leg.closed.store(true, Ordering::Release);
                     if tries >= 2 {
                         return Err(refuse(
                             StatusCode::UpstreamRefused,
@@ -179,6 +161,7 @@ impl LegPool {
                         ));
                     }
                 }
+                Ok(Err(e)) => return Err(refuse(StatusCode::UpstreamRefused, e.to_string())),
                 Err(_) => {
                     return Err(refuse(
                         StatusCode::Timeout,
@@ -187,14 +170,8 @@ impl LegPool {
                 }
             }
         };
-        if resp.status() != http::StatusCode::OK {
-            return Err(refuse(
-                StatusCode::UpstreamRefused,
-                format!("pooled stream answered {}", resp.status()),
-            ));
-        }
         self.counts.streams.inc();
-        let mut io = H2Stream::new(stream, resp.into_body()).holding(slot);
+        let mut io = io.holding(slot);
         match open(&mut io, header, &self.limits).await {
             Ok(()) => Ok(io),
             Err(e) => Err(refuse(e.status(), e.to_string())),
@@ -233,7 +210,7 @@ impl LegPool {
         addr: SocketAddr,
         identity: &SpiffeId,
     ) -> Result<(Arc<Leg>, OwnedSemaphorePermit), Refusal> {
-        let generation = generation(&self.source);
+        let generation = self.source.generation();
         let key = (addr, identity.clone());
         let wait_on = {
             let mut slots = self.lock();
@@ -313,10 +290,10 @@ impl LegPool {
         .map_err(|e| refuse(format!("HTTP/2 handshake: {e}")))?;
         let streams = self.limits.pool_streams_per_connection as usize;
         let slots = Arc::new(Semaphore::new(streams));
-        let closed = Arc::new(watch::channel(false).0);
+        let closed = Arc::new(AtomicBool::new(false));
         let tx = closed.clone();
         let pings = conn.ping_pong();
-        let (interval, dead) = (self.limits.keep_alive, self.limits.peer_dead_after() * 3);
+        let (interval, dead) = (self.limits.keep_alive, self.limits.h2_dead_after());
         let idle = self.limits.pool_idle_timeout;
         let watch_slots = slots.clone();
         tokio::spawn(async move {
@@ -332,7 +309,7 @@ impl LegPool {
                 () = idle_out(&watch_slots, streams, idle, &tx) => "idle",
             };
             tracing::debug!(%addr, reason = why, "pooled connection ended");
-            tx.send_replace(true);
+            tx.store(true, Ordering::Release);
         });
         Ok(Leg {
             send,
@@ -345,7 +322,7 @@ impl LegPool {
 
 /// Returns once the connection has had no stream for `idle`; it is marked
 /// closed first, so the pool hands out none of its slots meanwhile.
-async fn idle_out(slots: &Semaphore, all: usize, idle: Duration, closed: &watch::Sender<bool>) {
+async fn idle_out(slots: &Semaphore, all: usize, idle: Duration, closed: &AtomicBool) {
     let tick = (idle / 4).max(Duration::from_millis(10));
     let mut idle_since: Option<Instant> = None;
     loop {
@@ -356,7 +333,7 @@ async fn idle_out(slots: &Semaphore, all: usize, idle: Duration, closed: &watch:
         }
         let since = *idle_since.get_or_insert_with(Instant::now);
         if since.elapsed() >= idle {
-            closed.send_replace(true);
+            closed.store(true, Ordering::Release);
             // A stream that took a slot just before the mark keeps the
             // connection until it ends.
             let _ = slots.acquire_many(all as u32).await;
