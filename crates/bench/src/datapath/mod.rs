@@ -118,7 +118,7 @@ struct PathReport {
 struct Perf(Vec<std::process::Child>);
 
 impl Perf {
-    fn start(dir: &std::path::Path, path: &str, procs: &[Proc]) -> anyhow::Result<Perf> {
+    async fn start(dir: &std::path::Path, path: &str, procs: &[Proc]) -> anyhow::Result<Perf> {
         std::fs::create_dir_all(dir)?;
         let mut v = Vec::new();
         for p in procs {
@@ -135,7 +135,7 @@ impl Perf {
             );
         }
         // perf needs a moment to attach before the load starts.
-        std::thread::sleep(Duration::from_millis(300));
+        tokio::time::sleep(Duration::from_millis(300)).await;
         Ok(Perf(v))
     }
 
@@ -169,7 +169,7 @@ async fn measure(path: &mut paths::RunningPath, p: &Params) -> anyhow::Result<Pa
         .map(Proc::cpu_seconds)
         .collect::<anyhow::Result<_>>()?;
     let perf = match &p.perf {
-        Some(dir) if !path.procs.is_empty() => Some(Perf::start(dir, path.id, &path.procs)?),
+        Some(dir) if !path.procs.is_empty() => Some(Perf::start(dir, path.id, &path.procs).await?),
         _ => None,
     };
     let (mut best1, mut best8, mut moved) = (0f64, 0f64, 0u64);
