@@ -9,6 +9,7 @@
 //! sends `CANCEL`. A reader sees any reset but `NO_ERROR` as a connection
 //! reset, so the cut passes on.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -39,20 +40,20 @@ pub enum ConnectError {
     Refused(http::StatusCode),
 }
 
-/// Opens one tunnel stream on `send`'s connection: a `CONNECT` the peer
-/// answers with 200, then bytes both ways. Waits while the peer's stream
-/// cap is reached; the caller bounds the wait.
+/// Opens one tunnel stream on `send`'s connection: a `CONNECT`, then
+/// bytes both ways. Waits while the peer's stream cap is reached (the
+/// caller bounds the wait), not for the answer: the tunnel header goes out
+/// with the `CONNECT`, and the peer's 200 arrives with its status frame,
+/// so opening a stream costs one round trip, not two. A refused `CONNECT`
+/// is the first read's error (a [`ConnectError`] inside a
+/// `ConnectionRefused` I/O error).
 pub async fn open_connect(send: &h2::client::SendRequest<Bytes>) -> Result<H2Stream, ConnectError> {
     let mut req = http::Request::new(());
     *req.method_mut() = http::Method::CONNECT;
     *req.uri_mut() = http::Uri::from_static(AUTHORITY);
     let mut send = send.clone().ready().await?;
     let (resp, stream) = send.send_request(req, false)?;
-    let resp = resp.await?;
-    if resp.status() != http::StatusCode::OK {
-        return Err(ConnectError::Refused(resp.status()));
-    }
-    Ok(H2Stream::new(stream, resp.into_body()))
+    Ok(H2Stream::with(stream, Recv::Answer(resp)))
 }
 
 /// A pooled leg's per-stream window: inside a cluster a round trip takes
@@ -144,25 +145,53 @@ pub async fn keep_alive(
     }
 }
 
+/// The receiving half: a client's `CONNECT` may still await its answer.
+enum Recv {
+    Answer(h2::client::ResponseFuture),
+    Body(RecvStream),
+}
+
 pub struct H2Stream {
     send: SendStream<Bytes>,
-    recv: RecvStream,
+    recv: Recv,
     /// Received and not yet read.
     pending: Bytes,
     cut: bool,
+    /// The connection under the stream failed (not just this stream).
+    lost: bool,
     /// Released with the stream (a pooled connection's stream slot).
     _hold: Option<Box<dyn Send + Sync>>,
 }
 
 impl H2Stream {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+        Self::with(send, Recv::Body(recv))
+    }
+
+    fn with(send: SendStream<Bytes>, recv: Recv) -> Self {
         Self {
             send,
             recv,
             pending: Bytes::new(),
             cut: false,
+            lost: false,
             _hold: None,
         }
+    }
+
+    /// Whether a read or write failed because the whole connection did
+    /// (its TLS or TCP failed, or the peer sent `GOAWAY`), not this stream
+    /// alone: a pool retires such a connection.
+    pub fn connection_lost(&self) -> bool {
+        self.lost
+    }
+
+    /// [`reset_error`], noting a lost connection.
+    fn failed(&mut self, e: h2::Error) -> Option<io::Error> {
+        if e.is_io() || e.is_go_away() {
+            self.lost = true;
+        }
+        reset_error(e)
     }
 
     /// Keeps `hold` until the stream is dropped.
@@ -191,11 +220,33 @@ impl AsyncRead for H2Stream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         while this.pending.is_empty() {
-            match ready!(this.recv.poll_data(cx)) {
+            let body = match &mut this.recv {
+                Recv::Body(body) => body,
+                Recv::Answer(answer) => {
+                    let resp = match ready!(Pin::new(answer).poll(cx)) {
+                        Ok(resp) => resp,
+                        // No answer at all, even an orderly one: reset.
+                        Err(e) => {
+                            return Poll::Ready(Err(this
+                                .failed(e)
+                                .unwrap_or_else(|| io::ErrorKind::ConnectionReset.into())))
+                        }
+                    };
+                    if resp.status() != http::StatusCode::OK {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::ConnectionRefused,
+                            ConnectError::Refused(resp.status()),
+                        )));
+                    }
+                    this.recv = Recv::Body(resp.into_body());
+                    continue;
+                }
+            };
+            match ready!(body.poll_data(cx)) {
                 Some(Ok(data)) => this.pending = data,
                 None => return Poll::Ready(Ok(())),
                 Some(Err(e)) => {
-                    return Poll::Ready(match reset_error(e) {
+                    return Poll::Ready(match this.failed(e) {
                         Some(e) => Err(e),
                         None => Ok(()),
                     })
@@ -206,7 +257,9 @@ impl AsyncRead for H2Stream {
         buf.put_slice(&this.pending[..n]);
         this.pending.advance(n);
         // Read by the application: the peer may send that much more.
-        let _ = this.recv.flow_control().release_capacity(n);
+        if let Recv::Body(body) = &mut this.recv {
+            let _ = body.flow_control().release_capacity(n);
+        }
         Poll::Ready(Ok(()))
     }
 }
@@ -217,7 +270,9 @@ impl H2Stream {
         Poll::Ready(match ready!(self.send.poll_reset(cx)) {
             Ok(Reason::NO_ERROR) => io::ErrorKind::BrokenPipe.into(),
             Ok(reason) => io::Error::new(io::ErrorKind::ConnectionReset, h2::Error::from(reason)),
-            Err(e) => reset_error(e).unwrap_or_else(|| io::ErrorKind::BrokenPipe.into()),
+            Err(e) => self
+                .failed(e)
+                .unwrap_or_else(|| io::ErrorKind::BrokenPipe.into()),
         })
     }
 }

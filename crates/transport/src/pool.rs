@@ -145,13 +145,14 @@ impl LegPool {
         let refuse = |code, why: String| Refusal::new(code, format!("{addr}: {why}"));
         let limit = self.limits.status_timeout;
         // A connection that died before its task noticed fails the first
-        // try; it leaves the pool and the second try dials a fresh one.
+        // try (opening the stream, or the header and status on it); it
+        // leaves the pool and the second try dials a fresh one.
         let mut tries = 0;
-        let (io, slot) = loop {
+        loop {
             tries += 1;
             let (leg, slot) = self.leg(addr, identity).await?;
-            match tokio::time::timeout(limit, crate::h2_open(&leg.send)).await {
-                Ok(Ok(io)) => break (io, slot),
+            let mut io = match tokio::time::timeout(limit, crate::h2_open(&leg.send)).await {
+                Ok(Ok(io)) => io.holding(slot),
                 Ok(Err(crate::ConnectError::H2(e))) => {
                     leg.closed.store(true, Ordering::Release);
                     if tries >= 2 {
@@ -160,21 +161,32 @@ impl LegPool {
                             format!("pooled connection: {e}"),
                         ));
                     }
+                    continue;
                 }
                 Ok(Err(e)) => return Err(refuse(StatusCode::UpstreamRefused, e.to_string())),
                 Err(_) => {
                     return Err(refuse(
                         StatusCode::Timeout,
-                        "pooled stream not answered in time".into(),
+                        "no pooled stream slot freed in time".into(),
                     ))
                 }
+            };
+            self.counts.streams.inc();
+            match open(&mut io, header, &self.limits).await {
+                Ok(()) => return Ok(io),
+                Err(e) => {
+                    if !io.connection_lost() {
+                        return Err(refuse(e.status(), e.to_string()));
+                    }
+                    leg.closed.store(true, Ordering::Release);
+                    if tries >= 2 {
+                        return Err(refuse(
+                            StatusCode::UpstreamRefused,
+                            format!("pooled connection: {e}"),
+                        ));
+                    }
+                }
             }
-        };
-        self.counts.streams.inc();
-        let mut io = io.holding(slot);
-        match open(&mut io, header, &self.limits).await {
-            Ok(()) => Ok(io),
-            Err(e) => Err(refuse(e.status(), e.to_string())),
         }
     }
 

@@ -23,6 +23,9 @@ struct Server {
     identity: SpiffeId,
     /// Every accepted connection's task: aborting one kills it.
     conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    /// While set, the next stream to arrive kills its whole connection
+    /// before reading the header (and clears it).
+    kill_next: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// An h2 tunnel server that answers `ok` and echoes every stream.
@@ -41,11 +44,14 @@ async fn server(ca: &CertificateAuthority, bundles: SharedBundles) -> Server {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+    let kill_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let kept = conns.clone();
+    let kill = kill_next.clone();
     tokio::spawn(async move {
         loop {
             let (tcp, _) = l.accept().await.unwrap();
             let acceptor = acceptor.clone();
+            let (kill, all) = (kill.clone(), kept.clone());
             let task = tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
                     return;
@@ -55,19 +61,28 @@ async fn server(ca: &CertificateAuthority, bundles: SharedBundles) -> Server {
                     tls,
                     &limits,
                     fedmesh_transport::H2Windows::pooled(&limits),
-                    |mut io| async move {
-                        let limits = Limits::default();
-                        if read_request(&mut io, &limits).await.is_err() {
-                            return;
-                        }
-                        answer(&mut io, &Status::ok()).await;
-                        let mut buf = [0u8; 1024];
-                        while let Ok(n) = io.read(&mut buf).await {
-                            if n == 0 || io.write_all(&buf[..n]).await.is_err() {
-                                break;
+                    move |mut io| {
+                        let (kill, all) = (kill.clone(), all.clone());
+                        async move {
+                            if kill.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                                for c in all.lock().unwrap().iter() {
+                                    c.abort();
+                                }
+                                return;
                             }
+                            let limits = Limits::default();
+                            if read_request(&mut io, &limits).await.is_err() {
+                                return;
+                            }
+                            answer(&mut io, &Status::ok()).await;
+                            let mut buf = [0u8; 1024];
+                            while let Ok(n) = io.read(&mut buf).await {
+                                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                            let _ = io.shutdown().await;
                         }
-                        let _ = io.shutdown().await;
                     },
                 )
                 .await;
@@ -79,6 +94,7 @@ async fn server(ca: &CertificateAuthority, bundles: SharedBundles) -> Server {
         addr,
         identity,
         conns,
+        kill_next,
     }
 }
 
@@ -152,4 +168,34 @@ async fn a_next_hop_with_another_identity_is_refused() {
     let r = pool.open(srv.addr, &other, &header()).await;
     let e = r.err().expect("a wrong identity must not get a stream");
     assert!(e.message.contains("presented"), "{e}");
+}
+
+/// A stream opens without waiting for the peer's `CONNECT` answer, so a
+/// connection that died unnoticed fails at the header's status instead:
+/// that too retires the connection and the stream is retried on a fresh
+/// one, invisibly to the caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_under_a_new_streams_header_is_replaced_and_retried() {
+    let (srv, pool, _) = setup().await;
+    let mut a = pool.open(srv.addr, &srv.identity, &header()).await.unwrap();
+    echo(&mut a, b"one").await;
+    drop(a);
+
+    srv.kill_next
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut b = match pool.open(srv.addr, &srv.identity, &header()).await {
+        Ok(b) => b,
+        Err(e) => panic!("{e} after {} dials", pool.counts.dials.get()),
+    };
+    echo(&mut b, b"two").await;
+    assert!(
+        !srv.kill_next.load(std::sync::atomic::Ordering::SeqCst),
+        "the first try never reached the server"
+    );
+    assert_eq!(pool.counts.dials.get(), 2);
+    assert_eq!(
+        pool.counts.streams.get(),
+        3,
+        "two tries and the first stream"
+    );
 }
