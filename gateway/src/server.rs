@@ -172,7 +172,7 @@ impl Gateway {
             &identity,
             s.bundles.clone(),
             own,
-            &[fedmesh_wire::ALPN, fedmesh_wire::ALPN_H2],
+            &[fedmesh_wire::ALPN_H2, fedmesh_wire::ALPN],
             ClientAuth::Required,
         )?;
         let client_tls = fedmesh_trust::client_config_from(
@@ -758,7 +758,7 @@ async fn peer_stream(shared: &Shared, peer: &Peer, down: &mut PeerStream) {
                     .sidecar_legs
                     .open_first(targets, &next)
                     .await
-                    .map(|(s, _)| Box::new(s) as Box<dyn TunnelIo>)
+                    .map(|(s, _)| s)
             } else {
                 connect_first(targets, &shared.connector, &next, &shared.limits)
                     .await

@@ -300,7 +300,7 @@ impl Sidecar {
                 own,
                 // One stream per connection, or many over HTTP/2 (the
                 // gateway's pooled connections).
-                &[fedmesh_wire::ALPN, fedmesh_wire::ALPN_H2],
+                &[fedmesh_wire::ALPN_H2, fedmesh_wire::ALPN],
                 ClientAuth::Required,
             )?;
             let (l, local) = bind("inbound", inbound.listen).await?;
@@ -695,11 +695,9 @@ async fn opaque_conn(
         // To the gateway, over a pooled connection when pooling is on;
         // to a sidecar of this cluster, over a connection of its own.
         let opened: Result<Box<dyn TunnelIo>, Refusal> = match &a.hop {
-            Hop::Gateway { .. } if shared.gateway_legs.enabled() => shared
-                .gateway_legs
-                .open(*address, identity, &header)
-                .await
-                .map(|s| Box::new(s) as Box<dyn TunnelIo>),
+            Hop::Gateway { .. } if shared.gateway_legs.enabled() => {
+                shared.gateway_legs.open(*address, identity, &header).await
+            }
             _ => connect_one(*address, identity, &shared.connector, &header, &limits)
                 .await
                 .map(|s| Box::new(s) as Box<dyn TunnelIo>),

@@ -15,6 +15,12 @@
 //! streams go to new connections (the new certificate is presented at
 //! the next handshake) and the old connections drain: they close once
 //! their last stream ends.
+//!
+//! A next hop of an older version that speaks only `fedmesh/1` (ALPN
+//! tells, at the handshake) gets what it got before pooling: the dialed
+//! connection carries the one stream, and until that hop answers
+//! `fedmesh-h2/1` every stream to it dials a connection of its own,
+//! outside the pool's bounds. So a mesh upgrades one proxy at a time.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,10 +33,10 @@ use fedmesh_wire::{Header, StatusCode};
 use prometheus_client::metrics::counter::Counter;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::TlsConnector;
 
-use crate::{dial_tls, open, H2Stream, Limits, Refusal};
+use crate::{dial_tls, open, Limits, Refusal, TlsClient, TunnelIo};
 
 /// One pooled connection.
 struct Leg {
@@ -49,11 +55,45 @@ impl Leg {
     }
 }
 
-#[derive(Default)]
 struct Slot {
     legs: Vec<Arc<Leg>>,
     /// Dials in progress: counted against the bound.
     dialing: usize,
+    /// Told whenever a dial ends: streams that found every connection the
+    /// bound allows still being dialed wait for it.
+    dialed: watch::Sender<()>,
+    /// The last dial found a next hop that speaks only `fedmesh/1`.
+    single: bool,
+}
+
+impl Default for Slot {
+    fn default() -> Self {
+        Self {
+            legs: Vec::new(),
+            dialing: 0,
+            dialed: watch::channel(()).0,
+            single: false,
+        }
+    }
+}
+
+/// What a stream does next to get a connection.
+enum Next {
+    Dial { counted: bool },
+    Slot(Arc<Leg>),
+    Dialed(watch::Receiver<()>),
+}
+
+/// A dialed connection: pooled, or one stream's own (`fedmesh/1`).
+enum Dialed {
+    Leg(Leg),
+    Single(Box<TlsClient>),
+}
+
+/// Where the next stream goes.
+enum Got {
+    Leg(Arc<Leg>, OwnedSemaphorePermit),
+    Single(Box<TlsClient>),
 }
 
 /// What the pool has done (Prometheus counters the owner registers).
@@ -65,6 +105,9 @@ pub struct PoolCounts {
     pub streams: Counter,
     /// Streams refused because every slot stayed taken.
     pub overloaded: Counter,
+    /// Streams on a connection of their own: the next hop speaks only
+    /// `fedmesh/1` (an older version).
+    pub unpooled: Counter,
 }
 
 impl PoolCounts {
@@ -90,6 +133,11 @@ impl PoolCounts {
             format!("Streams to {what} refused because every pooled stream slot stayed taken for the status timeout"),
             self.overloaded.clone(),
         );
+        reg.register(
+            format!("{prefix}_unpooled"),
+            format!("Streams to {what} carried on a connection of their own because the next hop speaks only fedmesh/1 (an older version)"),
+            self.unpooled.clone(),
+        );
     }
 }
 
@@ -113,7 +161,9 @@ impl LegPool {
             source,
             bundles,
             PeerPolicy::AnyTrusted,
-            &[fedmesh_wire::ALPN_H2],
+            // Servers choose by their own preference: a current one
+            // `fedmesh-h2/1`, an older one the only one it knows.
+            &[fedmesh_wire::ALPN_H2, fedmesh_wire::ALPN],
         )?;
         Ok(Self {
             connector: TlsConnector::from(Arc::new(tls)),
@@ -141,7 +191,7 @@ impl LegPool {
         addr: SocketAddr,
         identity: &SpiffeId,
         header: &Header,
-    ) -> Result<H2Stream, Refusal> {
+    ) -> Result<Box<dyn TunnelIo>, Refusal> {
         let refuse = |code, why: String| Refusal::new(code, format!("{addr}: {why}"));
         let limit = self.limits.status_timeout;
         // A connection that died before its task noticed fails the first
@@ -150,7 +200,16 @@ impl LegPool {
         let mut tries = 0;
         loop {
             tries += 1;
-            let (leg, slot) = self.leg(addr, identity).await?;
+            let (leg, slot) = match self.leg(addr, identity).await? {
+                Got::Leg(leg, slot) => (leg, slot),
+                Got::Single(mut tls) => {
+                    self.counts.unpooled.inc();
+                    return match open(&mut *tls, header, &self.limits).await {
+                        Ok(()) => Ok(tls),
+                        Err(e) => Err(refuse(e.status(), e.to_string())),
+                    };
+                }
+            };
             let mut io = match tokio::time::timeout(limit, crate::h2_open(&leg.send)).await {
                 Ok(Ok(io)) => io.holding(slot),
                 Ok(Err(crate::ConnectError::H2(e))) => {
@@ -173,7 +232,7 @@ impl LegPool {
             };
             self.counts.streams.inc();
             match open(&mut io, header, &self.limits).await {
-                Ok(()) => return Ok(io),
+                Ok(()) => return Ok(Box::new(io)),
                 Err(e) => {
                     if !io.connection_lost() {
                         return Err(refuse(e.status(), e.to_string()));
@@ -197,7 +256,7 @@ impl LegPool {
         &self,
         targets: I,
         header: &Header,
-    ) -> Result<(H2Stream, SocketAddr), Refusal>
+    ) -> Result<(Box<dyn TunnelIo>, SocketAddr), Refusal>
     where
         I: IntoIterator<Item = (SocketAddr, SpiffeId)>,
     {
@@ -216,63 +275,92 @@ impl LegPool {
     }
 
     /// A pooled connection with a free stream slot: an open one, else a
-    /// new one while the bound allows, else the first slot freed.
-    async fn leg(
-        &self,
-        addr: SocketAddr,
-        identity: &SpiffeId,
-    ) -> Result<(Arc<Leg>, OwnedSemaphorePermit), Refusal> {
+    /// new one while the bound allows, else the first slot freed; or a
+    /// connection of the stream's own to a next hop that does not pool.
+    async fn leg(&self, addr: SocketAddr, identity: &SpiffeId) -> Result<Got, Refusal> {
         let generation = self.source.generation();
         let key = (addr, identity.clone());
-        let wait_on = {
-            let mut slots = self.lock();
-            let slot = slots.entry(key.clone()).or_default();
-            // Closed and pre-renewal connections leave the pool; a
-            // pre-renewal one drains as its streams end.
-            slot.legs.retain(|l| l.usable(generation));
-            for l in &slot.legs {
-                if let Ok(p) = l.slots.clone().try_acquire_owned() {
-                    return Ok((l.clone(), p));
-                }
-            }
-            if slot.legs.len() + slot.dialing < self.limits.pool_connections {
-                slot.dialing += 1;
-                None
-            } else {
-                slot.legs
-                    .iter()
-                    .max_by_key(|l| l.slots.available_permits())
-                    .cloned()
-            }
-        };
-        if let Some(l) = wait_on {
-            return match tokio::time::timeout(
-                self.limits.status_timeout,
-                l.slots.clone().acquire_owned(),
+        let deadline = tokio::time::Instant::now() + self.limits.status_timeout;
+        let overloaded = || {
+            self.counts.overloaded.inc();
+            Refusal::new(
+                StatusCode::Overloaded,
+                format!("{addr}: every pooled stream slot stayed taken"),
             )
-            .await
-            {
-                Ok(Ok(p)) if l.usable(generation) => Ok((l, p)),
-                _ => {
-                    self.counts.overloaded.inc();
-                    Err(Refusal::new(
-                        StatusCode::Overloaded,
-                        format!("{addr}: every pooled stream slot stayed taken"),
-                    ))
+        };
+        let counted = loop {
+            let next = {
+                let mut slots = self.lock();
+                let slot = slots.entry(key.clone()).or_default();
+                // Closed and pre-renewal connections leave the pool; a
+                // pre-renewal one drains as its streams end.
+                slot.legs.retain(|l| l.usable(generation));
+                for l in &slot.legs {
+                    if let Ok(p) = l.slots.clone().try_acquire_owned() {
+                        return Ok(Got::Leg(l.clone(), p));
+                    }
+                }
+                if slot.single && slot.legs.is_empty() {
+                    // A connection per stream, as before pooling.
+                    Next::Dial { counted: false }
+                } else if slot.legs.len() + slot.dialing < self.limits.pool_connections {
+                    slot.dialing += 1;
+                    Next::Dial { counted: true }
+                } else if let Some(l) = slot.legs.iter().max_by_key(|l| l.slots.available_permits())
+                {
+                    Next::Slot(l.clone())
+                } else {
+                    // Every connection the bound allows is being dialed.
+                    Next::Dialed(slot.dialed.subscribe())
                 }
             };
-        }
+            match next {
+                Next::Dial { counted } => break counted,
+                Next::Slot(l) => {
+                    return match tokio::time::timeout_at(deadline, l.slots.clone().acquire_owned())
+                        .await
+                    {
+                        Ok(Ok(p)) if l.usable(generation) => Ok(Got::Leg(l, p)),
+                        _ => Err(overloaded()),
+                    }
+                }
+                Next::Dialed(mut done) => {
+                    if tokio::time::timeout_at(deadline, done.changed())
+                        .await
+                        .is_err()
+                    {
+                        return Err(overloaded());
+                    }
+                }
+            }
+        };
         let dialed = self.dial(addr, identity, generation).await;
         let mut slots = self.lock();
         let slot = slots.entry(key).or_default();
-        slot.dialing = slot.dialing.saturating_sub(1);
-        let leg = Arc::new(dialed?);
+        if counted {
+            slot.dialing = slot.dialing.saturating_sub(1);
+        }
+        slot.dialed.send_replace(());
+        let leg = match dialed? {
+            Dialed::Single(tls) => {
+                if !slot.single {
+                    tracing::info!(%addr, "next hop speaks only fedmesh/1 (an older version): one connection per stream to it until it pools");
+                    slot.single = true;
+                }
+                return Ok(Got::Single(tls));
+            }
+            Dialed::Leg(leg) => Arc::new(leg),
+        };
+        if slot.single {
+            tracing::info!(%addr, "next hop now pools streams (fedmesh-h2/1)");
+            slot.single = false;
+        }
         slot.legs.push(leg.clone());
         let permit =
             leg.slots.clone().try_acquire_owned().map_err(|_| {
                 Refusal::new(StatusCode::Overloaded, format!("{addr}: no stream slot"))
             })?;
-        Ok((leg, permit))
+        Ok(Got::Leg(leg, permit))
     }
 
     async fn dial(
@@ -280,17 +368,18 @@ impl LegPool {
         addr: SocketAddr,
         identity: &SpiffeId,
         generation: u64,
-    ) -> Result<Leg, Refusal> {
+    ) -> Result<Dialed, Refusal> {
         let refuse =
             |why: String| Refusal::new(StatusCode::UpstreamRefused, format!("{addr}: {why}"));
-        self.counts.dials.inc();
         let tls = dial_tls(addr, &self.connector, identity, self.limits.connect_timeout)
             .await
             .map_err(|e| refuse(e.to_string()))?;
-        if tls.get_ref().1.alpn_protocol() != Some(fedmesh_wire::ALPN_H2) {
-            return Err(refuse(
-                "does not speak pooled streams (fedmesh-h2/1)".into(),
-            ));
+        match tls.get_ref().1.alpn_protocol() {
+            Some(p) if p == fedmesh_wire::ALPN_H2 => {
+                self.counts.dials.inc();
+            }
+            Some(p) if p == fedmesh_wire::ALPN => return Ok(Dialed::Single(Box::new(tls))),
+            _ => return Err(refuse("agreed on no tunnel protocol (ALPN)".into())),
         }
         let (send, mut conn) = tokio::time::timeout(
             self.limits.connect_timeout,
@@ -323,12 +412,12 @@ impl LegPool {
             tracing::debug!(%addr, reason = why, "pooled connection ended");
             tx.store(true, Ordering::Release);
         });
-        Ok(Leg {
+        Ok(Dialed::Leg(Leg {
             send,
             slots,
             generation,
             closed,
-        })
+        }))
     }
 }
 

@@ -7,13 +7,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedmesh_transport::{answer, read_request, LegPool, Limits};
+use fedmesh_transport::{answer, read_request, LegPool, Limits, TunnelIo};
 use fedmesh_trust::{
     CertificateAuthority, ClientAuth, PeerPolicy, SharedBundles, SpiffeId, SvidSource,
     TrustBundles, TrustDomain,
 };
 use fedmesh_wire::{Header, Status, Target};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 const DAY: Duration = Duration::from_secs(86_400);
@@ -26,21 +26,49 @@ struct Server {
     /// While set, the next stream to arrive kills its whole connection
     /// before reading the header (and clears it).
     kill_next: Arc<std::sync::atomic::AtomicBool>,
+    /// While set, the server is of the version before pooling: ALPN
+    /// `fedmesh/1` only, one stream per connection.
+    old: Arc<std::sync::atomic::AtomicBool>,
+    /// Connections accepted.
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+/// Answers `ok` to a tunnel stream's header, then echoes it.
+async fn echo_stream<S: AsyncRead + AsyncWrite + Unpin>(mut io: S) {
+    let limits = Limits::default();
+    if read_request(&mut io, &limits).await.is_err() {
+        return;
+    }
+    answer(&mut io, &Status::ok()).await;
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = io.read(&mut buf).await {
+        if n == 0 || io.write_all(&buf[..n]).await.is_err() {
+            break;
+        }
+    }
+    let _ = io.shutdown().await;
 }
 
 /// An h2 tunnel server that answers `ok` and echoes every stream.
 async fn server(ca: &CertificateAuthority, bundles: SharedBundles) -> Server {
     let identity = ca.trust_domain().workload("demo", "app").unwrap();
     let source = SvidSource::new(ca.issue(&identity, DAY).unwrap()).unwrap();
-    let tls = fedmesh_trust::server_config_from(
-        &source,
-        bundles,
-        PeerPolicy::AnyTrusted,
-        &[fedmesh_wire::ALPN_H2],
-        ClientAuth::Required,
-    )
-    .unwrap();
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let acceptor = |alpn: &[&[u8]]| {
+        let tls = fedmesh_trust::server_config_from(
+            &source,
+            bundles.clone(),
+            PeerPolicy::AnyTrusted,
+            alpn,
+            ClientAuth::Required,
+        )
+        .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(tls))
+    };
+    let current = acceptor(&[fedmesh_wire::ALPN_H2, fedmesh_wire::ALPN]);
+    let before_pooling = acceptor(&[fedmesh_wire::ALPN]);
+    let old = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (is_old, count) = (old.clone(), accepted.clone());
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
@@ -50,7 +78,18 @@ async fn server(ca: &CertificateAuthority, bundles: SharedBundles) -> Server {
     tokio::spawn(async move {
         loop {
             let (tcp, _) = l.accept().await.unwrap();
-            let acceptor = acceptor.clone();
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if is_old.load(std::sync::atomic::Ordering::SeqCst) {
+                let acceptor = before_pooling.clone();
+                tokio::spawn(async move {
+                    if let Ok(tls) = acceptor.accept(tcp).await {
+                        assert_eq!(tls.get_ref().1.alpn_protocol(), Some(fedmesh_wire::ALPN));
+                        echo_stream(tls).await;
+                    }
+                });
+                continue;
+            }
+            let acceptor = current.clone();
             let (kill, all) = (kill.clone(), kept.clone());
             let task = tokio::spawn(async move {
                 let Ok(tls) = acceptor.accept(tcp).await else {
@@ -61,7 +100,7 @@ async fn server(ca: &CertificateAuthority, bundles: SharedBundles) -> Server {
                     tls,
                     &limits,
                     fedmesh_transport::H2Windows::pooled(&limits),
-                    move |mut io| {
+                    move |io| {
                         let (kill, all) = (kill.clone(), all.clone());
                         async move {
                             if kill.swap(false, std::sync::atomic::Ordering::SeqCst) {
@@ -70,18 +109,7 @@ async fn server(ca: &CertificateAuthority, bundles: SharedBundles) -> Server {
                                 }
                                 return;
                             }
-                            let limits = Limits::default();
-                            if read_request(&mut io, &limits).await.is_err() {
-                                return;
-                            }
-                            answer(&mut io, &Status::ok()).await;
-                            let mut buf = [0u8; 1024];
-                            while let Ok(n) = io.read(&mut buf).await {
-                                if n == 0 || io.write_all(&buf[..n]).await.is_err() {
-                                    break;
-                                }
-                            }
-                            let _ = io.shutdown().await;
+                            echo_stream(io).await;
                         }
                     },
                 )
@@ -95,6 +123,8 @@ async fn server(ca: &CertificateAuthority, bundles: SharedBundles) -> Server {
         identity,
         conns,
         kill_next,
+        old,
+        accepted,
     }
 }
 
@@ -105,7 +135,7 @@ fn header() -> Header {
     })
 }
 
-async fn echo(s: &mut fedmesh_transport::H2Stream, msg: &[u8]) {
+async fn echo(s: &mut Box<dyn TunnelIo>, msg: &[u8]) {
     s.write_all(msg).await.unwrap();
     let mut got = vec![0u8; msg.len()];
     tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut got))
@@ -198,4 +228,73 @@ async fn a_connection_lost_under_a_new_streams_header_is_replaced_and_retried() 
         3,
         "two tries and the first stream"
     );
+}
+
+/// A next hop of the version before pooling speaks only `fedmesh/1`: each
+/// stream gets a connection of its own, as before, and once the hop is
+/// upgraded the next stream is pooled again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_hop_that_does_not_pool_gets_a_connection_per_stream() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (srv, pool, _) = setup().await;
+    srv.old.store(true, SeqCst);
+    let mut a = pool.open(srv.addr, &srv.identity, &header()).await.unwrap();
+    let mut b = pool.open(srv.addr, &srv.identity, &header()).await.unwrap();
+    echo(&mut a, b"one").await;
+    echo(&mut b, b"two").await;
+    assert_eq!(srv.accepted.load(SeqCst), 2);
+    assert_eq!(pool.counts.unpooled.get(), 2);
+    assert_eq!(pool.counts.dials.get(), 0, "no pooled connection");
+    // More than the pool's bound at once: not held to it (nothing is
+    // pooled), every stream gets through.
+    let mut many = Vec::new();
+    for _ in 0..Limits::default().pool_connections + 2 {
+        many.push(pool.open(srv.addr, &srv.identity, &header()).await.unwrap());
+    }
+    for s in &mut many {
+        echo(s, b"many").await;
+    }
+    drop(many);
+
+    // The hop is upgraded: the next stream dials a pooled connection and
+    // the one after shares it.
+    srv.old.store(false, SeqCst);
+    let before = srv.accepted.load(SeqCst);
+    let mut c = pool.open(srv.addr, &srv.identity, &header()).await.unwrap();
+    let mut d = pool.open(srv.addr, &srv.identity, &header()).await.unwrap();
+    echo(&mut c, b"three").await;
+    echo(&mut d, b"four").await;
+    assert_eq!(srv.accepted.load(SeqCst), before + 1);
+    assert_eq!(pool.counts.dials.get(), 1);
+}
+
+/// A storm of new streams to a hop with no connection yet dials only as
+/// many connections as the bound allows; the rest wait for those dials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_first_streams_dials_no_more_than_the_bound() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (srv, pool, _) = setup().await;
+    let pool = Arc::new(pool);
+    let n = 4 * Limits::default().pool_connections;
+    let mut tasks = Vec::new();
+    for _ in 0..n {
+        let (pool, addr, id) = (pool.clone(), srv.addr, srv.identity.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut s = pool.open(addr, &id, &header()).await.unwrap();
+            echo(&mut s, b"storm").await;
+            s
+        }));
+    }
+    let mut open = Vec::new();
+    for t in tasks {
+        open.push(t.await.unwrap());
+    }
+    assert_eq!(open.len(), n);
+    let dials = pool.counts.dials.get();
+    assert!(
+        (1..=Limits::default().pool_connections as u64).contains(&dials),
+        "{dials} dials for a bound of {}",
+        Limits::default().pool_connections
+    );
+    assert_eq!(srv.accepted.load(SeqCst) as u64, dials);
 }
