@@ -832,9 +832,7 @@ async fn sidecar_conn(
     remote: SocketAddr,
     acceptor: &TlsAcceptor,
 ) {
-    let started = Instant::now();
-    let (mut down, client) = match accept_tls(acceptor, tcp, shared.limits.handshake_timeout).await
-    {
+    let (down, client) = match accept_tls(acceptor, tcp, shared.limits.handshake_timeout).await {
         Ok(x) => x,
         Err(e) => {
             shared.metrics.reject(e.reason());
@@ -843,27 +841,21 @@ async fn sidecar_conn(
         }
     };
     shared.metrics.sidecar_connections.inc();
-    if down.get_ref().1.alpn_protocol() == Some(fedmesh_wire::ALPN_H2) {
-        // A pooled connection: every CONNECT stream is served as one
-        // connection would be, as the identity the handshake verified.
-        let stream = {
+    // One stream, or a pooled connection's many: each is served as the
+    // identity the handshake verified.
+    let stream = {
+        let shared = shared.clone();
+        move |mut io: Box<dyn TunnelIo>| {
             let shared = shared.clone();
-            move |mut io: tcp::TcpStream| {
-                let shared = shared.clone();
-                let client = client.clone();
-                async move {
-                    sidecar_stream(&shared, &mut io, client, Instant::now()).await;
-                    fedmesh_transport::close(&mut io).await;
-                }
+            let client = client.clone();
+            async move {
+                sidecar_stream(&shared, &mut io, client, Instant::now()).await;
+                fedmesh_transport::close(&mut io).await;
             }
-        };
-        let windows = fedmesh_transport::H2Windows::pooled(&shared.limits);
-        if let Err(e) = fedmesh_transport::serve_h2(down, &shared.limits, windows, stream).await {
-            tracing::debug!(%remote, error = %e, "pooled sidecar connection ended");
         }
-    } else {
-        sidecar_stream(shared, &mut down, client, started).await;
-        fedmesh_transport::close(&mut down).await;
+    };
+    if let Err(e) = fedmesh_transport::serve_streams(down, &shared.limits, stream).await {
+        tracing::debug!(%remote, error = %e, "pooled sidecar connection ended");
     }
     shared.metrics.sidecar_connections.dec();
 }

@@ -96,19 +96,22 @@ const CLIENT: &str = "spiffe://west.demo/ns/demo/sa/client";
 async fn headers_are_checked_and_answered() {
     let rig = rig().await;
     let east = rig.cluster("east").unwrap();
-    // Pose as east's gateway towards west, which exports echo.demo.
-    let west_rig = rig.cluster("west").unwrap();
-    let peer = {
-        let id = east.trust_domain.system_id("gateway");
-        east.ca.issue(&id, Duration::from_secs(3600)).unwrap()
-    };
-    let conn = quic_client(&rig, "west", &peer).await.unwrap();
-    let m = west_rig.gateway.metrics();
-    let east_src = "spiffe://east.demo/ns/demo/sa/client";
+    // Pose as west's gateway towards north, which exports echo.demo. Not
+    // the other way round: west adopts the connection north dials, so a
+    // second "north" connection would take the real one's place and be
+    // folded away when the real north dials again.
+    let north = rig.cluster("north").unwrap();
+    let conn = quic_client(&rig, "north", &west_gateway(&rig))
+        .await
+        .unwrap();
+    let m = north.gateway.metrics();
+    let west_src = "spiffe://west.demo/ns/demo/sa/client";
+    // A workload of another cluster: west may not vouch for it.
+    let east_client = "spiffe://east.demo/ns/demo/sa/client";
 
     // A good header first: the real echo answers.
     assert_eq!(
-        send_raw(&conn, &header(echo(7000), Some(east_src), 1)).await,
+        send_raw(&conn, &header(echo(7000), Some(west_src), 1)).await,
         Ok(StatusCode::Ok)
     );
 
@@ -123,7 +126,7 @@ async fn headers_are_checked_and_answered() {
         Ok(StatusCode::BadHeader)
     );
     // Truncated: half a header, then the stream is finished.
-    let good = header(echo(7000), Some(east_src), 1);
+    let good = header(echo(7000), Some(west_src), 1);
     let (mut s, mut r) = conn.open_bi().await.unwrap();
     s.write_all(&good[..good.len() / 2]).await.unwrap();
     s.finish().unwrap();
@@ -139,24 +142,24 @@ async fn headers_are_checked_and_answered() {
         port: 7000,
     };
     assert_eq!(
-        send_raw(&conn, &header(nope, Some(east_src), 1)).await,
+        send_raw(&conn, &header(nope, Some(west_src), 1)).await,
         Ok(StatusCode::UnknownService)
     );
     assert_eq!(
-        send_raw(&conn, &header(echo(1), Some(east_src), 1)).await,
+        send_raw(&conn, &header(echo(1), Some(west_src), 1)).await,
         Ok(StatusCode::UnknownService)
     );
     // An endpoint target that is not an exported endpoint: denied.
     let ep = Target::Endpoint("127.0.0.1:1".parse().unwrap());
     assert_eq!(
-        send_raw(&conn, &header(ep, Some(east_src), 1)).await,
+        send_raw(&conn, &header(ep, Some(west_src), 1)).await,
         Ok(StatusCode::Denied)
     );
 
-    // Source identity outside the peer's trust domain: east may not vouch
-    // for a west (or north) workload.
+    // Source identity outside the peer's trust domain: west may not vouch
+    // for an east (or north's own) workload.
     assert_eq!(
-        send_raw(&conn, &header(echo(7000), Some(CLIENT), 1)).await,
+        send_raw(&conn, &header(echo(7000), Some(east_client), 1)).await,
         Ok(StatusCode::Denied)
     );
     assert_eq!(
@@ -172,7 +175,7 @@ async fn headers_are_checked_and_answered() {
 
     // Hop count at the limit: a loop.
     assert_eq!(
-        send_raw(&conn, &header(echo(7000), Some(east_src), MAX_HOPS)).await,
+        send_raw(&conn, &header(echo(7000), Some(west_src), MAX_HOPS)).await,
         Ok(StatusCode::Loop)
     );
     assert_eq!(m.rejected_count("loop"), 1);
@@ -189,7 +192,7 @@ async fn headers_are_checked_and_answered() {
 
     // The same connection still works after all that.
     assert_eq!(
-        send_raw(&conn, &header(echo(7000), Some(east_src), 1)).await,
+        send_raw(&conn, &header(echo(7000), Some(west_src), 1)).await,
         Ok(StatusCode::Ok)
     );
     neighbours_ok(east).await;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::{close, ends_topology as topology, hold, line, LIMIT};
 use fedmesh_testkit::Rig;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -52,14 +52,15 @@ async fn past_every_stream_slot_a_connection_waits_then_is_refused() {
     let a = hold(addr, "a").await;
     let _b = hold(addr, "b").await;
     // A third waits for a slot rather than dialing past the bound...
+    let pool = east.client.gateway_pool();
     let mut c = BufReader::new(TcpStream::connect(addr).await.unwrap());
     c.get_mut().write_all(b"hold c\nping\n").await.unwrap();
-    let mut l = String::new();
-    let early = tokio::time::timeout(Duration::from_millis(300), c.read_line(&mut l)).await;
-    assert!(
-        early.is_err(),
-        "the third stream opened past the cap: {l:?}"
-    );
+    let t0 = std::time::Instant::now();
+    while pool.waiting.get() != 1 {
+        assert!(t0.elapsed() < LIMIT, "the third stream never waited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(pool.dials.get(), 1, "the third stream dialed past the cap");
     // ...and takes the slot the first frees.
     close(a).await;
     assert_eq!(line(&mut c).await, "ping");
@@ -69,9 +70,9 @@ async fn past_every_stream_slot_a_connection_waits_then_is_refused() {
     let mut buf = [0u8; 16];
     let r = tokio::time::timeout(LIMIT, d.read(&mut buf)).await.unwrap();
     assert!(matches!(r, Ok(0) | Err(_)), "the fourth got {r:?}");
-    let pool = east.client.gateway_pool();
     assert_eq!(pool.dials.get(), 1);
     assert!(pool.overloaded.get() >= 1);
+    assert_eq!(pool.waiting.get(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,21 +128,52 @@ async fn streams_whose_readers_stall_do_not_hold_back_the_others() {
     let rig = Rig::start(&topology(Default::default())).await.unwrap();
     let east = rig.cluster("east").unwrap();
     let addr = east.client_addr("ends.demo").unwrap();
+    const CHUNK: usize = 64 * 1024;
+    const CHUNKS: usize = 768;
     let mut stuck = Vec::new();
+    let mut pushed = Vec::new();
     for i in 0..6 {
         let (r, mut w) = tokio::io::split(hold(addr, &format!("stuck-{i}")).await);
+        let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        pushed.push(n.clone());
         let push = tokio::spawn(async move {
-            let chunk = vec![b'x'; 64 * 1024];
-            for _ in 0..768 {
+            let chunk = vec![b'x'; CHUNK];
+            for _ in 0..CHUNKS {
                 if w.write_all(&chunk).await.is_err() {
                     break;
                 }
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
             w
         });
         stuck.push((r, push));
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Wait until every window along the way is full: no pusher has moved
+    // for a while (200 ms is ages at loopback speed) and none is done.
+    let total = || -> Vec<usize> {
+        pushed
+            .iter()
+            .map(|n| n.load(std::sync::atomic::Ordering::SeqCst))
+            .collect()
+    };
+    let t0 = std::time::Instant::now();
+    let mut last = total();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = total();
+        if now == last && now.iter().all(|&n| n > 0) {
+            break;
+        }
+        assert!(
+            t0.elapsed() < LIMIT * 2,
+            "the pushers never stalled: {now:?}"
+        );
+        last = now;
+    }
+    assert!(
+        last.iter().all(|&n| n < CHUNKS),
+        "a pusher got everything through, so nothing stalled: {last:?}"
+    );
     let mut free = hold(addr, "free").await;
     free.get_mut().write_all(b"again\n").await.unwrap();
     assert_eq!(line(&mut free).await, "again");

@@ -815,7 +815,7 @@ async fn inbound_conn(
     remote: SocketAddr,
     acceptor: &TlsAcceptor,
 ) {
-    let (mut down, peer) = match accept_tls(acceptor, tcp, shared.limits.handshake_timeout).await {
+    let (down, peer) = match accept_tls(acceptor, tcp, shared.limits.handshake_timeout).await {
         Ok(x) => x,
         Err(e) => {
             shared.metrics.reject(e.reason());
@@ -823,28 +823,22 @@ async fn inbound_conn(
             return;
         }
     };
-    if down.get_ref().1.alpn_protocol() == Some(fedmesh_wire::ALPN_H2) {
-        // A pooled connection (from the gateway): each CONNECT stream is
-        // served as a connection would be, as the handshake's identity.
-        let handle = {
+    // One stream, or a pooled connection's many (from the gateway): each
+    // is served as the identity the handshake verified.
+    let handle = {
+        let shared = shared.clone();
+        move |mut io: Box<dyn TunnelIo>| {
             let shared = shared.clone();
-            move |mut io: fedmesh_transport::H2Stream| {
-                let shared = shared.clone();
-                let peer = peer.clone();
-                async move {
-                    inbound_stream(&shared, &mut io, peer, remote).await;
-                    fedmesh_transport::close(&mut io).await;
-                }
+            let peer = peer.clone();
+            async move {
+                inbound_stream(&shared, &mut io, peer, remote).await;
+                fedmesh_transport::close(&mut io).await;
             }
-        };
-        let windows = fedmesh_transport::H2Windows::pooled(&shared.limits);
-        if let Err(e) = fedmesh_transport::serve_h2(down, &shared.limits, windows, handle).await {
-            tracing::debug!(%remote, error = %e, "pooled inbound connection ended");
         }
-        return;
+    };
+    if let Err(e) = fedmesh_transport::serve_streams(down, &shared.limits, handle).await {
+        tracing::debug!(%remote, error = %e, "pooled inbound connection ended");
     }
-    inbound_stream(shared, &mut down, peer, remote).await;
-    fedmesh_transport::close(&mut down).await;
 }
 
 /// One inbound tunnel stream: its own TLS connection, or a stream of a

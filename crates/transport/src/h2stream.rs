@@ -422,3 +422,26 @@ where
         }
     }
 }
+
+/// Serves one accepted tunnel connection (the caller has checked the
+/// peer's identity) by the protocol its handshake agreed on: with
+/// `fedmesh-h2/1` every `CONNECT` stream goes to `handle` (see [`serve`]);
+/// with `fedmesh/1` the connection is the one stream. `handle` ends each
+/// stream it is given ([`crate::close`]).
+pub async fn serve_streams<F, Fut>(
+    tls: crate::TlsServer,
+    limits: &Limits,
+    handle: F,
+) -> Result<(), h2::Error>
+where
+    F: Fn(Box<dyn crate::TunnelIo>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    if tls.get_ref().1.alpn_protocol() == Some(fedmesh_wire::ALPN_H2) {
+        let windows = H2Windows::pooled(limits);
+        serve(tls, limits, windows, move |io| handle(Box::new(io))).await
+    } else {
+        handle(Box::new(tls)).await;
+        Ok(())
+    }
+}

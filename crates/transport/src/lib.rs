@@ -17,7 +17,8 @@ pub use announced::Announced;
 pub use cut::{close, Cut, TunnelIo};
 pub use h2stream::{
     client_builder as h2_client, keep_alive as h2_keep_alive, open_connect as h2_open,
-    serve as serve_h2, server_builder as h2_server, ConnectError, H2Stream, H2Windows,
+    serve as serve_h2, serve_streams, server_builder as h2_server, ConnectError, H2Stream,
+    H2Windows,
 };
 pub use identity::{load_trust, read_yaml, BundleFile, IdentityFiles};
 pub use limits::Limits;

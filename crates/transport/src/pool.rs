@@ -31,6 +31,7 @@ use bytes::Bytes;
 use fedmesh_trust::{PeerPolicy, SharedBundles, SpiffeId, SvidSource, TlsError};
 use fedmesh_wire::{Header, StatusCode};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
@@ -108,6 +109,24 @@ pub struct PoolCounts {
     /// Streams on a connection of their own: the next hop speaks only
     /// `fedmesh/1` (an older version).
     pub unpooled: Counter,
+    /// Streams waiting now for a stream slot (or for a dial under way).
+    pub waiting: Gauge,
+}
+
+/// Counts a stream as waiting while it lives.
+struct Waiting<'a>(&'a Gauge);
+
+impl<'a> Waiting<'a> {
+    fn new(g: &'a Gauge) -> Self {
+        g.inc();
+        Self(g)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl PoolCounts {
@@ -137,6 +156,11 @@ impl PoolCounts {
             format!("{prefix}_unpooled"),
             format!("Streams to {what} carried on a connection of their own because the next hop speaks only fedmesh/1 (an older version)"),
             self.unpooled.clone(),
+        );
+        reg.register(
+            format!("{prefix}_waiting"),
+            format!("Streams to {what} waiting now for a pooled stream slot (bounded by the status timeout)"),
+            self.waiting.clone(),
         );
     }
 }
@@ -317,14 +341,16 @@ impl LegPool {
             match next {
                 Next::Dial { counted } => break counted,
                 Next::Slot(l) => {
+                    let _waiting = Waiting::new(&self.counts.waiting);
                     return match tokio::time::timeout_at(deadline, l.slots.clone().acquire_owned())
                         .await
                     {
                         Ok(Ok(p)) if l.usable(generation) => Ok(Got::Leg(l, p)),
                         _ => Err(overloaded()),
-                    }
+                    };
                 }
                 Next::Dialed(mut done) => {
+                    let _waiting = Waiting::new(&self.counts.waiting);
                     if tokio::time::timeout_at(deadline, done.changed())
                         .await
                         .is_err()
