@@ -601,7 +601,7 @@ async fn fallback_conn(
     remote: SocketAddr,
     acceptor: &TlsAcceptor,
 ) {
-    let (tls, id) = match accept_tls(acceptor, tcp, shared.limits.handshake_timeout).await {
+    let (mut tls, id) = match accept_tls(acceptor, tcp, shared.limits.handshake_timeout).await {
         Ok(x) => x,
         Err(e) => {
             shared.metrics.reject(e.reason());
@@ -609,6 +609,9 @@ async fn fallback_conn(
             return;
         }
     };
+    tls.get_mut()
+        .1
+        .set_buffer_limit(Some(fedmesh_transport::H2_TLS_BUFFER));
     let Some(peer) = shared.peer_for(&id).await else {
         shared.metrics.reject("unknown_peer");
         tracing::warn!(%remote, %id, "TCP fallback connection from an identity that is no peer gateway; closing");

@@ -116,10 +116,14 @@ pub async fn connect(
         let _ = tcp.set_nodelay(true);
         let name = rustls::pki_types::ServerName::try_from("fedmesh.invalid")
             .map_err(|e| io_err(std::io::Error::other(e)))?;
-        let stream = tls
+        let mut stream = tls
             .connect(name, tcp)
             .await
             .map_err(|source| TcpError::Tls { addr, source })?;
+        stream
+            .get_mut()
+            .1
+            .set_buffer_limit(Some(fedmesh_transport::H2_TLS_BUFFER));
         let got = fedmesh_trust::peer_id(stream.get_ref().1.peer_certificates());
         if got.as_ref() != Some(&peer.identity) {
             return Err(TcpError::WrongPeer {

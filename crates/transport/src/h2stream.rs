@@ -27,6 +27,12 @@ const SEND_BUF: usize = 1 << 20;
 /// Largest DATA frame either side accepts: bulk moves in few frames, so
 /// few TLS records and syscalls (HTTP/2's default is 16 KiB).
 const MAX_FRAME: u32 = 256 * 1024;
+/// Plaintext rustls takes before a write must wait for the socket, on a
+/// TLS connection carrying HTTP/2: a whole DATA frame and its 9-byte
+/// header. With rustls's default (64 KiB) a 64 KiB frame spills its last
+/// bytes into a second `writev`, doubling the syscalls of a bulk stream.
+pub const TLS_BUFFER: usize = MAX_FRAME as usize + 64 * 1024;
+
 /// The authority every `CONNECT` names; the tunnel header says where the
 /// stream really goes.
 const AUTHORITY: &str = "fedmesh.invalid:443";
@@ -438,6 +444,8 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     if tls.get_ref().1.alpn_protocol() == Some(fedmesh_wire::ALPN_H2) {
+        let mut tls = tls;
+        tls.get_mut().1.set_buffer_limit(Some(TLS_BUFFER));
         let windows = H2Windows::pooled(limits);
         serve(tls, limits, windows, move |io| handle(Box::new(io))).await
     } else {

@@ -18,7 +18,7 @@ pub use cut::{close, Cut, TunnelIo};
 pub use h2stream::{
     client_builder as h2_client, keep_alive as h2_keep_alive, open_connect as h2_open,
     serve as serve_h2, serve_streams, server_builder as h2_server, ConnectError, H2Stream,
-    H2Windows,
+    H2Windows, TLS_BUFFER as H2_TLS_BUFFER,
 };
 pub use identity::{load_trust, read_yaml, BundleFile, IdentityFiles};
 pub use limits::Limits;

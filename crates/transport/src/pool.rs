@@ -397,12 +397,13 @@ impl LegPool {
     ) -> Result<Dialed, Refusal> {
         let refuse =
             |why: String| Refusal::new(StatusCode::UpstreamRefused, format!("{addr}: {why}"));
-        let tls = dial_tls(addr, &self.connector, identity, self.limits.connect_timeout)
+        let mut tls = dial_tls(addr, &self.connector, identity, self.limits.connect_timeout)
             .await
             .map_err(|e| refuse(e.to_string()))?;
         match tls.get_ref().1.alpn_protocol() {
             Some(p) if p == fedmesh_wire::ALPN_H2 => {
                 self.counts.dials.inc();
+                tls.get_mut().1.set_buffer_limit(Some(crate::H2_TLS_BUFFER));
             }
             Some(p) if p == fedmesh_wire::ALPN => return Ok(Dialed::Single(Box::new(tls))),
             _ => return Err(refuse("agreed on no tunnel protocol (ALPN)".into())),
