@@ -73,6 +73,22 @@ fn every_path_runs_as_processes_and_loses_nothing() {
     assert!(
         (ratio("to_stunnel_pair", "connects_per_s") - conns(quic) / conns(stunnel)).abs() < 1e-9
     );
+    // Both gateways together, on the cross-cluster paths only.
+    let f = |p: &serde_json::Value, k: &str| p[k].as_f64();
+    for p in [quic, tcp] {
+        let gws: f64 = p["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|x| x["name"].as_str().unwrap().ends_with("-gateway"))
+            .map(|x| x["cpu_s_per_gb"].as_f64().unwrap())
+            .sum();
+        let got = f(p, "gateways_cpu_s_per_gb").expect("gateways' CPU");
+        assert!((got - gws).abs() < 1e-9 && got > 0.0, "{got} vs {gws}");
+        let to_stunnel = f(p, "gateways_cpu_to_stunnel_pair").unwrap();
+        assert!((to_stunnel - got / f(stunnel, "cpu_s_per_gb").unwrap()).abs() < 1e-9);
+    }
+    assert!(f(stunnel, "gateways_cpu_s_per_gb").is_none());
 }
 
 #[test]

@@ -106,6 +106,12 @@ struct PathReport {
     goodput_gbps_8: f64,
     /// All proxy processes of the path together.
     cpu_s_per_gb: Option<f64>,
+    /// The two gateways together, on a cross-cluster path: each does two
+    /// crypto passes (TLS inside the cluster, QUIC or TLS across), like a
+    /// stunnel pair together.
+    gateways_cpu_s_per_gb: Option<f64>,
+    /// That over the stunnel pair's CPU s/GB, when both ran.
+    gateways_cpu_to_stunnel_pair: Option<f64>,
     processes: Vec<ProcReport>,
     round_trip: Latency,
     added_p50_us_per_hop: Option<f64>,
@@ -227,6 +233,15 @@ async fn measure(path: &mut paths::RunningPath, p: &Params) -> anyhow::Result<Pa
         goodput_gbps_8: best8 / 1e9,
         cpu_s_per_gb: (!processes.is_empty())
             .then(|| processes.iter().map(|x| x.cpu_s_per_gb).sum()),
+        gateways_cpu_s_per_gb: {
+            let gws: Vec<f64> = processes
+                .iter()
+                .filter(|x| x.name.ends_with("-gateway"))
+                .map(|x| x.cpu_s_per_gb)
+                .collect();
+            (gws.len() == 2).then(|| gws.iter().sum())
+        },
+        gateways_cpu_to_stunnel_pair: None,
         processes,
         round_trip: Latency::of(&mut rtt),
         added_p50_us_per_hop: None,
@@ -380,6 +395,10 @@ fn finish(reports: &mut [PathReport]) {
             })
         };
         r.ratios = serde_json::json!({ "to_stunnel_pair": ratio(s), "to_tcp_fallback": ratio(t) });
+        r.gateways_cpu_to_stunnel_pair = match (r.gateways_cpu_s_per_gb, s.and_then(|s| s.2)) {
+            (Some(g), Some(b)) if b > 0.0 => Some(g / b),
+            _ => None,
+        };
     }
 }
 
@@ -475,6 +494,20 @@ fn print_tables(p: &Params, reports: &[PathReport]) {
             println!(
                 "{:<28} {:<16} {:>9.2} {:>11.1} {:>8.1}M {:>8.1}M",
                 r.name, x.name, x.cpu_s_per_gb, x.switches_per_mb, x.rss_idle_mib, x.rss_peak_mib
+            );
+        }
+    }
+    for r in reports {
+        if let Some(g) = r.gateways_cpu_s_per_gb {
+            println!(
+                "{:<28} {:<16} {:>9.2}{}",
+                r.name,
+                "both gateways",
+                g,
+                r.gateways_cpu_to_stunnel_pair
+                    .map_or(String::new(), |x| format!(
+                        "   ({x:.2}x the stunnel pair's)"
+                    ))
             );
         }
     }
