@@ -234,41 +234,31 @@ impl LegPool {
                     };
                 }
             };
-            let mut io = match tokio::time::timeout(limit, crate::h2_open(&leg.send)).await {
-                Ok(Ok(io)) => io.holding(slot),
-                Ok(Err(crate::ConnectError::H2(e))) => {
-                    leg.closed.store(true, Ordering::Release);
-                    if tries >= 2 {
-                        return Err(refuse(
-                            StatusCode::UpstreamRefused,
-                            format!("pooled connection: {e}"),
-                        ));
-                    }
-                    continue;
-                }
-                Ok(Err(e)) => return Err(refuse(StatusCode::UpstreamRefused, e.to_string())),
+            // Opening fails only on a connection that is gone.
+            let lost = match tokio::time::timeout(limit, crate::h2_open(&leg.send)).await {
                 Err(_) => {
                     return Err(refuse(
                         StatusCode::Timeout,
                         "no pooled stream slot freed in time".into(),
                     ))
                 }
-            };
-            self.counts.streams.inc();
-            match open(&mut io, header, &self.limits).await {
-                Ok(()) => return Ok(Box::new(io)),
-                Err(e) => {
-                    if !io.connection_lost() {
-                        return Err(refuse(e.status(), e.to_string()));
-                    }
-                    leg.closed.store(true, Ordering::Release);
-                    if tries >= 2 {
-                        return Err(refuse(
-                            StatusCode::UpstreamRefused,
-                            format!("pooled connection: {e}"),
-                        ));
+                Ok(Err(e)) => e.to_string(),
+                Ok(Ok(io)) => {
+                    let mut io = io.holding(slot);
+                    self.counts.streams.inc();
+                    match open(&mut io, header, &self.limits).await {
+                        Ok(()) => return Ok(Box::new(io)),
+                        Err(e) if io.connection_lost() => e.to_string(),
+                        Err(e) => return Err(refuse(e.status(), e.to_string())),
                     }
                 }
+            };
+            leg.closed.store(true, Ordering::Release);
+            if tries >= 2 {
+                return Err(refuse(
+                    StatusCode::UpstreamRefused,
+                    format!("pooled connection: {lost}"),
+                ));
             }
         }
     }
@@ -360,13 +350,18 @@ impl LegPool {
                 }
             }
         };
+        // Settled when the dial ends, or when the caller gives up on it
+        // mid-dial: a dial counted forever would hold a connection's place
+        // in the bound, and streams waiting for it would wait in vain.
+        let dialing = DialGuard {
+            pool: self,
+            key: Some(key.clone()),
+            counted,
+        };
         let dialed = self.dial(addr, identity, generation).await;
         let mut slots = self.lock();
+        dialing.settle(&mut slots);
         let slot = slots.entry(key).or_default();
-        if counted {
-            slot.dialing = slot.dialing.saturating_sub(1);
-        }
-        slot.dialed.send_replace(());
         let leg = match dialed? {
             Dialed::Single(tls) => {
                 if !slot.single {
@@ -445,6 +440,43 @@ impl LegPool {
             generation,
             closed,
         }))
+    }
+}
+
+/// A dial under way: when it ends or is dropped, it no longer counts
+/// against the bound, and the streams waiting for it look again.
+struct DialGuard<'a> {
+    pool: &'a LegPool,
+    key: Option<(SocketAddr, SpiffeId)>,
+    counted: bool,
+}
+
+impl DialGuard<'_> {
+    fn settle(mut self, slots: &mut HashMap<(SocketAddr, SpiffeId), Slot>) {
+        if let Some(key) = self.key.take() {
+            Self::release(slots, &key, self.counted);
+        }
+    }
+
+    fn release(
+        slots: &mut HashMap<(SocketAddr, SpiffeId), Slot>,
+        key: &(SocketAddr, SpiffeId),
+        counted: bool,
+    ) {
+        if let Some(slot) = slots.get_mut(key) {
+            if counted {
+                slot.dialing = slot.dialing.saturating_sub(1);
+            }
+            slot.dialed.send_replace(());
+        }
+    }
+}
+
+impl Drop for DialGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(key) = self.key.take() {
+            Self::release(&mut self.pool.lock(), &key, self.counted);
+        }
     }
 }
 

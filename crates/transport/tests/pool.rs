@@ -31,6 +31,10 @@ struct Server {
     old: Arc<std::sync::atomic::AtomicBool>,
     /// Connections accepted.
     accepted: Arc<std::sync::atomic::AtomicUsize>,
+    /// While set, the next connection is accepted and held without a TLS
+    /// handshake (and it clears); `held` is told.
+    hold_next: Arc<std::sync::atomic::AtomicBool>,
+    held: Arc<tokio::sync::Notify>,
 }
 
 /// Answers `ok` to a tunnel stream's header, then echoes it.
@@ -73,12 +77,21 @@ async fn server(ca: &CertificateAuthority, bundles: SharedBundles) -> Server {
     let addr = l.local_addr().unwrap();
     let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
     let kill_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hold_next = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let held = Arc::new(tokio::sync::Notify::new());
+    let (hold, told) = (hold_next.clone(), held.clone());
+    let mut kept_tcp = Vec::new();
     let kept = conns.clone();
     let kill = kill_next.clone();
     tokio::spawn(async move {
         loop {
             let (tcp, _) = l.accept().await.unwrap();
             count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if hold.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                kept_tcp.push(tcp);
+                told.notify_one();
+                continue;
+            }
             if is_old.load(std::sync::atomic::Ordering::SeqCst) {
                 let acceptor = before_pooling.clone();
                 tokio::spawn(async move {
@@ -123,6 +136,8 @@ async fn server(ca: &CertificateAuthority, bundles: SharedBundles) -> Server {
         identity,
         conns,
         kill_next,
+        hold_next,
+        held,
         old,
         accepted,
     }
@@ -147,12 +162,16 @@ async fn echo(s: &mut Box<dyn TunnelIo>, msg: &[u8]) {
 
 /// A server and a pool of one trust domain.
 async fn setup() -> (Server, LegPool, TrustDomain) {
+    setup_with(Limits::default()).await
+}
+
+async fn setup_with(limits: Limits) -> (Server, LegPool, TrustDomain) {
     let td = TrustDomain::new("pool.test").unwrap();
     let ca = CertificateAuthority::new_root(td.clone(), DAY * 30).unwrap();
     let bundles = SharedBundles::new(TrustBundles::new().with(ca.bundle()));
     let srv = server(&ca, bundles.clone()).await;
     let me = SvidSource::new(ca.issue(&td.workload("demo", "web").unwrap(), DAY).unwrap()).unwrap();
-    let pool = LegPool::new(&me, bundles, Limits::default()).unwrap();
+    let pool = LegPool::new(&me, bundles, limits).unwrap();
     (srv, pool, td)
 }
 
@@ -297,4 +316,33 @@ async fn a_storm_of_first_streams_dials_no_more_than_the_bound() {
         Limits::default().pool_connections
     );
     assert_eq!(srv.accepted.load(SeqCst) as u64, dials);
+}
+
+/// A caller that gives up while its stream's connection is being dialed
+/// (its own deadline, its app gone) must not leave that dial counted: with
+/// a bound of one, every later stream would wait for a dial that never
+/// ends, then be refused `overloaded`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dial_given_up_midway_frees_its_place_in_the_bound() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let (srv, pool, _) = setup_with(Limits {
+        pool_connections: 1,
+        status_timeout: Duration::from_secs(2),
+        ..Limits::default()
+    })
+    .await;
+    srv.hold_next.store(true, SeqCst);
+    let h = header();
+    tokio::select! {
+        r = pool.open(srv.addr, &srv.identity, &h) => {
+            panic!("the held dial finished: {:?}", r.err());
+        }
+        () = srv.held.notified() => {}
+    }
+    let mut s = match pool.open(srv.addr, &srv.identity, &header()).await {
+        Ok(s) => s,
+        Err(e) => panic!("{e} after a dial was given up"),
+    };
+    echo(&mut s, b"after").await;
+    assert_eq!(pool.counts.dials.get(), 1);
 }
