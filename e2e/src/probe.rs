@@ -377,9 +377,7 @@ mod quic {
         limits: &Limits,
     ) -> anyhow::Result<quinn::Endpoint> {
         Ok(fedmesh_gateway::quic_baseline_endpoint(
-            addr,
-            server,
-            limits.quic_socket_buffer_bytes,
+            addr, server, limits,
         )?)
     }
 

@@ -487,6 +487,27 @@ impl GatewayMetrics {
             .get()
     }
 
+    /// The largest UDP payload the QUIC path to `peer` carries now (0 when
+    /// no connection to it is in use).
+    pub fn path_mtu(&self, peer: &str) -> i64 {
+        self.path
+            .mtu
+            .get_or_create(&PeerLabels {
+                peer: peer.to_owned(),
+            })
+            .get()
+    }
+
+    /// MTU black holes detected on the path to `peer` so far.
+    pub fn black_hole_count(&self, peer: &str) -> u64 {
+        self.path
+            .black_holes
+            .get_or_create(&PeerLabels {
+                peer: peer.to_owned(),
+            })
+            .get()
+    }
+
     /// UDP datagrams and the socket calls that moved them, in `direction`
     /// (`tx` or `rx`): their ratio is the GSO/GRO batch size achieved.
     pub fn udp_counts(&self, direction: &'static str) -> (u64, u64) {

@@ -254,61 +254,115 @@ fn bound_socket(addr: SocketAddr, buffer: usize) -> Result<std::net::UdpSocket, 
     Ok(socket.into())
 }
 
-/// A plain quinn endpoint (quinn's own socket, no counting, QUIC bit
-/// greasing as quinn does it) with the gateway's socket buffers: the
-/// baseline the benchmarks and probes compare the gateway against.
+/// The endpoint config both ends of a gateway pair use: the largest UDP
+/// payload we accept is the bound path MTU discovery climbs to. quinn's
+/// default (1,472) is sent to the peer as the `max_udp_payload_size`
+/// transport parameter, and the peer's MTU discovery stops there whatever
+/// its own bound: before this, `limits.quic_max_udp_payload` had no effect
+/// past 1,472 bytes.
+fn endpoint_config(limits: &Limits) -> EndpointConfig {
+    let mut cfg = EndpointConfig::default();
+    // `Limits::validate` keeps the value within 1200..=65527, which is
+    // what quinn accepts; a value it refuses leaves quinn's default.
+    let _ = cfg.max_udp_payload_size(limits.quic_max_udp_payload);
+    cfg
+}
+
+/// A plain quinn endpoint (quinn's own packet handling, no counting, QUIC
+/// bit greasing as quinn does it) with the gateway's socket buffers and
+/// largest datagram: the baseline the benchmarks and probes compare the
+/// gateway against. Its socket splits GSO batches as the gateway's does
+/// ([`GatewaySocket`]): quinn cannot send jumbo packets without that.
 pub fn baseline_endpoint(
     addr: SocketAddr,
     server: Option<quinn::ServerConfig>,
-    buffer: usize,
+    limits: &Limits,
 ) -> Result<Endpoint, QuicError> {
-    let socket = bound_socket(addr, buffer)?;
-    Endpoint::new(
-        EndpointConfig::default(),
-        server,
-        socket,
-        Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|source| QuicError::Bind { addr, source })
+    let bind = |source| QuicError::Bind { addr, source };
+    let socket = bound_socket(addr, limits.quic_socket_buffer_bytes)?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    let inner = quinn::Runtime::wrap_udp_socket(&*runtime, socket).map_err(bind)?;
+    let socket = Arc::new(GatewaySocket {
+        inner,
+        counters: None,
+    });
+    Endpoint::new_with_abstract_socket(endpoint_config(limits), server, socket, runtime)
+        .map_err(bind)
 }
 
 /// Binds the gateway's one UDP port, serving and dialing from it, with
-/// socket buffers of `buffer` bytes (as far as the kernel allows).
+/// socket buffers of `limits.quic_socket_buffer_bytes` (as far as the
+/// kernel allows).
 pub fn endpoint(
     addr: SocketAddr,
     server: quinn::ServerConfig,
-    buffer: usize,
+    limits: &Limits,
     counters: SocketCounters,
 ) -> Result<Endpoint, QuicError> {
     let bind = |source| QuicError::Bind { addr, source };
-    let socket = bound_socket(addr, buffer)?;
+    let socket = bound_socket(addr, limits.quic_socket_buffer_bytes)?;
     let runtime = Arc::new(quinn::TokioRuntime);
     let inner = quinn::Runtime::wrap_udp_socket(&*runtime, socket).map_err(bind)?;
     tracing::info!(
         gso_segments = inner.max_transmit_segments(),
         gro_segments = inner.max_receive_segments(),
+        max_udp_payload = limits.quic_max_udp_payload,
         "QUIC UDP socket ready"
     );
-    let socket = Arc::new(CountingSocket { inner, counters });
-    let mut ep_cfg = EndpointConfig::default();
+    let socket = Arc::new(GatewaySocket {
+        inner,
+        counters: Some(counters),
+    });
+    let mut ep_cfg = endpoint_config(limits);
     // With greasing off, every QUIC packet we accept has the fixed bit set,
     // so a datagram without it is certainly not QUIC (RFC 9000 §17.2).
     ep_cfg.grease_quic_bit(false);
     Endpoint::new_with_abstract_socket(ep_cfg, Some(server), socket, runtime).map_err(bind)
 }
 
-/// Delegates to quinn's socket and counts datagrams and the calls that
-/// moved them (GSO/GRO batching shows as several datagrams per call), and
-/// received datagrams that cannot be QUIC packets: quinn drops those
-/// silently; operators want to see them.
-struct CountingSocket {
+/// Most bytes one UDP send may carry, GSO batch included: 65,535 minus
+/// the IPv4 and UDP headers (IPv6 allows a little more).
+const MAX_SEND_BYTES: usize = 65_507;
+
+/// Delegates to quinn's socket. Splits a GSO batch larger than one UDP
+/// send may carry: quinn batches up to ten packets of the path MTU, ten
+/// jumbo packets are 89 kB, and quinn-udp takes the kernel's `EMSGSIZE`
+/// as sent, so the whole batch would vanish. The gateway's socket also
+/// counts datagrams and the calls that moved them (GSO/GRO batching shows
+/// as several datagrams per call), and received datagrams that cannot be
+/// QUIC packets: quinn drops those silently; operators want to see them.
+struct GatewaySocket {
     inner: Arc<dyn AsyncUdpSocket>,
-    counters: SocketCounters,
+    counters: Option<SocketCounters>,
 }
 
-impl fmt::Debug for CountingSocket {
+impl GatewaySocket {
+    fn send(&self, transmit: &Transmit) -> io::Result<()> {
+        let seg = match transmit.segment_size {
+            Some(s) if s > 0 && transmit.contents.len() > MAX_SEND_BYTES => s,
+            _ => return self.inner.try_send(transmit),
+        };
+        // Whole packets per send. If a later part finds the socket full,
+        // quinn sends the whole batch again once it drains: the parts
+        // already sent arrive twice and the peer drops the duplicates,
+        // which costs less than losing packets that were never lost.
+        let per_send = (MAX_SEND_BYTES / seg).max(1) * seg;
+        for part in transmit.contents.chunks(per_send) {
+            self.inner.try_send(&Transmit {
+                destination: transmit.destination,
+                ecn: transmit.ecn,
+                contents: part,
+                segment_size: (part.len() > seg).then_some(seg),
+                src_ip: transmit.src_ip,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for GatewaySocket {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CountingSocket").finish_non_exhaustive()
+        f.debug_struct("GatewaySocket").finish_non_exhaustive()
     }
 }
 
@@ -316,21 +370,21 @@ impl fmt::Debug for CountingSocket {
 /// 1-byte packet number and a 16-byte AEAD tag.
 const MIN_QUIC_DATAGRAM: usize = 1 + 1 + 16 + 3;
 
-impl AsyncUdpSocket for CountingSocket {
+impl AsyncUdpSocket for GatewaySocket {
     fn create_io_poller(self: Arc<Self>) -> Pin<Box<dyn UdpPoller>> {
         self.inner.clone().create_io_poller()
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let r = self.inner.try_send(transmit);
-        if r.is_ok() {
+        let r = self.send(transmit);
+        if let (Ok(()), Some(counters)) = (&r, &self.counters) {
             let len = transmit.contents.len();
             let segments = match transmit.segment_size {
                 Some(s) if s > 0 => len.div_ceil(s),
                 _ => 1,
             };
-            self.counters.tx_calls.inc();
-            self.counters.tx_datagrams.inc_by(segments as u64);
+            counters.tx_calls.inc();
+            counters.tx_datagrams.inc_by(segments as u64);
         }
         r
     }
@@ -342,18 +396,18 @@ impl AsyncUdpSocket for CountingSocket {
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
         let r = self.inner.poll_recv(cx, bufs, meta);
-        if let Poll::Ready(Ok(n)) = &r {
+        if let (Poll::Ready(Ok(n)), Some(counters)) = (&r, &self.counters) {
             for (buf, m) in bufs.iter().zip(meta.iter()).take(*n) {
                 let data = buf.get(..m.len).unwrap_or_default();
                 let stride = m.stride.max(1);
-                self.counters.rx_calls.inc();
-                self.counters
+                counters.rx_calls.inc();
+                counters
                     .rx_datagrams
                     .inc_by(data.len().div_ceil(stride) as u64);
                 for dgram in data.chunks(stride) {
                     let fixed_bit = dgram.first().is_some_and(|b| b & 0x40 != 0);
                     if !fixed_bit || dgram.len() < MIN_QUIC_DATAGRAM {
-                        self.counters.invalid.inc();
+                        counters.invalid.inc();
                     }
                 }
             }
@@ -375,5 +429,69 @@ impl AsyncUdpSocket for CountingSocket {
 
     fn may_fragment(&self) -> bool {
         self.inner.may_fragment()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// Ten jumbo packets in one GSO batch are more than one UDP send can
+    /// carry: quinn-udp reports the kernel's refusal as sent, so without
+    /// the split none of them would arrive.
+    #[tokio::test]
+    async fn a_gso_batch_past_one_send_arrives_whole() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let tx = bound_socket("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
+        let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, tx).unwrap();
+        if inner.max_transmit_segments() < 10 {
+            eprintln!("no UDP GSO here: nothing to split");
+            return;
+        }
+        let socket = Arc::new(GatewaySocket {
+            inner,
+            counters: None,
+        });
+        let mut writable = socket.clone().create_io_poller();
+        const SEG: usize = 8952;
+        let contents: Vec<u8> = (0..10 * SEG - 100).map(|i| (i / SEG) as u8).collect();
+        let transmit = Transmit {
+            destination: rx.local_addr().unwrap(),
+            ecn: None,
+            contents: &contents,
+            segment_size: Some(SEG),
+            src_ip: None,
+        };
+        // Bounded: tokio learns the socket is writable on the first poll.
+        let mut sent = false;
+        for _ in 0..10 {
+            std::future::poll_fn(|cx| writable.as_mut().poll_writable(cx))
+                .await
+                .unwrap();
+            match socket.try_send(&transmit) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                r => {
+                    r.unwrap();
+                    sent = true;
+                    break;
+                }
+            }
+        }
+        assert!(sent, "the socket never took the batch");
+        let mut buf = vec![0u8; 65536];
+        for i in 0..10 {
+            let n = rx
+                .recv(&mut buf)
+                .expect("every packet of the batch arrives");
+            let want = if i == 9 { SEG - 100 } else { SEG };
+            assert_eq!(n, want, "packet {i}");
+            assert!(
+                buf[..n].iter().all(|&b| b == i as u8),
+                "packet {i} in order"
+            );
+        }
     }
 }

@@ -155,7 +155,7 @@ impl Gateway {
         let endpoint = quic::endpoint(
             s.quic,
             quic_configs.default_server(),
-            s.limits.quic_socket_buffer_bytes,
+            &s.limits,
             quic::SocketCounters::of(&metrics),
         )?;
         let quic_addr = endpoint.local_addr().map_err(|source| GatewayError::Bind {

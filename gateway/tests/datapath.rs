@@ -498,6 +498,14 @@ async fn large_payloads_cross_byte_exact_and_half_closes_pass() {
         back.len(),
         data.len()
     );
+    // Path MTU discovery climbed past Ethernet's 1,472 bytes on loopback
+    // (it stopped there while the endpoints told each other they accept
+    // no more), and no jumbo batch vanished on the way (black holes).
+    until("the QUIC path MTU past 1,472 bytes", || {
+        east.gateway.metrics().path_mtu("west") > 1472
+    })
+    .await;
+    assert_eq!(east.gateway.metrics().black_hole_count("west"), 0);
 
     let mut sink = tokio::net::TcpStream::connect(east.client_addr("sink.demo").unwrap())
         .await

@@ -68,6 +68,11 @@ enum Cmd {
         /// runs into DIR (`<path>-<process>.data`).
         #[arg(long, value_name = "DIR")]
         perf: Option<std::path::PathBuf>,
+        /// With --perf: record call graphs this way (`perf record
+        /// --call-graph MODE`, e.g. `dwarf`), so copies and wake-ups are
+        /// attributed to their callers; sampled at 499 Hz.
+        #[arg(long, value_name = "MODE", requires = "perf")]
+        perf_call_graph: Option<String>,
         /// QUIC congestion controller of every gateway (cubic, newreno,
         /// bbr) [default: the gateways' default].
         #[arg(long)]
@@ -168,6 +173,7 @@ fn main() -> anyhow::Result<()> {
             paths,
             fedmesh,
             perf,
+            perf_call_graph,
             congestion,
             sidecar_pool,
             json,
@@ -193,6 +199,7 @@ fn main() -> anyhow::Result<()> {
                 paths,
                 fedmesh,
                 perf,
+                perf_call_graph,
                 congestion,
                 sidecar_pool,
                 json,
@@ -340,7 +347,8 @@ async fn raw_quic_goodput(
         &limits,
         &Default::default(),
     )?;
-    let server = quinn::Endpoint::server(server_cfg, "127.0.0.1:0".parse()?)?;
+    let server =
+        fedmesh_gateway::quic_baseline_endpoint("127.0.0.1:0".parse()?, Some(server_cfg), &limits)?;
     let addr = server.local_addr()?;
     let srv = tokio::spawn(async move {
         let conn = server.accept().await.context("no incoming")?.await?;
@@ -355,7 +363,8 @@ async fn raw_quic_goodput(
         let _ = conn.closed().await;
         anyhow::Ok(())
     });
-    let mut client = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+    let mut client =
+        fedmesh_gateway::quic_baseline_endpoint("127.0.0.1:0".parse()?, None, &limits)?;
     client.set_default_client_config(fedmesh_gateway::quic_client_config(
         &client_id,
         east.bundles.clone(),

@@ -36,9 +36,11 @@ pub struct Limits {
     pub max_attempts: usize,
     /// Buffer size per direction when splicing bytes.
     pub splice_buffer_bytes: usize,
-    /// Largest UDP payload QUIC path-MTU discovery may probe up to. 1452
-    /// fits any Ethernet path; 8952 suits jumbo-frame networks. Discovery
-    /// only ever uses what the path proves it carries.
+    /// Largest UDP payload QUIC path-MTU discovery may probe up to, and
+    /// the largest a gateway accepts (its `max_udp_payload_size` transport
+    /// parameter, which bounds the peer's discovery). 1452 fits any
+    /// Ethernet path; 8952 suits jumbo-frame networks and loopback.
+    /// Discovery only ever uses what the path proves it carries.
     pub quic_max_udp_payload: u16,
     /// While a peer is reached over the TCP fallback because UDP did not
     /// get through, one QUIC handshake is tried this often; when one

@@ -44,6 +44,8 @@ pub struct Params {
     pub fedmesh: Option<PathBuf>,
     /// Record a `perf` profile of each proxy during the bulk runs here.
     pub perf: Option<PathBuf>,
+    /// `perf record --call-graph` mode, if any.
+    pub perf_call_graph: Option<String>,
     /// QUIC congestion controller of every gateway (default: theirs).
     pub congestion: Option<fedmesh_gateway::Algorithm>,
     /// `limits.pool_connections` of every sidecar (default: theirs).
@@ -124,14 +126,24 @@ struct PathReport {
 struct Perf(Vec<std::process::Child>);
 
 impl Perf {
-    async fn start(dir: &std::path::Path, path: &str, procs: &[Proc]) -> anyhow::Result<Perf> {
+    async fn start(
+        dir: &std::path::Path,
+        call_graph: Option<&str>,
+        path: &str,
+        procs: &[Proc],
+    ) -> anyhow::Result<Perf> {
         std::fs::create_dir_all(dir)?;
         let mut v = Vec::new();
         for p in procs {
             let out = dir.join(format!("{path}-{}.data", p.name));
+            let mut cmd = std::process::Command::new("perf");
+            match call_graph {
+                // Unwinding copies each sample's stack: sample less often.
+                Some(mode) => cmd.args(["record", "-F", "499", "--call-graph", mode]),
+                None => cmd.args(["record", "-F", "999"]),
+            };
             v.push(
-                std::process::Command::new("perf")
-                    .args(["record", "-F", "999", "-o"])
+                cmd.arg("-o")
                     .arg(&out)
                     .args(["-p", &p.pid().to_string()])
                     .stdout(std::process::Stdio::null())
@@ -175,7 +187,9 @@ async fn measure(path: &mut paths::RunningPath, p: &Params) -> anyhow::Result<Pa
         .map(Proc::cpu_seconds)
         .collect::<anyhow::Result<_>>()?;
     let perf = match &p.perf {
-        Some(dir) if !path.procs.is_empty() => Some(Perf::start(dir, path.id, &path.procs).await?),
+        Some(dir) if !path.procs.is_empty() => {
+            Some(Perf::start(dir, p.perf_call_graph.as_deref(), path.id, &path.procs).await?)
+        }
         _ => None,
     };
     let (mut best1, mut best8, mut moved) = (0f64, 0f64, 0u64);

@@ -24,7 +24,7 @@ pub async fn serve(config: &Path) -> anyhow::Result<()> {
     let id = fedmesh_trust::SvidSource::new(s.identity.clone())?;
     let server =
         fedmesh_gateway::quic_server_config(&id, s.bundles.clone(), &s.limits, &s.congestion)?;
-    let ep = quic_baseline_endpoint(s.quic, Some(server), s.limits.quic_socket_buffer_bytes)?;
+    let ep = quic_baseline_endpoint(s.quic, Some(server), &s.limits)?;
     println!("{UP} {}", ep.local_addr()?);
     while let Some(incoming) = ep.accept().await {
         tokio::spawn(async move {
@@ -46,11 +46,7 @@ pub async fn connect(
     let id = fedmesh_trust::SvidSource::new(s.identity.clone())?;
     let client =
         fedmesh_gateway::quic_client_config(&id, s.bundles.clone(), &s.limits, &s.congestion)?;
-    let mut ep = quic_baseline_endpoint(
-        "127.0.0.1:0".parse()?,
-        None,
-        s.limits.quic_socket_buffer_bytes,
-    )?;
+    let mut ep = quic_baseline_endpoint("127.0.0.1:0".parse()?, None, &s.limits)?;
     ep.set_default_client_config(client);
     let conn = tokio::time::timeout(
         std::time::Duration::from_secs(10),
