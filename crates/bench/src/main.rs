@@ -82,6 +82,10 @@ enum Cmd {
         /// connection) [default: theirs].
         #[arg(long = "pool")]
         sidecar_pool: Option<usize>,
+        /// Worker threads of every fedmesh proxy (`--worker-threads`)
+        /// [default: theirs, one per CPU].
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        proxy_threads: Option<u16>,
         #[arg(long)]
         json: bool,
     },
@@ -151,6 +155,9 @@ enum Cmd {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The proxies' allocator settings for the client, the app and the raw
+    // quinn baseline too, so no path gains from them alone.
+    fedmesh_malloc::tune();
     let cli = Cli::parse();
     if let Ok(filter) = std::env::var("FEDMESH_LOG") {
         tracing_subscriber::fmt()
@@ -176,6 +183,7 @@ fn main() -> anyhow::Result<()> {
             perf_call_graph,
             congestion,
             sidecar_pool,
+            proxy_threads,
             json,
         } => {
             if rates.iter().any(|r| *r == 0 || *r > 200_000) || connect_workers == 0 {
@@ -202,6 +210,7 @@ fn main() -> anyhow::Result<()> {
                 perf_call_graph,
                 congestion,
                 sidecar_pool,
+                proxy_threads,
                 json,
             }))
         }

@@ -119,6 +119,8 @@ enum CertCmd {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts (`fedmesh_malloc::tune`).
+    let malloc = fedmesh_malloc::tune();
     let cli = Cli::parse();
     let loudness = match cli.command {
         Command::Gateway(_) | Command::Sidecar(_) | Command::Controller(_) => {
@@ -136,6 +138,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
+    tracing::debug!(?malloc, "allocator settings");
     let result = match cli.command {
         Command::Ca(c) => ca::run(c),
         Command::Trust(c) => return trust::run(c),
@@ -166,8 +169,12 @@ fn main() -> ExitCode {
         Command::Redirect(a) => deploy::redirect(a),
         Command::Demo(a) => runtime().and_then(|rt| rt.block_on(demo::run(a))),
         Command::Drill(c) => runtime().and_then(|rt| rt.block_on(drill::run(c))),
-        Command::Gateway(a) => runtime().and_then(|rt| rt.block_on(daemons::gateway(a))),
-        Command::Sidecar(a) => runtime().and_then(|rt| rt.block_on(daemons::sidecar(a))),
+        Command::Gateway(a) => {
+            runtime_with(a.worker_threads).and_then(|rt| rt.block_on(daemons::gateway(a)))
+        }
+        Command::Sidecar(a) => {
+            runtime_with(a.worker_threads).and_then(|rt| rt.block_on(daemons::sidecar(a)))
+        }
         Command::Controller(a) => runtime().and_then(|rt| rt.block_on(federation::controller(a))),
         Command::Cluster(federation::ClusterCmd::Join { pins, name, bundle }) => {
             federation::join(pins, name, bundle)
@@ -198,7 +205,14 @@ pub(crate) fn emit(text: &str) {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?)
+    runtime_with(None)
+}
+
+/// A runtime with `workers` threads, or tokio's default (one per CPU).
+fn runtime_with(workers: Option<u16>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        b.worker_threads(usize::from(n));
+    }
+    Ok(b.enable_all().build()?)
 }

@@ -50,6 +50,8 @@ pub struct Params {
     pub congestion: Option<fedmesh_gateway::Algorithm>,
     /// `limits.pool_connections` of every sidecar (default: theirs).
     pub sidecar_pool: Option<usize>,
+    /// `--worker-threads` of every fedmesh proxy.
+    pub proxy_threads: Option<u16>,
     pub json: bool,
 }
 
@@ -320,6 +322,7 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
         paths::Knobs {
             congestion: p.congestion,
             sidecar_pool: p.sidecar_pool,
+            proxy_threads: p.proxy_threads,
         },
     )?;
     let mut reports = Vec::new();
@@ -364,7 +367,8 @@ pub async fn run(p: Params) -> anyhow::Result<()> {
                 "quick": p.quick, "bytes_per_run": p.bytes, "runs": p.runs,
                 "round_trips": p.round_trips, "phase_ms": p.phase.as_millis() as u64,
                 "connect_workers": p.connect_workers,
-                "congestion": p.congestion.map(|a| a.to_string()), "paths": reports,
+                "congestion": p.congestion.map(|a| a.to_string()),
+                "pool": p.sidecar_pool, "proxy_threads": p.proxy_threads, "paths": reports,
             }))?
         );
     } else {

@@ -36,6 +36,7 @@ pub struct RunningPath {
 pub struct Knobs {
     pub congestion: Option<fedmesh_gateway::Algorithm>,
     pub sidecar_pool: Option<usize>,
+    pub proxy_threads: Option<u16>,
 }
 
 /// What every path is built from.
@@ -53,6 +54,8 @@ pub struct Env {
     /// `limits.pool_connections` of every sidecar and gateway, when not
     /// the default.
     pub sidecar_pool: Option<usize>,
+    /// `--worker-threads` of every fedmesh proxy, when not the default.
+    pub proxy_threads: Option<u16>,
     east: (TrustDomain, CertificateAuthority),
     west: (TrustDomain, CertificateAuthority),
 }
@@ -92,6 +95,7 @@ impl Env {
             app,
             congestion: knobs.congestion,
             sidecar_pool: knobs.sidecar_pool,
+            proxy_threads: knobs.proxy_threads,
         })
     }
 
@@ -169,12 +173,13 @@ impl Env {
     fn spawn_fedmesh(&self, kind: &str, name: &str, yaml: &str) -> anyhow::Result<Proc> {
         let file = self.dir.join(format!("{name}.yaml"));
         std::fs::write(&file, yaml)?;
-        Proc::spawn(
-            name,
-            &self.fedmesh,
-            &[kind, "--config", &p(&file)],
-            &self.logs,
-        )
+        let threads = self.proxy_threads.map(|n| n.to_string());
+        let config = p(&file);
+        let mut args = vec![kind, "--config", &config];
+        if let Some(n) = &threads {
+            args.extend(["--worker-threads", n]);
+        }
+        Proc::spawn(name, &self.fedmesh, &args, &self.logs)
     }
 
     async fn haproxy(&self) -> anyhow::Result<RunningPath> {
