@@ -791,7 +791,7 @@ fn next_header(h: &Header, started: Instant) -> Option<Header> {
 /// [`FROM_PEER`], else the local side), then splices.
 async fn forward<L>(shared: &Shared, direction: &'static str, local: &mut L, peer: &mut PeerStream)
 where
-    L: AsyncRead + AsyncWrite + Unpin + Cut,
+    L: AsyncRead + AsyncWrite + Unpin + Cut + fedmesh_transport::Chunked,
 {
     shared.metrics.stream(direction, StatusCode::Ok.as_str());
     let from_peer = direction == FROM_PEER;
@@ -863,7 +863,7 @@ async fn sidecar_conn(
     shared.metrics.sidecar_connections.dec();
 }
 
-async fn sidecar_stream<S: AsyncRead + AsyncWrite + Unpin + Cut>(
+async fn sidecar_stream<S: AsyncRead + AsyncWrite + Unpin + Cut + fedmesh_transport::Chunked>(
     shared: &Shared,
     down: &mut S,
     client: SpiffeId,

@@ -10,9 +10,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
-use fedmesh_transport::Cut;
+use fedmesh_transport::{Chunked, Cut};
 use quinn::{RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use std::sync::Mutex;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::pool::Lease;
 
@@ -96,7 +97,7 @@ impl PeerStream {
     /// both are cut, so the far ends see a reset, not an end of stream.
     pub async fn splice<L>(&mut self, local: &mut L, chunk: usize) -> io::Result<(u64, u64)>
     where
-        L: AsyncRead + AsyncWrite + Unpin + Cut,
+        L: AsyncRead + AsyncWrite + Unpin + Cut + Chunked,
     {
         let r = match self {
             Self::Quic { recv, send, .. } => splice_quic(local, send, recv, chunk).await,
@@ -119,42 +120,60 @@ async fn splice_quic<L>(
     chunk: usize,
 ) -> io::Result<(u64, u64)>
 where
-    L: AsyncRead + AsyncWrite + Unpin,
+    L: AsyncRead + AsyncWrite + Unpin + Chunked,
 {
-    // Both halves are polled by this one task, so the split's lock is
-    // never contended.
-    let (mut rd, mut wr) = tokio::io::split(local);
+    // Both directions are polled by this one task, each taking the lock
+    // only inside a poll, so it is never contended; a lock rather than a
+    // `RefCell` keeps the future `Send`.
+    let local = Mutex::new(local);
     let to_peer = async {
         let mut buf = BytesMut::new();
         let mut total = 0u64;
         loop {
-            if buf.capacity() < MIN_READ {
-                buf.reserve(chunk.max(MIN_READ));
-            }
-            if read_ready(&mut rd, &mut buf).await? == 0 {
+            let data = std::future::poll_fn(|cx| {
+                let mut l = lock(&local);
+                // An HTTP/2 leg hands its DATA frames over as they are.
+                if let Some(p) = l.poll_read_chunk(cx) {
+                    return p;
+                }
+                if buf.capacity() < MIN_READ {
+                    buf.reserve(chunk.max(MIN_READ));
+                }
+                poll_read_ready(Pin::new(&mut **l), cx, &mut buf).map_ok(|_| buf.split().freeze())
+            })
+            .await?;
+            if data.is_empty() {
                 // Already reset or stopped by the peer: nothing to finish.
                 let _ = send.finish();
                 return Ok(total);
             }
-            total += buf.len() as u64;
-            // Chunks share the buffer's allocation until it is used up, so
-            // small reads pin at most one buffer beyond the data in flight.
-            send.write_chunk(buf.split().freeze()).await?;
+            total += data.len() as u64;
+            // Chunks read here share the buffer's allocation until it is
+            // used up, so small reads pin at most one buffer beyond the
+            // data in flight.
+            send.write_chunk(data).await?;
         }
     };
     let from_peer = async {
         // quinn hands over the stream as it arrived, about a packet per
-        // chunk: take every chunk ready and write them in one vectored
-        // write, so the TLS side still sends large records in one syscall.
+        // chunk: take every chunk ready and write them in one go, so the
+        // TLS side still sends large records in one syscall (an HTTP/2
+        // leg takes the chunks themselves as one DATA frame).
         let mut chunks: [Bytes; CHUNKS] = Default::default();
         let mut total = 0u64;
         while let Some(n) = recv.read_chunks(&mut chunks).await? {
             let mut ready = &mut chunks[..n];
             total += ready.iter().map(|b| b.len() as u64).sum::<u64>();
             while !ready.is_empty() {
-                let slices: Vec<IoSlice<'_>> = ready.iter().map(|b| IoSlice::new(b)).collect();
-                let mut written = wr.write_vectored(&slices).await?;
-                drop(slices);
+                let mut written = std::future::poll_fn(|cx| {
+                    let mut l = lock(&local);
+                    if let Some(p) = l.poll_write_chunks(cx, ready) {
+                        return p;
+                    }
+                    let slices: Vec<IoSlice<'_>> = ready.iter().map(|b| IoSlice::new(b)).collect();
+                    Pin::new(&mut **l).poll_write_vectored(cx, &slices)
+                })
+                .await?;
                 if written == 0 {
                     return Err(io::ErrorKind::WriteZero.into());
                 }
@@ -164,34 +183,42 @@ where
                         break;
                     }
                     written -= first.len();
+                    *first = Bytes::new();
                     ready = &mut ready[1..];
                 }
             }
-            wr.flush().await?;
+            std::future::poll_fn(|cx| Pin::new(&mut **lock(&local)).poll_flush(cx)).await?;
         }
-        wr.shutdown().await?;
+        std::future::poll_fn(|cx| Pin::new(&mut **lock(&local)).poll_shutdown(cx)).await?;
         Ok(total)
     };
     tokio::try_join!(to_peer, from_peer)
 }
 
+/// The lock of [`splice_quic`]'s local side; a panic while holding it
+/// leaves nothing half-updated that the other direction could misread.
+fn lock<'a, T>(m: &'a Mutex<T>) -> std::sync::MutexGuard<'a, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// Reads everything ready (at least a byte, or none at end of stream) up
 /// to `buf`'s spare capacity, so a chunk spans many TLS records.
-async fn read_ready<R: AsyncRead + Unpin>(rd: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
-    std::future::poll_fn(|cx| {
-        let mut read = 0;
-        while buf.len() < buf.capacity() {
-            match tokio_util::io::poll_read_buf(Pin::new(&mut *rd), cx, buf) {
-                Poll::Ready(Ok(0)) => break,
-                Poll::Ready(Ok(n)) => read += n,
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending if read == 0 => return Poll::Pending,
-                Poll::Pending => break,
-            }
+fn poll_read_ready<R: AsyncRead + ?Sized>(
+    mut rd: Pin<&mut R>,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<io::Result<usize>> {
+    let mut read = 0;
+    while buf.len() < buf.capacity() {
+        match tokio_util::io::poll_read_buf(rd.as_mut(), cx, buf) {
+            Poll::Ready(Ok(0)) => break,
+            Poll::Ready(Ok(n)) => read += n,
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending if read == 0 => return Poll::Pending,
+            Poll::Pending => break,
         }
-        Poll::Ready(Ok(read))
-    })
-    .await
+    }
+    Poll::Ready(Ok(read))
 }
 
 impl AsyncRead for PeerStream {

@@ -9,7 +9,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use bytes::Bytes;
 use fedmesh_catalog::Peer;
 use fedmesh_transport::{H2Stream, Limits};
 use h2::client::SendRequest;
@@ -54,7 +53,7 @@ pub enum TcpError {
 /// after its last stream), which is how a move back to QUIC drains it.
 #[derive(Clone)]
 pub struct TcpConn {
-    send: SendRequest<Bytes>,
+    send: SendRequest<fedmesh_transport::SendBuf>,
     closed: watch::Receiver<bool>,
     task: tokio::task::AbortHandle,
 }
@@ -133,7 +132,7 @@ pub async fn connect(
         }
         let (send, mut conn) =
             fedmesh_transport::h2_client(limits, fedmesh_transport::H2Windows::wan(limits))
-                .handshake::<_, Bytes>(stream)
+                .handshake::<_, fedmesh_transport::SendBuf>(stream)
                 .await?;
         let pings = conn.ping_pong();
         let (tx, rx) = watch::channel(false);

@@ -126,6 +126,9 @@ impl<S: fedmesh_transport::Cut> fedmesh_transport::Cut for Rewind<S> {
     }
 }
 
+/// Read through `AsyncRead`: the bytes already read come first.
+impl<S> fedmesh_transport::Chunked for Rewind<S> {}
+
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,

@@ -76,8 +76,14 @@ impl<T: Cut + ?Sized> Cut for Box<T> {
 
 /// A tunnel stream of any carrier (its own TLS connection, a pooled
 /// HTTP/2 stream), as the splice takes it.
-pub trait TunnelIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Cut {}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Cut> TunnelIo for T {}
+pub trait TunnelIo:
+    tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Cut + crate::Chunked
+{
+}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + Cut + crate::Chunked> TunnelIo
+    for T
+{
+}
 
 /// How long [`close`] waits for the far end to finish after this end
 /// did, and how much it reads meanwhile.

@@ -18,7 +18,7 @@ use bytes::{Buf, Bytes};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::{Cut, Limits};
+use crate::{Cut, Limits, SendBuf};
 
 /// Largest write handed to h2 at once (bounds the copy of one write).
 const MAX_WRITE: usize = 256 * 1024;
@@ -53,7 +53,9 @@ pub enum ConnectError {
 /// so opening a stream costs one round trip, not two. A refused `CONNECT`
 /// is the first read's error (a [`ConnectError`] inside a
 /// `ConnectionRefused` I/O error).
-pub async fn open_connect(send: &h2::client::SendRequest<Bytes>) -> Result<H2Stream, ConnectError> {
+pub async fn open_connect(
+    send: &h2::client::SendRequest<SendBuf>,
+) -> Result<H2Stream, ConnectError> {
     let mut req = http::Request::new(());
     *req.method_mut() = http::Method::CONNECT;
     *req.uri_mut() = http::Uri::from_static(AUTHORITY);
@@ -158,7 +160,7 @@ enum Recv {
 }
 
 pub struct H2Stream {
-    send: SendStream<Bytes>,
+    send: SendStream<SendBuf>,
     recv: Recv,
     /// Received and not yet read.
     pending: Bytes,
@@ -170,11 +172,11 @@ pub struct H2Stream {
 }
 
 impl H2Stream {
-    pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
+    pub fn new(send: SendStream<SendBuf>, recv: RecvStream) -> Self {
         Self::with(send, Recv::Body(recv))
     }
 
-    fn with(send: SendStream<Bytes>, recv: Recv) -> Self {
+    fn with(send: SendStream<SendBuf>, recv: Recv) -> Self {
         Self {
             send,
             recv,
@@ -218,13 +220,11 @@ fn reset_error(e: h2::Error) -> Option<io::Error> {
     }
 }
 
-impl AsyncRead for H2Stream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
+impl H2Stream {
+    /// Waits until received data is pending; `false` at the end of the
+    /// stream (or an orderly early end).
+    fn poll_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        let this = self;
         while this.pending.is_empty() {
             let body = match &mut this.recv {
                 Recv::Body(body) => body,
@@ -250,23 +250,84 @@ impl AsyncRead for H2Stream {
             };
             match ready!(body.poll_data(cx)) {
                 Some(Ok(data)) => this.pending = data,
-                None => return Poll::Ready(Ok(())),
+                None => return Poll::Ready(Ok(false)),
                 Some(Err(e)) => {
                     return Poll::Ready(match this.failed(e) {
                         Some(e) => Err(e),
-                        None => Ok(()),
+                        None => Ok(false),
                     })
                 }
             }
         }
+        Poll::Ready(Ok(true))
+    }
+
+    /// `n` bytes were read by the application: the peer may send that
+    /// much more.
+    fn consumed(&mut self, n: usize) {
+        if let Recv::Body(body) = &mut self.recv {
+            let _ = body.flow_control().release_capacity(n);
+        }
+    }
+}
+
+impl AsyncRead for H2Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if !ready!(this.poll_pending(cx))? {
+            return Poll::Ready(Ok(()));
+        }
         let n = this.pending.len().min(buf.remaining());
         buf.put_slice(&this.pending[..n]);
         this.pending.advance(n);
-        // Read by the application: the peer may send that much more.
-        if let Recv::Body(body) = &mut this.recv {
-            let _ = body.flow_control().release_capacity(n);
-        }
+        this.consumed(n);
         Poll::Ready(Ok(()))
+    }
+}
+
+/// DATA frames are handed over as they arrived, and chunks handed in go
+/// out as one DATA frame without being copied into one.
+impl crate::Chunked for H2Stream {
+    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
+        Some(match self.poll_pending(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Ready(Ok(false)) => Poll::Ready(Ok(Bytes::new())),
+            Poll::Ready(Ok(true)) => {
+                let chunk = std::mem::take(&mut self.pending);
+                self.consumed(chunk.len());
+                Poll::Ready(Ok(chunk))
+            }
+        })
+    }
+
+    fn poll_write_chunks(
+        &mut self,
+        cx: &mut Context<'_>,
+        chunks: &[Bytes],
+    ) -> Option<Poll<io::Result<usize>>> {
+        let total: usize = chunks.iter().map(Bytes::len).sum();
+        if total == 0 {
+            return Some(Poll::Ready(Ok(0)));
+        }
+        self.send.reserve_capacity(total.min(MAX_WRITE));
+        let sent = match self.send.poll_capacity(cx) {
+            Poll::Pending => return Some(Poll::Pending),
+            Poll::Ready(Some(Ok(n))) if n > 0 => {
+                let frame = SendBuf::from_chunks(chunks, n.min(total));
+                let len = frame.remaining();
+                self.send.send_data(frame, false).ok().map(|()| len)
+            }
+            Poll::Ready(_) => None,
+        };
+        Some(match sent {
+            Some(n) => Poll::Ready(Ok(n)),
+            None => self.poll_write_error(cx).map(Err),
+        })
     }
 }
 
@@ -300,7 +361,7 @@ impl AsyncWrite for H2Stream {
             Some(Ok(n)) if n > 0 => {
                 let n = n.min(buf.len());
                 this.send
-                    .send_data(Bytes::copy_from_slice(&buf[..n]), false)
+                    .send_data(Bytes::copy_from_slice(&buf[..n]).into(), false)
                     .ok()
                     .map(|()| n)
             }
@@ -338,7 +399,7 @@ impl AsyncWrite for H2Stream {
                 }
                 let len = frame.len();
                 this.send
-                    .send_data(frame.freeze(), false)
+                    .send_data(frame.freeze().into(), false)
                     .ok()
                     .map(|()| len)
             }
@@ -361,7 +422,7 @@ impl AsyncWrite for H2Stream {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        if this.send.send_data(Bytes::new(), true).is_ok() {
+        if this.send.send_data(SendBuf::default(), true).is_ok() {
             return Poll::Ready(Ok(()));
         }
         this.poll_write_error(cx).map(Err)
@@ -398,7 +459,7 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let mut conn = server_builder(limits, windows)
-        .handshake::<_, Bytes>(io)
+        .handshake::<_, SendBuf>(io)
         .await?;
     let pings = conn.ping_pong();
     let accept = async {
@@ -451,5 +512,72 @@ where
     } else {
         handle(Box::new(tls)).await;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+    use crate::Chunked;
+
+    /// A client and a server `H2Stream` over an in-memory pipe.
+    async fn pair() -> (H2Stream, H2Stream) {
+        let limits = Limits::default();
+        let windows = H2Windows::pooled(&limits);
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (accepted_tx, mut accepted) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            let _ = serve(b, &limits, windows, move |s| {
+                let tx = accepted_tx.clone();
+                async move {
+                    let _ = tx.send(s).await;
+                }
+            })
+            .await;
+        });
+        let (send, conn) = client_builder(&Limits::default(), windows)
+            .handshake::<_, SendBuf>(a)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        // The CONNECT goes out at once; the server hands its stream over.
+        let client = open_connect(&send).await.unwrap();
+        (client, accepted.recv().await.unwrap())
+    }
+
+    async fn read_chunk(s: &mut H2Stream) -> Bytes {
+        std::future::poll_fn(|cx| s.poll_read_chunk(cx).unwrap())
+            .await
+            .unwrap()
+    }
+
+    /// Packet-sized chunks handed in go out as one DATA frame, uncopied,
+    /// and the far end's chunk read hands that frame over whole.
+    #[tokio::test]
+    async fn chunks_cross_as_one_frame_and_arrive_as_one_chunk() {
+        let (mut client, mut server) = pair().await;
+        let chunks: Vec<Bytes> = (0..7u8).map(|i| Bytes::from(vec![i; 8952])).collect();
+        let ptrs: Vec<*const u8> = chunks.iter().map(|c| c.as_ptr()).collect();
+        let frame = SendBuf::from_chunks(&chunks, usize::MAX);
+        // The frame refers to the chunks' own memory.
+        let mut io = [io::IoSlice::new(&[]); 8];
+        let n = frame.chunks_vectored(&mut io);
+        assert_eq!(n, 7);
+        for (s, p) in io[..n].iter().zip(&ptrs) {
+            assert_eq!(s.as_ptr(), *p);
+        }
+        let sent = std::future::poll_fn(|cx| client.poll_write_chunks(cx, &chunks).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(sent, 7 * 8952);
+        let got = read_chunk(&mut server).await;
+        assert_eq!(got.len(), 7 * 8952, "one DATA frame for all seven");
+        for (i, part) in got.chunks(8952).enumerate() {
+            assert!(part.iter().all(|&b| usize::from(b) == i));
+        }
+        // The end of the stream reads as an empty chunk.
+        tokio::io::AsyncWriteExt::shutdown(&mut client).await.unwrap();
+        assert!(read_chunk(&mut server).await.is_empty());
     }
 }

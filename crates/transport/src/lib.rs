@@ -6,6 +6,7 @@
 
 pub mod admin;
 mod announced;
+mod chunks;
 mod cut;
 mod h2stream;
 mod identity;
@@ -14,6 +15,7 @@ mod pool;
 mod tunnel;
 
 pub use announced::Announced;
+pub use chunks::{Chunked, SendBuf};
 pub use cut::{close, Cut, TunnelIo};
 pub use h2stream::{
     client_builder as h2_client, keep_alive as h2_keep_alive, open_connect as h2_open,

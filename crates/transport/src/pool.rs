@@ -27,7 +27,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use fedmesh_trust::{PeerPolicy, SharedBundles, SpiffeId, SvidSource, TlsError};
 use fedmesh_wire::{Header, StatusCode};
 use prometheus_client::metrics::counter::Counter;
@@ -41,7 +40,7 @@ use crate::{dial_tls, open, Limits, Refusal, TlsClient, TunnelIo};
 
 /// One pooled connection.
 struct Leg {
-    send: h2::client::SendRequest<Bytes>,
+    send: h2::client::SendRequest<crate::SendBuf>,
     /// Free stream slots.
     slots: Arc<Semaphore>,
     /// The SVID it was dialed with ([`SvidSource::generation`]).
@@ -406,7 +405,7 @@ impl LegPool {
         let (send, mut conn) = tokio::time::timeout(
             self.limits.connect_timeout,
             crate::h2_client(&self.limits, crate::H2Windows::pooled(&self.limits))
-                .handshake::<_, Bytes>(tls),
+                .handshake::<_, crate::SendBuf>(tls),
         )
         .await
         .map_err(|_| refuse("HTTP/2 handshake timed out".into()))?
