@@ -575,7 +575,10 @@ async fn passthrough(
     let connect =
         tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(dst)).await;
     let mut up = match connect {
-        Ok(Ok(up)) => up,
+        Ok(Ok(up)) => {
+            let _ = up.set_nodelay(true);
+            up
+        }
         Ok(Err(e)) => {
             tracing::debug!(%dst, error = %e, "passthrough connect failed");
             return count("refused");
@@ -942,7 +945,11 @@ async fn inbound_stream<S: TunnelIo>(
     let connect =
         tokio::time::timeout(shared.limits.connect_timeout, TcpStream::connect(app_addr)).await;
     let mut app = match connect {
-        Ok(Ok(s)) => s,
+        Ok(Ok(s)) => {
+            // As every socket a proxy writes to: no Nagle delay.
+            let _ = s.set_nodelay(true);
+            s
+        }
         Ok(Err(e)) => {
             answer(
                 down,

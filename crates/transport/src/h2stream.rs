@@ -577,7 +577,9 @@ mod tests {
             assert!(part.iter().all(|&b| usize::from(b) == i));
         }
         // The end of the stream reads as an empty chunk.
-        tokio::io::AsyncWriteExt::shutdown(&mut client).await.unwrap();
+        tokio::io::AsyncWriteExt::shutdown(&mut client)
+            .await
+            .unwrap();
         assert!(read_chunk(&mut server).await.is_empty());
     }
 }

@@ -55,6 +55,10 @@ pub async fn serve_tcp<H, Fut>(
                 continue;
             }
         };
+        // A proxy forwards what it is given as it is given: Nagle's
+        // algorithm would hold a small write back until the previous one
+        // is acknowledged.
+        let _ = tcp.set_nodelay(true);
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             tracing::warn!(%remote, limit, listener = what, "connection over the limit; closing");
             over_limit(remote);
@@ -65,5 +69,37 @@ pub async fn serve_tcp<H, Fut>(
             fut.await;
             drop(permit);
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    /// Every accepted connection has Nagle's algorithm off, so a small
+    /// write behind an unacknowledged one goes out at once.
+    #[tokio::test]
+    async fn accepted_connections_do_not_wait_for_acks() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let server = tokio::spawn(super::serve_tcp(
+            listener,
+            "test",
+            4,
+            |_| {},
+            move |tcp, _| {
+                let tx = tx.clone();
+                async move {
+                    let _ = tx.send(tcp.nodelay().unwrap()).await;
+                }
+            },
+        ));
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert!(
+            rx.recv().await.unwrap(),
+            "TCP_NODELAY on the accepted socket"
+        );
+        server.abort();
     }
 }
