@@ -66,6 +66,34 @@ struct Slot {
     single: bool,
 }
 
+impl Slot {
+    /// Nothing usable open, nothing being dialed, nobody waiting for a
+    /// dial: the entry may go (a next hop reached again starts afresh).
+    fn unused(&mut self, generation: u64) -> bool {
+        self.legs.retain(|l| l.usable(generation));
+        self.legs.is_empty() && self.dialing == 0 && self.dialed.receiver_count() == 0
+    }
+}
+
+/// The map's size below which it is never swept.
+const SWEEP_MIN: usize = 64;
+
+/// Drops the entries of next hops no longer in use once the map has
+/// doubled since the last sweep (so a sweep costs O(1) per new next hop,
+/// amortised); returns the size at which the next sweep is due. Without
+/// it every (address, identity) ever dialed stayed: pods come and go.
+fn sweep<K: Eq + std::hash::Hash>(
+    slots: &mut HashMap<K, Slot>,
+    generation: u64,
+    due: usize,
+) -> usize {
+    if slots.len() < due {
+        return due;
+    }
+    slots.retain(|_, s| !s.unused(generation));
+    (slots.len() * 2).max(SWEEP_MIN)
+}
+
 impl Default for Slot {
     fn default() -> Self {
         Self {
@@ -169,6 +197,8 @@ pub struct LegPool {
     source: SvidSource,
     limits: Limits,
     slots: Mutex<HashMap<(SocketAddr, SpiffeId), Slot>>,
+    /// The map's size at which it is next swept ([`sweep`]).
+    sweep_due: std::sync::atomic::AtomicUsize,
     pub counts: PoolCounts,
 }
 
@@ -193,6 +223,7 @@ impl LegPool {
             source: source.clone(),
             limits,
             slots: Mutex::new(HashMap::new()),
+            sweep_due: std::sync::atomic::AtomicUsize::new(SWEEP_MIN),
             counts: PoolCounts::default(),
         })
     }
@@ -304,6 +335,11 @@ impl LegPool {
         let counted = loop {
             let next = {
                 let mut slots = self.lock();
+                if !slots.contains_key(&key) {
+                    let due = self.sweep_due.load(Ordering::Relaxed);
+                    self.sweep_due
+                        .store(sweep(&mut slots, generation, due), Ordering::Relaxed);
+                }
                 let slot = slots.entry(key.clone()).or_default();
                 // Closed and pre-renewal connections leave the pool; a
                 // pre-renewal one drains as its streams end.
@@ -498,5 +534,35 @@ async fn idle_out(slots: &Semaphore, all: usize, idle: Duration, closed: &Atomic
             let _ = slots.acquire_many(all as u32).await;
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Entries of next hops no longer in use go once the map has doubled;
+    /// one with a dial under way, or a stream waiting for one, stays.
+    #[test]
+    fn next_hops_no_longer_used_are_swept() {
+        let mut slots: HashMap<u32, Slot> = (0..100).map(|k| (k, Slot::default())).collect();
+        if let Some(s) = slots.get_mut(&7) {
+            s.dialing = 1;
+        }
+        let waiter = slots[&8].dialed.subscribe();
+        // Below the size due: untouched.
+        assert_eq!(sweep(&mut slots, 0, 101), 101);
+        assert_eq!(slots.len(), 100);
+        let due = sweep(&mut slots, 0, 100);
+        let mut left: Vec<u32> = slots.keys().copied().collect();
+        left.sort_unstable();
+        assert_eq!(left, [7, 8]);
+        assert_eq!(due, SWEEP_MIN);
+        drop(waiter);
+        if let Some(s) = slots.get_mut(&7) {
+            s.dialing = 0;
+        }
+        sweep(&mut slots, 0, 0);
+        assert!(slots.is_empty());
     }
 }
