@@ -337,24 +337,16 @@ struct GatewaySocket {
 }
 
 impl GatewaySocket {
-    fn send(&self, transmit: &Transmit) -> io::Result<()> {
-        let seg = match transmit.segment_size {
-            Some(s) if s > 0 && transmit.contents.len() > MAX_SEND_BYTES => s,
-            _ => return self.inner.try_send(transmit),
-        };
-        // Whole packets per send. If a later part finds the socket full,
-        // quinn sends the whole batch again once it drains: the parts
-        // already sent arrive twice and the peer drops the duplicates,
-        // which costs less than losing packets that were never lost.
-        let per_send = (MAX_SEND_BYTES / seg).max(1) * seg;
-        for part in transmit.contents.chunks(per_send) {
-            self.inner.try_send(&Transmit {
-                destination: transmit.destination,
-                ecn: transmit.ecn,
-                contents: part,
-                segment_size: (part.len() > seg).then_some(seg),
-                src_ip: transmit.src_ip,
-            })?;
+    /// One UDP send, counted when it went out.
+    fn send_one(&self, transmit: &Transmit) -> io::Result<()> {
+        self.inner.try_send(transmit)?;
+        if let Some(counters) = &self.counters {
+            let segments = match transmit.segment_size {
+                Some(s) if s > 0 => transmit.contents.len().div_ceil(s),
+                _ => 1,
+            };
+            counters.tx_calls.inc();
+            counters.tx_datagrams.inc_by(segments as u64);
         }
         Ok(())
     }
@@ -376,17 +368,26 @@ impl AsyncUdpSocket for GatewaySocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let r = self.send(transmit);
-        if let (Ok(()), Some(counters)) = (&r, &self.counters) {
-            let len = transmit.contents.len();
-            let segments = match transmit.segment_size {
-                Some(s) if s > 0 => len.div_ceil(s),
-                _ => 1,
-            };
-            counters.tx_calls.inc();
-            counters.tx_datagrams.inc_by(segments as u64);
+        let seg = match transmit.segment_size {
+            Some(s) if s > 0 && transmit.contents.len() > MAX_SEND_BYTES => s,
+            _ => return self.send_one(transmit),
+        };
+        // Whole packets per send, each send counted as it goes out. If a
+        // later part finds the socket full, quinn sends the whole batch
+        // again once it drains: the parts already sent arrive twice and
+        // the peer drops the duplicates, which costs less than losing
+        // packets that were never lost.
+        let per_send = (MAX_SEND_BYTES / seg).max(1) * seg;
+        for part in transmit.contents.chunks(per_send) {
+            self.send_one(&Transmit {
+                destination: transmit.destination,
+                ecn: transmit.ecn,
+                contents: part,
+                segment_size: (part.len() > seg).then_some(seg),
+                src_ip: transmit.src_ip,
+            })?;
         }
-        r
+        Ok(())
     }
 
     fn poll_recv(
@@ -451,9 +452,10 @@ mod tests {
             eprintln!("no UDP GSO here: nothing to split");
             return;
         }
+        let metrics = crate::metrics::GatewayMetrics::default();
         let socket = Arc::new(GatewaySocket {
             inner,
-            counters: None,
+            counters: Some(SocketCounters::of(&metrics)),
         });
         let mut writable = socket.clone().create_io_poller();
         const SEG: usize = 8952;
@@ -493,5 +495,7 @@ mod tests {
                 "packet {i} in order"
             );
         }
+        // Two sends (seven packets, then three), each counted.
+        assert_eq!(metrics.udp_counts("tx"), (10, 2));
     }
 }

@@ -170,8 +170,11 @@ where
                     if let Some(p) = l.poll_write_chunks(cx, ready) {
                         return p;
                     }
-                    let slices: Vec<IoSlice<'_>> = ready.iter().map(|b| IoSlice::new(b)).collect();
-                    Pin::new(&mut **l).poll_write_vectored(cx, &slices)
+                    let mut slices = [IoSlice::new(&[]); CHUNKS];
+                    for (slot, b) in slices.iter_mut().zip(ready.iter()) {
+                        *slot = IoSlice::new(b);
+                    }
+                    Pin::new(&mut **l).poll_write_vectored(cx, &slices[..ready.len()])
                 })
                 .await?;
                 if written == 0 {

@@ -28,9 +28,8 @@ pub struct Args {
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     drain: std::time::Duration,
     /// Threads that run the proxy's connections [default: one per CPU].
-    /// One thread costs least CPU per byte (no wake-ups between threads;
-    /// one peer's QUIC connection is served by one task anyway); more
-    /// spread many connections over cores.
+    /// Fewer threads wake each other less; more spread many connections
+    /// over cores (one peer's QUIC connection is one task either way).
     #[arg(long, env = "FEDMESH_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub worker_threads: Option<u16>,
 }

@@ -3,10 +3,11 @@
 //! An HTTP/2 stream receives its payload as `Bytes` (DATA frames cut from
 //! the TLS plaintext) and can send `Bytes` it is handed without copying
 //! them; a QUIC stream does both too. Through `AsyncRead`/`AsyncWrite`
-//! every byte is copied once more on the way between the two. A splice
-//! asks the carrier for its chunks first ([`Chunked`]) and falls back to
-//! reading and writing slices when it has none (a TLS connection of its
-//! own, a plain TCP connection).
+//! every byte is copied once more on the way between the two. The
+//! gateway's QUIC splice asks the carrier for its chunks first
+//! ([`Chunked`]) and falls back to reading and writing slices when it has
+//! none (a TLS connection of its own, a plain TCP connection); the
+//! sidecars' splice and the TCP fallback's still copy.
 
 use std::io;
 use std::task::{Context, Poll};
@@ -41,20 +42,6 @@ impl Chunked for tokio::net::TcpStream {}
 impl<IO> Chunked for tokio_rustls::client::TlsStream<IO> {}
 impl<IO> Chunked for tokio_rustls::server::TlsStream<IO> {}
 
-impl<T: Chunked + ?Sized> Chunked for &mut T {
-    fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
-        (**self).poll_read_chunk(cx)
-    }
-
-    fn poll_write_chunks(
-        &mut self,
-        cx: &mut Context<'_>,
-        chunks: &[Bytes],
-    ) -> Option<Poll<io::Result<usize>>> {
-        (**self).poll_write_chunks(cx, chunks)
-    }
-}
-
 impl<T: Chunked + ?Sized> Chunked for Box<T> {
     fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
         (**self).poll_read_chunk(cx)
@@ -85,14 +72,11 @@ impl SendBuf {
     pub fn from_chunks(chunks: &[Bytes], limit: usize) -> SendBuf {
         let mut out = Vec::with_capacity(chunks.len());
         let mut left = 0;
-        for c in chunks {
-            let take = (limit - left).min(c.len());
-            if take == 0 {
-                if left == limit {
-                    break;
-                }
-                continue;
+        for c in chunks.iter().filter(|c| !c.is_empty()) {
+            if left == limit {
+                break;
             }
+            let take = (limit - left).min(c.len());
             out.push(c.slice(..take));
             left += take;
         }

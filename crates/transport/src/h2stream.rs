@@ -293,16 +293,12 @@ impl AsyncRead for H2Stream {
 /// out as one DATA frame without being copied into one.
 impl crate::Chunked for H2Stream {
     fn poll_read_chunk(&mut self, cx: &mut Context<'_>) -> Option<Poll<io::Result<Bytes>>> {
-        Some(match self.poll_pending(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
-            Poll::Ready(Ok(false)) => Poll::Ready(Ok(Bytes::new())),
-            Poll::Ready(Ok(true)) => {
-                let chunk = std::mem::take(&mut self.pending);
-                self.consumed(chunk.len());
-                Poll::Ready(Ok(chunk))
-            }
-        })
+        // At the end `pending` is empty: taking it yields the empty chunk.
+        Some(self.poll_pending(cx).map_ok(|_| {
+            let chunk = std::mem::take(&mut self.pending);
+            self.consumed(chunk.len());
+            chunk
+        }))
     }
 
     fn poll_write_chunks(
@@ -373,9 +369,10 @@ impl AsyncWrite for H2Stream {
         }
     }
 
-    /// Every slice ready goes out as one DATA frame: the gateway's QUIC
-    /// splice hands over a packet's worth per slice, and a frame per slice
-    /// would cost the reader a wake-up and a write each.
+    /// Every slice ready goes out as one DATA frame (copied into it, since
+    /// the slices are only borrowed): a frame per slice would cost the
+    /// reader a wake-up and a write each. Owned chunks go out uncopied
+    /// through [`crate::Chunked::poll_write_chunks`] instead.
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -94,6 +94,25 @@ fn sweep<K: Eq + std::hash::Hash>(
     (slots.len() * 2).max(SWEEP_MIN)
 }
 
+type HopKey = (SocketAddr, SpiffeId);
+
+/// What the pool keeps per next hop, and the map's size at which it is
+/// next swept ([`sweep`]).
+struct Hops {
+    slots: HashMap<HopKey, Slot>,
+    sweep_due: usize,
+}
+
+impl Hops {
+    /// `key`'s entry; before a new one is made, the map is swept if due.
+    fn slot(&mut self, key: &HopKey, generation: u64) -> &mut Slot {
+        if !self.slots.contains_key(key) {
+            self.sweep_due = sweep(&mut self.slots, generation, self.sweep_due);
+        }
+        self.slots.entry(key.clone()).or_default()
+    }
+}
+
 impl Default for Slot {
     fn default() -> Self {
         Self {
@@ -196,9 +215,7 @@ pub struct LegPool {
     connector: TlsConnector,
     source: SvidSource,
     limits: Limits,
-    slots: Mutex<HashMap<(SocketAddr, SpiffeId), Slot>>,
-    /// The map's size at which it is next swept ([`sweep`]).
-    sweep_due: std::sync::atomic::AtomicUsize,
+    hops: Mutex<Hops>,
     pub counts: PoolCounts,
 }
 
@@ -222,8 +239,10 @@ impl LegPool {
             connector: TlsConnector::from(Arc::new(tls)),
             source: source.clone(),
             limits,
-            slots: Mutex::new(HashMap::new()),
-            sweep_due: std::sync::atomic::AtomicUsize::new(SWEEP_MIN),
+            hops: Mutex::new(Hops {
+                slots: HashMap::new(),
+                sweep_due: SWEEP_MIN,
+            }),
             counts: PoolCounts::default(),
         })
     }
@@ -233,8 +252,8 @@ impl LegPool {
         self.limits.pool_connections > 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(SocketAddr, SpiffeId), Slot>> {
-        self.slots.lock().unwrap_or_else(|p| p.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, Hops> {
+        self.hops.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Opens a tunnel stream to `addr` (which must be `identity`): sends
@@ -334,13 +353,8 @@ impl LegPool {
         };
         let counted = loop {
             let next = {
-                let mut slots = self.lock();
-                if !slots.contains_key(&key) {
-                    let due = self.sweep_due.load(Ordering::Relaxed);
-                    self.sweep_due
-                        .store(sweep(&mut slots, generation, due), Ordering::Relaxed);
-                }
-                let slot = slots.entry(key.clone()).or_default();
+                let mut hops = self.lock();
+                let slot = hops.slot(&key, generation);
                 // Closed and pre-renewal connections leave the pool; a
                 // pre-renewal one drains as its streams end.
                 slot.legs.retain(|l| l.usable(generation));
@@ -394,9 +408,9 @@ impl LegPool {
             counted,
         };
         let dialed = self.dial(addr, identity, generation).await;
-        let mut slots = self.lock();
-        dialing.settle(&mut slots);
-        let slot = slots.entry(key).or_default();
+        let mut hops = self.lock();
+        dialing.settle(&mut hops);
+        let slot = hops.slot(&key, generation);
         let leg = match dialed? {
             Dialed::Single(tls) => {
                 if !slot.single {
@@ -482,23 +496,19 @@ impl LegPool {
 /// against the bound, and the streams waiting for it look again.
 struct DialGuard<'a> {
     pool: &'a LegPool,
-    key: Option<(SocketAddr, SpiffeId)>,
+    key: Option<HopKey>,
     counted: bool,
 }
 
 impl DialGuard<'_> {
-    fn settle(mut self, slots: &mut HashMap<(SocketAddr, SpiffeId), Slot>) {
+    fn settle(mut self, hops: &mut Hops) {
         if let Some(key) = self.key.take() {
-            Self::release(slots, &key, self.counted);
+            Self::release(hops, &key, self.counted);
         }
     }
 
-    fn release(
-        slots: &mut HashMap<(SocketAddr, SpiffeId), Slot>,
-        key: &(SocketAddr, SpiffeId),
-        counted: bool,
-    ) {
-        if let Some(slot) = slots.get_mut(key) {
+    fn release(hops: &mut Hops, key: &HopKey, counted: bool) {
+        if let Some(slot) = hops.slots.get_mut(key) {
             if counted {
                 slot.dialing = slot.dialing.saturating_sub(1);
             }
