@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fedmesh_gateway::Transport;
-use fedmesh_testkit::drill::{self, DrillSpec, FaultMode};
-use fedmesh_testkit::{percentile, run_load_counted, ControlPlane, LoadReport, LoadSpec, Rig};
+use fedmesh_rig::drill::{self, DrillSpec, FaultMode};
+use fedmesh_rig::{percentile, run_load_counted, ControlPlane, LoadReport, LoadSpec, Rig};
 use serde_json::json;
 
 #[derive(clap::Args)]
@@ -47,7 +47,7 @@ struct Flow {
 /// Streams east's gateway opened to each peer, by transport: (QUIC, TCP).
 type StreamsByPeer = BTreeMap<String, (u64, u64)>;
 
-fn peer_streams(rig: &Rig, from: &fedmesh_testkit::RigCluster) -> StreamsByPeer {
+fn peer_streams(rig: &Rig, from: &fedmesh_rig::RigCluster) -> StreamsByPeer {
     let m = from.gateway.metrics();
     rig.clusters
         .iter()

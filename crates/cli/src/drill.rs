@@ -4,8 +4,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-use fedmesh_testkit::drill::{self, DrillReport, DrillSpec, FaultMode, Progress};
-use fedmesh_testkit::{ControlPlane, Rig, Topology};
+use fedmesh_rig::drill::{self, DrillReport, DrillSpec, FaultMode, Progress};
+use fedmesh_rig::{ControlPlane, Rig, Topology};
 
 #[derive(clap::Subcommand)]
 pub enum Command {
@@ -96,7 +96,7 @@ pub fn demo_topology(service: &str, fail: &str, http: bool) -> anyhow::Result<To
             .flat_map(|c| c.services.iter_mut())
             .filter(|s| s.name == service)
         {
-            s.app = fedmesh_testkit::AppKind::Http;
+            s.app = fedmesh_rig::AppKind::Http;
         }
     }
     t.control_plane = ControlPlane::Embedded;

@@ -12,9 +12,11 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::error::Context;
 use crate::faults::RelayMode;
 use crate::load::{percentile, run_open_loop, LiveCounts, OpenLoopSpec, Sample};
 use crate::rig::Rig;
+use crate::RigError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -290,23 +292,25 @@ pub async fn run_on_rig(
     rig: &Rig,
     spec: &DrillSpec,
     mut progress: impl FnMut(Progress),
-) -> anyhow::Result<DrillReport> {
+) -> Result<DrillReport, RigError> {
     let from = rig
         .cluster(&spec.from)
-        .ok_or_else(|| anyhow::anyhow!("no cluster {:?}", spec.from))?;
+        .ok_or_else(|| RigError::Drill(format!("no cluster {:?}", spec.from)))?;
     let target = rig
         .cluster(&spec.fail)
-        .ok_or_else(|| anyhow::anyhow!("no cluster {:?}", spec.fail))?;
+        .ok_or_else(|| RigError::Drill(format!("no cluster {:?}", spec.fail)))?;
     let addr = from.client_addr(&spec.service).ok_or_else(|| {
-        anyhow::anyhow!(
+        RigError::Drill(format!(
             "{} has no outbound listener for {}",
-            spec.from,
-            spec.service
-        )
+            spec.from, spec.service
+        ))
     })?;
     let relay = target.relay.as_ref();
     if spec.mode != FaultMode::Drain && relay.is_none() {
-        anyhow::bail!("mode {} needs the rig's fault relays", spec.mode);
+        return Err(RigError::Drill(format!(
+            "mode {} needs the rig's fault relays",
+            spec.mode
+        )));
     }
     let live = Arc::new(LiveCounts::default());
     let load = OpenLoopSpec {
@@ -397,7 +401,7 @@ pub async fn run_on_rig(
             phase: "done",
         });
     }
-    let samples = runner.await?;
+    let samples = runner.await.ctx(|| "the drill's load".into())?;
     let mut report = analyze(
         spec,
         &samples,

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use fedmesh_testkit::{AppKind, ClusterTopo, HttpConn, Rig, ServiceTopo, Topology};
+use fedmesh_rig::{AppKind, ClusterTopo, HttpConn, Rig, ServiceTopo, Topology};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn svc(name: &str, app: AppKind) -> ServiceTopo {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use fedmesh_testkit::{run_load, LoadSpec, Rig, Topology};
+use fedmesh_rig::{run_load, LoadSpec, Rig, Topology};
 
 fn topology(policies: &str) -> Topology {
     let mut t = Topology::demo();

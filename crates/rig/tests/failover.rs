@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use fedmesh_testkit::drill::{run_on_rig, DrillReport, DrillSpec, FaultMode};
-use fedmesh_testkit::{ControlPlane, Rig, Topology};
+use fedmesh_rig::drill::{run_on_rig, DrillReport, DrillSpec, FaultMode};
+use fedmesh_rig::{ControlPlane, Rig, Topology};
 
 fn topology(control_plane: ControlPlane) -> Topology {
     let mut t = Topology::demo();
@@ -45,7 +45,7 @@ fn spec(mode: FaultMode) -> DrillSpec {
 const BOUND_MS: f64 = 2_000.0;
 
 fn check(r: &DrillReport) {
-    println!("{}", fedmesh_testkit::drill::render(r));
+    println!("{}", fedmesh_rig::drill::render(r));
     assert!(
         r.failed_cluster_share_before > 0.95,
         "west must take the traffic before the fault, or nothing is proven: {r:?}"
@@ -69,7 +69,7 @@ fn check(r: &DrillReport) {
 async fn blackhole_kill_and_drain_fail_over_within_a_second_and_recover() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,fedmesh_testkit=info".into()),
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,fedmesh_rig=info".into()),
         )
         .with_test_writer()
         .try_init();
@@ -97,7 +97,7 @@ async fn idempotent_http_requests_survive_blackhole_and_kill_without_a_failure()
         .flat_map(|c| c.services.iter_mut())
         .filter(|s| s.name == "echo.demo")
     {
-        s.app = fedmesh_testkit::AppKind::Http;
+        s.app = fedmesh_rig::AppKind::Http;
     }
     let rig = Rig::start(&topo).await.unwrap();
     for mode in [FaultMode::Blackhole, FaultMode::KillGateway] {

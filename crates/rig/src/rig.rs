@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use anyhow::Context;
+use crate::error::{Context, RigError};
 use fedmesh_catalog::mcs::{Protocol, ServiceType};
 use fedmesh_catalog::{CatalogSpec, EndpointSpec, ImportSpec, PeerSpec, ServiceSpec};
 use fedmesh_catalog::{ClusterName, ServicePolicy};
@@ -34,7 +34,7 @@ use fedmesh_api::controller_identity;
 use fedmesh_api::server::{self, ApiHandle, ApiLimits, ApiMetrics, ConfigApi};
 use fedmesh_trust::{ClientAuth, PeerPolicy, SvidSource};
 
-const ANY: &str = "127.0.0.1:0";
+const ANY: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
 const CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Clone)]
@@ -208,15 +208,17 @@ impl Rig {
         self.clusters.iter().find(|c| c.name == name)
     }
 
-    pub async fn start(topo: &Topology) -> anyhow::Result<Rig> {
+    pub async fn start(topo: &Topology) -> Result<Rig, RigError> {
         let mut registry = Registry::default();
         // CAs and the shared bundle set first: every cluster trusts every
         // other cluster's root, each under its own trust domain.
         let mut cas = Vec::new();
         let mut all = TrustBundles::new();
         for c in &topo.clusters {
-            let td = TrustDomain::new(&format!("{}.{}", c.name, topo.mesh))?;
-            let ca = CertificateAuthority::new_root(td.clone(), CERT_TTL * 30)?;
+            let td = TrustDomain::new(&format!("{}.{}", c.name, topo.mesh))
+                .ctx(|| format!("trust domain of {}", c.name))?;
+            let ca = CertificateAuthority::new_root(td.clone(), CERT_TTL * 30)
+                .ctx(|| format!("CA of {}", c.name))?;
             all.insert(ca.bundle());
             cas.push((td, ca));
         }
@@ -239,16 +241,18 @@ impl Rig {
                 ..Default::default()
             }
             .build()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            .ctx(|| format!("catalog of {}", c.name))?;
             let gw_id = td.system_id("gateway");
             let gateway = Gateway::build(
                 GatewaySettings {
                     catalog: bare.clone(),
-                    identity: ca.issue(&gw_id, CERT_TTL)?,
+                    identity: ca
+                        .issue(&gw_id, CERT_TTL)
+                        .ctx(|| format!("gateway SVID of {}", c.name))?,
                     bundles: bundles.clone(),
-                    quic: ANY.parse()?,
-                    tunnel: ANY.parse()?,
-                    tcp_fallback: topo.tcp_fallback.then(|| ANY.parse()).transpose()?,
+                    quic: ANY,
+                    tunnel: ANY,
+                    tcp_fallback: topo.tcp_fallback.then_some(ANY),
                     admin: None,
                     limits: topo.limits.clone(),
                     congestion: Default::default(),
@@ -257,24 +261,28 @@ impl Rig {
                 reg,
             )
             .await
-            .with_context(|| format!("gateway of {}", c.name))?;
+            .ctx(|| format!("gateway of {}", c.name))?;
             let gateway = Arc::new(gateway);
             let mut apps = Vec::new();
             let mut sidecars = Vec::new();
             for s in &c.services {
-                let name = ServiceName::parse(&s.name)?;
-                let id = td.workload(name.namespace(), name.name())?;
+                let name = ServiceName::parse(&s.name).ctx(|| format!("service {:?}", s.name))?;
+                let id = td
+                    .workload(name.namespace(), name.name())
+                    .ctx(|| format!("identity of {name}"))?;
                 for i in 0..s.replicas {
-                    let app = App::start(s.app, &format!("{}/{}-{i}", c.name, name.name())).await?;
+                    let app = App::start(s.app, &format!("{}/{}-{i}", c.name, name.name()))
+                        .await
+                        .ctx(|| format!("app of {name}"))?;
                     let sc = Sidecar::build(
                         SidecarSettings {
                             catalog: bare.clone(),
-                            identity: ca.issue(&id, CERT_TTL)?,
+                            identity: ca.issue(&id, CERT_TTL).ctx(|| format!("SVID of {id}"))?,
                             bundles: bundles.clone(),
                             outbound: Vec::new(),
                             inbound: Some(InboundSettings {
                                 app_ports: Vec::new(),
-                                listen: ANY.parse()?,
+                                listen: ANY,
                                 routes: vec![InboundRoute {
                                     service: name.clone(),
                                     port: s.port,
@@ -289,13 +297,18 @@ impl Rig {
                         },
                         reg,
                     )
-                    .await?;
+                    .await
+                    .ctx(|| format!("sidecar of {name} in {}", c.name))?;
                     apps.push(app);
                     sidecars.push((name.clone(), s.port, s.export, Arc::new(sc)));
                 }
             }
             let relay = match topo.fault_relays {
-                true => Some(UdpRelay::start(gateway.quic_addr()).await?),
+                true => Some(
+                    UdpRelay::start(gateway.quic_addr())
+                        .await
+                        .ctx(|| format!("fault relay of {}", c.name))?,
+                ),
                 false => None,
             };
             parts.push(Partial {
@@ -323,7 +336,7 @@ impl Rig {
                 ..Default::default()
             };
             for s in &p.topo.services {
-                let name = ServiceName::parse(&s.name)?;
+                let name = ServiceName::parse(&s.name).ctx(|| format!("service {:?}", s.name))?;
                 spec.services.push(ServiceSpec {
                     vips: Vec::new(),
                     name: name.to_string(),
@@ -370,14 +383,16 @@ impl Rig {
         };
         let all_bundles: Vec<(ClusterName, fedmesh_trust::TrustBundle)> = parts
             .iter()
-            .map(|p| Ok((ClusterName::new(&p.topo.name)?, p.ca.bundle())))
-            .collect::<anyhow::Result<_>>()?;
+            .map(|p| {
+                let name =
+                    ClusterName::new(&p.topo.name).ctx(|| format!("cluster {:?}", p.topo.name))?;
+                Ok((name, p.ca.bundle()))
+            })
+            .collect::<Result<_, RigError>>()?;
         let started = Instant::now();
         let mut out = Vec::new();
         for (p, spec) in parts.into_iter().zip(clusters) {
-            let catalog = spec
-                .build()
-                .map_err(|e| anyhow::anyhow!("{}: {e}", p.topo.name))?;
+            let catalog = spec.build().ctx(|| format!("catalog of {}", p.topo.name))?;
             let mut outbound = Vec::new();
             let mut names: Vec<(String, u16)> = spec
                 .services
@@ -404,8 +419,8 @@ impl Rig {
                     _ => OutboundProtocol::Detect,
                 };
                 outbound.push(OutboundRoute {
-                    listen: ANY.parse()?,
-                    service: ServiceName::parse(&n)?,
+                    listen: ANY,
+                    service: ServiceName::parse(&n).ctx(|| format!("service {n:?}"))?,
                     port,
                     protocol,
                 });
@@ -418,7 +433,12 @@ impl Rig {
                 Sidecar::build(
                     SidecarSettings {
                         catalog: catalog.clone(),
-                        identity: p.ca.issue(&p.td.workload("demo", "client")?, CERT_TTL)?,
+                        identity: {
+                            let id =
+                                p.td.workload("demo", "client")
+                                    .ctx(|| "client identity".into())?;
+                            p.ca.issue(&id, CERT_TTL).ctx(|| format!("SVID of {id}"))?
+                        },
                         bundles: p.bundles.clone(),
                         outbound,
                         inbound: None,
@@ -430,7 +450,8 @@ impl Rig {
                     },
                     reg,
                 )
-                .await?,
+                .await
+                .ctx(|| format!("client sidecar of {}", p.topo.name))?,
             );
             let (controller, agent) = match &store {
                 None => {
@@ -441,7 +462,8 @@ impl Rig {
                     (None, None)
                 }
                 Some(store) => {
-                    let name = ClusterName::new(&p.topo.name)?;
+                    let name = ClusterName::new(&p.topo.name)
+                        .ctx(|| format!("cluster {:?}", p.topo.name))?;
                     let settings = ControllerSettings {
                         cluster: name.clone(),
                         trust_domain: p.td.clone(),
@@ -513,7 +535,9 @@ impl Rig {
                         break Some(started.elapsed());
                     }
                     if started.elapsed() > deadline {
-                        anyhow::bail!("control plane did not converge within {deadline:?}");
+                        return Err(RigError::NotReady(format!(
+                            "control plane did not converge within {deadline:?}"
+                        )));
                     }
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
@@ -529,7 +553,9 @@ impl Rig {
                     .iter()
                     .map(|c| format!("{}: {}/{peers}", c.name, c.gateway.live_peers()))
                     .collect();
-                anyhow::bail!("gateways not connected to every peer within 10 s: {have:?}");
+                return Err(RigError::NotReady(format!(
+                    "gateways not connected to every peer within 10 s: {have:?}"
+                )));
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -546,10 +572,10 @@ impl Rig {
 fn local_services(
     topo: &ClusterTopo,
     sidecars: &[(ServiceName, u16, bool, Arc<Sidecar>)],
-) -> anyhow::Result<Vec<LocalService>> {
+) -> Result<Vec<LocalService>, RigError> {
     let mut out = Vec::new();
     for s in &topo.services {
-        let name = ServiceName::parse(&s.name)?;
+        let name = ServiceName::parse(&s.name).ctx(|| format!("service {:?}", s.name))?;
         let endpoints = sidecars
             .iter()
             .filter(|x| x.0 == name)
@@ -577,35 +603,42 @@ async fn serve_config(
     ctrl: &Controller,
     client: &Arc<Sidecar>,
     reg: &mut Registry,
-) -> anyhow::Result<(ApiHandle, Vec<ProxyLink>)> {
+) -> Result<(ApiHandle, Vec<ProxyLink>), RigError> {
     let own = || SharedBundles::new(TrustBundles::new().with(p.ca.bundle()));
-    let api_id = p.ca.issue(&controller_identity(&p.td), CERT_TTL)?;
+    let api_id =
+        p.ca.issue(&controller_identity(&p.td), CERT_TTL)
+            .ctx(|| "controller SVID".into())?;
     let tls = fedmesh_trust::server_config_from(
-        &SvidSource::new(api_id)?,
+        &SvidSource::new(api_id).ctx(|| "controller SVID".into())?,
         own(),
         PeerPolicy::trust_domain(p.td.clone()),
         &[b"h2"],
         ClientAuth::Required,
-    )?;
+    )
+    .ctx(|| "config API TLS".into())?;
     let metrics = ApiMetrics::default();
     metrics.register(reg);
     let source = server::versioned(ctrl.catalog(), ctrl.bundles());
     let api = ConfigApi::new(source, ApiLimits::default(), metrics);
-    let handle = server::spawn(ANY.parse()?, tls, api, None).await?;
-    let cluster = ClusterName::new(&p.topo.name)?;
-    let subscribe = |id: &fedmesh_trust::SpiffeId, node: String| -> anyhow::Result<Subscription> {
-        let svid = p.ca.issue(id, CERT_TTL)?;
-        let tls = fedmesh_trust::client_config(
-            &svid,
-            own(),
-            PeerPolicy::id(controller_identity(&p.td)),
-            &[b"h2"],
-        )?;
-        let mut settings = ClientSettings::new(handle.addr, node);
-        settings.cluster = Some(cluster.clone());
-        settings.backoff_max = Duration::from_millis(500);
-        Ok(client::subscribe(settings, Arc::new(tls)))
-    };
+    let handle = server::spawn(ANY, tls, api, None)
+        .await
+        .ctx(|| format!("config API of {}", p.topo.name))?;
+    let cluster = ClusterName::new(&p.topo.name).ctx(|| format!("cluster {:?}", p.topo.name))?;
+    let subscribe =
+        |id: &fedmesh_trust::SpiffeId, node: String| -> Result<Subscription, RigError> {
+            let svid = p.ca.issue(id, CERT_TTL).ctx(|| format!("SVID of {id}"))?;
+            let tls = fedmesh_trust::client_config(
+                &svid,
+                own(),
+                PeerPolicy::id(controller_identity(&p.td)),
+                &[b"h2"],
+            )
+            .ctx(|| "config API client TLS".into())?;
+            let mut settings = ClientSettings::new(handle.addr, node);
+            settings.cluster = Some(cluster.clone());
+            settings.backoff_max = Duration::from_millis(500);
+            Ok(client::subscribe(settings, Arc::new(tls)))
+        };
     let mut links = Vec::new();
     // Bundles first: a catalog may name peers only the new bundles trust.
     let gw = p.gateway.clone();

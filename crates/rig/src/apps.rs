@@ -6,6 +6,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+use crate::RigError;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AppKind {
     /// Writes a banner line naming itself, then echoes every byte.
@@ -291,17 +293,23 @@ pub struct HttpReply {
 
 impl HttpConn {
     /// HTTP/1.1, or HTTP/2 with prior knowledge when `h2`.
-    pub async fn connect(addr: SocketAddr, h2: bool) -> anyhow::Result<Self> {
+    pub async fn connect(addr: SocketAddr, h2: bool) -> Result<Self, RigError> {
         use hyper_util::rt::{TokioExecutor, TokioIo};
-        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(RigError::http)?;
         let _ = tcp.set_nodelay(true);
         let io = TokioIo::new(tcp);
         let send = if h2 {
-            let (s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+            let (s, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                .await
+                .map_err(RigError::http)?;
             tokio::spawn(conn);
             HttpSend::H2(s)
         } else {
-            let (s, conn) = hyper::client::conn::http1::handshake(io).await?;
+            let (s, conn) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(RigError::http)?;
             tokio::spawn(conn);
             HttpSend::H1(s)
         };
@@ -315,7 +323,7 @@ impl HttpConn {
         path: &str,
         headers: &[(&str, &str)],
         body: bytes::Bytes,
-    ) -> anyhow::Result<HttpReply> {
+    ) -> Result<HttpReply, RigError> {
         use http_body_util::BodyExt;
         let h2 = matches!(self.send, HttpSend::H2(_));
         let uri = if h2 {
@@ -330,15 +338,17 @@ impl HttpConn {
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        let req = b.body(http_body_util::Full::new(body))?;
+        let req = b
+            .body(http_body_util::Full::new(body))
+            .map_err(RigError::http)?;
         let resp = match &mut self.send {
             HttpSend::H1(s) => {
-                s.ready().await?;
-                s.send_request(req).await?
+                s.ready().await.map_err(RigError::http)?;
+                s.send_request(req).await.map_err(RigError::http)?
             }
             HttpSend::H2(s) => {
-                s.ready().await?;
-                s.send_request(req).await?
+                s.ready().await.map_err(RigError::http)?;
+                s.send_request(req).await.map_err(RigError::http)?
             }
         };
         let status = resp.status().as_u16();
@@ -348,7 +358,12 @@ impl HttpConn {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_owned();
-        let body = resp.into_body().collect().await?.to_bytes();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(RigError::http)?
+            .to_bytes();
         Ok(HttpReply {
             status,
             served_by,
@@ -356,7 +371,11 @@ impl HttpConn {
         })
     }
 
-    pub async fn get(&mut self, path: &str, headers: &[(&str, &str)]) -> anyhow::Result<HttpReply> {
+    pub async fn get(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<HttpReply, RigError> {
         self.request("GET", path, headers, bytes::Bytes::new())
             .await
     }
