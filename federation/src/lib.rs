@@ -1,8 +1,10 @@
 //! fedmesh federation: the store every cluster publishes to and watches,
 //! the records it holds, and the controller that turns them into each
-//! cluster's catalog and trusted bundles.
+//! cluster's catalog and trusted bundles; [`ControllerApp`] runs it with
+//! everything its config names.
 #![forbid(unsafe_code)]
 
+pub mod app;
 pub mod config;
 pub mod controller;
 #[cfg(feature = "kube")]
@@ -14,5 +16,6 @@ pub mod records;
 pub mod source;
 pub mod store;
 
+pub use app::{AppError, ControllerApp, ServiceSource};
 pub use controller::{Controller, ControllerSettings, Gateways, LocalService, McsView, Status};
 pub use store::{KeyValue, LeaseId, Listing, Revision, Store, StoreError, WatchEvent};

@@ -1,5 +1,6 @@
-//! The control API in the binary: the controller serving it, proxies
-//! following it, and `fedmesh cert request` (first contact by token).
+//! The control API in the binary: proxies following their controller, and
+//! `fedmesh cert request` (first contact by token). The controller serves
+//! it from `fedmesh_federation::ControllerApp`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -11,110 +12,10 @@ use fedmesh_api::addr::HostPort;
 use fedmesh_api::certs::{self, SignerAddress};
 use fedmesh_api::client::{self, ClientSettings, ControllerLink, Subscription};
 use fedmesh_api::controller_identity;
-use fedmesh_api::server::{self, ApiConfig, ApiHandle, ApiMetrics, ConfigApi, Signer, TokensFile};
 use fedmesh_catalog::{Catalog, ClusterName};
 use fedmesh_transport::IdentityFiles;
-use fedmesh_trust::{
-    CertificateAuthority, ClientAuth, PeerPolicy, SharedBundles, SpiffeId, Svid, SvidSource,
-    TrustBundle, TrustBundles, TrustDomain,
-};
-use prometheus_client::registry::Registry;
+use fedmesh_trust::{PeerPolicy, SharedBundles, SpiffeId, SvidSource, TrustBundle, TrustDomain};
 use tokio::task::JoinHandle;
-
-/// Starts the controller's API from its config section.
-pub async fn serve(
-    cfg: &ApiConfig,
-    td: &TrustDomain,
-    own_bundle: &TrustBundle,
-    ctrl: &fedmesh_federation::Controller,
-    registry: &mut Registry,
-    reviewer: Option<Arc<dyn server::TokenReviewer>>,
-) -> anyhow::Result<(ApiHandle, Option<JoinHandle<()>>)> {
-    let metrics = ApiMetrics::default();
-    metrics.register(registry);
-    let id = controller_identity(td);
-    let (svid, ca) = match (&cfg.ca_dir, &cfg.cert, &cfg.key) {
-        (Some(dir), None, None) => {
-            let ca = CertificateAuthority::load(dir)
-                .with_context(|| format!("api.ca_dir {}", dir.display()))?;
-            anyhow::ensure!(
-                ca.trust_domain() == td,
-                "api.ca_dir is a CA of {}, not of this cluster's {td}",
-                ca.trust_domain()
-            );
-            (ca.issue(&id, SELF_TTL)?, Some(Arc::new(ca)))
-        }
-        (None, Some(cert), Some(key)) => (Svid::load(cert, key)?, None),
-        _ => anyhow::bail!("api: set either ca_dir, or cert and key"),
-    };
-    anyhow::ensure!(
-        svid.id() == &id,
-        "api: the controller's SVID must be {id}, not {}",
-        svid.id()
-    );
-    let source = SvidSource::new(svid)?;
-    let signer = match &ca {
-        Some(ca) => {
-            let tokens = match &cfg.tokens {
-                Some(p) => {
-                    let text = std::fs::read_to_string(p)
-                        .with_context(|| format!("api.tokens {}", p.display()))?;
-                    let f: TokensFile = serde_yaml_ng::from_str(&text)
-                        .with_context(|| format!("api.tokens {}", p.display()))?;
-                    f.tokens
-                }
-                None => Vec::new(),
-            };
-            let signer = Signer::new(ca.clone(), tokens, cfg.limits.svid_ttl, metrics.clone());
-            Some(match reviewer {
-                Some(r) => signer.with_reviewer(r),
-                None => signer,
-            })
-        }
-        None => None,
-    };
-    // Certificate-less callers may connect only to present a token.
-    let client_auth = if signer.is_some() {
-        ClientAuth::Optional
-    } else {
-        ClientAuth::Required
-    };
-    let tls = fedmesh_trust::server_config_from(
-        &source,
-        SharedBundles::new(TrustBundles::new().with(own_bundle.clone())),
-        PeerPolicy::trust_domain(td.clone()),
-        &[b"h2"],
-        client_auth,
-    )?;
-    let api = ConfigApi::new(
-        server::versioned(ctrl.catalog(), ctrl.bundles()),
-        cfg.limits.clone(),
-        metrics,
-    );
-    let handle = server::spawn(cfg.listen, tls, api, signer).await?;
-    // Holding the CA, the controller re-issues its own SVID in time.
-    let renewer = ca.map(|ca| {
-        tokio::spawn(async move {
-            loop {
-                let s = source.current();
-                let due = certs::renew_at(SystemTime::now(), s.not_after());
-                tokio::time::sleep(due.duration_since(SystemTime::now()).unwrap_or_default()).await;
-                match ca.issue(&id, SELF_TTL).map(|n| source.store(n)) {
-                    Ok(Ok(())) => tracing::info!("controller SVID re-issued"),
-                    Ok(Err(e)) => tracing::error!(error = %e, "controller SVID refused"),
-                    Err(e) => {
-                        tracing::error!(error = %e, "re-issuing the controller SVID failed");
-                        tokio::time::sleep(Duration::from_secs(5)).await;
-                    }
-                }
-            }
-        })
-    });
-    Ok((handle, renewer))
-}
-
-/// The controller's own SVID lifetime when it holds the CA.
-const SELF_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// A proxy following its controller: the subscription, the task applying
 /// its configs, and the SVID renewer. Dropping it stops all three.

@@ -13,11 +13,9 @@ use fedmesh_catalog::ClusterName;
 use fedmesh_federation::config::{open_store, read_pin, ControllerConfig, StoreConfig};
 use fedmesh_federation::keys::{Key, ROOT};
 use fedmesh_federation::records::{ClusterInfo, ServiceRecord};
-use fedmesh_federation::{source, Controller, LocalService, Store};
-use fedmesh_transport::admin;
+use fedmesh_federation::{ControllerApp, ServiceSource, Store};
 use prometheus_client::registry::Registry;
 use serde_json::json;
-use tokio::sync::watch;
 
 #[derive(Clone, Copy, ValueEnum, Default, PartialEq, Eq)]
 pub enum Output {
@@ -123,50 +121,21 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
             e.join("\n  - ")
         )
     })?;
+    if args.check && cfg.services.is_none() && cfg.kubernetes.is_some() {
+        crate::emit(&format!(
+            "config ok: cluster {} (Kubernetes source)\n",
+            settings.cluster
+        ));
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut registry = Registry::default();
-    // Where the cluster's services come from; `None` until known.
-    // `_source` keeps the source running for the life of the process.
-    let (local, _source): (watch::Receiver<Option<Vec<LocalService>>>, Keep) =
-        match (&cfg.services, &cfg.kubernetes) {
-            (Some(path), _) => {
-                let (rx, task) = source::watch_file(
-                    path.clone(),
-                    settings.trust_domain.clone(),
-                    Duration::from_secs(1),
-                )
-                .map_err(|e| {
-                    anyhow::anyhow!(
-                        "services file {}:\n  - {}",
-                        path.display(),
-                        e.join("\n  - ")
-                    )
-                })?;
-                let (tx, out) = watch::channel(Some(rx.borrow().clone()));
-                let relay = tokio::spawn(async move {
-                    let mut rx = rx;
-                    while rx.changed().await.is_ok() {
-                        tx.send_replace(Some(rx.borrow_and_update().clone()));
-                    }
-                });
-                (out, Box::new((task, AbortOnDrop(relay))))
-            }
-            (None, Some(k)) => {
-                if args.check {
-                    crate::emit(&format!(
-                        "config ok: cluster {} (Kubernetes source)\n",
-                        settings.cluster
-                    ));
-                    return Ok(ExitCode::SUCCESS);
-                }
-                kube_source(&settings, k, &mut registry).await?
-            }
-            (None, None) => anyhow::bail!("no service source"),
-        };
+    // Started before the election: a standby keeps its listing warm.
+    let source = ServiceSource::start(&cfg, &settings, &mut registry).await?;
     if args.check {
         crate::emit(&format!(
             "config ok: cluster {} ({} services, {} pinned clusters)\n",
             settings.cluster,
-            local.borrow().as_ref().map(Vec::len).unwrap_or(0),
+            source.current().map(|l| l.len()).unwrap_or(0),
             settings.pinned.len()
         ));
         return Ok(ExitCode::SUCCESS);
@@ -184,130 +153,19 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
         "1 while this replica leads",
         leadership.gauge.clone(),
     );
-    // Nothing is published before the source has listed everything.
-    let mut first = local.clone();
-    let initial = first
-        .wait_for(Option::is_some)
-        .await
-        .map_err(|_| anyhow::anyhow!("the service source stopped"))?
-        .clone()
-        .unwrap_or_default();
-    tracing::info!(cluster = %settings.cluster, lease_ttl = ?settings.lease_ttl, pinned = settings.pinned.len(), "effective controller config");
-    let store = open_store(&cfg.store).await?;
-    let (td, own_bundle) = (settings.trust_domain.clone(), settings.bundle.clone());
-    let ctrl = Arc::new(Controller::start(store, settings, initial, &mut registry));
-    // Gateways advertised from their LoadBalancer Service, when the config
-    // names none.
-    #[cfg(feature = "kube")]
-    let _gateway_watch = match cfg
-        .kubernetes
-        .as_ref()
-        .and_then(|k| k.gateway_service.as_ref())
-    {
-        Some(svc) if cfg.gateways.is_empty() => {
-            let (ns, name) = svc.split_once('/').unwrap_or(("", svc.as_str()));
-            let (mut rx, task) = fedmesh_federation::k8s::watch_gateway_service(
-                kube::Client::try_default().await?,
-                ns,
-                name,
-            );
-            // Weak: the controller's clean shutdown needs the only Arc.
-            let c = Arc::downgrade(&ctrl);
-            let relay = tokio::spawn(async move {
-                while rx.changed().await.is_ok() {
-                    let g = rx.borrow_and_update().clone();
-                    match c.upgrade() {
-                        Some(c) => c.set_gateways(g),
-                        None => return,
-                    }
-                }
-            });
-            Some((AbortOnDrop(task), AbortOnDrop(relay)))
-        }
-        _ => None,
-    };
-    #[cfg(feature = "kube")]
-    let _write_back = match &cfg.kubernetes {
-        Some(k) if k.write_back => {
-            // Counted with the source's (registered) metrics; a services
-            // file with write-back registers its own.
-            let metrics = match _source.downcast_ref::<fedmesh_federation::k8s::KubeSource>() {
-                Some(src) => src.metrics().clone(),
-                None => {
-                    let m = fedmesh_federation::k8s::KubeMetrics::default();
-                    m.register(&mut registry);
-                    m
-                }
-            };
-            Some(fedmesh_federation::k8s::write_back(
-                kube::Client::try_default().await?,
-                ctrl.mcs(),
-                local.clone(),
-                metrics,
-                Duration::from_secs(5),
-            ))
-        }
-        _ => None,
-    };
-    let api = match &cfg.api {
-        Some(api) => {
-            let (handle, renewer) = crate::control::serve(
-                api,
-                &td,
-                &own_bundle,
-                &ctrl,
-                &mut registry,
-                reviewer(&cfg).await?,
-            )
-            .await?;
-            crate::emit(&format!("controller api {}\n", handle.addr));
-            Some((handle, renewer))
-        }
-        None => None,
-    };
-    // Follow the source.
-    let follower = {
-        let ctrl = ctrl.clone();
-        let mut local = local.clone();
-        tokio::spawn(async move {
-            while local.changed().await.is_ok() {
-                if let Some(l) = local.borrow_and_update().clone() {
-                    ctrl.set_local(l);
-                }
-            }
-        })
-    };
-    if let Some(addr) = cfg.admin {
-        let c = ctrl.clone();
-        let status: admin::JsonFn =
-            Arc::new(move || serde_json::to_string_pretty(&c.status()).unwrap_or_default());
-        let (bound, _task) = admin::spawn_with(
-            addr,
-            |reg| *reg = registry,
-            Arc::new(std::sync::atomic::AtomicBool::new(true)),
-            Some(status),
-            None,
-        )
-        .await?;
-        crate::emit(&format!("controller admin http://{bound}/status\n"));
+    let app = ControllerApp::build(&cfg, settings, source, registry).await?;
+    if let Some(addr) = app.api_addr() {
+        crate::emit(&format!("controller api {addr}\n"));
+    }
+    if let Some(addr) = app.admin_addr() {
+        crate::emit(&format!("controller admin http://{addr}/status\n"));
     }
     crate::emit(&format!("controller up: cluster {}\n", cfg.cluster));
     let lost = tokio::select! {
         r = crate::daemons::until_signal() => { r?; false }
         () = leadership.lost() => true,
     };
-    follower.abort();
-    if let Some((handle, renewer)) = api {
-        if let Some(r) = renewer {
-            r.abort();
-        }
-        handle.shutdown().await;
-    }
-    match Arc::try_unwrap(ctrl) {
-        Ok(c) if args.leave && !lost => c.leave().await,
-        Ok(c) => c.shutdown().await,
-        Err(_) => {}
-    }
+    app.shutdown(args.leave && !lost).await;
     if lost {
         // Another replica leads now (or will): exit so this pod comes
         // back as a standby; the records live on for the new leader.
@@ -315,22 +173,6 @@ pub async fn controller(args: ControllerArgs) -> anyhow::Result<ExitCode> {
     }
     leadership.release().await;
     Ok(ExitCode::SUCCESS)
-}
-
-/// With the Kubernetes source, pods prove who they are with their
-/// service account token (a TokenReview) to get their first SVID.
-async fn reviewer(
-    cfg: &ControllerConfig,
-) -> anyhow::Result<Option<Arc<dyn fedmesh_api::server::TokenReviewer>>> {
-    #[cfg(feature = "kube")]
-    if cfg.kubernetes.is_some() {
-        let client = kube::Client::try_default().await?;
-        return Ok(Some(Arc::new(
-            fedmesh_federation::k8s::KubeTokenReviewer::new(client),
-        )));
-    }
-    let _ = cfg;
-    Ok(None)
 }
 
 pub fn join(pins: PathBuf, name: ClusterName, bundle: PathBuf) -> anyhow::Result<ExitCode> {
@@ -659,46 +501,4 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
         crate::emit(&out);
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// Something kept alive until the controller stops (a source's tasks).
-type Keep = Box<dyn std::any::Any + Send>;
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-/// The Kubernetes source, when this build has it.
-#[cfg(feature = "kube")]
-async fn kube_source(
-    settings: &fedmesh_federation::ControllerSettings,
-    k: &fedmesh_federation::config::KubernetesSource,
-    registry: &mut Registry,
-) -> anyhow::Result<(watch::Receiver<Option<Vec<LocalService>>>, Keep)> {
-    let client = kube::Client::try_default().await?;
-    let src = fedmesh_federation::k8s::KubeSource::start(
-        client,
-        fedmesh_federation::k8s::KubeSettings {
-            cluster: settings.cluster.clone(),
-            trust_domain: settings.trust_domain.clone(),
-            inbound_port: k.inbound_port,
-        },
-        registry,
-    );
-    Ok((src.local(), Box::new(src)))
-}
-
-#[cfg(not(feature = "kube"))]
-async fn kube_source(
-    _: &fedmesh_federation::ControllerSettings,
-    _: &fedmesh_federation::config::KubernetesSource,
-    _: &mut Registry,
-) -> anyhow::Result<(watch::Receiver<Option<Vec<LocalService>>>, Keep)> {
-    anyhow::bail!(
-        "this fedmesh was built without the Kubernetes source (--no-default-features); rebuild with the default features"
-    )
 }

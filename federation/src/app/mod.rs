@@ -1,0 +1,370 @@
+//! The controller as one running application, built by this library from
+//! its config: the service source (a file, or Kubernetes), the store, the
+//! [`Controller`], the Kubernetes write-back and gateway watch, the control
+//! API and the admin endpoint. `fedmesh controller` is this plus signals
+//! and leader election; tests build the same thing.
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fedmesh_api::server::{ApiHandle, TokenReviewer};
+use fedmesh_transport::admin;
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{open_store, ControllerConfig};
+use crate::{source, Controller, ControllerSettings, LocalService};
+
+mod api;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the controller could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// A part the config names could not be started: which, and why.
+    #[error("{what}: {source}")]
+    Start {
+        what: String,
+        #[source]
+        source: BoxError,
+    },
+    /// The config asks for something that cannot work.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// Maps an error to the part of the config it came from.
+fn failed<E: Into<BoxError>>(what: impl Into<String>) -> impl FnOnce(E) -> AppError {
+    let what = what.into();
+    move |e| AppError::Start {
+        what,
+        source: e.into(),
+    }
+}
+
+/// Something kept alive until the controller stops.
+type Keep = Box<dyn std::any::Any + Send>;
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Where the cluster's services come from, started before the rest (a
+/// standby replica keeps it warm, so taking over does not wait for a full
+/// listing). `None` in `local` until the first listing is complete.
+pub struct ServiceSource {
+    local: watch::Receiver<Option<Vec<LocalService>>>,
+    #[cfg(feature = "kube")]
+    kube: Option<crate::k8s::KubeMetrics>,
+    _keep: Keep,
+}
+
+impl ServiceSource {
+    /// Starts the source the config names; a services file is read (and
+    /// checked) at once.
+    pub async fn start(
+        cfg: &ControllerConfig,
+        settings: &ControllerSettings,
+        registry: &mut Registry,
+    ) -> Result<Self, AppError> {
+        match (&cfg.services, &cfg.kubernetes) {
+            (Some(path), _) => {
+                let (rx, task) = source::watch_file(
+                    path.clone(),
+                    settings.trust_domain.clone(),
+                    Duration::from_secs(1),
+                )
+                .map_err(|e| {
+                    AppError::Refused(format!(
+                        "services file {}:\n  - {}",
+                        path.display(),
+                        e.join("\n  - ")
+                    ))
+                })?;
+                let (tx, local) = watch::channel(Some(rx.borrow().clone()));
+                let relay = tokio::spawn(async move {
+                    let mut rx = rx;
+                    while rx.changed().await.is_ok() {
+                        tx.send_replace(Some(rx.borrow_and_update().clone()));
+                    }
+                });
+                Ok(Self {
+                    local,
+                    #[cfg(feature = "kube")]
+                    kube: None,
+                    _keep: Box::new((AbortOnDrop(task), AbortOnDrop(relay))),
+                })
+            }
+            (None, Some(k)) => Self::kubernetes(settings, k, registry).await,
+            (None, None) => Err(AppError::Refused("no service source".into())),
+        }
+    }
+
+    #[cfg(feature = "kube")]
+    async fn kubernetes(
+        settings: &ControllerSettings,
+        k: &crate::config::KubernetesSource,
+        registry: &mut Registry,
+    ) -> Result<Self, AppError> {
+        let client = kube_client().await?;
+        let src = crate::k8s::KubeSource::start(
+            client,
+            crate::k8s::KubeSettings {
+                cluster: settings.cluster.clone(),
+                trust_domain: settings.trust_domain.clone(),
+                inbound_port: k.inbound_port,
+            },
+            registry,
+        );
+        Ok(Self {
+            local: src.local(),
+            kube: Some(src.metrics().clone()),
+            _keep: Box::new(src),
+        })
+    }
+
+    #[cfg(not(feature = "kube"))]
+    async fn kubernetes(
+        _: &ControllerSettings,
+        _: &crate::config::KubernetesSource,
+        _: &mut Registry,
+    ) -> Result<Self, AppError> {
+        Err(AppError::Refused(
+            "this fedmesh was built without the Kubernetes source (--no-default-features); rebuild with the default features".into(),
+        ))
+    }
+
+    /// The services listed so far (`None` before the first full listing).
+    pub fn current(&self) -> Option<Vec<LocalService>> {
+        self.local.borrow().clone()
+    }
+}
+
+#[cfg(feature = "kube")]
+async fn kube_client() -> Result<kube::Client, AppError> {
+    kube::Client::try_default().await.map_err(failed(
+        "the Kubernetes API (in-cluster config or KUBECONFIG)",
+    ))
+}
+
+/// A running controller with everything its config names. Dropping it
+/// stops every part; [`ControllerApp::shutdown`] stops them in order.
+pub struct ControllerApp {
+    ctrl: Arc<Controller>,
+    api: Option<(ApiHandle, Option<JoinHandle<()>>)>,
+    admin: Option<(SocketAddr, AbortOnDrop)>,
+    _follower: AbortOnDrop,
+    _kube: Vec<Keep>,
+    _source: ServiceSource,
+}
+
+impl ControllerApp {
+    /// Waits until `source` listed every service (nothing is published
+    /// before), then opens the store and starts the controller, the
+    /// Kubernetes parts, the control API and the admin endpoint its config
+    /// names. `registry` holds what the caller registered (the source's
+    /// metrics, leadership); the admin endpoint serves it.
+    pub async fn build(
+        cfg: &ControllerConfig,
+        settings: ControllerSettings,
+        source: ServiceSource,
+        mut registry: Registry,
+    ) -> Result<Self, AppError> {
+        let mut first = source.local.clone();
+        let initial = first
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| AppError::Refused("the service source stopped".into()))?
+            .clone()
+            .unwrap_or_default();
+        tracing::info!(cluster = %settings.cluster, lease_ttl = ?settings.lease_ttl, pinned = settings.pinned.len(), "effective controller config");
+        let store = open_store(&cfg.store)
+            .await
+            .map_err(failed("the federation store"))?;
+        let (td, own_bundle) = (settings.trust_domain.clone(), settings.bundle.clone());
+        let ctrl = Arc::new(Controller::start(store, settings, initial, &mut registry));
+        let kube = kube_parts(cfg, &ctrl, &source, &mut registry).await?;
+        let api = match &cfg.api {
+            Some(a) => Some(
+                api::serve(
+                    a,
+                    &td,
+                    &own_bundle,
+                    &ctrl,
+                    &mut registry,
+                    reviewer(cfg).await?,
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        // Follow the source.
+        let follower = {
+            let ctrl = ctrl.clone();
+            let mut local = source.local.clone();
+            AbortOnDrop(tokio::spawn(async move {
+                while local.changed().await.is_ok() {
+                    if let Some(l) = local.borrow_and_update().clone() {
+                        ctrl.set_local(l);
+                    }
+                }
+            }))
+        };
+        let admin = match cfg.admin {
+            Some(addr) => {
+                let c = ctrl.clone();
+                let status: admin::JsonFn =
+                    Arc::new(move || serde_json::to_string_pretty(&c.status()).unwrap_or_default());
+                let (bound, task) = admin::spawn_with(
+                    addr,
+                    |reg| *reg = registry,
+                    Arc::new(AtomicBool::new(true)),
+                    Some(status),
+                    None,
+                )
+                .await
+                .map_err(failed(format!("admin {addr}")))?;
+                Some((bound, AbortOnDrop(task)))
+            }
+            None => None,
+        };
+        Ok(Self {
+            ctrl,
+            api,
+            admin,
+            _follower: follower,
+            _kube: kube,
+            _source: source,
+        })
+    }
+
+    pub fn controller(&self) -> &Controller {
+        &self.ctrl
+    }
+
+    /// Where the control API listens, when the config has one.
+    pub fn api_addr(&self) -> Option<SocketAddr> {
+        self.api.as_ref().map(|(h, _)| h.addr)
+    }
+
+    /// Where the admin endpoint listens, when the config has one.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(a, _)| *a)
+    }
+
+    /// Stops the API first (no proxy gets a config from a controller on
+    /// its way out), then the controller: with `leave`, the cluster's
+    /// records are deleted so peers stop routing to it at once; without,
+    /// they live on for the lease TTL (a restart within it is never
+    /// missed).
+    pub async fn shutdown(self, leave: bool) {
+        let Self {
+            ctrl,
+            api,
+            admin,
+            _follower,
+            _kube,
+            _source,
+        } = self;
+        drop(_follower);
+        if let Some((handle, renewer)) = api {
+            if let Some(r) = renewer {
+                r.abort();
+            }
+            handle.shutdown().await;
+        }
+        drop(admin);
+        drop(_kube);
+        match Arc::try_unwrap(ctrl) {
+            Ok(c) if leave => c.leave().await,
+            Ok(c) => c.shutdown().await,
+            // Someone still holds it (a status closure in flight): the
+            // last drop stops it.
+            Err(_) => {}
+        }
+    }
+}
+
+/// With the Kubernetes source, pods prove who they are with their
+/// service account token (a TokenReview) to get their first SVID.
+async fn reviewer(cfg: &ControllerConfig) -> Result<Option<Arc<dyn TokenReviewer>>, AppError> {
+    #[cfg(feature = "kube")]
+    if cfg.kubernetes.is_some() {
+        return Ok(Some(Arc::new(crate::k8s::KubeTokenReviewer::new(
+            kube_client().await?,
+        ))));
+    }
+    let _ = cfg;
+    Ok(None)
+}
+
+/// Gateways advertised from their LoadBalancer Service when the config
+/// names none, and the MCS view written back to Kubernetes.
+#[cfg(feature = "kube")]
+async fn kube_parts(
+    cfg: &ControllerConfig,
+    ctrl: &Arc<Controller>,
+    source: &ServiceSource,
+    registry: &mut Registry,
+) -> Result<Vec<Keep>, AppError> {
+    let mut keep: Vec<Keep> = Vec::new();
+    let Some(k) = &cfg.kubernetes else {
+        return Ok(keep);
+    };
+    if let (Some(svc), true) = (&k.gateway_service, cfg.gateways.is_empty()) {
+        let (ns, name) = svc.split_once('/').unwrap_or(("", svc.as_str()));
+        let (mut rx, task) = crate::k8s::watch_gateway_service(kube_client().await?, ns, name);
+        // Weak: the controller's clean shutdown needs the only Arc.
+        let c = Arc::downgrade(ctrl);
+        let relay = tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let g = rx.borrow_and_update().clone();
+                match c.upgrade() {
+                    Some(c) => c.set_gateways(g),
+                    None => return,
+                }
+            }
+        });
+        keep.push(Box::new((AbortOnDrop(task), AbortOnDrop(relay))));
+    }
+    if k.write_back {
+        // Counted with the source's (registered) metrics; a services file
+        // with write-back registers its own.
+        let metrics = match &source.kube {
+            Some(m) => m.clone(),
+            None => {
+                let m = crate::k8s::KubeMetrics::default();
+                m.register(registry);
+                m
+            }
+        };
+        let task = crate::k8s::write_back(
+            kube_client().await?,
+            ctrl.mcs(),
+            source.local.clone(),
+            metrics,
+            Duration::from_secs(5),
+        );
+        keep.push(Box::new(AbortOnDrop(task)));
+    }
+    Ok(keep)
+}
+
+#[cfg(not(feature = "kube"))]
+async fn kube_parts(
+    _: &ControllerConfig,
+    _: &Arc<Controller>,
+    _: &ServiceSource,
+    _: &mut Registry,
+) -> Result<Vec<Keep>, AppError> {
+    Ok(Vec::new())
+}

@@ -1,0 +1,137 @@
+//! The controller application built by the library from a config file, as
+//! `fedmesh controller` builds it: bound addresses, what they serve, an
+//! orderly shutdown, and a clear refusal of configs that cannot work.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use fedmesh_federation::config::ControllerConfig;
+use fedmesh_federation::{AppError, ControllerApp, ServiceSource};
+use fedmesh_trust::{CertificateAuthority, TrustDomain};
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const SERVICES: &str = "services:\n  - name: echo.shop\n    ports: [8080]\n    export: true\n    endpoints:\n      - { address: \"127.0.0.1:9000\", identity: \"spiffe://east.acme/ns/shop/sa/echo\" }\n";
+
+/// `dir/controller.yaml` for cluster `east` on the embedded store, the
+/// file source and the control API signing with the CA in `dir/ca`;
+/// `api` replaces the API section when given.
+fn config(dir: &Path, api: Option<&str>) -> ControllerConfig {
+    let ca = CertificateAuthority::new_root(
+        TrustDomain::new("east.acme").unwrap(),
+        Duration::from_secs(86_400),
+    )
+    .unwrap();
+    ca.save(&dir.join("ca")).unwrap();
+    std::fs::create_dir_all(dir.join("pins")).unwrap();
+    std::fs::write(dir.join("services.yaml"), SERVICES).unwrap();
+    let p = |f: &str| dir.join(f).display().to_string();
+    let api = match api {
+        Some(a) => a.to_owned(),
+        None => format!("{{ listen: \"127.0.0.1:0\", ca_dir: \"{}\" }}", p("ca")),
+    };
+    let text = format!(
+        "cluster: east\ntrust_domain: east.acme\ngateways: [\"127.0.0.1:15443\"]\nstore: {{ kind: embedded }}\n\
+         bundle: \"{}\"\npins_dir: \"{}\"\nservices: \"{}\"\nadmin: \"127.0.0.1:0\"\napi: {api}\n",
+        p("ca/bundle.pem"),
+        p("pins"),
+        p("services.yaml"),
+    );
+    let path = dir.join("controller.yaml");
+    std::fs::write(&path, text).unwrap();
+    ControllerConfig::load(&path).unwrap()
+}
+
+async fn build(cfg: &ControllerConfig) -> Result<ControllerApp, AppError> {
+    let settings = cfg.settings().unwrap();
+    let mut registry = Registry::default();
+    let source = ServiceSource::start(cfg, &settings, &mut registry).await?;
+    ControllerApp::build(cfg, settings, source, registry).await
+}
+
+/// `GET path`: the whole response, or `None` when nothing listens.
+async fn get(addr: SocketAddr, path: &str) -> Option<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut out = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    Some(out)
+}
+
+#[tokio::test]
+async fn an_app_built_from_its_config_serves_and_stops_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), None);
+    let app = build(&cfg).await.unwrap();
+    let admin = app.admin_addr().expect("admin bound");
+    let api = app.api_addr().expect("api bound");
+    assert_ne!(admin.port(), 0);
+    assert_ne!(api.port(), 0);
+
+    // The first view is computed from the services file the source listed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !app.controller().status().synced {
+        assert!(Instant::now() < deadline, "never synced");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let status = get(admin, "/status").await.unwrap();
+    assert!(status.contains("\"cluster\": \"east\""), "{status}");
+    assert!(status.contains("\"synced\": true"), "{status}");
+    let metrics = get(admin, "/metrics").await.unwrap();
+    assert!(
+        metrics.contains("fedmesh_controller_recomputes_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fedmesh_api_"),
+        "API metrics registered: {metrics}"
+    );
+    assert!(tokio::net::TcpStream::connect(api).await.is_ok());
+
+    tokio::time::timeout(Duration::from_secs(10), app.shutdown(true))
+        .await
+        .expect("shutdown completes");
+    // Both ports are closed once shutdown returns.
+    assert!(get(admin, "/status").await.is_none(), "admin still serves");
+    assert!(
+        tokio::net::TcpStream::connect(api).await.is_err(),
+        "api still listens"
+    );
+}
+
+#[tokio::test]
+async fn configs_that_cannot_work_are_refused_with_the_part_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert_only = "{ listen: \"127.0.0.1:0\", cert: /nonexistent/cert.pem }";
+    let cfg = config(dir.path(), Some(cert_only));
+    let e = build(&cfg).await.err().expect("refused").to_string();
+    assert!(e.contains("set either ca_dir, or cert and key"), "{e}");
+
+    // A CA of another trust domain cannot sign for this cluster.
+    let other = CertificateAuthority::new_root(
+        TrustDomain::new("west.acme").unwrap(),
+        Duration::from_secs(86_400),
+    )
+    .unwrap();
+    other.save(&dir.path().join("west-ca")).unwrap();
+    let wrong = format!(
+        "{{ listen: \"127.0.0.1:0\", ca_dir: \"{}\" }}",
+        dir.path().join("west-ca").display()
+    );
+    let cfg = config(dir.path(), Some(&wrong));
+    let e = build(&cfg).await.err().expect("refused").to_string();
+    assert!(e.contains("a CA of west.acme"), "{e}");
+
+    // A services file that went missing after the config was read.
+    let cfg = config(dir.path(), None);
+    std::fs::remove_file(dir.path().join("services.yaml")).unwrap();
+    let e = build(&cfg).await.err().expect("refused").to_string();
+    assert!(e.contains("services file"), "{e}");
+    assert!(e.contains("services.yaml"), "{e}");
+}
