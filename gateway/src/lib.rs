@@ -10,6 +10,7 @@
 //! Routing decisions come from [`fedmesh_catalog`]; this crate is the I/O.
 #![forbid(unsafe_code)]
 
+mod app;
 mod bbr;
 mod config;
 mod congestion;
@@ -22,6 +23,7 @@ mod splice;
 mod tcp;
 mod transport;
 
+pub use app::{GatewayApp, GatewayAppError};
 pub use config::{ConfigError, GatewayConfig, GatewaySettings, Listen};
 pub use congestion::{Algorithm, CongestionConfig, Observation, Observed};
 pub use metrics::{GatewayMetrics, PeerLabels, TransportLabels};

@@ -17,6 +17,7 @@ pub mod addr;
 pub mod certs;
 pub mod client;
 mod delta;
+pub mod follow;
 pub mod net;
 pub mod server;
 

@@ -1,93 +1,16 @@
-//! The control API in the binary: proxies following their controller, and
-//! `fedmesh cert request` (first contact by token). The controller serves
-//! it from `fedmesh_federation::ControllerApp`.
+//! `fedmesh cert request`: a proxy's first contact with its controller, by
+//! token. The controller serves the API from
+//! `fedmesh_federation::ControllerApp`; proxies follow it with
+//! `fedmesh_api::follow::Follower`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use fedmesh_api::addr::HostPort;
 use fedmesh_api::certs::{self, SignerAddress};
-use fedmesh_api::client::{self, ClientSettings, ControllerLink, Subscription};
-use fedmesh_api::controller_identity;
-use fedmesh_catalog::{Catalog, ClusterName};
-use fedmesh_transport::IdentityFiles;
-use fedmesh_trust::{PeerPolicy, SharedBundles, SpiffeId, SvidSource, TrustBundle, TrustDomain};
-use tokio::task::JoinHandle;
-
-/// A proxy following its controller: the subscription, the task applying
-/// its configs, and the SVID renewer. Dropping it stops all three.
-pub struct Follower {
-    _subscription: Subscription,
-    tasks: Vec<JoinHandle<()>>,
-}
-
-impl Drop for Follower {
-    fn drop(&mut self) {
-        for t in &self.tasks {
-            t.abort();
-        }
-    }
-}
-
-/// Subscribes a proxy to its controller: every applied config first
-/// replaces the proxy's bundles, then `apply` gets the catalog and its
-/// version. With
-/// `link.renew`, the SVID in `source` is renewed and written back to
-/// `files`.
-pub fn follow(
-    link: &ControllerLink,
-    node: &str,
-    source: &SvidSource,
-    bundles: SharedBundles,
-    files: &IdentityFiles,
-    apply: impl Fn(Catalog, Option<u64>) + Send + 'static,
-) -> anyhow::Result<Follower> {
-    let id = source.current().id().clone();
-    let td: TrustDomain = id.trust_domain_name().parse()?;
-    let own = bundles
-        .load()
-        .get(&td)
-        .cloned()
-        .with_context(|| format!("no bundle for this proxy's own trust domain {td}"))?;
-    let tls = fedmesh_trust::client_config_from(
-        source,
-        bundles.clone(),
-        PeerPolicy::id(controller_identity(&td)),
-        &[b"h2"],
-    )?;
-    let address = link.address.resolve()?;
-    let mut settings = ClientSettings::new(address, node);
-    settings.cluster = Some(ClusterName::new(&link.cluster)?);
-    let sub = client::subscribe(settings, Arc::new(tls));
-    let version = sub.version_reader();
-    let bundles_live = bundles.clone();
-    let mut tasks = vec![tokio::spawn(client::follow(sub.config(), move |c| {
-        // Bundles first: the catalog may name peers only they trust.
-        bundles.store((*c.bundles).clone());
-        apply((*c.catalog).clone(), version());
-    }))];
-    if link.renew {
-        let at = SignerAddress {
-            controller: address,
-            bundle: own,
-            live: Some(bundles_live),
-            timeout: Duration::from_secs(10),
-        };
-        let (cert, key) = (files.cert.clone(), files.key.clone());
-        tasks.push(certs::keep_renewed(at, source.clone(), move |svid| {
-            if let Err(e) = svid.save_to(&cert, &key) {
-                tracing::warn!(error = %e, path = %cert.display(), "saving the renewed SVID failed");
-            }
-        }));
-    }
-    Ok(Follower {
-        _subscription: sub,
-        tasks,
-    })
-}
+use fedmesh_trust::{SpiffeId, TrustBundle, TrustDomain};
 
 /// What `fedmesh cert request` presents.
 pub enum Token {

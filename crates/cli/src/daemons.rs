@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use fedmesh_gateway::{Gateway, GatewayConfig};
-use fedmesh_sidecar::{Sidecar, SidecarConfig};
+use fedmesh_gateway::{GatewayApp, GatewayConfig};
+use fedmesh_sidecar::{SidecarApp, SidecarConfig};
 use prometheus_client::registry::Registry;
 
 #[derive(clap::Args)]
@@ -63,24 +63,8 @@ pub async fn gateway(args: Args) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::SUCCESS);
     }
-    let mut registry = Registry::default();
-    let link = settings.controller.clone();
-    let bundles = settings.bundles.clone();
-    let gw = std::sync::Arc::new(Gateway::build(settings, &mut registry).await?);
-    let _follower = match &link {
-        Some(link) => {
-            let g = gw.clone();
-            Some(crate::control::follow(
-                link,
-                "gateway",
-                gw.identity_source(),
-                bundles,
-                &raw.identity,
-                move |c, v| g.set_config(c, v),
-            )?)
-        }
-        None => None,
-    };
+    let app = GatewayApp::build(settings, &raw.identity, &mut Registry::default()).await?;
+    let gw = app.gateway();
     println!(
         "gateway up: quic {} tunnel {}{}",
         gw.quic_addr(),
@@ -101,11 +85,7 @@ pub async fn gateway(args: Args) -> anyhow::Result<ExitCode> {
             r = until_signal() => r?,
         }
     }
-    drop(_follower);
-    match std::sync::Arc::try_unwrap(gw) {
-        Ok(gw) => gw.shutdown().await,
-        Err(gw) => gw.close(),
-    }
+    app.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -180,24 +160,8 @@ pub async fn sidecar(args: Args) -> anyhow::Result<ExitCode> {
         println!("config ok: sidecar {}", settings.identity.id());
         return Ok(ExitCode::SUCCESS);
     }
-    let mut registry = Registry::default();
-    let link = settings.controller.clone();
-    let bundles = settings.bundles.clone();
-    let sc = std::sync::Arc::new(Sidecar::build(settings, &mut registry).await?);
-    let _follower = match &link {
-        Some(link) => {
-            let s = sc.clone();
-            Some(crate::control::follow(
-                link,
-                &format!("sidecar/{}", sc.identity()),
-                sc.identity_source(),
-                bundles,
-                &raw.identity,
-                move |c, v| s.set_config(c, v),
-            )?)
-        }
-        None => None,
-    };
+    let app = SidecarApp::build(settings, &raw.identity, &mut Registry::default()).await?;
+    let sc = app.sidecar();
     for o in sc.outbound() {
         println!("outbound {} -> {}:{}", o.listen, o.service.host(), o.port);
     }
@@ -205,9 +169,6 @@ pub async fn sidecar(args: Args) -> anyhow::Result<ExitCode> {
         println!("inbound {a} as {}", sc.identity());
     }
     until_signal().await?;
-    drop(_follower);
-    if let Ok(sc) = std::sync::Arc::try_unwrap(sc) {
-        sc.shutdown();
-    }
+    app.shutdown();
     Ok(ExitCode::SUCCESS)
 }

@@ -13,12 +13,14 @@
 //! metrics; everything else stays L4.
 #![forbid(unsafe_code)]
 
+mod app;
 mod config;
 pub mod detect;
 mod http;
 pub mod metrics;
 mod proxy;
 
+pub use app::{SidecarApp, SidecarAppError};
 pub use config::{
     ConfigError, HttpLimits, Inbound, InboundRoute, InboundService, InboundSettings, Outbound,
     OutboundProtocol, OutboundRoute, SidecarConfig, SidecarSettings,
