@@ -45,10 +45,10 @@ impl GatewayApp {
                     "gateway",
                     gateway.identity_source(),
                     bundles,
-                    SaveTo {
+                    Some(SaveTo {
                         cert: identity.cert.clone(),
                         key: identity.key.clone(),
-                    },
+                    }),
                     move |c, v| g.set_config(c, v),
                 )?)
             }

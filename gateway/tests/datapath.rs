@@ -236,7 +236,6 @@ async fn controllers_drive_the_data_path_and_proxies_survive_their_loss() {
     // keep serving with the last config they have.
     for c in &mut rig.clusters {
         c.controller = None;
-        c.api = None;
     }
     rig.store = None;
     let r = run_load(addr, &spec).await;

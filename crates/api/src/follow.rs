@@ -54,14 +54,14 @@ impl Drop for Follower {
 impl Follower {
     /// Subscribes a proxy to its controller: every applied config first
     /// replaces the proxy's bundles, then `apply` gets the catalog and its
-    /// version. With `link.renew`, the SVID in `source` is renewed and
-    /// written to `save_to`.
+    /// version. With `link.renew`, the SVID in `source` is renewed (and
+    /// written to `save_to`, when given).
     pub fn start(
         link: &ControllerLink,
         node: &str,
         source: &SvidSource,
         bundles: SharedBundles,
-        save_to: SaveTo,
+        save_to: Option<SaveTo>,
         apply: impl Fn(Catalog, Option<u64>) + Send + 'static,
     ) -> Result<Self, FollowError> {
         let id = source.current().id().clone();
@@ -101,8 +101,9 @@ impl Follower {
                 timeout: Duration::from_secs(10),
             };
             tasks.push(certs::keep_renewed(at, source.clone(), move |svid| {
-                if let Err(e) = svid.save_to(&save_to.cert, &save_to.key) {
-                    tracing::warn!(error = %e, path = %save_to.cert.display(), "saving the renewed SVID failed");
+                let Some(to) = &save_to else { return };
+                if let Err(e) = svid.save_to(&to.cert, &to.key) {
+                    tracing::warn!(error = %e, path = %to.cert.display(), "saving the renewed SVID failed");
                 }
             }));
         }

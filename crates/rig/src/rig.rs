@@ -13,9 +13,10 @@ use crate::error::{Context, RigError};
 use fedmesh_catalog::mcs::{Protocol, ServiceType};
 use fedmesh_catalog::{CatalogSpec, EndpointSpec, ImportSpec, PeerSpec, ServiceSpec};
 use fedmesh_catalog::{ClusterName, ServicePolicy};
+use fedmesh_federation::app::{ApiServing, AppParts};
 use fedmesh_federation::records::Locality;
 use fedmesh_federation::store::{EmbeddedLimits, EmbeddedStore};
-use fedmesh_federation::{Controller, ControllerSettings, LocalService};
+use fedmesh_federation::{ControllerApp, ControllerSettings, LocalService, ServiceSource};
 use fedmesh_gateway::{Gateway, GatewaySettings};
 use fedmesh_sidecar::{
     InboundRoute, InboundSettings, OutboundProtocol, OutboundRoute, Sidecar, SidecarSettings,
@@ -29,9 +30,10 @@ use std::time::Instant;
 
 use crate::apps::{App, AppKind};
 use crate::faults::UdpRelay;
-use fedmesh_api::client::{self, ClientSettings, Subscription};
+use fedmesh_api::client::ControllerLink;
 use fedmesh_api::controller_identity;
-use fedmesh_api::server::{self, ApiHandle, ApiLimits, ApiMetrics, ConfigApi};
+use fedmesh_api::follow::Follower;
+use fedmesh_api::server::{ApiLimits, ApiMetrics};
 use fedmesh_trust::{ClientAuth, PeerPolicy, SvidSource};
 
 const ANY: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
@@ -127,27 +129,14 @@ pub struct RigCluster {
     /// A sidecar with outbound listeners for every reachable service.
     pub client: Arc<Sidecar>,
     pub apps: Vec<App>,
-    /// The cluster's federation controller (control plane `Embedded`).
-    pub controller: Option<Controller>,
-    /// The controller's config API (control plane `Embedded`); the
-    /// cluster's proxies subscribe to it over mTLS. Dropping it stops it.
-    pub api: Option<ApiHandle>,
+    /// The cluster's federation controller with its config API (control
+    /// plane `Embedded`), built as `fedmesh controller` builds it; the
+    /// cluster's proxies follow it over mTLS.
+    pub controller: Option<ControllerApp>,
     /// In front of the gateway's QUIC port when the topology asks for it.
     pub relay: Option<UdpRelay>,
     spec: CatalogSpec,
-    _links: Vec<ProxyLink>,
-}
-
-/// One proxy's subscription and the task applying what it receives.
-struct ProxyLink {
-    _subscription: Subscription,
-    follower: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for ProxyLink {
-    fn drop(&mut self) {
-        self.follower.abort();
-    }
+    _links: Vec<Follower>,
 }
 
 impl RigCluster {
@@ -453,13 +442,13 @@ impl Rig {
                 .await
                 .ctx(|| format!("client sidecar of {}", p.topo.name))?,
             );
-            let (controller, agent) = match &store {
+            let (controller, links) = match &store {
                 None => {
                     p.gateway.set_catalog(catalog.clone());
                     for s in &p.sidecars {
                         s.3.set_catalog(catalog.clone());
                     }
-                    (None, None)
+                    (None, Vec::new())
                 }
                 Some(store) => {
                     let name = ClusterName::new(&p.topo.name)
@@ -486,14 +475,19 @@ impl Rig {
                             .collect(),
                     };
                     let local = local_services(&p.topo, &p.sidecars)?;
-                    let ctrl = Controller::start(Arc::new(store.clone()), settings, local, reg);
-                    let (api, links) = serve_config(&p, &ctrl, &client, reg).await?;
-                    (Some(ctrl), Some((api, links)))
+                    let parts = AppParts {
+                        settings,
+                        store: Arc::new(store.clone()),
+                        source: ServiceSource::fixed(local),
+                        api: Some(config_api(&p, reg)?),
+                        admin: None,
+                    };
+                    let app = ControllerApp::start(parts, Registry::default())
+                        .await
+                        .ctx(|| format!("controller of {}", p.topo.name))?;
+                    let links = follow(&p, &app, &client)?;
+                    (Some(app), links)
                 }
-            };
-            let (api, links) = match agent {
-                Some((api, links)) => (Some(api), links),
-                None => (None, Vec::new()),
             };
             out.push(RigCluster {
                 name: p.topo.name,
@@ -505,7 +499,6 @@ impl Rig {
                 client,
                 apps: p.apps,
                 controller,
-                api,
                 relay: p.relay,
                 spec,
                 _links: links,
@@ -595,22 +588,15 @@ fn local_services(
     Ok(out)
 }
 
-/// Serves `ctrl`'s catalog and bundles over the config API and subscribes
-/// the cluster's gateway and sidecars to it, each with its own SVID, the
-/// way proxies in other processes do.
-async fn serve_config(
-    p: &Partial,
-    ctrl: &Controller,
-    client: &Arc<Sidecar>,
-    reg: &mut Registry,
-) -> Result<(ApiHandle, Vec<ProxyLink>), RigError> {
-    let own = || SharedBundles::new(TrustBundles::new().with(p.ca.bundle()));
+/// The config API of a cluster's controller, with an SVID from its CA.
+fn config_api(p: &Partial, reg: &mut Registry) -> Result<ApiServing, RigError> {
+    let own = SharedBundles::new(TrustBundles::new().with(p.ca.bundle()));
     let api_id =
         p.ca.issue(&controller_identity(&p.td), CERT_TTL)
             .ctx(|| "controller SVID".into())?;
     let tls = fedmesh_trust::server_config_from(
         &SvidSource::new(api_id).ctx(|| "controller SVID".into())?,
-        own(),
+        own,
         PeerPolicy::trust_domain(p.td.clone()),
         &[b"h2"],
         ClientAuth::Required,
@@ -618,51 +604,52 @@ async fn serve_config(
     .ctx(|| "config API TLS".into())?;
     let metrics = ApiMetrics::default();
     metrics.register(reg);
-    let source = server::versioned(ctrl.catalog(), ctrl.bundles());
-    let api = ConfigApi::new(source, ApiLimits::default(), metrics);
-    let handle = server::spawn(ANY, tls, api, None)
-        .await
-        .ctx(|| format!("config API of {}", p.topo.name))?;
-    let cluster = ClusterName::new(&p.topo.name).ctx(|| format!("cluster {:?}", p.topo.name))?;
-    let subscribe =
-        |id: &fedmesh_trust::SpiffeId, node: String| -> Result<Subscription, RigError> {
-            let svid = p.ca.issue(id, CERT_TTL).ctx(|| format!("SVID of {id}"))?;
-            let tls = fedmesh_trust::client_config(
-                &svid,
-                own(),
-                PeerPolicy::id(controller_identity(&p.td)),
-                &[b"h2"],
-            )
-            .ctx(|| "config API client TLS".into())?;
-            let mut settings = ClientSettings::new(handle.addr, node);
-            settings.cluster = Some(cluster.clone());
-            settings.backoff_max = Duration::from_millis(500);
-            Ok(client::subscribe(settings, Arc::new(tls)))
-        };
+    Ok(ApiServing::new(ANY, tls, ApiLimits::default(), metrics))
+}
+
+/// Subscribes the cluster's gateway and sidecars to its controller, each
+/// with its own SVID, the way proxies in other processes do.
+fn follow(
+    p: &Partial,
+    app: &ControllerApp,
+    client: &Arc<Sidecar>,
+) -> Result<Vec<Follower>, RigError> {
+    let Some(addr) = app.api_addr() else {
+        return Err(RigError::NotReady(
+            "the controller serves no config API".into(),
+        ));
+    };
+    let link = ControllerLink {
+        address: addr.into(),
+        cluster: p.topo.name.clone(),
+        renew: false,
+    };
     let mut links = Vec::new();
-    // Bundles first: a catalog may name peers only the new bundles trust.
     let gw = p.gateway.clone();
-    let bundles = p.bundles.clone();
-    let sub = subscribe(&fedmesh_catalog::gateway_identity(&p.td), "gateway".into())?;
-    let follower = tokio::spawn(client::follow(sub.config(), move |c| {
-        bundles.store((*c.bundles).clone());
-        gw.set_catalog((*c.catalog).clone());
-    }));
-    links.push(ProxyLink {
-        _subscription: sub,
-        follower,
-    });
+    links.push(
+        Follower::start(
+            &link,
+            "gateway",
+            p.gateway.identity_source(),
+            p.bundles.clone(),
+            None,
+            move |c, v| gw.set_config(c, v),
+        )
+        .ctx(|| format!("gateway of {} following its controller", p.topo.name))?,
+    );
     for sc in p.sidecars.iter().map(|s| &s.3).chain([client]) {
-        let sub = subscribe(sc.identity(), format!("sidecar/{}", sc.identity()))?;
-        let (sc, bundles) = (sc.clone(), p.bundles.clone());
-        let follower = tokio::spawn(client::follow(sub.config(), move |c| {
-            bundles.store((*c.bundles).clone());
-            sc.set_catalog((*c.catalog).clone());
-        }));
-        links.push(ProxyLink {
-            _subscription: sub,
-            follower,
-        });
+        let s = sc.clone();
+        links.push(
+            Follower::start(
+                &link,
+                &format!("sidecar/{}", sc.identity()),
+                sc.identity_source(),
+                p.bundles.clone(),
+                None,
+                move |c, v| s.set_config(c, v),
+            )
+            .ctx(|| format!("sidecar {} following its controller", sc.identity()))?,
+        );
     }
-    Ok((handle, links))
+    Ok(links)
 }

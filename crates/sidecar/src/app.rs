@@ -45,10 +45,10 @@ impl SidecarApp {
                     &format!("sidecar/{}", sidecar.identity()),
                     sidecar.identity_source(),
                     bundles,
-                    SaveTo {
+                    Some(SaveTo {
                         cert: identity.cert.clone(),
                         key: identity.key.clone(),
-                    },
+                    }),
                     move |c, v| s.set_config(c, v),
                 )?)
             }

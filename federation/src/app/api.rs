@@ -6,30 +6,28 @@ use std::time::{Duration, SystemTime};
 
 use fedmesh_api::certs;
 use fedmesh_api::controller_identity;
-use fedmesh_api::server::{self, ApiConfig, ApiHandle, ApiMetrics, ConfigApi, Signer, TokensFile};
+use fedmesh_api::server::{self, ApiConfig, ApiMetrics, Signer, TokensFile};
 use fedmesh_trust::{
     CertificateAuthority, ClientAuth, PeerPolicy, SharedBundles, Svid, SvidSource, TrustBundle,
     TrustBundles, TrustDomain,
 };
 use prometheus_client::registry::Registry;
-use tokio::task::JoinHandle;
 
-use super::{failed, AppError};
-use crate::Controller;
+use super::{failed, AbortOnDrop, ApiServing, AppError};
 
 /// The controller's own SVID lifetime when it holds the CA.
 const SELF_TTL: Duration = Duration::from_secs(24 * 3600);
 
-/// Starts the control API from its config section; with the CA, also the
-/// task that re-issues the controller's own SVID in time.
-pub(super) async fn serve(
+/// The control API as its config section describes it: the controller's
+/// SVID (issued from `ca_dir`, or loaded), TLS, the signer when it holds the
+/// CA, and the task that re-issues its own SVID in time.
+pub(super) fn prepare(
     cfg: &ApiConfig,
     td: &TrustDomain,
     own_bundle: &TrustBundle,
-    ctrl: &Controller,
     registry: &mut Registry,
     reviewer: Option<Arc<dyn server::TokenReviewer>>,
-) -> Result<(ApiHandle, Option<JoinHandle<()>>), AppError> {
+) -> Result<ApiServing, AppError> {
     let metrics = ApiMetrics::default();
     metrics.register(registry);
     let id = controller_identity(td);
@@ -99,16 +97,15 @@ pub(super) async fn serve(
         client_auth,
     )
     .map_err(failed("api TLS"))?;
-    let config_api = ConfigApi::new(
-        server::versioned(ctrl.catalog(), ctrl.bundles()),
-        cfg.limits.clone(),
+    let renewer = ca.map(|ca| AbortOnDrop(tokio::spawn(renew_own(ca, source, id))));
+    Ok(ApiServing {
+        listen: cfg.listen,
+        tls,
+        limits: cfg.limits.clone(),
         metrics,
-    );
-    let handle = server::spawn(cfg.listen, tls, config_api, signer)
-        .await
-        .map_err(failed(format!("api.listen {}", cfg.listen)))?;
-    let renewer = ca.map(|ca| tokio::spawn(renew_own(ca, source, id)));
-    Ok((handle, renewer))
+        signer,
+        renewer,
+    })
 }
 
 /// Holding the CA, the controller re-issues its own SVID in time.

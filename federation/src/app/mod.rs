@@ -9,14 +9,16 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedmesh_api::server::{ApiHandle, TokenReviewer};
+use fedmesh_api::server::{
+    self, ApiHandle, ApiLimits, ApiMetrics, ConfigApi, Signer, TokenReviewer,
+};
 use fedmesh_transport::admin;
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{open_store, ControllerConfig};
-use crate::{source, Controller, ControllerSettings, LocalService};
+use crate::{source, Controller, ControllerSettings, LocalService, Store};
 
 mod api;
 
@@ -143,6 +145,17 @@ impl ServiceSource {
         ))
     }
 
+    /// A source whose services never change.
+    pub fn fixed(services: Vec<LocalService>) -> Self {
+        let (tx, local) = watch::channel(Some(services));
+        Self {
+            local,
+            #[cfg(feature = "kube")]
+            kube: None,
+            _keep: Box::new(tx),
+        }
+    }
+
     /// The services listed so far (`None` before the first full listing).
     pub fn current(&self) -> Option<Vec<LocalService>> {
         self.local.borrow().clone()
@@ -156,11 +169,52 @@ async fn kube_client() -> Result<kube::Client, AppError> {
     ))
 }
 
+/// How the control API is served: where, its TLS, limits and metrics,
+/// and the signer when the controller holds the CA.
+pub struct ApiServing {
+    pub listen: SocketAddr,
+    pub tls: rustls::ServerConfig,
+    pub limits: ApiLimits,
+    pub metrics: ApiMetrics,
+    pub signer: Option<Signer>,
+    /// Re-issues the controller's own SVID (holding the CA).
+    renewer: Option<AbortOnDrop>,
+}
+
+impl ApiServing {
+    /// Config streaming only, with `tls` (no signing).
+    pub fn new(
+        listen: SocketAddr,
+        tls: rustls::ServerConfig,
+        limits: ApiLimits,
+        metrics: ApiMetrics,
+    ) -> Self {
+        Self {
+            listen,
+            tls,
+            limits,
+            metrics,
+            signer: None,
+            renewer: None,
+        }
+    }
+}
+
+/// Everything a controller runs with, however it was configured.
+pub struct AppParts {
+    pub settings: ControllerSettings,
+    pub store: Arc<dyn Store>,
+    pub source: ServiceSource,
+    pub api: Option<ApiServing>,
+    /// The admin endpoint (`/metrics` of `registry`, `/status`).
+    pub admin: Option<SocketAddr>,
+}
+
 /// A running controller with everything its config names. Dropping it
 /// stops every part; [`ControllerApp::shutdown`] stops them in order.
 pub struct ControllerApp {
     ctrl: Arc<Controller>,
-    api: Option<(ApiHandle, Option<JoinHandle<()>>)>,
+    api: Option<(ApiHandle, Option<AbortOnDrop>)>,
     admin: Option<(SocketAddr, AbortOnDrop)>,
     _follower: AbortOnDrop,
     _kube: Vec<Keep>,
@@ -168,17 +222,52 @@ pub struct ControllerApp {
 }
 
 impl ControllerApp {
-    /// Waits until `source` listed every service (nothing is published
-    /// before), then opens the store and starts the controller, the
-    /// Kubernetes parts, the control API and the admin endpoint its config
-    /// names. `registry` holds what the caller registered (the source's
-    /// metrics, leadership); the admin endpoint serves it.
+    /// Builds the controller its config describes: opens the store,
+    /// prepares the control API, starts everything ([`start`](Self::start))
+    /// and the Kubernetes parts. `registry` holds what the caller
+    /// registered (the source's metrics, leadership); the admin endpoint
+    /// serves it.
     pub async fn build(
         cfg: &ControllerConfig,
         settings: ControllerSettings,
         source: ServiceSource,
         mut registry: Registry,
     ) -> Result<Self, AppError> {
+        let api = match &cfg.api {
+            Some(a) => {
+                let reviewer = reviewer(cfg).await?;
+                let (td, bundle) = (&settings.trust_domain, &settings.bundle);
+                Some(api::prepare(a, td, bundle, &mut registry, reviewer)?)
+            }
+            None => None,
+        };
+        let write_back = write_back_metrics(cfg, &source, &mut registry);
+        let store = open_store(&cfg.store)
+            .await
+            .map_err(failed("the federation store"))?;
+        let parts = AppParts {
+            settings,
+            store,
+            source,
+            api,
+            admin: cfg.admin,
+        };
+        let mut app = Self::start(parts, registry).await?;
+        app._kube = kube_parts(cfg, &app.ctrl, &app._source, write_back).await?;
+        Ok(app)
+    }
+
+    /// Waits until the source listed every service (nothing is published
+    /// before), then starts the controller, its API and admin endpoint.
+    /// Metrics go to `registry`, which the admin endpoint then serves.
+    pub async fn start(parts: AppParts, mut registry: Registry) -> Result<Self, AppError> {
+        let AppParts {
+            settings,
+            store,
+            source,
+            api,
+            admin,
+        } = parts;
         let mut first = source.local.clone();
         let initial = first
             .wait_for(Option::is_some)
@@ -187,24 +276,19 @@ impl ControllerApp {
             .clone()
             .unwrap_or_default();
         tracing::info!(cluster = %settings.cluster, lease_ttl = ?settings.lease_ttl, pinned = settings.pinned.len(), "effective controller config");
-        let store = open_store(&cfg.store)
-            .await
-            .map_err(failed("the federation store"))?;
-        let (td, own_bundle) = (settings.trust_domain.clone(), settings.bundle.clone());
         let ctrl = Arc::new(Controller::start(store, settings, initial, &mut registry));
-        let kube = kube_parts(cfg, &ctrl, &source, &mut registry).await?;
-        let api = match &cfg.api {
-            Some(a) => Some(
-                api::serve(
-                    a,
-                    &td,
-                    &own_bundle,
-                    &ctrl,
-                    &mut registry,
-                    reviewer(cfg).await?,
-                )
-                .await?,
-            ),
+        let api = match api {
+            Some(a) => {
+                let config_api = ConfigApi::new(
+                    server::versioned(ctrl.catalog(), ctrl.bundles()),
+                    a.limits,
+                    a.metrics,
+                );
+                let handle = server::spawn(a.listen, a.tls, config_api, a.signer)
+                    .await
+                    .map_err(failed(format!("api.listen {}", a.listen)))?;
+                Some((handle, a.renewer))
+            }
             None => None,
         };
         // Follow the source.
@@ -219,7 +303,7 @@ impl ControllerApp {
                 }
             }))
         };
-        let admin = match cfg.admin {
+        let admin = match admin {
             Some(addr) => {
                 let c = ctrl.clone();
                 let status: admin::JsonFn =
@@ -242,7 +326,7 @@ impl ControllerApp {
             api,
             admin,
             _follower: follower,
-            _kube: kube,
+            _kube: Vec::new(),
             _source: source,
         })
     }
@@ -277,9 +361,7 @@ impl ControllerApp {
         } = self;
         drop(_follower);
         if let Some((handle, renewer)) = api {
-            if let Some(r) = renewer {
-                r.abort();
-            }
+            drop(renewer);
             handle.shutdown().await;
         }
         drop(admin);
@@ -314,7 +396,7 @@ async fn kube_parts(
     cfg: &ControllerConfig,
     ctrl: &Arc<Controller>,
     source: &ServiceSource,
-    registry: &mut Registry,
+    write_back: Option<crate::k8s::KubeMetrics>,
 ) -> Result<Vec<Keep>, AppError> {
     let mut keep: Vec<Keep> = Vec::new();
     let Some(k) = &cfg.kubernetes else {
@@ -336,17 +418,7 @@ async fn kube_parts(
         });
         keep.push(Box::new((AbortOnDrop(task), AbortOnDrop(relay))));
     }
-    if k.write_back {
-        // Counted with the source's (registered) metrics; a services file
-        // with write-back registers its own.
-        let metrics = match &source.kube {
-            Some(m) => m.clone(),
-            None => {
-                let m = crate::k8s::KubeMetrics::default();
-                m.register(registry);
-                m
-            }
-        };
+    if let Some(metrics) = write_back {
         let task = crate::k8s::write_back(
             kube_client().await?,
             ctrl.mcs(),
@@ -364,7 +436,34 @@ async fn kube_parts(
     _: &ControllerConfig,
     _: &Arc<Controller>,
     _: &ServiceSource,
-    _: &mut Registry,
+    _: Option<()>,
 ) -> Result<Vec<Keep>, AppError> {
     Ok(Vec::new())
+}
+
+/// With write-back, the metrics it counts with: the Kubernetes source's
+/// (registered with it); a services file with write-back registers its
+/// own, before the admin endpoint takes the registry.
+#[cfg(feature = "kube")]
+fn write_back_metrics(
+    cfg: &ControllerConfig,
+    source: &ServiceSource,
+    registry: &mut Registry,
+) -> Option<crate::k8s::KubeMetrics> {
+    if !cfg.kubernetes.as_ref().is_some_and(|k| k.write_back) {
+        return None;
+    }
+    Some(match &source.kube {
+        Some(m) => m.clone(),
+        None => {
+            let m = crate::k8s::KubeMetrics::default();
+            m.register(registry);
+            m
+        }
+    })
+}
+
+#[cfg(not(feature = "kube"))]
+fn write_back_metrics(_: &ControllerConfig, _: &ServiceSource, _: &mut Registry) -> Option<()> {
+    None
 }
