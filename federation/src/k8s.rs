@@ -2,7 +2,8 @@
 //! the Multi-Cluster Services objects written back.
 //!
 //! In: Services, EndpointSlices and `ServiceExport`s
-//! (`multicluster.x-k8s.io/v1alpha1`), each through a kube-runtime watcher
+//! (`multicluster.x-k8s.io/v1beta1`, which the CRDs `fedmesh install`
+//! renders store; v1alpha1 stays served for other tools), each through a kube-runtime watcher
 //! (list, then watch from the list's resourceVersion with bookmarks; a
 //! `410 Gone` re-lists and the re-list replaces the cache whole, so nothing
 //! deleted during the gap survives). Nothing is reported before all three
@@ -54,11 +55,30 @@ pub const AUDIENCE_ANNOTATION: &str = "fedmesh.io/audience";
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "fedmesh");
 const FIELD_MANAGER: &str = "fedmesh";
 
+/// What fedmesh tells the API server it is, on every request.
+pub const USER_AGENT: &str = concat!("fedmesh/", env!("CARGO_PKG_VERSION"));
+
+/// A client for the cluster's API server (in-cluster config or
+/// `KUBECONFIG`) that names fedmesh and its version in `User-Agent`, so an
+/// API server's audit log and metrics tell its requests apart.
+pub async fn client() -> Result<Client, kube::Error> {
+    let mut config = kube::Config::infer()
+        .await
+        .map_err(kube::Error::InferConfig)?;
+    config.headers.push((
+        http::header::USER_AGENT,
+        http::HeaderValue::from_static(USER_AGENT),
+    ));
+    Client::try_from(config)
+}
+
+/// The Multi-Cluster Services API group and the version fedmesh speaks.
+pub const MCS_GROUP: &str = "multicluster.x-k8s.io";
+pub const MCS_VERSION: &str = "v1beta1";
+const MCS_API_VERSION: &str = "multicluster.x-k8s.io/v1beta1";
+
 fn mcs_resource(kind: &str, plural: &str) -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("multicluster.x-k8s.io", "v1alpha1", kind),
-        plural,
-    )
+    ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(MCS_GROUP, MCS_VERSION, kind), plural)
 }
 
 pub fn service_export_resource() -> ApiResource {
@@ -503,7 +523,7 @@ pub fn service_import(name: &ServiceName, imp: &fedmesh_catalog::mcs::Import) ->
         Protocol::Sctp => "SCTP",
     };
     serde_json::json!({
-        "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+        "apiVersion": MCS_API_VERSION,
         "kind": "ServiceImport",
         "metadata": {
             "name": name.name(),
@@ -560,7 +580,7 @@ pub fn export_status(conflicts: Option<&Vec<fedmesh_catalog::mcs::Conflict>>) ->
         }),
     };
     serde_json::json!({
-        "apiVersion": "multicluster.x-k8s.io/v1alpha1",
+        "apiVersion": MCS_API_VERSION,
         "kind": "ServiceExport",
         "status": {
             "conditions": [

@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 const SERVICES: &str = "/api/v1/services";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
-const EXPORTS: &str = "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports";
+const EXPORTS: &str = "/apis/multicluster.x-k8s.io/v1beta1/serviceexports";
 const WAIT: Duration = Duration::from_secs(10);
 
 fn service(ns: &str, name: &str, ports: serde_json::Value, sa: Option<&str>) -> serde_json::Value {
@@ -50,7 +50,7 @@ fn export(ns: &str, name: &str, audience: Option<&str>) -> serde_json::Value {
         annotations.insert("fedmesh.io/audience".into(), json!(a));
     }
     json!({
-        "apiVersion": "multicluster.x-k8s.io/v1alpha1", "kind": "ServiceExport",
+        "apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceExport",
         "metadata": { "name": name, "namespace": ns, "annotations": annotations,
                       "creationTimestamp": "2026-01-02T03:04:05Z" },
     })
@@ -408,6 +408,13 @@ async fn service_imports_and_export_conditions_are_written_back_once() {
         .into_iter()
         .find(|w| w.path.ends_with("/serviceimports/web"))
         .unwrap();
+    // Written in the version the CRDs store (mcs-api v0.5.0: v1beta1).
+    assert!(
+        applied.path.contains("/multicluster.x-k8s.io/v1beta1/"),
+        "{}",
+        applied.path
+    );
+    assert_eq!(applied.body["apiVersion"], "multicluster.x-k8s.io/v1beta1");
     assert_eq!(applied.body["spec"]["ports"][0]["port"], 80);
     assert_eq!(applied.body["status"]["clusters"][0]["cluster"], "east");
     assert_eq!(
@@ -471,4 +478,33 @@ async fn service_imports_and_export_conditions_are_written_back_once() {
     )
     .await;
     assert_eq!(metrics.writes("serviceimport", "delete"), 1);
+}
+
+/// A cluster whose exports were written as v1alpha1 (before mcs-api
+/// v0.5.0): with both versions served from one storage, as the CRDs
+/// `fedmesh install` renders do, the controller reads them as v1beta1.
+#[tokio::test]
+async fn exports_written_as_v1alpha1_are_read_through_v1beta1() {
+    let fake = FakeKube::start().await.unwrap();
+    seed(&fake);
+    fake.delete(EXPORTS, "shop", "cart");
+    let mut old = export("shop", "cart", None);
+    old["apiVersion"] = json!("multicluster.x-k8s.io/v1alpha1");
+    fake.put("/apis/multicluster.x-k8s.io/v1alpha1/serviceexports", old);
+    let src = KubeSource::start(client(&fake).await, settings(), &mut Registry::default());
+    let mut rx = src.local();
+    let l = next_local(&mut rx, "cart exported", |l| {
+        find(l, CART).is_some_and(|c| c.export)
+    })
+    .await;
+    assert!(!find(&l, INTERNAL).unwrap().export);
+    // The controller asked for the stored version only.
+    let requests = fake.requests();
+    assert!(requests
+        .iter()
+        .any(|r| r.contains("/multicluster.x-k8s.io/v1beta1/serviceexports")));
+    assert!(
+        !requests.iter().any(|r| r.contains("/v1alpha1/")),
+        "{requests:#?}"
+    );
 }

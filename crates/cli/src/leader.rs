@@ -88,7 +88,7 @@ pub async fn elect(
 ) -> anyhow::Result<Option<Leadership>> {
     use fedmesh_federation::leader::{ElectionSettings, Elector};
     let (name, ns) = identity();
-    let client = kube::Client::try_default().await?;
+    let client = fedmesh_federation::k8s::client().await?;
     let settings = ElectionSettings {
         duration: lease,
         retry: (lease / 7).max(std::time::Duration::from_millis(100)),

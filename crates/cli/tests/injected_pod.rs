@@ -180,4 +180,10 @@ async fn an_injected_pod_gets_its_identity_and_serves_its_service() {
     };
     assert_eq!((r.ok, r.failed), (20, 0), "{:?}", r.errors);
     assert_eq!(r.served_by.keys().collect::<Vec<_>>(), ["demo/echo"]);
+
+    // Every request the controller made names fedmesh and its version.
+    let agents = fake.user_agents();
+    let ours = concat!("fedmesh/", env!("CARGO_PKG_VERSION"));
+    assert!(!agents.is_empty());
+    assert!(agents.iter().all(|a| a == ours), "{agents:?}");
 }

@@ -502,3 +502,27 @@ fn manifests_and_mcs_objects_pass_the_kubernetes_1_33_schemas() {
     assert!(o.status.success(), "{}{}", out(&o), err(&o));
     assert!(out(&o).contains("all passed"));
 }
+
+/// mcs-api v0.5.0: v1beta1 is stored, v1alpha1 still served with the same
+/// schema (so objects written as either are one object), and the stored
+/// version is the one the controller reads and writes.
+#[cfg(feature = "kube")]
+#[test]
+fn the_mcs_crds_store_the_version_the_controller_speaks() {
+    for crd in fedmesh_deploy::install::crds() {
+        let versions = crd["spec"]["versions"].as_array().unwrap();
+        let names = |f: &dyn Fn(&serde_json::Value) -> bool| -> Vec<String> {
+            versions
+                .iter()
+                .filter(|v| f(v))
+                .map(|v| v["name"].as_str().unwrap().to_owned())
+                .collect()
+        };
+        assert_eq!(
+            names(&|v| v["storage"] == true),
+            [fedmesh_federation::k8s::MCS_VERSION]
+        );
+        assert_eq!(names(&|v| v["served"] == true), ["v1beta1", "v1alpha1"]);
+        assert_eq!(versions[0]["schema"], versions[1]["schema"]);
+    }
+}

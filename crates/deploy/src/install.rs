@@ -764,11 +764,15 @@ fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
+/// The version of the Multi-Cluster Services API fedmesh speaks and
+/// stores (mcs-api v0.5.0 and later).
+pub const MCS_VERSION: &str = "v1beta1";
+
 /// The two MCS API CRDs, compatible with the upstream definitions
-/// (kubernetes-sigs/mcs-api, `multicluster.x-k8s.io/v1alpha1`): same
-/// group, names, scope, subresources and field shapes, so clusters that
-/// already have them installed keep working and other MCS tools read
-/// what fedmesh writes.
+/// (kubernetes-sigs/mcs-api v0.5.0, `multicluster.x-k8s.io`): same group,
+/// names, scope, subresources and field shapes; v1beta1 stored, v1alpha1
+/// still served, so clusters that already have the v1alpha1 CRDs keep
+/// their objects and other MCS tools read what fedmesh writes.
 pub fn crds() -> Vec<Value> {
     let meta_props = json!({
         "apiVersion": { "type": "string" },
@@ -849,6 +853,21 @@ pub fn crds() -> Vec<Value> {
         },
     });
     let crd = |kind: &str, plural: &str, short: &str, props: Value, columns: Value, doc: &str| {
+        // The same schema under both names: v1beta1 is stored and what
+        // fedmesh speaks; v1alpha1 is still served, so tools and objects
+        // written for it keep working (identical shapes: no conversion
+        // webhook).
+        let versions: Vec<Value> = ["v1beta1", "v1alpha1"]
+            .iter()
+            .map(|v| {
+                json!({
+                    "name": v, "served": true, "storage": *v == MCS_VERSION,
+                    "subresources": { "status": {} },
+                    "additionalPrinterColumns": columns,
+                    "schema": { "openAPIV3Schema": { "description": doc, "type": "object", "properties": props } },
+                })
+            })
+            .collect();
         json!({
             "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
             "metadata": {
@@ -859,12 +878,11 @@ pub fn crds() -> Vec<Value> {
                 "group": "multicluster.x-k8s.io",
                 "scope": "Namespaced",
                 "names": { "plural": plural, "singular": kind.to_lowercase(), "kind": kind, "shortNames": [short] },
-                "versions": [{
-                    "name": "v1alpha1", "served": true, "storage": true,
-                    "subresources": { "status": {} },
-                    "additionalPrinterColumns": columns,
-                    "schema": { "openAPIV3Schema": { "description": doc, "type": "object", "properties": props } },
-                }],
+                // The same schema under both names: v1beta1 is stored and
+                // what fedmesh speaks; v1alpha1 is still served, so tools
+                // and objects written for it keep working (no conversion
+                // webhook needed, the shapes are identical).
+                "versions": versions,
             },
         })
     };

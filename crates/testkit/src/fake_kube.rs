@@ -26,16 +26,30 @@ const KINDS: &[(&str, &str, &str)] = &[
         "EndpointSlice",
     ),
     (
-        "/apis/multicluster.x-k8s.io/v1alpha1/serviceexports",
-        "multicluster.x-k8s.io/v1alpha1",
+        "/apis/multicluster.x-k8s.io/v1beta1/serviceexports",
+        "multicluster.x-k8s.io/v1beta1",
         "ServiceExport",
     ),
     (
-        "/apis/multicluster.x-k8s.io/v1alpha1/serviceimports",
-        "multicluster.x-k8s.io/v1alpha1",
+        "/apis/multicluster.x-k8s.io/v1beta1/serviceimports",
+        "multicluster.x-k8s.io/v1beta1",
         "ServiceImport",
     ),
 ];
+
+/// The MCS API's stored version and the older one still served: as with
+/// the CRDs `fedmesh install` renders, a request for the old version reads
+/// and writes the same objects.
+const MCS_STORED: &str = "/apis/multicluster.x-k8s.io/v1beta1/";
+const MCS_SERVED: &str = "/apis/multicluster.x-k8s.io/v1alpha1/";
+
+/// `path` with a served-only MCS version replaced by the stored one.
+fn stored_path(path: &str) -> String {
+    match path.strip_prefix(MCS_SERVED) {
+        Some(rest) => format!("{MCS_STORED}{rest}"),
+        None => path.to_owned(),
+    }
+}
 
 /// A write the server received.
 #[derive(Debug, Clone)]
@@ -56,6 +70,8 @@ struct State {
     compacted_below: u64,
     /// Every request line, in order.
     requests: Vec<String>,
+    /// Every request's `User-Agent` (empty when it sent none).
+    user_agents: Vec<String>,
     writes: Vec<Write>,
     /// Kind paths whose lists are held back until released.
     held: Vec<String>,
@@ -137,6 +153,7 @@ impl FakeKube {
 
     /// Creates or replaces an object of the kind at `kind_path`.
     pub fn put(&self, kind_path: &str, mut obj: Value) {
+        let kind_path = &stored_path(kind_path);
         {
             let mut st = self.lock();
             st.rv += 1;
@@ -159,6 +176,7 @@ impl FakeKube {
     }
 
     pub fn delete(&self, kind_path: &str, ns: &str, name: &str) {
+        let kind_path = &stored_path(kind_path);
         {
             let mut st = self.lock();
             st.rv += 1;
@@ -194,7 +212,7 @@ impl FakeKube {
 
     /// Holds lists of `kind_path` until [`release`](Self::release).
     pub fn hold(&self, kind_path: &str) {
-        self.lock().held.push(kind_path.to_owned());
+        self.lock().held.push(stored_path(kind_path));
     }
 
     pub fn release(&self) {
@@ -204,11 +222,16 @@ impl FakeKube {
 
     /// The next watch of `kind_path` gets one undecodable event first.
     pub fn poison_next_watch(&self, kind_path: &str) {
-        self.lock().poison = Some(kind_path.to_owned());
+        self.lock().poison = Some(stored_path(kind_path));
     }
 
     pub fn requests(&self) -> Vec<String> {
         self.lock().requests.clone()
+    }
+
+    /// The `User-Agent` of every request so far, in order.
+    pub fn user_agents(&self) -> Vec<String> {
+        self.lock().user_agents.clone()
     }
 
     pub fn writes(&self) -> Vec<Write> {
@@ -279,19 +302,30 @@ async fn serve(
         let mut parts = line.split(' ');
         let method = parts.next().unwrap_or_default().to_owned();
         let target = parts.next().unwrap_or_default().to_owned();
-        let len = lines
-            .filter_map(|l| l.split_once(':'))
-            .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-            .and_then(|(_, v)| v.trim().parse::<usize>().ok())
+        let headers: Vec<(&str, &str)> = lines.filter_map(|l| l.split_once(':')).collect();
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.trim())
+        };
+        let len = header("content-length")
+            .and_then(|v| v.parse::<usize>().ok())
             .unwrap_or(0);
+        let agent = header("user-agent").unwrap_or_default().to_owned();
         let mut body = vec![0u8; len.min(1 << 20)];
         stream.read_exact(&mut body).await?;
         let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+        let path = &stored_path(path);
         let q: BTreeMap<&str, &str> = query
             .split('&')
             .filter_map(|kv| kv.split_once('='))
             .collect();
-        lock(&state).requests.push(format!("{method} {target}"));
+        {
+            let mut st = lock(&state);
+            st.requests.push(format!("{method} {target}"));
+            st.user_agents.push(agent);
+        }
         if lock(&state).down {
             respond(
                 stream.get_mut(),
@@ -371,7 +405,7 @@ async fn serve(
                     match segs.iter().position(|s| *s == "namespaces") {
                         Some(i) if segs.len() > i + 3 => {
                             let (ns, plural, name) = (segs[i + 1], segs[i + 2], segs[i + 3]);
-                            let kpath = format!("/apis/multicluster.x-k8s.io/v1alpha1/{plural}");
+                            let kpath = format!("{MCS_STORED}{plural}");
                             let key = format!("{ns}/{name}");
                             if method == "DELETE" {
                                 st.objects.entry(kpath).or_default().remove(&key)

@@ -164,7 +164,7 @@ impl ServiceSource {
 
 #[cfg(feature = "kube")]
 async fn kube_client() -> Result<kube::Client, AppError> {
-    kube::Client::try_default().await.map_err(failed(
+    crate::k8s::client().await.map_err(failed(
         "the Kubernetes API (in-cluster config or KUBECONFIG)",
     ))
 }
