@@ -54,6 +54,15 @@ type Keep = Box<dyn std::any::Any + Send>;
 /// Aborts its task when dropped.
 struct AbortOnDrop(JoinHandle<()>);
 
+impl AbortOnDrop {
+    /// Aborts the task and waits until it is gone (what it owned, a
+    /// listening socket, is closed when this returns).
+    async fn stop(mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
+}
+
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
@@ -67,8 +76,18 @@ pub struct ServiceSource {
     local: watch::Receiver<Option<Vec<LocalService>>>,
     #[cfg(feature = "kube")]
     kube: Option<crate::k8s::KubeMetrics>,
+    /// The Kubernetes source's client, shared with the other Kubernetes
+    /// parts (one connection pool to the API server).
+    #[cfg(feature = "kube")]
+    client: Option<KubeClient>,
     _keep: Keep,
 }
+
+#[cfg(feature = "kube")]
+type KubeClient = kube::Client;
+/// Without the `kube` feature there is never a client.
+#[cfg(not(feature = "kube"))]
+type KubeClient = std::convert::Infallible;
 
 impl ServiceSource {
     /// Starts the source the config names; a services file is read (and
@@ -103,6 +122,8 @@ impl ServiceSource {
                     local,
                     #[cfg(feature = "kube")]
                     kube: None,
+                    #[cfg(feature = "kube")]
+                    client: None,
                     _keep: Box::new((AbortOnDrop(task), AbortOnDrop(relay))),
                 })
             }
@@ -119,7 +140,7 @@ impl ServiceSource {
     ) -> Result<Self, AppError> {
         let client = kube_client().await?;
         let src = crate::k8s::KubeSource::start(
-            client,
+            client.clone(),
             crate::k8s::KubeSettings {
                 cluster: settings.cluster.clone(),
                 trust_domain: settings.trust_domain.clone(),
@@ -130,6 +151,7 @@ impl ServiceSource {
         Ok(Self {
             local: src.local(),
             kube: Some(src.metrics().clone()),
+            client: Some(client),
             _keep: Box::new(src),
         })
     }
@@ -152,6 +174,8 @@ impl ServiceSource {
             local,
             #[cfg(feature = "kube")]
             kube: None,
+            #[cfg(feature = "kube")]
+            client: None,
             _keep: Box::new(tx),
         }
     }
@@ -233,9 +257,10 @@ impl ControllerApp {
         source: ServiceSource,
         mut registry: Registry,
     ) -> Result<Self, AppError> {
+        let client = cluster_client(cfg, &source).await?;
         let api = match &cfg.api {
             Some(a) => {
-                let reviewer = reviewer(cfg).await?;
+                let reviewer = reviewer(client.as_ref());
                 let (td, bundle) = (&settings.trust_domain, &settings.bundle);
                 Some(api::prepare(a, td, bundle, &mut registry, reviewer)?)
             }
@@ -253,7 +278,7 @@ impl ControllerApp {
             admin: cfg.admin,
         };
         let mut app = Self::start(parts, registry).await?;
-        app._kube = kube_parts(cfg, &app.ctrl, &app._source, write_back).await?;
+        app._kube = kube_parts(cfg, &app.ctrl, &app._source, write_back, client)?;
         Ok(app)
     }
 
@@ -364,7 +389,9 @@ impl ControllerApp {
             drop(renewer);
             handle.shutdown().await;
         }
-        drop(admin);
+        if let Some((_, task)) = admin {
+            task.stop().await;
+        }
         drop(_kube);
         match Arc::try_unwrap(ctrl) {
             Ok(c) if leave => c.leave().await,
@@ -376,35 +403,55 @@ impl ControllerApp {
     }
 }
 
-/// With the Kubernetes source, pods prove who they are with their
-/// service account token (a TokenReview) to get their first SVID.
-async fn reviewer(cfg: &ControllerConfig) -> Result<Option<Arc<dyn TokenReviewer>>, AppError> {
+/// The client every Kubernetes part of this controller shares, when the
+/// config has a `kubernetes` section: the source's, or a new one (a
+/// services file with write-back or a gateway Service).
+async fn cluster_client(
+    cfg: &ControllerConfig,
+    source: &ServiceSource,
+) -> Result<Option<KubeClient>, AppError> {
     #[cfg(feature = "kube")]
     if cfg.kubernetes.is_some() {
-        return Ok(Some(Arc::new(crate::k8s::KubeTokenReviewer::new(
-            kube_client().await?,
-        ))));
+        return match &source.client {
+            Some(c) => Ok(Some(c.clone())),
+            None => kube_client().await.map(Some),
+        };
     }
-    let _ = cfg;
+    let _ = (cfg, source);
     Ok(None)
+}
+
+/// With the Kubernetes source, pods prove who they are with their
+/// service account token (a TokenReview) to get their first SVID.
+fn reviewer(client: Option<&KubeClient>) -> Option<Arc<dyn TokenReviewer>> {
+    #[cfg(feature = "kube")]
+    return client.map(|c| {
+        Arc::new(crate::k8s::KubeTokenReviewer::new(c.clone())) as Arc<dyn TokenReviewer>
+    });
+    #[cfg(not(feature = "kube"))]
+    match client {
+        None => None,
+        Some(never) => match *never {},
+    }
 }
 
 /// Gateways advertised from their LoadBalancer Service when the config
 /// names none, and the MCS view written back to Kubernetes.
 #[cfg(feature = "kube")]
-async fn kube_parts(
+fn kube_parts(
     cfg: &ControllerConfig,
     ctrl: &Arc<Controller>,
     source: &ServiceSource,
     write_back: Option<crate::k8s::KubeMetrics>,
+    client: Option<KubeClient>,
 ) -> Result<Vec<Keep>, AppError> {
     let mut keep: Vec<Keep> = Vec::new();
-    let Some(k) = &cfg.kubernetes else {
+    let (Some(k), Some(client)) = (&cfg.kubernetes, client) else {
         return Ok(keep);
     };
     if let (Some(svc), true) = (&k.gateway_service, cfg.gateways.is_empty()) {
         let (ns, name) = svc.split_once('/').unwrap_or(("", svc.as_str()));
-        let (mut rx, task) = crate::k8s::watch_gateway_service(kube_client().await?, ns, name);
+        let (mut rx, task) = crate::k8s::watch_gateway_service(client.clone(), ns, name);
         // Weak: the controller's clean shutdown needs the only Arc.
         let c = Arc::downgrade(ctrl);
         let relay = tokio::spawn(async move {
@@ -420,7 +467,7 @@ async fn kube_parts(
     }
     if let Some(metrics) = write_back {
         let task = crate::k8s::write_back(
-            kube_client().await?,
+            client,
             ctrl.mcs(),
             source.local.clone(),
             metrics,
@@ -432,11 +479,12 @@ async fn kube_parts(
 }
 
 #[cfg(not(feature = "kube"))]
-async fn kube_parts(
+fn kube_parts(
     _: &ControllerConfig,
     _: &Arc<Controller>,
     _: &ServiceSource,
     _: Option<()>,
+    _: Option<KubeClient>,
 ) -> Result<Vec<Keep>, AppError> {
     Ok(Vec::new())
 }
