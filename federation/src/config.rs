@@ -81,6 +81,17 @@ pub struct KubernetesSource {
     /// follow it when they change.
     #[serde(default)]
     pub gateway_service: Option<String>,
+    /// Namespaces whose ServiceExports are refused (`Valid=False` with
+    /// reason `NamespaceExcluded`); their Services stay in-cluster mesh
+    /// services.
+    #[serde(default = "default_excluded")]
+    pub exclude_namespaces: Vec<String>,
+}
+
+fn default_excluded() -> Vec<String> {
+    ["kube-system", "kube-public", "kube-node-lease"]
+        .map(String::from)
+        .to_vec()
 }
 
 fn default_inbound_port() -> u16 {

@@ -2,10 +2,10 @@
 //! that does not decode, is too large, or disagrees with its key is
 //! rejected with a typed error and never reaches a catalog.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-use fedmesh_catalog::mcs::{Export, Protocol, ServiceType};
+use fedmesh_catalog::mcs::{Export, ExportedMeta, Port, Protocol, ServiceType, SessionAffinity};
 use fedmesh_catalog::ClusterName;
 use fedmesh_trust::{TrustBundle, TrustDomain};
 use fedmesh_wire::ServiceName;
@@ -63,6 +63,33 @@ pub struct PortRecord {
     pub port: u16,
     #[serde(default = "tcp")]
     pub protocol: Protocol,
+    /// The Service port's name (empty: unnamed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+/// Longest `appProtocol`, label or annotation key
+/// (253-byte prefix, `/`, 63-byte name), and label value accepted.
+const MAX_APP_PROTOCOL: usize = 253;
+const MAX_META_KEY: usize = 317;
+const MAX_LABEL_VALUE: usize = 63;
+/// Most exported labels, and annotations, one record may carry.
+pub const MAX_EXPORTED_META: usize = 64;
+/// Longest session affinity timeout Kubernetes allows (one day).
+const MAX_AFFINITY_TIMEOUT: u32 = 86_400;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum AffinityRecord {
+    #[default]
+    None,
+    #[serde(rename = "ClientIP")]
+    ClientIp,
+}
+
+fn is_default<T: Default + PartialEq>(t: &T) -> bool {
+    *t == T::default()
 }
 
 fn tcp() -> Protocol {
@@ -88,6 +115,111 @@ pub struct ServiceRecord {
     pub ready_endpoints: u32,
     #[serde(default = "weight")]
     pub weight: u32,
+    /// The Service's `sessionAffinity` (absent: `None`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub session_affinity: AffinityRecord,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity_timeout_seconds: Option<u32>,
+    /// The ServiceExport's `spec.exportedLabels` / `exportedAnnotations`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl ServiceRecord {
+    /// The record of one export (what [`ServiceRecord::decode`] reads back).
+    pub fn of(
+        service: &ServiceName,
+        ports: &[Port],
+        service_type: ServiceType,
+        meta: &ExportedMeta,
+        exported_at_ms: u64,
+        audience: Option<Vec<String>>,
+        ready_endpoints: u32,
+    ) -> Self {
+        let (session_affinity, timeout) = match meta.session_affinity {
+            SessionAffinity::None => (AffinityRecord::None, None),
+            SessionAffinity::ClientIp { timeout_seconds } => {
+                (AffinityRecord::ClientIp, timeout_seconds)
+            }
+        };
+        ServiceRecord {
+            name: service.name().to_owned(),
+            namespace: service.namespace().to_owned(),
+            ports: ports
+                .iter()
+                .map(|p| PortRecord {
+                    port: p.port,
+                    protocol: p.protocol,
+                    name: p.name.clone(),
+                    app_protocol: p.app_protocol.clone(),
+                })
+                .collect(),
+            service_type,
+            exported_at_ms,
+            audience,
+            ready_endpoints,
+            weight: 100,
+            session_affinity,
+            session_affinity_timeout_seconds: timeout,
+            labels: meta.labels.clone(),
+            annotations: meta.annotations.clone(),
+        }
+    }
+}
+
+fn invalid(field: &'static str, why: impl Into<String>) -> RecordError {
+    RecordError::Invalid {
+        field,
+        why: why.into(),
+    }
+}
+
+/// Most bytes of exported annotations one record may carry.
+pub const MAX_EXPORTED_ANNOTATION_BYTES: usize = 64 * 1024;
+
+/// Whether exported labels and annotations are within what a record
+/// carries: at most [`MAX_EXPORTED_META`] of each, keys of 1 to 317 bytes,
+/// label values of at most 63, annotations of at most
+/// [`MAX_EXPORTED_ANNOTATION_BYTES`] together.
+pub fn check_exported_meta(meta: &ExportedMeta) -> Result<(), RecordError> {
+    for (field, m, max_value) in [
+        ("labels", &meta.labels, MAX_LABEL_VALUE),
+        (
+            "annotations",
+            &meta.annotations,
+            MAX_EXPORTED_ANNOTATION_BYTES,
+        ),
+    ] {
+        if m.len() > MAX_EXPORTED_META {
+            return Err(invalid(
+                field,
+                format!("{} entries; at most {MAX_EXPORTED_META}", m.len()),
+            ));
+        }
+        let mut total = 0;
+        for (k, v) in m {
+            total += k.len() + v.len();
+            if k.is_empty() || k.len() > MAX_META_KEY || v.len() > max_value {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "a key of {} bytes with a value of {} bytes; keys of 1 to {MAX_META_KEY}, values of at most {max_value}",
+                        k.len(),
+                        v.len()
+                    ),
+                ));
+            }
+        }
+        if field == "annotations" && total > MAX_EXPORTED_ANNOTATION_BYTES {
+            return Err(invalid(
+                field,
+                format!("{total} bytes; at most {MAX_EXPORTED_ANNOTATION_BYTES}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -226,6 +358,53 @@ impl ServiceRecord {
                 why: "1 to 100 non-zero ports expected".into(),
             });
         }
+        for p in &r.ports {
+            if !Port::valid_name(&p.name) {
+                return Err(invalid(
+                    "ports",
+                    format!(
+                        "port {}: the name is not a DNS label of at most 63 bytes",
+                        p.port
+                    ),
+                ));
+            }
+            if p.app_protocol
+                .as_ref()
+                .is_some_and(|a| a.is_empty() || a.len() > MAX_APP_PROTOCOL)
+            {
+                return Err(invalid(
+                    "ports",
+                    format!(
+                        "port {}: appProtocol of 1 to {MAX_APP_PROTOCOL} bytes expected",
+                        p.port
+                    ),
+                ));
+            }
+        }
+        let session_affinity = match (r.session_affinity, r.session_affinity_timeout_seconds) {
+            (AffinityRecord::None, None) => SessionAffinity::None,
+            (AffinityRecord::None, Some(_)) => {
+                return Err(invalid(
+                    "session_affinity_timeout_seconds",
+                    "set without ClientIP session affinity",
+                ))
+            }
+            (AffinityRecord::ClientIp, Some(t)) if t == 0 || t > MAX_AFFINITY_TIMEOUT => {
+                return Err(invalid(
+                    "session_affinity_timeout_seconds",
+                    format!("{t}; 1 to {MAX_AFFINITY_TIMEOUT} expected"),
+                ))
+            }
+            (AffinityRecord::ClientIp, timeout_seconds) => {
+                SessionAffinity::ClientIp { timeout_seconds }
+            }
+        };
+        let meta = ExportedMeta {
+            session_affinity,
+            labels: r.labels,
+            annotations: r.annotations,
+        };
+        check_exported_meta(&meta)?;
         let audience = match r.audience {
             None => None,
             Some(list) => {
@@ -242,8 +421,18 @@ impl ServiceRecord {
         Ok(Export {
             cluster: cluster.clone(),
             service: got,
-            ports: r.ports.iter().map(|p| (p.port, p.protocol)).collect(),
+            ports: r
+                .ports
+                .into_iter()
+                .map(|p| Port {
+                    name: p.name,
+                    port: p.port,
+                    protocol: p.protocol,
+                    app_protocol: p.app_protocol,
+                })
+                .collect(),
             service_type: r.service_type,
+            meta,
             exported_at: r.exported_at_ms,
             audience,
             ready_endpoints: r.ready_endpoints,

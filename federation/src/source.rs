@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fedmesh_catalog::mcs::{Protocol, ServiceType};
+use fedmesh_catalog::mcs::{Port, Protocol, ServiceType};
 use fedmesh_catalog::ClusterName;
 use fedmesh_trust::{SpiffeId, TrustDomain};
 use fedmesh_wire::ServiceName;
@@ -51,7 +51,18 @@ pub struct FileService {
 #[serde(untagged)]
 pub enum FilePort {
     Port(u16),
-    Full { port: u16, protocol: Protocol },
+    Full {
+        port: u16,
+        #[serde(default = "tcp")]
+        protocol: Protocol,
+        /// The port's name in the ServiceImport (a DNS label).
+        #[serde(default)]
+        name: Option<String>,
+    },
+}
+
+fn tcp() -> Protocol {
+    Protocol::Tcp
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -76,16 +87,25 @@ pub fn parse(text: &str, trust_domain: &TrustDomain) -> Result<Vec<LocalService>
                 continue;
             }
         };
-        let ports: Vec<(u16, Protocol)> = s
+        let ports: Vec<Port> = s
             .ports
             .iter()
             .map(|p| match p {
-                FilePort::Port(p) => (*p, Protocol::Tcp),
-                FilePort::Full { port, protocol } => (*port, *protocol),
+                FilePort::Port(p) => Port::new(*p, Protocol::Tcp),
+                FilePort::Full {
+                    port,
+                    protocol,
+                    name,
+                } => Port::named(name.as_deref().unwrap_or_default(), *port, *protocol),
             })
             .collect();
-        if ports.is_empty() || ports.iter().any(|p| p.0 == 0) {
+        if ports.is_empty() || ports.iter().any(|p| p.port == 0) {
             errs.push(format!("{what}: needs one or more non-zero ports"));
+        }
+        for p in &ports {
+            if !Port::valid_name(&p.name) {
+                errs.push(format!("{what}: port {}: name is not a DNS label", p.port));
+            }
         }
         let mut endpoints = Vec::new();
         for (j, e) in s.endpoints.iter().enumerate() {
@@ -124,6 +144,7 @@ pub fn parse(text: &str, trust_domain: &TrustDomain) -> Result<Vec<LocalService>
             } else {
                 ServiceType::ClusterSetIP
             },
+            meta: Default::default(),
             export: s.export,
             audience,
             endpoints,
@@ -217,7 +238,10 @@ services:
       - { address: "10.0.0.1:15006", identity: "spiffe://west.acme/ns/shop/sa/echo" }
 "#;
         let s = parse(ok, &td).unwrap();
-        assert_eq!(s[0].ports, [(8080, Protocol::Tcp), (53, Protocol::Udp)]);
+        assert_eq!(
+            s[0].ports,
+            [Port::new(8080, Protocol::Tcp), Port::new(53, Protocol::Udp)]
+        );
         assert_eq!(s[0].audience.as_ref().unwrap()[0].as_str(), "east");
         let bad = r#"
 services:

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fedmesh_catalog::mcs::{Protocol, ServiceType};
+use fedmesh_catalog::mcs::{Port, Protocol, ServiceType};
 use fedmesh_catalog::{Catalog, ClusterName};
 use fedmesh_federation::records::Locality;
 use fedmesh_federation::store::{EmbeddedLimits, EmbeddedStore};
@@ -38,7 +38,8 @@ fn echo(m: &Member, export: bool) -> LocalService {
     LocalService {
         vips: Vec::new(),
         name: ServiceName::new("echo", "shop").unwrap(),
-        ports: vec![(8080, Protocol::Tcp)],
+        ports: vec![Port::new(8080, Protocol::Tcp)],
+        meta: Default::default(),
         service_type: ServiceType::ClusterSetIP,
         export,
         audience: None,

@@ -3,10 +3,11 @@
 #![cfg(feature = "kube")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fedmesh_catalog::mcs::{self, Protocol, ServiceType};
+use fedmesh_catalog::mcs::{self, Port, Protocol, ServiceType};
 use fedmesh_catalog::ClusterName;
 use fedmesh_federation::k8s::{self, KubeSettings, KubeSource};
 use fedmesh_federation::{LocalService, McsView};
@@ -61,6 +62,7 @@ fn settings() -> KubeSettings {
         cluster: ClusterName::new("west").unwrap(),
         trust_domain: "west.mesh".parse().unwrap(),
         inbound_port: 15006,
+        exclude_namespaces: ["kube-system".to_owned()].into(),
     }
 }
 
@@ -144,7 +146,10 @@ async fn lists_then_follows_watch_events() {
 
     let cart = find(&l, CART).unwrap();
     assert!(cart.export);
-    assert_eq!(cart.ports, vec![(80, Protocol::Tcp), (5353, Protocol::Udp)]);
+    assert_eq!(
+        cart.ports,
+        vec![Port::new(80, Protocol::Tcp), Port::new(5353, Protocol::Udp)]
+    );
     assert_eq!(cart.service_type, ServiceType::ClusterSetIP);
     // The cluster IP is what apps dial: sidecars route it as the service.
     assert_eq!(
@@ -319,23 +324,29 @@ async fn an_undecodable_watch_event_is_survived() {
     assert!(src.metrics().errors("service") >= 1);
 }
 
-/// A condition on the writes the fake API server received.
-type WriteCheck = Box<dyn Fn(&[fedmesh_testkit::fake_kube::Write]) -> bool>;
+const IMPORTS: &str = "/apis/multicluster.x-k8s.io/v1beta1/serviceimports";
 
 fn view(imports: &[(&str, &[&str])], conflict: bool) -> McsView {
-    let mut v = McsView::default();
+    let mut v = McsView {
+        computed: true,
+        ..McsView::default()
+    };
+    v.published.insert(CART.parse().unwrap());
     for (name, clusters) in imports {
         let service: ServiceName = name.parse().unwrap();
+        let clusters: Vec<ClusterName> = clusters
+            .iter()
+            .map(|c| ClusterName::new(c).unwrap())
+            .collect();
         v.imports.insert(
             service.clone(),
             mcs::Import {
                 service,
                 service_type: ServiceType::ClusterSetIP,
-                ports: vec![(80, Protocol::Tcp)],
-                clusters: clusters
-                    .iter()
-                    .map(|c| ClusterName::new(c).unwrap())
-                    .collect(),
+                ports: vec![Port::named("http", 80, Protocol::Tcp)],
+                meta: Default::default(),
+                exporters: clusters.clone(),
+                clusters,
                 conflicts: vec![],
             },
         );
@@ -344,7 +355,10 @@ fn view(imports: &[(&str, &[&str])], conflict: bool) -> McsView {
         v.export_conflicts.insert(
             CART.parse().unwrap(),
             vec![mcs::Conflict {
-                kind: mcs::ConflictKind::PortProtocol { port: 80 },
+                kind: mcs::ConflictKind::Port {
+                    name: "http".into(),
+                    port: 81,
+                },
                 winner: "east".into(),
                 loser: "west".into(),
             }],
@@ -353,131 +367,215 @@ fn view(imports: &[(&str, &[&str])], conflict: bool) -> McsView {
     v
 }
 
+/// Polls `f` every 20 ms until it holds (at most [`WAIT`]).
+async fn until(what: &str, fake: &FakeKube, f: impl Fn(&FakeKube) -> bool) {
+    tokio::time::timeout(WAIT, async {
+        while !f(fake) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:#?}", fake.writes()));
+}
+
+/// `type` → (status, reason, lastTransitionTime) of an export's conditions.
+fn conditions(fake: &FakeKube, ns: &str, name: &str) -> BTreeMap<String, (String, String, String)> {
+    let o = fake.get(EXPORTS, ns, name).unwrap_or_default();
+    o["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| {
+            let f = |k: &str| c[k].as_str().unwrap_or_default().to_owned();
+            (
+                f("type"),
+                (f("status"), f("reason"), f("lastTransitionTime")),
+            )
+        })
+        .collect()
+}
+
+fn cond(fake: &FakeKube, ns: &str, name: &str, ty: &str) -> (String, String) {
+    let c = conditions(fake, ns, name);
+    c.get(ty)
+        .map(|c| (c.0.clone(), c.1.clone()))
+        .unwrap_or_default()
+}
+
+fn pair(status: &str, reason: &str) -> (String, String) {
+    (status.to_owned(), reason.to_owned())
+}
+
+/// Writes so far to paths ending in `suffix`.
+fn writes_to(fake: &FakeKube, suffix: &str) -> usize {
+    fake.writes()
+        .iter()
+        .filter(|w| w.path.ends_with(suffix))
+        .count()
+}
+
 #[tokio::test]
 async fn service_imports_and_export_conditions_are_written_back_once() {
     let fake = FakeKube::start().await.unwrap();
+    seed(&fake);
+    // Exports that cannot be valid, one reason each.
+    fake.put(EXPORTS, export("shop", "ext", None));
+    fake.put(EXPORTS, export("shop", "ghost", None));
+    fake.put(
+        SERVICES,
+        service("kube-system", "dns", json!([{ "port": 53 }]), None),
+    );
+    fake.put(EXPORTS, export("kube-system", "dns", None));
     let metrics = k8s::KubeMetrics::default();
-    let local = vec![LocalService {
-        vips: Vec::new(),
-        name: CART.parse().unwrap(),
-        ports: vec![(80, Protocol::Tcp)],
-        service_type: ServiceType::ClusterSetIP,
-        export: true,
-        audience: None,
-        endpoints: vec![],
-        exported_at_ms: None,
-    }];
+    let src = KubeSource::start(client(&fake).await, settings(), &mut Registry::default());
     let (mcs_tx, mcs_rx) = watch::channel(Arc::new(view(
         &[("web.shop.svc.clusterset.local", &["east"])],
         false,
     )));
-    let (_local_tx, local_rx) = watch::channel(Some(local));
-    let _w = k8s::write_back(
-        client(&fake).await,
-        mcs_rx,
-        local_rx,
-        metrics.clone(),
-        Duration::from_millis(200),
-    );
-
-    let wait = |what: &'static str, f: WriteCheck| {
-        let fake = &fake;
-        async move {
-            tokio::time::timeout(WAIT, async {
-                while !f(&fake.writes()) {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            })
-            .await
-            .unwrap_or_else(|_| panic!("timed out waiting for {what}: {:#?}", fake.writes()));
-        }
+    let kube = client(&fake).await;
+    let start = |mcs_rx| {
+        k8s::write_back(
+            kube.clone(),
+            mcs_rx,
+            src.exports(),
+            metrics.clone(),
+            Duration::from_millis(200),
+        )
     };
-    wait(
-        "ServiceImport web applied",
-        Box::new(|w| {
-            w.iter().any(|w| {
-                w.method == "PATCH"
-                    && w.path
-                        .ends_with("/namespaces/shop/serviceimports/web/status")
-            })
-        }),
-    )
+    let w = start(mcs_rx.clone());
+
+    until("ServiceImport web", &fake, |f| {
+        f.get(IMPORTS, "shop", "web")
+            .is_some_and(|o| o["status"]["clusters"][0]["cluster"] == "east")
+    })
     .await;
-    let applied = fake
-        .writes()
-        .into_iter()
-        .find(|w| w.path.ends_with("/serviceimports/web"))
-        .unwrap();
-    // Written in the version the CRDs store (mcs-api v0.5.0: v1beta1).
-    assert!(
-        applied.path.contains("/multicluster.x-k8s.io/v1beta1/"),
-        "{}",
-        applied.path
-    );
-    assert_eq!(applied.body["apiVersion"], "multicluster.x-k8s.io/v1beta1");
-    assert_eq!(applied.body["spec"]["ports"][0]["port"], 80);
-    assert_eq!(applied.body["status"]["clusters"][0]["cluster"], "east");
+    let web = fake.get(IMPORTS, "shop", "web").unwrap();
+    assert_eq!(web["apiVersion"], "multicluster.x-k8s.io/v1beta1");
     assert_eq!(
-        applied.body["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        web["spec"]["ports"][0],
+        json!({ "name": "http", "port": 80, "protocol": "TCP" })
+    );
+    assert_eq!(web["spec"]["sessionAffinity"], "None");
+    assert_eq!(
+        web["metadata"]["labels"]["app.kubernetes.io/managed-by"],
         "fedmesh"
     );
-    wait(
-        "cart's export conditions",
-        Box::new(|w| {
-            w.iter()
-                .any(|w| w.path.ends_with("/serviceexports/cart/status"))
-        }),
-    )
-    .await;
-    let cond = fake
+    // Written in the version the CRDs store (mcs-api v0.5.0: v1beta1).
+    assert!(fake
         .writes()
-        .into_iter()
-        .find(|w| w.path.ends_with("/serviceexports/cart/status"))
-        .unwrap();
-    assert_eq!(cond.body["status"]["conditions"][1]["status"], "False");
+        .iter()
+        .all(|w| w.path.contains("/multicluster.x-k8s.io/v1beta1/")));
 
-    // The same view again: nothing is re-sent.
-    let n = fake.writes().len();
+    until("cart's conditions", &fake, |f| {
+        conditions(f, "shop", "cart").len() == 3
+    })
+    .await;
+    assert_eq!(cond(&fake, "shop", "cart", "Valid"), pair("True", "Valid"));
+    assert_eq!(
+        cond(&fake, "shop", "cart", "Ready"),
+        pair("True", "Exported")
+    );
+    assert_eq!(
+        cond(&fake, "shop", "cart", "Conflict"),
+        pair("False", "NoConflicts")
+    );
+    // Each invalid export says why with the v1beta1 reason (or fedmesh's).
+    for (ns, name, reason) in [
+        ("shop", "ext", "InvalidServiceType"),
+        ("shop", "ghost", "NoService"),
+        ("kube-system", "dns", "NamespaceExcluded"),
+    ] {
+        until(reason, &fake, |f| {
+            cond(f, ns, name, "Valid") == pair("False", reason)
+        })
+        .await;
+        assert_eq!(cond(&fake, ns, name, "Ready"), pair("False", "Failed"));
+        assert!(!conditions(&fake, ns, name).contains_key("Conflict"));
+    }
+    assert!(fake.get(IMPORTS, "shop", "ext").is_none());
+
+    // Settled: the same view again writes nothing, and neither does
+    // anything else for a while (no retry loop on the refused exports).
+    let settled = fake.writes().len();
     mcs_tx.send_replace(Arc::new(view(
         &[("web.shop.svc.clusterset.local", &["east"])],
         false,
     )));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
         fake.writes().len(),
-        n,
-        "an unchanged view was written again"
+        settled,
+        "{:#?}",
+        &fake.writes()[settled..]
+    );
+    for path in ["/ext/status", "/ghost/status", "/dns/status"] {
+        assert_eq!(writes_to(&fake, path), 1, "{path}");
+    }
+
+    // A restart that changes nothing writes nothing.
+    w.abort();
+    let w = start(mcs_rx.clone());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        fake.writes().len(),
+        settled,
+        "{:#?}",
+        &fake.writes()[settled..]
     );
 
-    // web goes away, api arrives, cart's export now loses a conflict.
+    // Hand edits are put back: a ServiceImport's ports, an export's status.
+    let mut edited = fake.get(IMPORTS, "shop", "web").unwrap();
+    edited["spec"]["ports"] = json!([{ "port": 9999, "protocol": "TCP" }]);
+    fake.put(IMPORTS, edited);
+    let mut edited = fake.get(EXPORTS, "shop", "cart").unwrap();
+    edited["status"]["conditions"] = json!([{ "type": "Conflict", "status": "True",
+        "reason": "Forged", "message": "", "lastTransitionTime": "2020-01-01T00:00:00Z" }]);
+    fake.put(EXPORTS, edited);
+    until("web's ports put back", &fake, |f| {
+        f.get(IMPORTS, "shop", "web").unwrap()["spec"]["ports"][0]["port"] == 80
+    })
+    .await;
+    until("cart's conditions put back", &fake, |f| {
+        cond(f, "shop", "cart", "Conflict") == pair("False", "NoConflicts")
+            && conditions(f, "shop", "cart").len() == 3
+    })
+    .await;
+
+    // web goes away, api arrives, cart's export now has a port conflict:
+    // only the Conflict condition's transition time moves.
+    let before = conditions(&fake, "shop", "cart");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
     mcs_tx.send_replace(Arc::new(view(
         &[("api.shop.svc.clusterset.local", &["north"])],
         true,
     )));
-    wait(
-        "web deleted",
-        Box::new(|w| {
-            w.iter()
-                .any(|w| w.method == "DELETE" && w.path.ends_with("/serviceimports/web"))
-        }),
-    )
+    until("web deleted", &fake, |f| {
+        f.get(IMPORTS, "shop", "web").is_none()
+    })
     .await;
-    wait(
-        "api applied",
-        Box::new(|w| w.iter().any(|w| w.path.ends_with("/serviceimports/api"))),
-    )
+    until("api applied", &fake, |f| {
+        f.get(IMPORTS, "shop", "api").is_some()
+    })
     .await;
-    wait(
-        "Conflict=True",
-        Box::new(|w| {
-            w.iter().any(|w| {
-                w.path.ends_with("/serviceexports/cart/status")
-                    && w.body["status"]["conditions"][1]["status"] == "True"
-            })
-        }),
-    )
+    until("Conflict=True", &fake, |f| {
+        cond(f, "shop", "cart", "Conflict") == pair("True", "PortConflict")
+    })
     .await;
+    let after = conditions(&fake, "shop", "cart");
+    assert_eq!(after["Valid"], before["Valid"]);
+    assert_eq!(after["Ready"], before["Ready"]);
+    assert_ne!(after["Conflict"].2, before["Conflict"].2);
+    // ServiceImports fedmesh does not own are left alone.
+    fake.put(
+        IMPORTS,
+        json!({ "apiVersion": "multicluster.x-k8s.io/v1beta1", "kind": "ServiceImport",
+                "metadata": { "name": "other", "namespace": "shop" },
+                "spec": { "type": "ClusterSetIP", "ports": [] } }),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(fake.get(IMPORTS, "shop", "other").is_some());
     assert_eq!(metrics.writes("serviceimport", "delete"), 1);
+    w.abort();
 }
 
 /// A cluster whose exports were written as v1alpha1 (before mcs-api

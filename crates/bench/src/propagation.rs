@@ -12,7 +12,7 @@ use anyhow::Context;
 use fedmesh_api::client::{self, ClientSettings, Subscription};
 use fedmesh_api::controller_identity;
 use fedmesh_api::server::{self, ApiHandle, ApiLimits, ApiMetrics, ConfigApi};
-use fedmesh_catalog::mcs::{Protocol, ServiceType};
+use fedmesh_catalog::mcs::{Port, Protocol, ServiceType};
 use fedmesh_catalog::{Catalog, ClusterName};
 use fedmesh_federation::records::Locality;
 use fedmesh_federation::store::{EmbeddedLimits, EmbeddedStore};
@@ -95,7 +95,8 @@ fn service(c: usize, i: usize, td: &TrustDomain) -> anyhow::Result<LocalService>
     Ok(LocalService {
         vips: Vec::new(),
         name: ServiceName::new(&format!("svc-{c}-{i}"), "bench")?,
-        ports: vec![(8080, Protocol::Tcp)],
+        ports: vec![Port::new(8080, Protocol::Tcp)],
+        meta: Default::default(),
         service_type: ServiceType::ClusterSetIP,
         export: true,
         audience: None,

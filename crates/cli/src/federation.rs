@@ -299,7 +299,11 @@ pub async fn services_list(a: StoreArgs, cluster: Option<ClusterName>) -> anyhow
             json!({
                 "service": e.service.to_string(),
                 "cluster": e.cluster.as_str(),
-                "ports": e.ports.iter().map(|(p, proto)| format!("{p}/{proto:?}")).collect::<Vec<_>>(),
+                "ports": e.ports.iter().map(|p| if p.name.is_empty() {
+                    format!("{}/{}", p.port, p.protocol.as_k8s())
+                } else {
+                    format!("{}:{}/{}", p.name, p.port, p.protocol.as_k8s())
+                }).collect::<Vec<_>>(),
                 "ready_endpoints": e.ready_endpoints,
                 "exported_at_ms": e.exported_at,
                 "audience": e.audience.as_ref().map(|a| a.iter().map(|c| c.to_string()).collect::<Vec<_>>()),
@@ -451,7 +455,7 @@ pub async fn status(a: StatusArgs) -> anyhow::Result<ExitCode> {
             "gateways": i.gateways,
             "gateways_tcp": i.gateways_tcp,
             "exported": exported,
-            "imported": imports.len(),
+            "imported": imports.values().filter(|i| i.remote(c)).count(),
             "bundle_fingerprint": i.bundle.fingerprint(),
             "last_publish_ms_ago": now_ms().saturating_sub(i.published_at_ms),
             "conflicts": conflicts,

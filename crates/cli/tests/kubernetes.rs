@@ -410,30 +410,61 @@ fn terraform_mode_speaks_the_external_protocol() {
 fn controller_writes() -> String {
     #[cfg(feature = "kube")]
     {
-        use fedmesh_catalog::mcs::{Conflict, ConflictKind, Import, Protocol, ServiceType};
-        use fedmesh_federation::k8s::{export_status, service_import, stamped};
+        use fedmesh_catalog::mcs::{
+            Conflict, ConflictKind, ExportedMeta, Import, Port, Protocol, ServiceType,
+            SessionAffinity,
+        };
+        use fedmesh_federation::k8s::{export_conditions, service_import, stamped, ExportCheck};
         let name: fedmesh_wire::ServiceName = "cart.shop".parse().unwrap();
+        let mut h2 = Port::named("grpc", 9090, Protocol::Tcp);
+        h2.app_protocol = Some("kubernetes.io/h2c".into());
         let import = Import {
             service: name.clone(),
             service_type: ServiceType::ClusterSetIP,
-            ports: vec![(8080, Protocol::Tcp), (5353, Protocol::Udp)],
-            clusters: vec!["east".parse().unwrap(), "west".parse().unwrap()],
+            ports: vec![
+                Port::named("http", 8080, Protocol::Tcp),
+                Port::named("dns", 5353, Protocol::Udp),
+                h2,
+            ],
+            meta: ExportedMeta {
+                session_affinity: SessionAffinity::ClientIp {
+                    timeout_seconds: Some(600),
+                },
+                labels: [("tier".to_owned(), "web".to_owned())].into(),
+                annotations: [("example.com/owner".to_owned(), "team-a".to_owned())].into(),
+            },
+            exporters: vec!["east".parse().unwrap(), "west".parse().unwrap()],
+            clusters: vec!["west".parse().unwrap()],
             conflicts: Vec::new(),
         };
         let conflict = vec![Conflict {
-            kind: ConflictKind::PortProtocol { port: 8080 },
+            kind: ConflictKind::Port {
+                name: "http".into(),
+                port: 8081,
+            },
             winner: "east".into(),
             loser: "west".into(),
         }];
         let now = std::time::SystemTime::now();
-        let with_meta = |mut v: serde_json::Value| {
-            v["metadata"] = serde_json::json!({ "name": "cart", "namespace": "shop" });
-            v
+        let status = |c: Vec<fedmesh_federation::k8s::Condition>| {
+            serde_json::json!({
+                "apiVersion": "multicluster.x-k8s.io/v1beta1",
+                "kind": "ServiceExport",
+                "metadata": { "name": "cart", "namespace": "shop" },
+                "spec": { "exportedLabels": { "tier": "web" } },
+                "status": { "conditions": stamped(&c, &[], now) },
+            })
+        };
+        let invalid = ExportCheck::Invalid {
+            reason: "NoService",
+            message: "no Service of this name in this namespace".into(),
         };
         let docs = [
             service_import(&name, &import),
-            with_meta(stamped(&export_status(None), now)),
-            with_meta(stamped(&export_status(Some(&conflict)), now)),
+            status(export_conditions(&ExportCheck::Valid, true, false, None).unwrap()),
+            status(export_conditions(&ExportCheck::Valid, true, false, Some(&conflict)).unwrap()),
+            status(export_conditions(&ExportCheck::Valid, false, false, None).unwrap()),
+            status(export_conditions(&invalid, false, false, None).unwrap()),
         ];
         docs.iter()
             .map(|d| format!("---\n{}", serde_yaml_ng::to_string(d).unwrap()))

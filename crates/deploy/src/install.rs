@@ -791,9 +791,17 @@ pub fn crds() -> Vec<Value> {
             "type": { "type": "string", "maxLength": 316, "pattern": "^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$" },
         },
     });
+    let string_map = json!({ "type": "object", "additionalProperties": { "type": "string" } });
     let mut export_props = meta_props.clone();
+    export_props["spec"] = json!({
+        "type": "object",
+        "properties": {
+            "exportedLabels": string_map,
+            "exportedAnnotations": string_map,
+        },
+    });
     export_props["status"] = json!({
-        "description": "Written by the MCS implementation: Valid and Conflict conditions.",
+        "description": "Written by the MCS implementation: Valid, Ready and Conflict conditions.",
         "type": "object",
         "properties": {
             "conditions": {
@@ -809,7 +817,10 @@ pub fn crds() -> Vec<Value> {
         "type": "object",
         "required": ["ports", "type"],
         "properties": {
-            "ips": { "type": "array", "maxItems": 1, "items": { "type": "string" } },
+            "ips": { "type": "array", "maxItems": 2, "items": { "type": "string" } },
+            "ipFamilies": { "type": "array", "maxItems": 2, "items": { "type": "string" } },
+            "internalTrafficPolicy": { "type": "string" },
+            "trafficDistribution": { "type": "string" },
             "ports": {
                 "type": "array",
                 "x-kubernetes-list-type": "atomic",
@@ -850,6 +861,13 @@ pub fn crds() -> Vec<Value> {
                 "x-kubernetes-list-map-keys": ["cluster"],
                 "x-kubernetes-list-type": "map",
             },
+            "conditions": {
+                "type": "array",
+                "items": condition,
+                "x-kubernetes-list-map-keys": ["type"],
+                "x-kubernetes-list-type": "map",
+            },
+            "endpointSliceObjects": { "type": "string", "enum": ["Present", "Absent"] },
         },
     });
     let crd = |kind: &str, plural: &str, short: &str, props: Value, columns: Value, doc: &str| {
@@ -878,10 +896,6 @@ pub fn crds() -> Vec<Value> {
                 "group": "multicluster.x-k8s.io",
                 "scope": "Namespaced",
                 "names": { "plural": plural, "singular": kind.to_lowercase(), "kind": kind, "shortNames": [short] },
-                // The same schema under both names: v1beta1 is stored and
-                // what fedmesh speaks; v1alpha1 is still served, so tools
-                // and objects written for it keep working (no conversion
-                // webhook needed, the shapes are identical).
                 "versions": versions,
             },
         })

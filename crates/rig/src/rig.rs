@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::error::{Context, RigError};
-use fedmesh_catalog::mcs::{Protocol, ServiceType};
+use fedmesh_catalog::mcs::{Port, Protocol, ServiceType};
 use fedmesh_catalog::{CatalogSpec, EndpointSpec, ImportSpec, PeerSpec, ServiceSpec};
 use fedmesh_catalog::{ClusterName, ServicePolicy};
 use fedmesh_federation::app::{ApiServing, AppParts};
@@ -577,7 +577,8 @@ fn local_services(
         out.push(LocalService {
             vips: Vec::new(),
             name,
-            ports: vec![(s.port, Protocol::Tcp)],
+            ports: vec![Port::new(s.port, Protocol::Tcp)],
+            meta: Default::default(),
             service_type: ServiceType::ClusterSetIP,
             export: s.export,
             audience: None,

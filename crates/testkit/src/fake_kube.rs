@@ -2,8 +2,9 @@
 //! over HTTP/1.1: lists carry a resourceVersion; watches stream events
 //! after the one asked for, send bookmarks, and answer a resourceVersion
 //! older than the last compaction with a `410 Gone` ERROR event, as the
-//! real server does. Also takes server-side-apply PATCHes and DELETEs and
-//! records them, and serves Leases (GET, POST, PUT with resourceVersion
+//! real server does. Also takes server-side-apply PATCHes (main resource
+//! and `/status` subresource) and DELETEs of MCS objects, applies them as
+//! watch events and records them, and serves Leases (GET, POST, PUT with resourceVersion
 //! conflicts) and merge PATCHes of Pods' labels, for leader election.
 //! Only what fedmesh uses is implemented.
 
@@ -238,6 +239,15 @@ impl FakeKube {
         self.lock().writes.clone()
     }
 
+    /// The object `ns/name` of the kind at `kind_path`.
+    pub fn get(&self, kind_path: &str, ns: &str, name: &str) -> Option<Value> {
+        self.lock()
+            .objects
+            .get(&stored_path(kind_path))?
+            .get(&format!("{ns}/{name}"))
+            .cloned()
+    }
+
     /// The object at `path` (a Lease's or a Pod's full API path).
     pub fn object(&self, path: &str) -> Option<Value> {
         self.lock().singles.get(path).cloned()
@@ -393,38 +403,10 @@ async fn serve(
             }
             ("PATCH", _) | ("DELETE", _) => {
                 let value: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-                let answer = {
-                    let mut st = lock(&state);
-                    st.writes.push(Write {
-                        method: method.clone(),
-                        path: path.to_owned(),
-                        body: value.clone(),
-                    });
-                    // .../namespaces/NS/serviceimports/NAME[/status]
-                    let segs: Vec<&str> = path.split('/').collect();
-                    match segs.iter().position(|s| *s == "namespaces") {
-                        Some(i) if segs.len() > i + 3 => {
-                            let (ns, plural, name) = (segs[i + 1], segs[i + 2], segs[i + 3]);
-                            let kpath = format!("{MCS_STORED}{plural}");
-                            let key = format!("{ns}/{name}");
-                            if method == "DELETE" {
-                                st.objects.entry(kpath).or_default().remove(&key)
-                            } else {
-                                st.rv += 1;
-                                let mut obj = value;
-                                obj["metadata"]["resourceVersion"] = json!(st.rv.to_string());
-                                obj["metadata"]["namespace"] = json!(ns);
-                                obj["metadata"]["name"] = json!(name);
-                                st.objects
-                                    .entry(kpath)
-                                    .or_default()
-                                    .insert(key, obj.clone());
-                                Some(obj)
-                            }
-                        }
-                        _ => None,
-                    }
-                };
+                let answer = mcs_write(&state, &method, path, value);
+                if answer.is_some() {
+                    tick.send_modify(|t| t.0 += 1);
+                }
                 match answer {
                     Some(o) => respond(stream.get_mut(), 200, &o).await?,
                     None => {
@@ -442,6 +424,88 @@ async fn serve(
                 .await?
             }
         }
+    }
+}
+
+/// A server-side apply PATCH or a DELETE of an MCS object
+/// (`.../namespaces/NS/PLURAL/NAME[/status]`), as the API server does it
+/// for a CRD with a status subresource: the main resource ignores
+/// `status`, `/status` changes only `status` (and 404s for an object that
+/// does not exist); objects merge key by key and lists are replaced (the
+/// field ownership that lets apply remove fields is not modelled). Every
+/// change is a watch event. Returns the object written, or `None` (404).
+fn mcs_write(state: &Mutex<State>, method: &str, path: &str, value: Value) -> Option<Value> {
+    let mut st = lock(state);
+    st.writes.push(Write {
+        method: method.to_owned(),
+        path: path.to_owned(),
+        body: value.clone(),
+    });
+    let path = stored_path(path);
+    let segs: Vec<&str> = path.split('/').collect();
+    let i = segs.iter().position(|s| *s == "namespaces")?;
+    let (ns, plural, name) = (segs.get(i + 1)?, segs.get(i + 2)?, segs.get(i + 3)?);
+    let sub = segs.get(i + 4).copied();
+    let kpath = format!("{MCS_STORED}{plural}");
+    let key = format!("{ns}/{name}");
+    st.rv += 1;
+    let rv = st.rv;
+    let current = st.objects.get(&kpath).and_then(|m| m.get(&key)).cloned();
+    let (kind, mut obj) = match (method, sub, current) {
+        ("DELETE", None, Some(mut o)) => {
+            st.objects.entry(kpath.clone()).or_default().remove(&key);
+            o["metadata"]["resourceVersion"] = json!(rv.to_string());
+            st.events
+                .entry(kpath)
+                .or_default()
+                .push((rv, "DELETED".into(), o.clone()));
+            return Some(o);
+        }
+        ("PATCH", Some("status"), Some(mut o)) => {
+            merge(&mut o["status"], &value["status"]);
+            ("MODIFIED", o)
+        }
+        ("PATCH", None, current) => {
+            let mut patch = value;
+            if let Some(m) = patch.as_object_mut() {
+                m.remove("status");
+            }
+            match current {
+                Some(mut o) => {
+                    merge(&mut o, &patch);
+                    ("MODIFIED", o)
+                }
+                None => {
+                    patch["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+                    ("ADDED", patch)
+                }
+            }
+        }
+        _ => return None,
+    };
+    obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+    obj["metadata"]["namespace"] = json!(ns);
+    obj["metadata"]["name"] = json!(name);
+    st.objects
+        .entry(kpath.clone())
+        .or_default()
+        .insert(key, obj.clone());
+    st.events
+        .entry(kpath)
+        .or_default()
+        .push((rv, kind.into(), obj.clone()));
+    Some(obj)
+}
+
+/// `patch` into `into`: objects key by key, anything else replaced.
+fn merge(into: &mut Value, patch: &Value) {
+    match (into, patch) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        (a, b) => *a = b.clone(),
     }
 }
 

@@ -76,6 +76,9 @@ pub struct ServiceSource {
     local: watch::Receiver<Option<Vec<LocalService>>>,
     #[cfg(feature = "kube")]
     kube: Option<crate::k8s::KubeMetrics>,
+    /// The Kubernetes source's ServiceExports with their checks.
+    #[cfg(feature = "kube")]
+    exports: Option<watch::Receiver<Arc<crate::k8s::SeenExports>>>,
     /// The Kubernetes source's client, shared with the other Kubernetes
     /// parts (one connection pool to the API server).
     #[cfg(feature = "kube")]
@@ -123,6 +126,8 @@ impl ServiceSource {
                     #[cfg(feature = "kube")]
                     kube: None,
                     #[cfg(feature = "kube")]
+                    exports: None,
+                    #[cfg(feature = "kube")]
                     client: None,
                     _keep: Box::new((AbortOnDrop(task), AbortOnDrop(relay))),
                 })
@@ -145,11 +150,13 @@ impl ServiceSource {
                 cluster: settings.cluster.clone(),
                 trust_domain: settings.trust_domain.clone(),
                 inbound_port: k.inbound_port,
+                exclude_namespaces: k.exclude_namespaces.iter().cloned().collect(),
             },
             registry,
         );
         Ok(Self {
             local: src.local(),
+            exports: Some(src.exports()),
             kube: Some(src.metrics().clone()),
             client: Some(client),
             _keep: Box::new(src),
@@ -174,6 +181,8 @@ impl ServiceSource {
             local,
             #[cfg(feature = "kube")]
             kube: None,
+            #[cfg(feature = "kube")]
+            exports: None,
             #[cfg(feature = "kube")]
             client: None,
             _keep: Box::new(tx),
@@ -466,13 +475,31 @@ fn kube_parts(
         keep.push(Box::new((AbortOnDrop(task), AbortOnDrop(relay))));
     }
     if let Some(metrics) = write_back {
-        let task = crate::k8s::write_back(
-            client,
-            ctrl.mcs(),
-            source.local.clone(),
-            metrics,
-            Duration::from_secs(5),
-        );
+        let exports = match &source.exports {
+            Some(e) => e.clone(),
+            None => {
+                // A services file: each export is valid as written.
+                let (tx, rx) = watch::channel(Arc::new(crate::k8s::SeenExports::new()));
+                let mut local = source.local.clone();
+                let relay = tokio::spawn(async move {
+                    loop {
+                        let seen = crate::k8s::file_exports(local.borrow_and_update().as_deref());
+                        tx.send_if_modified(|cur| {
+                            let changed = **cur != seen;
+                            *cur = Arc::new(seen);
+                            changed
+                        });
+                        if local.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                });
+                keep.push(Box::new(AbortOnDrop(relay)));
+                rx
+            }
+        };
+        let task =
+            crate::k8s::write_back(client, ctrl.mcs(), exports, metrics, Duration::from_secs(5));
         keep.push(Box::new(AbortOnDrop(task)));
     }
     Ok(keep)

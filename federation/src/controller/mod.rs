@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use fedmesh_catalog::mcs::{self, Conflict, Protocol, ServiceType};
+use fedmesh_catalog::mcs::{self, Conflict, ExportedMeta, Port, ServiceType};
 use fedmesh_catalog::{Catalog, ClusterName};
 use fedmesh_trust::rotation::Endorsement;
 use fedmesh_trust::{TrustBundle, TrustBundles, TrustDomain};
@@ -44,8 +44,10 @@ use view::{watch_loop, Outputs};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalService {
     pub name: ServiceName,
-    pub ports: Vec<(u16, Protocol)>,
+    pub ports: Vec<Port>,
     pub service_type: ServiceType,
+    /// Session affinity and exported labels/annotations (MCS).
+    pub meta: ExportedMeta,
     /// A ServiceExport exists for it.
     pub export: bool,
     pub audience: Option<Vec<ClusterName>>,
@@ -85,8 +87,14 @@ pub struct ControllerSettings {
 pub struct McsView {
     /// Every import this cluster sees, with merged ports, type, conflicts.
     pub imports: imbl::OrdMap<ServiceName, mcs::Import>,
-    /// Conflicts this cluster's own exports lose, by service.
+    /// The conflicts of each service this cluster exports (won or lost).
     pub export_conflicts: imbl::OrdMap<ServiceName, Vec<Conflict>>,
+    /// This cluster's exports as read back from the federation store:
+    /// what other clusters can see (a ServiceExport's `Ready`).
+    pub published: imbl::OrdSet<ServiceName>,
+    /// False until the controller computed its first view (the empty view
+    /// it starts with says nothing about what exists).
+    pub computed: bool,
 }
 
 /// A running controller. Dropping it stops it; its lease then expires and
@@ -262,5 +270,7 @@ impl PartialEq for McsView {
     fn eq(&self, other: &Self) -> bool {
         fedmesh_catalog::ordmap_eq(&self.imports, &other.imports)
             && fedmesh_catalog::ordmap_eq(&self.export_conflicts, &other.export_conflicts)
+            && self.published == other.published
+            && self.computed == other.computed
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::watch;
 
 use super::{now_ms, ControllerMetrics, ControllerSettings, Gateways, LocalService};
 use crate::keys::{self, Key};
-use crate::records::{ClusterInfo, LeftRecord, PortRecord, ServiceRecord};
+use crate::records::{ClusterInfo, LeftRecord, ServiceRecord};
 use crate::store::{LeaseId, Store, StoreError};
 
 // ---- publishing ----
@@ -41,26 +41,17 @@ pub(super) fn info_record(
 }
 
 pub(super) fn service_record(svc: &LocalService, exported_at: u64) -> Vec<u8> {
-    let r = ServiceRecord {
-        name: svc.name.name().to_owned(),
-        namespace: svc.name.namespace().to_owned(),
-        ports: svc
-            .ports
-            .iter()
-            .map(|(port, protocol)| PortRecord {
-                port: *port,
-                protocol: *protocol,
-            })
-            .collect(),
-        service_type: svc.service_type,
-        exported_at_ms: exported_at,
-        audience: svc
-            .audience
+    let r = ServiceRecord::of(
+        &svc.name,
+        &svc.ports,
+        svc.service_type,
+        &svc.meta,
+        exported_at,
+        svc.audience
             .as_ref()
             .map(|a| a.iter().map(|c| c.to_string()).collect()),
-        ready_endpoints: svc.endpoints.len() as u32,
-        weight: 100,
-    };
+        svc.endpoints.len() as u32,
+    );
     serde_json::to_vec(&r).unwrap_or_default()
 }
 

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use fedmesh_catalog::mcs::{Protocol, ServiceType};
+use fedmesh_catalog::mcs::{Port, Protocol, ServiceType};
 use fedmesh_catalog::ClusterName;
 use fedmesh_trust::{CertificateAuthority, TrustDomain};
 use fedmesh_wire::ServiceName;
@@ -44,7 +44,8 @@ fn svc(i: u32, export: bool, proto: Protocol, td: &TrustDomain) -> LocalService 
     LocalService {
         vips: Vec::new(),
         name: ServiceName::new(&format!("s{i}"), "ns").unwrap(),
-        ports: vec![(80, proto)],
+        ports: vec![Port::new(80, proto)],
+        meta: Default::default(),
         service_type: ServiceType::ClusterSetIP,
         export,
         audience: None,

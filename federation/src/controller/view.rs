@@ -178,7 +178,12 @@ pub(super) fn incremental(
                 } else {
                     v.conflicts.insert(svc.clone(), imp.conflicts.clone());
                 }
-                let mut clusters = imp.clusters.clone();
+                // An import only this cluster exports has nothing to route.
+                let mut clusters = if imp.remote(&s.cluster) {
+                    imp.clusters.clone()
+                } else {
+                    Vec::new()
+                };
                 add_missing(&mut clusters, stale);
                 edit.upsert_imports.push((svc.clone(), clusters));
                 v.mcs.imports.insert(svc.clone(), imp);
@@ -189,6 +194,11 @@ pub(super) fn incremental(
                 // An empty list removes the import if there is one.
                 edit.upsert_imports.push((svc.clone(), stale));
             }
+        }
+        if list.iter().any(|e| e.cluster == s.cluster) {
+            v.mcs.published.insert(svc.clone());
+        } else {
+            v.mcs.published.remove(&svc);
         }
         match mcs::export_conflicts(&s.cluster, &list).remove(&svc) {
             Some(c) => {
@@ -345,7 +355,9 @@ pub(super) fn compute(
         if !imp.conflicts.is_empty() {
             conflicts.insert(name.clone(), imp.conflicts.clone());
         }
-        import_map.insert(name.clone(), imp.clusters.clone());
+        if imp.remote(&s.cluster) {
+            import_map.insert(name.clone(), imp.clusters.clone());
+        }
     }
     let (stale, next_expiry) = partitioned(s, cache, &usable, prev, now);
     for (c, st) in &stale {
@@ -360,7 +372,7 @@ pub(super) fn compute(
         .map(|svc| fedmesh_catalog::LocalService {
             vips: svc.vips.clone(),
             name: svc.name.clone(),
-            ports: svc.ports.iter().map(|p| p.0).collect(),
+            ports: svc.ports.iter().map(|p| p.port).collect(),
             exported: svc.export,
             endpoints: svc
                 .endpoints
@@ -413,6 +425,12 @@ pub(super) fn compute(
         mcs: McsView {
             imports: imports.into_iter().collect(),
             export_conflicts: export_conflicts.into_iter().collect(),
+            published: exports
+                .iter()
+                .filter(|e| e.cluster == s.cluster)
+                .map(|e| e.service.clone())
+                .collect(),
+            computed: true,
         },
         bundles,
         clusters: statuses,

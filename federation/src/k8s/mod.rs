@@ -23,16 +23,15 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use fedmesh_catalog::mcs::{Protocol, ServiceType};
+use fedmesh_catalog::mcs::{ExportedMeta, Port, Protocol, ServiceType, SessionAffinity};
 use fedmesh_catalog::ClusterName;
 use fedmesh_trust::TrustDomain;
 use fedmesh_wire::ServiceName;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::Api;
 use kube::core::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
@@ -45,7 +44,10 @@ use prometheus_client::registry::Registry;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::controller::{Gateways, LocalService, McsView};
+use crate::controller::{Gateways, LocalService};
+
+mod mcs;
+pub use mcs::{contains, export_conditions, service_import, stamped, write_back, Condition};
 
 /// Annotation naming the service account a Service's pods run as.
 pub const SERVICE_ACCOUNT_ANNOTATION: &str = "fedmesh.io/service-account";
@@ -95,6 +97,8 @@ pub struct KubeSettings {
     pub trust_domain: TrustDomain,
     /// Port of every pod's sidecar inbound mTLS listener.
     pub inbound_port: u16,
+    /// Namespaces whose ServiceExports are refused (`Valid=False`).
+    pub exclude_namespaces: BTreeSet<String>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -213,11 +217,14 @@ struct Caches {
     services: Cache<Service>,
     slices: Cache<EndpointSlice>,
     exports: Cache<DynamicObject>,
+    /// Only the write-back's own caches fill this.
+    imports: Cache<DynamicObject>,
 }
 
 /// A running Kubernetes source. Dropping it stops it.
 pub struct KubeSource {
     local: watch::Receiver<Option<Vec<LocalService>>>,
+    exports: watch::Receiver<Arc<SeenExports>>,
     metrics: KubeMetrics,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -238,6 +245,7 @@ impl KubeSource {
         let caches = Arc::new(Mutex::new(Caches::default()));
         let changed = Arc::new(Notify::new());
         let (tx, rx) = watch::channel(None);
+        let (exports_tx, exports_rx) = watch::channel(Arc::new(SeenExports::new()));
         let exports: Api<DynamicObject> = Api::all_with(client.clone(), &service_export_resource());
         let tasks = vec![
             tokio::spawn(run_watcher(
@@ -264,10 +272,17 @@ impl KubeSource {
                 changed.clone(),
                 metrics.clone(),
             )),
-            tokio::spawn(compute_loop(caches, changed, settings, tx, metrics.clone())),
+            tokio::spawn(compute_loop(
+                caches,
+                changed,
+                settings,
+                (tx, exports_tx),
+                metrics.clone(),
+            )),
         ];
         Self {
             local: rx,
+            exports: exports_rx,
             metrics,
             tasks,
         }
@@ -276,6 +291,11 @@ impl KubeSource {
     /// The cluster's services; `None` until every kind has listed once.
     pub fn local(&self) -> watch::Receiver<Option<Vec<LocalService>>> {
         self.local.clone()
+    }
+
+    /// Every ServiceExport with its `Valid` check and its status as seen.
+    pub fn exports(&self) -> watch::Receiver<Arc<SeenExports>> {
+        self.exports.clone()
     }
 
     pub fn metrics(&self) -> &KubeMetrics {
@@ -329,14 +349,17 @@ async fn compute_loop(
     caches: Arc<Mutex<Caches>>,
     changed: Arc<Notify>,
     settings: KubeSettings,
-    tx: watch::Sender<Option<Vec<LocalService>>>,
+    (tx, exports_tx): (
+        watch::Sender<Option<Vec<LocalService>>>,
+        watch::Sender<Arc<SeenExports>>,
+    ),
     metrics: KubeMetrics,
 ) {
     let mut last_problems: Vec<Problem> = Vec::new();
     loop {
         changed.notified().await;
         let mut problems = Vec::new();
-        let computed = {
+        let (computed, seen) = {
             let c = lock(&caches);
             if !(c.services.synced && c.slices.synced && c.exports.synced) {
                 continue;
@@ -363,6 +386,13 @@ async fn compute_loop(
             }
             last_problems = problems;
         }
+        exports_tx.send_if_modified(|cur| {
+            let changed = **cur != seen;
+            if changed {
+                *cur = Arc::new(seen);
+            }
+            changed
+        });
         tx.send_if_modified(|cur| {
             if cur.as_ref() == Some(&computed) {
                 false
@@ -383,18 +413,52 @@ fn protocol(p: Option<&str>) -> Option<Protocol> {
     }
 }
 
-/// The local services the three caches describe. Pure apart from counters
-/// and logs for objects that cannot be used.
 /// Something in the cluster that could not be used: (kind, reason, text).
 pub type Problem = (&'static str, &'static str, String);
 
+/// Whether a ServiceExport can be exported: its `Valid` condition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExportCheck {
+    Valid,
+    /// `Valid=False` with this reason (mcs-api v1beta1's `NoService` and
+    /// `InvalidServiceType`, else fedmesh's own) and message.
+    Invalid {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+impl ExportCheck {
+    fn invalid(reason: &'static str, message: impl Into<String>) -> Self {
+        ExportCheck::Invalid {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// A ServiceExport as the source last saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SeenExport {
+    pub check: ExportCheck,
+    /// Its resourceVersion and `status.conditions`; `None` when the
+    /// source does not read ServiceExports (a services file).
+    pub seen: Option<(String, Vec<serde_json::Value>)>,
+}
+
+/// Every ServiceExport by (namespace, name).
+pub type SeenExports = BTreeMap<(String, String), SeenExport>;
+
+/// The local services the three caches describe, and what each
+/// ServiceExport's `Valid` condition says. Pure apart from the problems
+/// it collects (each logged once and counted by the caller).
 pub fn local_services(
     services: &BTreeMap<String, Service>,
     slices: &BTreeMap<String, EndpointSlice>,
     exports: &BTreeMap<String, DynamicObject>,
     settings: &KubeSettings,
     problems: &mut Vec<Problem>,
-) -> Vec<LocalService> {
+) -> (Vec<LocalService>, SeenExports) {
     // Ready endpoint addresses by (namespace, service name).
     let mut ready: BTreeMap<(String, String), BTreeSet<IpAddr>> = BTreeMap::new();
     for s in slices.values() {
@@ -416,36 +480,81 @@ pub fn local_services(
                     Err(_) => problems.push((
                         "endpointslice",
                         "bad_address",
-                        format!("{}: address {a} is not an IP", key(s)),
+                        format!("{}: address {} is not an IP", key(s), bounded(a)),
                     )),
                 }
             }
         }
     }
+    // Every export starts as "no Service"; a Service found below says more.
+    let mut checks: BTreeMap<String, ExportCheck> = exports
+        .keys()
+        .map(|k| {
+            (
+                k.clone(),
+                ExportCheck::invalid("NoService", "no Service of this name in this namespace"),
+            )
+        })
+        .collect();
     let mut out = Vec::new();
     for svc in services.values() {
         let (name, ns) = (svc.name_any(), svc.namespace().unwrap_or_default());
         let Some(spec) = &svc.spec else { continue };
+        let export_key = key(svc);
+        let export = exports.get(&export_key);
+        let mut check = ExportCheck::Valid;
         if spec.type_.as_deref() == Some("ExternalName") {
+            if export.is_some() {
+                checks.insert(
+                    export_key,
+                    ExportCheck::invalid(
+                        "InvalidServiceType",
+                        "an ExternalName Service cannot be exported",
+                    ),
+                );
+            }
             continue;
         }
         let service = match ServiceName::new(&name, &ns) {
             Ok(s) => s,
             Err(e) => {
                 problems.push(("service", "bad_name", format!("{}: {e}", key(svc))));
+                checks.insert(
+                    export_key,
+                    ExportCheck::invalid("InvalidService", e.to_string()),
+                );
                 continue;
             }
         };
         let mut ports = Vec::new();
         for p in spec.ports.iter().flatten() {
+            let name = p.name.clone().unwrap_or_default();
             match (u16::try_from(p.port), protocol(p.protocol.as_deref())) {
-                (Ok(port), Some(proto)) if port != 0 => ports.push((port, proto)),
+                (Ok(port), Some(proto)) if port != 0 && Port::valid_name(&name) => {
+                    ports.push(Port {
+                        name,
+                        port,
+                        protocol: proto,
+                        app_protocol: p
+                            .app_protocol
+                            .clone()
+                            .filter(|a| !a.is_empty() && a.len() <= 253),
+                    })
+                }
                 _ => problems.push((
                     "service",
                     "bad_port",
-                    format!("{}: port {} {:?} not usable", key(svc), p.port, p.protocol),
+                    format!(
+                        "{}: port {} {:?} not usable",
+                        key(svc),
+                        p.port,
+                        p.protocol.as_deref().map(bounded)
+                    ),
                 )),
             }
+        }
+        if ports.is_empty() {
+            check = ExportCheck::invalid("InvalidService", "the Service has no usable port");
         }
         let sa = svc
             .annotations()
@@ -460,6 +569,10 @@ pub fn local_services(
                     "bad_service_account",
                     format!("{}: {e}", key(svc)),
                 ));
+                checks.insert(
+                    export_key,
+                    ExportCheck::invalid("InvalidService", e.to_string()),
+                );
                 continue;
             }
         };
@@ -474,7 +587,6 @@ pub fn local_services(
                 )
             })
             .collect();
-        let export = exports.get(&format!("{ns}/{name}"));
         let audience = export
             .and_then(|e| e.annotations().get(AUDIENCE_ANNOTATION))
             .map(|a| {
@@ -487,6 +599,43 @@ pub fn local_services(
         let exported_at_ms = export
             .and_then(|e| e.meta().creation_timestamp.as_ref())
             .and_then(|t| u64::try_from(t.0.as_millisecond()).ok());
+        let session_affinity = match spec.session_affinity.as_deref() {
+            Some("ClientIP") => SessionAffinity::ClientIp {
+                timeout_seconds: spec
+                    .session_affinity_config
+                    .as_ref()
+                    .and_then(|c| c.client_ip.as_ref())
+                    .and_then(|c| c.timeout_seconds)
+                    .and_then(|t| u32::try_from(t).ok())
+                    .filter(|t| (1..=86_400).contains(t)),
+            },
+            _ => SessionAffinity::None,
+        };
+        let meta = match export.map(exported_meta) {
+            Some(Ok((labels, annotations))) => ExportedMeta {
+                session_affinity,
+                labels,
+                annotations,
+            },
+            Some(Err(why)) => {
+                check = ExportCheck::invalid("InvalidExportedMetadata", why);
+                ExportedMeta::default()
+            }
+            None => ExportedMeta {
+                session_affinity,
+                ..ExportedMeta::default()
+            },
+        };
+        if export.is_some() && settings.exclude_namespaces.contains(&ns) {
+            check = ExportCheck::invalid(
+                "NamespaceExcluded",
+                format!("namespace {ns} is in the controller's kubernetes.exclude_namespaces"),
+            );
+        }
+        let exported = export.is_some() && check == ExportCheck::Valid;
+        if export.is_some() {
+            checks.insert(export_key, check);
+        }
         // Headless Services have no cluster IP ("None"); dual-stack ones two.
         let vips = spec
             .cluster_ips
@@ -505,252 +654,87 @@ pub fn local_services(
             } else {
                 ServiceType::ClusterSetIP
             },
-            export: export.is_some(),
+            meta,
+            export: exported,
             audience,
             endpoints,
             exported_at_ms,
         });
     }
-    out
-}
-
-// ---- writing back ----
-
-pub fn service_import(name: &ServiceName, imp: &fedmesh_catalog::mcs::Import) -> serde_json::Value {
-    let proto = |p: Protocol| match p {
-        Protocol::Tcp => "TCP",
-        Protocol::Udp => "UDP",
-        Protocol::Sctp => "SCTP",
-    };
-    serde_json::json!({
-        "apiVersion": MCS_API_VERSION,
-        "kind": "ServiceImport",
-        "metadata": {
-            "name": name.name(),
-            "namespace": name.namespace(),
-            "labels": { MANAGED_BY.0: MANAGED_BY.1 },
-        },
-        "spec": {
-            "type": match imp.service_type {
-                ServiceType::ClusterSetIP => "ClusterSetIP",
-                ServiceType::Headless => "Headless",
-            },
-            "ports": imp.ports.iter().map(|(port, p)| serde_json::json!({
-                "port": port,
-                "protocol": proto(*p),
-            })).collect::<Vec<_>>(),
-        },
-        "status": {
-            "clusters": imp.clusters.iter().map(|c| serde_json::json!({ "cluster": c.as_str() })).collect::<Vec<_>>(),
-        },
-    })
-}
-
-/// The status as sent: every condition gets the `lastTransitionTime` the
-/// CRD requires. Only sent when the conditions changed (compared without
-/// it), so the time is when they last changed.
-pub fn stamped(status: &serde_json::Value, at: std::time::SystemTime) -> serde_json::Value {
-    let mut out = status.clone();
-    let t = humantime::format_rfc3339_seconds(at).to_string();
-    if let Some(cs) = out
-        .pointer_mut("/status/conditions")
-        .and_then(|c| c.as_array_mut())
-    {
-        for c in cs {
-            c["lastTransitionTime"] = t.clone().into();
-        }
-    }
-    out
-}
-
-/// A ServiceExport's status as fedmesh writes it (before [`stamped`]).
-pub fn export_status(conflicts: Option<&Vec<fedmesh_catalog::mcs::Conflict>>) -> serde_json::Value {
-    let conflict = match conflicts {
-        Some(c) if !c.is_empty() => serde_json::json!({
-            "type": "Conflict",
-            "status": "True",
-            "reason": "ConflictFound",
-            "message": c.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
-        }),
-        _ => serde_json::json!({
-            "type": "Conflict",
-            "status": "False",
-            "reason": "NoConflicts",
-            "message": "",
-        }),
-    };
-    serde_json::json!({
-        "apiVersion": MCS_API_VERSION,
-        "kind": "ServiceExport",
-        "status": {
-            "conditions": [
-                { "type": "Valid", "status": "True", "reason": "Exported", "message": "" },
-                conflict,
-            ],
-        },
-    })
-}
-
-/// Writes the controller's MCS view back: ServiceImports (applied,
-/// deleted when gone) and ServiceExport conditions. Retries a failed write
-/// on the next change or after `retry`; only writes what changed.
-pub fn write_back(
-    client: Client,
-    mut mcs: watch::Receiver<Arc<McsView>>,
-    mut local: watch::Receiver<Option<Vec<LocalService>>>,
-    metrics: KubeMetrics,
-    retry: Duration,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let imports: Api<DynamicObject> = Api::all_with(client.clone(), &service_import_resource());
-        // What we applied, by namespace/name, so unchanged objects are not
-        // re-sent and vanished imports are deleted. Seeded from the server
-        // so a restart cleans up after the previous run.
-        let mut applied_imports: BTreeMap<(String, String), serde_json::Value> = BTreeMap::new();
-        let mut applied_status: BTreeMap<(String, String), serde_json::Value> = BTreeMap::new();
-        let mut seeded = false;
-        loop {
-            if !seeded {
-                let lp =
-                    ListParams::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
-                match imports.list(&lp).await {
-                    Ok(list) => {
-                        for o in list.items {
-                            let k = (o.namespace().unwrap_or_default(), o.name_any());
-                            applied_imports.insert(k, serde_json::Value::Null);
-                        }
-                        seeded = true;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "listing ServiceImports failed; retrying"),
-                }
-            }
-            let view = mcs.borrow_and_update().clone();
-            let exported: Vec<ServiceName> = local
-                .borrow_and_update()
-                .iter()
-                .flatten()
-                .filter(|s| s.export)
-                .map(|s| s.name.clone())
-                .collect();
-            let mut failed = !seeded;
-            if seeded {
-                failed |= !sync_imports(&client, &view, &mut applied_imports, &metrics).await;
-                failed |=
-                    !sync_exports(&client, &view, &exported, &mut applied_status, &metrics).await;
-            }
-            let wait = async {
-                tokio::select! {
-                    r = mcs.changed() => r.is_ok(),
-                    r = local.changed() => r.is_ok(),
-                }
-            };
-            if failed {
-                let _ = tokio::time::timeout(retry, wait).await;
-            } else if !wait.await {
-                return;
-            }
-        }
-    })
-}
-
-/// Returns false if any write failed (it is retried later).
-async fn sync_imports(
-    client: &Client,
-    view: &McsView,
-    applied: &mut BTreeMap<(String, String), serde_json::Value>,
-    metrics: &KubeMetrics,
-) -> bool {
-    let mut ok = true;
-    let mut want = BTreeSet::new();
-    for (name, imp) in &view.imports {
-        let k = (name.namespace().to_owned(), name.name().to_owned());
-        want.insert(k.clone());
-        let obj = service_import(name, imp);
-        if applied.get(&k) == Some(&obj) {
-            continue;
-        }
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(client.clone(), &k.0, &service_import_resource());
-        let pp = PatchParams::apply(FIELD_MANAGER).force();
-        let r = api.patch(&k.1, &pp, &Patch::Apply(&obj)).await;
-        let r = match r {
-            Ok(_) => api
-                .patch_status(&k.1, &pp, &Patch::Apply(&obj))
-                .await
-                .map(|_| ()),
-            Err(e) => Err(e),
-        };
-        match r {
-            Ok(()) => {
-                KubeMetrics::inc(&metrics.writes, "serviceimport", "apply");
-                applied.insert(k, obj);
-            }
-            Err(e) => {
-                ok = false;
-                tracing::warn!(service = %name, error = %e, "applying ServiceImport failed");
-            }
-        }
-    }
-    let stale: Vec<_> = applied
-        .keys()
-        .filter(|k| !want.contains(*k))
-        .cloned()
+    let seen = checks
+        .into_iter()
+        .filter_map(|(k, check)| {
+            let o = exports.get(&k)?;
+            let (ns, name) = k.split_once('/')?;
+            let rv = o.meta().resource_version.clone().unwrap_or_default();
+            let conditions = o.data["status"]["conditions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            Some((
+                (ns.to_owned(), name.to_owned()),
+                SeenExport {
+                    check,
+                    seen: Some((rv, conditions)),
+                },
+            ))
+        })
         .collect();
-    for k in stale {
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(client.clone(), &k.0, &service_import_resource());
-        match api.delete(&k.1, &DeleteParams::default()).await {
-            Ok(_) => {
-                KubeMetrics::inc(&metrics.writes, "serviceimport", "delete");
-                applied.remove(&k);
-            }
-            Err(kube::Error::Api(s)) if s.code == 404 => {
-                applied.remove(&k);
-            }
-            Err(e) => {
-                ok = false;
-                tracing::warn!(namespace = %k.0, name = %k.1, error = %e, "deleting ServiceImport failed");
-            }
-        }
-    }
-    ok
+    (out, seen)
 }
 
-async fn sync_exports(
-    client: &Client,
-    view: &McsView,
-    exported: &[ServiceName],
-    applied: &mut BTreeMap<(String, String), serde_json::Value>,
-    metrics: &KubeMetrics,
-) -> bool {
-    let mut ok = true;
-    applied.retain(|k, _| {
-        exported
-            .iter()
-            .any(|n| n.namespace() == k.0 && n.name() == k.1)
-    });
-    for name in exported {
-        let k = (name.namespace().to_owned(), name.name().to_owned());
-        let obj = export_status(view.export_conflicts.get(name));
-        if applied.get(&k) == Some(&obj) {
-            continue;
+/// The ServiceExports a services file implies: one, valid, per service
+/// it marks exported (their status is not read back).
+pub fn file_exports(local: Option<&[LocalService]>) -> SeenExports {
+    local
+        .into_iter()
+        .flatten()
+        .filter(|s| s.export)
+        .map(|s| {
+            (
+                (s.name.namespace().to_owned(), s.name.name().to_owned()),
+                SeenExport {
+                    check: ExportCheck::Valid,
+                    seen: None,
+                },
+            )
+        })
+        .collect()
+}
+
+/// A ServiceExport's `spec.exportedLabels` and `spec.exportedAnnotations`,
+/// if they are string maps within what a store record carries.
+type StringMap = BTreeMap<String, String>;
+fn exported_meta(export: &DynamicObject) -> Result<(StringMap, StringMap), String> {
+    let map = |field: &str| -> Result<StringMap, String> {
+        match &export.data["spec"][field] {
+            serde_json::Value::Null => Ok(StringMap::new()),
+            serde_json::Value::Object(m) => m
+                .iter()
+                .map(|(k, v)| match v.as_str() {
+                    Some(v) => Ok((k.clone(), v.to_owned())),
+                    None => Err(format!("spec.{field}.{}: not a string", bounded(k))),
+                })
+                .collect(),
+            _ => Err(format!("spec.{field}: not a map")),
         }
-        let sent = stamped(&obj, std::time::SystemTime::now());
-        let api: Api<DynamicObject> =
-            Api::namespaced_with(client.clone(), &k.0, &service_export_resource());
-        let pp = PatchParams::apply(FIELD_MANAGER).force();
-        match api.patch_status(&k.1, &pp, &Patch::Apply(&sent)).await {
-            Ok(_) => {
-                KubeMetrics::inc(&metrics.writes, "serviceexport", "status");
-                applied.insert(k, obj);
-            }
-            Err(e) => {
-                ok = false;
-                tracing::warn!(service = %name, error = %e, "writing ServiceExport status failed");
-            }
-        }
+    };
+    let (labels, annotations) = (map("exportedLabels")?, map("exportedAnnotations")?);
+    let meta = ExportedMeta {
+        labels,
+        annotations,
+        ..ExportedMeta::default()
+    };
+    crate::records::check_exported_meta(&meta).map_err(|e| e.to_string())?;
+    Ok((meta.labels, meta.annotations))
+}
+
+/// A string from the API server as logged: at most 128 characters.
+fn bounded(s: &str) -> String {
+    match s.char_indices().nth(128) {
+        Some((i, _)) => format!("{:?}…", &s[..i]),
+        None => format!("{s:?}"),
     }
-    ok
 }
 
 /// The audience fedmesh's projected service account tokens carry: a token
