@@ -453,3 +453,102 @@ impl LeftRecord {
         decode(bytes)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> Key {
+        Key::Service(
+            ClusterName::new("west").unwrap(),
+            ServiceName::new("api", "shop").unwrap(),
+        )
+    }
+
+    fn full() -> (Vec<Port>, ExportedMeta) {
+        let mut h2 = Port::named("grpc", 9090, Protocol::Tcp);
+        h2.app_protocol = Some("kubernetes.io/h2c".into());
+        let meta = ExportedMeta {
+            session_affinity: SessionAffinity::ClientIp {
+                timeout_seconds: Some(300),
+            },
+            labels: [("tier".to_owned(), "web".to_owned())].into(),
+            annotations: [("example.com/owner".to_owned(), "a".to_owned())].into(),
+        };
+        (vec![Port::named("http", 80, Protocol::Tcp), h2], meta)
+    }
+
+    fn record(ports: &[Port], meta: &ExportedMeta) -> serde_json::Value {
+        let r = ServiceRecord::of(
+            &ServiceName::new("api", "shop").unwrap(),
+            ports,
+            ServiceType::ClusterSetIP,
+            meta,
+            7,
+            None,
+            2,
+        );
+        serde_json::to_value(r).unwrap()
+    }
+
+    fn decode(v: &serde_json::Value) -> Result<Export, RecordError> {
+        ServiceRecord::decode(&key(), v.to_string().as_bytes())
+    }
+
+    #[test]
+    fn an_export_round_trips_with_port_names_affinity_labels_and_annotations() {
+        let (ports, meta) = full();
+        let e = decode(&record(&ports, &meta)).unwrap();
+        assert_eq!(e.ports, ports);
+        assert_eq!(e.meta, meta);
+        // A record of an export with none of them has none of the fields,
+        // so controllers that predate them still read it.
+        let plain = record(&[Port::new(80, Protocol::Tcp)], &ExportedMeta::default());
+        assert_eq!(
+            plain["ports"][0],
+            serde_json::json!({ "port": 80, "protocol": "TCP" })
+        );
+        for field in [
+            "session_affinity",
+            "session_affinity_timeout_seconds",
+            "labels",
+            "annotations",
+        ] {
+            assert!(plain.get(field).is_none(), "{field} in {plain}");
+        }
+        assert_eq!(decode(&plain).unwrap().meta, ExportedMeta::default());
+    }
+
+    #[test]
+    fn a_store_writer_cannot_slip_in_bad_mcs_fields() {
+        let (ports, meta) = full();
+        let good = record(&ports, &meta);
+        let bad = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = good.clone();
+            f(&mut v);
+            decode(&v).unwrap_err().to_string()
+        };
+        assert!(bad(&|v| v["ports"][0]["name"] = "Not A Label".into()).contains("DNS label"));
+        assert!(bad(&|v| v["ports"][0]["name"] = "x".repeat(64).into()).contains("DNS label"));
+        assert!(bad(&|v| v["ports"][0]["app_protocol"] = "".into()).contains("appProtocol"));
+        assert!(bad(&|v| v["session_affinity_timeout_seconds"] = 0.into()).contains("1 to 86400"));
+        assert!(bad(&|v| {
+            v["session_affinity"] = "None".into();
+        })
+        .contains("without ClientIP"));
+        assert!(bad(&|v| v["session_affinity"] = "Sticky".into()).contains("decode"));
+        assert!(bad(&|v| v["labels"]["k"] = "v".repeat(64).into()).contains("labels"));
+        assert!(bad(&|v| v["labels"][""] = "v".into()).contains("labels"));
+        assert!(bad(&|v| {
+            for i in 0..=MAX_EXPORTED_META {
+                v["annotations"][format!("k{i}")] = "v".into();
+            }
+        })
+        .contains("entries"));
+        assert!(bad(&|v| {
+            v["annotations"]["big"] = "x".repeat(MAX_EXPORTED_ANNOTATION_BYTES).into();
+        })
+        .contains("annotations"));
+        assert!(bad(&|v| v["labels"]["n"] = 1.into()).contains("decode"));
+    }
+}
