@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use fedmesh_testkit::{run_load, App, AppKind, LoadSpec};
 
+mod common;
+
 struct Procs(Vec<(String, Child)>);
 
 impl Drop for Procs {
@@ -126,28 +128,11 @@ async fn proxies_follow_their_controller_as_processes() {
     let app = App::start(AppKind::Echo, "west/echo").await.unwrap();
     let (eq, et, wq, wt) = (udp(), tcp(), udp(), tcp());
     let (e_api, w_api, w_inbound, e_out) = (tcp(), tcp(), tcp(), tcp());
-    for (c, other) in [("east", "west"), ("west", "east")] {
-        ok(&[
-            "ca",
-            "init",
-            "--trust-domain",
-            &format!("{c}.acme"),
-            "--out",
-            &p(&d.join(format!("{c}-ca"))),
-        ]);
-        let _ = other;
+    for c in ["east", "west"] {
+        common::ca_init(d, &format!("{c}-ca"), &format!("{c}.acme"));
     }
-    for (c, other) in [("east", "west"), ("west", "east")] {
-        ok(&[
-            "cluster",
-            "join",
-            "--pins",
-            &p(&d.join(format!("{c}-pins"))),
-            "--name",
-            other,
-            "--bundle",
-            &p(&d.join(format!("{other}-ca/bundle.pem"))),
-        ]);
+    common::pin_each_other(d, "east", "west");
+    for c in ["east", "west"] {
         std::fs::write(
             d.join(format!("{c}-tokens.yaml")),
             format!("tokens:\n  - token: {c}-boot\n    identities: [\"spiffe://{c}.acme/ns/fedmesh-system/sa/gateway\", \"spiffe://{c}.acme/ns/shop/*\"]\n"),

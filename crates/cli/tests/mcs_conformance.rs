@@ -18,7 +18,7 @@ use fedmesh_testkit::fake_kube::FakeKube;
 use serde_json::{json, Value};
 
 mod common;
-use common::{bin, free_tcp, kubeconfig, ok, p};
+use common::{bin, free_tcp, kubeconfig, p};
 
 const SERVICES: &str = "/api/v1/services";
 const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
@@ -66,18 +66,7 @@ impl ClusterSet {
         for c in CLUSTERS {
             common::ca_init(d, &format!("{c}-ca"), &format!("{c}.acme"));
         }
-        for (c, other) in [("east", "west"), ("west", "east")] {
-            ok(&[
-                "cluster",
-                "join",
-                "--pins",
-                &p(&d.join(format!("{c}-pins"))),
-                "--name",
-                other,
-                "--bundle",
-                &p(&d.join(format!("{other}-ca/bundle.pem"))),
-            ]);
-        }
+        common::pin_each_other(d, "east", "west");
         let mut fakes = Vec::new();
         for (i, c) in CLUSTERS.iter().enumerate() {
             let fake = rt.block_on(FakeKube::start()).unwrap();
@@ -145,7 +134,7 @@ impl ClusterSet {
     /// ready endpoint, in cluster `i`.
     fn deploy(&self, i: usize, spec: Value) {
         let mut full = json!({ "type": "ClusterIP", "clusterIP": format!("10.{i}.0.10"), "sessionAffinity": "None" });
-        merge(&mut full, &spec);
+        fedmesh_testkit::fake_kube::merge(&mut full, &spec);
         self.fake(i).put(
             SERVICES,
             json!({ "apiVersion": "v1", "kind": "Service",
@@ -239,17 +228,6 @@ impl ClusterSet {
             |s| s.condition(i, ty).is_some_and(|c| c.0 == status),
         );
         self.condition(i, ty).unwrap().1
-    }
-}
-
-fn merge(into: &mut Value, patch: &Value) {
-    match (into, patch) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in b {
-                merge(a.entry(k.clone()).or_insert(Value::Null), v);
-            }
-        }
-        (a, b) => *a = b.clone(),
     }
 }
 

@@ -498,7 +498,7 @@ fn mcs_write(state: &Mutex<State>, method: &str, path: &str, value: Value) -> Op
 }
 
 /// `patch` into `into`: objects key by key, anything else replaced.
-fn merge(into: &mut Value, patch: &Value) {
+pub fn merge(into: &mut Value, patch: &Value) {
     match (into, patch) {
         (Value::Object(a), Value::Object(b)) => {
             for (k, v) in b {

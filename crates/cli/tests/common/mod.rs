@@ -38,6 +38,23 @@ impl Drop for Procs {
     }
 }
 
+/// `fedmesh cluster join` both ways: `dir/A-pins` admits B by the bundle
+/// in `dir/B-ca` and the other way round.
+pub fn pin_each_other(dir: &Path, a: &str, b: &str) {
+    for (c, other) in [(a, b), (b, a)] {
+        ok(&[
+            "cluster",
+            "join",
+            "--pins",
+            &p(&dir.join(format!("{c}-pins"))),
+            "--name",
+            other,
+            "--bundle",
+            &p(&dir.join(format!("{other}-ca/bundle.pem"))),
+        ]);
+    }
+}
+
 /// `fedmesh ca init` for `trust_domain` into `dir/name`; returns that dir.
 pub fn ca_init(dir: &Path, name: &str, trust_domain: &str) -> PathBuf {
     let out = dir.join(name);
