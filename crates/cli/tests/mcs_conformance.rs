@@ -543,6 +543,59 @@ fn a_service_exported_on_two_clusters_with_conflicting_headlessness_should_apply
 // ---- beyond the conformance suite ----
 
 #[test]
+fn a_service_exported_on_two_clusters_with_conflicting_session_affinity_should_report_a_conflict_condition_on_each_service_export(
+) {
+    let Some(s) = ClusterSet::start("mcs_conformance") else {
+        return;
+    };
+    let sticky = |t: u32| {
+        json!({ "ports": hello_ports(), "sessionAffinity": "ClientIP",
+                "sessionAffinityConfig": { "clientIP": { "timeoutSeconds": t } } })
+    };
+    s.deploy(0, sticky(300));
+    s.deploy(1, json!({ "ports": hello_ports() }));
+    s.export(0, json!({}));
+    s.export(1, json!({}));
+    for i in 0..2 {
+        assert_eq!(
+            s.await_condition(i, "Conflict", "True"),
+            "SessionAffinityConflict"
+        );
+        let o = s.await_import(i, "both exporters", |o| clusters(o).len() == 2);
+        assert_eq!(
+            o["spec"]["sessionAffinity"], "ClientIP",
+            "the oldest export's"
+        );
+    }
+    // Both sticky, another timeout: the config conflicts.
+    s.deploy(1, sticky(60));
+    for i in 0..2 {
+        s.await_that("SessionAffinityConfigConflict", |s| {
+            s.condition(i, "Conflict")
+                .is_some_and(|c| c.1 == "SessionAffinityConfigConflict")
+        });
+    }
+    let o = s.import(1).unwrap();
+    assert_eq!(
+        o["spec"]["sessionAffinityConfig"]["clientIP"]["timeoutSeconds"],
+        300
+    );
+    // Same everywhere: no conflict.
+    s.deploy(1, sticky(300));
+    for i in 0..2 {
+        assert_eq!(s.await_condition(i, "Conflict", "False"), "NoConflicts");
+    }
+    // fedmesh routes from its own catalog: it writes no MCS EndpointSlices.
+    for i in 0..2 {
+        assert!(s
+            .fake(i)
+            .writes()
+            .iter()
+            .all(|w| w.path.contains("/multicluster.x-k8s.io/")));
+    }
+}
+
+#[test]
 fn a_service_export_without_a_service_is_not_valid_with_reason_no_service() {
     let Some(s) = ClusterSet::start("mcs_conformance") else {
         return;
