@@ -54,6 +54,10 @@ pub struct ControllerConfig {
     /// or `KUBECONFIG`); needs a build with the `kube` feature.
     #[serde(default)]
     pub kubernetes: Option<KubernetesSource>,
+    /// ClusterSet IPs for ClusterSetIP services (ServiceImport `spec.ips`),
+    /// allocated ClusterSet-wide in the store; none when absent.
+    #[serde(default)]
+    pub clusterset_ips: Option<crate::clusterset::ClusterSetIpConfig>,
     /// Admin endpoint: `/metrics`, `/live`, `/ready`, `/status`.
     #[serde(default)]
     pub admin: Option<SocketAddr>,
@@ -343,6 +347,17 @@ impl ControllerConfig {
                 .map_err(|e| errs.push(format!("gateway_tunnel: {e}")))
                 .ok()
         });
+        let clusterset_ips = self.clusterset_ips.as_ref().and_then(|c| {
+            let avoid: Vec<std::net::IpAddr> = self
+                .gateways
+                .iter()
+                .chain(&self.gateways_tcp)
+                .map(|a| a.ip())
+                .collect();
+            c.check(&avoid)
+                .map_err(|e| errs.push(format!("clusterset_ips: {e}")))
+                .ok()
+        });
         match (cluster, td, bundle) {
             (Some(cluster), Some(trust_domain), Some(bundle)) if errs.is_empty() => {
                 Ok(ControllerSettings {
@@ -357,6 +372,7 @@ impl ControllerConfig {
                     endorsements,
                     pinned,
                     policies,
+                    clusterset_ips,
                 })
             }
             _ => Err(errs),

@@ -7,7 +7,8 @@
 //!   partition); the cluster deletes it when it publishes again.
 //!
 //! Each cluster writes only under its own `<cluster>/` prefix, under its
-//! own lease. Parsing is strict: anything else under the prefix is
+//! own lease. ClusterSet IPs live apart, under `/fedmesh/v1/clusterset/ips/`
+//! (shared by every cluster, no lease; see `crate::clusterset`). Parsing is strict: anything else under the prefix is
 //! reported, never guessed at.
 
 use fedmesh_catalog::ClusterName;

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod app;
+pub mod clusterset;
 pub mod config;
 pub mod controller;
 #[cfg(feature = "kube")]

@@ -69,6 +69,7 @@ fn settings(m: &Member, all: &[&Member], port: u16) -> ControllerSettings {
             .map(|o| (o.name.clone(), o.ca.bundle()))
             .collect::<BTreeMap<_, _>>(),
         policies: Default::default(),
+        clusterset_ips: None,
     }
 }
 

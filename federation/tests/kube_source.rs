@@ -438,6 +438,7 @@ async fn service_imports_and_export_conditions_are_written_back_once() {
             kube.clone(),
             mcs_rx,
             src.exports(),
+            None,
             metrics.clone(),
             Duration::from_millis(200),
         )

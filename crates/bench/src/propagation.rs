@@ -150,6 +150,7 @@ where
                 .map(|(n, ca)| (n.clone(), ca.bundle()))
                 .collect(),
             policies: Default::default(),
+            clusterset_ips: None,
         };
         let mut reg = Registry::default();
         let ctrl = Controller::start(make_store().await?, settings, local.clone(), &mut reg);

@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use clap::{Subcommand, ValueEnum};
 use fedmesh_catalog::mcs;
 use fedmesh_catalog::ClusterName;
+use fedmesh_federation::clusterset;
 use fedmesh_federation::config::{open_store, read_pin, ControllerConfig, StoreConfig};
 use fedmesh_federation::keys::{Key, ROOT};
 use fedmesh_federation::records::{ClusterInfo, ServiceRecord};
@@ -206,6 +207,8 @@ async fn store_from(arg: &str) -> anyhow::Result<Arc<dyn Store>> {
 struct Snapshot {
     infos: BTreeMap<ClusterName, fedmesh_federation::records::ValidInfo>,
     exports: Vec<mcs::Export>,
+    /// Live ClusterSet IPs by service.
+    ips: BTreeMap<fedmesh_wire::ServiceName, Vec<std::net::IpAddr>>,
     rejected: Vec<String>,
 }
 
@@ -214,8 +217,21 @@ async fn snapshot(store: &dyn Store) -> anyhow::Result<Snapshot> {
     let mut s = Snapshot {
         infos: BTreeMap::new(),
         exports: Vec::new(),
+        ips: BTreeMap::new(),
         rejected: Vec::new(),
     };
+    for kv in store.list(clusterset::IPS_PREFIX).await?.kvs {
+        match clusterset::decode(&kv.key, &kv.value) {
+            Ok((ip, h)) if h.released_at_ms.is_none() => {
+                s.ips.entry(h.service).or_default().push(ip)
+            }
+            Ok(_) => {}
+            Err(e) => s.rejected.push(format!("{}: {e}", bounded(&kv.key))),
+        }
+    }
+    for ips in s.ips.values_mut() {
+        ips.sort_by_key(|ip| (!ip.is_ipv4(), *ip));
+    }
     for kv in listing.kvs {
         let key = match Key::parse(&kv.key) {
             Ok(k) => k,
@@ -240,6 +256,11 @@ async fn snapshot(store: &dyn Store) -> anyhow::Result<Snapshot> {
         }
     }
     Ok(s)
+}
+
+/// A store key as shown: at most 128 characters.
+fn bounded(key: &str) -> String {
+    key.chars().take(128).collect()
 }
 
 fn age(ms: u64) -> String {
@@ -305,6 +326,7 @@ pub async fn services_list(a: StoreArgs, cluster: Option<ClusterName>) -> anyhow
                     format!("{}:{}/{}", p.name, p.port, p.protocol.as_k8s())
                 }).collect::<Vec<_>>(),
                 "ready_endpoints": e.ready_endpoints,
+                "clusterset_ips": snap.ips.get(&e.service).cloned().unwrap_or_default(),
                 "exported_at_ms": e.exported_at,
                 "audience": e.audience.as_ref().map(|a| a.iter().map(|c| c.to_string()).collect::<Vec<_>>()),
             })
@@ -314,12 +336,12 @@ pub async fn services_list(a: StoreArgs, cluster: Option<ClusterName>) -> anyhow
         crate::emit(&format!("{}\n", serde_json::to_string_pretty(&rows)?));
     } else {
         let mut out = format!(
-            "{:<28} {:<12} {:<20} {:>6}\n",
-            "SERVICE", "CLUSTER", "PORTS", "READY"
+            "{:<28} {:<12} {:<20} {:>6} {}\n",
+            "SERVICE", "CLUSTER", "PORTS", "READY", "CLUSTERSET IPS"
         );
         for r in &rows {
             out.push_str(&format!(
-                "{:<28} {:<12} {:<20} {:>6}\n",
+                "{:<28} {:<12} {:<20} {:>6} {}\n",
                 r["service"].as_str().unwrap_or_default(),
                 r["cluster"].as_str().unwrap_or_default(),
                 r["ports"]
@@ -330,7 +352,15 @@ pub async fn services_list(a: StoreArgs, cluster: Option<ClusterName>) -> anyhow
                         .collect::<Vec<_>>()
                         .join(","))
                     .unwrap_or_default(),
-                r["ready_endpoints"]
+                r["ready_endpoints"],
+                r["clusterset_ips"]
+                    .as_array()
+                    .map(|p| p
+                        .iter()
+                        .filter_map(|x| x.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","))
+                    .unwrap_or_default(),
             ));
         }
         crate::emit(&out);

@@ -460,11 +460,27 @@ fn controller_writes() -> String {
             message: "no Service of this name in this namespace".into(),
         };
         let docs = [
-            service_import(&name, &import),
-            status(export_conditions(&ExportCheck::Valid, true, false, None).unwrap()),
-            status(export_conditions(&ExportCheck::Valid, true, false, Some(&conflict)).unwrap()),
-            status(export_conditions(&ExportCheck::Valid, false, false, None).unwrap()),
-            status(export_conditions(&invalid, false, false, None).unwrap()),
+            service_import(
+                &name,
+                &import,
+                &["241.0.0.7".parse().unwrap(), "fd00:fe::7".parse().unwrap()],
+            ),
+            status(export_conditions(&ExportCheck::Valid, true, false, None, None).unwrap()),
+            status(
+                export_conditions(&ExportCheck::Valid, true, false, Some(&conflict), None).unwrap(),
+            ),
+            status(export_conditions(&ExportCheck::Valid, false, false, None, None).unwrap()),
+            status(export_conditions(&invalid, false, false, None, None).unwrap()),
+            status(
+                export_conditions(
+                    &ExportCheck::Valid,
+                    true,
+                    true,
+                    None,
+                    Some(Err(&["241.0.0.0/30".to_owned()])),
+                )
+                .unwrap(),
+            ),
         ];
         docs.iter()
             .map(|d| format!("---\n{}", serde_yaml_ng::to_string(d).unwrap()))

@@ -73,7 +73,8 @@ impl ClusterSet {
             let cfg = format!(
                 "cluster: {c}\ntrust_domain: {c}.acme\ngateways: [\"127.0.0.1:{gw}\"]\nlease_ttl: 2s\n\
                  store: {{ kind: etcd, endpoints: [{eps}] }}\nbundle: {bundle}\npins_dir: {pins}\n\
-                 kubernetes: {{ inbound_port: 15006, write_back: true }}\nadmin: \"127.0.0.1:{admin}\"\n",
+                 kubernetes: {{ inbound_port: 15006, write_back: true }}\nadmin: \"127.0.0.1:{admin}\"\n\
+                 clusterset_ips: {{ cidrs: [\"241.0.0.0/24\", \"fd00:fe::/112\"] }}\n",
                 gw = 15443 + i,
                 eps = etcd
                     .endpoints()
@@ -394,6 +395,31 @@ fn the_session_affinity_of_a_cluster_set_ip_service_import_should_match_the_expo
     assert_eq!(
         o["spec"]["sessionAffinityConfig"],
         json!({ "clientIP": { "timeoutSeconds": 300 } })
+    );
+}
+
+#[test]
+fn an_ip_should_be_allocated_for_a_cluster_set_ip_service_import() {
+    let Some(s) = ClusterSet::start("mcs_conformance") else {
+        return;
+    };
+    s.deploy(0, json!({ "ports": hello_ports() }));
+    s.export(0, json!({}));
+    let o = s.await_import(0, "spec.ips", |o| !o["spec"]["ips"].is_null());
+    let ips: Vec<std::net::IpAddr> = o["spec"]["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|ip| ip.as_str().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(ips.len(), 2, "one per configured family: {ips:?}");
+    assert!(ips[0].is_ipv4() && ips[1].is_ipv6());
+    assert_eq!(o["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]));
+    // Every cluster gives the service the same addresses.
+    s.await_import(1, "the same spec.ips", |p| p["spec"]["ips"] == o["spec"]["ips"]);
+    assert_eq!(
+        s.await_condition(0, "fedmesh.io/ClusterSetIP", "True"),
+        "Allocated"
     );
 }
 

@@ -473,6 +473,7 @@ impl Rig {
                             .policy_entries()
                             .map(|(k, v)| (k.clone(), v.clone()))
                             .collect(),
+                        clusterset_ips: None,
                     };
                     let local = local_services(&p.topo, &p.sidecars)?;
                     let parts = AppParts {

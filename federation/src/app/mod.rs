@@ -498,8 +498,14 @@ fn kube_parts(
                 rx
             }
         };
-        let task =
-            crate::k8s::write_back(client, ctrl.mcs(), exports, metrics, Duration::from_secs(5));
+        let task = crate::k8s::write_back(
+            client,
+            ctrl.mcs(),
+            exports,
+            ctrl.clusterset_ips(),
+            metrics,
+            Duration::from_secs(5),
+        );
         keep.push(Box::new(AbortOnDrop(task)));
     }
     Ok(keep)

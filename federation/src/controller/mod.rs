@@ -25,6 +25,7 @@ use prometheus_client::registry::Registry;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::clusterset::{ClusterSetIps, Exported, IpMetrics};
 use crate::records::Locality;
 use crate::store::Store;
 
@@ -79,6 +80,8 @@ pub struct ControllerSettings {
     pub pinned: BTreeMap<ClusterName, TrustBundle>,
     /// Traffic and authorization policy by service, for this cluster's proxies.
     pub policies: BTreeMap<ServiceName, std::sync::Arc<fedmesh_catalog::ServicePolicy>>,
+    /// ClusterSet IP allocation (`clusterset_ips:`), when configured.
+    pub clusterset_ips: Option<crate::clusterset::IpSettings>,
 }
 
 /// The Multi-Cluster Services view of this cluster: what a Kubernetes
@@ -103,6 +106,8 @@ pub struct Controller {
     catalog: watch::Receiver<Option<Arc<Catalog>>>,
     imports: watch::Receiver<Arc<McsView>>,
     bundles: watch::Receiver<Arc<TrustBundles>>,
+    /// `None` without `clusterset_ips`.
+    ips: Option<watch::Receiver<Arc<ClusterSetIps>>>,
     status: Arc<Mutex<Status>>,
     local: watch::Sender<Vec<LocalService>>,
     /// The advertised gateway addresses (QUIC, TCP fallback): from the
@@ -162,6 +167,43 @@ impl Controller {
         }));
         let settings = Arc::new(settings);
         let leaving = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (exported_tx, exported_rx) = watch::channel(Exported::default());
+        let mut tasks = Vec::new();
+        let ips = settings.clusterset_ips.clone().map(|ip_settings| {
+            let metrics = IpMetrics::default();
+            metrics.register(registry);
+            let (tx, rx) = watch::channel(Arc::new(ClusterSetIps::default()));
+            tasks.push(crate::clusterset::run(
+                store.clone(),
+                ip_settings,
+                settings.cluster.clone(),
+                exported_rx,
+                tx,
+                metrics,
+            ));
+            // `/status` shows them.
+            let (mut seen, status) = (rx.clone(), status.clone());
+            tasks.push(tokio::spawn(async move {
+                while seen.changed().await.is_ok() {
+                    let ips = seen.borrow_and_update().clone();
+                    let mut st = match status.lock() {
+                        Ok(g) => g,
+                        Err(p) => p.into_inner(),
+                    };
+                    st.clusterset_ips = ips
+                        .assigned
+                        .iter()
+                        .map(|(s, a)| (s.to_string(), a.clone()))
+                        .collect();
+                    st.clusterset_ips_exhausted = ips
+                        .exhausted
+                        .iter()
+                        .map(|(s, c)| (s.to_string(), c.clone()))
+                        .collect();
+                }
+            }));
+            rx
+        });
         let publisher = tokio::spawn(publish_loop(
             store.clone(),
             settings.clone(),
@@ -180,6 +222,7 @@ impl Controller {
                 imports: imports_tx,
                 bundles: bundles_tx,
                 trusts: trusts_tx,
+                exported: exported_tx,
             },
             status.clone(),
             metrics.clone(),
@@ -191,10 +234,20 @@ impl Controller {
             status,
             local: local_tx,
             gateways: gateways_tx,
+            ips,
             leaving,
             metrics,
-            tasks: vec![publisher, watcher],
+            tasks: {
+                tasks.extend([publisher, watcher]);
+                tasks
+            },
         }
+    }
+
+    /// ClusterSet IPs as the allocator sees them; `None` when
+    /// `clusterset_ips` is not configured.
+    pub fn clusterset_ips(&self) -> Option<watch::Receiver<Arc<ClusterSetIps>>> {
+        self.ips.clone()
     }
 
     /// The latest catalog; `None` until the first full listing was seen.

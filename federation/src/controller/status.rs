@@ -82,4 +82,12 @@ pub struct Status {
     /// Clusters whose lease expired but whose last exports are still
     /// routed to by partition policy: cluster → ms since the expiry.
     pub stale: BTreeMap<String, u64>,
+    /// ClusterSet IPs by service (`NAME.NAMESPACE`), with
+    /// `clusterset_ips` configured.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub clusterset_ips: BTreeMap<String, Vec<std::net::IpAddr>>,
+    /// This cluster's services without a ClusterSet IP for want of a free
+    /// address, with the CIDRs that are full.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub clusterset_ips_exhausted: BTreeMap<String, Vec<String>>,
 }

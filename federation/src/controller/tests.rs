@@ -37,6 +37,7 @@ fn settings(
             .map(|(n, ca)| (ClusterName::new(n).unwrap(), ca.bundle()))
             .collect(),
         policies: Default::default(),
+        clusterset_ips: None,
     }
 }
 

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use fedmesh_catalog::mcs::{self, Conflict};
+use fedmesh_catalog::mcs::{self, Conflict, ServiceType};
 use fedmesh_catalog::{Catalog, CatalogEdit, ClusterName};
 use fedmesh_trust::rotation::{self, Acceptance};
 use fedmesh_trust::{TrustBundle, TrustBundles};
@@ -19,6 +19,7 @@ use super::publish::Trusts;
 use super::{
     now_ms, ClusterStatus, ControllerMetrics, ControllerSettings, LocalService, McsView, Status,
 };
+use crate::clusterset::driver::Exported;
 use crate::keys;
 use crate::records::ValidInfo;
 use crate::store::{reflect, Store};
@@ -30,6 +31,9 @@ pub(super) struct Outputs {
     pub(super) bundles: watch::Sender<Arc<TrustBundles>>,
     /// Whom this cluster trusts, for the publisher's info record.
     pub(super) trusts: watch::Sender<Trusts>,
+    /// ClusterSetIP services exported anywhere and here, for the
+    /// ClusterSet IP allocator.
+    pub(super) exported: watch::Sender<Exported>,
 }
 
 pub(super) async fn watch_loop(
@@ -100,7 +104,12 @@ pub(super) async fn watch_loop(
             };
             st.synced = true;
             st.clusters = view.clusters.clone();
-            st.imported = view.mcs.imports.len();
+            st.imported = view
+                .mcs
+                .imports
+                .values()
+                .filter(|i| i.remote(&s.cluster))
+                .count();
             st.conflicts = view
                 .conflicts
                 .iter()
@@ -124,6 +133,30 @@ pub(super) async fn watch_loop(
         if **out.bundles.borrow() != view.bundles {
             out.bundles.send_replace(Arc::new(view.bundles.clone()));
         }
+        // ClusterSet IPs are for every ClusterSetIP export in the store,
+        // trusted or not, audiences aside: an address is released only
+        // when nobody at all exports its service.
+        let exported: Exported = {
+            let clusterset_ip = |e: &mcs::Export| e.service_type == ServiceType::ClusterSetIP;
+            let all = cache
+                .exports
+                .iter()
+                .filter(|(_, m)| m.values().any(clusterset_ip))
+                .map(|(n, _)| n.clone())
+                .collect();
+            let mine = cache
+                .exports
+                .iter()
+                .filter(|(_, m)| m.get(&s.cluster).is_some_and(clusterset_ip))
+                .map(|(n, _)| n.clone())
+                .collect();
+            (all, mine)
+        };
+        out.exported.send_if_modified(|cur| {
+            let changed = *cur != exported;
+            *cur = exported;
+            changed
+        });
         if **out.imports.borrow() != view.mcs {
             out.imports.send_replace(Arc::new(view.mcs.clone()));
         }

@@ -12,6 +12,7 @@
 //! costs one write.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -28,13 +29,15 @@ use super::{
     lock, run_watcher, service_export_resource, service_import_resource, Caches, ExportCheck,
     KubeMetrics, SeenExports, FIELD_MANAGER, MANAGED_BY, MCS_API_VERSION,
 };
+use crate::clusterset::ClusterSetIps;
 use crate::controller::McsView;
 
 /// Longest condition message the API accepts.
 const MAX_MESSAGE: usize = 32 * 1024;
 
-/// The ServiceImport fedmesh writes for one import (server-side apply).
-pub fn service_import(name: &ServiceName, imp: &Import) -> Value {
+/// The ServiceImport fedmesh writes for one import (server-side apply),
+/// with the service's ClusterSet IPs (ignored for a Headless import).
+pub fn service_import(name: &ServiceName, imp: &Import, ips: &[IpAddr]) -> Value {
     let mut labels = serde_json::Map::new();
     for (k, v) in &imp.meta.labels {
         labels.insert(k.clone(), v.clone().into());
@@ -69,6 +72,13 @@ pub fn service_import(name: &ServiceName, imp: &Import) -> Value {
         },
         "ports": ports,
     });
+    if imp.service_type == ServiceType::ClusterSetIP && !ips.is_empty() {
+        spec["ips"] = json!(ips.iter().map(ToString::to_string).collect::<Vec<_>>());
+        spec["ipFamilies"] = json!(ips
+            .iter()
+            .map(|ip| if ip.is_ipv4() { "IPv4" } else { "IPv6" })
+            .collect::<Vec<_>>());
+    }
     match imp.meta.session_affinity {
         SessionAffinity::None => spec["sessionAffinity"] = "None".into(),
         SessionAffinity::ClientIp { timeout_seconds } => {
@@ -116,20 +126,31 @@ fn cond(type_: &'static str, status: &'static str, reason: &str, message: &str) 
     }
 }
 
+/// fedmesh's own ServiceExport condition: whether the service has its
+/// ClusterSet IPs (only with `clusterset_ips` configured).
+pub const CLUSTERSET_IP_CONDITION: &str = "fedmesh.io/ClusterSetIP";
+
 /// The condition types fedmesh owns on a ServiceExport.
-const EXPORT_CONDITIONS: [&str; 3] = ["Valid", "Ready", "Conflict"];
+const EXPORT_CONDITIONS: [&str; 4] = ["Valid", "Ready", "Conflict", CLUSTERSET_IP_CONDITION];
+
+/// What a ClusterSetIP export's addresses are: assigned, or none free in
+/// these CIDRs.
+pub type IpState<'a> = Result<&'a [IpAddr], &'a [String]>;
 
 /// A ServiceExport's conditions with mcs-api v1beta1's reasons: `Valid`
 /// (`Valid`, or False with `NoService`, `InvalidServiceType`, ...),
 /// `Ready` (`Exported` once the federation store holds the export,
 /// `Pending` before, `Failed` for an invalid export) and `Conflict`
 /// (`NoConflicts`, or the comma-joined reasons of its conflicts; only
-/// once exported). `None` when nothing should be written yet.
+/// once exported), and with `ip` fedmesh's `fedmesh.io/ClusterSetIP`
+/// (`Allocated`, or False/`NoFreeAddress`). `None` when nothing should be
+/// written yet.
 pub fn export_conditions(
     check: &ExportCheck,
     published: bool,
     was_ready: bool,
     conflicts: Option<&Vec<Conflict>>,
+    ip: Option<IpState<'_>>,
 ) -> Option<Vec<Condition>> {
     Some(match check {
         ExportCheck::Invalid { reason, message } => vec![
@@ -161,11 +182,31 @@ pub fn export_conditions(
                 ),
                 _ => cond("Conflict", "False", "NoConflicts", ""),
             };
-            vec![
+            let mut all = vec![
                 cond("Valid", "True", "Valid", ""),
                 cond("Ready", "True", "Exported", ""),
                 conflict,
-            ]
+            ];
+            match ip {
+                Some(Ok(ips)) if !ips.is_empty() => all.push(cond(
+                    CLUSTERSET_IP_CONDITION,
+                    "True",
+                    "Allocated",
+                    &ips.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                )),
+                Some(Err(cidrs)) => all.push(cond(
+                    CLUSTERSET_IP_CONDITION,
+                    "False",
+                    "NoFreeAddress",
+                    &format!("no free address in {}", cidrs.join(", ")),
+                )),
+                // Allocation under way: the condition comes with it.
+                _ => {}
+            }
+            all
         }
     })
 }
@@ -256,6 +297,7 @@ pub fn write_back(
     client: Client,
     mut mcs: watch::Receiver<Arc<McsView>>,
     mut exports: watch::Receiver<Arc<SeenExports>>,
+    mut ips: Option<watch::Receiver<Arc<ClusterSetIps>>>,
     metrics: KubeMetrics,
     retry: Duration,
 ) -> JoinHandle<()> {
@@ -275,19 +317,40 @@ pub fn write_back(
         loop {
             let view = mcs.borrow_and_update().clone();
             let seen = exports.borrow_and_update().clone();
+            // Without allocation configured, no service has ClusterSet IPs.
+            let addrs = match &mut ips {
+                Some(rx) => rx.borrow_and_update().clone(),
+                None => Arc::new(ClusterSetIps {
+                    synced: true,
+                    ..ClusterSetIps::default()
+                }),
+            };
             let observed = {
                 let c = lock(&caches);
                 c.imports.synced.then(|| c.imports.live.clone())
             };
             let mut failed = false;
-            if let (Some(observed), true) = (&observed, view.computed) {
-                failed |= !sync_imports(&client, &view, &seen, observed, &mut st, &metrics).await;
-                failed |= !sync_exports(&client, &view, &seen, &mut st, &metrics).await;
+            if let (Some(observed), true, true) = (&observed, view.computed, addrs.synced) {
+                let known = Known {
+                    view: &view,
+                    exports: &seen,
+                    ips: &addrs,
+                    allocating: ips.is_some(),
+                };
+                failed |= !sync_imports(&client, &known, observed, &mut st, &metrics).await;
+                failed |= !sync_exports(&client, &known, &mut st, &metrics).await;
             }
             let wait = async {
+                let ips_changed = async {
+                    match &mut ips {
+                        Some(rx) => rx.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     r = mcs.changed() => r.is_ok(),
                     r = exports.changed() => r.is_ok(),
+                    r = ips_changed => r,
                     () = changed.notified() => true,
                 }
             };
@@ -312,15 +375,24 @@ fn rv(o: &DynamicObject) -> Option<String> {
     o.metadata.resource_version.clone()
 }
 
+/// What the write-back knows at one pass.
+struct Known<'a> {
+    view: &'a McsView,
+    exports: &'a SeenExports,
+    ips: &'a ClusterSetIps,
+    /// `clusterset_ips` is configured.
+    allocating: bool,
+}
+
 /// Returns false if any write failed (it is retried later).
 async fn sync_imports(
     client: &Client,
-    view: &McsView,
-    exports: &SeenExports,
+    known: &Known<'_>,
     observed: &BTreeMap<String, DynamicObject>,
     st: &mut State,
     metrics: &KubeMetrics,
 ) -> bool {
+    let (view, exports) = (known.view, known.exports);
     let mut ok = true;
     let mut want = BTreeSet::new();
     // This cluster exports these, but the store does not show it yet (a
@@ -348,7 +420,13 @@ async fn sync_imports(
             }
             st.import_pending.remove(&k);
         }
-        let obj = service_import(name, imp);
+        let ips = known
+            .ips
+            .assigned
+            .get(name)
+            .map(Vec::as_slice)
+            .unwrap_or(&[]);
+        let obj = service_import(name, imp, ips);
         let holds = cur
             .and_then(|o| serde_json::to_value(o).ok())
             .is_some_and(|v| contains(&v, &obj));
@@ -432,11 +510,11 @@ async fn sync_imports(
 
 async fn sync_exports(
     client: &Client,
-    view: &McsView,
-    exports: &SeenExports,
+    known: &Known<'_>,
     st: &mut State,
     metrics: &KubeMetrics,
 ) -> bool {
+    let (view, exports) = (known.view, known.exports);
     let mut ok = true;
     st.export_pending.retain(|k, _| exports.contains_key(k));
     st.export_sent.retain(|k, _| exports.contains_key(k));
@@ -458,7 +536,18 @@ async fn sync_exports(
         let was_ready = base
             .iter()
             .any(|c| c["type"] == "Ready" && c["status"] == "True");
-        let Some(want) = export_conditions(&e.check, published, was_ready, conflicts) else {
+        let clusterset_ip = svc.as_ref().filter(|s| {
+            known.allocating
+                && view
+                    .imports
+                    .get(*s)
+                    .is_some_and(|i| i.service_type == ServiceType::ClusterSetIP)
+        });
+        let ip = clusterset_ip.map(|s| match known.ips.exhausted.get(s) {
+            Some(cidrs) => Err(cidrs.as_slice()),
+            None => Ok(known.ips.assigned.get(s).map(Vec::as_slice).unwrap_or(&[])),
+        });
+        let Some(want) = export_conditions(&e.check, published, was_ready, conflicts, ip) else {
             continue;
         };
         let sent = stamped(&want, base, SystemTime::now());
@@ -506,7 +595,7 @@ mod tests {
 
     #[test]
     fn a_condition_keeps_its_transition_time_while_its_status_holds() {
-        let valid = export_conditions(&ExportCheck::Valid, true, false, None).unwrap();
+        let valid = export_conditions(&ExportCheck::Valid, true, false, None, None).unwrap();
         let first = stamped(&valid, &[], t(0));
         // Same conditions later: same times, nothing to write.
         let again = stamped(&valid, &first, t(60));
@@ -518,7 +607,8 @@ mod tests {
             winner: "west".into(),
             loser: "east".into(),
         }];
-        let conflicted = export_conditions(&ExportCheck::Valid, true, true, Some(&c)).unwrap();
+        let conflicted =
+            export_conditions(&ExportCheck::Valid, true, true, Some(&c), None).unwrap();
         let next = stamped(&conflicted, &first, t(120));
         assert!(!same_conditions(&next, &first));
         assert_eq!(next[0], first[0]);
@@ -533,7 +623,8 @@ mod tests {
             kind: fedmesh_catalog::mcs::ConflictKind::Labels,
             ..c[0].clone()
         }];
-        let relabelled = export_conditions(&ExportCheck::Valid, true, true, Some(&other)).unwrap();
+        let relabelled =
+            export_conditions(&ExportCheck::Valid, true, true, Some(&other), None).unwrap();
         let after = stamped(&relabelled, &next, t(180));
         assert_eq!(
             after[2]["lastTransitionTime"],
@@ -544,15 +635,15 @@ mod tests {
 
     #[test]
     fn ready_waits_for_the_store_but_does_not_flap_back() {
-        let pending = export_conditions(&ExportCheck::Valid, false, false, None).unwrap();
+        let pending = export_conditions(&ExportCheck::Valid, false, false, None, None).unwrap();
         assert_eq!(pending[1].reason, "Pending");
         assert_eq!(pending.len(), 2);
-        assert!(export_conditions(&ExportCheck::Valid, false, true, None).is_none());
+        assert!(export_conditions(&ExportCheck::Valid, false, true, None, None).is_none());
         let bad = ExportCheck::Invalid {
             reason: "NoService",
             message: "none".into(),
         };
-        let c = export_conditions(&bad, true, true, None).unwrap();
+        let c = export_conditions(&bad, true, true, None, None).unwrap();
         assert_eq!((c[0].status, c[0].reason.as_str()), ("False", "NoService"));
         assert_eq!((c[1].status, c[1].reason.as_str()), ("False", "Failed"));
     }
@@ -560,7 +651,7 @@ mod tests {
     #[test]
     fn other_managers_conditions_and_fields_are_left_alone() {
         let ours = stamped(
-            &export_conditions(&ExportCheck::Valid, true, false, None).unwrap(),
+            &export_conditions(&ExportCheck::Valid, true, false, None, None).unwrap(),
             &[],
             t(0),
         );

@@ -84,7 +84,8 @@ pub fn kube_controller_config(
         &path,
         format!(
             "cluster: east\ntrust_domain: east.acme\ngateways: [\"{gateway}\"]\nstore: {{ kind: embedded }}\nbundle: {}\npins_dir: {}\n\
-             kubernetes: {{ inbound_port: 15006, write_back: {write_back} }}\nadmin: \"{admin}\"\napi: {{ listen: \"{api}\", ca_dir: {}, tokens: {} }}\n",
+             kubernetes: {{ inbound_port: 15006, write_back: {write_back} }}\nadmin: \"{admin}\"\napi: {{ listen: \"{api}\", ca_dir: {}, tokens: {} }}\n\
+             clusterset_ips: {{ cidrs: [\"241.0.0.0/24\"] }}\n",
             p(&dir.join("ca/bundle.pem")),
             p(&dir.join("pins")),
             p(&dir.join("ca")),
