@@ -135,3 +135,73 @@ async fn configs_that_cannot_work_are_refused_with_the_part_named() {
     assert!(e.contains("services file"), "{e}");
     assert!(e.contains("services.yaml"), "{e}");
 }
+
+/// `config` with `extra` appended to the file.
+fn config_with(dir: &Path, extra: &str) -> ControllerConfig {
+    config(dir, None);
+    let path = dir.join("controller.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, format!("{text}{extra}")).unwrap();
+    ControllerConfig::load(&path).unwrap()
+}
+
+#[tokio::test]
+async fn clusterset_ips_work_with_the_file_source_and_bad_ranges_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_with(
+        dir.path(),
+        "clusterset_ips: { cidrs: [\"241.0.0.0/24\"] }\n",
+    );
+    let app = build(&cfg).await.unwrap();
+    let admin = app.admin_addr().unwrap();
+    let t = Instant::now();
+    let status = loop {
+        let s = get(admin, "/status").await.unwrap_or_default();
+        if s.contains("\"clusterset_ips\"") {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no ClusterSet IP: {s}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let body: serde_json::Value =
+        serde_json::from_str(status.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    let ip = body["clusterset_ips"]["echo.shop"][0].as_str().unwrap();
+    assert!(ip.starts_with("241.0.0."), "{body}");
+    app.shutdown(false).await;
+
+    for (cidrs, want) in [
+        ("[\"241.0.0.0/16\", \"241.0.1.0/24\"]", "overlaps"),
+        ("[\"127.0.0.0/24\"]", "special-purpose"),
+        ("[\"241.0.0.0/31\"]", "no address"),
+        (
+            "[\"241.0.0.0/16\", \"242.0.0.0/16\"]",
+            "one CIDR per IP family",
+        ),
+        ("[\"10.0.0.0/8\", \"nonsense\"]", "not a CIDR"),
+    ] {
+        let cfg = config_with(
+            dir.path(),
+            &format!("clusterset_ips: {{ cidrs: {cidrs} }}\n"),
+        );
+        let errs = cfg.settings().err().expect("refused").join("; ");
+        assert!(
+            errs.contains("clusterset_ips: ") && errs.contains(want),
+            "{cidrs}: {errs}"
+        );
+    }
+    // A range holding a gateway address is refused too.
+    let cfg = config_with(
+        dir.path(),
+        "clusterset_ips: { cidrs: [\"241.0.0.0/24\"] }\n",
+    );
+    let mut text = std::fs::read_to_string(dir.path().join("controller.yaml")).unwrap();
+    text = text.replace("127.0.0.1:15443", "241.0.0.9:15443");
+    std::fs::write(dir.path().join("controller.yaml"), text).unwrap();
+    drop(cfg);
+    let cfg = ControllerConfig::load(&dir.path().join("controller.yaml")).unwrap();
+    let errs = cfg.settings().err().expect("refused").join("; ");
+    assert!(errs.contains("overlaps 241.0.0.9"), "{errs}");
+}

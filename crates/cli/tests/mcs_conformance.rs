@@ -416,7 +416,9 @@ fn an_ip_should_be_allocated_for_a_cluster_set_ip_service_import() {
     assert!(ips[0].is_ipv4() && ips[1].is_ipv6());
     assert_eq!(o["spec"]["ipFamilies"], json!(["IPv4", "IPv6"]));
     // Every cluster gives the service the same addresses.
-    s.await_import(1, "the same spec.ips", |p| p["spec"]["ips"] == o["spec"]["ips"]);
+    s.await_import(1, "the same spec.ips", |p| {
+        p["spec"]["ips"] == o["spec"]["ips"]
+    });
     assert_eq!(
         s.await_condition(0, "fedmesh.io/ClusterSetIP", "True"),
         "Allocated"
