@@ -186,7 +186,7 @@ async fn clusterset_ips_work_with_the_file_source_and_bad_ranges_are_refused_at_
             dir.path(),
             &format!("clusterset_ips: {{ cidrs: {cidrs} }}\n"),
         );
-        let errs = cfg.settings().err().expect("refused").join("; ");
+        let errs = cfg.settings().expect_err("refused").join("; ");
         assert!(
             errs.contains("clusterset_ips: ") && errs.contains(want),
             "{cidrs}: {errs}"
@@ -202,6 +202,6 @@ async fn clusterset_ips_work_with_the_file_source_and_bad_ranges_are_refused_at_
     std::fs::write(dir.path().join("controller.yaml"), text).unwrap();
     drop(cfg);
     let cfg = ControllerConfig::load(&dir.path().join("controller.yaml")).unwrap();
-    let errs = cfg.settings().err().expect("refused").join("; ");
+    let errs = cfg.settings().expect_err("refused").join("; ");
     assert!(errs.contains("overlaps 241.0.0.9"), "{errs}");
 }
