@@ -170,6 +170,31 @@ async fn clusterset_ips_work_with_the_file_source_and_bad_ranges_are_refused_at_
         serde_json::from_str(status.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     let ip = body["clusterset_ips"]["echo.shop"][0].as_str().unwrap();
     assert!(ip.starts_with("241.0.0."), "{body}");
+    // Sidecars get it in their catalog: a connection to it on the
+    // service's port is routed as the service.
+    let catalog = app.controller().catalog();
+    let t = Instant::now();
+    let vip: std::net::IpAddr = ip.parse().unwrap();
+    loop {
+        let routed = catalog
+            .borrow()
+            .as_ref()
+            .and_then(|c| c.service_for_vip(vip, 8080).map(ToString::to_string));
+        if routed.as_deref() == Some("echo.shop") {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "not routed: {routed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(catalog
+        .borrow()
+        .as_ref()
+        .unwrap()
+        .service_for_vip(vip, 9999)
+        .is_none());
     app.shutdown(false).await;
 
     for (cidrs, want) in [

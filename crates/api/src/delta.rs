@@ -7,7 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use fedmesh_catalog::{
-    Catalog, CatalogEdit, ClusterName, Endpoint, LocalGateway, LocalService, Peer, ServicePolicy,
+    Catalog, CatalogEdit, ClusterName, ClusterSetVip, Endpoint, LocalGateway, LocalService, Peer,
+    ServicePolicy,
 };
 use fedmesh_trust::{SpiffeId, TrustBundle, TrustBundles, TrustDomain};
 use fedmesh_wire::ServiceName;
@@ -170,6 +171,20 @@ pub(crate) fn diff(
         .collect();
     u.removed_policies = ch
         .removed_policies
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    u.clusterset_ips = ch
+        .clusterset
+        .into_iter()
+        .map(|v| pb::ClusterSetIp {
+            service: v.service.to_string(),
+            ips: v.ips.iter().map(ToString::to_string).collect(),
+            ports: v.ports.iter().map(|p| u32::from(*p)).collect(),
+        })
+        .collect();
+    u.removed_clusterset_ips = ch
+        .removed_clusterset
         .iter()
         .map(ToString::to_string)
         .collect();
@@ -341,6 +356,16 @@ impl Applied {
                 .iter()
                 .map(decode_policy)
                 .collect::<Result<_, _>>()?,
+            remove_clusterset: u
+                .removed_clusterset_ips
+                .iter()
+                .map(|raw| field("removed ClusterSet IPs", raw, raw.parse::<ServiceName>()))
+                .collect::<Result<_, _>>()?,
+            upsert_clusterset: u
+                .clusterset_ips
+                .iter()
+                .map(decode_clusterset)
+                .collect::<Result<_, _>>()?,
             region: Some(u.region.clone()),
         };
         for raw in &u.removed_bundles {
@@ -398,6 +423,49 @@ impl Applied {
             bundles: Arc::new(set),
         })
     }
+}
+
+fn decode_clusterset(v: &pb::ClusterSetIp) -> Result<ClusterSetVip, ApplyError> {
+    let bad = |error: String| ApplyError::Field {
+        what: "ClusterSet IPs",
+        key: v.service.clone(),
+        error,
+    };
+    let service = field(
+        "ClusterSet IPs",
+        &v.service,
+        v.service.parse::<ServiceName>(),
+    )?;
+    if v.ips.is_empty() || v.ips.len() > 2 {
+        return Err(bad(format!(
+            "{} addresses; one or two expected",
+            v.ips.len()
+        )));
+    }
+    let ips = v
+        .ips
+        .iter()
+        .map(|ip| {
+            ip.parse()
+                .map_err(|_| bad(format!("`{ip}` is not an IP address")))
+        })
+        .collect::<Result<Vec<std::net::IpAddr>, _>>()?;
+    if v.ports.is_empty() || v.ports.len() > 100 {
+        return Err(bad(format!("{} ports; 1 to 100 expected", v.ports.len())));
+    }
+    let ports = v
+        .ports
+        .iter()
+        .map(|p| match u16::try_from(*p) {
+            Ok(p) if p != 0 => Ok(p),
+            _ => Err(bad(format!("port {p} out of range"))),
+        })
+        .collect::<Result<Vec<u16>, _>>()?;
+    Ok(ClusterSetVip {
+        service,
+        ips,
+        ports,
+    })
 }
 
 fn decode_service(s: &pb::Service) -> Result<LocalService, ApplyError> {
@@ -472,6 +540,7 @@ mod tests {
     /// A config from a bit mask: which of 8 services exist, which import
     /// from `east`, and whether `east` is a peer at all.
     fn config(f: &Fixture, services: u8, imports: u8, port: u16) -> ProxyConfig {
+        let with_ips = services | imports;
         let svc = |i: u8| -> ServiceName {
             format!("s{i}.default.svc.clusterset.local")
                 .parse()
@@ -539,7 +608,18 @@ mod tests {
         )
         .unwrap()
         .with_policies(policies)
-        .with_region(if port.is_multiple_of(2) { "eu" } else { "" });
+        .with_region(if port.is_multiple_of(2) { "eu" } else { "" })
+        // ClusterSet IPs come, go and change ports with the same bits.
+        .with_clusterset(
+            (0..8u8)
+                .filter(|i| with_ips & (1 << i) != 0 && i % 3 != 1)
+                .map(|i| ClusterSetVip {
+                    service: svc(i),
+                    ips: vec![std::net::IpAddr::from([241, 0, 0, i + 1])],
+                    ports: vec![port],
+                })
+                .collect(),
+        );
         ProxyConfig {
             catalog: Arc::new(catalog),
             bundles: Arc::new(f.bundles.clone()),
@@ -567,6 +647,7 @@ mod tests {
         }
         // Nothing changed: an empty delta.
         let same = diff(500, Some((199, &prev)), &prev);
+        assert!(same.clusterset_ips.is_empty() && same.removed_clusterset_ips.is_empty());
         assert!(same.services.is_empty() && same.removed_services.is_empty());
         assert!(same.imports.is_empty() && same.peers.is_empty() && same.bundles.is_empty());
     }
@@ -635,6 +716,28 @@ mod tests {
             let e = rejects(&mut proxy, &u);
             assert_eq!(e.reason(), "bad_field", "{json}: {e}");
         }
+
+        // ClusterSet IPs that are not addresses, too many, bad ports, or
+        // removed without being there.
+        for (ips, ports) in [
+            (vec!["241.0.0.300"], vec![80]),
+            (vec![], vec![80]),
+            (vec!["241.0.0.1", "241.0.0.2", "fd00::1"], vec![80]),
+            (vec!["241.0.0.1"], vec![0]),
+            (vec!["241.0.0.1"], vec![]),
+        ] {
+            let mut u = diff(2, Some((1, &a)), &b);
+            u.clusterset_ips.push(pb::ClusterSetIp {
+                service: "s0.default.svc.clusterset.local".into(),
+                ips: ips.iter().map(|s| s.to_string()).collect(),
+                ports,
+            });
+            assert_eq!(rejects(&mut proxy, &u).reason(), "bad_field", "{ips:?}");
+        }
+        let mut u = diff(2, Some((1, &a)), &b);
+        u.removed_clusterset_ips
+            .push("ghost.default.svc.clusterset.local".into());
+        assert_eq!(rejects(&mut proxy, &u).reason(), "invalid_catalog");
 
         // Removing the peer's bundle while the peer stays.
         let mut u = diff(2, Some((1, &a)), &b);

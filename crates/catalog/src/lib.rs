@@ -30,7 +30,9 @@ pub use fedmesh_balance::{Ejection, Load};
 pub use http::{HttpDecision, HttpPolicy, RequestFacts};
 pub use policy::{Authz, Failover, Partition, Principal, ServicePolicy};
 pub use route::{ClusterRoute, Hop, RouteError};
-pub use spec::{CatalogSpec, EndpointSpec, ImportSpec, PeerSpec, ServiceSpec, SpecError};
+pub use spec::{
+    CatalogSpec, ClusterSetIpSpec, EndpointSpec, ImportSpec, PeerSpec, ServiceSpec, SpecError,
+};
 
 /// A cluster's name: a DNS-1123 label such as `east`. Shared, not copied:
 /// every import and export of a large federation names a cluster.
@@ -91,6 +93,17 @@ pub struct LocalService {
     pub vips: Vec<std::net::IpAddr>,
 }
 
+/// A multi-cluster service's ClusterSet IPs: a sidecar's transparent
+/// listener routes connections to `ip:port` (one of `ports`) as the
+/// service, wherever it is served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSetVip {
+    pub service: ServiceName,
+    pub ips: Vec<std::net::IpAddr>,
+    /// The ServiceImport's ports.
+    pub ports: Vec<u16>,
+}
+
 /// A peer cluster's gateway, as this cluster reaches it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
@@ -133,6 +146,8 @@ pub struct Catalog {
     peers: OrdMap<ClusterName, Peer>,
     /// Traffic and authorization policy per service (local or imported).
     policies: OrdMap<ServiceName, Arc<ServicePolicy>>,
+    /// ClusterSet IPs by service.
+    clusterset: OrdMap<ServiceName, ClusterSetVip>,
     gateway: Option<LocalGateway>,
 }
 
@@ -193,6 +208,7 @@ impl PartialEq for Catalog {
             && ordmap_eq(&self.peers, &other.peers)
             && ordmap_eq(&self.imports, &other.imports)
             && ordmap_eq(&self.services, &other.services)
+            && ordmap_eq(&self.clusterset, &other.clusterset)
     }
 }
 
@@ -209,6 +225,8 @@ pub struct CatalogChanges<'a> {
     pub removed_peers: Vec<&'a ClusterName>,
     pub policies: Vec<(&'a ServiceName, &'a ServicePolicy)>,
     pub removed_policies: Vec<&'a ServiceName>,
+    pub clusterset: Vec<&'a ClusterSetVip>,
+    pub removed_clusterset: Vec<&'a ServiceName>,
 }
 
 /// A change to a catalog: what to add or replace, what to remove (by key).
@@ -223,6 +241,8 @@ pub struct CatalogEdit {
     pub remove_peers: Vec<ClusterName>,
     pub upsert_policies: Vec<(ServiceName, Arc<ServicePolicy>)>,
     pub remove_policies: Vec<ServiceName>,
+    pub upsert_clusterset: Vec<ClusterSetVip>,
+    pub remove_clusterset: Vec<ServiceName>,
     /// The new region, when it changes.
     pub region: Option<String>,
 }
@@ -238,6 +258,7 @@ impl Catalog {
             imports: OrdMap::new(),
             peers: OrdMap::new(),
             policies: OrdMap::new(),
+            clusterset: OrdMap::new(),
             gateway: None,
         }
     }
@@ -255,6 +276,23 @@ impl Catalog {
             .values()
             .find(|s| s.vips.contains(&ip) && s.ports.contains(&port))
             .map(|s| &s.name)
+            .or_else(|| {
+                self.clusterset
+                    .values()
+                    .find(|v| v.ips.contains(&ip) && v.ports.contains(&port))
+                    .map(|v| &v.service)
+            })
+    }
+
+    /// Every service's ClusterSet IPs, ordered by service name.
+    pub fn clusterset_entries(&self) -> impl Iterator<Item = &ClusterSetVip> {
+        self.clusterset.values()
+    }
+
+    /// This catalog with `vips` as its whole set of ClusterSet IPs.
+    pub fn with_clusterset(mut self, vips: Vec<ClusterSetVip>) -> Self {
+        self.clusterset = vips.into_iter().map(|v| (v.service.clone(), v)).collect();
+        self
     }
 
     pub fn services(&self) -> impl Iterator<Item = &LocalService> {
@@ -304,6 +342,7 @@ impl Catalog {
             trust_domain,
             region: String::new(),
             policies: OrdMap::new(),
+            clusterset: OrdMap::new(),
             services: services.into_iter().map(|s| (s.name.clone(), s)).collect(),
             imports: imports.into_iter().filter(|(_, c)| !c.is_empty()).collect(),
             peers,
@@ -355,6 +394,14 @@ impl Catalog {
         }
         for (name, p) in edit.upsert_policies {
             next.policies.insert(name, p);
+        }
+        for name in &edit.remove_clusterset {
+            if next.clusterset.remove(name).is_none() {
+                errs.push(format!("removed ClusterSet IPs of {name} are not present"));
+            }
+        }
+        for v in edit.upsert_clusterset {
+            next.clusterset.insert(v.service.clone(), v);
         }
         if let Some(r) = edit.region {
             next.region = r;
@@ -418,6 +465,16 @@ impl Catalog {
                 |k| k,
                 &mut c.peers,
                 &mut c.removed_peers,
+            );
+        }
+        if !old.clusterset.ptr_eq(&self.clusterset) {
+            keyed_diff(
+                old.clusterset.iter(),
+                self.clusterset.iter(),
+                |_, v| *v,
+                |k| k,
+                &mut c.clusterset,
+                &mut c.removed_clusterset,
             );
         }
         if !old.policies.ptr_eq(&self.policies) {

@@ -10,8 +10,8 @@ use fedmesh_wire::ServiceName;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    gateway_identity, Catalog, ClusterName, Endpoint, LocalGateway, LocalService, Peer,
-    ServicePolicy,
+    gateway_identity, Catalog, ClusterName, ClusterSetVip, Endpoint, LocalGateway, LocalService,
+    Peer, ServicePolicy,
 };
 
 /// Upper bounds on catalog sizes, so a bad config cannot exhaust memory.
@@ -37,6 +37,18 @@ pub struct CatalogSpec {
     /// Traffic and authorization policy, by service name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub policies: BTreeMap<String, ServicePolicy>,
+    /// Multi-cluster services' ClusterSet IPs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clusterset_ips: Vec<ClusterSetIpSpec>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSetIpSpec {
+    pub service: String,
+    /// One per IP family at most.
+    pub ips: Vec<std::net::IpAddr>,
+    pub ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -249,6 +261,41 @@ impl CatalogSpec {
             }
         }
 
+        let mut clusterset = BTreeMap::new();
+        let mut vips_seen: BTreeSet<std::net::IpAddr> = services
+            .values()
+            .flat_map(|s: &LocalService| s.vips.iter().copied())
+            .collect();
+        for (i, v) in self.clusterset_ips.iter().enumerate() {
+            let what = format!("clusterset_ips[{i}] ({})", v.service);
+            let Ok(name) = ServiceName::parse(&v.service).map_err(|e| err(format!("{what}: {e}")))
+            else {
+                continue;
+            };
+            if v.ips.is_empty() || v.ips.len() > 2 {
+                err(format!("{what}: one or two IPs expected"));
+            }
+            if v.ports.is_empty() || v.ports.contains(&0) {
+                err(format!("{what}: needs one or more non-zero ports"));
+            }
+            for ip in &v.ips {
+                if !vips_seen.insert(*ip) {
+                    err(format!("{what}: {ip} is already another service's address"));
+                }
+            }
+            if clusterset.contains_key(&name) {
+                err(format!("{what}: duplicate service"));
+            }
+            clusterset.insert(
+                name.clone(),
+                ClusterSetVip {
+                    service: name,
+                    ips: v.ips.clone(),
+                    ports: v.ports.clone(),
+                },
+            );
+        }
+
         let gateway = match (&self.gateway, &trust_domain) {
             (Some(g), td) => {
                 let identity = match (&g.identity, td) {
@@ -272,6 +319,7 @@ impl CatalogSpec {
                 trust_domain,
                 region: self.region.clone(),
                 policies: policies.into_iter().collect(),
+                clusterset: clusterset.into_iter().collect(),
                 services: services.into_iter().collect(),
                 imports: imports.into_iter().collect(),
                 peers: peers.into_iter().collect(),
@@ -364,6 +412,15 @@ impl Catalog {
                 .iter()
                 .map(|(k, v)| (k.to_string(), (**v).clone()))
                 .collect(),
+            clusterset_ips: self
+                .clusterset
+                .values()
+                .map(|v| ClusterSetIpSpec {
+                    service: v.service.to_string(),
+                    ips: v.ips.clone(),
+                    ports: v.ports.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -396,10 +453,45 @@ policies:
   remote.demo:
     failover: [north, west]
     weights: { north: 9, west: 1 }
+clusterset_ips:
+  - { service: remote.demo, ips: ["241.0.0.7", "fd00:fe::7"], ports: [8080] }
 "#;
         let c = CatalogSpec::from_yaml(yaml).unwrap().build().unwrap();
         let dumped = serde_yaml_ng::to_string(&c.to_spec()).unwrap();
         let again = CatalogSpec::from_yaml(&dumped).unwrap().build().unwrap();
         assert_eq!(again, c, "{dumped}");
+        // A ClusterSet IP is routed as its service, on its ports only.
+        let ip = "241.0.0.7".parse().unwrap();
+        assert_eq!(
+            c.service_for_vip(ip, 8080).unwrap().to_string(),
+            "remote.demo"
+        );
+        assert!(c.service_for_vip(ip, 9090).is_none());
+    }
+
+    #[test]
+    fn clusterset_ips_are_checked() {
+        let yaml = r#"
+cluster: east
+trust_domain: east.demo
+services:
+  - { name: echo.demo, ports: [80], vips: ["10.0.0.1"] }
+clusterset_ips:
+  - { service: echo.demo, ips: ["10.0.0.1"], ports: [80] }
+  - { service: Bad, ips: [], ports: [0] }
+  - { service: a.demo, ips: ["241.0.0.1", "241.0.0.2", "fd00::1"], ports: [1] }
+"#;
+        let e = CatalogSpec::from_yaml(yaml)
+            .unwrap()
+            .build()
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "10.0.0.1 is already another service's address",
+            "clusterset_ips[1] (Bad)",
+            "clusterset_ips[2] (a.demo): one or two IPs expected",
+        ] {
+            assert!(e.contains(want), "{want}: {e}");
+        }
     }
 }

@@ -134,6 +134,62 @@ async fn a_service_vip_is_routed_through_the_mesh() {
     );
 }
 
+/// The same with a ClusterSet IP instead of the Service's own VIP: the
+/// catalog a controller sends (`clusterset_ips`) routes a connection to it
+/// as the multi-cluster service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clusterset_ip_is_routed_as_its_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ident = identity(d);
+    let app = App::start(AppKind::Echo, "demo/echo").await.unwrap();
+    let port = free_tcp().port();
+    let vip: SocketAddr = format!("127.0.0.3:{port}").parse().unwrap();
+    let (inbound, admin) = (free_tcp(), free_tcp());
+    let cfg = d.join("sidecar.yaml");
+    let yaml = sidecar_yaml(
+        &ident,
+        "127.0.0.99",
+        port,
+        &vip.to_string(),
+        &inbound.to_string(),
+        &app.addr.to_string(),
+        &admin.to_string(),
+    )
+    .replace(
+        "transparent:",
+        &format!(
+            "  clusterset_ips: [ {{ service: echo.demo, ips: [\"127.0.0.3\"], ports: [{port}] }} ]\ntransparent:"
+        ),
+    );
+    std::fs::write(&cfg, yaml).unwrap();
+    let child = Command::new(bin())
+        .args(["sidecar", "--config", &p(&cfg)])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _procs = Procs(vec![child]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !http_get(admin, "/ready").starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "the sidecar never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let spec = LoadSpec {
+        connections: 2,
+        requests_per_connection: 5,
+        timeout: Duration::from_secs(2),
+        ..LoadSpec::default()
+    };
+    let r = run_load(vip, &spec).await;
+    assert_eq!((r.ok, r.failed), (10, 0), "{:?}", r.errors);
+    assert_eq!(r.served_by.keys().collect::<Vec<_>>(), ["demo/echo"]);
+    let metrics = http_get(admin, "/metrics");
+    assert!(
+        metrics.contains("fedmesh_sidecar_transparent_connections_total{result=\"mesh\"} 2"),
+        "{metrics}"
+    );
+}
+
 /// Runs `args` inside namespace `ns`.
 fn in_ns(ns: &str, args: &[&str]) -> Command {
     let mut c = Command::new("ip");

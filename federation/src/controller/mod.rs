@@ -217,6 +217,7 @@ impl Controller {
             store,
             settings,
             local_rx,
+            ips.clone(),
             Outputs {
                 catalog: catalog_tx,
                 imports: imports_tx,

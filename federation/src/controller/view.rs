@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use fedmesh_catalog::mcs::{self, Conflict, ServiceType};
-use fedmesh_catalog::{Catalog, CatalogEdit, ClusterName};
+use fedmesh_catalog::{Catalog, CatalogEdit, ClusterName, ClusterSetVip};
 use fedmesh_trust::rotation::{self, Acceptance};
 use fedmesh_trust::{TrustBundle, TrustBundles};
 use fedmesh_wire::ServiceName;
@@ -20,6 +20,7 @@ use super::{
     now_ms, ClusterStatus, ControllerMetrics, ControllerSettings, LocalService, McsView, Status,
 };
 use crate::clusterset::driver::Exported;
+use crate::clusterset::ClusterSetIps;
 use crate::keys;
 use crate::records::ValidInfo;
 use crate::store::{reflect, Store};
@@ -40,6 +41,7 @@ pub(super) async fn watch_loop(
     store: Arc<dyn Store>,
     s: Arc<ControllerSettings>,
     mut local: watch::Receiver<Vec<LocalService>>,
+    mut ips: Option<watch::Receiver<Arc<ClusterSetIps>>>,
     out: Outputs,
     status: Arc<Mutex<Status>>,
     metrics: ControllerMetrics,
@@ -63,6 +65,14 @@ pub(super) async fn watch_loop(
             _ = sleep_until_some(expiry) => {
                 cache.structural = true;
             }
+            changed = async {
+                match &mut ips {
+                    Some(rx) => rx.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if changed.is_err() { return; }
+            }
         }
         cache.apply(reflected.take(), &metrics);
         if !reflected.synced() {
@@ -73,7 +83,7 @@ pub(super) async fn watch_loop(
         // Anything else (a cluster's info, trust, a re-list, local
         // services): the whole view, level-driven from the cache.
         let now = Instant::now();
-        let view = match prev.take() {
+        let mut view = match prev.take() {
             Some(p) if !cache.structural => incremental(&s, &mut cache, p, &metrics, now),
             p => {
                 cache.structural = false;
@@ -90,6 +100,13 @@ pub(super) async fn watch_loop(
                 )
             }
         };
+        if let Some(rx) = &mut ips {
+            let held = rx.borrow_and_update().clone();
+            let want = clusterset_vips(&view.mcs, &held);
+            if !view.catalog.clusterset_entries().eq(want.iter()) {
+                view.catalog = view.catalog.clone().with_clusterset(want);
+            }
+        }
         // Order matters to readers: status and bundles first, the catalog
         // last, so whoever sees a new catalog already trusts every peer it
         // names (and `status` agrees with it).
@@ -178,6 +195,26 @@ pub(super) async fn watch_loop(
         // Changes keep accumulating in the reflector meanwhile.
         tokio::time::sleep(RECOMPUTE_INTERVAL).await;
     }
+}
+
+/// What sidecars route as each ClusterSetIP import: its ClusterSet IPs
+/// on the import's ports.
+fn clusterset_vips(mcs: &McsView, held: &ClusterSetIps) -> Vec<ClusterSetVip> {
+    mcs.imports
+        .iter()
+        .filter(|(_, i)| i.service_type == ServiceType::ClusterSetIP)
+        .filter_map(|(name, i)| {
+            let ips = held.assigned.get(name)?;
+            let mut ports: Vec<u16> = i.ports.iter().map(|p| p.port).collect();
+            ports.sort_unstable();
+            ports.dedup();
+            Some(ClusterSetVip {
+                service: name.clone(),
+                ips: ips.clone(),
+                ports,
+            })
+        })
+        .collect()
 }
 
 /// Redoes the services whose exports changed, on top of `v`. Catalog and
