@@ -189,6 +189,20 @@ impl Netns {
         )
     }
 
+    /// Redirects TCP connections made in `cluster`'s namespace to `cidr`
+    /// to `127.0.0.1:port` (what `fedmesh redirect` does in a pod, for
+    /// ClusterSet IPs): a table of its own, untouched by [`set_rules`].
+    pub fn redirect_tcp(&self, cluster: &str, cidr: &str, port: u16) -> anyhow::Result<()> {
+        let ns = self.namespace(cluster).context("no such cluster")?;
+        // A route first, as a pod's default route is: nat output runs
+        // after the routing decision.
+        ip(&["-n", ns, "route", "replace", cidr, "dev", "eth0"])?;
+        let script = format!(
+            "table ip fedmesh_e2e_nat {{\n  chain output {{ type nat hook output priority -100; policy accept; ip daddr {cidr} meta l4proto tcp redirect to :{port}; }}\n}}\n"
+        );
+        nft(ns, &script)
+    }
+
     /// Replaces the rig's nftables rules in `cluster`'s namespace with
     /// `rules` (each an `nft` rule body for the `output` or `input`
     /// chain, e.g. `("output", "ip daddr 10.0.0.1 udp dport 5 drop")`).
@@ -200,26 +214,31 @@ impl Netns {
         for (chain, rule) in rules {
             script.push_str(&format!("add rule inet fedmesh_e2e {chain} {rule}\n"));
         }
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", ns, "nft", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("running nft")?;
-        if let Some(mut stdin) = child.stdin.take() {
-            use std::io::Write;
-            stdin.write_all(script.as_bytes())?;
-        }
-        let out = child.wait_with_output()?;
-        if !out.status.success() {
-            bail!(
-                "nft in {ns}: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        nft(ns, &script)
     }
+}
+
+/// Runs an `nft -f -` script in namespace `ns`.
+fn nft(ns: &str, script: &str) -> anyhow::Result<()> {
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("running nft")?;
+    if let Some(mut stdin) = child.stdin.take() {
+        use std::io::Write;
+        stdin.write_all(script.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "nft in {ns}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 impl Drop for Netns {

@@ -68,6 +68,17 @@ pub enum Probe {
         #[arg(long)]
         congestion: Option<fedmesh_gateway::Algorithm>,
     },
+    /// Runs the rig's echo load against `to` (as a meshed app in the
+    /// namespace would: a redirected connection to a ClusterSet IP) and
+    /// reports what was served, and by which app.
+    Load {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        #[arg(long, default_value_t = 10)]
+        requests: usize,
+    },
     /// Sends for `secs` seconds on one TCP connection.
     TcpSend {
         #[arg(long)]
@@ -133,6 +144,25 @@ pub async fn run(p: Probe) -> anyhow::Result<()> {
             let sent = quic::send(to, &ca_dir, Duration::from_secs_f64(secs), congestion).await?;
             serde_json::to_string(&serde_json::json!({ "bytes": sent }))?
         }
+        Probe::Load {
+            to,
+            connections,
+            requests,
+        } => {
+            let spec = fedmesh_testkit::LoadSpec {
+                connections,
+                requests_per_connection: requests,
+                timeout: Duration::from_secs(3),
+                ..fedmesh_testkit::LoadSpec::default()
+            };
+            let r = fedmesh_testkit::run_load(to, &spec).await;
+            serde_json::to_string(&serde_json::json!({
+                "ok": r.ok,
+                "failed": r.failed,
+                "served_by": r.served_by,
+                "errors": r.errors,
+            }))?
+        }
         // Blocking sockets and threads: their timing is their own.
         p => return tokio::task::spawn_blocking(move || run_blocking(p)).await?,
     };
@@ -142,8 +172,8 @@ pub async fn run(p: Probe) -> anyhow::Result<()> {
 
 fn run_blocking(p: Probe) -> anyhow::Result<()> {
     let line = match p {
-        Probe::QuicSink { .. } | Probe::QuicSend { .. } => {
-            anyhow::bail!("QUIC probes run on the runtime")
+        Probe::QuicSink { .. } | Probe::QuicSend { .. } | Probe::Load { .. } => {
+            anyhow::bail!("QUIC and load probes run on the runtime")
         }
         Probe::UdpEcho { listen, secs } => {
             udp_echo(listen, Duration::from_secs(secs))?;

@@ -42,6 +42,10 @@ use crate::netns::Netns;
 
 pub const CLUSTERS: [&str; 3] = ["east", "west", "north"];
 
+/// Where every controller allocates ClusterSet IPs from; in namespaces,
+/// nftables redirects connections to it to the `web` sidecar.
+pub const CLUSTERSET_CIDR: &str = "241.0.0.0/24";
+
 /// How long a process gets to stop after SIGTERM before SIGKILL.
 const STOP_LIMIT: Duration = Duration::from_secs(15);
 
@@ -62,6 +66,9 @@ pub struct Cluster {
     pub controller_admin: SocketAddr,
     pub gateway_admin: SocketAddr,
     pub web_admin: SocketAddr,
+    /// The `web` sidecar's transparent listener (on 127.0.0.1 in a
+    /// namespace, where nftables redirects ClusterSet IPs to it).
+    pub web_transparent: SocketAddr,
     pub srv_admin: SocketAddr,
     pub srv_inbound: SocketAddr,
     /// The `web` sidecar's outbound listeners.
@@ -145,7 +152,8 @@ fn controller_yaml(
          admin: \"{admin}\"\napi:\n  listen: \"{api}\"\n  ca_dir: {ca_dir}\n  limits: {{ svid_ttl: {ttl}s }}\n\
          policies:\n  http.demo:\n    failover: [{prefers}, {third}]\n    retry: {{ attempts: 3 }}\n    outlier: {{ consecutive_failures: 3, base_ejection: 1s }}\n  \
            echox.demo:\n    failover: [{prefers}, {third}]\n    outlier: {{ consecutive_failures: 3, base_ejection: 1s }}\n  \
-           sinkx.demo:\n    failover: [{prefers}, {third}]\n",
+           sinkx.demo:\n    failover: [{prefers}, {third}]\n\
+         clusterset_ips: {{ cidrs: [\"{CLUSTERSET_CIDR}\"] }}\n",
         name = c.name,
         quic = c.quic_public,
         tcp = c.tcp_public,
@@ -275,6 +283,14 @@ impl Rig {
                 controller_admin: port(false)?,
                 gateway_admin: port(false)?,
                 web_admin: port(false)?,
+                web_transparent: {
+                    let a = port(false)?;
+                    if ns_ip.is_some() {
+                        SocketAddr::new([127, 0, 0, 1].into(), a.port())
+                    } else {
+                        a
+                    }
+                },
                 srv_admin: port(false)?,
                 srv_inbound: port(false)?,
                 echo_out: port(false)?,
@@ -357,9 +373,10 @@ impl Rig {
                 common("gw")
             );
             let web = format!(
-                "{}admin: \"{}\"\noutbound:\n  - {{ listen: \"{}\", service: echo.demo, port: 7000, protocol: tcp }}\n  - {{ listen: \"{}\", service: http.demo, port: 8080 }}\n  - {{ listen: \"{}\", service: echox.demo, port: 7000, protocol: tcp }}\n  - {{ listen: \"{}\", service: httpl.demo, port: 8080 }}\n  - {{ listen: \"{}\", service: sinkx.demo, port: 7000, protocol: tcp }}\n",
+                "{}admin: \"{}\"\ntransparent: {{ listen: \"{}\" }}\noutbound:\n  - {{ listen: \"{}\", service: echo.demo, port: 7000, protocol: tcp }}\n  - {{ listen: \"{}\", service: http.demo, port: 8080 }}\n  - {{ listen: \"{}\", service: echox.demo, port: 7000, protocol: tcp }}\n  - {{ listen: \"{}\", service: httpl.demo, port: 8080 }}\n  - {{ listen: \"{}\", service: sinkx.demo, port: 7000, protocol: tcp }}\n",
                 common("web"),
                 c.web_admin,
+                c.web_transparent,
                 c.echo_out,
                 c.http_out,
                 c.echox_out,
@@ -422,6 +439,11 @@ impl Rig {
                     args.extend(["--drain", "3s"]);
                 }
                 rig.add(&format!("{}-{file}", c.name), ns.clone(), fedmesh, &args);
+            }
+        }
+        if let Some(n) = rig.netns.as_ref().filter(|n| n.nft) {
+            for c in &rig.clusters {
+                n.redirect_tcp(&c.name, CLUSTERSET_CIDR, c.web_transparent.port())?;
             }
         }
         let names: Vec<String> = rig.procs.keys().cloned().collect();
@@ -542,6 +564,12 @@ impl Rig {
         let text = std::fs::read_to_string(&p.log).unwrap_or_default();
         let v: Vec<&str> = text.lines().collect();
         v[v.len().saturating_sub(lines)..].join("\n")
+    }
+
+    /// `ip netns exec`'s namespace of `cluster`, when the rig runs in
+    /// namespaces.
+    pub fn namespace(&self, cluster: &str) -> Option<&str> {
+        self.netns.as_ref()?.namespace(cluster)
     }
 
     pub fn cluster(&self, name: &str) -> Option<&Cluster> {

@@ -16,8 +16,9 @@ use crate::rig::{admin_get, Rig, CLUSTERS, SERVICES};
 mod lossy;
 mod matrix;
 
-pub const ALL: [&str; 8] = [
+pub const ALL: [&str; 9] = [
     "steady",
+    "clusterset-ip",
     "partition",
     "lossy-wan",
     "control-plane-outage",
@@ -304,6 +305,93 @@ async fn controller_status(rig: &Rig, cluster: &str) -> Option<serde_json::Value
     }
 }
 
+/// A meshed app in east connects to `echox.demo`'s ClusterSet IP (as
+/// a pod does: its connection is redirected to its sidecar's transparent
+/// listener) and is served by west, which `echox.demo` prefers from east.
+async fn clusterset_ip(rig: &Rig, o: &mut Outcome) -> anyhow::Result<()> {
+    let Some(ns) = rig
+        .namespace("east")
+        .filter(|_| rig.netns.as_ref().is_some_and(|n| n.nft))
+    else {
+        o.check(
+            "skipped: needs network namespaces with nftables (root, `ip`, `nft`)",
+            true,
+            "",
+        );
+        return Ok(());
+    };
+    let ips = |v: &serde_json::Value| -> Vec<String> {
+        v["clusterset_ips"]["echox.demo"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str().map(str::to_owned))
+            .collect()
+    };
+    let t0 = Instant::now();
+    let mut seen: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    let mut agree = false;
+    while !agree && t0.elapsed() < Duration::from_secs(20) {
+        seen.clear();
+        for c in CLUSTERS {
+            if let Some(v) = controller_status(rig, c).await {
+                seen.insert(c, ips(&v));
+            }
+        }
+        agree = seen.len() == CLUSTERS.len()
+            && seen
+                .values()
+                .all(|v| !v.is_empty() && Some(v) == seen.get("east"));
+        if !agree {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    o.check(
+        "every controller gives echox.demo the same ClusterSet IP",
+        agree,
+        format!("{seen:?}"),
+    );
+    let Some(ip) = seen.get("east").and_then(|v| v.first()).cloned() else {
+        return Ok(());
+    };
+    let me = std::env::current_exe()?;
+    let ns = ns.to_owned();
+    let run = move || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(&me)
+            .args(["probe", "load", "--to", &format!("{ip}:7000")])
+            .args(["--connections", "4", "--requests", "10"])
+            .output()
+    };
+    // The sidecar's catalog may trail its controller by an update.
+    let mut last = serde_json::Value::Null;
+    for _ in 0..20 {
+        let out = tokio::task::spawn_blocking(run.clone()).await??;
+        last = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::json!({
+            "stderr": String::from_utf8_lossy(&out.stderr).to_string(),
+        }));
+        if last["ok"] == 40 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    o.check(
+        "a meshed app in east reaches echox.demo at its ClusterSet IP, port 7000",
+        last["ok"] == 40 && last["failed"] == 0,
+        last.to_string(),
+    );
+    let by_west = last["served_by"]
+        .as_object()
+        .is_some_and(|m| !m.is_empty() && m.keys().all(|k| k.starts_with("west/")));
+    o.check(
+        "served by west (echox.demo prefers the next cluster)",
+        by_west,
+        last["served_by"].to_string(),
+    );
+    Ok(())
+}
+
 async fn controller_imported(rig: &Rig, cluster: &str) -> Option<u64> {
     let v = controller_status(rig, cluster).await?;
     if v["synced"] != true {
@@ -375,6 +463,7 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
             o.loads = finish_load(load).await;
             check_loads(&mut o, rig, true, &|_, _| false);
         }
+        "clusterset-ip" => clusterset_ip(rig, &mut o).await?,
         "partition" => {
             // west is cut off from the other clusters' gateways (both
             // ways, no close: packets vanish) for `cut`, then healed; in

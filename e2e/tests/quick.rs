@@ -43,6 +43,7 @@ fn scenarios_pass_at_ci_length() {
         names,
         [
             "steady",
+            "clusterset-ip",
             "partition",
             "lossy-wan",
             "control-plane-outage",
