@@ -634,6 +634,36 @@ mod tests {
     }
 
     #[test]
+    fn a_clusterset_ip_export_says_whether_it_got_its_addresses() {
+        let ips: Vec<IpAddr> = vec!["241.0.0.7".parse().unwrap(), "fd00:fe::7".parse().unwrap()];
+        let c = export_conditions(&ExportCheck::Valid, true, true, None, Some(Ok(&ips))).unwrap();
+        let ip = c
+            .iter()
+            .find(|c| c.type_ == CLUSTERSET_IP_CONDITION)
+            .unwrap();
+        assert_eq!((ip.status, ip.reason.as_str()), ("True", "Allocated"));
+        assert_eq!(ip.message, "241.0.0.7, fd00:fe::7");
+        let full = ["241.0.0.0/30".to_owned()];
+        let c = export_conditions(&ExportCheck::Valid, true, true, None, Some(Err(&full))).unwrap();
+        let ip = c
+            .iter()
+            .find(|c| c.type_ == CLUSTERSET_IP_CONDITION)
+            .unwrap();
+        assert_eq!((ip.status, ip.reason.as_str()), ("False", "NoFreeAddress"));
+        assert!(ip.message.contains("241.0.0.0/30"));
+        // Still allocating, or not configured: no condition yet.
+        let c = export_conditions(&ExportCheck::Valid, true, true, None, Some(Ok(&[]))).unwrap();
+        assert!(c.iter().all(|c| c.type_ != CLUSTERSET_IP_CONDITION));
+        // Conditions of this type are fedmesh's to set and compare.
+        let sent = stamped(
+            &export_conditions(&ExportCheck::Valid, true, true, None, Some(Ok(&ips))).unwrap(),
+            &[],
+            t(0),
+        );
+        assert!(!same_conditions(&sent, &sent[..3]));
+    }
+
+    #[test]
     fn ready_waits_for_the_store_but_does_not_flap_back() {
         let pending = export_conditions(&ExportCheck::Valid, false, false, None, None).unwrap();
         assert_eq!(pending[1].reason, "Pending");
