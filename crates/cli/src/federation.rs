@@ -258,6 +258,18 @@ async fn snapshot(store: &dyn Store) -> anyhow::Result<Snapshot> {
     Ok(s)
 }
 
+/// A JSON list of strings as one comma-separated cell.
+fn joined(v: &serde_json::Value) -> String {
+    v.as_array()
+        .map(|p| {
+            p.iter()
+                .filter_map(|x| x.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
 /// A store key as shown: at most 128 characters.
 fn bounded(key: &str) -> String {
     key.chars().take(128).collect()
@@ -344,23 +356,9 @@ pub async fn services_list(a: StoreArgs, cluster: Option<ClusterName>) -> anyhow
                 "{:<28} {:<12} {:<20} {:>6} {}\n",
                 r["service"].as_str().unwrap_or_default(),
                 r["cluster"].as_str().unwrap_or_default(),
-                r["ports"]
-                    .as_array()
-                    .map(|p| p
-                        .iter()
-                        .filter_map(|x| x.as_str())
-                        .collect::<Vec<_>>()
-                        .join(","))
-                    .unwrap_or_default(),
+                joined(&r["ports"]),
                 r["ready_endpoints"],
-                r["clusterset_ips"]
-                    .as_array()
-                    .map(|p| p
-                        .iter()
-                        .filter_map(|x| x.as_str())
-                        .collect::<Vec<_>>()
-                        .join(","))
-                    .unwrap_or_default(),
+                joined(&r["clusterset_ips"]),
             ));
         }
         crate::emit(&out);

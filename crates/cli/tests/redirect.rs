@@ -80,6 +80,24 @@ fn sidecar_yaml(
     )
 }
 
+/// `fedmesh sidecar --config cfg`, once its admin endpoint says ready
+/// (it comes up after every listener: the transparent one accepts before
+/// the inbound one is bound).
+async fn sidecar_ready(cfg: &Path, admin: SocketAddr) -> Procs {
+    let child = Command::new(bin())
+        .args(["sidecar", "--config", &p(cfg)])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let procs = Procs(vec![child]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !http_get(admin, "/ready").starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < deadline, "the sidecar never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    procs
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_service_vip_is_routed_through_the_mesh() {
     let dir = tempfile::tempdir().unwrap();
@@ -105,25 +123,13 @@ async fn a_service_vip_is_routed_through_the_mesh() {
         ),
     )
     .unwrap();
-    let child = Command::new(bin())
-        .args(["sidecar", "--config", &p(&cfg)])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _procs = Procs(vec![child]);
+    let _procs = sidecar_ready(&cfg, admin).await;
     let spec = LoadSpec {
         connections: 4,
         requests_per_connection: 5,
         timeout: Duration::from_secs(2),
         ..LoadSpec::default()
     };
-    // The admin endpoint comes up after every listener (the transparent
-    // one accepts before the inbound one is bound).
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !http_get(admin, "/ready").starts_with("HTTP/1.1 200") {
-        assert!(Instant::now() < deadline, "the sidecar never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let r = run_load(vip, &spec).await;
     assert_eq!((r.ok, r.failed), (20, 0), "{:?}", r.errors);
     assert_eq!(r.served_by.keys().collect::<Vec<_>>(), ["demo/echo"]);
@@ -163,17 +169,7 @@ async fn a_clusterset_ip_is_routed_as_its_service() {
         ),
     );
     std::fs::write(&cfg, yaml).unwrap();
-    let child = Command::new(bin())
-        .args(["sidecar", "--config", &p(&cfg)])
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let _procs = Procs(vec![child]);
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !http_get(admin, "/ready").starts_with("HTTP/1.1 200") {
-        assert!(Instant::now() < deadline, "the sidecar never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let _procs = sidecar_ready(&cfg, admin).await;
     let spec = LoadSpec {
         connections: 2,
         requests_per_connection: 5,
