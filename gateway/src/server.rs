@@ -656,9 +656,19 @@ async fn refuse<S: AsyncWrite + Unpin>(
     shared.metrics.stream(direction, code.as_str());
     // Per stream: counted above, and an outage would flood the log at
     // info. What an operator acts on (a peer down, a refused handshake)
-    // is logged where it happens.
-    tracing::debug!(direction, status = %code, reason = %msg, "stream refused");
-    answer(down, &Status::new(code, msg)).await;
+    // is logged where it happens. The reason may quote what the caller
+    // sent: bounded and escaped.
+    tracing::debug!(direction, status = %code, reason = %fedmesh_wire::bounded(&msg), "stream refused");
+    // A peer cluster learns the code and its fixed text only: no
+    // addresses, no names of services it may not see, and unknown and
+    // not exported to it read the same. This cluster's own sidecars get
+    // the reason.
+    let told = if direction == FROM_PEER {
+        code.fixed_message().to_owned()
+    } else {
+        msg
+    };
+    answer(down, &Status::new(code, told)).await;
 }
 
 async fn peer_stream(shared: &Shared, peer: &Peer, down: &mut PeerStream) {

@@ -63,13 +63,24 @@ fn west_gateway(rig: &Rig) -> Svid {
 
 /// Sends raw bytes on a new stream and returns the status code answered.
 async fn send_raw(conn: &quinn::Connection, bytes: &[u8]) -> Result<StatusCode, String> {
+    let st = send_status(conn, bytes).await?;
+    // Whatever the refusal, a peer is told the code's fixed text only.
+    if st.code != StatusCode::Ok {
+        assert_eq!(st.message, st.code.fixed_message(), "{st}");
+    }
+    Ok(st.code)
+}
+
+async fn send_status(
+    conn: &quinn::Connection,
+    bytes: &[u8],
+) -> Result<fedmesh_wire::Status, String> {
     let (mut s, mut r) = conn.open_bi().await.map_err(|e| e.to_string())?;
     s.write_all(bytes).await.map_err(|e| e.to_string())?;
-    let st = tokio::time::timeout(Duration::from_secs(5), read_status(&mut r))
+    tokio::time::timeout(Duration::from_secs(5), read_status(&mut r))
         .await
         .map_err(|_| "no status".to_string())?
-        .map_err(|e| e.to_string())?;
-    Ok(st.code)
+        .map_err(|e| e.to_string())
 }
 
 fn header(target: Target, source: Option<&str>, hops: u8) -> Vec<u8> {
@@ -136,6 +147,40 @@ async fn headers_are_checked_and_answered() {
     );
     assert_eq!(m.rejected_count("bad_header"), 3);
 
+    // Unknown service, unknown port, service not exported: a peer cannot
+    // tell them apart, and learns no address or name it did not send.
+    let unknown = send_status(
+        &conn,
+        &header(
+            Target::Service {
+                name: ServiceName::new("nope", "demo").unwrap(),
+                port: 7000,
+            },
+            Some(west_src),
+            1,
+        ),
+    )
+    .await
+    .unwrap();
+    let wrong_port = send_status(&conn, &header(echo(1), Some(west_src), 1))
+        .await
+        .unwrap();
+    assert_eq!(unknown, wrong_port);
+    let ep = send_status(
+        &conn,
+        &header(
+            Target::Endpoint("127.0.0.1:1".parse().unwrap()),
+            Some(west_src),
+            1,
+        ),
+    )
+    .await
+    .unwrap();
+    for st in [&unknown, &wrong_port, &ep] {
+        for secret in ["127.0.0.1", "demo", "echo", "north", "spiffe"] {
+            assert!(!st.message.contains(secret), "{st} tells {secret}");
+        }
+    }
     // Unknown service, unknown port, service not exported.
     let nope = Target::Service {
         name: ServiceName::new("nope", "demo").unwrap(),

@@ -15,7 +15,7 @@ pub mod io;
 
 pub use header::{DecodeError, Header, Limits, Target, Traceparent, MAX_HOPS};
 pub use name::{check_label, NameError, ServiceName};
-pub use status::{Status, StatusCode, MAX_STATUS_MESSAGE};
+pub use status::{bounded, Status, StatusCode, MAX_LOGGED, MAX_STATUS_MESSAGE};
 
 /// Size of the fixed prefix of both frames: magic (4), version (1),
 /// flags or code (1), length (2).

@@ -96,6 +96,54 @@ impl StatusCode {
     }
 }
 
+impl StatusCode {
+    /// What a gateway tells a peer cluster with this code, and nothing
+    /// more: the reason in detail (addresses, service names, identities)
+    /// stays in the gateway's own log and metrics, so a peer learns only
+    /// what it could learn by asking for a service exported to it.
+    pub fn fixed_message(self) -> &'static str {
+        match self {
+            Self::Ok => "",
+            Self::UnknownService => "unknown service",
+            Self::Denied => "denied",
+            Self::NoHealthyEndpoint => "no healthy endpoint",
+            Self::UpstreamRefused => "upstream refused",
+            Self::BadHeader => "bad header",
+            Self::Loop => "routing loop",
+            Self::Timeout => "timed out",
+            Self::Overloaded => "overloaded; try elsewhere",
+            Self::PeerDown => "peer down",
+            Self::Other(_) => "refused",
+        }
+    }
+}
+
+/// Longest prefix of a string from the network that is logged.
+pub const MAX_LOGGED: usize = 256;
+
+/// A string someone else chose (a header field, a status message, a
+/// decode error quoting either), as it may be logged: at most
+/// [`MAX_LOGGED`] characters, control and non-ASCII characters escaped,
+/// and a mark when cut.
+pub fn bounded(s: &str) -> String {
+    let mut out = String::new();
+    for (n, c) in s.chars().enumerate() {
+        if n == MAX_LOGGED {
+            out.push_str(&format!(
+                "…(+{} bytes)",
+                s.len() - s.char_indices().nth(n).map_or(s.len(), |(i, _)| i)
+            ));
+            return out;
+        }
+        if c.is_ascii_graphic() || c == ' ' {
+            out.push(c);
+        } else {
+            out.extend(c.escape_default());
+        }
+    }
+    out
+}
+
 impl fmt::Display for StatusCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -198,6 +246,24 @@ impl fmt::Display for Status {
         } else {
             write!(f, "{}: {}", self.code, self.message)
         }
+    }
+}
+
+#[cfg(test)]
+mod bounded_tests {
+    use super::*;
+
+    #[test]
+    fn logged_strings_are_bounded_and_escaped() {
+        let long = "a".repeat(12_000);
+        let b = bounded(&long);
+        assert!(b.len() < MAX_LOGGED + 32, "{}", b.len());
+        assert!(
+            b.ends_with(&format!("…(+{} bytes)", 12_000 - MAX_LOGGED)),
+            "{b}"
+        );
+        assert_eq!(bounded("x\n\u{1b}[2J\u{202e}y"), "x\\n\\u{1b}[2J\\u{202e}y");
+        assert_eq!(bounded("echo.demo:7000"), "echo.demo:7000");
     }
 }
 
