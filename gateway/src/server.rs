@@ -757,7 +757,8 @@ async fn peer_stream(shared: &Shared, peer: &Peer, down: &mut PeerStream) {
         .await;
         return;
     };
-    let span = tracing::debug_span!("stream", id = header.connection_id, %source, target = %header.target, trace = header.traceparent.as_ref().map(|t| t.as_str()));
+    // A peer chose `source` (up to 2 KiB): logged as a bounded prefix.
+    let span = tracing::debug_span!("stream", id = header.connection_id, source = %fedmesh_wire::bounded(source.as_str()), target = %header.target, trace = header.traceparent.as_ref().map(|t| t.as_str()));
     async {
         let targets = hops.into_iter().filter_map(|h| match h {
             Hop::Endpoint { address, identity } => Some((address, identity)),
@@ -900,7 +901,7 @@ async fn sidecar_stream<S: AsyncRead + AsyncWrite + Unpin + Cut + fedmesh_transp
         .as_deref()
         .is_some_and(|s| s != client.as_str())
     {
-        tracing::debug!(claimed = ?header.source, %client, "sidecar set a source identity; replaced by its certificate's");
+        tracing::debug!(claimed = ?header.source.as_deref().map(fedmesh_wire::bounded), %client, "sidecar set a source identity; replaced by its certificate's");
     }
     header.source = Some(client.to_string());
     if header.connection_id.is_none() {

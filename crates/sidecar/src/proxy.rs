@@ -938,7 +938,8 @@ async fn inbound_stream<S: TunnelIo>(
             .metrics
             .inc_service(&shared.metrics.denied, &svc_label);
         shared.metrics.reject("denied");
-        tracing::warn!(%remote, %source, via, %service, "denied by authorization policy");
+        // `source` may be relayed from another cluster (≤ 2 KiB): bounded.
+        tracing::warn!(%remote, source = %fedmesh_wire::bounded(source.as_str()), via, %service, "denied by authorization policy");
         answer(down, &refuse(StatusCode::Denied, e.to_string())).await;
         return;
     }
@@ -972,7 +973,7 @@ async fn inbound_stream<S: TunnelIo>(
     };
     let _ = app.set_nodelay(true);
     shared.metrics.inbound(&svc_label, source.as_str(), via);
-    tracing::debug!(%source, via, %service, id = header.connection_id, "inbound stream accepted");
+    tracing::debug!(source = %fedmesh_wire::bounded(source.as_str()), via, %service, id = header.connection_id, "inbound stream accepted");
     if !answer(down, &Status::ok()).await {
         return;
     }
