@@ -52,12 +52,12 @@ fn failed<E: Into<BoxError>>(what: impl Into<String>) -> impl FnOnce(E) -> AppEr
 type Keep = Box<dyn std::any::Any + Send>;
 
 /// Aborts its task when dropped.
-struct AbortOnDrop(JoinHandle<()>);
+pub(crate) struct AbortOnDrop(pub(crate) JoinHandle<()>);
 
 impl AbortOnDrop {
     /// Aborts the task and waits until it is gone (what it owned, a
     /// listening socket, is closed when this returns).
-    async fn stop(mut self) {
+    pub(crate) async fn stop(mut self) {
         self.0.abort();
         let _ = (&mut self.0).await;
     }

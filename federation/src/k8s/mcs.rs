@@ -29,6 +29,7 @@ use super::{
     lock, run_watcher, service_export_resource, service_import_resource, Caches, ExportCheck,
     KubeMetrics, SeenExports, FIELD_MANAGER, MANAGED_BY, MCS_API_VERSION,
 };
+use crate::app::AbortOnDrop;
 use crate::clusterset::ClusterSetIps;
 use crate::controller::McsView;
 
@@ -281,10 +282,12 @@ impl Pending {
 #[derive(Default)]
 struct State {
     import_pending: BTreeMap<String, Pending>,
-    /// The object last applied (or found in place) per import: a change
-    /// of it is written even when the old object still "contains" the new
-    /// one (a label no longer exported).
-    import_applied: BTreeMap<String, Value>,
+    /// The object last applied (or found in place) per import, and the
+    /// resourceVersion it was last seen in place at: a change of it is
+    /// written even when the old object still "contains" the new one (a
+    /// label no longer exported), and an object still at that version is
+    /// not serialized and compared again.
+    import_applied: BTreeMap<String, (Option<String>, Value)>,
     export_pending: BTreeMap<(String, String), Pending>,
     /// Conditions sent, for sources that do not read ServiceExports.
     export_sent: BTreeMap<(String, String), Vec<Value>>,
@@ -363,14 +366,6 @@ pub fn write_back(
     })
 }
 
-struct AbortOnDrop(JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 fn rv(o: &DynamicObject) -> Option<String> {
     o.metadata.resource_version.clone()
 }
@@ -427,12 +422,16 @@ async fn sync_imports(
             .map(Vec::as_slice)
             .unwrap_or(&[]);
         let obj = service_import(name, imp, ips);
+        let applied = st.import_applied.get(&k);
+        if applied.is_some_and(|(at, a)| at.is_some() && *at == cur_rv && *a == obj) {
+            continue;
+        }
         let holds = cur
             .and_then(|o| serde_json::to_value(o).ok())
             .is_some_and(|v| contains(&v, &obj));
-        let moved = st.import_applied.get(&k).is_some_and(|a| a != &obj);
+        let moved = applied.is_some_and(|(_, a)| *a != obj);
         if holds && !moved {
-            st.import_applied.insert(k, obj);
+            st.import_applied.insert(k, (cur_rv, obj));
             continue;
         }
         let api: Api<DynamicObject> =
@@ -455,7 +454,8 @@ async fn sync_imports(
                         after: rv(&answer),
                     },
                 );
-                st.import_applied.insert(k, obj);
+                // Confirmed in place once the watch shows it.
+                st.import_applied.insert(k, (None, obj));
             }
             Err(e) => {
                 ok = false;
