@@ -289,6 +289,12 @@ impl Catalog {
         self.clusterset.values()
     }
 
+    /// This catalog with `other`'s ClusterSet IPs (shared, not copied).
+    pub fn with_clusterset_of(mut self, other: &Catalog) -> Self {
+        self.clusterset = other.clusterset.clone();
+        self
+    }
+
     /// This catalog with `vips` as its whole set of ClusterSet IPs.
     pub fn with_clusterset(mut self, vips: Vec<ClusterSetVip>) -> Self {
         self.clusterset = vips.into_iter().map(|v| (v.service.clone(), v)).collect();

@@ -53,6 +53,8 @@ pub(super) async fn watch_loop(
     let mut trusted: BTreeMap<ClusterName, TrustBundle> = BTreeMap::new();
     let mut version = 0u64;
     let mut prev: Option<View> = None;
+    // What the catalog's ClusterSet IPs were last built from.
+    let mut vips_from: Option<(imbl::OrdMap<ServiceName, mcs::Import>, Arc<ClusterSetIps>)> = None;
     loop {
         // A fail-closed partition policy ends at a set time: recompute then.
         let expiry = prev.as_ref().and_then(|p| p.next_expiry);
@@ -102,9 +104,21 @@ pub(super) async fn watch_loop(
         };
         if let Some(rx) = &mut ips {
             let held = rx.borrow_and_update().clone();
-            let want = clusterset_vips(&view.mcs, &held);
-            if !view.catalog.clusterset_entries().eq(want.iter()) {
-                view.catalog = view.catalog.clone().with_clusterset(want);
+            // Rebuilt only when the imports or the addresses changed (it
+            // walks every import); otherwise the last catalog's map is
+            // taken as is, which a full recomputation starts without.
+            let same = vips_from.as_ref().is_some_and(|(imports, h)| {
+                imports.ptr_eq(&view.mcs.imports) && Arc::ptr_eq(h, &held)
+            });
+            match out.catalog.borrow().as_deref() {
+                Some(last) if same => view.catalog = view.catalog.clone().with_clusterset_of(last),
+                _ => {
+                    let want = clusterset_vips(&view.mcs, &held);
+                    if !view.catalog.clusterset_entries().eq(want.iter()) {
+                        view.catalog = view.catalog.clone().with_clusterset(want);
+                    }
+                    vips_from = Some((view.mcs.imports.clone(), held));
+                }
             }
         }
         // Order matters to readers: status and bundles first, the catalog
