@@ -226,7 +226,9 @@ async fn snapshot(store: &dyn Store) -> anyhow::Result<Snapshot> {
                 s.ips.entry(h.service).or_default().push(ip)
             }
             Ok(_) => {}
-            Err(e) => s.rejected.push(format!("{}: {e}", bounded(&kv.key))),
+            Err(e) => s
+                .rejected
+                .push(format!("{}: {e}", fedmesh_wire::bounded(&kv.key))),
         }
     }
     for ips in s.ips.values_mut() {
@@ -268,11 +270,6 @@ fn joined(v: &serde_json::Value) -> String {
                 .join(",")
         })
         .unwrap_or_default()
-}
-
-/// A store key as shown: at most 128 characters.
-fn bounded(key: &str) -> String {
-    key.chars().take(128).collect()
 }
 
 fn age(ms: u64) -> String {

@@ -146,7 +146,7 @@ pub fn run(
                                 blocked.insert(ip);
                             }
                             if !reported.contains(k) {
-                                let key: String = k.chars().take(128).collect();
+                                let key = fedmesh_wire::bounded(k);
                                 tracing::warn!(%key, error = %e, "ClusterSet IP record does not parse; left untouched");
                             }
                             bad.insert(k.clone());

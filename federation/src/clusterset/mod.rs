@@ -79,7 +79,7 @@ pub enum IpRecordError {
     TooLarge(usize),
     #[error("record does not decode: {0}")]
     Decode(String),
-    #[error("service {0:?} is not NAME.NAMESPACE")]
+    #[error("service `{0}` is not NAME.NAMESPACE")]
     Service(String),
 }
 
@@ -95,7 +95,7 @@ pub fn decode(key: &str, value: &[u8]) -> Result<(IpAddr, Held), IpRecordError> 
     let r: IpRecord =
         serde_json::from_slice(value).map_err(|e| IpRecordError::Decode(e.to_string()))?;
     let service = ServiceName::parse(&r.service)
-        .map_err(|_| IpRecordError::Service(r.service.chars().take(128).collect()))?;
+        .map_err(|_| IpRecordError::Service(fedmesh_wire::bounded(&r.service)))?;
     Ok((
         ip,
         Held {

@@ -10,10 +10,11 @@
 //! have listed once. The local services are a pure function of the three
 //! caches, recomputed on every change (level-driven).
 //!
-//! Out: a `ServiceImport` per import the controller computed (server-side
-//! apply, so re-applying the same object is a no-op), deleted when the
-//! import goes away; `Valid` and `Conflict` conditions on each
-//! `ServiceExport`.
+//! Out (`mcs.rs`): a `ServiceImport` per import the controller computed,
+//! deleted when the import goes away, and `Valid`, `Ready`, `Conflict`
+//! (and with ClusterSet IPs `fedmesh.io/ClusterSetIP`) conditions on each
+//! `ServiceExport`, written level-driven against what the API server
+//! holds.
 //!
 //! Endpoints: each ready address of a Service's EndpointSlices is a pod
 //! whose sidecar listens for mTLS on `inbound_port`; its identity is the
@@ -27,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use fedmesh_catalog::mcs::{ExportedMeta, Port, Protocol, ServiceType, SessionAffinity};
 use fedmesh_catalog::ClusterName;
 use fedmesh_trust::TrustDomain;
-use fedmesh_wire::ServiceName;
+use fedmesh_wire::{bounded, ServiceName};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -480,7 +481,7 @@ pub fn local_services(
                     Err(_) => problems.push((
                         "endpointslice",
                         "bad_address",
-                        format!("{}: address {} is not an IP", key(s), bounded(a)),
+                        format!("{}: address `{}` is not an IP", key(s), bounded(a)),
                     )),
                 }
             }
@@ -713,7 +714,7 @@ fn exported_meta(export: &DynamicObject) -> Result<(StringMap, StringMap), Strin
                 .iter()
                 .map(|(k, v)| match v.as_str() {
                     Some(v) => Ok((k.clone(), v.to_owned())),
-                    None => Err(format!("spec.{field}.{}: not a string", bounded(k))),
+                    None => Err(format!("spec.{field}.`{}`: not a string", bounded(k))),
                 })
                 .collect(),
             _ => Err(format!("spec.{field}: not a map")),
@@ -727,14 +728,6 @@ fn exported_meta(export: &DynamicObject) -> Result<(StringMap, StringMap), Strin
     };
     crate::records::check_exported_meta(&meta).map_err(|e| e.to_string())?;
     Ok((meta.labels, meta.annotations))
-}
-
-/// A string from the API server as logged: at most 128 characters.
-fn bounded(s: &str) -> String {
-    match s.char_indices().nth(128) {
-        Some((i, _)) => format!("{:?}…", &s[..i]),
-        None => format!("{s:?}"),
-    }
 }
 
 /// The audience fedmesh's projected service account tokens carry: a token
