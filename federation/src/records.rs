@@ -243,7 +243,10 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, RecordError> 
     if bytes.len() > MAX_RECORD_BYTES {
         return Err(RecordError::TooLarge(bytes.len()));
     }
-    serde_json::from_slice(bytes).map_err(|e| RecordError::Decode(e.to_string()))
+    // serde's messages quote what they met (an unknown field's name, a
+    // string of the wrong kind): a store writer chose those.
+    serde_json::from_slice(bytes)
+        .map_err(|e| RecordError::Decode(fedmesh_wire::bounded(&e.to_string())))
 }
 
 /// A cluster info that decoded and validated.
@@ -275,7 +278,7 @@ impl ClusterInfo {
         if r.cluster != want.as_str() {
             return Err(RecordError::KeyMismatch {
                 field: "cluster",
-                got: r.cluster,
+                got: fedmesh_wire::bounded(&r.cluster),
                 want: want.to_string(),
             });
         }

@@ -40,6 +40,15 @@ pub struct PeerReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerRefusalLabels {
+    /// The calling peer's cluster: one the catalog names, so the label set
+    /// is bounded by the peers times the reasons.
+    pub peer: String,
+    /// `not_in_audience`, `unknown_service`, `source_denied`, ...
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TransportLabels {
     pub peer: String,
     /// `quic` or `tcp` (the HTTP/2-over-TLS fallback).
@@ -63,6 +72,8 @@ pub struct GatewayMetrics {
     /// then be tried), by why.
     pub peer_attempt_failures: Family<PeerReasonLabels, Counter>,
     pub streams: Family<StreamLabels, Counter>,
+    /// Streams from peer gateways refused, by peer cluster and why.
+    pub peer_refused: Family<PeerRefusalLabels, Counter>,
     pub rejected: Family<ReasonLabels, Counter>,
     pub bytes: Family<DirectionLabels, Counter>,
     pub invalid_datagrams: Counter,
@@ -323,6 +334,11 @@ impl GatewayMetrics {
             self.streams.clone(),
         );
         reg.register(
+            "peer_streams_refused",
+            "Streams from peer gateways refused, by peer cluster and reason",
+            self.peer_refused.clone(),
+        );
+        reg.register(
             "rejected",
             "Connections and streams refused, by reason",
             self.rejected.clone(),
@@ -465,6 +481,24 @@ impl GatewayMetrics {
                 peer: peer.to_owned(),
             })
             .inc();
+    }
+
+    pub fn peer_refused(&self, peer: &str, reason: &'static str) {
+        self.peer_refused
+            .get_or_create(&PeerRefusalLabels {
+                peer: peer.to_owned(),
+                reason,
+            })
+            .inc();
+    }
+
+    pub fn peer_refused_count(&self, peer: &str, reason: &'static str) -> u64 {
+        self.peer_refused
+            .get_or_create(&PeerRefusalLabels {
+                peer: peer.to_owned(),
+                reason,
+            })
+            .get()
     }
 
     pub fn reject(&self, reason: &'static str) {

@@ -100,7 +100,7 @@ impl Shared {
             if catalog.peers().any(|p| p.trust_domain.as_str() == td) {
                 return None;
             }
-            tracing::debug!(%id, "identity is no peer gateway (yet); waiting for the catalog");
+            tracing::debug!(id = %fedmesh_wire::bounded(id.as_str()), "identity is no peer gateway (yet); waiting for the catalog");
             if tokio::time::timeout_at(deadline, changed).await.is_err() {
                 return None;
             }
@@ -505,7 +505,7 @@ async fn accept_peers(shared: Arc<Shared>) {
             };
             let Some(peer) = shared.peer_for(&id).await else {
                 shared.metrics.reject("unknown_peer");
-                tracing::warn!(%remote, %id, "QUIC connection from an identity that is no peer gateway; closing");
+                tracing::warn!(%remote, id = %fedmesh_wire::bounded(id.as_str()), "QUIC connection from an identity that is no peer gateway; closing");
                 conn.close(CLOSE_POLICY.into(), b"not a peer gateway");
                 return;
             };
@@ -614,7 +614,7 @@ async fn fallback_conn(
         .set_buffer_limit(Some(fedmesh_transport::H2_TLS_BUFFER));
     let Some(peer) = shared.peer_for(&id).await else {
         shared.metrics.reject("unknown_peer");
-        tracing::warn!(%remote, %id, "TCP fallback connection from an identity that is no peer gateway; closing");
+        tracing::warn!(%remote, id = %fedmesh_wire::bounded(id.as_str()), "TCP fallback connection from an identity that is no peer gateway; closing");
         return;
     };
     let span = tracing::info_span!("peer", cluster = %peer.cluster, %remote, transport = "tcp");
@@ -671,6 +671,21 @@ async fn refuse<S: AsyncWrite + Unpin>(
     answer(down, &Status::new(code, told)).await;
 }
 
+/// Refuses a peer's stream: counted per peer cluster and reason (what an
+/// operator reads to see which peer asks for what it may not have), the
+/// reason in this gateway's log, the code and its fixed text to the peer.
+async fn refuse_peer(
+    shared: &Shared,
+    peer: &Peer,
+    down: &mut PeerStream,
+    reason: &'static str,
+    code: StatusCode,
+    msg: String,
+) {
+    shared.metrics.peer_refused(peer.cluster.as_str(), reason);
+    refuse(shared, down, FROM_PEER, code, msg).await;
+}
+
 async fn peer_stream(shared: &Shared, peer: &Peer, down: &mut PeerStream) {
     let started = Instant::now();
     let header = match read_request(down, &shared.limits).await {
@@ -678,27 +693,21 @@ async fn peer_stream(shared: &Shared, peer: &Peer, down: &mut PeerStream) {
         Err(e) => {
             shared.metrics.reject(e.reason());
             let code = e.status();
-            refuse(shared, down, FROM_PEER, code, e.to_string()).await;
+            refuse_peer(shared, peer, down, e.reason(), code, e.to_string()).await;
             return;
         }
     };
     if let Err(why) = check_hops(&header) {
         shared.metrics.reject("loop");
-        refuse(shared, down, FROM_PEER, StatusCode::Loop, why).await;
+        refuse_peer(shared, peer, down, "loop", StatusCode::Loop, why).await;
         return;
     }
     if shared.config.is_draining() {
         // Before any payload: the caller fails over, nothing is lost, and
         // streams already open run to their end.
         shared.metrics.reject("draining");
-        refuse(
-            shared,
-            down,
-            FROM_PEER,
-            StatusCode::Overloaded,
-            "gateway is draining".into(),
-        )
-        .await;
+        let why = "gateway is draining".to_owned();
+        refuse_peer(shared, peer, down, "draining", StatusCode::Overloaded, why).await;
         return;
     }
     // A cluster vouches only for its own workloads.
@@ -710,51 +719,33 @@ async fn peer_stream(shared: &Shared, peer: &Peer, down: &mut PeerStream) {
                 "peer cluster {} (trust domain {}) may not vouch for {id}",
                 peer.cluster, peer.trust_domain
             );
-            refuse(shared, down, FROM_PEER, StatusCode::Denied, msg).await;
+            refuse_peer(shared, peer, down, "source_denied", StatusCode::Denied, msg).await;
             return;
         }
         Some(Err(e)) => {
             shared.metrics.reject("bad_header");
-            refuse(
-                shared,
-                down,
-                FROM_PEER,
-                StatusCode::BadHeader,
-                format!("source identity: {e}"),
-            )
-            .await;
+            let msg = format!("source identity: {e}");
+            refuse_peer(shared, peer, down, "bad_header", StatusCode::BadHeader, msg).await;
             return;
         }
         None => {
             shared.metrics.reject("source_denied");
-            refuse(
-                shared,
-                down,
-                FROM_PEER,
-                StatusCode::Denied,
-                "peer streams must carry a source identity".into(),
-            )
-            .await;
+            let msg = "peer streams must carry a source identity".to_owned();
+            refuse_peer(shared, peer, down, "source_denied", StatusCode::Denied, msg).await;
             return;
         }
     };
     let catalog = shared.catalog();
-    let hops = match catalog.route_from_peer(&header.target, shared.cursor()) {
+    let hops = match catalog.route_from_peer(&header.target, &peer.cluster, shared.cursor()) {
         Ok(h) => h,
         Err(e) => {
-            refuse(shared, down, FROM_PEER, e.status(), e.to_string()).await;
+            refuse_peer(shared, peer, down, e.reason(), e.status(), e.to_string()).await;
             return;
         }
     };
     let Some(next) = next_header(&header, started) else {
-        refuse(
-            shared,
-            down,
-            FROM_PEER,
-            StatusCode::Timeout,
-            "deadline passed".into(),
-        )
-        .await;
+        let why = "deadline passed".to_owned();
+        refuse_peer(shared, peer, down, "deadline", StatusCode::Timeout, why).await;
         return;
     };
     // A peer chose `source` (up to 2 KiB): logged as a bounded prefix.
@@ -780,7 +771,7 @@ async fn peer_stream(shared: &Shared, peer: &Peer, down: &mut PeerStream) {
             };
         match up {
             Ok(mut up) => forward(shared, FROM_PEER, &mut up, down).await,
-            Err(r) => refuse(shared, down, FROM_PEER, r.code, r.message).await,
+            Err(r) => refuse_peer(shared, peer, down, "unreachable", r.code, r.message).await,
         }
     }
     .instrument(span)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fedmesh_gateway::quic_client_config;
-use fedmesh_testkit::{run_load, LoadSpec, Rig, RigCluster, Topology};
+use fedmesh_testkit::{run_load, ControlPlane, LoadSpec, Rig, RigCluster, Topology};
 use fedmesh_transport::Limits;
 use fedmesh_trust::{CertificateAuthority, SpiffeId, Svid, TrustDomain};
 use fedmesh_wire::io::read_status;
@@ -529,4 +529,109 @@ async fn a_new_peer_is_served_once_the_catalog_names_it() {
     assert_eq!(st, Ok(StatusCode::Ok));
     assert_eq!(m.rejected_count("unknown_peer"), 1);
     neighbours_ok(rig.cluster("east").unwrap()).await;
+}
+
+/// An export's audience is enforced by the gateway that serves it: a peer
+/// outside it asking for the service (any port, or one of its endpoints)
+/// gets exactly the answer for a service that does not exist, and the
+/// refusal is counted against that peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_is_served_only_to_its_audience() {
+    served_only_to_its_audience(ControlPlane::Static).await;
+}
+
+/// The same with controllers: the audience travels from the export
+/// through the store, the catalog and the config API to the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audience_from_the_controller_is_enforced_by_the_gateway() {
+    served_only_to_its_audience(ControlPlane::Embedded).await;
+}
+
+async fn served_only_to_its_audience(control_plane: ControlPlane) {
+    let mut t = Topology::demo();
+    t.limits = limits();
+    t.control_plane = control_plane;
+    let north_topo = t.clusters.iter_mut().find(|c| c.name == "north").unwrap();
+    let mut private = north_topo.services[0].clone();
+    private.name = "private.demo".into();
+    private.audience = Some(vec!["east".into()]);
+    north_topo.services.push(private);
+    let rig = Rig::start(&t).await.unwrap();
+    let north = rig.cluster("north").unwrap();
+    let m = north.gateway.metrics();
+
+    // east, in the audience, is served through the real mesh.
+    let east = rig.cluster("east").unwrap();
+    let spec = LoadSpec {
+        connections: 2,
+        requests_per_connection: 3,
+        ..LoadSpec::default()
+    };
+    let r = run_load(east.client_addr("private.demo").unwrap(), &spec).await;
+    assert_eq!(r.failed, 0, "{:?}", r.errors);
+
+    // west's gateway (which does not import it) asks anyway.
+    let conn = quic_client(&rig, "north", &west_gateway(&rig))
+        .await
+        .unwrap();
+    let private = |port| Target::Service {
+        name: ServiceName::new("private", "demo").unwrap(),
+        port,
+    };
+    let nope = Target::Service {
+        name: ServiceName::new("nope", "demo").unwrap(),
+        port: 7000,
+    };
+    let unknown = send_status(&conn, &header(nope, Some(CLIENT), 1))
+        .await
+        .unwrap();
+    assert_eq!(unknown.code, StatusCode::UnknownService);
+    for port in [7000, 1] {
+        let st = send_status(&conn, &header(private(port), Some(CLIENT), 1))
+            .await
+            .unwrap();
+        assert_eq!(st, unknown, "port {port}");
+        for secret in ["private", "127.0.0.1", "east", "north", "audience"] {
+            assert!(!st.message.contains(secret), "{st} tells {secret}");
+        }
+    }
+    assert_eq!(m.peer_refused_count("west", "not_in_audience"), 2);
+    assert_eq!(m.peer_refused_count("west", "unknown_service"), 1);
+    assert_eq!(m.peer_refused_count("east", "not_in_audience"), 0);
+
+    // Its endpoints are closed to west as any address is.
+    let catalog = north.gateway.catalog();
+    let served = catalog
+        .service(&ServiceName::new("private", "demo").unwrap())
+        .unwrap();
+    assert_eq!(
+        served.audience,
+        Some(vec![fedmesh_catalog::ClusterName::new("east").unwrap()])
+    );
+    let private_eps: Vec<_> = served.endpoints.iter().map(|e| e.address).collect();
+    assert!(!private_eps.is_empty());
+    let nowhere = send_status(
+        &conn,
+        &header(
+            Target::Endpoint("127.0.0.1:1".parse().unwrap()),
+            Some(CLIENT),
+            1,
+        ),
+    )
+    .await
+    .unwrap();
+    for ep in private_eps {
+        let st = send_status(&conn, &header(Target::Endpoint(ep), Some(CLIENT), 1))
+            .await
+            .unwrap();
+        assert_eq!(st, nowhere, "{ep}");
+    }
+    // echo.demo, exported to all, still serves west.
+    assert_eq!(
+        send_raw(&conn, &header(echo(7000), Some(CLIENT), 1)).await,
+        Ok(StatusCode::Ok)
+    );
+    // And east keeps being served.
+    let r = run_load(east.client_addr("private.demo").unwrap(), &spec).await;
+    assert_eq!(r.failed, 0, "{:?}", r.errors);
 }

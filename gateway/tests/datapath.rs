@@ -251,6 +251,7 @@ fn pair_topology() -> Topology {
         port: 7000,
         replicas: 1,
         export: true,
+        audience: None,
         app: AppKind::Echo,
     };
     Topology {
@@ -435,6 +436,7 @@ async fn large_payloads_cross_byte_exact_and_half_closes_pass() {
         port: 7000,
         replicas: 1,
         export: true,
+        audience: None,
         app,
     };
     let topo = Topology {

@@ -207,8 +207,8 @@ impl TrustBundle {
         if json.len() > MAX_BUNDLE_BYTES {
             return Err(BundleError::TooLarge(json.len()));
         }
-        let doc: JwkSet =
-            serde_json::from_str(json).map_err(|e| BundleError::Json(e.to_string()))?;
+        let doc: JwkSet = serde_json::from_str(json)
+            .map_err(|e| BundleError::Json(fedmesh_wire::bounded(&e.to_string())))?;
         let mut roots = Vec::new();
         for (i, key) in doc.keys.iter().enumerate() {
             if key.use_.as_deref() != Some("x509-svid") {

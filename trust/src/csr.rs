@@ -58,7 +58,7 @@ impl Csr {
         };
         let id: SpiffeId = uri
             .parse()
-            .map_err(|e| CsrError::NotSpiffe(format!("{uri}: {e}")))?;
+            .map_err(|e| CsrError::NotSpiffe(format!("{}: {e}", fedmesh_wire::bounded(&uri))))?;
         Ok(Self { id, request })
     }
 

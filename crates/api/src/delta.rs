@@ -75,6 +75,9 @@ fn service_pb(s: &LocalService) -> pb::Service {
             })
             .collect(),
         vips: s.vips.iter().map(ToString::to_string).collect(),
+        audience: s.audience.as_ref().map(|a| pb::Audience {
+            clusters: a.iter().map(ToString::to_string).collect(),
+        }),
     }
 }
 
@@ -503,11 +506,28 @@ fn decode_service(s: &pb::Service) -> Result<LocalService, ApplyError> {
             })
         })
         .collect::<Result<Vec<std::net::IpAddr>, _>>()?;
+    let audience = s
+        .audience
+        .as_ref()
+        .map(|a| {
+            a.clusters
+                .iter()
+                .map(|c| {
+                    ClusterName::new(c).map_err(|e| ApplyError::Field {
+                        what: "service",
+                        key: s.name.clone(),
+                        error: format!("audience: {e}"),
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
     Ok(LocalService {
         vips,
         name,
         ports,
         exported: s.exported,
+        audience,
         endpoints,
     })
 }
@@ -559,6 +579,7 @@ mod tests {
                 name: svc(i),
                 ports: vec![port],
                 exported: i % 2 == 0,
+                audience: (i % 4 == 0).then(|| vec![east.clone()]),
                 endpoints: vec![Endpoint {
                     address: "127.0.0.1:9000".parse().unwrap(),
                     identity: f.td.workload("default", "x").unwrap(),

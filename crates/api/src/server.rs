@@ -293,7 +293,7 @@ async fn session(
         .unwrap_or_default();
     let refuse = |why: &'static str, text: String| {
         shared.metrics.reject(why);
-        tracing::warn!(peer = %id, remote = %peer.remote, reason = why, "{text}");
+        tracing::warn!(peer = %fedmesh_wire::bounded(&id), remote = %peer.remote, reason = why, "{text}");
         Err(Status::invalid_argument(text))
     };
     let node = match tokio::time::timeout(shared.limits.hello_timeout, inbound.message()).await {
@@ -314,7 +314,7 @@ async fn session(
             return;
         }
     };
-    tracing::info!(peer = %id, %node, "proxy subscribed");
+    tracing::info!(peer = %fedmesh_wire::bounded(&id), node = %fedmesh_wire::bounded(&node), "proxy subscribed");
     let mut closing = shared.closing.subscribe();
     let stopping = || Err(Status::unavailable(STOPPING));
     let mut source = shared.source.clone();
@@ -382,7 +382,7 @@ async fn session(
                 kind: Some(Kind::Nack(n)),
             })) if n.version == next.version => {
                 shared.metrics.nacks.inc();
-                tracing::warn!(peer = %id, %node, version = next.version, error = %n.error, "proxy rejected an update; it keeps its last good config");
+                tracing::warn!(peer = %fedmesh_wire::bounded(&id), node = %fedmesh_wire::bounded(&node), version = next.version, error = %fedmesh_wire::bounded(&n.error), "proxy rejected an update; it keeps its last good config");
                 // The proxy's state is its last good one, which may not be
                 // `base` (it may have restarted); resync with a full snapshot
                 // when the config changes again.

@@ -48,6 +48,7 @@ fn svc(name: &str, port: u16, td: &TrustDomain) -> LocalService {
         name: name.parse().unwrap(),
         ports: vec![port],
         exported: true,
+        audience: None,
         endpoints: vec![Endpoint {
             address: "127.0.0.1:9000".parse().unwrap(),
             identity: td.workload("default", name).unwrap(),

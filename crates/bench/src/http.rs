@@ -249,6 +249,7 @@ pub async fn run(p: Params, json_out: bool) -> anyhow::Result<()> {
             name: service.to_string(),
             ports: vec![8080],
             export: false,
+            audience: None,
             endpoints: vec![EndpointSpec {
                 address: b_in,
                 identity: Some(server_id.to_string()),

@@ -270,6 +270,7 @@ fn topology(splice_buffer: usize) -> Topology {
         port: 7000,
         replicas: 1,
         export: true,
+        audience: None,
         app,
     };
     Topology {

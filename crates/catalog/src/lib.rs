@@ -87,10 +87,21 @@ pub struct LocalService {
     pub name: ServiceName,
     pub ports: Vec<u16>,
     pub exported: bool,
+    /// The peer clusters an exported service is exported to; `None`: every
+    /// peer. This cluster's gateway serves a peer's stream for the service
+    /// only when the peer is in it.
+    pub audience: Option<Vec<ClusterName>>,
     pub endpoints: Vec<Endpoint>,
     /// The Service's cluster IPs: a sidecar's transparent listener routes
     /// connections to `vip:port` as this service.
     pub vips: Vec<std::net::IpAddr>,
+}
+
+impl LocalService {
+    /// Whether peer cluster `peer` may reach this service through the gateway.
+    pub fn exported_to(&self, peer: &ClusterName) -> bool {
+        self.exported && self.audience.as_ref().is_none_or(|a| a.contains(peer))
+    }
 }
 
 /// A multi-cluster service's ClusterSet IPs: a sidecar's transparent

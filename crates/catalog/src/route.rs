@@ -35,6 +35,11 @@ pub enum RouteError {
     UnknownPort { service: ServiceName, port: u16 },
     #[error("service {0} is not exported by this cluster")]
     NotExported(ServiceName),
+    #[error("service {service} is not exported to cluster {cluster}")]
+    NotInAudience {
+        service: ServiceName,
+        cluster: ClusterName,
+    },
     #[error("service {0} has no endpoints")]
     NoEndpoints(ServiceName),
     #[error("service {0} is served by other clusters, but this cluster has no gateway configured")]
@@ -59,14 +64,33 @@ impl RouteError {
     /// The status frame code that answers this error.
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::UnknownService(_) | Self::UnknownPort { .. } | Self::NotExported(_) => {
-                StatusCode::UnknownService
-            }
+            // A peer tells none of these apart: a service not exported to
+            // it reads as one that does not exist.
+            Self::UnknownService(_)
+            | Self::UnknownPort { .. }
+            | Self::NotExported(_)
+            | Self::NotInAudience { .. } => StatusCode::UnknownService,
             Self::NoEndpoints(_) | Self::NoGateway(_) => StatusCode::NoHealthyEndpoint,
             Self::NotServedBy { .. } => StatusCode::UnknownService,
             Self::EndpointNotAllowed(_) | Self::EndpointFromLocal | Self::NotAuthorized { .. } => {
                 StatusCode::Denied
             }
+        }
+    }
+
+    /// A short, fixed name of the error for metric labels.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::UnknownService(_) => "unknown_service",
+            Self::UnknownPort { .. } => "unknown_port",
+            Self::NotExported(_) => "not_exported",
+            Self::NotInAudience { .. } => "not_in_audience",
+            Self::NoEndpoints(_) => "no_endpoints",
+            Self::NoGateway(_) => "no_gateway",
+            Self::EndpointNotAllowed(_) => "endpoint_not_allowed",
+            Self::EndpointFromLocal => "endpoint_from_local",
+            Self::NotServedBy { .. } => "not_served_by",
+            Self::NotAuthorized { .. } => "not_authorized",
         }
     }
 }
@@ -221,10 +245,20 @@ impl Catalog {
         }
     }
 
-    /// A gateway's decision for a stream from a peer cluster's gateway: only
-    /// exported services, only their local endpoints. Never onward to another
-    /// cluster: a cluster vouches only for its own workloads.
-    pub fn route_from_peer(&self, target: &Target, cursor: usize) -> Result<Vec<Hop>, RouteError> {
+    /// A gateway's decision for a stream from peer cluster `peer`'s
+    /// gateway: only services exported to `peer`, only their local
+    /// endpoints. Never onward to another cluster: a cluster vouches only
+    /// for its own workloads.
+    ///
+    /// What the peer may not see is judged before anything else (ports,
+    /// endpoints), so every answer it gets about such a service is the
+    /// answer for one that does not exist.
+    pub fn route_from_peer(
+        &self,
+        target: &Target,
+        peer: &ClusterName,
+        cursor: usize,
+    ) -> Result<Vec<Hop>, RouteError> {
         match target {
             Target::Service { name, port } => {
                 let s = self
@@ -233,6 +267,12 @@ impl Catalog {
                     .ok_or_else(|| RouteError::UnknownService(name.clone()))?;
                 if !s.exported {
                     return Err(RouteError::NotExported(name.clone()));
+                }
+                if !s.exported_to(peer) {
+                    return Err(RouteError::NotInAudience {
+                        service: name.clone(),
+                        cluster: peer.clone(),
+                    });
                 }
                 self.check_port(name, *port)?;
                 if s.endpoints.is_empty() {
@@ -249,7 +289,7 @@ impl Catalog {
                 let e = self
                     .services
                     .values()
-                    .filter(|s| s.exported)
+                    .filter(|s| s.exported_to(peer))
                     .flat_map(|s| &s.endpoints)
                     .find(|e| e.address == *addr)
                     .ok_or(RouteError::EndpointNotAllowed(*addr))?;
@@ -285,6 +325,16 @@ services:
   - name: empty.demo
     ports: [7000]
     export: true
+  - name: north-only.demo
+    ports: [7000]
+    export: true
+    audience: [north]
+    endpoints:
+      - { address: "127.0.0.1:9004", identity: "spiffe://east.demo/ns/demo/sa/no" }
+  - name: empty-north-only.demo
+    ports: [7000]
+    export: true
+    audience: [north]
 imports:
   - { service: echo.demo, clusters: [west] }
   - { service: remote.demo, clusters: [north, west] }
@@ -424,32 +474,111 @@ peers:
     #[test]
     fn from_peer_only_exported_local_endpoints() {
         let c = cat();
-        let h = c.route_from_peer(&target("echo.demo", 7000), 0).unwrap();
+        let west = ClusterName::new("west").unwrap();
+        let h = c
+            .route_from_peer(&target("echo.demo", 7000), &west, 0)
+            .unwrap();
         assert_eq!(h.len(), 2);
         assert!(h.iter().all(|h| matches!(h, Hop::Endpoint { .. })));
         assert_eq!(
-            c.route_from_peer(&target("secret.demo", 7000), 0)
+            c.route_from_peer(&target("secret.demo", 7000), &west, 0)
                 .unwrap_err(),
             RouteError::NotExported(svc("secret.demo"))
         );
         // Imported-only services are never forwarded onward.
         assert_eq!(
-            c.route_from_peer(&target("remote.demo", 80), 0)
+            c.route_from_peer(&target("remote.demo", 80), &west, 0)
                 .unwrap_err(),
             RouteError::UnknownService(svc("remote.demo"))
         );
         assert_eq!(
-            c.route_from_peer(&target("empty.demo", 7000), 0)
+            c.route_from_peer(&target("empty.demo", 7000), &west, 0)
                 .unwrap_err()
                 .status(),
             StatusCode::NoHealthyEndpoint
         );
         let ok = Target::Endpoint("127.0.0.1:9002".parse().unwrap());
-        assert!(c.route_from_peer(&ok, 0).is_ok());
+        assert!(c.route_from_peer(&ok, &west, 0).is_ok());
         let hidden = Target::Endpoint("127.0.0.1:9003".parse().unwrap());
         assert_eq!(
-            c.route_from_peer(&hidden, 0).unwrap_err().status(),
+            c.route_from_peer(&hidden, &west, 0).unwrap_err().status(),
             StatusCode::Denied
+        );
+    }
+
+    #[test]
+    fn from_peer_outside_the_audience_reads_as_unknown() {
+        let c = cat();
+        let west = ClusterName::new("west").unwrap();
+        let north = ClusterName::new("north").unwrap();
+        assert!(c
+            .route_from_peer(&target("north-only.demo", 7000), &north, 0)
+            .is_ok());
+        let unknown = c
+            .route_from_peer(&target("nowhere.demo", 7000), &west, 0)
+            .unwrap_err();
+        // Whatever west asks of a service not exported to it (a wrong
+        // port, one without endpoints) gets the answer for no service.
+        for (name, port) in [
+            ("north-only.demo", 7000),
+            ("north-only.demo", 1),
+            ("empty-north-only.demo", 7000),
+            ("secret.demo", 1),
+        ] {
+            let e = c
+                .route_from_peer(&target(name, port), &west, 0)
+                .unwrap_err();
+            assert_eq!(e.status(), unknown.status(), "{name}:{port}: {e}");
+        }
+        assert_eq!(
+            c.route_from_peer(&target("north-only.demo", 7000), &west, 0)
+                .unwrap_err(),
+            RouteError::NotInAudience {
+                service: svc("north-only.demo"),
+                cluster: west.clone(),
+            }
+        );
+        assert_eq!(
+            c.route_from_peer(&target("north-only.demo", 7000), &west, 0)
+                .unwrap_err()
+                .reason(),
+            "not_in_audience"
+        );
+        // Its endpoints are closed to west too, as any non-endpoint is.
+        let ep = Target::Endpoint("127.0.0.1:9004".parse().unwrap());
+        assert!(c.route_from_peer(&ep, &north, 0).is_ok());
+        let nowhere = Target::Endpoint("127.0.0.1:1".parse().unwrap());
+        assert_eq!(
+            c.route_from_peer(&ep, &west, 0).unwrap_err().status(),
+            c.route_from_peer(&nowhere, &west, 0).unwrap_err().status()
+        );
+    }
+
+    #[test]
+    fn an_audience_is_checked_and_kept() {
+        let bad = YAML.replace(
+            "audience: [north]\n    endpoints",
+            "audience: [North]\n    endpoints",
+        );
+        let e = CatalogSpec::from_yaml(&bad).unwrap().build().unwrap_err();
+        assert!(e.to_string().contains("audience"), "{e}");
+        let unexported = YAML.replace(
+            "  - name: secret.demo\n    ports: [7000]\n",
+            "  - name: secret.demo\n    ports: [7000]\n    audience: [west]\n",
+        );
+        let e = CatalogSpec::from_yaml(&unexported)
+            .unwrap()
+            .build()
+            .unwrap_err();
+        assert!(e.to_string().contains("needs `export: true`"), "{e}");
+        // The spec a proxy dumps builds the same catalog again.
+        let c = cat();
+        let again = c.to_spec().build().unwrap();
+        let name = svc("north-only.demo");
+        assert_eq!(again.service(&name), c.service(&name));
+        assert_eq!(
+            c.service(&name).unwrap().audience,
+            Some(vec![ClusterName::new("north").unwrap()])
         );
     }
 

@@ -17,6 +17,8 @@ use crate::{
 /// Upper bounds on catalog sizes, so a bad config cannot exhaust memory.
 pub const MAX_SERVICES: usize = 100_000;
 pub const MAX_ENDPOINTS_PER_SERVICE: usize = 10_000;
+/// Clusters one export may name as its audience.
+pub const MAX_AUDIENCE: usize = 1_024;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -60,6 +62,10 @@ pub struct ServiceSpec {
     /// Whether other clusters may reach it through the gateway.
     #[serde(default)]
     pub export: bool,
+    /// The peer clusters an exported service is exported to (absent:
+    /// every peer). The gateway refuses other peers' streams for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<Vec<String>>,
     #[serde(default)]
     pub endpoints: Vec<EndpointSpec>,
     /// Addresses apps connect to for it (the Service's cluster IPs).
@@ -224,6 +230,23 @@ impl CatalogSpec {
                     )),
                 }
             }
+            let audience = s.audience.as_ref().map(|list| {
+                if list.len() > MAX_AUDIENCE {
+                    err(format!(
+                        "{what}: audience names more than {MAX_AUDIENCE} clusters"
+                    ));
+                }
+                list.iter()
+                    .filter_map(|c| {
+                        ClusterName::new(c)
+                            .map_err(|e| err(format!("{what}: audience: {e}")))
+                            .ok()
+                    })
+                    .collect::<Vec<_>>()
+            });
+            if audience.is_some() && !s.export {
+                err(format!("{what}: an audience needs `export: true`"));
+            }
             if services.contains_key(&name) {
                 err(format!("{what}: duplicate service"));
             }
@@ -234,6 +257,7 @@ impl CatalogSpec {
                     name,
                     ports: s.ports.clone(),
                     exported: s.export,
+                    audience,
                     endpoints,
                 },
             );
@@ -373,6 +397,10 @@ impl Catalog {
                     name: s.name.to_string(),
                     ports: s.ports.clone(),
                     export: s.exported,
+                    audience: s
+                        .audience
+                        .as_ref()
+                        .map(|a| a.iter().map(|c| c.to_string()).collect()),
                     endpoints: s
                         .endpoints
                         .iter()

@@ -45,6 +45,8 @@ pub struct ServiceTopo {
     pub port: u16,
     pub replicas: usize,
     pub export: bool,
+    /// The clusters an exported service is exported to; `None`: all.
+    pub audience: Option<Vec<String>>,
     pub app: AppKind,
 }
 
@@ -90,6 +92,7 @@ impl Topology {
             port: 7000,
             replicas: 2,
             export,
+            audience: None,
             app: AppKind::Echo,
         };
         Self {
@@ -331,6 +334,7 @@ impl Rig {
                     name: name.to_string(),
                     ports: vec![s.port],
                     export: s.export,
+                    audience: s.audience.clone(),
                     endpoints: p
                         .sidecars
                         .iter()
@@ -353,7 +357,10 @@ impl Rig {
                     identity: None,
                     region: String::new(),
                 });
-                for s in other.topo.services.iter().filter(|s| s.export) {
+                let exported_here = |s: &&ServiceTopo| {
+                    s.export && s.audience.as_ref().is_none_or(|a| a.contains(&p.topo.name))
+                };
+                for s in other.topo.services.iter().filter(exported_here) {
                     match spec.imports.iter_mut().find(|i| i.service == s.name) {
                         Some(i) => i.clusters.push(other.topo.name.clone()),
                         None => spec.imports.push(ImportSpec {
@@ -582,7 +589,15 @@ fn local_services(
             meta: Default::default(),
             service_type: ServiceType::ClusterSetIP,
             export: s.export,
-            audience: None,
+            audience: s
+                .audience
+                .as_ref()
+                .map(|a| {
+                    a.iter()
+                        .map(|c| ClusterName::new(c).ctx(|| format!("audience of {}", s.name)))
+                        .collect::<Result<Vec<_>, _>>()
+                })
+                .transpose()?,
             endpoints,
             exported_at_ms: None,
         });

@@ -18,6 +18,7 @@ fn svc(name: &str, app: AppKind) -> ServiceTopo {
         port: 8080,
         replicas: 1,
         export: true,
+        audience: None,
         app,
     }
 }

@@ -399,7 +399,7 @@ async fn forward(
                     },
                     Err(r) => {
                         drop(in_flight);
-                        tracing::debug!(member = %a.member, status = %r.code, reason = %r.message, "attempt failed");
+                        tracing::debug!(member = %a.member, status = %r.code, reason = %fedmesh_wire::bounded(&r.message), "attempt failed");
                         last = Outcome {
                             response: reply(refusal_status(&r), &r.message),
                             cluster: String::new(),
@@ -408,7 +408,7 @@ async fn forward(
                         if !r.retryable() {
                             // A denial is an answer, not a failure to fail over.
                             if r.code == StatusCode::Denied {
-                                tracing::warn!(%service, reason = %r.message, "request denied by the destination");
+                                tracing::warn!(%service, reason = %fedmesh_wire::bounded(&r.message), "request denied by the destination");
                             }
                             return last;
                         }

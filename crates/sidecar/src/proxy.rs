@@ -743,7 +743,7 @@ async fn opaque_conn(
                 drop(in_flight);
                 // Per attempt (counted as failovers): debug, or an outage
                 // floods the log.
-                tracing::debug!(member = %a.member, status = %r.code, reason = %r.message, "attempt failed");
+                tracing::debug!(member = %a.member, status = %r.code, reason = %fedmesh_wire::bounded(&r.message), "attempt failed");
                 let retryable = r.retryable();
                 if retryable {
                     shared.attempt_failed(service, policy, svc, a);
@@ -756,7 +756,7 @@ async fn opaque_conn(
         }
     }
     shared.metrics.outbound(svc, "failed", "");
-    tracing::warn!(status = %last.code, reason = %last.message, "every attempt failed; closing the app connection");
+    tracing::warn!(status = %last.code, reason = %fedmesh_wire::bounded(&last.message), "every attempt failed; closing the app connection");
     access(
         &header,
         None,
@@ -854,7 +854,7 @@ async fn inbound_stream<S: TunnelIo>(
     remote: SocketAddr,
 ) {
     let refuse = |code: StatusCode, msg: String| {
-        tracing::info!(%remote, %peer, status = %code, reason = %msg, "inbound stream refused");
+        tracing::info!(%remote, %peer, status = %code, reason = %fedmesh_wire::bounded(&msg), "inbound stream refused");
         Status::new(code, msg)
     };
     let header = match read_request(down, &shared.limits).await {

@@ -328,7 +328,7 @@ impl LegPool {
             match self.open(addr, &identity, header).await {
                 Ok(s) => return Ok((s, addr)),
                 Err(r) if r.retryable() => {
-                    tracing::debug!(code = %r.code, reason = %r.message, "next hop failed; trying the next");
+                    tracing::debug!(code = %r.code, reason = %fedmesh_wire::bounded(&r.message), "next hop failed; trying the next");
                     last = r;
                 }
                 Err(r) => return Err(r),

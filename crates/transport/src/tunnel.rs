@@ -306,7 +306,7 @@ where
         match connect_one(addr, &identity, connector, header, limits).await {
             Ok(tls) => return Ok((tls, addr)),
             Err(r) if r.retryable() => {
-                tracing::debug!(code = %r.code, reason = %r.message, "next hop failed; trying the next");
+                tracing::debug!(code = %r.code, reason = %fedmesh_wire::bounded(&r.message), "next hop failed; trying the next");
                 last = r;
             }
             Err(r) => return Err(r),

@@ -8,11 +8,13 @@ const SUFFIX: &str = ".svc.clusterset.local";
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum NameError {
+    /// The host as [`crate::bounded`] quotes it: these errors carry names
+    /// others chose into logs and answers.
     #[error(
-        "service host {0:?} must look like NAME.NAMESPACE.svc.clusterset.local or NAME.NAMESPACE"
+        "service host `{0}` must look like NAME.NAMESPACE.svc.clusterset.local or NAME.NAMESPACE"
     )]
     Shape(String),
-    #[error("{what} {label:?} is not a valid DNS-1123 label (lowercase letters, digits and `-`, 1-63 chars, starting and ending with a letter or digit)")]
+    #[error("{what} `{label}` is not a valid DNS-1123 label (lowercase letters, digits and `-`, 1-63 chars, starting and ending with a letter or digit)")]
     Label { what: &'static str, label: String },
 }
 
@@ -39,7 +41,7 @@ pub fn check_label(what: &'static str, label: &str) -> Result<(), NameError> {
     } else {
         Err(NameError::Label {
             what,
-            label: label.to_owned(),
+            label: crate::bounded(label),
         })
     }
 }
@@ -60,7 +62,7 @@ impl ServiceName {
         let mut parts = short.split('.');
         match (parts.next(), parts.next(), parts.next()) {
             (Some(name), Some(ns), None) => Self::new(name, ns),
-            _ => Err(NameError::Shape(host.to_owned())),
+            _ => Err(NameError::Shape(crate::bounded(host))),
         }
     }
 
@@ -101,6 +103,19 @@ impl FromStr for ServiceName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_quote_a_bounded_escaped_prefix() {
+        let host = format!("{}\n.demo", "a".repeat(12_000));
+        let e = ServiceName::parse(&host).unwrap_err().to_string();
+        assert!(e.len() < crate::MAX_LOGGED + 200, "{} bytes", e.len());
+        assert!(e.contains("bytes)"), "{e}");
+        let e = ServiceName::new("x\u{1b}[2J", "demo")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("x\\u{1b}[2J"), "{e}");
+        assert!(!e.contains('\u{1b}'), "{e}");
+    }
 
     #[test]
     fn parses_long_and_short_forms() {

@@ -92,8 +92,8 @@ pub fn decode(key: &str, value: &[u8]) -> Result<(IpAddr, Held), IpRecordError> 
     if value.len() > MAX_RECORD {
         return Err(IpRecordError::TooLarge(value.len()));
     }
-    let r: IpRecord =
-        serde_json::from_slice(value).map_err(|e| IpRecordError::Decode(e.to_string()))?;
+    let r: IpRecord = serde_json::from_slice(value)
+        .map_err(|e| IpRecordError::Decode(fedmesh_wire::bounded(&e.to_string())))?;
     let service = ServiceName::parse(&r.service)
         .map_err(|_| IpRecordError::Service(fedmesh_wire::bounded(&r.service)))?;
     Ok((

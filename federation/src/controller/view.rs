@@ -458,6 +458,7 @@ pub(super) fn compute(
             name: svc.name.clone(),
             ports: svc.ports.iter().map(|p| p.port).collect(),
             exported: svc.export,
+            audience: svc.audience.clone().filter(|_| svc.export),
             endpoints: svc
                 .endpoints
                 .iter()

@@ -27,6 +27,7 @@ pub fn ends_topology(limits: fedmesh_transport::Limits) -> Topology {
                     port: 7000,
                     replicas: 1,
                     export: true,
+                    audience: None,
                     app: AppKind::Ends,
                 }],
             },
