@@ -64,3 +64,8 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
   cargo test --workspace --all-features --locked --no-fail-fast
 fi
+
+# A few seconds of each fuzz target: they build and their seeds pass
+# (scripts/fuzz.sh runs them for longer).
+echo "== fuzz smoke"
+./scripts/fuzz.sh "${FUZZ_SECONDS:-5}"

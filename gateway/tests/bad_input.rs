@@ -635,3 +635,76 @@ async fn served_only_to_its_audience(control_plane: ControlPlane) {
     let r = run_load(east.client_addr("private.demo").unwrap(), &spec).await;
     assert_eq!(r.failed, 0, "{:?}", r.errors);
 }
+
+/// What the log receives of a string a peer chose: a bounded, escaped
+/// prefix, whatever the peer sent (a 12,000-byte host name with a terminal
+/// escape in it, a 2 KiB source identity it may not vouch for).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strings_a_peer_chose_are_logged_as_bounded_prefixes() {
+    use std::sync::Mutex;
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let logs = Captured::default();
+    let writer = logs.clone();
+    // nextest runs each test in a process of its own: the global
+    // subscriber sees this test's gateways only.
+    tracing_subscriber::fmt()
+        .with_env_filter("debug")
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .try_init()
+        .ok();
+
+    let rig = rig().await;
+    let conn = quic_client(&rig, "north", &west_gateway(&rig))
+        .await
+        .unwrap();
+    // A service host no decoder accepts: 12,000 bytes, an escape inside.
+    let host = format!("{}\u{1b}[2J.demo", "a".repeat(12_000));
+    let mut target = vec![1u8];
+    target.extend_from_slice(&7000u16.to_be_bytes());
+    target.extend_from_slice(host.as_bytes());
+    let mut body = vec![0x01];
+    body.extend_from_slice(&u16::try_from(target.len()).unwrap().to_be_bytes());
+    body.extend_from_slice(&target);
+    body.extend_from_slice(&[0x05, 0, 1, 1]);
+    let mut frame = b"FMTH\x01\x00".to_vec();
+    frame.extend_from_slice(&u16::try_from(body.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&body);
+    let st = send_status(&conn, &frame).await.unwrap();
+    assert_eq!(st.code, StatusCode::BadHeader);
+    assert_eq!(st.message, StatusCode::BadHeader.fixed_message());
+    // A long identity in a trust domain west may not vouch for.
+    let source = format!("spiffe://east.demo/{}", "b".repeat(2000));
+    let st = send_status(&conn, &header(echo(7000), Some(&source), 1))
+        .await
+        .unwrap();
+    assert_eq!(st.code, StatusCode::Denied);
+    assert!(!st.message.contains("east"), "{st}");
+
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let refused: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("stream refused"))
+        .collect();
+    assert!(refused.len() >= 2, "{text}");
+    assert!(refused
+        .iter()
+        .any(|l| l.contains("aaaa") && l.contains("bytes)")));
+    assert!(refused
+        .iter()
+        .any(|l| l.contains("bbbb") && l.contains("bytes)")));
+    for line in text.lines() {
+        assert!(line.len() < 2048, "a log line of {} bytes", line.len());
+        assert!(!line.contains('\u{1b}'), "a raw escape in {line}");
+    }
+}

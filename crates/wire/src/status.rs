@@ -122,23 +122,24 @@ impl StatusCode {
 pub const MAX_LOGGED: usize = 256;
 
 /// A string someone else chose (a header field, a status message, a
-/// decode error quoting either), as it may be logged: at most
-/// [`MAX_LOGGED`] characters, control and non-ASCII characters escaped,
-/// and a mark when cut.
+/// decode error quoting either), as it may be logged: control and
+/// non-ASCII characters escaped, at most [`MAX_LOGGED`] bytes of that
+/// escaped text, and a mark with what was left out when cut.
 pub fn bounded(s: &str) -> String {
     let mut out = String::new();
-    for (n, c) in s.chars().enumerate() {
-        if n == MAX_LOGGED {
-            out.push_str(&format!(
-                "…(+{} bytes)",
-                s.len() - s.char_indices().nth(n).map_or(s.len(), |(i, _)| i)
-            ));
-            return out;
-        }
+    for (i, c) in s.char_indices() {
+        let before = out.len();
         if c.is_ascii_graphic() || c == ' ' {
             out.push(c);
         } else {
             out.extend(c.escape_default());
+        }
+        if out.len() > MAX_LOGGED {
+            // Counting what is written, not what was read: escapes make
+            // the text up to ten times longer than the input.
+            out.truncate(before);
+            out.push_str(&format!("…(+{} bytes)", s.len() - i));
+            return out;
         }
     }
     out
@@ -264,6 +265,14 @@ mod bounded_tests {
         );
         assert_eq!(bounded("x\n\u{1b}[2J\u{202e}y"), "x\\n\\u{1b}[2J\\u{202e}y");
         assert_eq!(bounded("echo.demo:7000"), "echo.demo:7000");
+        // Found by the `header` fuzz target: a name of NUL bytes escapes to
+        // five times its length; the bound is on what is written.
+        let nuls = "\0".repeat(5_000);
+        let b = bounded(&nuls);
+        assert!(b.len() < MAX_LOGGED + 32, "{}", b.len());
+        assert!(b.starts_with("\\u{0}"), "{b}");
+        let cut = b.find('…').unwrap();
+        assert_eq!(b[cut..], format!("…(+{} bytes)", 5_000 - cut / 5));
     }
 }
 
