@@ -12,9 +12,11 @@ cd "$(dirname "$0")/.."
 # the rig falls back to loopback addresses and relays otherwise),
 # the ShellCheck linter for the kind scripts, python3-venv for the manifest
 # schema checks, haproxy and stunnel4 as the baselines of the data-path
-# benchmark's smoke (`fedmesh-bench datapath --quick`).
+# benchmark's smoke (`fedmesh-bench datapath --quick`), dig for the
+# clusterset.local DNS tests.
 NEEDS=("etcd:etcd-server" "ip:iproute2" "nft:nftables"
-  "shellcheck:shellcheck" "haproxy:haproxy" "stunnel4:stunnel4")
+  "shellcheck:shellcheck" "haproxy:haproxy" "stunnel4:stunnel4"
+  "dig:bind9-dnsutils")
 
 missing=()
 for pair in "${NEEDS[@]+"${NEEDS[@]}"}"; do

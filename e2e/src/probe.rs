@@ -70,10 +70,14 @@ pub enum Probe {
     },
     /// Runs the rig's echo load against `to` (as a meshed app in the
     /// namespace would: a redirected connection to a ClusterSet IP) and
-    /// reports what was served, and by which app.
+    /// reports what was served, and by which app. `to` is `ip:port`, or
+    /// `name:port` resolved (A record, over UDP) by the DNS server `dns`
+    /// as a pod's resolver would.
     Load {
         #[arg(long)]
-        to: SocketAddr,
+        to: String,
+        #[arg(long)]
+        dns: Option<SocketAddr>,
         #[arg(long, default_value_t = 4)]
         connections: usize,
         #[arg(long, default_value_t = 10)]
@@ -146,9 +150,18 @@ pub async fn run(p: Probe) -> anyhow::Result<()> {
         }
         Probe::Load {
             to,
+            dns,
             connections,
             requests,
         } => {
+            let to = match to.parse::<SocketAddr>() {
+                Ok(a) => a,
+                Err(_) => {
+                    let (host, port) = to.rsplit_once(':').context("--to needs a port")?;
+                    let dns = dns.context("--to names a host: give --dns")?;
+                    SocketAddr::new(resolve(dns, host).await?.into(), port.parse()?)
+                }
+            };
             let spec = fedmesh_testkit::LoadSpec {
                 connections,
                 requests_per_connection: requests,
@@ -157,6 +170,7 @@ pub async fn run(p: Probe) -> anyhow::Result<()> {
             };
             let r = fedmesh_testkit::run_load(to, &spec).await;
             serde_json::to_string(&serde_json::json!({
+                "to": to.to_string(),
                 "ok": r.ok,
                 "failed": r.failed,
                 "served_by": r.served_by,
@@ -194,6 +208,37 @@ fn run_blocking(p: Probe) -> anyhow::Result<()> {
     };
     println!("{line}");
     Ok(())
+}
+
+/// `host`'s first A record, asked of the DNS server `dns` over UDP.
+async fn resolve(dns: SocketAddr, host: &str) -> anyhow::Result<std::net::Ipv4Addr> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let mut q = Message::new();
+    q.set_id(rand::random())
+        .set_recursion_desired(true)
+        .add_query(Query::query(Name::from_ascii(host)?, RecordType::A));
+    let sock =
+        tokio::net::UdpSocket::bind(SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0))
+            .await?;
+    let mut buf = vec![0u8; 1500];
+    for _ in 0..3 {
+        sock.send_to(&q.to_vec()?, dns).await?;
+        let Ok(n) = tokio::time::timeout(Duration::from_secs(1), sock.recv(&mut buf)).await else {
+            continue;
+        };
+        let r = Message::from_vec(&buf[..n?])?;
+        anyhow::ensure!(r.id() == q.id(), "an answer to another query");
+        return r
+            .answers()
+            .iter()
+            .find_map(|a| match a.data() {
+                RData::A(a) => Some(a.0),
+                _ => None,
+            })
+            .with_context(|| format!("{host}: {} without an A record", r.response_code()));
+    }
+    anyhow::bail!("{host}: no answer from {dns}")
 }
 
 /// The first line a listening probe prints: the runner starts the other

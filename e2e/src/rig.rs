@@ -64,6 +64,8 @@ pub struct Cluster {
     pub tunnel: SocketAddr,
     pub api: SocketAddr,
     pub controller_admin: SocketAddr,
+    /// The controller's `clusterset.local` DNS server (UDP and TCP).
+    pub controller_dns: SocketAddr,
     pub gateway_admin: SocketAddr,
     pub web_admin: SocketAddr,
     /// The `web` sidecar's transparent listener (on 127.0.0.1 in a
@@ -153,7 +155,8 @@ fn controller_yaml(
          policies:\n  http.demo:\n    failover: [{prefers}, {third}]\n    retry: {{ attempts: 3 }}\n    outlier: {{ consecutive_failures: 3, base_ejection: 1s }}\n  \
            echox.demo:\n    failover: [{prefers}, {third}]\n    outlier: {{ consecutive_failures: 3, base_ejection: 1s }}\n  \
            sinkx.demo:\n    failover: [{prefers}, {third}]\n\
-         clusterset_ips: {{ cidrs: [\"{CLUSTERSET_CIDR}\"] }}\n",
+         clusterset_ips: {{ cidrs: [\"{CLUSTERSET_CIDR}\"] }}\ndns: {{ listen: \"{dns}\" }}\n",
+        dns = c.controller_dns,
         name = c.name,
         quic = c.quic_public,
         tcp = c.tcp_public,
@@ -281,6 +284,7 @@ impl Rig {
                 tunnel: port(false)?,
                 api: port(false)?,
                 controller_admin: port(false)?,
+                controller_dns: port(true)?,
                 gateway_admin: port(false)?,
                 web_admin: port(false)?,
                 web_transparent: {

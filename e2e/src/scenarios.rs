@@ -356,6 +356,8 @@ async fn clusterset_ip(rig: &Rig, o: &mut Outcome) -> anyhow::Result<()> {
     };
     let me = std::env::current_exe()?;
     let ns = ns.to_owned();
+    let ns_name = ns.clone();
+    let want = format!("{ip}:7000");
     let run = move || {
         std::process::Command::new("ip")
             .args(["netns", "exec", &ns])
@@ -388,6 +390,46 @@ async fn clusterset_ip(rig: &Rig, o: &mut Outcome) -> anyhow::Result<()> {
         "served by west (echox.demo prefers the next cluster)",
         by_west,
         last["served_by"].to_string(),
+    );
+
+    // By name: the app resolves echox.demo.svc.clusterset.local with
+    // east's controller (what east's CoreDNS forwards clusterset.local
+    // to) and connects to what it gets.
+    let Some(east) = rig.cluster("east") else {
+        return Ok(());
+    };
+    let (me, ns, dns) = (std::env::current_exe()?, ns_name, east.controller_dns);
+    let by_name = move || {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(&me)
+            .args([
+                "probe",
+                "load",
+                "--to",
+                "echox.demo.svc.clusterset.local:7000",
+            ])
+            .args(["--dns", &dns.to_string()])
+            .args(["--connections", "4", "--requests", "10"])
+            .output()
+    };
+    let out = tokio::task::spawn_blocking(by_name).await??;
+    let named: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or(serde_json::json!({
+            "stderr": String::from_utf8_lossy(&out.stderr).to_string(),
+        }));
+    o.check(
+        "east's controller resolves echox.demo.svc.clusterset.local to its ClusterSet IP",
+        named["to"] == want,
+        named.to_string(),
+    );
+    let by_west = named["served_by"]
+        .as_object()
+        .is_some_and(|m| !m.is_empty() && m.keys().all(|k| k.starts_with("west/")));
+    o.check(
+        "a meshed app in east reaches echox.demo.svc.clusterset.local:7000 by name, served by west",
+        named["ok"] == 40 && named["failed"] == 0 && by_west,
+        named.to_string(),
     );
     Ok(())
 }

@@ -58,6 +58,10 @@ pub struct ControllerConfig {
     /// allocated ClusterSet-wide in the store; none when absent.
     #[serde(default)]
     pub clusterset_ips: Option<crate::clusterset::ClusterSetIpConfig>,
+    /// Serve the `clusterset.local` zone (MCS DNS) for this cluster's
+    /// CoreDNS to forward to; needs `clusterset_ips`.
+    #[serde(default)]
+    pub dns: Option<crate::dns::server::DnsConfig>,
     /// Admin endpoint: `/metrics`, `/live`, `/ready`, `/status`.
     #[serde(default)]
     pub admin: Option<SocketAddr>,
@@ -358,6 +362,15 @@ impl ControllerConfig {
                 .map_err(|e| errs.push(format!("clusterset_ips: {e}")))
                 .ok()
         });
+        if let Some(d) = &self.dns {
+            errs.extend(d.problems());
+            if self.clusterset_ips.is_none() {
+                errs.push(
+                    "dns: needs clusterset_ips (a service's A and AAAA records are its ClusterSet IPs)"
+                        .into(),
+                );
+            }
+        }
         match (cluster, td, bundle) {
             (Some(cluster), Some(trust_domain), Some(bundle)) if errs.is_empty() => {
                 Ok(ControllerSettings {

@@ -8,6 +8,7 @@ pub mod app;
 pub mod clusterset;
 pub mod config;
 pub mod controller;
+pub mod dns;
 #[cfg(feature = "kube")]
 pub mod k8s;
 pub mod keys;

@@ -39,6 +39,8 @@ struct ClusterSet {
     dir: tempfile::TempDir,
     fakes: Vec<FakeKube>,
     procs: Vec<Option<Child>>,
+    /// Each controller's `clusterset.local` DNS server (UDP and TCP).
+    dns: Vec<u16>,
 }
 
 impl Drop for ClusterSet {
@@ -68,13 +70,17 @@ impl ClusterSet {
         }
         common::pin_each_other(d, "east", "west");
         let mut fakes = Vec::new();
+        let mut dns = Vec::new();
         for (i, c) in CLUSTERS.iter().enumerate() {
             let fake = rt.block_on(FakeKube::start()).unwrap();
+            dns.push(free_tcp().port());
             let cfg = format!(
                 "cluster: {c}\ntrust_domain: {c}.acme\ngateways: [\"127.0.0.1:{gw}\"]\nlease_ttl: 2s\n\
                  store: {{ kind: etcd, endpoints: [{eps}] }}\nbundle: {bundle}\npins_dir: {pins}\n\
                  kubernetes: {{ inbound_port: 15006, write_back: true }}\nadmin: \"127.0.0.1:{admin}\"\n\
-                 clusterset_ips: {{ cidrs: [\"241.0.0.0/24\", \"fd00:fe::/112\"] }}\n",
+                 clusterset_ips: {{ cidrs: [\"241.0.0.0/24\", \"fd00:fe::/112\"] }}\n\
+                 dns: {{ listen: \"127.0.0.1:{dns}\" }}\n",
+                dns = dns[i],
                 gw = 15443 + i,
                 eps = etcd
                     .endpoints()
@@ -97,6 +103,7 @@ impl ClusterSet {
             dir,
             fakes,
             procs: Vec::new(),
+            dns,
         };
         for i in 0..CLUSTERS.len() {
             let child = set.spawn(i);
@@ -229,6 +236,75 @@ impl ClusterSet {
             |s| s.condition(i, ty).is_some_and(|c| c.0 == status),
         );
         self.condition(i, ty).unwrap().1
+    }
+}
+
+/// hello's MCS name.
+const NAME: &str = "hello.demo.svc.clusterset.local";
+
+/// Whether `dig` (Debian's bind9-dnsutils, which `scripts/test.sh`
+/// installs) is here; outside CI a test without it is skipped.
+fn have_dig(test: &str) -> bool {
+    let ok = Command::new("dig")
+        .arg("-v")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: dig is missing (apt-get install bind9-dnsutils)"
+        );
+        eprintln!("{test}: skipped, dig is missing");
+    }
+    ok
+}
+
+impl ClusterSet {
+    /// `dig` against cluster `i`'s DNS server over UDP or TCP: the status
+    /// (`NOERROR`, `NXDOMAIN`, ...; empty when nothing answered) and the
+    /// answers as `TYPE DATA`.
+    fn dig(&self, i: usize, name: &str, qtype: &str, tcp: bool) -> (String, Vec<String>) {
+        let out = Command::new("dig")
+            .arg("@127.0.0.1")
+            .arg(format!("-p{}", self.dns[i]))
+            .args(["+tries=1", "+time=2", "+noall", "+comments", "+answer"])
+            .arg(if tcp { "+tcp" } else { "+notcp" })
+            .args([name, qtype])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let status = text
+            .split("status: ")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .unwrap_or_default()
+            .to_owned();
+        let answers = text
+            .lines()
+            .filter(|l| !l.starts_with(';') && !l.trim().is_empty())
+            .map(|l| l.split_whitespace().skip(3).collect::<Vec<_>>().join(" "))
+            .collect();
+        (status, answers)
+    }
+
+    /// Waits until cluster `i` answers `name`/`qtype` with `status` and
+    /// `answers`, over UDP and over TCP.
+    fn await_dns(&self, i: usize, name: &str, qtype: &str, status: &str, answers: &[String]) {
+        for tcp in [false, true] {
+            self.await_that(
+                &format!(
+                    "{}: {name} {qtype} (tcp: {tcp}) is {status} {answers:?}",
+                    CLUSTERS[i]
+                ),
+                |s| {
+                    let (st, mut got) = s.dig(i, name, qtype, tcp);
+                    got.sort();
+                    st == status && got == answers
+                },
+            );
+        }
     }
 }
 
@@ -675,4 +751,86 @@ fn a_restarted_controller_that_finds_nothing_changed_writes_nothing() {
     assert_eq!(after, json!(since), "lastTransitionTime moved");
     // And the clusters still see each other's exports.
     s.await_import(1, "both exporters", |o| clusters(o).len() == 2);
+}
+
+/// `clusterip_service_dns.go`: a ClusterSetIP service's MCS name resolves
+/// to its ClusterSet IPs in every cluster, with SRV records for its named
+/// ports.
+#[test]
+fn a_cluster_set_ip_service_should_be_resolvable_by_its_clusterset_local_name_in_every_cluster() {
+    let Some(s) = ClusterSet::start("mcs_conformance") else {
+        return;
+    };
+    if !have_dig("mcs_conformance") {
+        return;
+    }
+    s.deploy(0, json!({ "ports": hello_ports() }));
+    s.export(0, json!({}));
+    let o = s.await_import(1, "two spec.ips", |o| {
+        o["spec"]["ips"].as_array().is_some_and(|a| a.len() == 2)
+    });
+    let v4 = o["spec"]["ips"][0].as_str().unwrap().to_owned();
+    let v6 = o["spec"]["ips"][1].as_str().unwrap().to_owned();
+    // west does not serve hello; it resolves it all the same.
+    for i in 0..2 {
+        s.await_dns(i, NAME, "A", "NOERROR", &[format!("A {v4}")]);
+        s.await_dns(i, NAME, "AAAA", "NOERROR", &[format!("AAAA {v6}")]);
+    }
+    s.await_dns(
+        1,
+        &format!("_tcp._tcp.{NAME}"),
+        "SRV",
+        "NOERROR",
+        &[format!("SRV 0 100 42 {NAME}.")],
+    );
+    s.await_dns(
+        1,
+        &format!("_udp._udp.{NAME}"),
+        "SRV",
+        "NOERROR",
+        &[format!("SRV 0 100 53 {NAME}.")],
+    );
+}
+
+/// `connectivity.go`'s other half: a service that is not exported is not
+/// resolvable anywhere; exporting makes it so, unexporting undoes it.
+#[test]
+fn a_service_that_is_not_exported_should_not_be_resolvable() {
+    let Some(s) = ClusterSet::start("mcs_conformance") else {
+        return;
+    };
+    if !have_dig("mcs_conformance") {
+        return;
+    }
+    s.deploy(0, json!({ "ports": hello_ports() }));
+    for i in 0..2 {
+        s.await_dns(i, NAME, "A", "NXDOMAIN", &[]);
+    }
+    s.export(0, json!({}));
+    let o = s.await_import(1, "spec.ips", |o| !o["spec"]["ips"].is_null());
+    let v4 = o["spec"]["ips"][0].as_str().unwrap().to_owned();
+    s.await_dns(1, NAME, "A", "NOERROR", &[format!("A {v4}")]);
+    s.unexport(0);
+    for i in 0..2 {
+        s.await_dns(i, NAME, "A", "NXDOMAIN", &[]);
+    }
+}
+
+/// The controller answers only `clusterset.local`: `cluster.local` stays
+/// with the cluster's own DNS (which resolves only local services), and
+/// anything else is refused rather than resolved.
+#[test]
+fn names_outside_clusterset_local_are_refused() {
+    let Some(s) = ClusterSet::start("mcs_conformance") else {
+        return;
+    };
+    if !have_dig("mcs_conformance") {
+        return;
+    }
+    s.deploy(0, json!({ "ports": hello_ports() }));
+    s.export(0, json!({}));
+    s.await_import(0, "spec.ips", |o| !o["spec"]["ips"].is_null());
+    for name in ["hello.demo.svc.cluster.local", "example.com"] {
+        s.await_dns(0, name, "A", "REFUSED", &[]);
+    }
 }

@@ -489,6 +489,7 @@ impl Rig {
                         source: ServiceSource::fixed(local),
                         api: Some(config_api(&p, reg)?),
                         admin: None,
+                        dns: None,
                     };
                     let app = ControllerApp::start(parts, Registry::default())
                         .await

@@ -241,6 +241,8 @@ pub struct AppParts {
     pub api: Option<ApiServing>,
     /// The admin endpoint (`/metrics` of `registry`, `/status`).
     pub admin: Option<SocketAddr>,
+    /// The `clusterset.local` DNS server.
+    pub dns: Option<crate::dns::server::DnsConfig>,
 }
 
 /// A running controller with everything its config names. Dropping it
@@ -249,6 +251,7 @@ pub struct ControllerApp {
     ctrl: Arc<Controller>,
     api: Option<(ApiHandle, Option<AbortOnDrop>)>,
     admin: Option<(SocketAddr, AbortOnDrop)>,
+    dns: Option<(crate::dns::server::DnsServer, AbortOnDrop)>,
     _follower: AbortOnDrop,
     _kube: Vec<Keep>,
     _source: ServiceSource,
@@ -285,6 +288,7 @@ impl ControllerApp {
             source,
             api,
             admin: cfg.admin,
+            dns: cfg.dns.clone(),
         };
         let mut app = Self::start(parts, registry).await?;
         app._kube = kube_parts(cfg, &app.ctrl, &app._source, write_back, client)?;
@@ -301,6 +305,7 @@ impl ControllerApp {
             source,
             api,
             admin,
+            dns,
         } = parts;
         let mut first = source.local.clone();
         let initial = first
@@ -337,6 +342,10 @@ impl ControllerApp {
                 }
             }))
         };
+        let dns = match dns {
+            Some(d) => Some(start_dns(&d, &ctrl, &mut registry).await?),
+            None => None,
+        };
         let admin = match admin {
             Some(addr) => {
                 let c = ctrl.clone();
@@ -359,6 +368,7 @@ impl ControllerApp {
             ctrl,
             api,
             admin,
+            dns,
             _follower: follower,
             _kube: Vec::new(),
             _source: source,
@@ -379,6 +389,12 @@ impl ControllerApp {
         self.admin.as_ref().map(|(a, _)| *a)
     }
 
+    /// Where the `clusterset.local` DNS server listens (UDP and TCP), when
+    /// the config has one.
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.dns.as_ref().map(|(d, _)| d.udp_addr())
+    }
+
     /// Stops the API first (no proxy gets a config from a controller on
     /// its way out), then the controller: with `leave`, the cluster's
     /// records are deleted so peers stop routing to it at once; without,
@@ -389,10 +405,12 @@ impl ControllerApp {
             ctrl,
             api,
             admin,
+            dns,
             _follower,
             _kube,
             _source,
         } = self;
+        drop(dns);
         drop(_follower);
         if let Some((handle, renewer)) = api {
             drop(renewer);
@@ -410,6 +428,52 @@ impl ControllerApp {
             Err(_) => {}
         }
     }
+}
+
+/// The `clusterset.local` server and the task that rebuilds its zone from
+/// the controller's imports and ClusterSet IPs.
+async fn start_dns(
+    cfg: &crate::dns::server::DnsConfig,
+    ctrl: &Arc<Controller>,
+    registry: &mut Registry,
+) -> Result<(crate::dns::server::DnsServer, AbortOnDrop), AppError> {
+    use crate::dns::Zone;
+    let Some(mut ips) = ctrl.clusterset_ips() else {
+        return Err(AppError::Refused(
+            "dns needs clusterset_ips (a service's A and AAAA records are its ClusterSet IPs)"
+                .into(),
+        ));
+    };
+    let mut mcs = ctrl.mcs();
+    let ttl = cfg.ttl;
+    let (tx, rx) = watch::channel(Arc::new(Zone::empty(ttl)));
+    let zone = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            let next = {
+                let view = mcs.borrow_and_update().clone();
+                let ips = ips.borrow_and_update().clone();
+                Zone::build(view.imports.iter(), &ips.assigned, ttl, 0)
+            };
+            tx.send_if_modified(|cur| {
+                let next = next.clone().versioned(cur);
+                let changed = **cur != next;
+                if changed {
+                    *cur = Arc::new(next);
+                }
+                changed
+            });
+            tokio::select! {
+                r = mcs.changed() => if r.is_err() { return },
+                r = ips.changed() => if r.is_err() { return },
+            }
+        }
+    }));
+    let metrics = crate::dns::server::DnsMetrics::default();
+    metrics.register(registry);
+    let server = crate::dns::server::spawn(cfg, rx, metrics)
+        .await
+        .map_err(failed(format!("dns.listen {}", cfg.listen)))?;
+    Ok((server, zone))
 }
 
 /// The client every Kubernetes part of this controller shares, when the

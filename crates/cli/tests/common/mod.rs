@@ -85,7 +85,7 @@ pub fn kube_controller_config(
         format!(
             "cluster: east\ntrust_domain: east.acme\ngateways: [\"{gateway}\"]\nstore: {{ kind: embedded }}\nbundle: {}\npins_dir: {}\n\
              kubernetes: {{ inbound_port: 15006, write_back: {write_back} }}\nadmin: \"{admin}\"\napi: {{ listen: \"{api}\", ca_dir: {}, tokens: {} }}\n\
-             clusterset_ips: {{ cidrs: [\"241.0.0.0/24\"] }}\n",
+             clusterset_ips: {{ cidrs: [\"241.0.0.0/24\"] }}\ndns: {{ listen: \"127.0.0.1:0\" }}\n",
             p(&dir.join("ca/bundle.pem")),
             p(&dir.join("pins")),
             p(&dir.join("ca")),
