@@ -230,3 +230,65 @@ async fn clusterset_ips_work_with_the_file_source_and_bad_ranges_are_refused_at_
     let errs = cfg.settings().expect_err("refused").join("; ");
     assert!(errs.contains("overlaps 241.0.0.9"), "{errs}");
 }
+
+/// `dns:` with the file source: the app serves `clusterset.local` from
+/// its imports and ClusterSet IPs; a DNS config that cannot work is
+/// refused, naming the part.
+#[tokio::test]
+async fn dns_serves_the_file_source_and_configs_that_cannot_work_are_refused() {
+    use hickory_proto::op::{Message, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config_with(
+        dir.path(),
+        "clusterset_ips: { cidrs: [\"241.0.0.0/24\"] }\ndns: { listen: \"127.0.0.1:0\" }\n",
+    );
+    let app = build(&cfg).await.unwrap();
+    let dns = app.dns_addr().unwrap();
+    let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let ask = |id: u16| {
+        let mut m = Message::new();
+        m.set_id(id).add_query(Query::query(
+            Name::from_ascii("echo.shop.svc.clusterset.local.").unwrap(),
+            RecordType::A,
+        ));
+        m.to_vec().unwrap()
+    };
+    let t = Instant::now();
+    let mut buf = vec![0u8; 1500];
+    let ip = loop {
+        sock.send_to(&ask(1), dns).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let r = Message::from_vec(&buf[..n]).unwrap();
+        if let Some(RData::A(a)) = r.answers().first().map(|a| a.data()) {
+            break a.0;
+        }
+        assert_eq!(r.response_code(), ResponseCode::NXDomain, "{r:?}");
+        assert!(t.elapsed() < Duration::from_secs(10), "never resolved");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(ip.to_string().starts_with("241.0.0."), "{ip}");
+    // The port is taken now: a second controller on it is refused.
+    let taken = config_with(
+        dir.path(),
+        &format!("clusterset_ips: {{ cidrs: [\"241.0.0.0/24\"] }}\ndns: {{ listen: \"{dns}\" }}\n"),
+    );
+    let e = build(&taken).await.err().expect("refused").to_string();
+    assert!(e.contains("dns.listen"), "{e}");
+    app.shutdown(false).await;
+
+    for (extra, want) in [
+        ("dns: { listen: \"127.0.0.1:0\" }\n", "dns: needs clusterset_ips"),
+        (
+            "clusterset_ips: { cidrs: [\"241.0.0.0/24\"] }\ndns: { listen: \"127.0.0.1:0\", max_queries_per_second: 0 }\n",
+            "dns.max_queries_per_second",
+        ),
+    ] {
+        let cfg = config_with(dir.path(), extra);
+        let errs = cfg.settings().expect_err("refused").join("; ");
+        assert!(errs.contains(want), "{extra}: {errs}");
+    }
+}
