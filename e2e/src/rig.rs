@@ -198,6 +198,18 @@ fn free(ip: IpAddr, udp: bool) -> anyhow::Result<SocketAddr> {
     })
 }
 
+/// A port free for both UDP and TCP on `ip` (a DNS server takes both).
+fn free_both(ip: IpAddr) -> anyhow::Result<SocketAddr> {
+    for _ in 0..32 {
+        let udp = std::net::UdpSocket::bind(SocketAddr::new(ip, 0))?;
+        let addr = udp.local_addr()?;
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return Ok(addr);
+        }
+    }
+    anyhow::bail!("no port free for both UDP and TCP on {ip}")
+}
+
 fn p(x: &Path) -> String {
     x.display().to_string()
 }
@@ -252,12 +264,16 @@ impl Rig {
             // A fresh namespace has every port free; on loopback the
             // kernel picks.
             let mut next = 20_000u16;
-            let mut port = |udp: bool| -> anyhow::Result<SocketAddr> {
+            let mut port = |udp: Option<bool>| -> anyhow::Result<SocketAddr> {
                 if ns_ip.is_some() {
                     next += 1;
                     return Ok(SocketAddr::new(ip, next));
                 }
-                free(ip, udp)
+                match udp {
+                    Some(udp) => free(ip, udp),
+                    // Both (the controller's DNS server).
+                    None => free_both(ip),
+                }
             };
             let relay_ip = if ns_ip.is_some() { host } else { ip };
             let ca = CertificateAuthority::new_root(
@@ -266,11 +282,11 @@ impl Rig {
             )?;
             ca.save(&d.join(format!("{name}-ca")))?;
             cas.push(ca);
-            let quic = port(true)?;
+            let quic = port(Some(true))?;
             let relay = UdpRelay::start_on(relay_ip, quic).await?;
             let quic_public = if direct { quic } else { relay.addr() };
             relays.insert((*name).to_owned(), relay);
-            let tcp = port(false)?;
+            let tcp = port(Some(false))?;
             let tcp_relay = TcpRelay::start_on(relay_ip, tcp).await?;
             let tcp_public = if direct { tcp } else { tcp_relay.addr() };
             tcp_relays.insert((*name).to_owned(), tcp_relay);
@@ -281,30 +297,30 @@ impl Rig {
                 quic,
                 tcp,
                 tcp_public,
-                tunnel: port(false)?,
-                api: port(false)?,
-                controller_admin: port(false)?,
-                controller_dns: port(true)?,
-                gateway_admin: port(false)?,
-                web_admin: port(false)?,
+                tunnel: port(Some(false))?,
+                api: port(Some(false))?,
+                controller_admin: port(Some(false))?,
+                controller_dns: port(None)?,
+                gateway_admin: port(Some(false))?,
+                web_admin: port(Some(false))?,
                 web_transparent: {
-                    let a = port(false)?;
+                    let a = port(Some(false))?;
                     if ns_ip.is_some() {
                         SocketAddr::new([127, 0, 0, 1].into(), a.port())
                     } else {
                         a
                     }
                 },
-                srv_admin: port(false)?,
-                srv_inbound: port(false)?,
-                echo_out: port(false)?,
-                http_out: port(false)?,
-                echox_out: port(false)?,
-                httpl_out: port(false)?,
-                sinkx_out: port(false)?,
-                echo_app: port(false)?,
-                http_app: port(false)?,
-                sink_app: port(false)?,
+                srv_admin: port(Some(false))?,
+                srv_inbound: port(Some(false))?,
+                echo_out: port(Some(false))?,
+                http_out: port(Some(false))?,
+                echox_out: port(Some(false))?,
+                httpl_out: port(Some(false))?,
+                sinkx_out: port(Some(false))?,
+                echo_app: port(Some(false))?,
+                http_app: port(Some(false))?,
+                sink_app: port(Some(false))?,
                 http_prefers: CLUSTERS[(i + 1) % CLUSTERS.len()].to_owned(),
             });
         }

@@ -73,7 +73,7 @@ impl ClusterSet {
         let mut dns = Vec::new();
         for (i, c) in CLUSTERS.iter().enumerate() {
             let fake = rt.block_on(FakeKube::start()).unwrap();
-            dns.push(free_tcp().port());
+            dns.push(common::free_udp_tcp().port());
             let cfg = format!(
                 "cluster: {c}\ntrust_domain: {c}.acme\ngateways: [\"127.0.0.1:{gw}\"]\nlease_ttl: 2s\n\
                  store: {{ kind: etcd, endpoints: [{eps}] }}\nbundle: {bundle}\npins_dir: {pins}\n\

@@ -96,6 +96,18 @@ pub fn kube_controller_config(
     path
 }
 
+/// A loopback port free for both UDP and TCP (a DNS server takes both).
+pub fn free_udp_tcp() -> SocketAddr {
+    for _ in 0..32 {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = udp.local_addr().unwrap();
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no loopback port free for both UDP and TCP")
+}
+
 pub fn free_tcp() -> SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
