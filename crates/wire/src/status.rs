@@ -118,7 +118,7 @@ impl StatusCode {
     }
 }
 
-/// Longest prefix of a string from the network that is logged.
+/// Most bytes of escaped text [`bounded`] keeps of a string others chose.
 pub const MAX_LOGGED: usize = 256;
 
 /// A string someone else chose (a header field, a status message, a

@@ -455,7 +455,7 @@ async fn start_dns(
                 Zone::build(view.imports.iter(), &ips.assigned, ttl, 0)
             };
             tx.send_if_modified(|cur| {
-                let next = next.clone().versioned(cur);
+                let next = next.versioned(cur);
                 let changed = **cur != next;
                 if changed {
                     *cur = Arc::new(next);

@@ -251,19 +251,14 @@ impl Zone {
                 if answers.is_empty() {
                     resp.add_name_server(self.soa());
                 }
-                // A client asking for SRV gets the targets' addresses too.
-                let extra: Vec<Record> = node
-                    .srv
-                    .iter()
-                    .filter(|_| qtype == RecordType::SRV)
-                    .filter_map(|(_, t)| {
-                        let n = self.nodes.get(&key(t))?;
-                        Some(self.records(t, n, RecordType::ANY))
-                    })
-                    .next()
-                    .unwrap_or_default();
                 resp.add_answers(answers);
-                resp.add_additionals(extra);
+                // A client asking for SRV gets the target's addresses too
+                // (every SRV record of a name targets the same service).
+                if let Some((_, t)) = node.srv.first().filter(|_| qtype == RecordType::SRV) {
+                    if let Some(n) = self.nodes.get(&key(t)) {
+                        resp.add_additionals(self.records(t, n, RecordType::ANY));
+                    }
+                }
             }
             None if k == key(apex) || self.interior.contains(&k) => {
                 if qtype == RecordType::SOA && k == key(apex) {

@@ -245,21 +245,32 @@ struct Shared {
     cfg: DnsConfig,
 }
 
+/// What becomes of one received message.
+enum Outcome {
+    /// These bytes go back.
+    Reply(Vec<u8>),
+    /// Nothing goes back (the rate's drop).
+    Silent,
+    /// Not a DNS query: dropped, counted; a TCP stream carrying one can no
+    /// longer be trusted and is closed.
+    Malformed,
+}
+
 impl Shared {
-    /// The bytes to send back for `packet`, or `None` (dropped). Over
-    /// UDP the answer is truncated to what the client said it receives.
-    fn handle(&self, packet: &[u8], transport: &'static str, udp: bool) -> Option<Vec<u8>> {
+    fn malformed(&self, transport: &'static str, bytes: usize) -> Outcome {
+        self.metrics
+            .malformed
+            .get_or_create(&TransportLabels { transport })
+            .inc();
+        tracing::debug!(transport, bytes, "malformed DNS message dropped");
+        Outcome::Malformed
+    }
+
+    /// What to do with `packet`. Over UDP the answer is truncated to what
+    /// the client said it receives.
+    fn handle(&self, packet: &[u8], transport: &'static str, udp: bool) -> Outcome {
         let Ok(req) = Message::from_vec(packet) else {
-            self.metrics
-                .malformed
-                .get_or_create(&TransportLabels { transport })
-                .inc();
-            tracing::debug!(
-                transport,
-                bytes = packet.len(),
-                "malformed DNS packet dropped"
-            );
-            return None;
+            return self.malformed(transport, packet.len());
         };
         let admit = self
             .limiter
@@ -269,7 +280,7 @@ impl Shared {
         let resp = match admit {
             Admit::Drop => {
                 self.metrics.limit("dropped");
-                return None;
+                return Outcome::Silent;
             }
             Admit::Refuse => {
                 self.metrics.limit("refused");
@@ -277,18 +288,11 @@ impl Shared {
                 m.add_queries(req.queries().iter().take(1).cloned());
                 m
             }
-            Admit::Answer => {
-                let zone = self.zone.borrow().clone();
-                let Some(resp) = zone.answer(&req) else {
-                    // A response sent to us: not a query.
-                    self.metrics
-                        .malformed
-                        .get_or_create(&TransportLabels { transport })
-                        .inc();
-                    return None;
-                };
-                resp
-            }
+            Admit::Answer => match self.zone.borrow().answer(&req) {
+                Some(resp) => resp,
+                // A response sent to us: not a query.
+                None => return self.malformed(transport, packet.len()),
+            },
         };
         self.metrics
             .responses
@@ -296,20 +300,25 @@ impl Shared {
                 rcode: rcode_label(resp.response_code()),
             })
             .inc();
-        let mut bytes = resp.to_vec().ok()?;
-        let max = if !udp {
-            usize::from(u16::MAX)
-        } else {
-            match req.extensions() {
-                Some(e) => usize::from(e.max_payload().clamp(512, MAX_UDP_PAYLOAD)),
-                None => 512,
-            }
+        let max = match (udp, req.extensions()) {
+            (false, _) => usize::from(u16::MAX),
+            (true, Some(e)) => usize::from(e.max_payload().clamp(512, MAX_UDP_PAYLOAD)),
+            (true, None) => 512,
         };
-        if bytes.len() > max {
-            self.metrics.truncated.inc();
-            bytes = resp.truncate().to_vec().ok()?;
+        let bytes = match resp.to_vec() {
+            Ok(b) if b.len() > max => {
+                self.metrics.truncated.inc();
+                resp.truncate().to_vec()
+            }
+            other => other,
+        };
+        match bytes {
+            Ok(b) => Outcome::Reply(b),
+            Err(e) => {
+                tracing::warn!(error = %e, "a DNS answer did not encode");
+                Outcome::Silent
+            }
         }
-        Some(bytes)
     }
 }
 
@@ -407,7 +416,7 @@ async fn serve_udp(sock: UdpSocket, shared: Arc<Shared>) {
                 continue;
             }
         };
-        if let Some(out) = shared.handle(&buf[..n], "udp", true) {
+        if let Outcome::Reply(out) = shared.handle(&buf[..n], "udp", true) {
             if let Err(e) = sock.send_to(&out, from).await {
                 tracing::debug!(%from, error = %e, "DNS UDP send failed");
             }
@@ -456,12 +465,10 @@ async fn serve_conn(mut conn: TcpStream, shared: &Shared) -> io::Result<()> {
         tokio::time::timeout(idle, conn.read_exact(msg))
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "query cut short"))??;
-        let Some(out) = shared.handle(msg, "tcp", false) else {
-            if Message::from_vec(msg).is_err() {
-                // The stream's framing can no longer be trusted.
-                return Ok(());
-            }
-            continue;
+        let out = match shared.handle(msg, "tcp", false) {
+            Outcome::Reply(out) => out,
+            Outcome::Silent => continue,
+            Outcome::Malformed => return Ok(()),
         };
         let len = u16::try_from(out.len()).map_err(|_| io::Error::other("answer too long"))?;
         let mut framed = Vec::with_capacity(out.len() + 2);
