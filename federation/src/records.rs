@@ -5,7 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-use fedmesh_catalog::mcs::{Export, ExportedMeta, Port, Protocol, ServiceType, SessionAffinity};
+use fedmesh_catalog::mcs::{
+    Export, ExportedMeta, HeadlessEndpoint, Port, Protocol, ServiceType, SessionAffinity,
+};
 use fedmesh_catalog::ClusterName;
 use fedmesh_trust::{TrustBundle, TrustDomain};
 use fedmesh_wire::ServiceName;
@@ -100,6 +102,19 @@ fn weight() -> u32 {
     100
 }
 
+/// Most endpoint addresses a headless export's record carries (a
+/// controller publishes the first this many, by address, and says so).
+pub const MAX_HEADLESS_ENDPOINTS: usize = 1000;
+
+/// One ready address of a headless export.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointRecord {
+    pub ip: std::net::IpAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hostname: Option<String>,
+}
+
 /// `/fedmesh/v1/clusters/<cluster>/services/<ns>/<name>`: one export.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -125,10 +140,17 @@ pub struct ServiceRecord {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub annotations: BTreeMap<String, String>,
+    /// A headless export's ready addresses (absent for ClusterSetIP ones:
+    /// their endpoints stay private to the cluster).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<EndpointRecord>,
 }
 
 impl ServiceRecord {
-    /// The record of one export (what [`ServiceRecord::decode`] reads back).
+    /// The record of one export (what [`ServiceRecord::decode`] reads back);
+    /// `endpoints` are published for a headless export only, at most
+    /// [`MAX_HEADLESS_ENDPOINTS`].
+    #[allow(clippy::too_many_arguments)]
     pub fn of(
         service: &ServiceName,
         ports: &[Port],
@@ -137,6 +159,7 @@ impl ServiceRecord {
         exported_at_ms: u64,
         audience: Option<Vec<String>>,
         ready_endpoints: u32,
+        endpoints: &[HeadlessEndpoint],
     ) -> Self {
         let (session_affinity, timeout) = match meta.session_affinity {
             SessionAffinity::None => (AffinityRecord::None, None),
@@ -165,6 +188,17 @@ impl ServiceRecord {
             session_affinity_timeout_seconds: timeout,
             labels: meta.labels.clone(),
             annotations: meta.annotations.clone(),
+            endpoints: match service_type {
+                ServiceType::Headless => endpoints
+                    .iter()
+                    .take(MAX_HEADLESS_ENDPOINTS)
+                    .map(|e| EndpointRecord {
+                        ip: e.ip,
+                        hostname: e.hostname.clone(),
+                    })
+                    .collect(),
+                ServiceType::ClusterSetIP => Vec::new(),
+            },
         }
     }
 }
@@ -421,6 +455,36 @@ impl ServiceRecord {
                 Some(set)
             }
         };
+        if !r.endpoints.is_empty() && r.service_type != ServiceType::Headless {
+            return Err(invalid("endpoints", "published for headless services only"));
+        }
+        if r.endpoints.len() > MAX_HEADLESS_ENDPOINTS {
+            return Err(invalid(
+                "endpoints",
+                format!(
+                    "{} addresses; at most {MAX_HEADLESS_ENDPOINTS}",
+                    r.endpoints.len()
+                ),
+            ));
+        }
+        let mut endpoints = Vec::with_capacity(r.endpoints.len());
+        for e in r.endpoints {
+            // A hostname becomes a DNS label in every importing cluster.
+            if let Some(h) = &e.hostname {
+                if !HeadlessEndpoint::valid_hostname(h) {
+                    return Err(invalid(
+                        "endpoints",
+                        format!("hostname {:?} is not a DNS label", fedmesh_wire::bounded(h)),
+                    ));
+                }
+            }
+            endpoints.push(HeadlessEndpoint {
+                ip: e.ip,
+                hostname: e.hostname,
+            });
+        }
+        endpoints.sort();
+        endpoints.dedup();
         Ok(Export {
             cluster: cluster.clone(),
             service: got,
@@ -440,6 +504,7 @@ impl ServiceRecord {
             audience,
             ready_endpoints: r.ready_endpoints,
             weight: r.weight,
+            endpoints,
         })
     }
 }
@@ -490,6 +555,7 @@ mod tests {
             7,
             None,
             2,
+            &[],
         );
         serde_json::to_value(r).unwrap()
     }
@@ -553,5 +619,72 @@ mod tests {
         })
         .contains("annotations"));
         assert!(bad(&|v| v["labels"]["n"] = 1.into()).contains("decode"));
+    }
+
+    #[test]
+    fn a_headless_export_publishes_its_endpoints_and_nothing_else_does() {
+        let (ports, meta) = full();
+        let eps = [
+            HeadlessEndpoint {
+                ip: "10.0.0.2".parse().unwrap(),
+                hostname: Some("web-0".into()),
+            },
+            HeadlessEndpoint {
+                ip: "fd00::2".parse().unwrap(),
+                hostname: None,
+            },
+        ];
+        let name = ServiceName::new("api", "shop").unwrap();
+        let of = |t| {
+            serde_json::to_value(ServiceRecord::of(&name, &ports, t, &meta, 7, None, 2, &eps))
+                .unwrap()
+        };
+        let headless = of(ServiceType::Headless);
+        assert_eq!(decode(&headless).unwrap().endpoints, eps);
+        assert_eq!(
+            headless["endpoints"],
+            serde_json::json!([{ "ip": "10.0.0.2", "hostname": "web-0" }, { "ip": "fd00::2" }])
+        );
+        let vip = of(ServiceType::ClusterSetIP);
+        assert!(vip.get("endpoints").is_none(), "{vip}");
+        // Too many are cut when published.
+        let many: Vec<HeadlessEndpoint> = (0..MAX_HEADLESS_ENDPOINTS as u32 + 5)
+            .map(|i| HeadlessEndpoint {
+                ip: std::net::Ipv4Addr::from(0x0a00_0000 + i).into(),
+                hostname: None,
+            })
+            .collect();
+        let r = ServiceRecord::of(
+            &name,
+            &ports,
+            ServiceType::Headless,
+            &meta,
+            7,
+            None,
+            2,
+            &many,
+        );
+        assert_eq!(r.endpoints.len(), MAX_HEADLESS_ENDPOINTS);
+
+        let bad = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = headless.clone();
+            f(&mut v);
+            decode(&v).unwrap_err().to_string()
+        };
+        for host in ["", "Web-0", "-web", "web.0", &"x".repeat(64)] {
+            let e = bad(&|v| v["endpoints"][0]["hostname"] = host.into());
+            assert!(e.contains("not a DNS label"), "{host}: {e}");
+        }
+        assert!(bad(&|v| v["endpoints"][0]["ip"] = "web-0".into()).contains("decode"));
+        assert!(bad(&|v| v["endpoints"][0]["port"] = 1.into()).contains("decode"));
+        assert!(
+            bad(&|v| v["service_type"] = "ClusterSetIP".into()).contains("headless services only")
+        );
+        assert!(bad(&|v| {
+            v["endpoints"] = (0..=MAX_HEADLESS_ENDPOINTS)
+                .map(|i| serde_json::json!({ "ip": format!("10.0.{}.{}", i / 256, i % 256) }))
+                .collect();
+        })
+        .contains("at most"));
     }
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use fedmesh_catalog::mcs::{Port, Protocol, ServiceType};
+use fedmesh_catalog::mcs::{HeadlessEndpoint, Port, Protocol, ServiceType};
 use fedmesh_catalog::ClusterName;
 use fedmesh_trust::{SpiffeId, TrustDomain};
 use fedmesh_wire::ServiceName;
@@ -70,6 +70,10 @@ fn tcp() -> Protocol {
 pub struct FileEndpoint {
     pub address: SocketAddr,
     pub identity: String,
+    /// The endpoint's hostname (a DNS label): a headless service's
+    /// endpoint is then also `<hostname>.<cluster>.<svc>.<ns>.svc.clusterset.local`.
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 /// Parses and validates a services file for a cluster of `trust_domain`;
@@ -108,7 +112,22 @@ pub fn parse(text: &str, trust_domain: &TrustDomain) -> Result<Vec<LocalService>
             }
         }
         let mut endpoints = Vec::new();
+        let mut hostnames = std::collections::BTreeMap::new();
         for (j, e) in s.endpoints.iter().enumerate() {
+            if let Some(h) = &e.hostname {
+                if !HeadlessEndpoint::valid_hostname(h) {
+                    errs.push(format!(
+                        "{what}: endpoints[{j}]: hostname {h:?} is not a DNS label"
+                    ));
+                } else if let Some(other) = hostnames.insert(e.address.ip(), h.clone()) {
+                    if &other != h {
+                        errs.push(format!(
+                            "{what}: endpoints[{j}]: {} has two hostnames ({other}, {h})",
+                            e.address.ip()
+                        ));
+                    }
+                }
+            }
             match SpiffeId::new(&e.identity) {
                 Ok(id) if id.trust_domain_name() == trust_domain.as_str() => {
                     endpoints.push((e.address, id))
@@ -137,6 +156,7 @@ pub fn parse(text: &str, trust_domain: &TrustDomain) -> Result<Vec<LocalService>
         }
         out.push(LocalService {
             vips: s.vips.clone(),
+            hostnames,
             name,
             ports,
             service_type: if s.headless {
@@ -256,5 +276,37 @@ services:
         let errs = parse(bad, &td).unwrap_err();
         assert_eq!(errs.len(), 4, "{errs:?}");
         assert!(parse("services: 3", &td).is_err());
+    }
+
+    #[test]
+    fn endpoints_may_have_hostnames() {
+        let td = TrustDomain::new("west.acme").unwrap();
+        let ok = r#"
+services:
+  - name: db.shop
+    ports: [5432]
+    export: true
+    headless: true
+    endpoints:
+      - { address: "10.0.0.1:15006", identity: "spiffe://west.acme/ns/shop/sa/db", hostname: db-0 }
+      - { address: "10.0.0.2:15006", identity: "spiffe://west.acme/ns/shop/sa/db" }
+"#;
+        let s = parse(ok, &td).unwrap();
+        assert_eq!(s[0].service_type, ServiceType::Headless);
+        let ip: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(s[0].hostnames, [(ip, "db-0".to_owned())].into());
+        let bad = r#"
+services:
+  - name: db.shop
+    ports: [5432]
+    endpoints:
+      - { address: "10.0.0.1:1", identity: "spiffe://west.acme/ns/shop/sa/db", hostname: "DB.0" }
+      - { address: "10.0.0.2:1", identity: "spiffe://west.acme/ns/shop/sa/db", hostname: db-0 }
+      - { address: "10.0.0.2:2", identity: "spiffe://west.acme/ns/shop/sa/db", hostname: db-1 }
+"#;
+        let errs = parse(bad, &td).unwrap_err();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs[0].contains("not a DNS label"), "{errs:?}");
+        assert!(errs[1].contains("two hostnames"), "{errs:?}");
     }
 }

@@ -243,33 +243,49 @@ async fn dns_serves_the_file_source_and_configs_that_cannot_work_are_refused() {
         dir.path(),
         "clusterset_ips: { cidrs: [\"241.0.0.0/24\"] }\ndns: { listen: \"127.0.0.1:0\" }\n",
     );
+    // A headless service beside it, with a StatefulSet-like hostname.
+    let headless = "  - name: db.shop\n    ports: [5432]\n    export: true\n    headless: true\n    endpoints:\n      - { address: \"127.0.0.7:9000\", identity: \"spiffe://east.acme/ns/shop/sa/db\", hostname: db-0 }\n";
+    std::fs::write(
+        dir.path().join("services.yaml"),
+        format!("{SERVICES}{headless}"),
+    )
+    .unwrap();
     let app = build(&cfg).await.unwrap();
     let dns = app.dns_addr().unwrap();
     let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let ask = |id: u16| {
-        let mut m = Message::new();
-        m.set_id(id).add_query(Query::query(
-            Name::from_ascii("echo.shop.svc.clusterset.local.").unwrap(),
-            RecordType::A,
-        ));
-        m.to_vec().unwrap()
-    };
-    let t = Instant::now();
     let mut buf = vec![0u8; 1500];
-    let ip = loop {
-        sock.send_to(&ask(1), dns).await.unwrap();
-        let n = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        let r = Message::from_vec(&buf[..n]).unwrap();
-        if let Some(RData::A(a)) = r.answers().first().map(|a| a.data()) {
-            break a.0;
+    // The first A record of `name`, once there is one.
+    let mut resolve = async |name: &str| {
+        let mut m = Message::new();
+        m.set_id(1)
+            .add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        let ask = m.to_vec().unwrap();
+        let t = Instant::now();
+        loop {
+            sock.send_to(&ask, dns).await.unwrap();
+            let n = tokio::time::timeout(Duration::from_secs(2), sock.recv(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            let r = Message::from_vec(&buf[..n]).unwrap();
+            if let Some(RData::A(a)) = r.answers().first().map(|a| a.data()) {
+                break a.0;
+            }
+            assert_eq!(r.response_code(), ResponseCode::NXDomain, "{r:?}");
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "{name} never resolved"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(r.response_code(), ResponseCode::NXDomain, "{r:?}");
-        assert!(t.elapsed() < Duration::from_secs(10), "never resolved");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     };
+    let ip = resolve("echo.shop.svc.clusterset.local.").await;
+    for name in [
+        "db.shop.svc.clusterset.local.",
+        "db-0.east.db.shop.svc.clusterset.local.",
+    ] {
+        assert_eq!(resolve(name).await.to_string(), "127.0.0.7", "{name}");
+    }
     assert!(ip.to_string().starts_with("241.0.0."), "{ip}");
     // The port is taken now: a second controller on it is refused.
     let taken = config_with(

@@ -37,6 +37,7 @@ fn member(name: &str) -> Member {
 fn echo(m: &Member, export: bool) -> LocalService {
     LocalService {
         vips: Vec::new(),
+        hostnames: Default::default(),
         name: ServiceName::new("echo", "shop").unwrap(),
         ports: vec![Port::new(8080, Protocol::Tcp)],
         meta: Default::default(),

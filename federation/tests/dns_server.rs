@@ -32,6 +32,7 @@ fn zone() -> Zone {
             exporters: vec![west.clone()],
             clusters: vec![west],
             conflicts: Vec::new(),
+            endpoints: Default::default(),
         },
     )]
     .into_iter()

@@ -348,6 +348,7 @@ fn view(imports: &[(&str, &[&str])], conflict: bool) -> McsView {
                 exporters: clusters.clone(),
                 clusters,
                 conflicts: vec![],
+                endpoints: Default::default(),
             },
         );
     }

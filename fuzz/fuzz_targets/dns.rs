@@ -36,6 +36,7 @@ fn zone() -> &'static Zone {
                     exporters: vec![west.clone()],
                     clusters: vec![west.clone()],
                     conflicts: Vec::new(),
+                    endpoints: Default::default(),
                 },
             );
             let n = u8::try_from(i).expect("few");

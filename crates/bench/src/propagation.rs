@@ -94,6 +94,7 @@ async fn subscribe_all(
 fn service(c: usize, i: usize, td: &TrustDomain) -> anyhow::Result<LocalService> {
     Ok(LocalService {
         vips: Vec::new(),
+        hostnames: Default::default(),
         name: ServiceName::new(&format!("svc-{c}-{i}"), "bench")?,
         ports: vec![Port::new(8080, Protocol::Tcp)],
         meta: Default::default(),

@@ -14,6 +14,8 @@
 //! - Conflicts are reported on every export of the service.
 //! - Beyond the API: an export may name an audience; clusters outside it
 //!   do not see the export at all.
+//! - A headless import carries every member cluster's ready endpoints
+//!   (what `clusterset.local` answers for it), the viewer's own included.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -96,6 +98,33 @@ pub enum SessionAffinity {
     ClientIp { timeout_seconds: Option<u32> },
 }
 
+/// One ready endpoint address of a headless export (MCS DNS names it
+/// `<hostname>.<cluster>.<svc>.<ns>.svc.clusterset.local`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HeadlessEndpoint {
+    pub ip: std::net::IpAddr,
+    /// The EndpointSlice endpoint's `hostname` (a StatefulSet pod's name);
+    /// `None`: named by its address ([`HeadlessEndpoint::dns_label`]).
+    pub hostname: Option<String>,
+}
+
+impl HeadlessEndpoint {
+    /// Whether `h` can be a hostname: an RFC 1123 DNS label (it becomes a
+    /// name in every importing cluster's `clusterset.local`).
+    pub fn valid_hostname(h: &str) -> bool {
+        !h.is_empty() && Port::valid_name(h) && !h.starts_with('-') && !h.ends_with('-')
+    }
+
+    /// The label that names the endpoint: its hostname, else its address
+    /// with `.`/`:` as `-` (as the mcs-api conformance suite expects).
+    pub fn dns_label(&self) -> String {
+        match &self.hostname {
+            Some(h) => h.clone(),
+            None => self.ip.to_string().replace(['.', ':'], "-"),
+        }
+    }
+}
+
 /// What an export says about its service beyond ports and type: taken
 /// from the oldest export, conflicts when another export differs.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -121,6 +150,8 @@ pub struct Export {
     /// Healthy endpoints behind it; a cluster with none is not routed to.
     pub ready_endpoints: u32,
     pub weight: u32,
+    /// A headless export's ready endpoints (empty for ClusterSetIP ones).
+    pub endpoints: Vec<HeadlessEndpoint>,
 }
 
 /// The property two exports disagree on; each has its v1beta1 reason.
@@ -239,6 +270,9 @@ pub struct Import {
     /// serves its own exports locally).
     pub clusters: Vec<ClusterName>,
     pub conflicts: Vec<Conflict>,
+    /// Headless: each member cluster's ready endpoints, by cluster (the
+    /// viewer's own included; clusters without any left out).
+    pub endpoints: BTreeMap<ClusterName, Vec<HeadlessEndpoint>>,
 }
 
 impl Import {
@@ -265,6 +299,12 @@ pub fn merge(viewer: &ClusterName, exports: &[Export]) -> BTreeMap<ServiceName, 
         };
         let mut exporters: Vec<ClusterName> = r.members.iter().map(|e| e.cluster.clone()).collect();
         exporters.sort();
+        let endpoints = r
+            .members
+            .iter()
+            .filter(|e| e.service_type == ServiceType::Headless && !e.endpoints.is_empty())
+            .map(|e| (e.cluster.clone(), e.endpoints.clone()))
+            .collect();
         let mut serving: Vec<&Export> = r
             .members
             .into_iter()
@@ -285,6 +325,7 @@ pub fn merge(viewer: &ClusterName, exports: &[Export]) -> BTreeMap<ServiceName, 
                 exporters,
                 clusters: serving.into_iter().map(|e| e.cluster.clone()).collect(),
                 conflicts: r.conflicts,
+                endpoints,
             },
         );
     }
@@ -432,6 +473,7 @@ mod tests {
             audience: None,
             ready_endpoints: 2,
             weight: 100,
+            endpoints: Vec::new(),
         }
     }
 
@@ -528,6 +570,41 @@ mod tests {
         assert_eq!(i.clusters, [c("north")]);
         assert_eq!(conflict_reason(&i.conflicts), "TypeConflict");
         assert!(i.conflicts[0].to_string().contains("oldest export wins"));
+    }
+
+    #[test]
+    fn a_headless_import_carries_every_member_clusters_endpoints() {
+        let ep = |ip: &str, host: Option<&str>| HeadlessEndpoint {
+            ip: ip.parse().unwrap(),
+            hostname: host.map(str::to_owned),
+        };
+        let headless = |cluster, at, eps: Vec<HeadlessEndpoint>| Export {
+            service_type: ServiceType::Headless,
+            endpoints: eps,
+            ..exp(cluster, at, &[tcp("http", 80)])
+        };
+        let e = [
+            headless("west", 1, vec![ep("10.1.0.5", Some("web-0"))]),
+            headless("east", 2, vec![ep("10.2.0.5", None), ep("fd00::5", None)]),
+            headless("south", 3, vec![]),
+            // Left out by the type conflict: its endpoints too.
+            Export {
+                endpoints: vec![ep("10.3.0.5", None)],
+                ..exp("north", 4, &[tcp("http", 80)])
+            },
+        ];
+        let i = one("east", &e);
+        assert_eq!(
+            i.endpoints.keys().collect::<Vec<_>>(),
+            [&c("east"), &c("west")]
+        );
+        assert_eq!(i.endpoints[&c("east")].len(), 2);
+        assert_eq!(i.endpoints[&c("west")][0].dns_label(), "web-0");
+        assert_eq!(i.endpoints[&c("east")][0].dns_label(), "10-2-0-5");
+        assert_eq!(i.endpoints[&c("east")][1].dns_label(), "fd00--5");
+        // A ClusterSetIP import has none.
+        let e = [exp("west", 1, &[tcp("http", 80)])];
+        assert!(one("east", &e).endpoints.is_empty());
     }
 
     #[test]

@@ -436,6 +436,7 @@ fn controller_writes() -> String {
             exporters: vec!["east".parse().unwrap(), "west".parse().unwrap()],
             clusters: vec!["west".parse().unwrap()],
             conflicts: Vec::new(),
+            endpoints: Default::default(),
         };
         let conflict = vec![Conflict {
             kind: ConflictKind::Port {

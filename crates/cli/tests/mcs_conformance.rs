@@ -1,5 +1,6 @@
 //! The Multi-Cluster Services API as kubernetes-sigs/mcs-api's conformance
-//! suite checks it (`conformance/service_import.go`), against two
+//! suite checks it (`conformance/service_import.go`, and the DNS specs
+//! `clusterip_service_dns.go` and `headless_service_dns.go`), against two
 //! `fedmesh controller` processes with the Kubernetes source, each with
 //! its own API server stand-in, federated through a real etcd.
 //!
@@ -141,6 +142,15 @@ impl ClusterSet {
     /// The hello Service with `spec` (ports and whatever else) and one
     /// ready endpoint, in cluster `i`.
     fn deploy(&self, i: usize, spec: Value) {
+        self.deploy_with(
+            i,
+            spec,
+            json!([{ "addresses": [format!("10.{i}.1.5")], "conditions": { "ready": true } }]),
+        );
+    }
+
+    /// [`ClusterSet::deploy`] with these EndpointSlice `endpoints`.
+    fn deploy_with(&self, i: usize, spec: Value, endpoints: Value) {
         let mut full = json!({ "type": "ClusterIP", "clusterIP": format!("10.{i}.0.10"), "sessionAffinity": "None" });
         fedmesh_testkit::fake_kube::merge(&mut full, &spec);
         self.fake(i).put(
@@ -154,7 +164,7 @@ impl ClusterSet {
                     "metadata": { "name": "hello-1", "namespace": NS,
                                   "labels": { "kubernetes.io/service-name": HELLO } },
                     "addressType": "IPv4",
-                    "endpoints": [{ "addresses": [format!("10.{i}.1.5")], "conditions": { "ready": true } }] }),
+                    "endpoints": endpoints }),
         );
     }
 
@@ -833,4 +843,117 @@ fn names_outside_clusterset_local_are_refused() {
     for name in ["hello.demo.svc.cluster.local", "example.com"] {
         s.await_dns(0, name, "A", "REFUSED", &[]);
     }
+}
+
+// ---- headless_service_dns.go ----
+
+/// A headless hello in cluster `i`: two ready pods of a StatefulSet
+/// (`hello-0`, `hello-1`) when `stateful`, else of a Deployment (no
+/// hostnames), and one that is not ready.
+fn deploy_headless(s: &ClusterSet, i: usize, stateful: bool) -> Vec<String> {
+    let ips: Vec<String> = (5..7).map(|h| format!("10.{i}.1.{h}")).collect();
+    let mut endpoints: Vec<Value> = ips
+        .iter()
+        .enumerate()
+        .map(|(n, ip)| {
+            let mut e = json!({ "addresses": [ip], "conditions": { "ready": true } });
+            if stateful {
+                e["hostname"] = json!(format!("hello-{n}"));
+            }
+            e
+        })
+        .collect();
+    endpoints
+        .push(json!({ "addresses": [format!("10.{i}.1.9")], "conditions": { "ready": false } }));
+    s.deploy_with(
+        i,
+        json!({ "ports": hello_ports(), "clusterIP": "None" }),
+        Value::Array(endpoints),
+    );
+    s.export(i, json!({}));
+    ips
+}
+
+/// "A DNS query of the <service>.<ns>.svc.clusterset.local domain for a
+/// headless service should return the ready endpoint addresses of all the
+/// backing pods", here of both clusters' pods.
+#[test]
+fn a_dns_query_of_a_headless_service_should_return_the_ready_endpoint_addresses_of_all_the_backing_pods(
+) {
+    let Some(s) = ClusterSet::with_dig("mcs_conformance") else {
+        return;
+    };
+    let mut want = deploy_headless(&s, 0, false);
+    for i in 0..2 {
+        let a: Vec<String> = want.iter().map(|ip| format!("A {ip}")).collect();
+        s.await_dns(i, NAME, "A", "NOERROR", &a);
+    }
+    // west exports it too: every cluster answers with both clusters' pods.
+    want.extend(deploy_headless(&s, 1, false));
+    want.sort();
+    let a: Vec<String> = want.iter().map(|ip| format!("A {ip}")).collect();
+    for i in 0..2 {
+        s.await_dns(i, NAME, "A", "NOERROR", &a);
+    }
+    // No ready endpoint anywhere: NXDOMAIN.
+    for i in 0..2 {
+        s.deploy_with(
+            i,
+            json!({ "ports": hello_ports(), "clusterIP": "None" }),
+            json!([{ "addresses": [format!("10.{i}.1.5")], "conditions": { "ready": false } }]),
+        );
+    }
+    for i in 0..2 {
+        s.await_dns(i, NAME, "A", "NXDOMAIN", &[]);
+    }
+}
+
+/// "A DNS query of the <hostname>.<clusterid>.<service>.<ns>.svc.
+/// clusterset.local domain for a headless StatefulSet service should
+/// return the requested pod's endpoint address".
+#[test]
+fn a_dns_query_of_the_hostname_clusterid_domain_for_a_headless_stateful_set_service_should_return_the_requested_pods_endpoint_address(
+) {
+    let Some(s) = ClusterSet::with_dig("mcs_conformance") else {
+        return;
+    };
+    let ips = deploy_headless(&s, 0, true);
+    for i in 0..2 {
+        for (n, ip) in ips.iter().enumerate() {
+            let name = format!("hello-{n}.east.{NAME}");
+            s.await_dns(i, &name, "A", "NOERROR", &[format!("A {ip}")]);
+        }
+        // Not a pod of west; no name that picks east's pods as a whole.
+        s.await_dns(i, &format!("hello-0.west.{NAME}"), "A", "NXDOMAIN", &[]);
+        s.await_dns(i, &format!("east.{NAME}"), "A", "NOERROR", &[]);
+    }
+}
+
+/// "A DNS SRV query of the <service>.<ns>.svc.clusterset.local domain for
+/// a headless service should return valid SRV records": one per ready
+/// endpoint and named port, naming the endpoint (its hostname, or its
+/// address with dashes).
+#[test]
+fn a_dns_srv_query_of_a_headless_service_should_return_valid_srv_records() {
+    let Some(s) = ClusterSet::with_dig("mcs_conformance") else {
+        return;
+    };
+    deploy_headless(&s, 0, true);
+    deploy_headless(&s, 1, false);
+    let want = [
+        format!("SRV 0 100 42 10-1-1-5.west.{NAME}."),
+        format!("SRV 0 100 42 10-1-1-6.west.{NAME}."),
+        format!("SRV 0 100 42 hello-0.east.{NAME}."),
+        format!("SRV 0 100 42 hello-1.east.{NAME}."),
+    ];
+    for i in 0..2 {
+        s.await_dns(i, &format!("_tcp._tcp.{NAME}"), "SRV", "NOERROR", &want);
+    }
+    s.await_dns(
+        1,
+        &format!("10-1-1-6.west.{NAME}"),
+        "A",
+        "NOERROR",
+        &["A 10.1.1.6".to_owned()],
+    );
 }

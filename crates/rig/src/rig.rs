@@ -585,6 +585,7 @@ fn local_services(
             .collect();
         out.push(LocalService {
             vips: Vec::new(),
+            hostnames: Default::default(),
             name,
             ports: vec![Port::new(s.port, Protocol::Tcp)],
             meta: Default::default(),

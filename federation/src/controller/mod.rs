@@ -54,6 +54,9 @@ pub struct LocalService {
     pub audience: Option<Vec<ClusterName>>,
     /// Sidecar inbound listeners and the identities they present.
     pub endpoints: Vec<(SocketAddr, fedmesh_trust::SpiffeId)>,
+    /// Endpoints' hostnames by address (an EndpointSlice endpoint's
+    /// `hostname`): a headless export publishes them for MCS DNS.
+    pub hostnames: BTreeMap<std::net::IpAddr, String>,
     /// The Service's cluster IPs (what apps connect to).
     pub vips: Vec<std::net::IpAddr>,
     /// When the export was created; `None` lets the controller keep the

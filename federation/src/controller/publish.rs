@@ -6,13 +6,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fedmesh_catalog::mcs::{HeadlessEndpoint, ServiceType};
 use fedmesh_catalog::ClusterName;
 use fedmesh_wire::ServiceName;
 use tokio::sync::watch;
 
 use super::{now_ms, ControllerMetrics, ControllerSettings, Gateways, LocalService};
 use crate::keys::{self, Key};
-use crate::records::{ClusterInfo, LeftRecord, ServiceRecord};
+use crate::records::{ClusterInfo, LeftRecord, ServiceRecord, MAX_HEADLESS_ENDPOINTS};
 use crate::store::{LeaseId, Store, StoreError};
 
 // ---- publishing ----
@@ -40,7 +41,32 @@ pub(super) fn info_record(
     serde_json::to_vec(&r).unwrap_or_default()
 }
 
+/// A headless service's ready addresses as MCS DNS names them: each
+/// address once, ordered, with its hostname when it has one.
+fn headless_endpoints(svc: &LocalService) -> Vec<HeadlessEndpoint> {
+    let ips: BTreeSet<std::net::IpAddr> = svc.endpoints.iter().map(|(a, _)| a.ip()).collect();
+    ips.into_iter()
+        .map(|ip| HeadlessEndpoint {
+            ip,
+            hostname: svc.hostnames.get(&ip).cloned(),
+        })
+        .collect()
+}
+
 pub(super) fn service_record(svc: &LocalService, exported_at: u64) -> Vec<u8> {
+    let endpoints = match svc.service_type {
+        ServiceType::Headless => headless_endpoints(svc),
+        ServiceType::ClusterSetIP => Vec::new(),
+    };
+    if endpoints.len() > MAX_HEADLESS_ENDPOINTS {
+        tracing::warn!(
+            service = %svc.name,
+            endpoints = endpoints.len(),
+            published = MAX_HEADLESS_ENDPOINTS,
+            "a headless service has more ready addresses than a record carries; \
+             clusterset.local names the first ones only"
+        );
+    }
     let r = ServiceRecord::of(
         &svc.name,
         &svc.ports,
@@ -51,6 +77,7 @@ pub(super) fn service_record(svc: &LocalService, exported_at: u64) -> Vec<u8> {
             .as_ref()
             .map(|a| a.iter().map(|c| c.to_string()).collect()),
         svc.endpoints.len() as u32,
+        &endpoints,
     );
     serde_json::to_vec(&r).unwrap_or_default()
 }

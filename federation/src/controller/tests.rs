@@ -44,6 +44,7 @@ fn settings(
 fn svc(i: u32, export: bool, proto: Protocol, td: &TrustDomain) -> LocalService {
     LocalService {
         vips: Vec::new(),
+        hostnames: Default::default(),
         name: ServiceName::new(&format!("s{i}"), "ns").unwrap(),
         ports: vec![Port::new(80, proto)],
         meta: Default::default(),

@@ -5,7 +5,11 @@
 //! For a ClusterSetIP import `<svc>.<ns>` with ClusterSet IPs:
 //! `<svc>.<ns>.svc.clusterset.local` A/AAAA → the ClusterSet IPs, and per
 //! named port `_<port>._<proto>.<svc>.<ns>.svc.clusterset.local` SRV →
-//! that port on the service's name. Only what this cluster imports exists:
+//! that port on the service's name. For a headless import, the same names
+//! answer with every member cluster's ready endpoint addresses, each
+//! endpoint is also `<hostname>.<cluster>.<svc>.<ns>.svc.clusterset.local`
+//! (its address with `-` when it has no hostname), and SRV records name
+//! each endpoint. Only what this cluster imports exists:
 //! a service nobody exports (or exports only to others) is NXDOMAIN, like
 //! a name that was never there.
 
@@ -32,7 +36,8 @@ pub const MAX_UDP_PAYLOAD: u16 = 1232;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Node {
     ips: Vec<IpAddr>,
-    /// (port, target) of SRV records; the target is the service's name.
+    /// (port, target) of SRV records: the service's name, or (headless)
+    /// each endpoint's.
     srv: Vec<(u16, Name)>,
 }
 
@@ -92,21 +97,49 @@ impl Zone {
     where
         I: IntoIterator<Item = (&'a ServiceName, &'a Import)>,
     {
-        let mut nodes = BTreeMap::new();
-        let mut interior = BTreeSet::new();
+        let mut nodes: BTreeMap<String, Node> = BTreeMap::new();
         for (name, imp) in imports {
-            if imp.service_type != ServiceType::ClusterSetIP {
-                // Headless services are answered by their endpoints: not
-                // served yet.
-                continue;
-            }
-            let Some(addrs) = ips.get(name).filter(|a| !a.is_empty()) else {
-                continue;
-            };
             let host = service_name(name);
-            let Some(target) = fqdn(&host) else {
-                continue;
+            // Each named port's SRV targets: the service's own name, or
+            // (headless) every endpoint's name.
+            let targets: Vec<String> = match imp.service_type {
+                ServiceType::ClusterSetIP => {
+                    let Some(addrs) = ips.get(name).filter(|a| !a.is_empty()) else {
+                        continue;
+                    };
+                    nodes.entry(host.clone()).or_default().ips = addrs.clone();
+                    vec![host.clone()]
+                }
+                ServiceType::Headless => {
+                    let mut targets = Vec::new();
+                    for (cluster, eps) in &imp.endpoints {
+                        for e in eps {
+                            let ep_host = format!("{}.{cluster}.{host}", e.dns_label());
+                            // Longer than a name may be: left out.
+                            if fqdn(&ep_host).is_none() {
+                                continue;
+                            }
+                            nodes.entry(host.clone()).or_default().ips.push(e.ip);
+                            let node = nodes.entry(ep_host.clone()).or_default();
+                            if node.ips.is_empty() {
+                                targets.push(ep_host);
+                            }
+                            node.ips.push(e.ip);
+                        }
+                    }
+                    // No ready endpoint anywhere: NXDOMAIN, as the MCS DNS
+                    // specification asks.
+                    if targets.is_empty() {
+                        continue;
+                    }
+                    if let Some(n) = nodes.get_mut(&host) {
+                        n.ips.sort();
+                        n.ips.dedup();
+                    }
+                    targets
+                }
             };
+            let targets: Vec<Name> = targets.iter().filter_map(|t| fqdn(t)).collect();
             for p in imp.ports.iter().filter(|p| !p.name.is_empty()) {
                 let proto = match p.protocol {
                     Protocol::Tcp => "tcp",
@@ -114,27 +147,19 @@ impl Zone {
                     Protocol::Sctp => "sctp",
                 };
                 let srv = format!("_{}._{proto}.{host}", p.name.to_ascii_lowercase());
-                nodes
-                    .entry(srv.clone())
-                    .or_insert_with(Node::default)
-                    .srv
-                    .push((p.port, target.clone()));
-                interior.insert(format!("_{proto}.{host}"));
+                let node = nodes.entry(srv).or_default();
+                node.srv.extend(targets.iter().map(|t| (p.port, t.clone())));
             }
-            nodes.insert(
-                host.clone(),
-                Node {
-                    ips: addrs.clone(),
-                    srv: Vec::new(),
-                },
-            );
-            // Every ancestor down to the apex exists too.
-            let mut rest = host.as_str();
+        }
+        // Every ancestor of a name down to the apex exists too
+        // (`_tcp.<svc>…`, `<cluster>.<svc>…`, `<ns>.svc.clusterset.local`).
+        let mut interior = BTreeSet::new();
+        for name in nodes.keys() {
+            let mut rest = name.as_str();
             while let Some((_, parent)) = rest.split_once('.') {
-                if parent == "local" {
+                if parent == "local" || !interior.insert(parent.to_owned()) {
                     break;
                 }
-                interior.insert(parent.to_owned());
                 rest = parent;
             }
         }
@@ -252,11 +277,15 @@ impl Zone {
                     resp.add_name_server(self.soa());
                 }
                 resp.add_answers(answers);
-                // A client asking for SRV gets the target's addresses too
-                // (every SRV record of a name targets the same service).
-                if let Some((_, t)) = node.srv.first().filter(|_| qtype == RecordType::SRV) {
-                    if let Some(n) = self.nodes.get(&key(t)) {
-                        resp.add_additionals(self.records(t, n, RecordType::ANY));
+                // A client asking for SRV gets the targets' addresses too
+                // (the server leaves them out when they do not fit).
+                if qtype == RecordType::SRV {
+                    let mut seen = BTreeSet::new();
+                    for (_, t) in &node.srv {
+                        let k = key(t);
+                        if let Some(n) = self.nodes.get(&k).filter(|_| seen.insert(k.clone())) {
+                            resp.add_additionals(self.records(t, n, RecordType::ANY));
+                        }
                     }
                 }
             }

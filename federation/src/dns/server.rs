@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_proto::op::{Message, ResponseCode};
+use hickory_proto::ProtoError;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -305,13 +306,10 @@ impl Shared {
             (true, Some(e)) => usize::from(e.max_payload().clamp(512, MAX_UDP_PAYLOAD)),
             (true, None) => 512,
         };
-        let bytes = match resp.to_vec() {
-            Ok(b) if b.len() > max => {
-                self.metrics.truncated.inc();
-                resp.truncate().to_vec()
-            }
-            other => other,
-        };
+        let (bytes, truncated) = fit(&resp, max);
+        if truncated {
+            self.metrics.truncated.inc();
+        }
         match bytes {
             Ok(b) => Outcome::Reply(b),
             Err(e) => {
@@ -319,6 +317,24 @@ impl Shared {
                 Outcome::Silent
             }
         }
+    }
+}
+
+/// `resp` encoded in at most `max` bytes, and whether it had to be
+/// truncated (TC: the client asks again over TCP). Additional records are
+/// optional (RFC 2181 §9): an answer that fits without them goes without
+/// them, and without TC.
+fn fit(resp: &Message, max: usize) -> (Result<Vec<u8>, ProtoError>, bool) {
+    match resp.to_vec() {
+        Ok(b) if b.len() > max => {
+            let mut lean = resp.clone();
+            lean.take_additionals();
+            match lean.to_vec() {
+                Ok(b) if b.len() <= max => (Ok(b), false),
+                _ => (resp.truncate().to_vec(), true),
+            }
+        }
+        other => (other, false),
     }
 }
 
@@ -500,6 +516,68 @@ mod tests {
             .filter(|_| l.on_query(t1) == Admit::Answer)
             .count();
         assert_eq!(answered, 50);
+    }
+
+    #[test]
+    fn additionals_go_first_then_the_answer_is_truncated() {
+        use crate::dns::Zone;
+        use fedmesh_catalog::mcs::{HeadlessEndpoint, Import, Port, Protocol, ServiceType};
+        use hickory_proto::op::Query;
+        use hickory_proto::rr::{Name, RecordType};
+        let zone = |n: u32| {
+            let svc = fedmesh_wire::ServiceName::new("db", "demo").unwrap();
+            let c = fedmesh_catalog::ClusterName::new("east").unwrap();
+            let eps = (0..n)
+                .map(|i| HeadlessEndpoint {
+                    ip: std::net::Ipv4Addr::from(0x0a00_0000 + i).into(),
+                    hostname: Some(format!("db-{i}")),
+                })
+                .collect();
+            let imp = Import {
+                service: svc.clone(),
+                service_type: ServiceType::Headless,
+                ports: vec![Port::named("pg", 5432, Protocol::Tcp)],
+                meta: Default::default(),
+                exporters: vec![c.clone()],
+                clusters: vec![],
+                conflicts: vec![],
+                endpoints: [(c, eps)].into(),
+            };
+            Zone::build(
+                [(&svc, &imp)],
+                &Default::default(),
+                Duration::from_secs(5),
+                1,
+            )
+        };
+        let mut q = Message::new();
+        q.add_query(Query::query(
+            Name::from_ascii("_pg._tcp.db.demo.svc.clusterset.local.").unwrap(),
+            RecordType::SRV,
+        ));
+        let decode = |z: &Zone| {
+            let (bytes, tc) = fit(&z.answer(&q).unwrap(), 512);
+            let m = Message::from_vec(&bytes.unwrap()).unwrap();
+            assert!(m.to_vec().unwrap().len() <= 512);
+            (m, tc)
+        };
+        // 3 SRV records and their addresses fit.
+        let (m, tc) = decode(&zone(3));
+        assert_eq!(
+            (m.answers().len(), m.additionals().len(), tc),
+            (3, 3, false)
+        );
+        // 7 fit only without the addresses: sent whole, no TC.
+        let (m, tc) = decode(&zone(7));
+        assert_eq!(
+            (m.answers().len(), m.additionals().len(), tc),
+            (7, 0, false)
+        );
+        assert!(!m.truncated());
+        // 40 do not fit at all: truncated, TC set.
+        let (m, tc) = decode(&zone(40));
+        assert!(tc && m.truncated());
+        assert!(m.answers().is_empty());
     }
 
     #[test]

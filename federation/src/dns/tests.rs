@@ -19,6 +19,7 @@ fn import(name: &str, ports: Vec<Port>, service_type: ServiceType) -> (ServiceNa
             exporters: vec![c.clone()],
             clusters: vec![c],
             conflicts: Vec::new(),
+            endpoints: Default::default(),
         },
     )
 }
@@ -138,7 +139,7 @@ fn what_is_not_imported_does_not_exist() {
     let z = zone();
     for name in [
         "nope.demo.svc.clusterset.local.",
-        // Headless: not served yet; imported without an address yet.
+        // Headless without a ready endpoint; imported without an address yet.
         "db.demo.svc.clusterset.local.",
         "new.demo.svc.clusterset.local.",
         "x.echo.demo.svc.clusterset.local.",
@@ -214,4 +215,112 @@ fn the_serial_moves_only_when_names_change() {
     let empty = Zone::empty(Duration::from_secs(5)).versioned(&a);
     assert_eq!(empty.serial, a.serial + 1);
     assert!(empty.is_empty());
+}
+
+fn headless() -> Zone {
+    use fedmesh_catalog::mcs::HeadlessEndpoint;
+    let ep = |ip: &str, host: Option<&str>| HeadlessEndpoint {
+        ip: ip.parse().unwrap(),
+        hostname: host.map(str::to_owned),
+    };
+    let (name, mut imp) = import(
+        "db.demo",
+        vec![
+            Port::named("pg", 5432, Protocol::Tcp),
+            Port::new(9187, Protocol::Tcp),
+        ],
+        ServiceType::Headless,
+    );
+    let c = |s: &str| ClusterName::new(s).unwrap();
+    imp.endpoints = [
+        (
+            c("east"),
+            vec![
+                ep("10.2.0.5", Some("db-0")),
+                ep("fd00::2:5", Some("db-0")),
+                ep("10.2.0.6", None),
+            ],
+        ),
+        (c("west"), vec![ep("10.1.0.5", Some("db-0"))]),
+    ]
+    .into();
+    Zone::build([(&name, &imp)], &BTreeMap::new(), Duration::from_secs(5), 1)
+}
+
+fn targets(m: &Message) -> Vec<String> {
+    let mut v: Vec<String> = m
+        .answers()
+        .iter()
+        .map(|r| match r.data() {
+            RData::SRV(s) => format!("{} {}", s.port(), s.target()),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_headless_service_resolves_to_every_clusters_ready_endpoints() {
+    let z = headless();
+    let a = ask(&z, "db.demo.svc.clusterset.local.", RecordType::A);
+    assert_eq!(a.response_code(), ResponseCode::NoError);
+    assert_eq!(ips(&a), ["10.1.0.5", "10.2.0.5", "10.2.0.6"]);
+    let aaaa = ask(&z, "db.demo.svc.clusterset.local.", RecordType::AAAA);
+    assert_eq!(ips(&aaaa), ["fd00::2:5"]);
+    // One endpoint of one cluster by its hostname, every address of it.
+    let one = ask(
+        &z,
+        "db-0.east.db.demo.svc.clusterset.local.",
+        RecordType::ANY,
+    );
+    assert_eq!(ips(&one), ["10.2.0.5", "fd00::2:5"]);
+    let west = ask(&z, "db-0.west.db.demo.svc.clusterset.local.", RecordType::A);
+    assert_eq!(ips(&west), ["10.1.0.5"]);
+    // Without a hostname, by its address.
+    let dashed = ask(
+        &z,
+        "10-2-0-6.east.db.demo.svc.clusterset.local.",
+        RecordType::A,
+    );
+    assert_eq!(ips(&dashed), ["10.2.0.6"]);
+    // No record picks one cluster's backends (MCS DNS 2.4.4): NODATA.
+    let cluster = ask(&z, "east.db.demo.svc.clusterset.local.", RecordType::A);
+    assert_eq!(cluster.response_code(), ResponseCode::NoError);
+    assert!(cluster.answers().is_empty());
+    for name in [
+        "db-1.east.db.demo.svc.clusterset.local.",
+        "db-0.north.db.demo.svc.clusterset.local.",
+    ] {
+        let r = ask(&z, name, RecordType::A);
+        assert_eq!(r.response_code(), ResponseCode::NXDomain, "{name}");
+    }
+}
+
+#[test]
+fn a_headless_services_srv_records_name_each_endpoint() {
+    let z = headless();
+    let srv = ask(
+        &z,
+        "_pg._tcp.db.demo.svc.clusterset.local.",
+        RecordType::SRV,
+    );
+    assert_eq!(srv.response_code(), ResponseCode::NoError);
+    assert_eq!(
+        targets(&srv),
+        [
+            "5432 10-2-0-6.east.db.demo.svc.clusterset.local.",
+            "5432 db-0.east.db.demo.svc.clusterset.local.",
+            "5432 db-0.west.db.demo.svc.clusterset.local.",
+        ]
+    );
+    // Each target's addresses come along.
+    assert_eq!(srv.additionals().len(), 4);
+    // The unnamed port has none.
+    let r = ask(
+        &z,
+        "_9187._tcp.db.demo.svc.clusterset.local.",
+        RecordType::SRV,
+    );
+    assert_eq!(r.response_code(), ResponseCode::NXDomain);
 }

@@ -25,7 +25,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 
-use fedmesh_catalog::mcs::{ExportedMeta, Port, Protocol, ServiceType, SessionAffinity};
+use fedmesh_catalog::mcs::{
+    ExportedMeta, HeadlessEndpoint, Port, Protocol, ServiceType, SessionAffinity,
+};
 use fedmesh_catalog::ClusterName;
 use fedmesh_trust::TrustDomain;
 use fedmesh_wire::{bounded, ServiceName};
@@ -460,23 +462,38 @@ pub fn local_services(
     settings: &KubeSettings,
     problems: &mut Vec<Problem>,
 ) -> (Vec<LocalService>, SeenExports) {
-    // Ready endpoint addresses by (namespace, service name).
+    // Ready endpoint addresses, and their hostnames, by (namespace,
+    // service name).
     let mut ready: BTreeMap<(String, String), BTreeSet<IpAddr>> = BTreeMap::new();
+    let mut hostnames: BTreeMap<(String, String), BTreeMap<IpAddr, String>> = BTreeMap::new();
     for s in slices.values() {
         let Some(svc) = s.labels().get("kubernetes.io/service-name") else {
             continue;
         };
         let ns = s.namespace().unwrap_or_default();
-        let set = ready.entry((ns, svc.clone())).or_default();
+        let set = ready.entry((ns.clone(), svc.clone())).or_default();
         for e in &s.endpoints {
             // Unknown readiness counts as ready, as kube-proxy does.
             if e.conditions.as_ref().and_then(|c| c.ready) == Some(false) {
                 continue;
             }
+            // The API server checks it is a DNS label; checked again, as it
+            // becomes a name in every importing cluster.
+            let hostname = e
+                .hostname
+                .as_ref()
+                .filter(|h| HeadlessEndpoint::valid_hostname(h))
+                .map(String::as_str);
             for a in &e.addresses {
                 match a.parse::<IpAddr>() {
                     Ok(ip) => {
                         set.insert(ip);
+                        if let Some(h) = hostname {
+                            hostnames
+                                .entry((ns.clone(), svc.clone()))
+                                .or_default()
+                                .insert(ip, h.to_owned());
+                        }
                     }
                     Err(_) => problems.push((
                         "endpointslice",
@@ -646,8 +663,10 @@ pub fn local_services(
             .iter()
             .filter_map(|ip| ip.parse::<IpAddr>().ok())
             .collect();
+        let hostnames = hostnames.remove(&(ns, name)).unwrap_or_default();
         out.push(LocalService {
             vips,
+            hostnames,
             name: service,
             ports,
             service_type: if spec.cluster_ip.as_deref() == Some("None") {
