@@ -94,6 +94,43 @@ pub struct KubernetesSource {
     /// services.
     #[serde(default = "default_excluded")]
     pub exclude_namespaces: Vec<String>,
+    /// Keep the cluster's CoreDNS forwarding `clusterset.local` to this
+    /// controller's `dns` server (needs `dns`).
+    #[serde(default)]
+    pub coredns: Option<CorednsConfig>,
+}
+
+/// `kubernetes.coredns`: which Corefile to keep, and the Service CoreDNS
+/// reaches this controller's DNS server through.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CorednsConfig {
+    /// `NAMESPACE/NAME` of CoreDNS's ConfigMap (key `Corefile`).
+    #[serde(default = "default_coredns_configmap")]
+    pub configmap: String,
+    /// `NAMESPACE/NAME` of the Service in front of the controller's DNS
+    /// port: its cluster IPs are what CoreDNS forwards to.
+    pub dns_service: String,
+    /// How often the Corefile is checked besides Service changes (a hand
+    /// edit is put back within this).
+    #[serde(default = "default_coredns_resync", with = "humantime_serde")]
+    pub resync: Duration,
+}
+
+fn default_coredns_configmap() -> String {
+    "kube-system/coredns".into()
+}
+
+fn default_coredns_resync() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `NAMESPACE/NAME` as two labels, or `None`.
+pub fn namespaced(s: &str) -> Option<(String, String)> {
+    let (ns, name) = s.split_once('/')?;
+    let ok = fedmesh_wire::check_label("namespace", ns).is_ok()
+        && fedmesh_wire::check_label("name", name).is_ok();
+    ok.then(|| (ns.to_owned(), name.to_owned()))
 }
 
 fn default_excluded() -> Vec<String> {
@@ -316,6 +353,22 @@ impl ControllerConfig {
                 errs.push(format!(
                     "kubernetes.gateway_service `{svc}`: expected NAMESPACE/NAME"
                 ));
+            }
+        }
+        if let Some(c) = self.kubernetes.as_ref().and_then(|k| k.coredns.as_ref()) {
+            for (field, v) in [("configmap", &c.configmap), ("dns_service", &c.dns_service)] {
+                if namespaced(v).is_none() {
+                    errs.push(format!(
+                        "kubernetes.coredns.{field} `{}`: expected NAMESPACE/NAME",
+                        fedmesh_wire::bounded(v)
+                    ));
+                }
+            }
+            if self.dns.is_none() {
+                errs.push("kubernetes.coredns: needs dns (the server CoreDNS forwards to)".into());
+            }
+            if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&c.resync) {
+                errs.push("kubernetes.coredns.resync: 1s to 1h".into());
             }
         }
         if self.gateways_tcp.len() > 16 {

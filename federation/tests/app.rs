@@ -302,6 +302,14 @@ async fn dns_serves_the_file_source_and_configs_that_cannot_work_are_refused() {
             "clusterset_ips: { cidrs: [\"241.0.0.0/24\"] }\ndns: { listen: \"127.0.0.1:0\", max_queries_per_second: 0 }\n",
             "dns.max_queries_per_second",
         ),
+        (
+            "kubernetes: { coredns: { dns_service: \"fedmesh-system/fedmesh-dns\" } }\n",
+            "kubernetes.coredns: needs dns",
+        ),
+        (
+            "clusterset_ips: { cidrs: [\"241.0.0.0/24\"] }\ndns: { listen: \"127.0.0.1:0\" }\nkubernetes: { coredns: { dns_service: \"fedmesh-dns\", configmap: \"a/b/c\" } }\n",
+            "kubernetes.coredns.dns_service `fedmesh-dns`: expected NAMESPACE/NAME",
+        ),
     ] {
         let cfg = config_with(dir.path(), extra);
         let errs = cfg.settings().expect_err("refused").join("; ");

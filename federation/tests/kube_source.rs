@@ -608,3 +608,85 @@ async fn exports_written_as_v1alpha1_are_read_through_v1beta1() {
         "{requests:#?}"
     );
 }
+
+/// kind's (kubeadm's) Corefile, as a cluster starts with it.
+const COREFILE: &str = ".:53 {\n    errors\n    kubernetes cluster.local in-addr.arpa ip6.arpa {\n       pods insecure\n    }\n    forward . /etc/resolv.conf\n    cache 30\n    reload\n}\n";
+const COREDNS: &str = "/api/v1/namespaces/kube-system/configmaps/coredns";
+
+fn corefile(fake: &FakeKube) -> String {
+    fake.object(COREDNS).unwrap()["data"]["Corefile"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn dns_service(ip: &str) -> serde_json::Value {
+    json!({ "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": "fedmesh-dns", "namespace": "fedmesh-system" },
+            "spec": { "clusterIP": ip, "ports": [
+                { "name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 5353 },
+                { "name": "dns-udp", "port": 53, "protocol": "UDP", "targetPort": 5353 } ] } })
+}
+
+/// `kubernetes.coredns`: CoreDNS's Corefile gets a `clusterset.local`
+/// block forwarding to the DNS Service, kept there against edits and moved
+/// with the Service's IP; a block someone else wrote is left alone (and
+/// reported), and the rest of the Corefile is never touched.
+#[tokio::test]
+async fn coredns_forwards_clusterset_local_to_the_dns_service_and_keeps_it_so() {
+    use fedmesh_federation::k8s::coredns::{keep_forward, CorednsSettings, BEGIN};
+    let fake = FakeKube::start().await.unwrap();
+    fake.put_configmap("kube-system", "coredns", json!({ "Corefile": COREFILE }));
+    let metrics = k8s::KubeMetrics::default();
+    let s = CorednsSettings {
+        configmap: ("kube-system".into(), "coredns".into()),
+        dns_service: ("fedmesh-system".into(), "fedmesh-dns".into()),
+        resync: Duration::from_millis(100),
+    };
+    let _task = keep_forward(client(&fake).await, s, metrics.clone());
+    // Nothing to forward to before the Service exists.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(corefile(&fake), COREFILE);
+    fake.put(SERVICES, dns_service("10.96.0.53"));
+    until("the forward", &fake, |f| {
+        corefile(f).contains("forward . 10.96.0.53:53")
+    })
+    .await;
+    let c = corefile(&fake);
+    assert!(c.starts_with(COREFILE), "{c}");
+    assert!(c.contains("clusterset.local:53 {"), "{c}");
+    // The write is counted once the API server answered it.
+    let count = async |n: u64| {
+        let t = std::time::Instant::now();
+        while metrics.writes("configmap", "coredns") < n {
+            assert!(t.elapsed() < WAIT, "write {n} not counted");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    count(1).await;
+    // Nothing changes: nothing is written.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(metrics.writes("configmap", "coredns"), 1);
+    // Edited away by hand: put back.
+    fake.put_configmap("kube-system", "coredns", json!({ "Corefile": COREFILE }));
+    until("the block put back", &fake, |f| corefile(f).contains(BEGIN)).await;
+    // The Service's IP changes: the block follows.
+    fake.put(SERVICES, dns_service("10.96.0.54"));
+    until("the new address", &fake, |f| {
+        corefile(f).contains("forward . 10.96.0.54:53")
+    })
+    .await;
+    assert_eq!(corefile(&fake).matches(BEGIN).count(), 1);
+    // Someone else serves clusterset.local: left alone, reported.
+    let foreign = format!("{COREFILE}clusterset.local:53 {{\n    forward . 10.0.0.9\n}}\n");
+    fake.put_configmap("kube-system", "coredns", json!({ "Corefile": foreign }));
+    let t = std::time::Instant::now();
+    while metrics.skipped("configmap", "coredns") != 1 {
+        assert!(t.elapsed() < WAIT, "the foreign block was not reported");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(corefile(&fake), foreign);
+    count(3).await;
+    assert_eq!(metrics.writes("configmap", "coredns"), 3);
+}

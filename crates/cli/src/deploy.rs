@@ -10,7 +10,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use fedmesh_deploy::inject::{self, InjectOptions, Outcome};
-use fedmesh_deploy::install::{CaFiles, GatewaySpec, InstallSpec, StoreSpec, StoreTlsFiles};
+use fedmesh_deploy::install::{
+    CaFiles, ClusterSetSpec, GatewaySpec, InstallSpec, StoreSpec, StoreTlsFiles,
+};
 
 const DEFAULT_IMAGE: &str = concat!("ghcr.io/fedmesh/fedmesh:", env!("CARGO_PKG_VERSION"));
 
@@ -66,6 +68,19 @@ pub struct InstallArgs {
     gateway_replicas: u32,
     #[arg(long, default_value_t = 2)]
     controller_replicas: u32,
+    /// Allocate ClusterSet IPs from this CIDR (repeatable: one per IP
+    /// family) and serve `clusterset.local` from the controller (Service
+    /// `fedmesh-dns`).
+    #[arg(long = "clusterset-cidr")]
+    clusterset_cidrs: Vec<String>,
+    /// CoreDNS's ConfigMap, which the controller keeps forwarding
+    /// `clusterset.local` to `fedmesh-dns` (`none`: leave CoreDNS alone).
+    #[arg(
+        long,
+        default_value = "kube-system/coredns",
+        requires = "clusterset_cidrs"
+    )]
+    coredns_configmap: String,
     /// Admit a peer cluster: `NAME=BUNDLE.pem` (repeatable).
     #[arg(long = "peer", value_parser = parse_kv)]
     peers: Vec<(String, String)>,
@@ -181,6 +196,16 @@ fn from_args(a: InstallArgs) -> anyhow::Result<InstallSpec> {
         },
         controller_replicas: a.controller_replicas,
         peers,
+        clusterset: clusterset(a.clusterset_cidrs, &a.coredns_configmap),
+    })
+}
+
+/// ClusterSet IPs and DNS when CIDRs are given; `none` keeps CoreDNS as
+/// it is.
+fn clusterset(cidrs: Vec<String>, coredns: &str) -> Option<ClusterSetSpec> {
+    (!cidrs.is_empty()).then(|| ClusterSetSpec {
+        cidrs,
+        coredns: (coredns != "none").then(|| coredns.to_owned()),
     })
 }
 
@@ -258,6 +283,14 @@ fn from_query(q: &str) -> Result<InstallSpec, String> {
         },
         controller_replicas: num("controller_replicas", 2)?,
         peers,
+        clusterset: clusterset(
+            json_of("clusterset_cidrs")?
+                .map(serde_json::from_value)
+                .transpose()
+                .map_err(|e| format!("query: `clusterset_cidrs`: {e}"))?
+                .unwrap_or_default(),
+            get("coredns_configmap").unwrap_or("kube-system/coredns"),
+        ),
     })
 }
 

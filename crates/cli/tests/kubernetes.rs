@@ -82,6 +82,9 @@ fn render_variants(dir: &Path) -> Vec<(PathBuf, String)> {
             &format!("--peer=west={}", s(&west.join("bundle.pem"))),
             &format!("--peer=north={}", s(&north.join("bundle.pem"))),
             "--image=registry.acme.net/fedmesh:v0.1.0",
+            // ClusterSet IPs and DNS, CoreDNS configured by other means.
+            "--clusterset-cidr=241.0.0.0/16",
+            "--coredns-configmap=none",
         ]
         .into_iter()
         .map(String::from)
@@ -98,6 +101,9 @@ fn render_variants(dir: &Path) -> Vec<(PathBuf, String)> {
             "--controller-replicas=1",
             "--image=fedmesh:dev",
             "--pull-policy=Never",
+            // Dual-stack ClusterSet IPs; CoreDNS kept forwarding.
+            "--clusterset-cidr=241.1.0.0/16",
+            "--clusterset-cidr=fd00:fe:1::/112",
         ]
         .into_iter()
         .map(String::from)
@@ -145,6 +151,59 @@ fn install_manifests_configure_our_binaries() {
             (1, None) => {}
             (0, Some(svc)) => assert_eq!(svc, "fedmesh-system/fedmesh-gateway"),
             other => panic!("{}: gateways {other:?}", path.display()),
+        }
+        // With ClusterSet IPs, the DNS server and its Service (the
+        // leader's pod, port 53 over UDP and TCP), and CoreDNS's forward
+        // unless turned off, with the right to keep that one ConfigMap.
+        let dns_svc = objs
+            .iter()
+            .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "fedmesh-dns");
+        let coredns_role = objs
+            .iter()
+            .find(|o| o["kind"] == "Role" && o["metadata"]["name"] == "fedmesh-coredns");
+        match (&cfg.dns, &cfg.clusterset_ips) {
+            (Some(dns), Some(_)) => {
+                let svc = dns_svc.expect("a fedmesh-dns Service");
+                assert_eq!(svc["spec"]["selector"]["fedmesh.io/leader"], "true");
+                let ports: Vec<_> = svc["spec"]["ports"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| {
+                        (
+                            p["port"].as_u64().unwrap(),
+                            p["protocol"].as_str().unwrap().to_owned(),
+                        )
+                    })
+                    .collect();
+                assert_eq!(ports, [(53, "UDP".to_owned()), (53, "TCP".to_owned())]);
+                let ctrl = find(&objs, "Deployment", "fedmesh-controller");
+                let container_ports = ctrl["spec"]["template"]["spec"]["containers"][0]["ports"]
+                    .as_array()
+                    .unwrap();
+                for p in ["dns-udp", "dns-tcp"] {
+                    let cp = container_ports.iter().find(|c| c["name"] == p).unwrap();
+                    assert_eq!(
+                        cp["containerPort"].as_u64(),
+                        Some(u64::from(dns.listen.port()))
+                    );
+                }
+                match &k.coredns {
+                    Some(c) => {
+                        assert_eq!(c.configmap, "kube-system/coredns");
+                        assert_eq!(c.dns_service, "fedmesh-system/fedmesh-dns");
+                        let role = coredns_role.expect("a Role to keep CoreDNS's ConfigMap");
+                        assert_eq!(role["metadata"]["namespace"], "kube-system");
+                        assert_eq!(
+                            role["rules"][0]["resourceNames"],
+                            serde_json::json!(["coredns"])
+                        );
+                    }
+                    None => assert!(coredns_role.is_none()),
+                }
+            }
+            (None, None) => assert!(dns_svc.is_none() && coredns_role.is_none()),
+            other => panic!("{}: dns and clusterset_ips {other:?}", path.display()),
         }
         let gw = find(&objs, "ConfigMap", "fedmesh-gateway");
         let text = gw["data"]["gateway.yaml"].as_str().unwrap();
@@ -317,6 +376,42 @@ fn bad_flags_are_refused_naming_the_rule_and_nothing_is_printed() {
                 "--gateway-service-type=NodePort",
             ],
             "required unless the gateway Service is a LoadBalancer",
+        ),
+        (
+            with(
+                &ok_base,
+                &[
+                    "--cluster=east",
+                    "--trust-domain=east.acme",
+                    "--clusterset-cidr=241.0.0.0/33",
+                    "--coredns-configmap=coredns",
+                ],
+            ),
+            "clusterset CIDR `241.0.0.0/33`: expected ADDRESS/PREFIX",
+        ),
+        (
+            with(
+                &ok_base,
+                &[
+                    "--cluster=east",
+                    "--trust-domain=east.acme",
+                    "--clusterset-cidr=241.0.0.0/16",
+                    "--coredns-configmap=coredns",
+                ],
+            ),
+            "CoreDNS ConfigMap `coredns`: expected NAMESPACE/NAME",
+        ),
+        // CoreDNS without ClusterSet IPs: nothing to forward to.
+        (
+            with(
+                &ok_base,
+                &[
+                    "--cluster=east",
+                    "--trust-domain=east.acme",
+                    "--coredns-configmap=kube-system/coredns",
+                ],
+            ),
+            "",
         ),
         // A bad port is clap's to refuse, also with exit 2.
         (

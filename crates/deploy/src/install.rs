@@ -6,7 +6,9 @@
 //! RBAC (each component gets only the verbs it uses); the CA, bootstrap
 //! token and store TLS Secrets; config maps (controller and gateway
 //! config, the cluster's bundle, pinned peer bundles); the controller
-//! (Deployment with leader election, its API Service, PDB); the gateway
+//! (Deployment with leader election, its API Service, PDB; with ClusterSet
+//! IPs, the `fedmesh-dns` Service CoreDNS forwards `clusterset.local` to,
+//! and the right to keep that forward in CoreDNS's ConfigMap); the gateway
 //! (Deployment, the east-west Service with QUIC on UDP and the TLS/TCP
 //! fallback, the in-cluster tunnel Service, PDB).
 
@@ -32,7 +34,23 @@ pub struct InstallSpec {
     pub controller_replicas: u32,
     /// Admitted peers: cluster name → its root bundle (PEM).
     pub peers: BTreeMap<String, String>,
+    /// ClusterSet IPs and `clusterset.local` DNS, when wanted.
+    pub clusterset: Option<ClusterSetSpec>,
 }
+
+/// Multi-cluster services by name: ClusterSet IPs from `cidrs` and the
+/// controller's `clusterset.local` DNS server.
+#[derive(Debug, Clone)]
+pub struct ClusterSetSpec {
+    /// One CIDR per IP family (`241.0.0.0/16`, `fd00:fe::/112`).
+    pub cidrs: Vec<String>,
+    /// `NAMESPACE/NAME` of CoreDNS's ConfigMap, which the controller keeps
+    /// forwarding `clusterset.local` to it; `None`: CoreDNS is left alone.
+    pub coredns: Option<String>,
+}
+
+/// The Service in front of the controller's DNS server.
+pub const DNS_SERVICE: &str = "fedmesh-dns";
 
 #[derive(Debug, Clone)]
 pub struct StoreSpec {
@@ -164,6 +182,31 @@ impl InstallSpec {
                 "peer `{}`: a cluster does not join itself",
                 self.cluster
             )));
+        }
+        if let Some(c) = &self.clusterset {
+            if c.cidrs.is_empty() || c.cidrs.len() > 2 {
+                p.push(Problem::Other(
+                    "clusterset CIDRs: one or two (one per IP family)".into(),
+                ));
+            }
+            for cidr in &c.cidrs {
+                if !valid_cidr(cidr) {
+                    p.push(Problem::Other(format!(
+                        "clusterset CIDR `{cidr}`: expected ADDRESS/PREFIX"
+                    )));
+                }
+            }
+            if let Some(cm) = &c.coredns {
+                let ok = cm.split_once('/').is_some_and(|(ns, name)| {
+                    names::dns_label("namespace", ns).is_ok()
+                        && names::dns_label("name", name).is_ok()
+                });
+                if !ok {
+                    p.push(Problem::Other(format!(
+                        "CoreDNS ConfigMap `{cm}`: expected NAMESPACE/NAME"
+                    )));
+                }
+            }
         }
         if let Some(tls) = &self.store.tls {
             if tls.cert.is_some() != tls.key.is_some() {
@@ -378,7 +421,7 @@ impl InstallSpec {
             }
             store["tls"] = t;
         }
-        json!({
+        let mut cfg = json!({
             "cluster": self.cluster,
             "trust_domain": self.trust_domain,
             "gateways": quic,
@@ -395,7 +438,18 @@ impl InstallSpec {
                 "ca_dir": "/etc/fedmesh/ca",
                 "tokens": "/etc/fedmesh/bootstrap/tokens.yaml",
             },
-        })
+        });
+        if let Some(c) = &self.clusterset {
+            cfg["clusterset_ips"] = json!({ "cidrs": c.cidrs });
+            cfg["dns"] = json!({ "listen": format!("0.0.0.0:{}", ports::CONTROLLER_DNS) });
+            if let Some(cm) = &c.coredns {
+                cfg["kubernetes"]["coredns"] = json!({
+                    "configmap": cm,
+                    "dns_service": format!("{NAMESPACE}/{DNS_SERVICE}"),
+                });
+            }
+        }
+        cfg
     }
 
     /// The gateway's config file, exactly as the gateway reads it.
@@ -492,7 +546,16 @@ impl InstallSpec {
         }
         let mut pod_labels = labels.clone();
         pod_labels["fedmesh.io/leader"] = "false".into();
-        vec![
+        let mut container_ports = vec![
+            json!({ "name": "grpc-api", "containerPort": ports::CONTROLLER_API, "protocol": "TCP" }),
+            json!({ "name": "admin", "containerPort": ports::CONTROLLER_ADMIN, "protocol": "TCP" }),
+        ];
+        if self.clusterset.is_some() {
+            container_ports.push(json!({ "name": "dns-udp", "containerPort": ports::CONTROLLER_DNS, "protocol": "UDP" }));
+            container_ports.push(json!({ "name": "dns-tcp", "containerPort": ports::CONTROLLER_DNS, "protocol": "TCP" }));
+        }
+        let leader = json!({ "app.kubernetes.io/component": "controller", "app.kubernetes.io/name": "fedmesh", "fedmesh.io/leader": "true" });
+        let mut out = vec![
             json!({
                 "apiVersion": "apps/v1", "kind": "Deployment",
                 "metadata": self.meta("fedmesh-controller", "controller"),
@@ -522,10 +585,7 @@ impl InstallSpec {
                                 "imagePullPolicy": self.pull_policy,
                                 "args": ["controller", "--config", "/etc/fedmesh/controller/controller.yaml", "--leader-elect"],
                                 "env": downward_env(),
-                                "ports": [
-                                    { "name": "grpc-api", "containerPort": ports::CONTROLLER_API, "protocol": "TCP" },
-                                    { "name": "admin", "containerPort": ports::CONTROLLER_ADMIN, "protocol": "TCP" },
-                                ],
+                                "ports": container_ports,
                                 "livenessProbe": probe("/live", ports::CONTROLLER_ADMIN, 10),
                                 "readinessProbe": probe("/ready", ports::CONTROLLER_ADMIN, 5),
                                 "resources": {
@@ -546,7 +606,7 @@ impl InstallSpec {
                 "spec": {
                     "type": "ClusterIP",
                     // The leader alone: it labels its own pod.
-                    "selector": { "app.kubernetes.io/component": "controller", "app.kubernetes.io/name": "fedmesh", "fedmesh.io/leader": "true" },
+                    "selector": leader,
                     "ports": [{ "name": "grpc-api", "port": ports::CONTROLLER_API, "targetPort": "grpc-api", "protocol": "TCP" }],
                 },
             }),
@@ -558,7 +618,46 @@ impl InstallSpec {
                     "selector": { "matchLabels": selector },
                 },
             }),
-        ]
+        ];
+        if let Some(c) = &self.clusterset {
+            out.extend(self.dns(c, &leader));
+        }
+        out
+    }
+
+    /// The DNS Service (the leader serves the zone; a standby has no view
+    /// to answer from) and, when CoreDNS is kept, the right to read and
+    /// update its one ConfigMap.
+    fn dns(&self, c: &ClusterSetSpec, leader: &Value) -> Vec<Value> {
+        let mut out = vec![json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": self.meta(DNS_SERVICE, "controller"),
+            "spec": {
+                "type": "ClusterIP",
+                "selector": leader,
+                "ports": [
+                    { "name": "dns-udp", "port": 53, "targetPort": "dns-udp", "protocol": "UDP" },
+                    { "name": "dns-tcp", "port": 53, "targetPort": "dns-tcp", "protocol": "TCP" },
+                ],
+            },
+        })];
+        if let Some((ns, name)) = c.coredns.as_deref().and_then(|cm| cm.split_once('/')) {
+            let meta = json!({ "name": "fedmesh-coredns", "namespace": ns, "labels": self.labels("controller") });
+            out.push(json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+                "metadata": meta,
+                "rules": [
+                    { "apiGroups": [""], "resources": ["configmaps"], "resourceNames": [name], "verbs": ["get", "update"] },
+                ],
+            }));
+            out.push(json!({
+                "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                "metadata": meta,
+                "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "fedmesh-coredns" },
+                "subjects": [{ "kind": "ServiceAccount", "name": "controller", "namespace": NAMESPACE }],
+            }));
+        }
+        out
     }
 
     fn gateway(&self) -> Vec<Value> {
@@ -758,6 +857,20 @@ fn spread(selector: &Value) -> Value {
             }],
         },
     })
+}
+
+/// `ADDRESS/PREFIX` with a prefix the address family allows (the
+/// controller checks the rest: overlaps, special-purpose ranges).
+fn valid_cidr(s: &str) -> bool {
+    let Some((ip, len)) = s.split_once('/') else {
+        return false;
+    };
+    let max = match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => 32,
+        Ok(std::net::IpAddr::V6(_)) => 128,
+        Err(_) => return false,
+    };
+    len.parse::<u8>().is_ok_and(|l| l <= max)
 }
 
 fn hex(b: &[u8]) -> String {

@@ -34,6 +34,9 @@ pub mod ports {
     pub const CONTROLLER_API: u16 = 15012;
     /// Controller admin: `/live`, `/ready`, `/metrics`, `/status`.
     pub const CONTROLLER_ADMIN: u16 = 15014;
+    /// Controller `clusterset.local` DNS (UDP and TCP), behind the
+    /// `fedmesh-dns` Service's port 53.
+    pub const CONTROLLER_DNS: u16 = 15053;
     /// Sidecar inbound mTLS listener (what the controller advertises).
     pub const SIDECAR_INBOUND: u16 = 15006;
     /// Sidecar transparent outbound listener (redirect target).

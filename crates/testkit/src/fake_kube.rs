@@ -5,7 +5,8 @@
 //! real server does. Also takes server-side-apply PATCHes (main resource
 //! and `/status` subresource) and DELETEs of MCS objects, applies them as
 //! watch events and records them, and serves Leases (GET, POST, PUT with resourceVersion
-//! conflicts) and merge PATCHes of Pods' labels, for leader election.
+//! conflicts) and merge PATCHes of Pods' labels, for leader election, and
+//! ConfigMaps (GET, PUT with resourceVersion conflicts), for CoreDNS's.
 //! Only what fedmesh uses is implemented.
 
 use std::collections::BTreeMap;
@@ -251,6 +252,20 @@ impl FakeKube {
     /// The object at `path` (a Lease's or a Pod's full API path).
     pub fn object(&self, path: &str) -> Option<Value> {
         self.lock().singles.get(path).cloned()
+    }
+
+    /// Puts (or replaces, as an edit by someone else would) ConfigMap
+    /// `ns/name` with `data`, at a new resourceVersion.
+    pub fn put_configmap(&self, ns: &str, name: &str, data: Value) {
+        let path = format!("/api/v1/namespaces/{ns}/configmaps/{name}");
+        let mut st = self.lock();
+        st.rv += 1;
+        let cm = json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": { "name": name, "namespace": ns, "resourceVersion": st.rv.to_string() },
+            "data": data,
+        });
+        st.singles.insert(path, cm);
     }
 
     /// Puts a Pod, so its labels can be patched.
@@ -542,7 +557,8 @@ fn single(state: &Mutex<State>, method: &str, path: &str, body: &[u8]) -> Option
     const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/";
     let is_lease = path.starts_with(LEASES) && path.contains("/leases");
     let is_pod = path.starts_with("/api/v1/namespaces/") && path.contains("/pods/");
-    if !is_lease && !is_pod {
+    let is_configmap = path.starts_with("/api/v1/namespaces/") && path.contains("/configmaps/");
+    if !is_lease && !is_pod && !is_configmap {
         return None;
     }
     let mut st = lock(state);
@@ -569,7 +585,14 @@ fn single(state: &Mutex<State>, method: &str, path: &str, body: &[u8]) -> Option
                 (201, o)
             }
         }
-        "PUT" if is_lease => {
+        "PUT" if is_lease || is_configmap => {
+            if is_configmap {
+                st.writes.push(Write {
+                    method: method.into(),
+                    path: path.into(),
+                    body: value.clone(),
+                });
+            }
             let current = st
                 .singles
                 .get(path)

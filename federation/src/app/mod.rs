@@ -278,7 +278,7 @@ impl ControllerApp {
             }
             None => None,
         };
-        let write_back = write_back_metrics(cfg, &source, &mut registry);
+        let kube_metrics = kube_metrics(cfg, &source, &mut registry);
         let store = open_store(&cfg.store)
             .await
             .map_err(failed("the federation store"))?;
@@ -291,7 +291,7 @@ impl ControllerApp {
             dns: cfg.dns.clone(),
         };
         let mut app = Self::start(parts, registry).await?;
-        app._kube = kube_parts(cfg, &app.ctrl, &app._source, write_back, client)?;
+        app._kube = kube_parts(cfg, &app.ctrl, &app._source, kube_metrics, client)?;
         Ok(app)
     }
 
@@ -509,19 +509,35 @@ fn reviewer(client: Option<&KubeClient>) -> Option<Arc<dyn TokenReviewer>> {
 }
 
 /// Gateways advertised from their LoadBalancer Service when the config
-/// names none, and the MCS view written back to Kubernetes.
+/// names none, the MCS view written back to Kubernetes, and CoreDNS's
+/// forward of `clusterset.local`.
 #[cfg(feature = "kube")]
 fn kube_parts(
     cfg: &ControllerConfig,
     ctrl: &Arc<Controller>,
     source: &ServiceSource,
-    write_back: Option<crate::k8s::KubeMetrics>,
+    metrics: Option<crate::k8s::KubeMetrics>,
     client: Option<KubeClient>,
 ) -> Result<Vec<Keep>, AppError> {
     let mut keep: Vec<Keep> = Vec::new();
-    let (Some(k), Some(client)) = (&cfg.kubernetes, client) else {
+    let (Some(k), Some(client), Some(metrics)) = (&cfg.kubernetes, client, metrics) else {
         return Ok(keep);
     };
+    if let Some(c) = &k.coredns {
+        // Both were checked with the config.
+        if let (Some(configmap), Some(dns_service)) = (
+            crate::config::namespaced(&c.configmap),
+            crate::config::namespaced(&c.dns_service),
+        ) {
+            let s = crate::k8s::coredns::CorednsSettings {
+                configmap,
+                dns_service,
+                resync: c.resync,
+            };
+            let task = crate::k8s::coredns::keep_forward(client.clone(), s, metrics.clone());
+            keep.push(Box::new(AbortOnDrop(task)));
+        }
+    }
     if let (Some(svc), true) = (&k.gateway_service, cfg.gateways.is_empty()) {
         let (ns, name) = svc.split_once('/').unwrap_or(("", svc.as_str()));
         let (mut rx, task) = crate::k8s::watch_gateway_service(client.clone(), ns, name);
@@ -538,7 +554,7 @@ fn kube_parts(
         });
         keep.push(Box::new((AbortOnDrop(task), AbortOnDrop(relay))));
     }
-    if let Some(metrics) = write_back {
+    if k.write_back {
         let exports = match &source.exports {
             Some(e) => e.clone(),
             None => {
@@ -586,18 +602,16 @@ fn kube_parts(
     Ok(Vec::new())
 }
 
-/// With write-back, the metrics it counts with: the Kubernetes source's
-/// (registered with it); a services file with write-back registers its
-/// own, before the admin endpoint takes the registry.
+/// With a `kubernetes` section, the metrics its writes count with: the
+/// Kubernetes source's (registered with it); a services file registers
+/// its own, before the admin endpoint takes the registry.
 #[cfg(feature = "kube")]
-fn write_back_metrics(
+fn kube_metrics(
     cfg: &ControllerConfig,
     source: &ServiceSource,
     registry: &mut Registry,
 ) -> Option<crate::k8s::KubeMetrics> {
-    if !cfg.kubernetes.as_ref().is_some_and(|k| k.write_back) {
-        return None;
-    }
+    cfg.kubernetes.as_ref()?;
     Some(match &source.kube {
         Some(m) => m.clone(),
         None => {
@@ -609,6 +623,6 @@ fn write_back_metrics(
 }
 
 #[cfg(not(feature = "kube"))]
-fn write_back_metrics(_: &ControllerConfig, _: &ServiceSource, _: &mut Registry) -> Option<()> {
+fn kube_metrics(_: &ControllerConfig, _: &ServiceSource, _: &mut Registry) -> Option<()> {
     None
 }

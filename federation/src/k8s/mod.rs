@@ -49,6 +49,7 @@ use tokio::task::JoinHandle;
 
 use crate::controller::{Gateways, LocalService};
 
+pub mod coredns;
 mod mcs;
 pub use mcs::{contains, export_conditions, service_import, stamped, write_back, Condition};
 

@@ -31,6 +31,8 @@ data "external" "install" {
     gateway_replicas      = tostring(var.gateway.replicas)
     controller_replicas   = tostring(var.controller_replicas)
     peers                 = jsonencode(var.peers)
+    clusterset_cidrs      = jsonencode(var.clusterset_cidrs)
+    coredns_configmap     = var.coredns_configmap
   }
 }
 

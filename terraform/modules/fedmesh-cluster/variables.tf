@@ -185,6 +185,28 @@ variable "peers" {
   }
 }
 
+variable "clusterset_cidrs" {
+  description = "Allocate ClusterSet IPs from these CIDRs (one per IP family) and serve `clusterset.local` from the controller (Service `fedmesh-dns`). Empty: neither."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = length(var.clusterset_cidrs) <= 2 && alltrue([for c in var.clusterset_cidrs : can(cidrhost(c, 0))])
+    error_message = "clusterset_cidrs: at most two CIDRs (one per IP family)."
+  }
+}
+
+variable "coredns_configmap" {
+  description = "With `clusterset_cidrs`: CoreDNS's ConfigMap (NAMESPACE/NAME), which the controller keeps forwarding `clusterset.local` to `fedmesh-dns`; `none` leaves CoreDNS alone."
+  type        = string
+  default     = "kube-system/coredns"
+
+  validation {
+    condition     = var.coredns_configmap == "none" || can(regex("^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?/[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$", var.coredns_configmap))
+    error_message = "coredns_configmap: NAMESPACE/NAME, or none."
+  }
+}
+
 variable "fedmesh_cli" {
   description = "The `fedmesh` binary that renders the manifests (the same version as the image): the module applies exactly what `fedmesh install` prints."
   type        = string
