@@ -74,6 +74,7 @@ for c in "${CLUSTERS[@]}"; do
     --store "$STORE" --ca "$WORK/ca/$c" \
     --advertise "$node_ip:30443" --gateway-service-type NodePort --node-ports 30443,30444 \
     --gateway-replicas 1 --controller-replicas 2 \
+    --clusterset-cidr 241.0.0.0/16 \
     --image "$IMAGE" --pull-policy Never \
     "${peers[@]}" >"$WORK/$c.yaml"
   kubectl --context "kind-fedmesh-$c" apply --server-side -f "$WORK/$c.yaml"
@@ -93,6 +94,24 @@ done
 
 say "federation"
 "$FEDMESH" status --store "$STORE"
+
+say "clusterset.local: north (which runs no echo) resolves echo.demo through its CoreDNS"
+# The controller adds the forward to CoreDNS's Corefile; CoreDNS's reload
+# and the ConfigMap volume take up to about two minutes together.
+resolved=""
+for _ in $(seq 1 36); do
+  if kubectl --context kind-fedmesh-north run dnscheck --rm -i --restart=Never --quiet \
+      --image=busybox:1.36 -- nslookup echo.demo.svc.clusterset.local 2>/dev/null | grep -q "Address: 241\."; then
+    resolved=yes
+    break
+  fi
+  sleep 5
+done
+if [ -z "$resolved" ]; then
+  echo "echo.demo.svc.clusterset.local did not resolve in north" >&2
+  kubectl --context kind-fedmesh-north -n kube-system get configmap coredns -o jsonpath='{.data.Corefile}' >&2 || true
+  exit 1
+fi
 
 gateway_status() {
   # The gateway's admin port through a port-forward, read by the CLI.

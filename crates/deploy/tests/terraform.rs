@@ -196,6 +196,21 @@ fn variable_validations_match_the_cli_rules() {
             "gateway.annotations",
         ),
         (
+            "clusterset_cidrs",
+            json!(["241.0.0.0/33"]),
+            "clusterset_cidrs: at most two CIDRs",
+        ),
+        (
+            "clusterset_cidrs",
+            json!(["241.0.0.0/16", "fd00::/112", "242.0.0.0/16"]),
+            "clusterset_cidrs: at most two CIDRs",
+        ),
+        (
+            "coredns_configmap",
+            json!("coredns"),
+            "coredns_configmap: NAMESPACE/NAME, or none",
+        ),
+        (
             "controller_replicas",
             json!(9),
             "controller_replicas: must be from 1 to 5",
