@@ -212,33 +212,20 @@ fn run_blocking(p: Probe) -> anyhow::Result<()> {
 
 /// `host`'s first A record, asked of the DNS server `dns` over UDP.
 async fn resolve(dns: SocketAddr, host: &str) -> anyhow::Result<std::net::Ipv4Addr> {
-    use hickory_proto::op::{Message, Query};
-    use hickory_proto::rr::{Name, RData, RecordType};
-    let mut q = Message::new();
-    q.set_id(rand::random())
-        .set_recursion_desired(true)
-        .add_query(Query::query(Name::from_ascii(host)?, RecordType::A));
-    let sock =
-        tokio::net::UdpSocket::bind(SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), 0))
-            .await?;
-    let mut buf = vec![0u8; 1500];
-    for _ in 0..3 {
-        sock.send_to(&q.to_vec()?, dns).await?;
-        let Ok(n) = tokio::time::timeout(Duration::from_secs(1), sock.recv(&mut buf)).await else {
-            continue;
-        };
-        let r = Message::from_vec(&buf[..n?])?;
-        anyhow::ensure!(r.id() == q.id(), "an answer to another query");
-        return r
-            .answers()
-            .iter()
-            .find_map(|a| match a.data() {
-                RData::A(a) => Some(a.0),
-                _ => None,
-            })
-            .with_context(|| format!("{host}: {} without an A record", r.response_code()));
-    }
-    anyhow::bail!("{host}: no answer from {dns}")
+    let ips = fedmesh_federation::dns::client::lookup(
+        dns,
+        host,
+        fedmesh_federation::dns::client::RecordType::A,
+        Duration::from_secs(1),
+        3,
+    )
+    .await?;
+    ips.into_iter()
+        .find_map(|ip| match ip {
+            std::net::IpAddr::V4(v4) => Some(v4),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .with_context(|| format!("{host}: no A record"))
 }
 
 /// The first line a listening probe prints: the runner starts the other

@@ -205,3 +205,76 @@ async fn a_flood_is_answered_at_the_rate_and_the_rest_refused_or_dropped() {
     );
     assert_eq!(metrics.limited("refused"), refused);
 }
+
+/// The stub resolver the demo and the e2e probes use: addresses, the
+/// server's error code, and a server that never answers, each as such.
+#[tokio::test]
+async fn the_stub_resolver_reports_answers_errors_and_silence() {
+    use fedmesh_federation::dns::client::{lookup, LookupError, RecordType};
+    let (_tx, rx) = watch::channel(Arc::new(zone()));
+    let server = spawn(
+        &DnsConfig::new("127.0.0.1:0".parse().unwrap()),
+        rx,
+        DnsMetrics::default(),
+    )
+    .await
+    .unwrap();
+    let addr = server.udp_addr();
+    let short = Duration::from_millis(300);
+    let ips = lookup(
+        addr,
+        "echo.demo.svc.clusterset.local",
+        RecordType::A,
+        short,
+        2,
+    )
+    .await
+    .unwrap();
+    assert_eq!(ips, ["241.0.0.8".parse::<std::net::IpAddr>().unwrap()]);
+    // NODATA: no address, no error.
+    let none = lookup(
+        addr,
+        "echo.demo.svc.clusterset.local",
+        RecordType::AAAA,
+        short,
+        2,
+    )
+    .await
+    .unwrap();
+    assert!(none.is_empty());
+    let e = lookup(
+        addr,
+        "nope.demo.svc.clusterset.local",
+        RecordType::A,
+        short,
+        2,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            LookupError::Rcode {
+                rcode: ResponseCode::NXDomain,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // A bound socket nobody reads: two tries, then NoAnswer.
+    let silent = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let e = lookup(
+        silent.local_addr().unwrap(),
+        "echo.demo.svc.clusterset.local",
+        RecordType::A,
+        short,
+        2,
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(e, LookupError::NoAnswer { tries: 2, .. }), "{e}");
+    assert!(matches!(
+        lookup(addr, "bad name..x", RecordType::A, short, 1).await,
+        Err(LookupError::BadName(_))
+    ));
+}

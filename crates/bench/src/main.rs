@@ -297,6 +297,7 @@ fn topology(splice_buffer: usize) -> Topology {
         fault_relays: false,
         // Listening, but used only once the bench makes QUIC unreachable.
         tcp_fallback: true,
+        clusterset_dns: false,
     }
 }
 

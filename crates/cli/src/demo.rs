@@ -84,6 +84,38 @@ fn human_bytes(n: u64) -> String {
 
 /// Appends a line to the report; the report is written once at the end, so
 /// a closed pipe (`| head`) ends the output instead of panicking.
+const CLUSTERSET_NAME: &str = "echo.demo.svc.clusterset.local";
+
+/// `echo.demo`'s MCS name as east's controller answers it, once its
+/// ClusterSet IP is allocated (bounded wait); `None` without a DNS server
+/// (`--static-config`).
+async fn clusterset_name(
+    east: &fedmesh_rig::RigCluster,
+) -> Option<(std::net::SocketAddr, Result<Vec<std::net::IpAddr>, String>)> {
+    use fedmesh_federation::dns::client::{lookup, LookupError, RecordType};
+    let server = east.dns_addr()?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = lookup(
+            server,
+            CLUSTERSET_NAME,
+            RecordType::A,
+            Duration::from_millis(500),
+            2,
+        )
+        .await;
+        match r {
+            Ok(ips) if !ips.is_empty() => return Some((server, Ok(ips))),
+            // Not allocated yet: NXDOMAIN until then.
+            Ok(_) | Err(LookupError::Rcode { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(_) => return Some((server, Err("no address".into()))),
+            Err(e) => return Some((server, Err(e.to_string()))),
+        }
+    }
+}
+
 macro_rules! say {
     ($out:expr, $($t:tt)*) => {{
         use std::fmt::Write as _;
@@ -98,6 +130,8 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let mut topo = crate::drill::demo_topology("echo.demo", "west", false)?;
     if args.static_config {
         topo.control_plane = ControlPlane::Static;
+    } else {
+        topo.clusterset_dns = true;
     }
     let rig = Rig::start(&topo).await?;
     let startup = started.elapsed();
@@ -144,6 +178,7 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
         });
     }
     bar.draw(1.0, &format!("traffic  done       {all:>5}/{all} requests"));
+    let dns = clusterset_name(east).await;
     // Measured, not assumed: the streams east's gateway opened to each
     // peer during the traffic, by the transport they rode.
     let streams_after = peer_streams(&rig, east);
@@ -250,6 +285,12 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 "sidecars": c.sidecars.len() + 1,
                 "bundle_fingerprint": c.ca.bundle().fingerprint(),
             })).collect::<Vec<_>>(),
+            "clusterset_dns": dns.as_ref().map(|(server, r)| json!({
+                "name": CLUSTERSET_NAME,
+                "server": server.to_string(),
+                "addresses": r.as_ref().map(|ips| ips.iter().map(ToString::to_string).collect::<Vec<_>>()).ok(),
+                "error": r.as_ref().err(),
+            })),
             "startup_ms": startup.as_millis() as u64,
             "control_plane": if args.static_config { "static" } else { "embedded-store" },
             "catalog_converged_ms": rig.converged_in.map(|d| d.as_secs_f64() * 1e3),
@@ -320,6 +361,20 @@ pub async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 us(percentile(&mut l, 99.0)),
                 human_bytes(f.report.bytes_sent + f.report.bytes_received)
             );
+        }
+        if let Some((server, r)) = &dns {
+            say!(
+                out,
+                "\nclusterset.local, asked of east's controller ({server})"
+            );
+            match r {
+                Ok(ips) => say!(
+                    out,
+                    "  {CLUSTERSET_NAME}  A {}  (its ClusterSet IP: a meshed app dials it, served by west or north)",
+                    ips.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                ),
+                Err(e) => say!(out, "  {CLUSTERSET_NAME}: {e}"),
+            }
         }
         say!(out, "\npaths taken (connections)");
         for f in &flows {

@@ -267,6 +267,14 @@ fn demo_json_reports_quic_and_zero_failures() {
     assert!(ids
         .iter()
         .any(|i| i["via"] == "gateway" && i["source"] == "spiffe://east.demo/ns/demo/sa/client"));
+    // east's controller answers echo.demo's MCS name with its ClusterSet IP.
+    let dns = &v["clusterset_dns"];
+    assert_eq!(dns["name"], "echo.demo.svc.clusterset.local");
+    let addrs = dns["addresses"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{dns}"));
+    assert_eq!(addrs.len(), 1, "{dns}");
+    assert!(addrs[0].as_str().unwrap().starts_with("241.0.0."), "{dns}");
 }
 
 #[test]

@@ -81,7 +81,14 @@ pub struct Topology {
     /// Gateways also listen on a TCP fallback port and advertise it (then
     /// a relay that drops UDP makes peers move to TCP, not fail over).
     pub tcp_fallback: bool,
+    /// Controllers (control plane `Embedded`) allocate ClusterSet IPs
+    /// from [`CLUSTERSET_CIDR`] and serve `clusterset.local` on a loopback
+    /// port ([`RigCluster::dns_addr`]).
+    pub clusterset_dns: bool,
 }
+
+/// The rig's ClusterSet IP range.
+pub const CLUSTERSET_CIDR: &str = "241.0.0.0/24";
 
 impl Topology {
     /// The demo's shape: `east` serves `hello.demo` locally; `west` and
@@ -116,6 +123,7 @@ impl Topology {
             policies: BTreeMap::new(),
             fault_relays: false,
             tcp_fallback: false,
+            clusterset_dns: false,
         }
     }
 }
@@ -158,6 +166,12 @@ impl RigCluster {
     }
 
     /// The client sidecar's outbound listener for `service` (`NAME.NS`).
+    /// The controller's `clusterset.local` DNS server (topology
+    /// `clusterset_dns`).
+    pub fn dns_addr(&self) -> Option<SocketAddr> {
+        self.controller.as_ref()?.dns_addr()
+    }
+
     pub fn client_addr(&self, service: &str) -> Option<SocketAddr> {
         let name = ServiceName::parse(service).ok()?;
         self.client.outbound_addr(&name)
@@ -480,7 +494,16 @@ impl Rig {
                             .policy_entries()
                             .map(|(k, v)| (k.clone(), v.clone()))
                             .collect(),
-                        clusterset_ips: None,
+                        clusterset_ips: match topo.clusterset_dns {
+                            true => Some(
+                                fedmesh_federation::clusterset::ClusterSetIpConfig::new(vec![
+                                    CLUSTERSET_CIDR.into(),
+                                ])
+                                .check(&[])
+                                .ctx(|| "ClusterSet CIDR".to_owned())?,
+                            ),
+                            false => None,
+                        },
                     };
                     let local = local_services(&p.topo, &p.sidecars)?;
                     let parts = AppParts {
@@ -489,7 +512,12 @@ impl Rig {
                         source: ServiceSource::fixed(local),
                         api: Some(config_api(&p, reg)?),
                         admin: None,
-                        dns: None,
+                        dns: topo.clusterset_dns.then(|| {
+                            fedmesh_federation::dns::server::DnsConfig::new(SocketAddr::from((
+                                [127, 0, 0, 1],
+                                0,
+                            )))
+                        }),
                     };
                     let app = ControllerApp::start(parts, Registry::default())
                         .await

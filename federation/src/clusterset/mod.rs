@@ -139,6 +139,15 @@ pub struct IpSettings {
 }
 
 impl ClusterSetIpConfig {
+    /// `cidrs` with the default quarantine and release times.
+    pub fn new(cidrs: Vec<String>) -> Self {
+        Self {
+            cidrs,
+            quarantine: default_quarantine(),
+            release_after: default_release_after(),
+        }
+    }
+
     /// Refuses what cannot work: a CIDR that does not parse, two of one
     /// family, CIDRs that overlap each other or `avoid` (addresses the
     /// controller knows are in use: gateways), a range of special

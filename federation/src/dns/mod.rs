@@ -13,6 +13,7 @@
 //! a service nobody exports (or exports only to others) is NXDOMAIN, like
 //! a name that was never there.
 
+pub mod client;
 pub mod server;
 
 use std::collections::{BTreeMap, BTreeSet};
