@@ -9,12 +9,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kube::api::{Api, PostParams};
-use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Client, ResourceExt};
-use tokio::sync::watch;
+use kube::Client;
 use tokio::task::JoinHandle;
 
 use super::KubeMetrics;
@@ -146,30 +143,8 @@ pub struct CorednsSettings {
 /// Follows the DNS Service and keeps the Corefile's block. Runs until
 /// aborted; every failure is logged, counted and retried at `resync`.
 pub fn keep_forward(client: Client, s: CorednsSettings, metrics: KubeMetrics) -> JoinHandle<()> {
-    let (tx, mut rx) = watch::channel(Vec::<SocketAddr>::new());
-    let (svc_ns, svc_name) = s.dns_service.clone();
-    let services: Api<Service> = Api::all(client.clone());
-    let cfg = watcher::Config::default().fields(&format!(
-        "metadata.namespace={svc_ns},metadata.name={svc_name}"
-    ));
-    let follow = tokio::spawn(async move {
-        let mut stream = watcher::watcher(services, cfg)
-            .default_backoff()
-            .applied_objects()
-            .boxed();
-        while let Some(ev) = stream.next().await {
-            if let Ok(svc) = ev {
-                if svc.name_any() == svc_name && svc.namespace().as_deref() == Some(&svc_ns) {
-                    let t = targets(&svc);
-                    tx.send_if_modified(|cur| {
-                        let changed = *cur != t;
-                        *cur = t;
-                        changed
-                    });
-                }
-            }
-        }
-    });
+    let (svc_ns, svc_name) = &s.dns_service;
+    let (mut rx, follow) = super::follow_service(client.clone(), svc_ns, svc_name, targets);
     tokio::spawn(async move {
         let _follow = AbortOnDrop(follow);
         let (ns, name) = s.configmap.clone();

@@ -853,7 +853,29 @@ pub fn watch_gateway_service(
     namespace: &str,
     name: &str,
 ) -> (watch::Receiver<Gateways>, JoinHandle<()>) {
-    let (tx, rx) = watch::channel(Gateways::default());
+    let what = format!("{namespace}/{name}");
+    follow_service(client, namespace, name, move |svc| {
+        let g = advertised(svc);
+        if g.quic.is_empty() {
+            tracing::info!(service = %what, "gateway load balancer has no IP yet");
+        }
+        g
+    })
+}
+
+/// Follows the Service `namespace/name` and sends `f` of it on every
+/// change of what `f` says (`T::default()` until the Service is seen).
+pub fn follow_service<T, F>(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    f: F,
+) -> (watch::Receiver<T>, JoinHandle<()>)
+where
+    T: Default + PartialEq + Send + Sync + 'static,
+    F: Fn(&Service) -> T + Send + 'static,
+{
+    let (tx, rx) = watch::channel(T::default());
     // Cluster-wide with a field selector: the controller may list Services
     // everywhere anyway, and one code path serves every API server.
     let api: Api<Service> = Api::all(client);
@@ -868,23 +890,22 @@ pub fn watch_gateway_service(
             .boxed();
         while let Some(ev) = stream.next().await {
             match ev {
+                // The field selector is checked again: not every server
+                // (or stand-in) applies it.
                 Ok(svc)
                     if svc.name_any() == want
                         && svc.namespace().as_deref() == Some(ns.as_str()) =>
                 {
-                    let g = advertised(&svc);
-                    if g.quic.is_empty() {
-                        tracing::info!(service = %format!("{ns}/{want}"), "gateway load balancer has no IP yet");
-                    }
+                    let v = f(&svc);
                     tx.send_if_modified(|cur| {
-                        let changed = *cur != g;
-                        *cur = g;
+                        let changed = *cur != v;
+                        *cur = v;
                         changed
                     });
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, service = %format!("{ns}/{want}"), "watching the gateway Service")
+                    tracing::warn!(error = %e, service = %format!("{ns}/{want}"), "watching a Service")
                 }
             }
         }
