@@ -10,6 +10,7 @@ use fedmesh_trust::{SharedBundles, Svid};
 use serde::{Deserialize, Serialize};
 
 use crate::congestion::CongestionConfig;
+use crate::drills::DrillsConfig;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +29,9 @@ pub struct GatewayConfig {
     /// Congestion control of what this gateway sends to its peers.
     #[serde(default)]
     pub congestion: CongestionConfig,
+    /// The drill API: operators set faults over mTLS; off when absent.
+    #[serde(default)]
+    pub drills: Option<DrillsConfig>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -60,6 +64,7 @@ pub struct GatewaySettings {
     pub limits: Limits,
     pub congestion: CongestionConfig,
     pub controller: Option<ControllerLink>,
+    pub drills: Option<DrillsConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +88,9 @@ impl GatewayConfig {
     pub fn settings(&self) -> Result<GatewaySettings, Vec<String>> {
         let mut problems = self.limits.problems();
         problems.extend(self.congestion.problems());
+        if let Some(d) = &self.drills {
+            problems.extend(d.problems());
+        }
         let trust = load_trust(&self.identity, &self.bundles)
             .map_err(|e| problems.extend(e))
             .ok();
@@ -112,6 +120,7 @@ impl GatewayConfig {
                     limits: self.limits.clone(),
                     congestion: self.congestion.clone(),
                     controller: self.controller.clone(),
+                    drills: self.drills.clone(),
                 })
             }
             _ => Err(problems),

@@ -14,6 +14,8 @@ mod app;
 mod bbr;
 mod config;
 mod congestion;
+mod drills;
+mod fault;
 mod link;
 mod metrics;
 mod pool;
@@ -26,6 +28,8 @@ mod transport;
 pub use app::{GatewayApp, GatewayAppError};
 pub use config::{ConfigError, GatewayConfig, GatewaySettings, Listen};
 pub use congestion::{Algorithm, CongestionConfig, Observation, Observed};
+pub use drills::{DrillMetrics, DrillsConfig};
+pub use fault::{DrillId, FaultError, FaultKind, FaultLimits, FaultSpec, FaultView};
 pub use metrics::{GatewayMetrics, PeerLabels, TransportLabels};
 pub use pool::PeerStatus;
 pub use quic::{

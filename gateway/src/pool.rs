@@ -364,9 +364,19 @@ pub struct Dialer {
     pub metrics: GatewayMetrics,
     /// Faults announced by a drill: what they cause is logged at debug.
     pub announced: fedmesh_transport::Announced,
+    /// Peers a drill blackholed: their TCP fallback is not dialed (their
+    /// UDP is dropped at the socket).
+    pub blocked: Arc<std::sync::RwLock<std::collections::BTreeSet<ClusterName>>>,
 }
 
 impl Dialer {
+    pub fn is_blocked(&self, peer: &ClusterName) -> bool {
+        match self.blocked.read() {
+            Ok(g) => g.contains(peer),
+            Err(p) => p.into_inner().contains(peer),
+        }
+    }
+
     fn expects_trouble(&self, peer: &ClusterName) -> bool {
         self.announced.expects(self.local.as_str(), peer.as_str())
     }
@@ -386,6 +396,9 @@ impl Dialer {
                 e => DialError::Refused(e.to_string()),
             }),
             Transport::Tcp => {
+                if self.is_blocked(&peer.cluster) {
+                    return Err(DialError::Refused("blackholed by a drill".into()));
+                }
                 let Some(addr) = peer.tcp_address else {
                     return Err(DialError::Refused("the peer offers no TCP fallback".into()));
                 };
@@ -543,6 +556,47 @@ impl Pool {
         }
         for p in peers.values() {
             self.cell(p);
+        }
+    }
+
+    /// Whether a drill blackholed `peer`.
+    pub fn is_blocked(&self, peer: &ClusterName) -> bool {
+        self.ctx.dialer.is_blocked(peer)
+    }
+
+    /// Every connection's remote address, by peer.
+    pub fn remote_addresses(&self) -> Vec<(ClusterName, std::net::SocketAddr)> {
+        let cells: Vec<Arc<Cell>> = lock(&self.cells).values().cloned().collect();
+        let mut out = Vec::new();
+        for cell in cells {
+            let cluster = cell.peer().cluster.clone();
+            for c in lock(&cell.state).conns.values() {
+                if let PeerConn::Quic(q) = c {
+                    out.push((cluster.clone(), q.remote_address()));
+                }
+            }
+        }
+        out
+    }
+
+    /// A drill blackholes `peers` (and no others): their TCP fallback
+    /// connections close and are not dialed again until it ends.
+    pub fn set_blocked(&self, peers: std::collections::BTreeSet<ClusterName>) {
+        match self.ctx.dialer.blocked.write() {
+            Ok(mut g) => *g = peers.clone(),
+            Err(p) => *p.into_inner() = peers.clone(),
+        }
+        let cells: Vec<Arc<Cell>> = lock(&self.cells)
+            .iter()
+            .filter(|(name, _)| peers.contains(*name))
+            .map(|(_, c)| c.clone())
+            .collect();
+        for cell in cells {
+            for c in lock(&cell.state).conns.values() {
+                if matches!(c, PeerConn::Tcp(_)) {
+                    c.close(CLOSE_POLICY, "blackholed by a drill");
+                }
+            }
         }
     }
 
@@ -955,6 +1009,7 @@ mod tests {
                     limits,
                     metrics: GatewayMetrics::default(),
                     announced: fedmesh_transport::Announced::default(),
+                    blocked: Default::default(),
                 },
                 Arc::new(|_, _| {}),
             );

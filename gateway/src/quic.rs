@@ -191,6 +191,7 @@ impl PeerConfigs {
 }
 
 /// What the socket wrapper counts.
+#[derive(Clone)]
 pub struct SocketCounters {
     pub invalid: Counter,
     pub tx_datagrams: Counter,
@@ -285,6 +286,7 @@ pub fn baseline_endpoint(
     let socket = Arc::new(GatewaySocket {
         inner,
         counters: None,
+        faults: None,
     });
     Endpoint::new_with_abstract_socket(endpoint_config(limits), server, socket, runtime)
         .map_err(bind)
@@ -298,6 +300,7 @@ pub fn endpoint(
     server: quinn::ServerConfig,
     limits: &Limits,
     counters: SocketCounters,
+    faults: Arc<SocketFaults>,
 ) -> Result<Endpoint, QuicError> {
     let bind = |source| QuicError::Bind { addr, source };
     let socket = bound_socket(addr, limits.quic_socket_buffer_bytes)?;
@@ -312,6 +315,7 @@ pub fn endpoint(
     let socket = Arc::new(GatewaySocket {
         inner,
         counters: Some(counters),
+        faults: Some(faults),
     });
     let mut ep_cfg = endpoint_config(limits);
     // With greasing off, every QUIC packet we accept has the fixed bit set,
@@ -334,21 +338,147 @@ const MAX_SEND_BYTES: usize = 65_507;
 struct GatewaySocket {
     inner: Arc<dyn AsyncUdpSocket>,
     counters: Option<SocketCounters>,
+    /// Drill faults (the gateway's socket only).
+    faults: Option<Arc<SocketFaults>>,
+}
+
+/// One UDP send, counted when it went out.
+fn send_one(
+    inner: &dyn AsyncUdpSocket,
+    counters: Option<&SocketCounters>,
+    transmit: &Transmit,
+) -> io::Result<()> {
+    inner.try_send(transmit)?;
+    if let Some(counters) = counters {
+        let segments = match transmit.segment_size {
+            Some(s) if s > 0 => transmit.contents.len().div_ceil(s),
+            _ => 1,
+        };
+        counters.tx_calls.inc();
+        counters.tx_datagrams.inc_by(segments as u64);
+    }
+    Ok(())
+}
+
+/// `transmit` in sends of whole packets that one UDP send can carry.
+fn send_split(
+    inner: &dyn AsyncUdpSocket,
+    counters: Option<&SocketCounters>,
+    transmit: &Transmit,
+) -> io::Result<()> {
+    let seg = match transmit.segment_size {
+        Some(s) if s > 0 && transmit.contents.len() > MAX_SEND_BYTES => s,
+        _ => return send_one(inner, counters, transmit),
+    };
+    // Whole packets per send, each send counted as it goes out. If a
+    // later part finds the socket full, quinn sends the whole batch
+    // again once it drains: the parts already sent arrive twice and
+    // the peer drops the duplicates, which costs less than losing
+    // packets that were never lost.
+    let per_send = (MAX_SEND_BYTES / seg).max(1) * seg;
+    for part in transmit.contents.chunks(per_send) {
+        send_one(
+            inner,
+            counters,
+            &Transmit {
+                destination: transmit.destination,
+                ecn: transmit.ecn,
+                contents: part,
+                segment_size: (part.len() > seg).then_some(seg),
+                src_ip: transmit.src_ip,
+            },
+        )?;
+    }
+    Ok(())
+}
+
+/// What a drill does to datagrams, by remote address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AddrFaults {
+    /// Datagrams to and from these addresses are dropped.
+    pub drop: std::collections::HashSet<SocketAddr>,
+    /// Datagrams to these addresses leave this much later.
+    pub delay: std::collections::HashMap<SocketAddr, std::time::Duration>,
+}
+
+/// Most bytes of delayed datagrams held at once; beyond it a delayed
+/// datagram is dropped (a long delay on a fast path must not hold memory
+/// without bound).
+const MAX_DELAYED_BYTES: usize = 32 * 1024 * 1024;
+
+/// Drill faults at the gateway's UDP socket. Off, they cost one relaxed
+/// load per datagram.
+#[derive(Debug, Default)]
+pub struct SocketFaults {
+    on: std::sync::atomic::AtomicBool,
+    table: std::sync::RwLock<Arc<AddrFaults>>,
+    delayed_bytes: Arc<std::sync::atomic::AtomicUsize>,
+    /// Datagrams dropped, and delayed, on purpose.
+    pub dropped: Counter,
+    pub delayed: Counter,
+}
+
+impl SocketFaults {
+    pub fn set(&self, t: AddrFaults) {
+        let on = !t.drop.is_empty() || !t.delay.is_empty();
+        match self.table.write() {
+            Ok(mut g) => *g = Arc::new(t),
+            Err(p) => *p.into_inner() = Arc::new(t),
+        }
+        self.on.store(on, std::sync::atomic::Ordering::Release);
+    }
+
+    pub fn get(&self) -> Arc<AddrFaults> {
+        match self.table.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    /// The table, when any fault is on.
+    fn active(&self) -> Option<Arc<AddrFaults>> {
+        self.on
+            .load(std::sync::atomic::Ordering::Acquire)
+            .then(|| self.get())
+    }
 }
 
 impl GatewaySocket {
-    /// One UDP send, counted when it went out.
-    fn send_one(&self, transmit: &Transmit) -> io::Result<()> {
-        self.inner.try_send(transmit)?;
-        if let Some(counters) = &self.counters {
-            let segments = match transmit.segment_size {
-                Some(s) if s > 0 => transmit.contents.len().div_ceil(s),
-                _ => 1,
-            };
-            counters.tx_calls.inc();
-            counters.tx_datagrams.inc_by(segments as u64);
+    /// Sends a copy of `transmit` after `delay` (dropped when the socket
+    /// is full then, or too much is held already: both count as loss).
+    fn send_later(&self, f: &Arc<SocketFaults>, transmit: &Transmit, delay: std::time::Duration) {
+        use std::sync::atomic::Ordering;
+        let len = transmit.contents.len();
+        if f.delayed_bytes.fetch_add(len, Ordering::AcqRel) + len > MAX_DELAYED_BYTES {
+            f.delayed_bytes.fetch_sub(len, Ordering::AcqRel);
+            f.dropped.inc();
+            return;
         }
-        Ok(())
+        f.delayed.inc();
+        let (inner, counters, held) = (
+            self.inner.clone(),
+            self.counters.clone(),
+            f.delayed_bytes.clone(),
+        );
+        let (destination, ecn, segment_size, src_ip) = (
+            transmit.destination,
+            transmit.ecn,
+            transmit.segment_size,
+            transmit.src_ip,
+        );
+        let contents = transmit.contents.to_vec();
+        tokio::spawn(async move {
+            tokio::time::sleep(delay).await;
+            let t = Transmit {
+                destination,
+                ecn,
+                contents: &contents,
+                segment_size,
+                src_ip,
+            };
+            let _ = send_split(&*inner, counters.as_ref(), &t);
+            held.fetch_sub(len, Ordering::AcqRel);
+        });
     }
 }
 
@@ -368,26 +498,21 @@ impl AsyncUdpSocket for GatewaySocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
-        let seg = match transmit.segment_size {
-            Some(s) if s > 0 && transmit.contents.len() > MAX_SEND_BYTES => s,
-            _ => return self.send_one(transmit),
-        };
-        // Whole packets per send, each send counted as it goes out. If a
-        // later part finds the socket full, quinn sends the whole batch
-        // again once it drains: the parts already sent arrive twice and
-        // the peer drops the duplicates, which costs less than losing
-        // packets that were never lost.
-        let per_send = (MAX_SEND_BYTES / seg).max(1) * seg;
-        for part in transmit.contents.chunks(per_send) {
-            self.send_one(&Transmit {
-                destination: transmit.destination,
-                ecn: transmit.ecn,
-                contents: part,
-                segment_size: (part.len() > seg).then_some(seg),
-                src_ip: transmit.src_ip,
-            })?;
+        if let Some((f, t)) = self
+            .faults
+            .as_ref()
+            .and_then(|f| f.active().map(|t| (f, t)))
+        {
+            if t.drop.contains(&transmit.destination) {
+                f.dropped.inc();
+                return Ok(());
+            }
+            if let Some(delay) = t.delay.get(&transmit.destination).copied() {
+                self.send_later(f, transmit, delay);
+                return Ok(());
+            }
         }
-        Ok(())
+        send_split(&*self.inner, self.counters.as_ref(), transmit)
     }
 
     fn poll_recv(
@@ -396,24 +521,47 @@ impl AsyncUdpSocket for GatewaySocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        let r = self.inner.poll_recv(cx, bufs, meta);
-        if let (Poll::Ready(Ok(n)), Some(counters)) = (&r, &self.counters) {
-            for (buf, m) in bufs.iter().zip(meta.iter()).take(*n) {
-                let data = buf.get(..m.len).unwrap_or_default();
-                let stride = m.stride.max(1);
-                counters.rx_calls.inc();
-                counters
-                    .rx_datagrams
-                    .inc_by(data.len().div_ceil(stride) as u64);
-                for dgram in data.chunks(stride) {
-                    let fixed_bit = dgram.first().is_some_and(|b| b & 0x40 != 0);
-                    if !fixed_bit || dgram.len() < MIN_QUIC_DATAGRAM {
-                        counters.invalid.inc();
-                    }
+        loop {
+            let r = self.inner.poll_recv(cx, bufs, meta);
+            let Poll::Ready(Ok(n)) = r else {
+                return r;
+            };
+            self.count_received(bufs, meta, n);
+            let Some((f, t)) = self
+                .faults
+                .as_ref()
+                .and_then(|f| f.active().map(|t| (f, t)))
+                .filter(|(_, t)| !t.drop.is_empty())
+            else {
+                return Poll::Ready(Ok(n));
+            };
+            // Datagrams from dropped addresses go; the rest move up.
+            let mut kept = 0;
+            for i in 0..n {
+                let m = meta[i];
+                if t.drop.contains(&m.addr) {
+                    f.dropped.inc();
+                    continue;
                 }
+                if kept != i {
+                    let (head, tail) = bufs.split_at_mut(i);
+                    let (Some(to), Some(from)) =
+                        (head[kept].get_mut(..m.len), tail[0].get(..m.len))
+                    else {
+                        f.dropped.inc();
+                        continue;
+                    };
+                    to.copy_from_slice(from);
+                    meta[kept] = m;
+                }
+                kept += 1;
             }
+            if kept > 0 {
+                return Poll::Ready(Ok(kept));
+            }
+            // Everything was dropped: read on (the inner socket registers
+            // the waker when it has nothing).
         }
-        r
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -430,6 +578,27 @@ impl AsyncUdpSocket for GatewaySocket {
 
     fn may_fragment(&self) -> bool {
         self.inner.may_fragment()
+    }
+}
+
+impl GatewaySocket {
+    fn count_received(&self, bufs: &[IoSliceMut<'_>], meta: &[RecvMeta], n: usize) {
+        if let Some(counters) = &self.counters {
+            for (buf, m) in bufs.iter().zip(meta.iter()).take(n) {
+                let data = buf.get(..m.len).unwrap_or_default();
+                let stride = m.stride.max(1);
+                counters.rx_calls.inc();
+                counters
+                    .rx_datagrams
+                    .inc_by(data.len().div_ceil(stride) as u64);
+                for dgram in data.chunks(stride) {
+                    let fixed_bit = dgram.first().is_some_and(|b| b & 0x40 != 0);
+                    if !fixed_bit || dgram.len() < MIN_QUIC_DATAGRAM {
+                        counters.invalid.inc();
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -456,6 +625,7 @@ mod tests {
         let socket = Arc::new(GatewaySocket {
             inner,
             counters: Some(SocketCounters::of(&metrics)),
+            faults: None,
         });
         let mut writable = socket.clone().create_io_poller();
         const SEG: usize = 8952;
@@ -497,5 +667,100 @@ mod tests {
         }
         // Two sends (seven packets, then three), each counted.
         assert_eq!(metrics.udp_counts("tx"), (10, 2));
+    }
+
+    /// A drill's drop and delay, at the socket: datagrams to and from a
+    /// dropped address vanish both ways, datagrams to a delayed one arrive
+    /// that much later, others pass; off again, everything passes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn drill_faults_drop_and_delay_datagrams_by_address() {
+        use std::time::{Duration, Instant};
+        let bind = || std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (a, b, c) = (bind(), bind(), bind());
+        for s in [&a, &b, &c] {
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+        }
+        let tx = bound_socket("127.0.0.1:0".parse().unwrap(), 1 << 20).unwrap();
+        let inner = quinn::Runtime::wrap_udp_socket(&quinn::TokioRuntime, tx).unwrap();
+        let faults = Arc::new(SocketFaults::default());
+        let socket = Arc::new(GatewaySocket {
+            inner,
+            counters: None,
+            faults: Some(faults.clone()),
+        });
+        let ours = socket.local_addr().unwrap();
+        // tokio learns the socket is writable on the first poll.
+        let mut writable = socket.clone().create_io_poller();
+        std::future::poll_fn(|cx| writable.as_mut().poll_writable(cx))
+            .await
+            .unwrap();
+        let send = |to: &std::net::UdpSocket, byte: u8| {
+            let t = Transmit {
+                destination: to.local_addr().unwrap(),
+                ecn: None,
+                contents: &[byte; 64],
+                segment_size: None,
+                src_ip: None,
+            };
+            socket.try_send(&t).unwrap();
+        };
+        let got = |s: &std::net::UdpSocket| {
+            let mut buf = [0u8; 128];
+            s.recv(&mut buf).ok().map(|_| buf[0])
+        };
+        let mut t = AddrFaults::default();
+        t.drop.insert(a.local_addr().unwrap());
+        t.delay
+            .insert(b.local_addr().unwrap(), Duration::from_millis(150));
+        faults.set(t);
+        let t0 = Instant::now();
+        send(&a, 1);
+        send(&b, 2);
+        send(&c, 3);
+        assert_eq!(got(&c), Some(3), "an address without a fault passes");
+        assert_eq!(got(&b), Some(2), "a delayed datagram arrives");
+        assert!(
+            t0.elapsed() >= Duration::from_millis(150),
+            "{:?}",
+            t0.elapsed()
+        );
+        assert_eq!(got(&a), None, "a dropped address gets nothing");
+        assert_eq!((faults.dropped.get(), faults.delayed.get()), (1, 1));
+
+        // Received from a dropped address: gone; from others: kept.
+        let recv = || async {
+            let mut storage = [[0u8; 128]; 4];
+            let mut bufs: Vec<IoSliceMut<'_>> =
+                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            let mut meta = [RecvMeta::default(); 4];
+            let n = tokio::time::timeout(
+                Duration::from_secs(5),
+                std::future::poll_fn(|cx| socket.poll_recv(cx, &mut bufs, &mut meta)),
+            )
+            .await
+            .expect("a datagram")
+            .unwrap();
+            meta[..n]
+                .iter()
+                .zip(&bufs)
+                .map(|(m, b)| (m.addr, b[0]))
+                .collect::<Vec<_>>()
+        };
+        a.send_to(&[7; 40], ours).unwrap();
+        c.send_to(&[9; 40], ours).unwrap();
+        // a's went first: had it been kept, it would come first.
+        let seen = recv().await;
+        assert_eq!(
+            seen,
+            [(c.local_addr().unwrap(), 9)],
+            "a's datagram was dropped"
+        );
+        assert_eq!(faults.dropped.get(), 2);
+        faults.set(AddrFaults::default());
+        a.send_to(&[8; 40], ours).unwrap();
+        send(&a, 4);
+        assert_eq!(got(&a), Some(4));
+        assert_eq!(recv().await, [(a.local_addr().unwrap(), 8)]);
     }
 }

@@ -23,6 +23,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tracing::Instrument;
 
 use crate::config::GatewaySettings;
+use crate::fault::FaultView;
 use crate::metrics::{AttemptFailure, GatewayMetrics};
 use crate::pool::{self, Dialer, PeerConn, Pool, CLOSE_POLICY};
 use crate::splice::PeerStream;
@@ -69,6 +70,10 @@ struct Shared {
     announced: fedmesh_transport::Announced,
     /// Woken by every new catalog.
     catalog_changed: tokio::sync::Notify,
+    /// Drill faults at the UDP socket, and the faults in force (applied
+    /// again when the catalog moves a peer).
+    socket_faults: Arc<quic::SocketFaults>,
+    faults: RwLock<Arc<FaultView>>,
 }
 
 impl Shared {
@@ -107,6 +112,44 @@ impl Shared {
         }
     }
 
+    /// Applies a drill's faults: drain, and per peer the datagrams to and
+    /// from its gateway (its advertised address and those of the
+    /// connections it has now) dropped or delayed.
+    fn apply_faults(&self, view: FaultView) {
+        self.config.set_drill_draining(view.draining);
+        let catalog = self.catalog();
+        let live = self.pool.remote_addresses();
+        let mut t = quic::AddrFaults::default();
+        for p in catalog.peers() {
+            let addrs: Vec<SocketAddr> = std::iter::once(p.address)
+                .chain(
+                    live.iter()
+                        .filter(|(c, _)| c == &p.cluster)
+                        .map(|(_, a)| *a),
+                )
+                .collect();
+            if view.blackholed.contains(&p.cluster) || view.udp_dropped.contains(&p.cluster) {
+                t.drop.extend(addrs.iter().copied());
+            }
+            if let Some(d) = view.delay(&p.cluster) {
+                t.delay.extend(addrs.iter().map(|a| (*a, d)));
+            }
+        }
+        self.pool.set_blocked(view.blackholed.clone());
+        self.socket_faults.set(t);
+        match self.faults.write() {
+            Ok(mut g) => *g = Arc::new(view),
+            Err(p) => *p.into_inner() = Arc::new(view),
+        }
+    }
+
+    fn fault_view(&self) -> Arc<FaultView> {
+        match self.faults.read() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
     fn cursor(&self) -> usize {
         self.cursor.fetch_add(1, Ordering::Relaxed)
     }
@@ -117,6 +160,12 @@ impl Shared {
         serde_json::json!({
             "cluster": catalog.cluster.as_str(),
             "draining": self.config.is_draining(),
+            "drill_faults": {
+                "blackholed": self.fault_view().blackholed.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
+                "udp_dropped": self.fault_view().udp_dropped.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
+                "delayed": self.fault_view().delayed.iter().map(|(c, d)| (c.as_str(), d.as_millis())).collect::<Vec<_>>(),
+                "draining": self.fault_view().draining,
+            },
             "quic_connections": self.endpoint.open_connections(),
             "peers": self.pool.status(),
         })
@@ -132,6 +181,7 @@ pub struct Gateway {
     tunnel_addr: SocketAddr,
     fallback_addr: Option<SocketAddr>,
     admin_addr: Option<SocketAddr>,
+    drills_addr: Option<SocketAddr>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -152,11 +202,13 @@ impl Gateway {
         );
         let quic_configs =
             quic::PeerConfigs::new(&identity, s.bundles.clone(), &s.limits, &s.congestion)?;
+        let socket_faults = Arc::new(quic::SocketFaults::default());
         let endpoint = quic::endpoint(
             s.quic,
             quic_configs.default_server(),
             &s.limits,
             quic::SocketCounters::of(&metrics),
+            socket_faults.clone(),
         )?;
         let quic_addr = endpoint.local_addr().map_err(|source| GatewayError::Bind {
             what: "QUIC",
@@ -247,6 +299,7 @@ impl Gateway {
                     limits: s.limits.clone(),
                     metrics: metrics.clone(),
                     announced: announced.clone(),
+                    blocked: Default::default(),
                 },
                 {
                     let weak = weak.clone();
@@ -270,6 +323,8 @@ impl Gateway {
             stopped: tokio::sync::watch::channel(false).0,
             announced,
             catalog_changed: tokio::sync::Notify::new(),
+            socket_faults,
+            faults: RwLock::default(),
         });
         shared.pool.set_peers(shared.catalog().peers());
         let mut tasks = vec![
@@ -288,6 +343,66 @@ impl Gateway {
                 acceptor,
                 TcpPort::Fallback,
             )));
+        }
+        let mut drills_addr = None;
+        if let Some(cfg) = &s.drills {
+            let bind = |source| GatewayError::Bind {
+                what: "drills",
+                addr: cfg.listen,
+                source,
+            };
+            let l = TcpListener::bind(cfg.listen).await.map_err(bind)?;
+            drills_addr = Some(l.local_addr().map_err(bind)?);
+            // Any SVID of a trusted domain completes the handshake; the
+            // API then says whether it is an operator's (and counts it).
+            let tls = fedmesh_trust::server_config_from(
+                &identity,
+                s.bundles.clone(),
+                PeerPolicy::AnyTrusted,
+                &[b"http/1.1"],
+                ClientAuth::Required,
+            )?;
+            let hooks = crate::drills::DrillHooks {
+                apply: {
+                    let weak = Arc::downgrade(&shared);
+                    Box::new(move |view: &FaultView| {
+                        if let Some(shared) = weak.upgrade() {
+                            shared.apply_faults(view.clone());
+                        }
+                    })
+                },
+                peers: {
+                    let weak = Arc::downgrade(&shared);
+                    Box::new(move || {
+                        weak.upgrade()
+                            .map(|s| s.catalog().peers().map(|p| p.cluster.clone()).collect())
+                            .unwrap_or_default()
+                    })
+                },
+            };
+            let metrics = crate::drills::DrillMetrics::default();
+            metrics.register(registry);
+            registry
+                .sub_registry_with_prefix("fedmesh_gateway_drill")
+                .register(
+                    "datagrams_dropped",
+                    "Datagrams a drill fault dropped (to or from a peer, or a delayed one over the bound)",
+                    shared.socket_faults.dropped.clone(),
+                );
+            registry
+                .sub_registry_with_prefix("fedmesh_gateway_drill")
+                .register(
+                    "datagrams_delayed",
+                    "Datagrams a drill fault delayed",
+                    shared.socket_faults.delayed.clone(),
+                );
+            let api = Arc::new(crate::drills::DrillApi::new(cfg, hooks, metrics));
+            tracing::info!(addr = ?drills_addr, operators = ?cfg.operators, "drill API listening (mTLS)");
+            tasks.extend(crate::drills::spawn(
+                l,
+                TlsAcceptor::from(Arc::new(tls)),
+                api,
+            ));
         }
         let mut admin_addr = None;
         if let Some(addr) = s.admin {
@@ -330,6 +445,7 @@ impl Gateway {
             tunnel_addr,
             fallback_addr,
             admin_addr,
+            drills_addr,
             tasks,
         })
     }
@@ -359,6 +475,11 @@ impl Gateway {
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
         self.admin_addr
+    }
+
+    /// The drill API (mTLS), when configured.
+    pub fn drills_addr(&self) -> Option<SocketAddr> {
+        self.drills_addr
     }
 
     pub fn metrics(&self) -> &GatewayMetrics {
@@ -410,6 +531,11 @@ impl Gateway {
         }
         self.shared.catalog_changed.notify_waiters();
         self.shared.pool.set_peers(&peers);
+        // A peer's addresses may have moved under a fault in force.
+        let view = self.shared.fault_view();
+        if !view.is_empty() {
+            self.shared.apply_faults((*view).clone());
+        }
         self.shared.config.applied(version);
     }
 
@@ -617,6 +743,11 @@ async fn fallback_conn(
         tracing::warn!(%remote, id = %fedmesh_wire::bounded(id.as_str()), "TCP fallback connection from an identity that is no peer gateway; closing");
         return;
     };
+    if shared.pool.is_blocked(&peer.cluster) {
+        shared.metrics.reject("drill_blackhole");
+        tracing::debug!(%remote, cluster = %peer.cluster, "TCP fallback connection from a blackholed peer; closing");
+        return;
+    }
     let span = tracing::info_span!("peer", cluster = %peer.cluster, %remote, transport = "tcp");
     async {
         tracing::info!("peer gateway connected over the TCP fallback");

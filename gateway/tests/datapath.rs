@@ -111,6 +111,7 @@ async fn admin_gateway(
         limits: Default::default(),
         congestion: Default::default(),
         controller,
+        drills: None,
     };
     let mut reg = prometheus_client::registry::Registry::default();
     fedmesh_gateway::Gateway::build(settings, &mut reg)
@@ -173,6 +174,14 @@ async fn admin_endpoint_serves_metrics() {
     // Anything but GET is refused.
     let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
     s.write_all(b"POST /config_dump HTTP/1.1\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 405"), "{out}");
+    // Faults are the drill API's (mTLS, operators only), never this port's.
+    let mut s = tokio::net::TcpStream::connect(admin).await.unwrap();
+    s.write_all(b"PUT /faults/d1 HTTP/1.1\r\ncontent-length: 0\r\n\r\n")
         .await
         .unwrap();
     let mut out = String::new();

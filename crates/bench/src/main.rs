@@ -298,6 +298,7 @@ fn topology(splice_buffer: usize) -> Topology {
         // Listening, but used only once the bench makes QUIC unreachable.
         tcp_fallback: true,
         clusterset_dns: false,
+        drill_operators: Vec::new(),
     }
 }
 

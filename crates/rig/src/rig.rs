@@ -85,6 +85,9 @@ pub struct Topology {
     /// from [`CLUSTERSET_CIDR`] and serve `clusterset.local` on a loopback
     /// port ([`RigCluster::dns_addr`]).
     pub clusterset_dns: bool,
+    /// Principals allowed to set faults through every gateway's drill API
+    /// (on a loopback port, `Gateway::drills_addr`); none: no drill API.
+    pub drill_operators: Vec<String>,
 }
 
 /// The rig's ClusterSet IP range.
@@ -124,6 +127,7 @@ impl Topology {
             fault_relays: false,
             tcp_fallback: false,
             clusterset_dns: false,
+            drill_operators: Vec::new(),
         }
     }
 }
@@ -263,6 +267,9 @@ impl Rig {
                     limits: topo.limits.clone(),
                     congestion: Default::default(),
                     controller: None,
+                    drills: (!topo.drill_operators.is_empty()).then(|| {
+                        fedmesh_gateway::DrillsConfig::new(ANY, topo.drill_operators.clone())
+                    }),
                 },
                 reg,
             )

@@ -175,6 +175,9 @@ pub struct ConfigState {
     ready: Arc<AtomicBool>,
     have_config: AtomicBool,
     draining: AtomicBool,
+    /// A drill's drain fault: the same effect, ended apart from a
+    /// shutdown's drain.
+    drill_draining: AtomicBool,
     version: prometheus_client::metrics::gauge::Gauge,
     updates: prometheus_client::metrics::counter::Counter,
 }
@@ -186,6 +189,7 @@ impl ConfigState {
             ready: Arc::new(AtomicBool::new(have_config)),
             have_config: AtomicBool::new(have_config),
             draining: AtomicBool::new(false),
+            drill_draining: AtomicBool::new(false),
             version: Default::default(),
             updates: Default::default(),
         }
@@ -216,7 +220,7 @@ impl ConfigState {
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
+        self.draining.load(Ordering::Relaxed) || self.drill_draining.load(Ordering::Relaxed)
     }
 
     /// A config was applied (`version` when it came from a controller).
@@ -236,9 +240,15 @@ impl ConfigState {
         self.update();
     }
 
+    /// A drill's drain (see [`ConfigState::set_draining`]); a shutdown's
+    /// drain stays on when the drill's ends.
+    pub fn set_drill_draining(&self, on: bool) {
+        self.drill_draining.store(on, Ordering::Relaxed);
+        self.update();
+    }
+
     fn update(&self) {
-        let ready =
-            self.have_config.load(Ordering::Relaxed) && !self.draining.load(Ordering::Relaxed);
+        let ready = self.have_config.load(Ordering::Relaxed) && !self.is_draining();
         self.ready.store(ready, Ordering::Relaxed);
     }
 }

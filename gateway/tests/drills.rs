@@ -1,0 +1,230 @@
+//! The drill API of a running gateway: an operator proven by its client
+//! SVID blackholes a peer cluster, traffic moves to the other cluster and
+//! the fault ends by itself; whoever is not an operator, a second drill,
+//! and the plain admin port are refused and counted.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fedmesh_testkit::{run_load, LoadSpec, Rig, Topology};
+use fedmesh_trust::PeerPolicy;
+use rustls::pki_types::ServerName;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+const OPERATORS: &str = "spiffe://east.demo/ns/ops/*";
+
+/// One request to `addr` over mTLS as `id` (issued by east's CA): the
+/// status code and the JSON body.
+async fn call(
+    rig: &Rig,
+    id: &str,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let east = rig.cluster("east").unwrap();
+    let svid = east
+        .ca
+        .issue(&id.parse().unwrap(), Duration::from_secs(600))
+        .unwrap();
+    let tls = fedmesh_trust::client_config(
+        &svid,
+        east.bundles.clone(),
+        PeerPolicy::AnyTrusted,
+        &[b"http/1.1"],
+    )
+    .unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let mut s = TlsConnector::from(Arc::new(tls))
+        .connect(ServerName::try_from("fedmesh.invalid").unwrap(), tcp)
+        .await
+        .unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nhost: gateway\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("an answer")
+        .ok();
+    let text = String::from_utf8_lossy(&out);
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split("\r\n\r\n")
+        .nth(1)
+        .and_then(|b| serde_json::from_str(b).ok())
+        .unwrap_or(Value::Null);
+    (code, body)
+}
+
+/// Who served `n` one-request connections from east to `echo.demo`.
+async fn served_by(rig: &Rig, n: usize) -> (u64, std::collections::BTreeMap<String, u64>) {
+    let addr = rig
+        .cluster("east")
+        .unwrap()
+        .client_addr("echo.demo")
+        .unwrap();
+    let r = run_load(
+        addr,
+        &LoadSpec {
+            connections: n,
+            requests_per_connection: 1,
+            request_bytes: 64,
+            timeout: Duration::from_secs(3),
+            concurrency: 4,
+        },
+    )
+    .await;
+    let by_cluster = r.served_by.iter().fold(
+        Default::default(),
+        |mut m: std::collections::BTreeMap<String, u64>, (k, v)| {
+            *m.entry(k.split('/').next().unwrap_or("?").to_owned())
+                .or_default() += v;
+            m
+        },
+    );
+    (r.failed, by_cluster)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_blackholes_a_peer_and_the_fault_ends_by_itself() {
+    let rig = Rig::start(&Topology {
+        drill_operators: vec![OPERATORS.into()],
+        ..Topology::demo()
+    })
+    .await
+    .unwrap();
+    let east = rig.cluster("east").unwrap();
+    let api = east.gateway.drills_addr().expect("a drill API");
+    let operator = "spiffe://east.demo/ns/ops/sa/drill";
+    // Both west and north serve echo.demo at first.
+    let (_, before) = served_by(&rig, 40).await;
+    assert!(before.get("west").is_some_and(|n| *n > 0), "{before:?}");
+
+    let blackhole = json!({ "faults": [{ "kind": "blackhole", "peer": "west", "ttl": "8s" }] });
+    let (code, body) = call(
+        &rig,
+        operator,
+        api,
+        "PUT",
+        "/faults/game-day-1",
+        Some(blackhole),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let set_at = Instant::now();
+    assert_eq!(body["drill"], "game-day-1");
+    assert_eq!(body["faults"][0]["kind"], "blackhole");
+    assert!(body["faults"][0]["remaining_ms"].as_u64().unwrap() <= 8000);
+
+    // While it holds: west serves nothing that east sends.
+    let (failed, during) = served_by(&rig, 8).await;
+    assert!(
+        set_at.elapsed() < Duration::from_secs(8),
+        "the load outlasted the fault: nothing to conclude"
+    );
+    assert!(
+        !during.contains_key("west"),
+        "west served under a blackhole: {during:?}"
+    );
+    assert!(during.get("north").is_some_and(|n| *n > 0), "{during:?}");
+    eprintln!("under the blackhole: {during:?}, {failed} failed");
+
+    // A second drill is refused, not stacked; so is a client that is no
+    // operator, and the plain admin port takes no fault at all.
+    let drain = json!({ "faults": [{ "kind": "drain", "ttl": "10s" }] });
+    let (code, body) = call(
+        &rig,
+        operator,
+        api,
+        "PUT",
+        "/faults/other",
+        Some(drain.clone()),
+    )
+    .await;
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("game-day-1"),
+        "{body}"
+    );
+    let (code, _) = call(
+        &rig,
+        "spiffe://east.demo/ns/demo/sa/client",
+        api,
+        "PUT",
+        "/faults/x",
+        Some(drain),
+    )
+    .await;
+    assert_eq!(code, 403);
+    // (The plain admin port answers a fault request with 405:
+    // `datapath.rs`, `admin_endpoint_serves_metrics`.)
+
+    // It ends by itself: the API says so, and west serves again.
+    let t = Instant::now();
+    loop {
+        let (code, body) = call(&rig, operator, api, "GET", "/faults", None).await;
+        assert_eq!(code, 200);
+        if body["drill"].is_null() {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "never expired: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(set_at.elapsed() >= Duration::from_secs(8), "ended early");
+    let t = Instant::now();
+    loop {
+        let (_, after) = served_by(&rig, 12).await;
+        if after.get("west").is_some_and(|n| *n > 0) {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "west never served again: {after:?}"
+        );
+    }
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &rig.registry).unwrap();
+    let count = |name: &str, labels: &[&str]| -> u64 {
+        text.lines()
+            .filter(|l| l.starts_with(name) && l.contains("cluster=\"east\""))
+            .filter(|l| labels.iter().all(|want| l.contains(want)))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|v| v as u64)
+            .sum()
+    };
+    let requests = "fedmesh_gateway_drill_requests_total";
+    assert_eq!(count(requests, &["result=\"ok\"", "reason=\"set\""]), 1);
+    assert_eq!(
+        count(requests, &["result=\"refused\"", "reason=\"busy\""]),
+        1
+    );
+    assert_eq!(
+        count(requests, &["result=\"refused\"", "reason=\"not_operator\""]),
+        1
+    );
+    assert_eq!(
+        count(
+            "fedmesh_gateway_drill_faults_expired_total",
+            &["kind=\"blackhole\""]
+        ),
+        1
+    );
+    assert!(count("fedmesh_gateway_drill_datagrams_dropped_total", &[]) > 0);
+}
