@@ -152,6 +152,8 @@ impl DrillMetrics {
             "Faults that ended by themselves (their time to live ran out)",
             self.expired.clone(),
         );
+        // Every kind reads 0 from the start, not "no data".
+        self.set_active(&FaultView::default());
     }
 
     fn request(&self, result: &'static str, reason: &'static str) {

@@ -173,6 +173,26 @@ impl Shared {
     }
 }
 
+/// The drill API's metrics and the socket's drill counters, in `reg`.
+fn register_drills(
+    reg: &mut Registry,
+    metrics: &crate::drills::DrillMetrics,
+    socket: &quic::SocketFaults,
+) {
+    metrics.register(reg);
+    let sub = reg.sub_registry_with_prefix("fedmesh_gateway_drill");
+    sub.register(
+        "datagrams_dropped",
+        "Datagrams a drill fault dropped (to or from a peer, or a delayed one over the bound)",
+        socket.dropped.clone(),
+    );
+    sub.register(
+        "datagrams_delayed",
+        "Datagrams a drill fault delayed",
+        socket.delayed.clone(),
+    );
+}
+
 /// A running gateway. Dropping it stops its listeners.
 pub struct Gateway {
     shared: Arc<Shared>,
@@ -345,6 +365,7 @@ impl Gateway {
             )));
         }
         let mut drills_addr = None;
+        let mut drill_metrics = None;
         if let Some(cfg) = &s.drills {
             let bind = |source| GatewayError::Bind {
                 what: "drills",
@@ -381,21 +402,8 @@ impl Gateway {
                 },
             };
             let metrics = crate::drills::DrillMetrics::default();
-            metrics.register(registry);
-            registry
-                .sub_registry_with_prefix("fedmesh_gateway_drill")
-                .register(
-                    "datagrams_dropped",
-                    "Datagrams a drill fault dropped (to or from a peer, or a delayed one over the bound)",
-                    shared.socket_faults.dropped.clone(),
-                );
-            registry
-                .sub_registry_with_prefix("fedmesh_gateway_drill")
-                .register(
-                    "datagrams_delayed",
-                    "Datagrams a drill fault delayed",
-                    shared.socket_faults.delayed.clone(),
-                );
+            register_drills(registry, &metrics, &shared.socket_faults);
+            drill_metrics = Some(metrics.clone());
             let api = Arc::new(crate::drills::DrillApi::new(cfg, hooks, metrics));
             tracing::info!(addr = ?drills_addr, operators = ?cfg.operators, "drill API listening (mTLS)");
             tasks.extend(crate::drills::spawn(
@@ -416,6 +424,9 @@ impl Gateway {
             };
             let register = |reg: &mut prometheus_client::registry::Registry| {
                 m.register(reg);
+                if let Some(d) = &drill_metrics {
+                    register_drills(reg, d, &shared.socket_faults);
+                }
                 let sub = reg.sub_registry_with_prefix("fedmesh_gateway");
                 shared.config.register(sub);
                 shared

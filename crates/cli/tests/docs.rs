@@ -492,7 +492,7 @@ async fn every_documented_metric_is_served() {
     let kc = kubeconfig(d, &fake.url());
     std::fs::write(d.join("tokens.yaml"), "tokens: []\n").unwrap();
     let (api, ctl_admin, gw_admin, sc_admin) = (free(), free(), free(), free());
-    let (quic, tunnel, out) = (free(), free(), free());
+    let (quic, tunnel, out, drills) = (free(), free(), free(), free());
     kube_controller_config(d, quic, ctl_admin, api, true);
     let follow = |who: &str| {
         format!(
@@ -505,7 +505,8 @@ async fn every_documented_metric_is_served() {
     std::fs::write(
         d.join("gateway.yaml"),
         format!(
-            "listen: {{ quic: \"{quic}\", tunnel: \"{tunnel}\", admin: \"{gw_admin}\" }}\n{}",
+            "listen: {{ quic: \"{quic}\", tunnel: \"{tunnel}\", admin: \"{gw_admin}\" }}\n\
+             drills: {{ listen: \"{drills}\", operators: [\"spiffe://east.acme/ns/ops/*\"] }}\n{}",
             follow("gw")
         ),
     )
