@@ -580,3 +580,147 @@ mod tests {
         assert!(none.problems()[0].contains("at least one"));
     }
 }
+
+/// Why a drill API call failed: each says which gateway and what to do.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DrillClientError {
+    #[error("drill API {addr}: cannot connect: {source}")]
+    Connect {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("drill API {addr}: TLS handshake failed ({source}); is this the gateway's drill port, and does it trust our SVID's domain?")]
+    Tls {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("drill API {addr}: no answer within {after:?}")]
+    Timeout { addr: SocketAddr, after: Duration },
+    #[error("drill API {addr}: {code}: {error}")]
+    Refused {
+        addr: SocketAddr,
+        code: u16,
+        error: String,
+    },
+    #[error("drill API {addr}: an answer that is not HTTP/JSON")]
+    BadAnswer { addr: SocketAddr },
+    #[error("drill API: our TLS config: {0}")]
+    Config(#[from] fedmesh_trust::TlsError),
+}
+
+/// A client of one gateway's drill API, presenting an operator's SVID.
+#[derive(Clone)]
+pub struct DrillClient {
+    addr: SocketAddr,
+    tls: tokio_rustls::TlsConnector,
+    timeout: Duration,
+}
+
+impl DrillClient {
+    /// Calls `addr` as `identity`, trusting gateways of `bundles`; each
+    /// call ends within `timeout` (connect, handshake, answer).
+    pub fn new(
+        addr: SocketAddr,
+        identity: &fedmesh_trust::Svid,
+        bundles: fedmesh_trust::SharedBundles,
+        timeout: Duration,
+    ) -> Result<Self, DrillClientError> {
+        let cfg = fedmesh_trust::client_config(
+            identity,
+            bundles,
+            fedmesh_trust::PeerPolicy::AnyTrusted,
+            &[b"http/1.1"],
+        )?;
+        Ok(Self {
+            addr,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(cfg)),
+            timeout,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Sets `drill`'s faults; the API's answer (the faults in force).
+    pub async fn set(
+        &self,
+        drill: &DrillId,
+        faults: &[FaultSpec],
+    ) -> Result<serde_json::Value, DrillClientError> {
+        let body = serde_json::json!({ "faults": faults });
+        self.call("PUT", &format!("/faults/{drill}"), Some(body))
+            .await
+    }
+
+    /// Ends `drill`'s faults.
+    pub async fn clear(&self, drill: &DrillId) -> Result<serde_json::Value, DrillClientError> {
+        self.call("DELETE", &format!("/faults/{drill}"), None).await
+    }
+
+    pub async fn status(&self) -> Result<serde_json::Value, DrillClientError> {
+        self.call("GET", "/faults", None).await
+    }
+
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<serde_json::Value, DrillClientError> {
+        let addr = self.addr;
+        tokio::time::timeout(self.timeout, async {
+            let tcp = tokio::net::TcpStream::connect(addr)
+                .await
+                .map_err(|source| DrillClientError::Connect { addr, source })?;
+            let name = rustls::pki_types::ServerName::try_from("fedmesh.invalid")
+                .map_err(|_| DrillClientError::BadAnswer { addr })?;
+            let mut s = self
+                .tls
+                .connect(name, tcp)
+                .await
+                .map_err(|source| DrillClientError::Tls { addr, source })?;
+            let body = body.map(|b| b.to_string()).unwrap_or_default();
+            let req = format!(
+                "{method} {path} HTTP/1.1\r\nhost: fedmesh-gateway\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            s.write_all(req.as_bytes())
+                .await
+                .map_err(|source| DrillClientError::Tls { addr, source })?;
+            // The answer is small; more than the API ever sends is refused.
+            let mut out = Vec::new();
+            (&mut s)
+                .take((MAX_BODY + MAX_HEAD) as u64)
+                .read_to_end(&mut out)
+                .await
+                .map_err(|source| DrillClientError::Tls { addr, source })?;
+            let text = String::from_utf8_lossy(&out);
+            let (head, body) = text
+                .split_once("\r\n\r\n")
+                .ok_or(DrillClientError::BadAnswer { addr })?;
+            let code: u16 = head
+                .split(' ')
+                .nth(1)
+                .and_then(|c| c.parse().ok())
+                .ok_or(DrillClientError::BadAnswer { addr })?;
+            let v: serde_json::Value =
+                serde_json::from_str(body).map_err(|_| DrillClientError::BadAnswer { addr })?;
+            if code != 200 {
+                let error = v["error"].as_str().unwrap_or("(no reason given)");
+                return Err(DrillClientError::Refused {
+                    addr,
+                    code,
+                    error: fedmesh_wire::bounded(error),
+                });
+            }
+            Ok(v)
+        })
+        .await
+        .map_err(|_| DrillClientError::Timeout {
+            addr,
+            after: self.timeout,
+        })?
+    }
+}

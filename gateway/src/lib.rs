@@ -28,7 +28,7 @@ mod transport;
 pub use app::{GatewayApp, GatewayAppError};
 pub use config::{ConfigError, GatewayConfig, GatewaySettings, Listen};
 pub use congestion::{Algorithm, CongestionConfig, Observation, Observed};
-pub use drills::{DrillMetrics, DrillsConfig};
+pub use drills::{DrillClient, DrillClientError, DrillMetrics, DrillsConfig};
 pub use fault::{DrillId, FaultError, FaultKind, FaultLimits, FaultSpec, FaultView};
 pub use metrics::{GatewayMetrics, PeerLabels, TransportLabels};
 pub use pool::PeerStatus;

@@ -228,3 +228,97 @@ async fn an_operator_blackholes_a_peer_and_the_fault_ends_by_itself() {
     );
     assert!(count("fedmesh_gateway_drill_datagrams_dropped_total", &[]) > 0);
 }
+
+/// The drill runner with the fault set through the API (what `fedmesh
+/// drill` does against a deployment): traffic moves to north while west is
+/// blackholed, and nothing is left behind; a gateway that cannot be
+/// reached, or that does not take us as an operator, fails the drill
+/// within seconds, before any load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_through_the_api_moves_traffic_and_leaves_no_fault() {
+    use fedmesh_gateway::{DrillClient, DrillId, FaultKind, FaultSpec};
+    use fedmesh_testkit::drill::{run_with_api, DrillSpec, FaultMode};
+    let rig = Rig::start(&Topology {
+        drill_operators: vec![OPERATORS.into()],
+        ..Topology::demo()
+    })
+    .await
+    .unwrap();
+    let east = rig.cluster("east").unwrap();
+    let client_as = |id: &str, addr: SocketAddr| {
+        let svid = east
+            .ca
+            .issue(&id.parse().unwrap(), Duration::from_secs(600))
+            .unwrap();
+        DrillClient::new(addr, &svid, east.bundles.clone(), Duration::from_secs(3)).unwrap()
+    };
+    let api = east.gateway.drills_addr().unwrap();
+    let operator = client_as("spiffe://east.demo/ns/ops/sa/drill", api);
+    let spec = DrillSpec {
+        service: "echo.demo".into(),
+        from: "east".into(),
+        fail: "west".into(),
+        mode: FaultMode::Blackhole,
+        duration: Duration::from_secs(6),
+        rate: 100,
+        request_bytes: 64,
+        timeout: Duration::from_secs(2),
+        slo: Duration::from_millis(250),
+        http: false,
+    };
+    let faults = [FaultSpec {
+        kind: FaultKind::Blackhole,
+        peer: Some("west".parse().unwrap()),
+        ttl: spec.restore_at() - spec.break_at() + Duration::from_secs(5),
+    }];
+    let drill = DrillId::new("api-drill").unwrap();
+    let load = east.client_addr("echo.demo").unwrap();
+    let report = run_with_api(load, &spec, &operator, &drill, &faults, |_| {})
+        .await
+        .unwrap();
+    eprintln!("{}", fedmesh_testkit::drill::render(&report));
+    assert!(report.failed_cluster_share_before > 0.0, "{report:?}");
+    assert!(report.first_elsewhere_ms.is_some(), "{report:?}");
+    assert!(
+        report.served_by.get("north").is_some_and(|n| *n > 0),
+        "{report:?}"
+    );
+    // West answered nothing while it was blackholed.
+    let (b, r) = (report.break_at_ms, report.restore_at_ms);
+    let from_slice =
+        |s: &&fedmesh_testkit::drill::Slice| s.from_ms >= b + 250 && s.from_ms + 250 <= r;
+    assert!(
+        report
+            .timeline
+            .iter()
+            .filter(from_slice)
+            .all(|s| s.by_failed_cluster == 0),
+        "{:?}",
+        report.timeline
+    );
+    // Nothing left behind.
+    assert!(operator.status().await.unwrap()["drill"].is_null());
+
+    // Unreachable: a clear message within seconds, no load run.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let nowhere = client_as(
+        "spiffe://east.demo/ns/ops/sa/drill",
+        closed.local_addr().unwrap(),
+    );
+    drop(closed);
+    let t = Instant::now();
+    let e = run_with_api(load, &spec, &nowhere, &drill, &faults, |_| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(e.contains("cannot connect"), "{e}");
+    // Not an operator: refused before any load.
+    let intruder = client_as("spiffe://east.demo/ns/demo/sa/client", api);
+    let e = run_with_api(load, &spec, &intruder, &drill, &faults, |_| {})
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("403") && e.contains("not an operator"), "{e}");
+    assert!(operator.status().await.unwrap()["drill"].is_null());
+}

@@ -31,9 +31,28 @@ pub struct FailoverArgs {
     /// drill proves traffic moves).
     #[arg(long, default_value = "west")]
     pub fail: String,
-    /// kill-gateway, blackhole or drain.
+    /// kill-gateway, blackhole or drain; with `--gateway-api` also
+    /// drop-udp and delay (kill-gateway is the demo's only).
     #[arg(long, default_value = "blackhole", value_parser = parse_mode)]
     pub mode: FaultMode,
+    /// Run against a deployment: the drill API (`drills.listen`) of the
+    /// gateway that takes the fault — the `--from` cluster's for
+    /// blackhole, drop-udp and delay (it stops reaching `--fail`), the
+    /// `--fail` cluster's for drain.
+    #[arg(long, requires_all = ["load", "operator"])]
+    pub gateway_api: Option<std::net::SocketAddr>,
+    /// With `--gateway-api`: a sidecar's outbound listener for the service
+    /// in the `--from` cluster (the drill's load goes through it).
+    #[arg(long, requires = "gateway_api")]
+    pub load: Option<std::net::SocketAddr>,
+    /// With `--gateway-api`: the operator's SVID directory (`svid.pem`,
+    /// `svid.key`, `bundle.pem` of its trust domain, as `fedmesh ca issue`
+    /// writes it), an identity the gateway's `drills.operators` allows.
+    #[arg(long, requires = "gateway_api")]
+    pub operator: Option<std::path::PathBuf>,
+    /// The added delay of `--mode delay`.
+    #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub delay: Duration,
     #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
     /// Requests per second (each a new connection and one echo round
@@ -56,8 +75,8 @@ pub struct FailoverArgs {
     /// Failover must reach 99% within this for the drill to pass.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     pub target: Duration,
-    /// Where to run it. Only `demo` today: the three demo clusters in this
-    /// process, with a UDP relay in front of every gateway.
+    /// Where to run it without `--gateway-api`: `demo`, the three demo
+    /// clusters in this process, with a UDP relay in front of every gateway.
     #[arg(long, default_value = "demo")]
     pub on: String,
     #[arg(long, value_enum, default_value = "table")]
@@ -145,11 +164,60 @@ pub fn progress_bar() -> impl FnMut(Progress) {
     }
 }
 
+/// The faults a drill sets through a gateway's API for `mode`; they live
+/// for the fault window and a margin (a drill that dies leaves nothing
+/// behind for long).
+pub fn api_faults(a: &FailoverArgs) -> anyhow::Result<Vec<fedmesh_gateway::FaultSpec>> {
+    use fedmesh_gateway::{FaultKind, FaultSpec};
+    let spec = a.spec();
+    let ttl = spec.restore_at() - spec.break_at() + Duration::from_secs(10);
+    let peer = Some(a.fail.parse().map_err(|e| anyhow::anyhow!("--fail: {e}"))?);
+    let (kind, peer) = match a.mode {
+        FaultMode::Blackhole => (FaultKind::Blackhole, peer),
+        FaultMode::DropUdp => (FaultKind::DropUdp, peer),
+        FaultMode::Delay => (FaultKind::Delay { delay: a.delay }, peer),
+        FaultMode::Drain => (FaultKind::Drain, None),
+        FaultMode::KillGateway => anyhow::bail!(
+            "--mode kill-gateway runs on the demo only; a gateway's API offers blackhole, drop-udp, delay and drain"
+        ),
+    };
+    Ok(vec![FaultSpec { kind, peer, ttl }])
+}
+
+/// A drill against a deployment through a gateway's drill API.
+async fn run_api(a: &FailoverArgs, api: std::net::SocketAddr) -> anyhow::Result<DrillReport> {
+    use anyhow::Context;
+    let (Some(load), Some(dir)) = (a.load, &a.operator) else {
+        anyhow::bail!("--gateway-api needs --load and --operator");
+    };
+    let svid = fedmesh_trust::Svid::load(&dir.join("svid.pem"), &dir.join("svid.key"))
+        .with_context(|| format!("--operator {}", dir.display()))?;
+    let (svid, bundles) = fedmesh_transport::load_trust(
+        &fedmesh_transport::IdentityFiles {
+            cert: dir.join("svid.pem"),
+            key: dir.join("svid.key"),
+        },
+        &[fedmesh_transport::BundleFile {
+            trust_domain: svid.id().trust_domain_name().to_owned(),
+            path: dir.join("bundle.pem"),
+        }],
+    )
+    .map_err(|e| anyhow::anyhow!("--operator {}: {}", dir.display(), e.join("; ")))?;
+    let client = fedmesh_gateway::DrillClient::new(api, &svid, bundles, Duration::from_secs(5))?;
+    let faults = api_faults(a)?;
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let drill = fedmesh_gateway::DrillId::new(&format!("drill-{}-{secs}", a.fail))?;
+    Ok(drill::run_with_api(load, &a.spec(), &client, &drill, &faults, progress_bar()).await?)
+}
+
 pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     let Command::Failover(a) = cmd;
-    if a.on != "demo" {
+    if a.gateway_api.is_none() && a.on != "demo" {
         anyhow::bail!(
-            "--on {}: only `demo` is supported yet (drills against processes and real clusters come with the e2e rig)",
+            "--on {}: `demo` runs in this process; against a deployment give --gateway-api, --load and --operator",
             a.on
         );
     }
@@ -160,8 +228,13 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     {
         anyhow::bail!("--rate must be within 1..=10000 and --duration within 2s..=10m");
     }
-    let rig = Rig::start(&demo_topology(&a.service, &a.fail, a.http)?).await?;
-    let report = drill::run_on_rig(&rig, &a.spec(), progress_bar()).await?;
+    let report = match a.gateway_api {
+        Some(api) => run_api(&a, api).await?,
+        None => {
+            let rig = Rig::start(&demo_topology(&a.service, &a.fail, a.http)?).await?;
+            drill::run_on_rig(&rig, &a.spec(), progress_bar()).await?
+        }
+    };
     let ok = passed(&report, a.target);
     let text = match a.output {
         Output::Json => {

@@ -317,7 +317,77 @@ fn drill_reports_failover_as_json() {
     assert_eq!(bad.status.code(), Some(2));
     let bad = fedmesh(&["drill", "failover", "--on", "prod"]);
     assert_eq!(bad.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&bad.stderr).contains("only `demo`"));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--gateway-api"));
+}
+
+/// `drill failover --gateway-api` against a gateway that is not there:
+/// a clear message within seconds, before any load; the flags it needs
+/// are clap's to require; kill-gateway is the demo's only.
+#[test]
+fn a_drill_against_an_unreachable_gateway_fails_fast_and_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let op = dir.path().join("op");
+    assert!(
+        fedmesh(&["ca", "init", "--trust-domain", "east.acme", "--out", s(&ca)])
+            .status
+            .success()
+    );
+    assert!(fedmesh(&[
+        "ca",
+        "issue",
+        "--ca",
+        s(&ca),
+        "--spiffe-id",
+        "spiffe://east.acme/ns/ops/sa/drill",
+        "--out",
+        s(&op),
+    ])
+    .status
+    .success());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let api = closed.local_addr().unwrap().to_string();
+    drop(closed);
+    let t = std::time::Instant::now();
+    let o = fedmesh(&[
+        "drill",
+        "failover",
+        "--gateway-api",
+        &api,
+        "--load",
+        "127.0.0.1:9",
+        "--operator",
+        s(&op),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        t.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(
+        err.contains(&api) && err.contains("cannot connect"),
+        "{err}"
+    );
+    assert!(o.stdout.is_empty());
+    // The load and the operator go with the API.
+    let o = fedmesh(&["drill", "failover", "--gateway-api", &api]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = fedmesh(&[
+        "drill",
+        "failover",
+        "--gateway-api",
+        &api,
+        "--load",
+        "127.0.0.1:9",
+        "--operator",
+        s(&op),
+        "--mode",
+        "kill-gateway",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("demo only"));
 }
 
 #[test]

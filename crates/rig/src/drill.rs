@@ -29,6 +29,13 @@ pub enum FaultMode {
     /// The gateway refuses new streams (callers fail over before sending
     /// payload) and lets open ones finish.
     Drain,
+    /// UDP between the caller's gateway and the failed cluster's is
+    /// dropped: QUIC dies, the TCP fallback carries (a gateway's drill API
+    /// only).
+    DropUdp,
+    /// Datagrams to the failed cluster's gateway are delayed (a gateway's
+    /// drill API only).
+    Delay,
 }
 
 impl std::str::FromStr for FaultMode {
@@ -38,8 +45,10 @@ impl std::str::FromStr for FaultMode {
             "kill-gateway" => Ok(Self::KillGateway),
             "blackhole" => Ok(Self::Blackhole),
             "drain" => Ok(Self::Drain),
+            "drop-udp" => Ok(Self::DropUdp),
+            "delay" => Ok(Self::Delay),
             other => Err(format!(
-                "unknown mode {other:?}: expected kill-gateway, blackhole or drain"
+                "unknown mode {other:?}: expected kill-gateway, blackhole, drain, drop-udp or delay"
             )),
         }
     }
@@ -51,6 +60,8 @@ impl std::fmt::Display for FaultMode {
             Self::KillGateway => "kill-gateway",
             Self::Blackhole => "blackhole",
             Self::Drain => "drain",
+            Self::DropUdp => "drop-udp",
+            Self::Delay => "delay",
         })
     }
 }
@@ -305,6 +316,12 @@ pub async fn run_on_rig(
             spec.from, spec.service
         ))
     })?;
+    if matches!(spec.mode, FaultMode::DropUdp | FaultMode::Delay) {
+        return Err(RigError::Drill(format!(
+            "mode {} is set through a gateway's drill API (--gateway-api), not on the in-process rig",
+            spec.mode
+        )));
+    }
     let relay = target.relay.as_ref();
     if spec.mode != FaultMode::Drain && relay.is_none() {
         return Err(RigError::Drill(format!(
@@ -312,15 +329,6 @@ pub async fn run_on_rig(
             spec.mode
         )));
     }
-    let live = Arc::new(LiveCounts::default());
-    let load = OpenLoopSpec {
-        rate: spec.rate,
-        duration: spec.duration,
-        request_bytes: spec.request_bytes,
-        timeout: spec.timeout,
-        max_in_flight: 4096,
-        http: spec.http,
-    };
     // Gateways count what the fault cuts; the drill reports the difference.
     let cut = || -> u64 {
         rig.clusters
@@ -334,40 +342,121 @@ pub async fn run_on_rig(
             c.announce_fault(&spec.fail, on);
         }
     };
+    let set = |on: bool| {
+        // Announced first: what the fault causes is expected.
+        if on {
+            announce(true);
+        }
+        match (spec.mode, relay) {
+            (FaultMode::Drain, _) => target.gateway.set_draining(on),
+            (FaultMode::KillGateway, Some(r)) => {
+                r.set(if on { RelayMode::Dead } else { RelayMode::Pass })
+            }
+            (FaultMode::Blackhole, Some(r)) => r.set(if on {
+                RelayMode::Blackhole
+            } else {
+                RelayMode::Pass
+            }),
+            _ => {}
+        }
+        std::future::ready(Ok(()))
+    };
+    let run = drive(addr, spec, set, &mut progress).await;
+    // Until the drill ends, not the repair: reconnecting is its aftermath.
+    announce(false);
+    let mut report = run?;
+    report.attempts_cut = cut().saturating_sub(cut_before);
+    Ok(report)
+}
+
+/// A drill against any deployment: load to `addr` (a sidecar's outbound
+/// listener for the service), the fault set through a gateway's drill API
+/// as `faults` (their ttl: the fault window and a margin, so a drill that
+/// dies leaves nothing behind for long) and cleared at the repair.
+pub async fn run_with_api(
+    addr: std::net::SocketAddr,
+    spec: &DrillSpec,
+    client: &fedmesh_gateway::DrillClient,
+    drill: &fedmesh_gateway::DrillId,
+    faults: &[fedmesh_gateway::FaultSpec],
+    mut progress: impl FnMut(Progress),
+) -> Result<DrillReport, RigError> {
+    // Reachable and authorized before any load: a drill that cannot set
+    // its fault fails within seconds and leaves nothing behind.
+    client
+        .status()
+        .await
+        .map_err(|e| RigError::Drill(e.to_string()))?;
+    let on = std::sync::atomic::AtomicBool::new(false);
+    let set = |want: bool| {
+        let on = &on;
+        async move {
+            use std::sync::atomic::Ordering;
+            if want == on.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let r = if want {
+                client.set(drill, faults).await.map(drop)
+            } else {
+                client.clear(drill).await.map(drop)
+            };
+            r.map_err(|e| e.to_string())?;
+            on.store(want, Ordering::Relaxed);
+            tracing::info!(gateway = %client.addr(), %drill, on = want, "drill: fault through the gateway's API");
+            Ok(())
+        }
+    };
+    drive(addr, spec, set, &mut progress).await
+}
+
+/// Runs the load, sets the fault at `break_at` and clears it at
+/// `restore_at` (and, whatever happened, at the end), and analyzes.
+async fn drive<F, Fut>(
+    addr: std::net::SocketAddr,
+    spec: &DrillSpec,
+    mut set: F,
+    progress: &mut impl FnMut(Progress),
+) -> Result<DrillReport, RigError>
+where
+    F: FnMut(bool) -> Fut,
+    Fut: std::future::Future<Output = Result<(), String>>,
+{
+    let live = Arc::new(LiveCounts::default());
+    let load = OpenLoopSpec {
+        rate: spec.rate,
+        duration: spec.duration,
+        request_bytes: spec.request_bytes,
+        timeout: spec.timeout,
+        max_in_flight: 4096,
+        http: spec.http,
+    };
     let started = tokio::time::Instant::now();
     let runner = tokio::spawn({
         let live = live.clone();
         async move { run_open_loop(addr, &load, live).await }
     });
-    let set = |on: bool| match (spec.mode, relay) {
-        (FaultMode::Drain, _) => target.gateway.set_draining(on),
-        (FaultMode::KillGateway, Some(r)) => {
-            r.set(if on { RelayMode::Dead } else { RelayMode::Pass })
-        }
-        (FaultMode::Blackhole, Some(r)) => r.set(if on {
-            RelayMode::Blackhole
-        } else {
-            RelayMode::Pass
-        }),
-        (_, None) => {}
-    };
     let (mut broken, mut restored) = (None, None);
     // Fine ticks so the fault lands on time; progress is reported less often.
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     let mut n = 0u64;
+    let mut failure = None;
     while !runner.is_finished() {
         tick.tick().await;
         n += 1;
         let elapsed = started.elapsed();
         if broken.is_none() && elapsed >= spec.break_at() {
-            // Announced first: what the fault causes is expected.
-            announce(true);
-            set(true);
+            if let Err(e) = set(true).await {
+                failure = Some(format!("setting the fault: {e}"));
+                break;
+            }
             broken = Some(started.elapsed());
             tracing::info!(cluster = %spec.fail, mode = %spec.mode, "drill: fault on");
         }
         if restored.is_none() && elapsed >= spec.restore_at() {
-            set(false);
+            if let Err(e) = set(false).await {
+                failure = Some(format!("repairing the fault: {e}"));
+                break;
+            }
             restored = Some(started.elapsed());
             tracing::info!(cluster = %spec.fail, "drill: fault repaired");
         }
@@ -387,10 +476,14 @@ pub async fn run_on_rig(
             },
         });
     }
-    set(false);
-    // Until the drill ends, not the repair: reconnecting is its aftermath.
-    // Said before anything below can return early.
-    announce(false);
+    // Whatever happened, the fault goes (a second try after a failure).
+    if let Err(e) = set(false).await {
+        tracing::warn!(error = %e, "drill: clearing the fault failed; it ends by its ttl");
+    }
+    if let Some(why) = failure {
+        runner.abort();
+        return Err(RigError::Drill(why));
+    }
     {
         use std::sync::atomic::Ordering::Relaxed;
         progress(Progress {
@@ -402,14 +495,12 @@ pub async fn run_on_rig(
         });
     }
     let samples = runner.await.ctx(|| "the drill's load".into())?;
-    let mut report = analyze(
+    Ok(analyze(
         spec,
         &samples,
         broken.unwrap_or(spec.break_at()),
         restored.unwrap_or(spec.restore_at()),
-    );
-    report.attempts_cut = cut().saturating_sub(cut_before);
-    Ok(report)
+    ))
 }
 
 /// The report as a table for people.
