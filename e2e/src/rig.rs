@@ -67,6 +67,8 @@ pub struct Cluster {
     /// The controller's `clusterset.local` DNS server (UDP and TCP).
     pub controller_dns: SocketAddr,
     pub gateway_admin: SocketAddr,
+    /// The gateway's drill API (mTLS; operators `spiffe://<td>/ns/ops/*`).
+    pub gateway_drills: SocketAddr,
     pub web_admin: SocketAddr,
     /// The `web` sidecar's transparent listener (on 127.0.0.1 in a
     /// namespace, where nftables redirects ClusterSet IPs to it).
@@ -125,6 +127,8 @@ pub struct Rig {
     etcd_endpoints: String,
     /// Lifetime of every SVID: the rig's first ones and the controllers'.
     pub svid_ttl: Duration,
+    /// The `fedmesh` binary the processes run.
+    pub fedmesh: PathBuf,
 }
 
 /// Where a controller's trust comes from: its bundle file, endorsements
@@ -302,6 +306,7 @@ impl Rig {
                 controller_admin: port(Some(false))?,
                 controller_dns: port(None)?,
                 gateway_admin: port(Some(false))?,
+                gateway_drills: port(Some(false))?,
                 web_admin: port(Some(false))?,
                 web_transparent: {
                     let a = port(Some(false))?;
@@ -338,6 +343,7 @@ impl Rig {
             netns,
             etcd_endpoints: endpoints.clone(),
             svid_ttl,
+            fedmesh: fedmesh.to_path_buf(),
         };
         for (c, ca) in clusters.iter().zip(&cas) {
             let td = ca.trust_domain().clone();
@@ -354,10 +360,17 @@ impl Rig {
                 ("gw", td.system_id("gateway")),
                 ("web", td.workload("demo", "web")?),
                 ("srv", td.workload("demo", "srv")?),
+                // An operator of the gateway's drill API.
+                ("ops", td.workload("ops", "drill")?),
             ] {
                 ca.issue(&id, svid_ttl)?
                     .save(&d.join(format!("{}-{who}", c.name)))?;
             }
+            // The operator's directory as `fedmesh ca issue --out` writes it.
+            std::fs::copy(
+                d.join(format!("{}-ca/bundle.pem", c.name)),
+                d.join(format!("{}-ops/bundle.pem", c.name)),
+            )?;
             let srv_id = td.workload("demo", "srv")?;
             std::fs::write(
                 d.join(format!("{}-services.yaml", c.name)),
@@ -385,11 +398,14 @@ impl Rig {
                 )
             };
             let gateway = format!(
-                "listen: {{ quic: \"{}\", tunnel: \"{}\", tcp_fallback: \"{}\", admin: \"{}\" }}\n{}",
+                "listen: {{ quic: \"{}\", tunnel: \"{}\", tcp_fallback: \"{}\", admin: \"{}\" }}\n\
+                 drills: {{ listen: \"{}\", operators: [\"spiffe://{}/ns/ops/*\"] }}\n{}",
                 c.quic,
                 c.tunnel,
                 c.tcp,
                 c.gateway_admin,
+                c.gateway_drills,
+                ca.trust_domain(),
                 common("gw")
             );
             let web = format!(

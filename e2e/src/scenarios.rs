@@ -16,9 +16,10 @@ use crate::rig::{admin_get, Rig, CLUSTERS, SERVICES};
 mod lossy;
 mod matrix;
 
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 10] = [
     "steady",
     "clusterset-ip",
+    "drill",
     "partition",
     "lossy-wan",
     "control-plane-outage",
@@ -305,6 +306,132 @@ async fn controller_status(rig: &Rig, cluster: &str) -> Option<serde_json::Value
     }
 }
 
+/// `fedmesh drill failover` against the rig's processes, as an operator
+/// runs it against a deployment: load from east through east's `web`
+/// sidecar to `echox.demo` (which prefers west from east), west
+/// blackholed through east's gateway's drill API (mTLS, the rig's
+/// operator SVID), repaired; the drill's own JSON report is checked, and
+/// no fault is left on the gateway.
+async fn drill(rig: &Rig, p: &Params, o: &mut Outcome) -> anyhow::Result<()> {
+    let Some(east) = rig.cluster("east") else {
+        anyhow::bail!("no east cluster");
+    };
+    let d = p.len(20, 8);
+    let operator = rig.dir.path().join("east-ops");
+    let mut args: Vec<String> = [
+        "drill",
+        "failover",
+        "--service",
+        "echox.demo",
+        "--from",
+        "east",
+        "--fail",
+        "west",
+        "--mode",
+        "blackhole",
+        "--output",
+        "json",
+    ]
+    .iter()
+    .map(|a| (*a).to_owned())
+    .collect();
+    args.extend([
+        "--gateway-api".into(),
+        east.gateway_drills.to_string(),
+        "--load".into(),
+        east.echox_out.to_string(),
+        "--operator".into(),
+        operator.display().to_string(),
+        "--duration".into(),
+        format!("{}s", d.as_secs()),
+        "--rate".into(),
+        if p.quick { "50" } else { "200" }.into(),
+    ]);
+    // The drill client runs where east's workloads do.
+    let (program, mut argv) = match rig.namespace("east") {
+        Some(ns) => (
+            std::path::PathBuf::from("ip"),
+            vec![
+                "netns".to_owned(),
+                "exec".into(),
+                ns.to_owned(),
+                rig.fedmesh.display().to_string(),
+            ],
+        ),
+        None => (rig.fedmesh.clone(), Vec::new()),
+    };
+    argv.extend(args);
+    let run = move || std::process::Command::new(&program).args(&argv).output();
+    let out = tokio::time::timeout(
+        d + Duration::from_secs(60),
+        tokio::task::spawn_blocking(run),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("the drill did not end"))???;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(
+        |_| serde_json::json!({ "stderr": String::from_utf8_lossy(&out.stderr).to_string() }),
+    );
+    if let Some(path) = &p.report {
+        let file = path.with_file_name(format!(
+            "{}-drill.json",
+            path.file_stem().and_then(|s| s.to_str()).unwrap_or("e2e")
+        ));
+        std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
+    }
+    let num = |k: &str| report[k].as_f64();
+    o.check(
+        "the drill ran and reported (JSON)",
+        report["requests"].as_u64().is_some_and(|n| n > 0),
+        report
+            .get("stderr")
+            .map_or_else(String::new, |e| e.to_string()),
+    );
+    o.check(
+        "west took traffic before the fault",
+        num("failed_cluster_share_before").is_some_and(|s| s > 0.5),
+        format!("{:?}", num("failed_cluster_share_before")),
+    );
+    o.check(
+        "a request was answered elsewhere after the fault",
+        num("first_elsewhere_ms").is_some(),
+        format!(
+            "first elsewhere {:?} ms, 99% again after {:?} ms",
+            num("first_elsewhere_ms"),
+            num("to_99_percent_ms")
+        ),
+    );
+    o.check(
+        "north served while west was blackholed",
+        report["served_by"]["north"].as_u64().is_some_and(|n| n > 0),
+        report["served_by"].to_string(),
+    );
+    // Nothing left behind on the gateway.
+    let left = match admin_get(east.gateway_admin, "/status").await {
+        Some((200, body)) => serde_json::from_str::<serde_json::Value>(&body)
+            .map(|v| v["drill_faults"].clone())
+            .unwrap_or_default(),
+        _ => serde_json::Value::Null,
+    };
+    o.check(
+        "no drill fault is left on east's gateway",
+        left["blackholed"].as_array().is_some_and(|a| a.is_empty()) && left["draining"] == false,
+        left.to_string(),
+    );
+    let (failed, total) = (
+        report["failed"].as_u64().unwrap_or(u64::MAX),
+        report["requests"].as_u64().unwrap_or(0),
+    );
+    o.check(
+        "at most 10% of the drill's requests failed",
+        total > 0 && failed * 10 <= total,
+        format!(
+            "failed {failed} of {total} (during the fault {}), p99 during the fault {:?} ms, west serving again after {:?} ms",
+            report["failed_during_fault"], num("p99_during_fault_ms"), num("recovery_ms")
+        ),
+    );
+    Ok(())
+}
+
 /// A meshed app in east connects to `echox.demo`'s ClusterSet IP (as
 /// a pod does: its connection is redirected to its sidecar's transparent
 /// listener) and is served by west, which `echox.demo` prefers from east.
@@ -506,6 +633,7 @@ pub async fn run(rig: &mut Rig, name: &str, p: &Params) -> anyhow::Result<Outcom
             check_loads(&mut o, rig, true, &|_, _| false);
         }
         "clusterset-ip" => clusterset_ip(rig, &mut o).await?,
+        "drill" => drill(rig, p, &mut o).await?,
         "partition" => {
             // west is cut off from the other clusters' gateways (both
             // ways, no close: packets vanish) for `cut`, then healed; in
