@@ -56,7 +56,12 @@ fn scenarios_pass_at_ci_length() {
     );
     assert!(v.as_array().unwrap().iter().all(|o| o["passed"] == true));
     // The drill's own report went beside it.
-    let stem = json.path().file_stem().unwrap().to_string_lossy().into_owned();
+    let stem = json
+        .path()
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     let drill = json.path().with_file_name(format!("{stem}-drill.json"));
     let d: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&drill).unwrap()).unwrap();

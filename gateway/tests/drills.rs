@@ -5,21 +5,27 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fedmesh_gateway::{DrillClient, DrillClientError, DrillId, FaultKind, FaultSpec};
 use fedmesh_testkit::{run_load, LoadSpec, Rig, Topology};
-use fedmesh_trust::PeerPolicy;
-use rustls::pki_types::ServerName;
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
 
 const OPERATORS: &str = "spiffe://east.demo/ns/ops/*";
 
-/// One request to `addr` over mTLS as `id` (issued by east's CA): the
-/// status code and the JSON body.
+/// A drill API client for `addr` presenting an SVID for `id` issued by
+/// east's CA.
+fn client_as(rig: &Rig, id: &str, addr: SocketAddr) -> DrillClient {
+    let east = rig.cluster("east").unwrap();
+    let svid = east
+        .ca
+        .issue(&id.parse().unwrap(), Duration::from_secs(600))
+        .unwrap();
+    DrillClient::new(addr, &svid, east.bundles.clone(), Duration::from_secs(5)).unwrap()
+}
+
+/// One call as `id`: the status code and the JSON body (an error's
+/// reason as `{"error": …}`).
 async fn call(
     rig: &Rig,
     id: &str,
@@ -28,46 +34,35 @@ async fn call(
     path: &str,
     body: Option<Value>,
 ) -> (u16, Value) {
-    let east = rig.cluster("east").unwrap();
-    let svid = east
-        .ca
-        .issue(&id.parse().unwrap(), Duration::from_secs(600))
-        .unwrap();
-    let tls = fedmesh_trust::client_config(
-        &svid,
-        east.bundles.clone(),
-        PeerPolicy::AnyTrusted,
-        &[b"http/1.1"],
-    )
-    .unwrap();
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let mut s = TlsConnector::from(Arc::new(tls))
-        .connect(ServerName::try_from("fedmesh.invalid").unwrap(), tcp)
-        .await
-        .unwrap();
-    let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: gateway\r\ncontent-length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-        .await
-        .expect("an answer")
-        .ok();
-    let text = String::from_utf8_lossy(&out);
-    let code = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split("\r\n\r\n")
-        .nth(1)
-        .and_then(|b| serde_json::from_str(b).ok())
-        .unwrap_or(Value::Null);
-    (code, body)
+    let c = client_as(rig, id, addr);
+    let drill = path
+        .strip_prefix("/faults/")
+        .map(|d| DrillId::new(d).unwrap());
+    let r = match (method, drill) {
+        ("GET", _) => c.status().await,
+        ("PUT", Some(d)) => {
+            let faults: Vec<FaultSpec> =
+                serde_json::from_value(body.unwrap_or_default()["faults"].clone()).unwrap();
+            c.set(&d, &faults).await
+        }
+        ("DELETE", Some(d)) => c.clear(&d).await,
+        other => panic!("{other:?}"),
+    };
+    match r {
+        Ok(v) => (200, v),
+        Err(DrillClientError::Refused { code, error, .. }) => (code, json!({ "error": error })),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// The demo's clusters, every gateway with a drill API for [`OPERATORS`].
+async fn drill_rig() -> Rig {
+    Rig::start(&Topology {
+        drill_operators: vec![OPERATORS.into()],
+        ..Topology::demo()
+    })
+    .await
+    .unwrap()
 }
 
 /// Who served `n` one-request connections from east to `echo.demo`.
@@ -101,12 +96,7 @@ async fn served_by(rig: &Rig, n: usize) -> (u64, std::collections::BTreeMap<Stri
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_blackholes_a_peer_and_the_fault_ends_by_itself() {
-    let rig = Rig::start(&Topology {
-        drill_operators: vec![OPERATORS.into()],
-        ..Topology::demo()
-    })
-    .await
-    .unwrap();
+    let rig = drill_rig().await;
     let east = rig.cluster("east").unwrap();
     let api = east.gateway.drills_addr().expect("a drill API");
     let operator = "spiffe://east.demo/ns/ops/sa/drill";
@@ -236,22 +226,10 @@ async fn an_operator_blackholes_a_peer_and_the_fault_ends_by_itself() {
 /// within seconds, before any load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drill_through_the_api_moves_traffic_and_leaves_no_fault() {
-    use fedmesh_gateway::{DrillClient, DrillId, FaultKind, FaultSpec};
     use fedmesh_testkit::drill::{run_with_api, DrillSpec, FaultMode};
-    let rig = Rig::start(&Topology {
-        drill_operators: vec![OPERATORS.into()],
-        ..Topology::demo()
-    })
-    .await
-    .unwrap();
+    let rig = drill_rig().await;
     let east = rig.cluster("east").unwrap();
-    let client_as = |id: &str, addr: SocketAddr| {
-        let svid = east
-            .ca
-            .issue(&id.parse().unwrap(), Duration::from_secs(600))
-            .unwrap();
-        DrillClient::new(addr, &svid, east.bundles.clone(), Duration::from_secs(3)).unwrap()
-    };
+    let client_as = |id: &str, addr: SocketAddr| client_as(&rig, id, addr);
     let api = east.gateway.drills_addr().unwrap();
     let operator = client_as("spiffe://east.demo/ns/ops/sa/drill", api);
     let spec = DrillSpec {
