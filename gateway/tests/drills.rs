@@ -13,6 +13,13 @@ use serde_json::{json, Value};
 
 const OPERATORS: &str = "spiffe://east.demo/ns/ops/*";
 
+/// Halt a drill when a guarded service fails over 5% of 10 requests in 2 s.
+const HALT: fedmesh_testkit::drill::HaltRule = fedmesh_testkit::drill::HaltRule {
+    max_error_rate: 0.05,
+    window: Duration::from_secs(2),
+    min_requests: 10,
+};
+
 /// A drill API client for `addr` presenting an SVID for `id` issued by
 /// east's CA.
 fn client_as(rig: &Rig, id: &str, addr: SocketAddr) -> DrillClient {
@@ -226,7 +233,7 @@ async fn an_operator_blackholes_a_peer_and_the_fault_ends_by_itself() {
 /// within seconds, before any load.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drill_through_the_api_moves_traffic_and_leaves_no_fault() {
-    use fedmesh_testkit::drill::{run_with_api, DrillSpec, FaultMode};
+    use fedmesh_testkit::drill::{run_with_api, ApiDrill, DrillSpec, FaultMode};
     let rig = drill_rig().await;
     let east = rig.cluster("east").unwrap();
     let client_as = |id: &str, addr: SocketAddr| client_as(&rig, id, addr);
@@ -251,9 +258,20 @@ async fn a_drill_through_the_api_moves_traffic_and_leaves_no_fault() {
     }];
     let drill = DrillId::new("api-drill").unwrap();
     let load = east.client_addr("echo.demo").unwrap();
-    let report = run_with_api(load, &spec, &operator, &drill, &faults, |_| {})
-        .await
-        .unwrap();
+    let report = run_with_api(
+        load,
+        &spec,
+        &ApiDrill {
+            client: &operator,
+            drill: &drill,
+            faults: &faults,
+            guards: &[],
+            halt: HALT,
+        },
+        |_| {},
+    )
+    .await
+    .unwrap();
     eprintln!("{}", fedmesh_testkit::drill::render(&report));
     assert!(report.failed_cluster_share_before > 0.0, "{report:?}");
     assert!(report.first_elsewhere_ms.is_some(), "{report:?}");
@@ -285,18 +303,117 @@ async fn a_drill_through_the_api_moves_traffic_and_leaves_no_fault() {
     );
     drop(closed);
     let t = Instant::now();
-    let e = run_with_api(load, &spec, &nowhere, &drill, &faults, |_| {})
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = run_with_api(
+        load,
+        &spec,
+        &ApiDrill {
+            client: &nowhere,
+            drill: &drill,
+            faults: &faults,
+            guards: &[],
+            halt: HALT,
+        },
+        |_| {},
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert!(e.contains("cannot connect"), "{e}");
     // Not an operator: refused before any load.
     let intruder = client_as("spiffe://east.demo/ns/demo/sa/client", api);
-    let e = run_with_api(load, &spec, &intruder, &drill, &faults, |_| {})
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = run_with_api(
+        load,
+        &spec,
+        &ApiDrill {
+            client: &intruder,
+            drill: &drill,
+            faults: &faults,
+            guards: &[],
+            halt: HALT,
+        },
+        |_| {},
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("403") && e.contains("not an operator"), "{e}");
+    assert!(operator.status().await.unwrap()["drill"].is_null());
+}
+
+/// The halt condition: a guarded service outside the drill that fails
+/// past the bound while the fault is on makes the drill remove its fault
+/// at once and say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drill_halts_when_a_guarded_service_fails() {
+    use fedmesh_testkit::drill::{run_with_api, ApiDrill, DrillSpec, FaultMode, GuardTarget};
+    let rig = drill_rig().await;
+    let east = rig.cluster("east").unwrap();
+    let api = east.gateway.drills_addr().unwrap();
+    let operator = client_as(&rig, "spiffe://east.demo/ns/ops/sa/drill", api);
+    let spec = DrillSpec {
+        service: "echo.demo".into(),
+        from: "east".into(),
+        fail: "west".into(),
+        mode: FaultMode::Blackhole,
+        duration: Duration::from_secs(8),
+        rate: 50,
+        request_bytes: 64,
+        timeout: Duration::from_secs(1),
+        slo: Duration::from_millis(250),
+        http: false,
+    };
+    let faults = [FaultSpec {
+        kind: FaultKind::Blackhole,
+        peer: Some("west".parse().unwrap()),
+        ttl: Duration::from_secs(30),
+    }];
+    // hello.demo is healthy; "payments" is a listener that closes every
+    // connection at once: it fails from the start, and halts the drill as
+    // soon as the fault is on.
+    let broken = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let broken_addr = broken.local_addr().unwrap();
+    let resets = tokio::spawn(async move {
+        while let Ok((s, _)) = broken.accept().await {
+            drop(s);
+        }
+    });
+    let guards = [
+        GuardTarget {
+            name: "hello".into(),
+            addr: east.client_addr("hello.demo").unwrap(),
+            rate: 20,
+        },
+        GuardTarget {
+            name: "payments".into(),
+            addr: broken_addr,
+            rate: 20,
+        },
+    ];
+    let drill = DrillId::new("halting").unwrap();
+    let load = east.client_addr("echo.demo").unwrap();
+    let api = ApiDrill {
+        client: &operator,
+        drill: &drill,
+        faults: &faults,
+        guards: &guards,
+        halt: HALT,
+    };
+    let report = run_with_api(load, &spec, &api, |_| {}).await.unwrap();
+    resets.abort();
+    let halted = report.halted.clone().expect("halted");
+    assert_eq!(halted.guard, "payments", "{halted:?}");
+    assert!(
+        halted.error_rate > 0.05 && halted.requests >= 10,
+        "{halted:?}"
+    );
+    // Removed at once: within a few ticks of the fault, not at 60 %.
+    assert!(
+        report.restore_at_ms < report.break_at_ms + 1000,
+        "fault from {} to {} ms",
+        report.break_at_ms,
+        report.restore_at_ms
+    );
+    assert!(fedmesh_testkit::drill::render(&report).contains("HALTED"));
     assert!(operator.status().await.unwrap()["drill"].is_null());
 }

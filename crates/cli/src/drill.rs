@@ -50,6 +50,19 @@ pub struct FailoverArgs {
     /// writes it), an identity the gateway's `drills.operators` allows.
     #[arg(long, requires = "gateway_api")]
     pub operator: Option<std::path::PathBuf>,
+    /// With `--gateway-api`: a service outside the drill to watch,
+    /// `NAME=ADDR` (an outbound listener for it, as `--load`); repeatable.
+    /// If one fails more than `--halt-error-rate` while the fault is on,
+    /// the drill removes its fault at once and says why.
+    #[arg(long = "guard", requires = "gateway_api", value_parser = parse_guard)]
+    pub guards: Vec<(String, std::net::SocketAddr)>,
+    /// The error rate (0 to 1, over 2 s, at least 10 requests) of a
+    /// guarded service that halts the drill.
+    #[arg(long, default_value_t = 0.05)]
+    pub halt_error_rate: f64,
+    /// Requests per second offered to each guarded service.
+    #[arg(long, default_value_t = 20)]
+    pub guard_rate: u32,
     /// The added delay of `--mode delay`.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     pub delay: Duration,
@@ -81,6 +94,16 @@ pub struct FailoverArgs {
     pub on: String,
     #[arg(long, value_enum, default_value = "table")]
     pub output: Output,
+}
+
+fn parse_guard(s: &str) -> Result<(String, std::net::SocketAddr), String> {
+    let (name, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected NAME=IP:PORT"))?;
+    let addr = addr
+        .parse()
+        .map_err(|_| format!("`{addr}`: expected IP:PORT"))?;
+    Ok((name.to_owned(), addr))
 }
 
 fn parse_mode(s: &str) -> Result<FaultMode, String> {
@@ -210,7 +233,31 @@ async fn run_api(a: &FailoverArgs, api: std::net::SocketAddr) -> anyhow::Result<
         .map(|d| d.as_secs())
         .unwrap_or_default();
     let drill = fedmesh_gateway::DrillId::new(&format!("drill-{}-{secs}", a.fail))?;
-    Ok(drill::run_with_api(load, &a.spec(), &client, &drill, &faults, progress_bar()).await?)
+    if !(0.0..1.0).contains(&a.halt_error_rate) || !(1..=1000).contains(&a.guard_rate) {
+        anyhow::bail!("--halt-error-rate must be within 0..1 and --guard-rate within 1..=1000");
+    }
+    let guards: Vec<drill::GuardTarget> = a
+        .guards
+        .iter()
+        .map(|(name, addr)| drill::GuardTarget {
+            name: name.clone(),
+            addr: *addr,
+            rate: a.guard_rate,
+        })
+        .collect();
+    let halt = drill::HaltRule {
+        max_error_rate: a.halt_error_rate,
+        window: Duration::from_secs(2),
+        min_requests: 10,
+    };
+    let api = drill::ApiDrill {
+        client: &client,
+        drill: &drill,
+        faults: &faults,
+        guards: &guards,
+        halt,
+    };
+    Ok(drill::run_with_api(load, &a.spec(), &api, progress_bar()).await?)
 }
 
 pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {

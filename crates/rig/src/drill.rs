@@ -154,6 +154,87 @@ pub struct DrillReport {
     pub p99_during_fault_ms: f64,
     pub errors: BTreeMap<String, u64>,
     pub timeline: Vec<Slice>,
+    /// Why the drill removed its fault early (a guarded service failed
+    /// past the bound), when it did.
+    pub halted: Option<Halted>,
+}
+
+/// A drill stopped on its own.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Halted {
+    /// From the start of the run.
+    pub at_ms: u64,
+    pub guard: String,
+    pub error_rate: f64,
+    /// Requests in the window that broke the bound.
+    pub requests: u64,
+}
+
+/// When a drill stops on its own: a guarded service (one outside the
+/// drill) fails more than `max_error_rate` of at least `min_requests`
+/// requests within `window` while the fault is on.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HaltRule {
+    pub max_error_rate: f64,
+    pub window: Duration,
+    pub min_requests: u64,
+}
+
+/// One guarded service's recent outcomes. Pure: fed running totals and
+/// the time, says when the rule is broken.
+#[derive(Debug, Clone)]
+pub struct Guard {
+    rule: HaltRule,
+    /// (when, ok, failed) increments within the window.
+    recent: std::collections::VecDeque<(Duration, u64, u64)>,
+    last: (u64, u64),
+}
+
+impl Guard {
+    pub fn new(rule: HaltRule) -> Self {
+        Self {
+            rule,
+            recent: Default::default(),
+            last: (0, 0),
+        }
+    }
+
+    /// The running totals at `at`; `Some((error rate, requests))` when
+    /// the window breaks the rule.
+    pub fn on(&mut self, at: Duration, ok: u64, failed: u64) -> Option<(f64, u64)> {
+        let (d_ok, d_failed) = (
+            ok.saturating_sub(self.last.0),
+            failed.saturating_sub(self.last.1),
+        );
+        self.last = (ok, failed);
+        if d_ok + d_failed > 0 {
+            self.recent.push_back((at, d_ok, d_failed));
+        }
+        while self
+            .recent
+            .front()
+            .is_some_and(|(t, ..)| *t + self.rule.window < at)
+        {
+            self.recent.pop_front();
+        }
+        let (ok, failed) = self
+            .recent
+            .iter()
+            .fold((0, 0), |(o, f), (_, a, b)| (o + a, f + b));
+        let n = ok + failed;
+        let rate = failed as f64 / n.max(1) as f64;
+        (n >= self.rule.min_requests && rate > self.rule.max_error_rate).then_some((rate, n))
+    }
+}
+
+/// A service outside the drill whose error rate the drill watches.
+#[derive(Debug, Clone)]
+pub struct GuardTarget {
+    pub name: String,
+    /// An outbound listener for it (as the drill's own load).
+    pub addr: std::net::SocketAddr,
+    /// Requests per second offered to it.
+    pub rate: u32,
 }
 
 const SLICE: Duration = Duration::from_millis(250);
@@ -201,6 +282,7 @@ pub fn analyze(
         p99_during_fault_ms: 0.0,
         errors: BTreeMap::new(),
         timeline: Vec::new(),
+        halted: None,
     };
     let mut lat = Vec::new();
     let mut lat_fault = Vec::new();
@@ -361,12 +443,37 @@ pub async fn run_on_rig(
         }
         std::future::ready(Ok(()))
     };
-    let run = drive(addr, spec, set, &mut progress).await;
+    let no_halt = HaltRule {
+        max_error_rate: 1.0,
+        window: Duration::from_secs(1),
+        min_requests: u64::MAX,
+    };
+    let run = drive(addr, spec, set, &[], no_halt, &mut progress).await;
     // Until the drill ends, not the repair: reconnecting is its aftermath.
     announce(false);
     let mut report = run?;
     report.attempts_cut = cut().saturating_sub(cut_before);
     Ok(report)
+}
+
+/// How a drill reaches its fault through a gateway's drill API, and what
+/// halts it.
+#[derive(Clone, Copy)]
+pub struct ApiDrill<'a> {
+    pub client: &'a fedmesh_gateway::DrillClient,
+    pub drill: &'a fedmesh_gateway::DrillId,
+    pub faults: &'a [fedmesh_gateway::FaultSpec],
+    /// Services outside the drill it watches while the fault is on.
+    pub guards: &'a [GuardTarget],
+    pub halt: HaltRule,
+}
+
+/// A guarded service under watch: its load's counts and its guard.
+struct Watched {
+    name: String,
+    live: Arc<LiveCounts>,
+    guard: Guard,
+    task: tokio::task::JoinHandle<Vec<Sample>>,
 }
 
 /// A drill against any deployment: load to `addr` (a sidecar's outbound
@@ -376,11 +483,16 @@ pub async fn run_on_rig(
 pub async fn run_with_api(
     addr: std::net::SocketAddr,
     spec: &DrillSpec,
-    client: &fedmesh_gateway::DrillClient,
-    drill: &fedmesh_gateway::DrillId,
-    faults: &[fedmesh_gateway::FaultSpec],
+    api: &ApiDrill<'_>,
     mut progress: impl FnMut(Progress),
 ) -> Result<DrillReport, RigError> {
+    let ApiDrill {
+        client,
+        drill,
+        faults,
+        guards,
+        halt,
+    } = *api;
     // Reachable and authorized before any load: a drill that cannot set
     // its fault fails within seconds and leaves nothing behind.
     client
@@ -406,7 +518,7 @@ pub async fn run_with_api(
             Ok(())
         }
     };
-    drive(addr, spec, set, &mut progress).await
+    drive(addr, spec, set, guards, halt, &mut progress).await
 }
 
 /// Runs the load, sets the fault at `break_at` and clears it at
@@ -415,6 +527,8 @@ async fn drive<F, Fut>(
     addr: std::net::SocketAddr,
     spec: &DrillSpec,
     mut set: F,
+    guards: &[GuardTarget],
+    halt: HaltRule,
     progress: &mut impl FnMut(Progress),
 ) -> Result<DrillReport, RigError>
 where
@@ -432,9 +546,28 @@ where
     };
     let started = tokio::time::Instant::now();
     let runner = tokio::spawn({
-        let live = live.clone();
+        let (live, load) = (live.clone(), load.clone());
         async move { run_open_loop(addr, &load, live).await }
     });
+    // Guarded services get load of their own for the whole run.
+    let mut watched: Vec<Watched> = guards
+        .iter()
+        .map(|g| {
+            let live = Arc::new(LiveCounts::default());
+            let load = OpenLoopSpec {
+                rate: g.rate,
+                ..load.clone()
+            };
+            let (addr, counts) = (g.addr, live.clone());
+            Watched {
+                name: g.name.clone(),
+                live,
+                guard: Guard::new(halt),
+                task: tokio::spawn(async move { run_open_loop(addr, &load, counts).await }),
+            }
+        })
+        .collect();
+    let mut halted = None;
     let (mut broken, mut restored) = (None, None);
     // Fine ticks so the fault lands on time; progress is reported less often.
     let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -451,6 +584,34 @@ where
             }
             broken = Some(started.elapsed());
             tracing::info!(cluster = %spec.fail, mode = %spec.mode, "drill: fault on");
+        }
+        // While the fault is on, services outside the drill must not fail
+        // past the bound: if one does, the fault goes at once.
+        if broken.is_some() && restored.is_none() {
+            use std::sync::atomic::Ordering::Relaxed;
+            let breach = watched.iter_mut().find_map(|w| {
+                w.guard
+                    .on(
+                        elapsed,
+                        w.live.ok.load(Relaxed),
+                        w.live.failed.load(Relaxed),
+                    )
+                    .map(|(rate, n)| (w.name.clone(), rate, n))
+            });
+            if let Some((guard, error_rate, requests)) = breach {
+                tracing::warn!(%guard, error_rate, "drill halted: a guarded service fails past the bound; removing the fault");
+                if let Err(e) = set(false).await {
+                    failure = Some(format!("removing the fault after a halt: {e}"));
+                    break;
+                }
+                restored = Some(started.elapsed());
+                halted = Some(Halted {
+                    at_ms: elapsed.as_millis() as u64,
+                    guard,
+                    error_rate,
+                    requests,
+                });
+            }
         }
         if restored.is_none() && elapsed >= spec.restore_at() {
             if let Err(e) = set(false).await {
@@ -480,6 +641,11 @@ where
     if let Err(e) = set(false).await {
         tracing::warn!(error = %e, "drill: clearing the fault failed; it ends by its ttl");
     }
+    for w in &watched {
+        if failure.is_some() {
+            w.task.abort();
+        }
+    }
     if let Some(why) = failure {
         runner.abort();
         return Err(RigError::Drill(why));
@@ -495,12 +661,17 @@ where
         });
     }
     let samples = runner.await.ctx(|| "the drill's load".into())?;
-    Ok(analyze(
+    for w in watched.drain(..) {
+        let _ = w.task.await;
+    }
+    let mut report = analyze(
         spec,
         &samples,
         broken.unwrap_or(spec.break_at()),
         restored.unwrap_or(spec.restore_at()),
-    ))
+    );
+    report.halted = halted;
+    Ok(report)
 }
 
 /// The report as a table for people.
@@ -576,6 +747,19 @@ pub fn render(rep: &DrillReport) -> String {
     line(&mut out, "served by", served.join(", "));
     for (e, n) in &rep.errors {
         line(&mut out, "error", format!("{n} × {e}"));
+    }
+    if let Some(h) = &rep.halted {
+        line(
+            &mut out,
+            "HALTED (fault removed early)",
+            format!(
+                "at {} ms: {} failed {:.0}% of {} requests",
+                h.at_ms,
+                h.guard,
+                h.error_rate * 100.0,
+                h.requests
+            ),
+        );
     }
     out
 }
@@ -681,5 +865,29 @@ mod tests {
         assert_eq!(r.to_99_percent_ms, None);
         assert_eq!(r.recovery_ms, None);
         assert!(render(&r).contains("never"));
+    }
+
+    #[test]
+    fn a_guard_halts_on_errors_within_its_window_only() {
+        let rule = HaltRule {
+            max_error_rate: 0.1,
+            window: Duration::from_secs(2),
+            min_requests: 10,
+        };
+        let mut g = Guard::new(rule);
+        let s = Duration::from_secs;
+        // 20 ok, then 1 failure of 21: 5%, fine.
+        assert_eq!(g.on(s(1), 20, 0), None);
+        assert_eq!(g.on(s(2), 20, 1), None);
+        // Too few requests to judge, however bad.
+        let mut few = Guard::new(rule);
+        assert_eq!(few.on(s(1), 0, 5), None);
+        // Failures pile up: 5 of 25 within the window, 20%: halt.
+        let (rate, n) = g.on(s(3), 20, 5).unwrap();
+        assert_eq!(n, 25);
+        assert!((rate - 0.2).abs() < 1e-9);
+        // Old failures leave the window: later requests are judged alone.
+        assert_eq!(g.on(s(10), 40, 5), None);
+        assert_eq!(g.on(s(11), 60, 5), None);
     }
 }
