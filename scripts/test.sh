@@ -13,10 +13,11 @@ cd "$(dirname "$0")/.."
 # the ShellCheck linter for the kind scripts, python3-venv for the manifest
 # schema checks, haproxy and stunnel4 as the baselines of the data-path
 # benchmark's smoke (`fedmesh-bench datapath --quick`), dig for the
-# clusterset.local DNS tests.
+# clusterset.local DNS tests, headless Chromium to render a drill's HTML
+# report.
 NEEDS=("etcd:etcd-server" "ip:iproute2" "nft:nftables"
   "shellcheck:shellcheck" "haproxy:haproxy" "stunnel4:stunnel4"
-  "dig:bind9-dnsutils")
+  "dig:bind9-dnsutils" "chromium:chromium")
 
 missing=()
 for pair in "${NEEDS[@]+"${NEEDS[@]}"}"; do

@@ -347,6 +347,18 @@ async fn drill(rig: &Rig, p: &Params, o: &mut Outcome) -> anyhow::Result<()> {
         "--rate".into(),
         if p.quick { "50" } else { "200" }.into(),
     ]);
+    // Beside the e2e report: the drill's page.
+    let beside = |ext: &str| {
+        p.report.as_ref().map(|path| {
+            path.with_file_name(format!(
+                "{}-drill.{ext}",
+                path.file_stem().and_then(|s| s.to_str()).unwrap_or("e2e")
+            ))
+        })
+    };
+    if let Some(page) = beside("html") {
+        args.extend(["--report".into(), page.display().to_string()]);
+    }
     // The drill client runs where east's workloads do.
     let (program, mut argv) = match rig.namespace("east") {
         Some(ns) => (
@@ -371,11 +383,7 @@ async fn drill(rig: &Rig, p: &Params, o: &mut Outcome) -> anyhow::Result<()> {
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(
         |_| serde_json::json!({ "stderr": String::from_utf8_lossy(&out.stderr).to_string() }),
     );
-    if let Some(path) = &p.report {
-        let file = path.with_file_name(format!(
-            "{}-drill.json",
-            path.file_stem().and_then(|s| s.to_str()).unwrap_or("e2e")
-        ));
+    if let Some(file) = beside("json") {
         std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
     }
     let num = |k: &str| report[k].as_f64();

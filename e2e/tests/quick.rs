@@ -67,6 +67,10 @@ fn scenarios_pass_at_ci_length() {
         serde_json::from_str(&std::fs::read_to_string(&drill).unwrap()).unwrap();
     std::fs::remove_file(&drill).unwrap();
     assert!(d["requests"].as_u64().unwrap() > 0, "{d}");
+    let page = json.path().with_file_name(format!("{stem}-drill.html"));
+    let html = std::fs::read_to_string(&page).unwrap();
+    std::fs::remove_file(&page).unwrap();
+    assert!(html.contains("<svg"), "the drill's page");
 }
 
 #[test]

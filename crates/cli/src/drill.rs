@@ -94,6 +94,10 @@ pub struct FailoverArgs {
     pub on: String,
     #[arg(long, value_enum, default_value = "table")]
     pub output: Output,
+    /// Also write the report as one self-contained HTML page (figures and
+    /// an SVG timeline per 100 ms, the fault window shaded).
+    #[arg(long)]
+    pub report: Option<std::path::PathBuf>,
 }
 
 fn parse_guard(s: &str) -> Result<(String, std::net::SocketAddr), String> {
@@ -282,6 +286,10 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
             drill::run_on_rig(&rig, &a.spec(), progress_bar()).await?
         }
     };
+    if let Some(path) = &a.report {
+        std::fs::write(path, fedmesh_rig::report::html(&report))
+            .map_err(|e| anyhow::anyhow!("--report {}: {e}", path.display()))?;
+    }
     let ok = passed(&report, a.target);
     let text = match a.output {
         Output::Json => {

@@ -524,3 +524,85 @@ fn unknown_log_levels_are_refused() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("RUST_LOG `chatty`"));
 }
+
+/// Headless Chromium (Debian's `chromium`, which `scripts/test.sh`
+/// installs), or `None` outside CI when it is missing.
+fn chromium(test: &str) -> Option<&'static str> {
+    for bin in ["chromium", "chromium-browser"] {
+        let ok = std::process::Command::new(bin)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if ok {
+            return Some(bin);
+        }
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: chromium is missing (apt-get install chromium)"
+    );
+    eprintln!("{test}: skipped, chromium is missing");
+    None
+}
+
+/// `drill failover --report FILE` writes one self-contained page that a
+/// real browser renders: the figures, three SVG charts with the fault
+/// window shaded, bars by serving cluster.
+#[test]
+fn a_drill_report_renders_in_headless_chromium() {
+    let Some(browser) = chromium("a_drill_report_renders_in_headless_chromium") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let page = dir.path().join("drill.html");
+    let o = fedmesh(&[
+        "drill",
+        "failover",
+        "--duration",
+        "4s",
+        "--rate",
+        "100",
+        "--output",
+        "json",
+        "--report",
+        s(&page),
+    ]);
+    assert!(
+        o.status.code().is_some_and(|c| c <= 1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let out = std::process::Command::new(browser)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+        ])
+        .arg(format!(
+            "--user-data-dir={}",
+            dir.path().join("profile").display()
+        ))
+        .arg("--dump-dom")
+        .arg(format!("file://{}", page.display()))
+        .output()
+        .unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && dom.contains("</html>"),
+        "chromium: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What the browser built, not what the file says: parsed elements.
+    assert!(
+        dom.contains("<h1>Drill: echo.demo from east with west blackhole</h1>"),
+        "{dom}"
+    );
+    assert_eq!(dom.matches("<svg").count(), 3, "{dom}");
+    assert_eq!(dom.matches("class=\"fault\"").count(), 3);
+    let summary = format!("{} of {} requests succeeded", v["ok"], v["requests"]);
+    assert!(dom.contains(&summary), "{summary} not in the page");
+    assert!(dom.contains("data-cluster=\"north\""), "no bars for north");
+    assert!(dom.contains("data-cluster=\"west\""), "no bars for west");
+}

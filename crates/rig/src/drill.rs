@@ -101,7 +101,8 @@ impl DrillSpec {
     }
 }
 
-/// One slice of the run, for the timeline.
+/// One slice of the run (100 ms, by when requests started), for the
+/// timeline.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct Slice {
     pub from_ms: u64,
@@ -109,6 +110,11 @@ pub struct Slice {
     pub failed: u64,
     /// Successful requests the failed cluster served.
     pub by_failed_cluster: u64,
+    /// Successful requests by the cluster that served them.
+    pub served_by: BTreeMap<String, u64>,
+    /// Latency percentiles of the slice's successes (0 without any).
+    pub p50_us: u64,
+    pub p99_us: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -237,7 +243,7 @@ pub struct GuardTarget {
     pub rate: u32,
 }
 
-const SLICE: Duration = Duration::from_millis(250);
+const SLICE: Duration = Duration::from_millis(100);
 /// Resolution of the 99% search.
 const STEP: Duration = Duration::from_millis(50);
 
@@ -294,13 +300,19 @@ pub fn analyze(
             ..Default::default()
         })
         .collect();
+    let mut slice_lat: Vec<Vec<Duration>> = vec![Vec::new(); slices];
     for s in samples {
         let during = s.start >= b && s.start < r;
-        let slice =
-            &mut rep.timeline[((s.start.as_millis() / SLICE.as_millis()) as usize).min(slices - 1)];
+        let at = ((s.start.as_millis() / SLICE.as_millis()) as usize).min(slices - 1);
+        let slice = &mut rep.timeline[at];
         if s.ok {
             rep.ok += 1;
             slice.ok += 1;
+            slice_lat[at].push(s.latency);
+            *slice
+                .served_by
+                .entry(s.cluster().unwrap_or("?").to_owned())
+                .or_default() += 1;
             rep.slow += u64::from(s.latency > spec.slo);
             lat.push(s.latency);
             if during {
@@ -366,6 +378,10 @@ pub fn analyze(
     rep.p50_ms = ms(percentile(&mut lat, 50.0));
     rep.p99_ms = ms(percentile(&mut lat, 99.0));
     rep.p99_during_fault_ms = ms(percentile(&mut lat_fault, 99.0));
+    for (slice, l) in rep.timeline.iter_mut().zip(slice_lat.iter_mut()) {
+        slice.p50_us = percentile(l, 50.0).as_micros() as u64;
+        slice.p99_us = percentile(l, 99.0).as_micros() as u64;
+    }
     rep
 }
 
@@ -821,7 +837,10 @@ mod tests {
         );
         assert_eq!(r.recovery_ms, Some(1005.0));
         assert_eq!(r.served_by["north"], 43);
-        assert_eq!(r.timeline[10].failed, 2);
+        // 100 ms slices: the two failures started at 2.5 and 2.6 s.
+        assert_eq!((r.timeline[25].failed, r.timeline[26].failed), (1, 1));
+        assert_eq!(r.timeline[30].served_by["north"], 1);
+        assert!(r.timeline[30].p99_us > 0);
         let table = render(&r);
         assert!(
             table.contains("99% succeeding again") && table.contains("150 ms"),

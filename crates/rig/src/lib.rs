@@ -15,6 +15,7 @@ pub mod drill;
 mod error;
 pub mod faults;
 mod load;
+pub mod report;
 mod rig;
 
 pub use apps::{http_app, serve as serve_app, App, AppKind, HttpConn, HttpReply};
