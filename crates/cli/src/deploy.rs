@@ -81,6 +81,11 @@ pub struct InstallArgs {
         requires = "clusterset_cidrs"
     )]
     coredns_configmap: String,
+    /// Let this principal set faults through the gateways' drill API
+    /// (mTLS, port 15022, headless Service `fedmesh-gateway-drills`);
+    /// repeatable. None: no drill API.
+    #[arg(long = "drill-operator")]
+    drill_operators: Vec<String>,
     /// Admit a peer cluster: `NAME=BUNDLE.pem` (repeatable).
     #[arg(long = "peer", value_parser = parse_kv)]
     peers: Vec<(String, String)>,
@@ -197,6 +202,7 @@ fn from_args(a: InstallArgs) -> anyhow::Result<InstallSpec> {
         controller_replicas: a.controller_replicas,
         peers,
         clusterset: clusterset(a.clusterset_cidrs, &a.coredns_configmap),
+        drill_operators: a.drill_operators,
     })
 }
 
@@ -291,6 +297,11 @@ fn from_query(q: &str) -> Result<InstallSpec, String> {
                 .unwrap_or_default(),
             get("coredns_configmap").unwrap_or("kube-system/coredns"),
         ),
+        drill_operators: json_of("drill_operators")?
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| format!("query: `drill_operators`: {e}"))?
+            .unwrap_or_default(),
     })
 }
 

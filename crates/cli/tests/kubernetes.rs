@@ -104,6 +104,8 @@ fn render_variants(dir: &Path) -> Vec<(PathBuf, String)> {
             // Dual-stack ClusterSet IPs; CoreDNS kept forwarding.
             "--clusterset-cidr=241.1.0.0/16",
             "--clusterset-cidr=fd00:fe:1::/112",
+            // A drill API for the ops namespace's workloads.
+            "--drill-operator=spiffe://west.acme/ns/ops/*",
         ]
         .into_iter()
         .map(String::from)
@@ -210,6 +212,23 @@ fn install_manifests_configure_our_binaries() {
         let g: fedmesh_gateway::GatewayConfig = serde_yaml_ng::from_str(text)
             .unwrap_or_else(|e| panic!("{}: gateway.yaml: {e}\n{text}", path.display()));
         assert!(g.listen.tcp_fallback.is_some(), "the TCP fallback is on");
+        // The drill API, when asked for: config, container port, and a
+        // headless Service (faults are per replica).
+        let drills_svc = objs
+            .iter()
+            .find(|o| o["kind"] == "Service" && o["metadata"]["name"] == "fedmesh-gateway-drills");
+        match &g.drills {
+            Some(d) => {
+                assert!(d.problems().is_empty(), "{:?}", d.problems());
+                let svc = drills_svc.expect("a drills Service");
+                assert_eq!(svc["spec"]["clusterIP"], "None");
+                assert_eq!(
+                    svc["spec"]["ports"][0]["port"].as_u64(),
+                    Some(u64::from(d.listen.port()))
+                );
+            }
+            None => assert!(drills_svc.is_none()),
+        }
         // The Service carries QUIC on UDP and the fallback on TCP.
         let svc = find(&objs, "Service", "fedmesh-gateway");
         let protos: Vec<_> = svc["spec"]["ports"]
@@ -400,6 +419,17 @@ fn bad_flags_are_refused_naming_the_rule_and_nothing_is_printed() {
                 ],
             ),
             "CoreDNS ConfigMap `coredns`: expected NAMESPACE/NAME",
+        ),
+        (
+            with(
+                &ok_base,
+                &[
+                    "--cluster=east",
+                    "--trust-domain=east.acme",
+                    "--drill-operator=ops",
+                ],
+            ),
+            "drill operator `ops`: expected spiffe://",
         ),
         // CoreDNS without ClusterSet IPs: nothing to forward to.
         (

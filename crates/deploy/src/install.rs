@@ -36,6 +36,9 @@ pub struct InstallSpec {
     pub peers: BTreeMap<String, String>,
     /// ClusterSet IPs and `clusterset.local` DNS, when wanted.
     pub clusterset: Option<ClusterSetSpec>,
+    /// Who may set faults through the gateways' drill API (SPIFFE
+    /// principals); empty: no drill API.
+    pub drill_operators: Vec<String>,
 }
 
 /// Multi-cluster services by name: ClusterSet IPs from `cidrs` and the
@@ -182,6 +185,16 @@ impl InstallSpec {
                 "peer `{}`: a cluster does not join itself",
                 self.cluster
             )));
+        }
+        if self.drill_operators.len() > 64 {
+            p.push(Problem::Other("drill operators: at most 64".into()));
+        }
+        for o in &self.drill_operators {
+            if !valid_principal(o) {
+                p.push(Problem::Other(format!(
+                    "drill operator `{o}`: expected spiffe://TD/PATH, spiffe://TD/ns/NS/* or spiffe://TD/*"
+                )));
+            }
         }
         if let Some(c) = &self.clusterset {
             if c.cidrs.is_empty() || c.cidrs.len() > 2 {
@@ -454,7 +467,7 @@ impl InstallSpec {
 
     /// The gateway's config file, exactly as the gateway reads it.
     pub fn gateway_config(&self) -> Value {
-        json!({
+        let mut cfg = json!({
             "listen": {
                 "quic": format!("0.0.0.0:{}", ports::GATEWAY_QUIC),
                 "tcp_fallback": format!("0.0.0.0:{}", ports::GATEWAY_TCP),
@@ -470,7 +483,14 @@ impl InstallSpec {
                 "address": format!("fedmesh-controller.{NAMESPACE}.svc:{}", ports::CONTROLLER_API),
                 "cluster": self.cluster,
             },
-        })
+        });
+        if !self.drill_operators.is_empty() {
+            cfg["drills"] = json!({
+                "listen": format!("0.0.0.0:{}", ports::GATEWAY_DRILLS),
+                "operators": self.drill_operators,
+            });
+        }
+        cfg
     }
 
     fn config_maps(&self) -> Result<Vec<Value>, InstallError> {
@@ -674,6 +694,15 @@ impl InstallSpec {
             quic_port["nodePort"] = quic_np;
             tcp_port["nodePort"] = tcp_np;
         }
+        let mut gateway_ports = vec![
+            json!({ "name": "quic", "containerPort": ports::GATEWAY_QUIC, "protocol": "UDP" }),
+            json!({ "name": "tls-fallback", "containerPort": ports::GATEWAY_TCP, "protocol": "TCP" }),
+            json!({ "name": "tunnel", "containerPort": ports::GATEWAY_TUNNEL, "protocol": "TCP" }),
+            json!({ "name": "admin", "containerPort": ports::GATEWAY_ADMIN, "protocol": "TCP" }),
+        ];
+        if !self.drill_operators.is_empty() {
+            gateway_ports.push(json!({ "name": "drills", "containerPort": ports::GATEWAY_DRILLS, "protocol": "TCP" }));
+        }
         let mut svc_meta = self.meta("fedmesh-gateway", "gateway");
         if !self.gateway.annotations.is_empty() {
             svc_meta["annotations"] = json!(self.gateway.annotations);
@@ -688,7 +717,7 @@ impl InstallSpec {
             // another node (which would also break QUIC path checks).
             svc_spec["externalTrafficPolicy"] = "Local".into();
         }
-        vec![
+        let mut out = vec![
             json!({
                 "apiVersion": "apps/v1", "kind": "Deployment",
                 "metadata": self.meta("fedmesh-gateway", "gateway"),
@@ -740,12 +769,7 @@ impl InstallSpec {
                                 "image": self.image,
                                 "imagePullPolicy": self.pull_policy,
                                 "args": ["gateway", "--config", "/etc/fedmesh/gateway/gateway.yaml", "--drain", "20s"],
-                                "ports": [
-                                    { "name": "quic", "containerPort": ports::GATEWAY_QUIC, "protocol": "UDP" },
-                                    { "name": "tls-fallback", "containerPort": ports::GATEWAY_TCP, "protocol": "TCP" },
-                                    { "name": "tunnel", "containerPort": ports::GATEWAY_TUNNEL, "protocol": "TCP" },
-                                    { "name": "admin", "containerPort": ports::GATEWAY_ADMIN, "protocol": "TCP" },
-                                ],
+                                "ports": gateway_ports,
                                 "livenessProbe": probe("/live", ports::GATEWAY_ADMIN, 10),
                                 "readinessProbe": probe("/ready", ports::GATEWAY_ADMIN, 2),
                                 "resources": {
@@ -792,7 +816,21 @@ impl InstallSpec {
                     "selector": { "matchLabels": selector },
                 },
             }),
-        ]
+        ];
+        if !self.drill_operators.is_empty() {
+            // Headless: every replica's address resolves, and a drill sets
+            // its fault on each (faults are per gateway process).
+            out.push(json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": self.meta("fedmesh-gateway-drills", "gateway"),
+                "spec": {
+                    "clusterIP": "None",
+                    "selector": selector,
+                    "ports": [{ "name": "drills", "port": ports::GATEWAY_DRILLS, "targetPort": "drills", "protocol": "TCP" }],
+                },
+            }));
+        }
+        out
     }
 }
 
@@ -871,6 +909,20 @@ fn valid_cidr(s: &str) -> bool {
         Err(_) => return false,
     };
     len.parse::<u8>().is_ok_and(|l| l <= max)
+}
+
+/// A SPIFFE principal as policies and `drills.operators` spell it (the
+/// gateway checks it again when it reads its config).
+fn valid_principal(p: &str) -> bool {
+    let Some(rest) = p.strip_prefix("spiffe://") else {
+        return false;
+    };
+    let (td, path) = rest.split_once('/').unwrap_or((rest, ""));
+    names::trust_domain(td).is_ok()
+        && !path.is_empty()
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._/*".contains(&b))
 }
 
 fn hex(b: &[u8]) -> String {

@@ -30,6 +30,9 @@ pub mod ports {
     pub const GATEWAY_TUNNEL: u16 = 15008;
     /// Gateway admin: `/live`, `/ready`, `/metrics`, `/status`.
     pub const GATEWAY_ADMIN: u16 = 15021;
+    /// Gateway drill API (mTLS, operators only), when installed with
+    /// `--drill-operator`.
+    pub const GATEWAY_DRILLS: u16 = 15022;
     /// Controller config and certificate API for proxies (gRPC, mTLS).
     pub const CONTROLLER_API: u16 = 15012;
     /// Controller admin: `/live`, `/ready`, `/metrics`, `/status`.

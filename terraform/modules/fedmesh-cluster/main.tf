@@ -33,6 +33,7 @@ data "external" "install" {
     peers                 = jsonencode(var.peers)
     clusterset_cidrs      = jsonencode(var.clusterset_cidrs)
     coredns_configmap     = var.coredns_configmap
+    drill_operators       = jsonencode(var.drill_operators)
   }
 }
 

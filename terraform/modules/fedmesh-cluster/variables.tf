@@ -207,6 +207,17 @@ variable "coredns_configmap" {
   }
 }
 
+variable "drill_operators" {
+  description = "SPIFFE principals (spiffe://TD/ns/NS/SA, spiffe://TD/ns/NS/*, spiffe://TD/*) allowed to set faults through the gateways' drill API (mTLS, port 15022, headless Service fedmesh-gateway-drills). Empty: no drill API."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = length(var.drill_operators) <= 64 && alltrue([for o in var.drill_operators : can(regex("^spiffe://[a-z0-9._-]+/[A-Za-z0-9._*/-]+$", o))])
+    error_message = "drill_operators: at most 64, each spiffe://TD/PATH (a namespace or trust domain ends in /*)."
+  }
+}
+
 variable "fedmesh_cli" {
   description = "The `fedmesh` binary that renders the manifests (the same version as the image): the module applies exactly what `fedmesh install` prints."
   type        = string
