@@ -262,7 +262,7 @@ async fn a_drill_through_the_api_moves_traffic_and_leaves_no_fault() {
         load,
         &spec,
         &ApiDrill {
-            client: &operator,
+            clients: std::slice::from_ref(&operator),
             drill: &drill,
             faults: &faults,
             guards: &[],
@@ -307,7 +307,7 @@ async fn a_drill_through_the_api_moves_traffic_and_leaves_no_fault() {
         load,
         &spec,
         &ApiDrill {
-            client: &nowhere,
+            clients: std::slice::from_ref(&nowhere),
             drill: &drill,
             faults: &faults,
             guards: &[],
@@ -326,7 +326,7 @@ async fn a_drill_through_the_api_moves_traffic_and_leaves_no_fault() {
         load,
         &spec,
         &ApiDrill {
-            client: &intruder,
+            clients: std::slice::from_ref(&intruder),
             drill: &drill,
             faults: &faults,
             guards: &[],
@@ -393,7 +393,7 @@ async fn a_drill_halts_when_a_guarded_service_fails() {
     let drill = DrillId::new("halting").unwrap();
     let load = east.client_addr("echo.demo").unwrap();
     let api = ApiDrill {
-        client: &operator,
+        clients: std::slice::from_ref(&operator),
         drill: &drill,
         faults: &faults,
         guards: &guards,

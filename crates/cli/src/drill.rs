@@ -39,8 +39,10 @@ pub struct FailoverArgs {
     /// gateway that takes the fault — the `--from` cluster's for
     /// blackhole, drop-udp and delay (it stops reaching `--fail`), the
     /// `--fail` cluster's for drain.
-    #[arg(long, requires_all = ["load", "operator"])]
-    pub gateway_api: Option<std::net::SocketAddr>,
+    /// Repeatable: one address per gateway replica (faults are per
+    /// process; `fedmesh-gateway-drills` resolves to every replica).
+    #[arg(long = "gateway-api", requires_all = ["load", "operator"])]
+    pub gateway_api: Vec<std::net::SocketAddr>,
     /// With `--gateway-api`: a sidecar's outbound listener for the service
     /// in the `--from` cluster (the drill's load goes through it).
     #[arg(long, requires = "gateway_api")]
@@ -212,7 +214,7 @@ pub fn api_faults(a: &FailoverArgs) -> anyhow::Result<Vec<fedmesh_gateway::Fault
 }
 
 /// A drill against a deployment through a gateway's drill API.
-async fn run_api(a: &FailoverArgs, api: std::net::SocketAddr) -> anyhow::Result<DrillReport> {
+async fn run_api(a: &FailoverArgs, apis: &[std::net::SocketAddr]) -> anyhow::Result<DrillReport> {
     use anyhow::Context;
     let (Some(load), Some(dir)) = (a.load, &a.operator) else {
         anyhow::bail!("--gateway-api needs --load and --operator");
@@ -230,7 +232,12 @@ async fn run_api(a: &FailoverArgs, api: std::net::SocketAddr) -> anyhow::Result<
         }],
     )
     .map_err(|e| anyhow::anyhow!("--operator {}: {}", dir.display(), e.join("; ")))?;
-    let client = fedmesh_gateway::DrillClient::new(api, &svid, bundles, Duration::from_secs(5))?;
+    let clients = apis
+        .iter()
+        .map(|api| {
+            fedmesh_gateway::DrillClient::new(*api, &svid, bundles.clone(), Duration::from_secs(5))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let faults = api_faults(a)?;
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -255,7 +262,7 @@ async fn run_api(a: &FailoverArgs, api: std::net::SocketAddr) -> anyhow::Result<
         min_requests: 10,
     };
     let api = drill::ApiDrill {
-        client: &client,
+        clients: &clients,
         drill: &drill,
         faults: &faults,
         guards: &guards,
@@ -266,7 +273,7 @@ async fn run_api(a: &FailoverArgs, api: std::net::SocketAddr) -> anyhow::Result<
 
 pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     let Command::Failover(a) = cmd;
-    if a.gateway_api.is_none() && a.on != "demo" {
+    if a.gateway_api.is_empty() && a.on != "demo" {
         anyhow::bail!(
             "--on {}: `demo` runs in this process; against a deployment give --gateway-api, --load and --operator",
             a.on
@@ -279,9 +286,9 @@ pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
     {
         anyhow::bail!("--rate must be within 1..=10000 and --duration within 2s..=10m");
     }
-    let report = match a.gateway_api {
-        Some(api) => run_api(&a, api).await?,
-        None => {
+    let report = match a.gateway_api.as_slice() {
+        [_, ..] => run_api(&a, &a.gateway_api).await?,
+        [] => {
             let rig = Rig::start(&demo_topology(&a.service, &a.fail, a.http)?).await?;
             drill::run_on_rig(&rig, &a.spec(), progress_bar()).await?
         }

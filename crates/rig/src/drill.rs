@@ -476,7 +476,9 @@ pub async fn run_on_rig(
 /// halts it.
 #[derive(Clone, Copy)]
 pub struct ApiDrill<'a> {
-    pub client: &'a fedmesh_gateway::DrillClient,
+    /// Every gateway process the fault goes to (each replica of one
+    /// cluster's gateway: faults are per process).
+    pub clients: &'a [fedmesh_gateway::DrillClient],
     pub drill: &'a fedmesh_gateway::DrillId,
     pub faults: &'a [fedmesh_gateway::FaultSpec],
     /// Services outside the drill it watches while the fault is on.
@@ -503,35 +505,60 @@ pub async fn run_with_api(
     mut progress: impl FnMut(Progress),
 ) -> Result<DrillReport, RigError> {
     let ApiDrill {
-        client,
+        clients,
         drill,
         faults,
         guards,
         halt,
     } = *api;
+    if clients.is_empty() {
+        return Err(RigError::Drill(
+            "no gateway drill API to set the fault on".into(),
+        ));
+    }
     // Reachable and authorized before any load: a drill that cannot set
     // its fault fails within seconds and leaves nothing behind.
-    client
-        .status()
-        .await
-        .map_err(|e| RigError::Drill(e.to_string()))?;
-    let on = std::sync::atomic::AtomicBool::new(false);
+    for c in clients {
+        c.status()
+            .await
+            .map_err(|e| RigError::Drill(e.to_string()))?;
+    }
+    // Which gateways hold the fault now.
+    let held = std::sync::Mutex::new(vec![false; clients.len()]);
     let set = |want: bool| {
-        let on = &on;
+        let held = &held;
         async move {
-            use std::sync::atomic::Ordering;
-            if want == on.load(Ordering::Relaxed) {
-                return Ok(());
+            let mut first_error = None;
+            for (i, c) in clients.iter().enumerate() {
+                let is_on = held.lock().map(|h| h[i]).unwrap_or(false);
+                if is_on == want {
+                    continue;
+                }
+                let r = if want {
+                    c.set(drill, faults).await.map(drop)
+                } else {
+                    c.clear(drill).await.map(drop)
+                };
+                match r {
+                    Ok(()) => {
+                        if let Ok(mut h) = held.lock() {
+                            h[i] = want;
+                        }
+                        tracing::info!(gateway = %c.addr(), %drill, on = want, "drill: fault through the gateway's API");
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(e.to_string());
+                        // A fault half set is no drill: stop setting.
+                        if want {
+                            break;
+                        }
+                    }
+                }
             }
-            let r = if want {
-                client.set(drill, faults).await.map(drop)
-            } else {
-                client.clear(drill).await.map(drop)
-            };
-            r.map_err(|e| e.to_string())?;
-            on.store(want, Ordering::Relaxed);
-            tracing::info!(gateway = %client.addr(), %drill, on = want, "drill: fault through the gateway's API");
-            Ok(())
+            match first_error {
+                None => Ok(()),
+                Some(e) => Err(e),
+            }
         }
     };
     drive(addr, spec, set, guards, halt, &mut progress).await
