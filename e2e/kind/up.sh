@@ -75,6 +75,7 @@ for c in "${CLUSTERS[@]}"; do
     --advertise "$node_ip:30443" --gateway-service-type NodePort --node-ports 30443,30444 \
     --gateway-replicas 1 --controller-replicas 2 \
     --clusterset-cidr 241.0.0.0/16 \
+    --drill-operator "spiffe://$c.fedmesh.test/ns/demo/sa/drill" \
     --image "$IMAGE" --pull-policy Never \
     "${peers[@]}" >"$WORK/$c.yaml"
   kubectl --context "kind-fedmesh-$c" apply --server-side -f "$WORK/$c.yaml"
@@ -122,6 +123,66 @@ gateway_status() {
   "$FEDMESH" status --gateway "127.0.0.1:$port" || true
   kill "$pf" 2>/dev/null || true
 }
+
+say "failover drill: a Job in north calls drill-echo.demo (east and west serve it) through its sidecar; west blackholed through north's gateway"
+for c in east west; do
+  sed -e "s|IMAGE|$IMAGE|" -e "s|CLUSTER_NAME|$c|" e2e/kind/samples/drill-echo.yaml >"$WORK/drill-echo-$c.yaml"
+  "$FEDMESH" inject --image "$IMAGE" --pull-policy Never --cluster "$c" --bundle "$WORK/ca/$c/bundle.pem" \
+    -f "$WORK/drill-echo-$c.yaml" | kubectl --context "kind-fedmesh-$c" apply -f -
+  kubectl --context "kind-fedmesh-$c" apply -f e2e/kind/samples/drill-export.yaml
+done
+"$FEDMESH" ca issue --ca "$WORK/ca/north" --spiffe-id spiffe://north.fedmesh.test/ns/demo/sa/drill \
+  --out "$WORK/drill-operator" >/dev/null
+kubectl --context kind-fedmesh-north create namespace demo --dry-run=client -o yaml | kubectl --context kind-fedmesh-north apply -f -
+kubectl --context kind-fedmesh-north -n demo create secret generic drill-operator \
+  --from-file="$WORK/drill-operator" --dry-run=client -o yaml | kubectl --context kind-fedmesh-north apply -f -
+# north's gateway pod (one replica here) and drill-echo's ClusterSet IP there.
+gateway_api=""
+load=""
+for _ in $(seq 1 60); do
+  gw=$(kubectl --context kind-fedmesh-north -n fedmesh-system get pod -l app.kubernetes.io/component=gateway \
+    -o jsonpath='{.items[0].status.podIP}' 2>/dev/null || true)
+  ip=$(kubectl --context kind-fedmesh-north -n demo get serviceimport drill-echo \
+    -o jsonpath='{.spec.ips[0]}' 2>/dev/null || true)
+  if [ -n "$gw" ] && [ -n "$ip" ]; then
+    gateway_api="$gw:15022"
+    load="$ip:7000"
+    break
+  fi
+  sleep 5
+done
+if [ -z "$gateway_api" ]; then
+  echo "north has no gateway pod IP or no ClusterSet IP for drill-echo.demo" >&2
+  exit 1
+fi
+kubectl --context kind-fedmesh-north -n demo delete job drill --ignore-not-found
+sed -e "s|IMAGE|$IMAGE|" -e "s|GATEWAY_API|$gateway_api|" -e "s|LOAD|$load|" e2e/kind/samples/drill-job.yaml \
+  | "$FEDMESH" inject --image "$IMAGE" --pull-policy Never --cluster north --bundle "$WORK/ca/north/bundle.pem" \
+  | kubectl --context kind-fedmesh-north apply -f -
+# The Job's pod keeps its sidecar running: wait for the drill container.
+pod=""
+code=""
+for _ in $(seq 1 60); do
+  pod=$(kubectl --context kind-fedmesh-north -n demo get pod -l job-name=drill \
+    -o jsonpath='{.items[0].metadata.name}' 2>/dev/null || true)
+  if [ -n "$pod" ]; then
+    code=$(kubectl --context kind-fedmesh-north -n demo get pod "$pod" \
+      -o jsonpath='{.status.containerStatuses[?(@.name=="drill")].state.terminated.exitCode}' 2>/dev/null || true)
+  fi
+  [ -n "$code" ] && break
+  sleep 5
+done
+kubectl --context kind-fedmesh-north -n demo logs "$pod" -c drill >"$WORK/drill.json" || true
+kubectl --context kind-fedmesh-north -n demo delete job drill --wait=false
+case "$code" in
+  0) echo "drill PASS: $WORK/drill.json" ;;
+  1) echo "drill ran, failover target missed: $WORK/drill.json" ;;
+  *)
+    cat "$WORK/drill.json" >&2
+    echo "the drill did not run (exit code '${code}')" >&2
+    exit 1
+    ;;
+esac
 
 say "failover rehearsal: west's gateway down, then back"
 gateway_status east 18021

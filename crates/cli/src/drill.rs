@@ -10,7 +10,21 @@ use fedmesh_rig::{ControlPlane, Rig, Topology};
 #[derive(clap::Subcommand)]
 pub enum Command {
     /// Break one cluster serving a service under load and measure failover.
-    Failover(FailoverArgs),
+    Failover(Box<FailoverArgs>),
+    /// Serve the drill's echo app (a banner naming who serves, then the
+    /// bytes back): deploy it as a service to drill against, so the
+    /// report knows which cluster answered each request.
+    Echo(EchoArgs),
+}
+
+#[derive(clap::Args, Clone)]
+pub struct EchoArgs {
+    #[arg(long, default_value = "0.0.0.0:7000")]
+    pub listen: std::net::SocketAddr,
+    /// The banner: `CLUSTER/INSTANCE` (the part before `/` is the cluster
+    /// the report counts), e.g. `west/$(POD_NAME)`.
+    #[arg(long)]
+    pub name: String,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -272,7 +286,20 @@ async fn run_api(a: &FailoverArgs, apis: &[std::net::SocketAddr]) -> anyhow::Res
 }
 
 pub async fn run(cmd: Command) -> anyhow::Result<ExitCode> {
-    let Command::Failover(a) = cmd;
+    let a = match cmd {
+        Command::Failover(a) => *a,
+        Command::Echo(e) => {
+            if e.name.is_empty() || e.name.len() > 253 || e.name.contains('\n') {
+                anyhow::bail!("--name: 1 to 253 bytes on one line");
+            }
+            let l = tokio::net::TcpListener::bind(e.listen)
+                .await
+                .map_err(|err| anyhow::anyhow!("--listen {}: {err}", e.listen))?;
+            tracing::info!(listen = %e.listen, name = %e.name, "drill echo app serving");
+            fedmesh_rig::serve_app(fedmesh_rig::AppKind::Echo, l, e.name).await;
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
     if a.gateway_api.is_empty() && a.on != "demo" {
         anyhow::bail!(
             "--on {}: `demo` runs in this process; against a deployment give --gateway-api, --load and --operator",

@@ -606,3 +606,50 @@ fn a_drill_report_renders_in_headless_chromium() {
     assert!(dom.contains("data-cluster=\"north\""), "no bars for north");
     assert!(dom.contains("data-cluster=\"west\""), "no bars for west");
 }
+
+/// `fedmesh drill echo`: the app a deployment runs to be drilled against
+/// says who it is, then echoes.
+#[test]
+fn the_drill_echo_app_names_itself_and_echoes() {
+    use std::io::{BufRead, Read, Write};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut app = std::process::Command::new(env!("CARGO_BIN_EXE_fedmesh"))
+        .args([
+            "drill",
+            "echo",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--name",
+            "west/echo-7",
+        ])
+        .spawn()
+        .unwrap();
+    let t = std::time::Instant::now();
+    let conn = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(c) => break c,
+            Err(_) if t.elapsed() < std::time::Duration::from_secs(10) => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
+    let mut banner = String::new();
+    r.read_line(&mut banner).unwrap();
+    assert_eq!(banner, "west/echo-7\n");
+    (&conn).write_all(b"ping").unwrap();
+    let mut back = [0u8; 4];
+    r.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"ping");
+    app.kill().unwrap();
+    app.wait().unwrap();
+    let bad = fedmesh(&["drill", "echo", "--name", ""]);
+    assert_eq!(bad.status.code(), Some(1));
+}

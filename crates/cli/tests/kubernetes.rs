@@ -658,6 +658,40 @@ fn manifests_and_mcs_objects_pass_the_kubernetes_1_33_schemas() {
     let injected = dir.path().join("injected.yaml");
     std::fs::write(&injected, out(&o)).unwrap();
     files.push(s(&injected).to_owned());
+    // The kind drill's app and Job, as up.sh fills them in and injects them.
+    for (sample, subst) in [
+        (
+            "drill-echo.yaml",
+            [("IMAGE", "fedmesh:dev"), ("CLUSTER_NAME", "east")],
+        ),
+        (
+            "drill-job.yaml",
+            [
+                ("GATEWAY_API", "10.10.0.7:15022"),
+                ("LOAD", "241.0.0.3:7000"),
+            ],
+        ),
+    ] {
+        let mut text =
+            std::fs::read_to_string(repo().join("e2e/kind/samples").join(sample)).unwrap();
+        for (from, to) in subst {
+            text = text.replace(from, to);
+        }
+        text = text.replace("IMAGE", "fedmesh:dev");
+        let o = fedmesh(
+            &[
+                "inject",
+                "--image=fedmesh:dev",
+                "--cluster=east",
+                &format!("--bundle={}", s(&east.join("bundle.pem"))),
+            ],
+            Some(&text),
+        );
+        assert!(o.status.success(), "{sample}: {}", err(&o));
+        let path = dir.path().join(format!("injected-{sample}"));
+        std::fs::write(&path, out(&o)).unwrap();
+        files.push(s(&path).to_owned());
+    }
     // And what the controller itself writes back, from its own code.
     let written = dir.path().join("controller-writes.yaml");
     std::fs::write(&written, controller_writes()).unwrap();
@@ -668,6 +702,7 @@ fn manifests_and_mcs_objects_pass_the_kubernetes_1_33_schemas() {
         .arg("--crd-samples")
         .arg(repo().join("e2e/kind/samples/mcs-objects.yaml"))
         .arg(repo().join("e2e/kind/samples/export.yaml"))
+        .arg(repo().join("e2e/kind/samples/drill-export.yaml"))
         .arg(&written)
         .output()
         .unwrap();
