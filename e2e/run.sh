@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the multi-process e2e rig: e2e/run.sh [SCENARIO...] [--quick] [--json FILE]
+# Runs the multi-process e2e rig: e2e/run.sh [SCENARIO...] [--quick] [--json FILE] [--report drill.html]
 # Builds fedmesh (with etcd) and fedmesh-e2e first; installs etcd (and
 # nftables, for cuts inside the rig's network namespaces) when missing and
 # this is Debian with root.

@@ -1,6 +1,6 @@
 //! `fedmesh-e2e`: the multi-process rig (see `rig.rs`) and its scenarios.
 //!
-//! `fedmesh-e2e run [SCENARIO…] [--quick] [--json FILE] [--net auto|netns|loopback]`
+//! `fedmesh-e2e run [SCENARIO…] [--quick] [--json FILE] [--report drill.html] [--net auto|netns|loopback]`
 //! builds the rig (in network namespaces when root with `ip`),
 //! runs the scenarios in order on it, prints a table per scenario and a
 //! final PASS/FAIL line, and tears everything down (also on Ctrl-C or
@@ -43,6 +43,9 @@ enum Cmd {
         /// Also write the report as JSON here.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// The `drill` scenario's HTML page (default: beside `--json`).
+        #[arg(long)]
+        report: Option<PathBuf>,
         /// The `fedmesh` binary (default: beside this one, or $FEDMESH_BIN).
         #[arg(long)]
         fedmesh: Option<PathBuf>,
@@ -166,6 +169,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
             scenarios,
             quick,
             json,
+            report,
             fedmesh,
             net,
         } => {
@@ -252,6 +256,7 @@ async fn real_main(cli: Cli) -> anyhow::Result<ExitCode> {
                 let p = scenarios::Params {
                     quick,
                     report: json.clone(),
+                    drill_page: report.clone(),
                 };
                 let mut outcomes = Vec::new();
                 for n in &names {

@@ -41,6 +41,8 @@ pub struct Params {
     pub quick: bool,
     /// Where the JSON report goes; plots go beside it.
     pub report: Option<PathBuf>,
+    /// Where the `drill` scenario's HTML page goes (else beside `report`).
+    pub drill_page: Option<PathBuf>,
 }
 
 impl Params {
@@ -356,7 +358,7 @@ async fn drill(rig: &Rig, p: &Params, o: &mut Outcome) -> anyhow::Result<()> {
             ))
         })
     };
-    if let Some(page) = beside("html") {
+    if let Some(page) = p.drill_page.clone().or_else(|| beside("html")) {
         args.extend(["--report".into(), page.display().to_string()]);
     }
     // The drill client runs where east's workloads do.
