@@ -417,3 +417,65 @@ async fn a_drill_halts_when_a_guarded_service_fails() {
     assert!(fedmesh_testkit::drill::render(&report).contains("HALTED"));
     assert!(operator.status().await.unwrap()["drill"].is_null());
 }
+
+/// `drop-udp`: QUIC to west dies at east's gateway, the TCP fallback
+/// carries east's streams to west (no failover: west still serves), and
+/// QUIC comes back after the fault ends by itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_udp_moves_a_peer_to_the_tcp_fallback() {
+    let rig = Rig::start(&Topology {
+        drill_operators: vec![OPERATORS.into()],
+        tcp_fallback: true,
+        ..Topology::demo()
+    })
+    .await
+    .unwrap();
+    let east = rig.cluster("east").unwrap();
+    let api = east.gateway.drills_addr().unwrap();
+    let operator = client_as(&rig, "spiffe://east.demo/ns/ops/sa/drill", api);
+    let transport = |peer: &str| {
+        east.gateway
+            .peer_status()
+            .into_iter()
+            .find(|p| p.cluster == peer)
+            .map(|p| p.transport)
+            .unwrap_or("none")
+    };
+    // Traffic first, so east holds a connection to west.
+    served_by(&rig, 20).await;
+    assert_eq!(transport("west"), "quic");
+    let faults = [FaultSpec {
+        kind: FaultKind::DropUdp,
+        peer: Some("west".parse().unwrap()),
+        ttl: Duration::from_secs(6),
+    }];
+    operator
+        .set(&DrillId::new("udp").unwrap(), &faults)
+        .await
+        .unwrap();
+    // Requests keep going; the link notices the silence and moves to TCP.
+    let t = Instant::now();
+    while transport("west") != "tcp" {
+        served_by(&rig, 4).await;
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "west never moved to TCP: {}",
+            transport("west")
+        );
+    }
+    let (failed, during) = served_by(&rig, 12).await;
+    assert!(
+        during.get("west").is_some_and(|n| *n > 0),
+        "west serves over TCP: {during:?} ({failed} failed)"
+    );
+    // After the fault ends by itself, QUIC is retried and comes back.
+    let t = Instant::now();
+    while transport("west") != "quic" {
+        served_by(&rig, 4).await;
+        assert!(
+            t.elapsed() < Duration::from_secs(40),
+            "QUIC never came back: {}",
+            transport("west")
+        );
+    }
+}
