@@ -479,3 +479,67 @@ async fn dropping_udp_moves_a_peer_to_the_tcp_fallback() {
         );
     }
 }
+
+/// `delay`: every datagram east's gateway sends to west leaves 150 ms
+/// later, so a request west serves takes at least that much longer; north
+/// is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_fault_slows_only_the_delayed_peer() {
+    let rig = drill_rig().await;
+    let east = rig.cluster("east").unwrap();
+    let api = east.gateway.drills_addr().unwrap();
+    let operator = client_as(&rig, "spiffe://east.demo/ns/ops/sa/drill", api);
+    let addr = east.client_addr("echo.demo").unwrap();
+    let spec = LoadSpec {
+        connections: 16,
+        requests_per_connection: 1,
+        request_bytes: 64,
+        timeout: Duration::from_secs(3),
+        concurrency: 4,
+    };
+    // Warm: both peers connected and serving.
+    run_load(addr, &spec).await;
+    let faults = [FaultSpec {
+        kind: FaultKind::Delay {
+            delay: Duration::from_millis(150),
+        },
+        peer: Some("west".parse().unwrap()),
+        ttl: Duration::from_secs(20),
+    }];
+    operator
+        .set(&DrillId::new("slow-west").unwrap(), &faults)
+        .await
+        .unwrap();
+    let r = run_load(addr, &spec).await;
+    operator
+        .clear(&DrillId::new("slow-west").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(r.failed, 0, "{:?}", r.errors);
+    // Latencies by who served: the run's samples are not kept per
+    // request, so compare the slowest success with the fastest.
+    let mut lat = r.latencies.clone();
+    lat.sort();
+    let served_west = r.served_by.iter().any(|(k, _)| k.starts_with("west/"));
+    let served_north = r.served_by.iter().any(|(k, _)| k.starts_with("north/"));
+    assert!(served_west, "west took none of it: {:?}", r.served_by);
+    if served_north {
+        // North answers at loopback speed, west after the delay.
+        assert!(lat[0] < Duration::from_millis(100), "{lat:?}");
+    }
+    assert!(
+        *lat.last().unwrap() >= Duration::from_millis(150),
+        "no request waited for the delay: {lat:?}"
+    );
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &rig.registry).unwrap();
+    let delayed: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("fedmesh_gateway_drill_datagrams_delayed_total")
+                && l.contains("cluster=\"east\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(delayed > 0.0, "nothing was delayed");
+}
