@@ -310,19 +310,15 @@ pub(crate) fn spawn(
             }
         })
     };
-    let accept = tokio::spawn(async move {
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-        loop {
-            let Ok((tcp, remote)) = listener.accept().await else {
-                continue;
-            };
-            let Ok(permit) = slots.clone().try_acquire_owned() else {
-                api.metrics.request("refused", "busy_connections");
-                continue;
-            };
+    let over = api.clone();
+    let accept = tokio::spawn(fedmesh_transport::serve_tcp(
+        listener,
+        "drills",
+        MAX_CONNECTIONS,
+        move |_| over.metrics.request("refused", "busy_connections"),
+        move |tcp, remote| {
             let (api, acceptor) = (api.clone(), acceptor.clone());
-            tokio::spawn(async move {
-                let _permit = permit;
+            async move {
                 let served = tokio::time::timeout(REQUEST_TIMEOUT, async {
                     match fedmesh_transport::accept_tls(&acceptor, tcp, REQUEST_TIMEOUT).await {
                         Ok((tls, id)) => handle(tls, &id, &api).await,
@@ -336,9 +332,9 @@ pub(crate) fn spawn(
                 if served.is_err() {
                     api.metrics.request("refused", "timeout");
                 }
-            });
-        }
-    });
+            }
+        },
+    ));
     vec![timer, accept]
 }
 
@@ -534,32 +530,31 @@ mod tests {
             ("PUT", "/faults/d1", &b"{}"[..])
         );
         let big_head = format!("GET / HTTP/1.1\r\nx: {}\r\n\r\n", "a".repeat(MAX_HEAD));
-        assert_eq!(read(big_head.as_bytes()).await.err().unwrap().0, 431);
         let big_body = format!(
             "PUT /faults/d HTTP/1.1\r\ncontent-length: {}\r\n\r\n",
             MAX_BODY + 1
         );
-        assert_eq!(read(big_body.as_bytes()).await.err().unwrap().0, 413);
-        assert_eq!(
-            read(b"PUT /faults/d HTTP/1.1\r\ncontent-length: 9\r\n\r\n{}")
-                .await
-                .err()
-                .unwrap()
-                .0,
-            400
-        );
-        assert_eq!(
-            read(b"PUT /faults/d HTTP/1.1\r\ncontent-length: x\r\n\r\n")
-                .await
-                .err()
-                .unwrap()
-                .0,
-            400
-        );
-        assert_eq!(
-            read(b"GET /faults HTTP/1.1\r\n").await.err().unwrap().0,
-            400
-        );
+        for (raw, code) in [
+            (big_head.as_bytes(), 431),
+            (big_body.as_bytes(), 413),
+            (
+                &b"PUT /faults/d HTTP/1.1\r\ncontent-length: 9\r\n\r\n{}"[..],
+                400,
+            ),
+            (
+                &b"PUT /faults/d HTTP/1.1\r\ncontent-length: x\r\n\r\n"[..],
+                400,
+            ),
+            (&b"GET /faults HTTP/1.1\r\n"[..], 400),
+        ] {
+            let got = read(raw).await.err().map(|e| e.0);
+            assert_eq!(
+                got,
+                Some(code),
+                "{}",
+                String::from_utf8_lossy(&raw[..raw.len().min(60)])
+            );
+        }
     }
 
     #[test]
