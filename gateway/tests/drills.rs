@@ -295,6 +295,20 @@ async fn a_drill_through_the_api_moves_traffic_and_leaves_no_fault() {
     // Nothing left behind.
     assert!(operator.status().await.unwrap()["drill"].is_null());
 
+    // A drill through `client` that must fail before any load: its error.
+    let refused = async |client: &DrillClient| {
+        let api = ApiDrill {
+            clients: std::slice::from_ref(client),
+            drill: &drill,
+            faults: &faults,
+            guards: &[],
+            halt: HALT,
+        };
+        run_with_api(load, &spec, &api, |_| {})
+            .await
+            .unwrap_err()
+            .to_string()
+    };
     // Unreachable: a clear message within seconds, no load run.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let nowhere = client_as(
@@ -303,40 +317,11 @@ async fn a_drill_through_the_api_moves_traffic_and_leaves_no_fault() {
     );
     drop(closed);
     let t = Instant::now();
-    let e = run_with_api(
-        load,
-        &spec,
-        &ApiDrill {
-            clients: std::slice::from_ref(&nowhere),
-            drill: &drill,
-            faults: &faults,
-            guards: &[],
-            halt: HALT,
-        },
-        |_| {},
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let e = refused(&nowhere).await;
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     assert!(e.contains("cannot connect"), "{e}");
     // Not an operator: refused before any load.
-    let intruder = client_as("spiffe://east.demo/ns/demo/sa/client", api);
-    let e = run_with_api(
-        load,
-        &spec,
-        &ApiDrill {
-            clients: std::slice::from_ref(&intruder),
-            drill: &drill,
-            faults: &faults,
-            guards: &[],
-            halt: HALT,
-        },
-        |_| {},
-    )
-    .await
-    .unwrap_err()
-    .to_string();
+    let e = refused(&client_as("spiffe://east.demo/ns/demo/sa/client", api)).await;
     assert!(e.contains("403") && e.contains("not an operator"), "{e}");
     assert!(operator.status().await.unwrap()["drill"].is_null());
 }
